@@ -1,0 +1,44 @@
+# Every target works from a fresh clone: it creates .venv, installs, generates stubs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= .kvstore-data
+# UCX over loopback TCP on machines without RDMA; override for real fabrics.
+export UCX_TLS ?= tcp,self,sm
+export UCX_NET_DEVICES ?= lo
+export UCX_WARN_UNUSED_ENV_VARS ?= n
+
+.PHONY: serve test install install-test proto bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q grpcio-tools
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	# CPU build of torch first, so nothing below can pull a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,engines,ucx]'
+	touch $@
+
+install: $(VENV)/.installed proto
+install-test: $(VENV)/.installed-test proto
+
+proto: $(BIN)/python
+	$(BIN)/python tools/gen_proto.py
+
+serve: install
+	$(BIN)/kvstore serve --data-dir $(DATA_DIR)
+
+test: install-test
+	$(BIN)/python -m pytest -q -ra tests
+
+bench: install-test
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) kvstore/v1 $(DATA_DIR)

@@ -1,0 +1,139 @@
+"""The block namespace: fingerprints, tenant salts and chained block keys.
+
+This module owns the exact byte format of every key kvstore stores; client and
+server both import it, and tests/kvclient/test_keys.py pins golden outputs so the
+format cannot drift. It does not know about transports, tiers or gRPC.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import xxhash
+
+KEY_BYTES = 16
+FINGERPRINT_ID_BYTES = 16
+KEY_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Everything that makes two KV blocks of the same tokens incompatible.
+
+    Two engines share blocks only if every field is equal; anything that changes
+    the bytes of K/V (weights, layout, precision, sharding) belongs here.
+    """
+
+    model: str
+    revision: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_tokens: int
+    dtype: str
+    kv_layout: str = "layer_kv_block_head_dim"
+    tp_rank: int = 0
+    tp_size: int = 1
+    extras: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.block_tokens <= 0:
+            raise ValueError("block_tokens must be positive")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank {self.tp_rank} outside tp_size {self.tp_size}")
+        if isinstance(self.extras, Mapping):
+            object.__setattr__(self, "extras", tuple(sorted((str(k), str(v)) for k, v in self.extras.items())))
+        else:
+            object.__setattr__(self, "extras", tuple(sorted((str(k), str(v)) for k, v in self.extras)))
+
+    def canonical(self) -> bytes:
+        """Stable encoding: sorted-key compact JSON, prefixed by the key format version."""
+        doc = {
+            "v": KEY_FORMAT_VERSION,
+            "model": self.model,
+            "revision": self.revision,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "block_tokens": self.block_tokens,
+            "dtype": self.dtype,
+            "kv_layout": self.kv_layout,
+            "tp_rank": self.tp_rank,
+            "tp_size": self.tp_size,
+            "extras": dict(self.extras),
+        }
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def id(self) -> bytes:
+        return xxhash.xxh3_128_digest(self.canonical())
+
+    @property
+    def id_hex(self) -> str:
+        return self.id.hex()
+
+    @classmethod
+    def from_canonical(cls, data: bytes) -> "Fingerprint":
+        doc = json.loads(data)
+        doc.pop("v", None)
+        doc["extras"] = tuple(sorted(doc.get("extras", {}).items()))
+        return cls(**doc)
+
+
+@dataclass(frozen=True, order=True)
+class BlockKey:
+    """A 16-byte chained hash; its position in a sequence is implied by the chain."""
+
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.digest) != KEY_BYTES:
+            raise ValueError(f"block key must be {KEY_BYTES} bytes, got {len(self.digest)}")
+
+    def hex(self) -> str:
+        return self.digest.hex()
+
+    def __repr__(self) -> str:
+        return f"BlockKey({self.digest.hex()[:16]}…)"
+
+
+def tenant_salt(tenant: str | None) -> bytes:
+    """Per-tenant salt mixed into the chain seed, so equal prompts of two tenants never share keys."""
+    return xxhash.xxh3_128_digest(b"kvstore-tenant\x00" + (tenant or "").encode())
+
+
+def chain_seed(fingerprint: Fingerprint, tenant: str | None) -> bytes:
+    return xxhash.xxh3_128_digest(fingerprint.id + tenant_salt(tenant))
+
+
+def hash_block_tokens(parent: bytes, token_ids: Sequence[int] | np.ndarray, extra_keys: bytes = b"") -> bytes:
+    """h_i = xxh3_128(h_{i-1} || int64-LE token ids || extra keys) — the one chaining function."""
+    tokens = np.ascontiguousarray(token_ids, dtype="<i8").tobytes()
+    return xxhash.xxh3_128_digest(parent + tokens + extra_keys)
+
+
+def block_keys(
+    fingerprint: Fingerprint,
+    token_ids: Sequence[int] | np.ndarray,
+    tenant: str | None = None,
+    extra_keys: Iterable[bytes] | None = None,
+) -> list[BlockKey]:
+    """Keys for every *full* block of token_ids; a trailing partial block gets none.
+
+    extra_keys, if given, has one entry per full block (e.g. a LoRA id or a
+    multimodal input hash) and is folded into that block's hash.
+    """
+    n = fingerprint.block_tokens
+    tokens = np.asarray(token_ids, dtype="<i8")
+    full = len(tokens) // n
+    extras = list(extra_keys) if extra_keys is not None else [b""] * full
+    if len(extras) < full:
+        raise ValueError(f"extra_keys has {len(extras)} entries for {full} full blocks")
+    parent = chain_seed(fingerprint, tenant)
+    keys: list[BlockKey] = []
+    for i in range(full):
+        parent = hash_block_tokens(parent, tokens[i * n : (i + 1) * n], extras[i])
+        keys.append(BlockKey(parent))
+    return keys

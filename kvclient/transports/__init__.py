@@ -1,0 +1,1 @@
+"""One module per way bytes move, behind the Transport protocol in base.py."""

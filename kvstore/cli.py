@@ -1,0 +1,38 @@
+"""`kvstore`: the server command line (`kvstore serve`)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kvstore import __version__
+from kvstore.config import DEFAULT_LISTEN, add_flags, load_config
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvstore", description="KV-cache storage and transfer service for LLM inference")
+    parser.add_argument("--version", action="version", version=f"kvstore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help=f"run a server (default listen {DEFAULT_LISTEN})")
+    serve.add_argument("--config", dest="config_file", default=None, help="TOML config file ([server] table)")
+    add_flags(serve)
+    args = vars(parser.parse_args(argv))
+    command, config_file = args.pop("command"), args.pop("config_file")
+    if command == "serve":
+        try:
+            cfg = load_config(config_file, flags=args)
+        except (ValueError, OSError) as err:
+            parser.error(str(err))
+        _setup_logging(cfg.log_level)
+        from kvstore.server import KVStoreServer
+
+        KVStoreServer(cfg).serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

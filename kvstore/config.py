@@ -1,0 +1,123 @@
+"""ServerConfig: the one configuration dataclass, filled defaults -> TOML -> KVSTORE_* env -> flags.
+
+Owns parsing of sizes ("1GiB") and precedence; it does not know what the values do.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_PORT = 7480
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+
+
+def parse_size(value: str | int) -> int:
+    """'512MiB' -> 536870912; plain integers are bytes."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"not a size: {value!r} (use e.g. 512MiB, 4GiB, 1000000)")
+    unit = (m.group(2) or "").lower().removesuffix("b")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass
+class ServerConfig:
+    listen: str = DEFAULT_LISTEN
+    data_dir: str = ".kvstore-data"
+    host_memory: int = 1 << 30
+    ssd_capacity: int = 16 << 30
+    max_block_bytes: int = 16 << 20
+    lease_ttl_s: float = 10.0
+    pin_ttl_s: float = 30.0
+    high_watermark: float = 0.90
+    low_watermark: float = 0.70
+    persist_on_shutdown: bool = True
+    grpc_workers: int = 32
+    log_level: str = "INFO"
+    metrics_port: int = 0
+    insecure_no_auth: bool = True
+    tokens_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    ucx: bool = True
+    ucx_port: int = 0
+    shm: bool = True
+
+    def validate(self) -> "ServerConfig":
+        if not 0 < self.low_watermark < self.high_watermark <= 1:
+            raise ValueError("need 0 < low_watermark < high_watermark <= 1")
+        if self.max_block_bytes > self.host_memory:
+            raise ValueError("max_block_bytes larger than host_memory")
+        if self.lease_ttl_s <= 0 or self.pin_ttl_s <= 0:
+            raise ValueError("lease_ttl_s and pin_ttl_s must be positive")
+        return self
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+_SIZE_FIELDS = {"host_memory", "ssd_capacity", "max_block_bytes"}
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    if name in _SIZE_FIELDS:
+        return parse_size(value)
+    if kind in (bool, "bool"):
+        if isinstance(value, bool):
+            return value
+        return str(value).strip().lower() in ("1", "true", "yes", "on")
+    if kind in (int, "int"):
+        return int(value)
+    if kind in (float, "float"):
+        return float(value)
+    return str(value)
+
+
+def _apply(cfg: ServerConfig, values: Mapping[str, Any], source: str) -> None:
+    known = {f.name: f.type for f in fields(ServerConfig)}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"{source}: unknown setting {key!r}")
+        setattr(cfg, name, _coerce(name, known[name], value))
+
+
+def load_config(config_file: str | None = None, env: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None) -> ServerConfig:
+    cfg = ServerConfig()
+    env = os.environ if env is None else env
+    config_file = config_file or env.get("KVSTORE_CONFIG")
+    if config_file:
+        doc = tomllib.loads(Path(config_file).read_text())
+        _apply(cfg, doc.get("server", doc), f"config file {config_file}")
+    prefix = "KVSTORE_"
+    names = {f.name for f in fields(ServerConfig)}
+    env_values = {k[len(prefix) :].lower(): v for k, v in env.items() if k.startswith(prefix) and k[len(prefix) :].lower() in names}
+    _apply(cfg, env_values, "environment")
+    _apply(cfg, {k: v for k, v in (flags or {}).items() if v is not None}, "flags")
+    return cfg.validate()
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; defaults are None so that unset flags never override TOML or env."""
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=f"(default: {f.default})")
+
+
+def to_dict(cfg: ServerConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

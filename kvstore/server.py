@@ -1,0 +1,115 @@
+"""Assembles a running server: store, background worker, gRPC services, signal handling.
+
+Owns start-up and orderly shutdown; request behaviour lives in store.py and service.py.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvstore.auth import Authenticator
+from kvstore.config import ServerConfig
+from kvstore.eviction import BackgroundWorker
+from kvstore.service import GRPC_OPTIONS, KVStoreServicer
+from kvstore.store import Store
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+def host_id() -> str:
+    """Equal for two processes on the same host (and kernel boot), so clients can detect co-location."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+class KVStoreServer:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.store = Store(cfg)
+        self.worker = BackgroundWorker(self.store)
+        self.auth = Authenticator.from_file(cfg.insecure_no_auth, cfg.tokens_file)
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="kvstore-rpc"), options=GRPC_OPTIONS)
+        self.servicer = KVStoreServicer(self.store, self.auth, self.data_plane_info)
+        pb_grpc.add_KVStoreServicer_to_server(self.servicer, self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        names = (pb.DESCRIPTOR.services_by_name["KVStore"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.grpc)
+        self.port = self._bind()
+        self._stopped = threading.Event()
+
+    def _bind(self) -> int:
+        if self.cfg.tls_cert and self.cfg.tls_key:
+            creds = grpc.ssl_server_credentials([(Path(self.cfg.tls_key).read_bytes(), Path(self.cfg.tls_cert).read_bytes())])
+            port = self.grpc.add_secure_port(self.cfg.listen, creds)
+        else:
+            port = self.grpc.add_insecure_port(self.cfg.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.cfg.listen}")
+        return port
+
+    @property
+    def address(self) -> str:
+        host = self.cfg.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    def data_plane_info(self) -> pb.DataPlaneResponse:
+        return pb.DataPlaneResponse(
+            shm_name=self.store.host.shm_name if self.cfg.shm else "",
+            shm_size=self.store.host.capacity_bytes,
+            host_id=host_id(),
+            max_block_bytes=self.cfg.max_block_bytes,
+        )
+
+    def start(self) -> "KVStoreServer":
+        self.grpc.start()
+        self.worker.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set("kvstore.v1.KVStore", health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "kvstore serving on %s: host tier %d MiB (shm %s), ssd tier %d MiB at %s, %d blocks restored",
+            self.address,
+            self.store.host.capacity_bytes >> 20,
+            self.store.host.shm_name or "-",
+            self.cfg.ssd_capacity >> 20,
+            self.cfg.data_path / "ssd",
+            len(self.store.index),
+        )
+        return self
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.store.admitting = False
+        self.grpc.stop(grace_s).wait()
+        self.worker.stop()
+        self.store.close()
+        log.info("kvstore stopped")
+
+    def serve_forever(self) -> None:
+        done = threading.Event()
+
+        def on_signal(signum, _frame) -> None:
+            log.info("signal %s: shutting down", signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        done.wait()
+        self.stop()

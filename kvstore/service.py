@@ -1,0 +1,172 @@
+"""gRPC servicers: translate RPCs to Store calls; the only module that knows gRPC.
+
+Every handler runs inside `_rpc`, which resolves the caller and maps kvstore's
+exception types to gRPC status codes, once, here.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, Iterator
+
+import grpc
+
+from kvclient.errors import ERROR_TYPE_METADATA, InvalidRequestError, KVStoreError
+from kvstore.auth import Authenticator
+from kvstore.store import Caller, KeyState, LeaseInfo, Store
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+GET_MESSAGE_BYTES = 32 << 20
+MAX_MESSAGE_BYTES = 256 << 20
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def abort_with(context: grpc.ServicerContext, err: KVStoreError) -> None:
+    context.set_trailing_metadata(((ERROR_TYPE_METADATA, type(err).__name__),))
+    context.abort(err.code, str(err))
+
+
+def _rpc(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def handler(self: "KVStoreServicer", request, context: grpc.ServicerContext):
+        try:
+            caller = self.auth.caller(context.invocation_metadata())
+            return method(self, request, context, caller)
+        except KVStoreError as err:
+            self.observe_error(method.__name__, err)
+            abort_with(context, err)
+        except ValueError as err:
+            abort_with(context, InvalidRequestError(str(err)))
+
+    return handler
+
+
+def _stream_rpc(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def handler(self: "KVStoreServicer", request, context: grpc.ServicerContext):
+        try:
+            caller = self.auth.caller(context.invocation_metadata())
+            yield from method(self, request, context, caller)
+        except KVStoreError as err:
+            self.observe_error(method.__name__, err)
+            abort_with(context, err)
+
+    return handler
+
+
+def key_status(s: KeyState) -> pb.KeyStatus:
+    return pb.KeyStatus(key=s.key, state=s.state, tier=s.tier, size_bytes=s.size, lease_owner=s.lease_owner, lease_expires_unix_ms=s.lease_expires_ms)
+
+
+def lease_msg(info: LeaseInfo) -> pb.Lease:
+    msg = pb.Lease(key=info.key, outcome=info.outcome, lease_id=info.lease_id, owner=info.owner, expires_unix_ms=info.expires_ms)
+    if info.slot_length:
+        msg.slot.offset, msg.slot.length = info.slot_offset, info.slot_length
+    return msg
+
+
+class KVStoreServicer(pb_grpc.KVStoreServicer):
+    def __init__(self, store: Store, auth: Authenticator, data_plane: Callable[[], pb.DataPlaneResponse] | None = None) -> None:
+        self.store = store
+        self.auth = auth
+        self.data_plane = data_plane
+
+    def observe_error(self, method: str, err: KVStoreError) -> None:
+        self.store.counters[f"errors_{err.code.name.lower()}"] += 1
+        log.debug("request failed", extra={"method": method, "error": type(err).__name__, "detail": str(err)})
+
+    @_rpc
+    def Lookup(self, request, context, caller: Caller):
+        states, prefix = self.store.lookup(caller, request.fingerprint_id, list(request.keys))
+        return pb.LookupResponse(statuses=[key_status(s) for s in states], prefix_length=prefix)
+
+    @_rpc
+    def AcquireLeases(self, request, context, caller: Caller):
+        infos = self.store.acquire(caller, request.fingerprint_id, list(request.keys), request.ttl_ms)
+        return pb.AcquireLeasesResponse(leases=[lease_msg(i) for i in infos])
+
+    @_rpc
+    def RenewLeases(self, request, context, caller: Caller):
+        return pb.RenewLeasesResponse(expires_unix_ms=self.store.renew(caller, list(request.lease_ids), request.ttl_ms))
+
+    @_rpc
+    def ReleaseLeases(self, request, context, caller: Caller):
+        return pb.ReleaseLeasesResponse(released=self.store.release(caller, list(request.lease_ids)))
+
+    @_rpc
+    def Wait(self, request, context, caller: Caller):
+        states = self.store.wait(caller, request.fingerprint_id, list(request.keys), request.timeout_ms)
+        return pb.WaitResponse(statuses=[key_status(s) for s in states])
+
+    @_rpc
+    def Reserve(self, request, context, caller: Caller):
+        infos = self.store.reserve(caller, request.fingerprint_id, [(b.key, b.size_bytes) for b in request.blocks], request.ttl_ms)
+        return pb.ReserveResponse(leases=[lease_msg(i) for i in infos])
+
+    def Write(self, request_iterator, context):
+        try:
+            caller = self.auth.caller(context.invocation_metadata())
+            total = 0
+            for chunk in request_iterator:
+                self.store.write(caller, chunk.lease_id, chunk.offset, chunk.data)
+                total += len(chunk.data)
+            self.store.counters["grpc_bytes_in"] += total
+            return pb.WriteSummary(bytes_written=total)
+        except KVStoreError as err:
+            self.observe_error("Write", err)
+            abort_with(context, err)
+
+    @_rpc
+    def Commit(self, request, context, caller: Caller):
+        outcomes = self.store.commit(caller, request.fingerprint_id, [(i.lease_id, i.checksum) for i in request.items], request.durable)
+        return pb.CommitResponse(outcomes=outcomes)
+
+    @_rpc
+    def Put(self, request, context, caller: Caller):
+        blocks = [(b.key, b.data, b.checksum) for b in request.blocks]
+        outcomes = self.store.put_inline(caller, request.fingerprint_id, blocks, request.durable)
+        self.store.counters["grpc_bytes_in"] += sum(len(b.data) for b in request.blocks)
+        return pb.PutResponse(outcomes=outcomes)
+
+    @_stream_rpc
+    def Get(self, request, context, caller: Caller) -> Iterator[pb.GetResponse]:
+        batch, batch_bytes = [], 0
+        for key, data, crc in self.store.get(caller, request.fingerprint_id, list(request.keys)):
+            batch.append(pb.InlineBlock(key=key, data=data, checksum=crc))
+            batch_bytes += len(data)
+            self.store.counters["grpc_bytes_out"] += len(data)
+            if batch_bytes >= GET_MESSAGE_BYTES:
+                yield pb.GetResponse(blocks=batch)
+                batch, batch_bytes = [], 0
+        if batch:
+            yield pb.GetResponse(blocks=batch)
+
+    @_rpc
+    def Pin(self, request, context, caller: Caller):
+        info = self.store.pin(caller, request.fingerprint_id, list(request.keys), request.ttl_ms)
+        blocks = [pb.PinnedBlock(key=b.key, slot=pb.Slot(offset=b.offset, length=b.size), checksum=b.checksum) for b in info.blocks]
+        return pb.PinResponse(pin_id=info.pin_id, blocks=blocks, expires_unix_ms=info.expires_ms)
+
+    @_rpc
+    def Unpin(self, request, context, caller: Caller):
+        return pb.UnpinResponse(released=self.store.unpin(caller, list(request.pin_ids)))
+
+    @_rpc
+    def Delete(self, request, context, caller: Caller):
+        return pb.DeleteResponse(deleted=self.store.delete(caller, request.fingerprint_id, list(request.keys)))
+
+    @_rpc
+    def Stats(self, request, context, caller: Caller):
+        s = self.store.stats()
+        tiers = [pb.TierStats(tier=t, capacity_bytes=c, used_bytes=u, blocks=n) for t, c, u, n in s["tiers"]]
+        return pb.StatsResponse(tiers=tiers, blocks=s["blocks"], leases_held=s["leases_held"], pins_held=s["pins_held"], counters=s["counters"])
+
+    @_rpc
+    def DataPlane(self, request, context, caller: Caller):
+        return self.data_plane() if self.data_plane else pb.DataPlaneResponse()

@@ -1,0 +1,1 @@
+"""Storage tiers: host (shared-memory pool), ssd (LMDB)."""

@@ -1,0 +1,80 @@
+"""Slab allocator over a flat byte range: power-of-two size classes carved from fixed slabs.
+
+Owns offsets only, never bytes. KV blocks of one deployment come in a handful of
+sizes, so pow2 classes waste little, and a slab whose slots are all free goes back
+to the common pool so another class can use it (memcached's design, minus rebalancing).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MIN_SLOT_BYTES = 4096
+
+
+def size_class(size: int) -> int:
+    return max(MIN_SLOT_BYTES, 1 << (max(size, 1) - 1).bit_length())
+
+
+@dataclass
+class _Slab:
+    base: int
+    slot_bytes: int
+    free_slots: list[int] = field(default_factory=list)
+    used: int = 0
+
+
+class SlabAllocator:
+    def __init__(self, capacity_bytes: int, slab_bytes: int) -> None:
+        if slab_bytes & (slab_bytes - 1):
+            raise ValueError("slab_bytes must be a power of two")
+        self.slab_bytes = slab_bytes
+        self.num_slabs = capacity_bytes // slab_bytes
+        if self.num_slabs == 0:
+            raise ValueError(f"capacity {capacity_bytes} smaller than one slab ({slab_bytes})")
+        self.capacity_bytes = self.num_slabs * slab_bytes
+        self._free_slabs = list(range(self.num_slabs - 1, -1, -1))
+        self._slabs: dict[int, _Slab] = {}
+        self._partial: dict[int, set[int]] = {}
+        self.used_bytes = 0
+
+    def slot_bytes(self, size: int) -> int:
+        return size_class(size)
+
+    def alloc(self, size: int) -> int | None:
+        """Offset of a slot of at least size bytes, or None when no slot of its class is free."""
+        cls = size_class(size)
+        if cls > self.slab_bytes:
+            raise ValueError(f"block of {size} bytes exceeds slab size {self.slab_bytes}")
+        partial = self._partial.setdefault(cls, set())
+        if not partial:
+            if not self._free_slabs:
+                return None
+            idx = self._free_slabs.pop()
+            base = idx * self.slab_bytes
+            slab = _Slab(base, cls, list(range(base + self.slab_bytes - cls, base - 1, -cls)))
+            self._slabs[idx] = slab
+            partial.add(idx)
+        idx = next(iter(partial))
+        slab = self._slabs[idx]
+        offset = slab.free_slots.pop()
+        slab.used += 1
+        if not slab.free_slots:
+            partial.discard(idx)
+        self.used_bytes += cls
+        return offset
+
+    def free(self, offset: int) -> int:
+        """Returns the slot size freed."""
+        idx = offset // self.slab_bytes
+        slab = self._slabs[idx]
+        slab.free_slots.append(offset)
+        slab.used -= 1
+        self.used_bytes -= slab.slot_bytes
+        partial = self._partial[slab.slot_bytes]
+        if slab.used == 0:
+            partial.discard(idx)
+            del self._slabs[idx]
+            self._free_slabs.append(idx)
+        else:
+            partial.add(idx)
+        return slab.slot_bytes
