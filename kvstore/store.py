@@ -256,6 +256,7 @@ class Store:
         self.counters["lease_waits"] += 1
         with self._changed:
             while True:
+                self.reap_expired()
                 states = [self._state(caller, fingerprint_id, k) for k in keys]
                 remaining = deadline - time.monotonic()
                 if all(s.state != pb.BLOCK_PENDING for s in states) or remaining <= 0 or self.closed:
@@ -624,6 +625,7 @@ class Store:
             self.host.close()
 
     def stats(self) -> dict:
+        self.reap_expired()
         with self._lock:
             host_blocks = len(self.index.host_lru)
             ssd_blocks = len(self.index.ssd_lru)

@@ -1,0 +1,58 @@
+"""Child process for lease tests: races for a key, or takes a lease and then waits to be killed."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+from kvclient import KVClient
+from kvclient.keys import Fingerprint
+from kvclient.types import BlockState, LeaseOutcome
+from kvstore.v1 import kvstore_pb2 as pb
+
+
+def block_for(seed: int, size: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+
+
+def race(client: KVClient, tokens: list[int], go_at: float) -> dict:
+    key = client.block_keys(tokens)[0]
+    time.sleep(max(0.0, go_at - time.time()))
+    lease = client.acquire([key])[0]
+    if lease.outcome == LeaseOutcome.GRANTED:
+        time.sleep(0.5)  # "compute" the block while the others wait
+        client.put([key], [block_for(7, 65536)])
+        role = "owner"
+    else:
+        state = client.wait([key], timeout_s=20)[0]
+        assert state == BlockState.PRESENT, state
+        role = "waiter"
+    data = client.get([key])[0]
+    return {"role": role, "outcome": lease.outcome.name, "owner": lease.owner, "ok": bool(np.array_equal(data, block_for(7, 65536)))}
+
+
+def hold_and_hang(client: KVClient, tokens: list[int], size: int) -> None:
+    """Reserve space, write half the block, then hang until SIGKILLed."""
+    key = client.block_keys(tokens)[0]
+    resp = client._call(client.stub.Reserve, pb.ReserveRequest(fingerprint_id=client.fingerprint_id, blocks=[pb.BlockSpec(key=key.digest, size_bytes=size)]))
+    lease = resp.leases[0]
+    assert lease.outcome == pb.LEASE_GRANTED
+    client._call(client.stub.Write, iter([pb.WriteChunk(lease_id=lease.lease_id, offset=0, data=b"\xab" * (size // 2))]))
+    print(json.dumps({"ready": True, "lease_id": lease.lease_id}), flush=True)
+    time.sleep(3600)
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    fp = Fingerprint(**args["fingerprint"])
+    with KVClient(args["address"], fp, tenant=args.get("tenant")) as client:
+        if args["mode"] == "race":
+            print(json.dumps(race(client, args["tokens"], args["go_at"])), flush=True)
+        else:
+            hold_and_hang(client, args["tokens"], args["size"])
+
+
+if __name__ == "__main__":
+    main()
