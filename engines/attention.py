@@ -1,0 +1,143 @@
+"""Paged attention: write a forward pass's new K/V into pages, then attend over each sequence's pages.
+
+A forward pass is a batch of SeqChunks, one per sequence, each a run of
+consecutive tokens starting at any position: a whole prompt, the rest of a
+prompt whose prefix KV was scattered in from the store, or one decode token.
+AttentionMetadata turns the chunks into index tensors once per pass, so the
+per-layer work is a scatter, a gather and one scaled_dot_product_attention call
+over the padded batch, with no Python loop over tokens or sequences.
+
+This is the reference path: it copies each sequence's pages into contiguous K/V
+every layer. A fused paged kernel may replace it later and must match it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """Tokens at positions start_pos .. start_pos+len-1 of one sequence, and its block table.
+
+    Positions before start_pos must already be in the table's pages, computed
+    by an earlier pass or scattered in from the store; the table must cover
+    every position up to the chunk's end.
+    """
+
+    token_ids: Sequence[int] | torch.Tensor
+    start_pos: int
+    block_table: Sequence[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def end_pos(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Index tensors for one forward pass, on the cache's device. N = total new tokens, n = chunks."""
+
+    positions: torch.Tensor  # [N] absolute position of each new token
+    slot_pages: torch.Tensor  # [N] page each new token's K/V goes to
+    slot_offsets: torch.Tensor  # [N] offset inside that page
+    token_rows: torch.Tensor  # [N] chunk index of each new token
+    token_cols: torch.Tensor  # [N] index of each new token inside its chunk
+    gather_pages: torch.Tensor  # [n, max_blocks] pages to read per chunk, padded with page 0
+    max_query_len: int
+    max_context_len: int
+    attn_mask: torch.Tensor | None  # [n, 1, max_query_len, max_context_len], True = attend
+    is_causal: bool
+
+    @classmethod
+    def build(cls, chunks: Sequence[SeqChunk], block_tokens: int, device: torch.device) -> "AttentionMetadata":
+        if not chunks:
+            raise ValueError("a forward pass needs at least one chunk")
+        max_blocks = -(-max(c.end_pos for c in chunks) // block_tokens)
+        gather_pages = torch.zeros((len(chunks), max_blocks), dtype=torch.long)
+        positions, rows, cols = [], [], []
+        for i, chunk in enumerate(chunks):
+            if chunk.num_tokens == 0 or chunk.start_pos < 0:
+                raise ValueError(f"chunk {i} is empty or starts before 0")
+            needed = -(-chunk.end_pos // block_tokens)
+            if len(chunk.block_table) < needed:
+                raise ValueError(
+                    f"chunk {i} ends at {chunk.end_pos} but its block table has {len(chunk.block_table)} pages"
+                )
+            gather_pages[i, :needed] = torch.as_tensor(list(chunk.block_table[:needed]), dtype=torch.long)
+            positions.append(torch.arange(chunk.start_pos, chunk.end_pos))
+            rows.append(torch.full((chunk.num_tokens,), i, dtype=torch.long))
+            cols.append(torch.arange(chunk.num_tokens))
+        pos = torch.cat(positions)
+        row = torch.cat(rows)
+        slot_pages = gather_pages[row, pos // block_tokens]
+        max_query_len = max(c.num_tokens for c in chunks)
+        max_context_len = max(c.end_pos for c in chunks)
+
+        attn_mask = None
+        single = len(chunks) == 1
+        is_causal = single and chunks[0].start_pos == 0 and chunks[0].num_tokens > 1
+        if not single or (chunks[0].start_pos > 0 and chunks[0].num_tokens > 1):
+            starts = torch.tensor([c.start_pos for c in chunks])
+            query_pos = starts[:, None] + torch.arange(max_query_len)[None, :]
+            attn_mask = (torch.arange(max_context_len)[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
+            attn_mask = attn_mask.to(device)
+
+        return cls(
+            positions=pos.to(device),
+            slot_pages=slot_pages.to(device),
+            slot_offsets=(pos % block_tokens).to(device),
+            token_rows=row.to(device),
+            token_cols=torch.cat(cols).to(device),
+            gather_pages=gather_pages.to(device),
+            max_query_len=max_query_len,
+            max_context_len=max_context_len,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+        )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_layer: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """Store k, v [N, Hkv, D] in their pages, then attend q [N, Hq, D] causally; returns [N, Hq, D].
+
+    kv_layer is one layer's [2, num_pages, block_tokens, Hkv, D] view of the cache.
+    """
+    kv_layer[0, meta.slot_pages, meta.slot_offsets] = k.to(kv_layer.dtype)
+    kv_layer[1, meta.slot_pages, meta.slot_offsets] = v.to(kv_layer.dtype)
+
+    n, max_blocks = meta.gather_pages.shape
+    _, _, block_tokens, num_kv_heads, head_dim = kv_layer.shape
+    num_heads = q.shape[1]
+    # [2, n, max_blocks, B, Hkv, D] -> [2, n, Hkv, S, D]
+    kv = kv_layer[:, meta.gather_pages].reshape(2, n, max_blocks * block_tokens, num_kv_heads, head_dim)
+    kv = kv[:, :, : meta.max_context_len].transpose(2, 3).to(q.dtype)
+    keys, values = kv[0], kv[1]
+    if num_heads != num_kv_heads:
+        # Query head h reads KV head h // group, as HF's repeat_kv does.
+        group = num_heads // num_kv_heads
+        shape = (n, num_heads, meta.max_context_len, head_dim)
+        keys = keys[:, :, None].expand(n, num_kv_heads, group, *shape[2:]).reshape(shape)
+        values = values[:, :, None].expand(n, num_kv_heads, group, *shape[2:]).reshape(shape)
+
+    if n == 1:
+        queries = q.transpose(0, 1).unsqueeze(0)
+    else:
+        queries = q.new_zeros((n, meta.max_query_len, num_heads, head_dim))
+        queries[meta.token_rows, meta.token_cols] = q
+        queries = queries.transpose(1, 2)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.attn_mask, is_causal=meta.is_causal)
+    out = out.transpose(1, 2)  # [n, max_query_len, Hq, D]
+    return out[0] if n == 1 else out[meta.token_rows, meta.token_cols]

@@ -1,0 +1,111 @@
+"""LlamaForCausalLM over a paged KV cache.
+
+Module and parameter names mirror Hugging Face's LlamaForCausalLM, so a HF
+checkpoint's state dict loads without renaming (checkpoint.py). The model holds
+weights only: K/V live in a PagedKVCache passed to every forward call, and a
+call's SeqChunks say which pages each sequence owns and where its tokens start.
+It refuses to own scheduling, sampling or page allocation.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from engines.attention import AttentionMetadata, SeqChunk, paged_attention
+from engines.config import ModelConfig
+from engines.layers import RMSNorm, SwiGLU, apply_rope, rope_cos_sin
+from engines.paged_cache import PagedKVCache
+
+__all__ = ["LlamaForCausalLM", "SeqChunk"]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, q_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=False)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        out = paged_attention(q, k, v, kv_layer, meta)
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_layer, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(self, cache: PagedKVCache, chunks: Sequence[SeqChunk], last_only: bool = False) -> torch.Tensor:
+        """Run chunks through the model, writing their K/V into cache; returns float32 logits.
+
+        Logits are [total tokens, vocab] in chunk order, or [len(chunks), vocab]
+        for each chunk's last token when last_only (all that sampling needs,
+        and it skips the vocab projection for the rest of a prefill).
+        """
+        self._check_cache(cache)
+        meta = AttentionMetadata.build(chunks, cache.block_tokens, self.device)
+        token_ids = torch.cat([torch.as_tensor(c.token_ids, dtype=torch.long).reshape(-1) for c in chunks])
+        x = self.model.embed_tokens(token_ids.to(self.device))
+        cos, sin = rope_cos_sin(meta.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache.layer(i), meta)
+        if last_only:
+            ends = torch.tensor([c.num_tokens for c in chunks]).cumsum(0) - 1
+            x = x[ends.to(self.device)]
+        return self.lm_head(self.model.norm(x)).float()
+
+    def _check_cache(self, cache: PagedKVCache) -> None:
+        c = self.config
+        ours = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.device)
+        theirs = (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.device)
+        if ours != theirs:
+            raise ValueError(f"cache (layers, kv heads, head_dim, device) {theirs} does not fit model {ours}")
