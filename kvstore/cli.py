@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from kvstore import __version__
 from kvstore.config import DEFAULT_LISTEN, add_flags, load_config
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+from kvstore.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(config_file, flags=args)
         except (ValueError, OSError) as err:
             parser.error(str(err))
-        _setup_logging(cfg.log_level)
+        setup_logging(cfg.log_level)
         from kvstore.server import KVStoreServer
 
         KVStoreServer(cfg).serve_forever()

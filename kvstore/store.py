@@ -284,7 +284,7 @@ class Store:
         self._changed.notify_all()
 
     def _expire_lease(self, lease: WriteLease) -> None:
-        log.info("lease expired", extra={"lease_id": lease.lease_id, "owner": lease.owner})
+        log.debug("lease expired", extra={"lease_id": lease.lease_id, "owner": lease.owner})
         self.counters["lease_expiries"] += 1
         self._release_lease(lease)
 
@@ -604,7 +604,7 @@ class Store:
         if damaged:
             self.counters["checksum_failures"] += len(damaged)
             self.ssd.delete_many(damaged)
-        log.info("index rebuilt from ssd tier", extra={"blocks": len(self.index), "damaged": len(damaged)})
+        log.debug("index rebuilt from ssd tier", extra={"blocks": len(self.index), "damaged": len(damaged)})
 
     def flush_to_ssd(self) -> int:
         with self._lock:
