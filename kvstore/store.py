@@ -520,10 +520,10 @@ class Store:
                 return offset
         return None
 
-    def _evict_from_host(self, metas: list[BlockMeta]) -> None:
+    def _evict_from_host(self, metas: list[BlockMeta], demoted_ids: frozenset[int] = frozenset()) -> None:
         """Free host copies, writing dirty ones to the SSD tier first. Caller holds the lock."""
         dirty = [m for m in metas if not m.on_ssd]
-        dirty_ids = {id(m) for m in dirty}
+        dirty_ids = {id(m) for m in dirty} | demoted_ids
         if dirty:
             self._write_ssd_locked(dirty)
         for meta in metas:
@@ -565,7 +565,11 @@ class Store:
         return self.index.ssd_used_bytes + nbytes <= self.ssd.capacity_bytes
 
     def demote_cold(self) -> int:
-        """Above the high watermark, demote LRU unpinned blocks until under the low one."""
+        """Above the high watermark, demote LRU unpinned blocks until under the low one.
+
+        Victims are pinned while LMDB writes and fsyncs them without the store lock, so
+        requests keep flowing during demotion; only the bookkeeping takes the lock.
+        """
         with self._lock:
             cap = self.host.capacity_bytes
             if self.host.used_bytes <= self.cfg.high_watermark * cap:
@@ -579,8 +583,25 @@ class Store:
                 if meta is not None and meta.pins == 0:
                     victims.append(meta)
                     projected -= self.host.allocator.slot_bytes(meta.size)
-            self._evict_from_host(victims)
-            return len(victims)
+            dirty = [m for m in victims if not m.on_ssd and self._ssd_make_room(self.ssd.record_bytes(m.tenant, m.size))]
+            for meta in dirty:
+                meta.pins += 1
+            items = [(m.skey, encode_header(m.tenant, m.fingerprint_id, m.checksum, m.size), self.host.slot(m.host_offset, m.size)) for m in dirty]
+        try:
+            if items:
+                self.ssd.put_many(items)
+        finally:
+            with self._lock:
+                for meta in dirty:
+                    self._unpin([meta])
+                    current = self.index.get(meta.skey)
+                    if current is meta:
+                        self.index.set_ssd(meta, True)
+                    elif current is None or not current.on_ssd:
+                        self.ssd.delete_many([meta.skey])  # deleted while we wrote it
+                still = [m for m in victims if self.index.get(m.skey) is m and m.pins == 0 and m.host_offset is not None]
+                self._evict_from_host(still, frozenset(id(m) for m in dirty))
+        return len(victims)
 
     def reap_expired(self) -> None:
         now = time.monotonic()
