@@ -87,6 +87,9 @@ class ModelConfig:
             raise NotImplementedError("attention_bias / mlp_bias are not supported")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in doc.items() if k in known}
+        # transformers >= 5 writes "dtype" where older versions wrote "torch_dtype".
+        if "torch_dtype" not in kwargs and isinstance(doc.get("dtype"), str):
+            kwargs["torch_dtype"] = doc["dtype"]
         # HF allows a list of eos ids (Llama 3 instruct); the first is the canonical one.
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]

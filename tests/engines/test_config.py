@@ -25,6 +25,8 @@ def test_defaults_follow_hf():
 def test_hf_config_extras_are_ignored_and_eos_list_taken():
     doc = {**TINY_CONFIG.to_dict(), "hidden_act": "silu", "initializer_range": 0.02, "eos_token_id": [257, 9]}
     assert ModelConfig.from_dict(doc).eos_token_id == 257
+    doc.pop("torch_dtype")
+    assert ModelConfig.from_dict({**doc, "dtype": "bfloat16"}).torch_dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("extra", [{"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, {"attention_bias": True}])
