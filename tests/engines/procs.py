@@ -6,7 +6,6 @@ GET /health answers. flags become CLI options (threads=1 -> --threads 1).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engines.protocol import WorkerHealth, get_json
-from tests.serverproc import free_port
+from tests.serverproc import ServerProc, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,18 +70,9 @@ class WorkerProc:
     def health(self) -> WorkerHealth:
         return get_json(self.url + "/health", WorkerHealth)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
+    # Same process handling as the store's test server: one implementation of log and stop.
+    log = ServerProc.log
+    stop = ServerProc.stop
 
 
 def start_prefill(store_address: str, checkpoint_dir: str | Path, log_dir: Path | None = None,
