@@ -32,7 +32,7 @@ proto: $(BIN)/python
 	$(BIN)/python tools/gen_proto.py
 
 serve: install
-	$(BIN)/kvstore serve --data-dir $(DATA_DIR)
+	$(BIN)/kvstore serve --data-dir $(DATA_DIR) --insecure-no-auth
 
 test: install-test
 	$(BIN)/python -m pytest -q -ra tests

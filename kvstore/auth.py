@@ -1,7 +1,9 @@
 """Who is calling: turns gRPC metadata into a Caller.
 
-Tokens map to tenants through a TOML tokens file; with insecure_no_auth the tenant
-named in metadata (or "default") is trusted, which suits a single-user local server.
+Tokens map to tenants through a TOML tokens file; the tenant always comes from the
+token, never from what the caller claims. Only with insecure_no_auth (an explicit
+flag) is a request without a token accepted, as the tenant named in metadata (or
+"default") with the admin role, which suits a single-user local server.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ class Authenticator:
             doc = tomllib.loads(Path(tokens_file).read_text())
             for entry in doc.get("tokens", []):
                 tokens[str(entry["token"])] = TokenEntry(str(entry["tenant"]), bool(entry.get("admin", False)))
+        if not insecure and not tokens:
+            raise ValueError("no tokens configured, so every request would be refused: set tokens_file, or pass --insecure-no-auth for a local single-user server")
         return cls(insecure, tokens)
 
     def caller(self, metadata: Iterable[tuple[str, str | bytes]]) -> Caller:
@@ -47,6 +51,9 @@ class Authenticator:
             entry = self.tokens.get(token)
             if entry is None:
                 raise UnauthenticatedError("the bearer token is not valid for this server")
+            claimed = md.get(TENANT_METADATA)
+            if claimed and claimed != entry.tenant:
+                raise PermissionDeniedError(f"the token belongs to tenant {entry.tenant!r}, not {claimed!r}")
             return Caller(entry.tenant, client_id, entry.admin)
         if not self.insecure:
             raise UnauthenticatedError("missing bearer token in 'authorization' metadata")

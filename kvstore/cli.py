@@ -26,7 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(cfg.log_level)
         from kvstore.server import KVStoreServer
 
-        KVStoreServer(cfg).serve_forever()
+        try:
+            server = KVStoreServer(cfg)
+        except (ValueError, OSError) as err:
+            parser.error(str(err))
+        server.serve_forever()
     return 0
 
 

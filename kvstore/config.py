@@ -46,7 +46,7 @@ class ServerConfig:
     grpc_workers: int = 32
     log_level: str = "INFO"
     metrics_port: int = 0
-    insecure_no_auth: bool = True
+    insecure_no_auth: bool = False
     tokens_file: str = ""
     tls_cert: str = ""
     tls_key: str = ""

@@ -15,11 +15,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvstore.admin_service import AdminServicer
+from kvstore.audit import AuditLog
 from kvstore.auth import Authenticator
 from kvstore.config import ServerConfig
 from kvstore.eviction import BackgroundWorker
+from kvstore.metrics import Metrics
+from kvstore.operations import Operations
 from kvstore.service import GRPC_OPTIONS, KVStoreServicer
 from kvstore.store import Store
+from kvstore.v1 import admin_pb2 as apb
+from kvstore.v1 import admin_pb2_grpc as apb_grpc
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -38,18 +44,25 @@ def host_id() -> str:
 class KVStoreServer:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
+        self.auth = Authenticator.from_file(cfg.insecure_no_auth, cfg.tokens_file)
         self.store = Store(cfg)
         self.worker = BackgroundWorker(self.store)
-        self.auth = Authenticator.from_file(cfg.insecure_no_auth, cfg.tokens_file)
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="kvstore-rpc"), options=GRPC_OPTIONS)
+        self.metrics = Metrics(self.store, cfg.listen.rsplit(":", 1)[0].strip("[]"), cfg.metrics_port)
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="kvstore-rpc"), interceptors=[self.metrics.interceptor], options=GRPC_OPTIONS
+        )
         self.servicer = KVStoreServicer(self.store, self.auth, self.data_plane_info)
         pb_grpc.add_KVStoreServicer_to_server(self.servicer, self.grpc)
+        self.ops = Operations(self.store)
+        self.admin = AdminServicer(self.ops, self.auth, AuditLog(cfg.data_path / "audit.log"), self.drain)
+        apb_grpc.add_AdminServicer_to_server(self.admin, self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        names = (pb.DESCRIPTOR.services_by_name["KVStore"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        names = (pb.DESCRIPTOR.services_by_name["KVStore"].full_name, apb.DESCRIPTOR.services_by_name["Admin"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.grpc)
         self.port = self._bind()
         self._stopped = threading.Event()
+        self._exit = threading.Event()
 
     def _bind(self) -> int:
         if self.cfg.tls_cert and self.cfg.tls_key:
@@ -77,6 +90,7 @@ class KVStoreServer:
     def start(self) -> "KVStoreServer":
         self.grpc.start()
         self.worker.start()
+        self.metrics.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("kvstore.v1.KVStore", health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -97,12 +111,13 @@ class KVStoreServer:
         self.health.enter_graceful_shutdown()
         self.store.admitting = False
         self.grpc.stop(grace_s).wait()
+        self.metrics.stop()
         self.worker.stop()
         self.store.close()
         log.info("kvstore stopped")
 
     def serve_forever(self) -> None:
-        done = threading.Event()
+        done = self._exit
 
         def on_signal(signum, _frame) -> None:
             log.info("signal %s: shutting down", signal.Signals(signum).name)
@@ -113,3 +128,14 @@ class KVStoreServer:
         self.start()
         done.wait()
         self.stop()
+
+    def drain(self, wait_s: float) -> apb.DrainResponse:
+        """Admit no writes, give readers and lease holders up to wait_s to finish, flush the host tier, then exit."""
+        self.store.admitting = False
+        self.health.enter_graceful_shutdown()
+        left = self.ops.wait_quiet(wait_s)
+        flushed = self.store.flush_to_ssd()
+        self.store.ssd.sync()
+        log.info("drained: %d blocks flushed to ssd, %d readers left; exiting", flushed, left)
+        self._exit.set()  # serve_forever stops the server; its grace period lets this answer go out
+        return apb.DrainResponse(flushed_blocks=flushed, readers_left=left)

@@ -71,6 +71,11 @@ def lease_msg(info: LeaseInfo) -> pb.Lease:
     return msg
 
 
+def stats_message(s: dict) -> pb.StatsResponse:
+    tiers = [pb.TierStats(tier=t, capacity_bytes=c, used_bytes=u, blocks=n) for t, c, u, n in s["tiers"]]
+    return pb.StatsResponse(tiers=tiers, blocks=s["blocks"], leases_held=s["leases_held"], pins_held=s["pins_held"], counters=s["counters"])
+
+
 class KVStoreServicer(pb_grpc.KVStoreServicer):
     def __init__(self, store: Store, auth: Authenticator, data_plane: Callable[[], pb.DataPlaneResponse] | None = None) -> None:
         self.store = store
@@ -163,9 +168,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @_rpc
     def Stats(self, request, context, caller: Caller):
-        s = self.store.stats()
-        tiers = [pb.TierStats(tier=t, capacity_bytes=c, used_bytes=u, blocks=n) for t, c, u, n in s["tiers"]]
-        return pb.StatsResponse(tiers=tiers, blocks=s["blocks"], leases_held=s["leases_held"], pins_held=s["pins_held"], counters=s["counters"])
+        # Store-wide numbers would tell one tenant when another caches blocks.
+        self.auth.require_admin(caller)
+        return stats_message(self.store.stats())
 
     @_rpc
     def DataPlane(self, request, context, caller: Caller):

@@ -36,7 +36,7 @@ class ServerProc:
     def start(self, timeout_s: float = 30) -> "ServerProc":
         self.port = self.port or free_port()
         args = [sys.executable, "-m", "kvstore.cli", "serve", "--listen", self.address, "--data-dir", str(self.data_dir)]
-        for k, v in self.flags.items():
+        for k, v in {"insecure_no_auth": True, **self.flags}.items():
             flag = "--" + k.replace("_", "-")
             if v is True:
                 args.append(flag)

@@ -52,8 +52,17 @@ class HostPool:
         self.allocator.free(offset)
 
     def zero(self, offset: int, size: int) -> None:
-        slot = self.allocator.slot_bytes(size)
-        self.view[offset : offset + slot] = bytes(slot)
+        self.zero_range(offset, self.allocator.slot_bytes(size))
+
+    def zero_range(self, offset: int, length: int) -> None:
+        self.view[offset : offset + length] = bytes(length)
+
+    def zero_free(self) -> int:
+        """Zero every free slot and slab; freeing for demotion leaves old copies behind. Returns bytes zeroed."""
+        ranges = self.allocator.free_ranges()
+        for offset, length in ranges:
+            self.zero_range(offset, length)
+        return sum(length for _, length in ranges)
 
     def slot(self, offset: int, size: int) -> memoryview:
         return self.view[offset : offset + size]

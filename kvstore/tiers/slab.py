@@ -78,3 +78,10 @@ class SlabAllocator:
         else:
             partial.add(idx)
         return slab.slot_bytes
+
+    def free_ranges(self) -> list[tuple[int, int]]:
+        """(offset, length) of every range no slot occupies: what a scrub must zero."""
+        ranges = [(idx * self.slab_bytes, self.slab_bytes) for idx in self._free_slabs]
+        for slab in self._slabs.values():
+            ranges += [(offset, slab.slot_bytes) for offset in slab.free_slots]
+        return ranges

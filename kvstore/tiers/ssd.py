@@ -6,6 +6,8 @@ the on-disk format and LMDB transactions; eviction policy lives in the store.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import struct
 import time
 from dataclasses import dataclass
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Iterator
 
 import lmdb
+
+from kvstore.tiers.rwlock import SharedExclusiveLock
 
 MAGIC = b"KVB1"
 _HEADER = struct.Struct("<4s16sQQqH")  # magic, fingerprint_id, checksum, size, created_ms, tenant_len
@@ -52,9 +56,14 @@ class SsdTier:
         path.mkdir(parents=True, exist_ok=True)
         self.capacity_bytes = capacity_bytes
         self.path = path
-        map_size = int(capacity_bytes * _MAP_OVERHEAD) + (64 << 20)
+        self.map_size = int(capacity_bytes * _MAP_OVERHEAD) + (64 << 20)
+        self.env = self._open(path)
+        # Shared by every LMDB access, exclusive while rewrite_live swaps the environment.
+        self._swap = SharedExclusiveLock()
+
+    def _open(self, path: Path) -> lmdb.Environment:
         # sync=True: a committed transaction is on disk when put_many returns.
-        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=1, sync=True, metasync=True, lock=True, readahead=False, max_readers=256)
+        return lmdb.open(str(path), map_size=self.map_size, max_dbs=1, sync=True, metasync=True, lock=True, readahead=False, max_readers=256)
 
     @staticmethod
     def record_bytes(tenant: str, size: int) -> int:
@@ -62,7 +71,7 @@ class SsdTier:
 
     def put_many(self, items: list[tuple[bytes, bytes, memoryview | bytes]]) -> None:
         """items: (skey, header, payload); one transaction, durable on return."""
-        with self.env.begin(write=True) as txn:
+        with self._swap.shared(), self.env.begin(write=True) as txn:
             for skey, header, payload in items:
                 buf = bytearray(len(header) + len(payload))
                 buf[: len(header)] = header
@@ -70,7 +79,7 @@ class SsdTier:
                 txn.put(skey, buf)
 
     def get(self, skey: bytes) -> tuple[SsdRecord, bytes] | None:
-        with self.env.begin(buffers=True) as txn:
+        with self._swap.shared(), self.env.begin(buffers=True) as txn:
             value = txn.get(skey)
             if value is None:
                 return None
@@ -80,7 +89,7 @@ class SsdTier:
     def delete_many(self, skeys: list[bytes]) -> None:
         if not skeys:
             return
-        with self.env.begin(write=True) as txn:
+        with self._swap.shared(), self.env.begin(write=True) as txn:
             for skey in skeys:
                 txn.delete(skey)
 
@@ -103,3 +112,61 @@ class SsdTier:
     def close(self) -> None:
         self.env.sync(True)
         self.env.close()
+
+    def rewrite_live(self, batch_bytes: int = 64 << 20) -> int:
+        """Copy every live record into a fresh environment, zero the old file, swap; returns bytes copied.
+
+        LMDB is copy-on-write: a deleted value's pages go to a free list with their
+        bytes intact, and even a compacting copy carries stale bytes left inside live
+        pages. Re-putting live records into a new environment writes only live data;
+        the old file is then overwritten with zeros and fsynced before it is replaced.
+        The caller must keep other writers out (the store holds its lock).
+        """
+        fresh = self.path.with_name(self.path.name + ".rewrite")
+        shutil.rmtree(fresh, ignore_errors=True)
+        fresh.mkdir()
+        copied = 0
+        with self._swap.exclusive():
+            new_env = self._open(fresh)
+            try:
+                with self.env.begin(buffers=True) as src:
+                    cursor = src.cursor()
+                    more = cursor.first()
+                    while more:
+                        with new_env.begin(write=True) as dst:
+                            done = 0
+                            while more and done < batch_bytes:
+                                dst.put(bytes(cursor.key()), cursor.value(), append=True)
+                                done += len(cursor.value())
+                                more = cursor.next()
+                        copied += done
+                new_env.sync(True)
+            finally:
+                new_env.close()
+            self.env.close()
+            old = self.path / "data.mdb"
+            _overwrite_with_zeros(old)
+            os.replace(fresh / "data.mdb", old)
+            shutil.rmtree(fresh, ignore_errors=True)
+            _fsync_dir(self.path)
+            self.env = self._open(self.path)
+        return copied
+
+
+def _overwrite_with_zeros(path: Path, chunk_bytes: int = 4 << 20) -> None:
+    """Overwrite a file in place with zeros and fsync it (ext4/xfs rewrite the same blocks)."""
+    remaining = path.stat().st_size
+    zeros = bytes(chunk_bytes)
+    with open(path, "r+b", buffering=0) as f:
+        while remaining > 0:
+            n = f.write(zeros[: min(chunk_bytes, remaining)])
+            remaining -= n
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

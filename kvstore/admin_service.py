@@ -1,0 +1,118 @@
+"""The Admin gRPC servicer: translates operator RPCs to Operations calls and audits what changes.
+
+Every RPC requires the admin role; errors map to gRPC status through service.py's
+one table. Drain is handed back to the server, which owns the process's lifetime.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Callable
+
+from kvstore.audit import AuditLog
+from kvstore.auth import Authenticator
+from kvstore.operations import DeleteReport, EvictReport, Operations, Selector
+from kvstore.service import KVStoreServicer, _rpc, stats_message
+from kvstore.store import Caller
+from kvstore.v1 import admin_pb2 as apb
+from kvstore.v1 import admin_pb2_grpc as apb_grpc
+from kvstore.v1 import kvstore_pb2 as pb
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 10_000
+DEFAULT_DRAIN_WAIT_S = 30.0
+
+
+def _admin(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def handler(self: "AdminServicer", request, context, caller: Caller):
+        Authenticator.require_admin(caller)
+        return method(self, request, context, caller)
+
+    return _rpc(handler)
+
+
+def selector(msg: apb.BlockSelector) -> Selector:
+    return Selector(msg.tenant, msg.fingerprint_id, msg.tier, msg.min_age_ms / 1000, frozenset(msg.keys))
+
+
+def _described(sel: apb.BlockSelector) -> dict:
+    """The selector as the audit log records it: hex for bytes, only what was set."""
+    target = {"tenant": sel.tenant, "fingerprint": sel.fingerprint_id.hex(), "tier": pb.Tier.Name(sel.tier) if sel.tier else "", "min_age_ms": sel.min_age_ms}
+    if sel.keys:
+        target["keys"] = len(sel.keys)
+    return {k: v for k, v in target.items() if v}
+
+
+class AdminServicer(apb_grpc.AdminServicer):
+    observe_error = KVStoreServicer.observe_error
+
+    def __init__(self, ops: Operations, auth: Authenticator, audit: AuditLog, drain: Callable[[float], apb.DrainResponse]) -> None:
+        self.ops = ops
+        self.store = ops.store
+        self.auth = auth
+        self.audit = audit
+        self.drain = drain
+
+    @_admin
+    def Stats(self, request, context, caller: Caller):
+        tenants = [apb.TenantUsage(tenant=t, blocks=n, bytes=b) for t, n, b in self.ops.tenant_usage()]
+        return apb.AdminStatsResponse(store=stats_message(self.store.stats()), tenants=tenants, draining=not self.store.admitting)
+
+    @_admin
+    def ListBlocks(self, request, context, caller: Caller):
+        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        views, last, matched = self.ops.list_blocks(selector(request.selector), page_size, bytes.fromhex(request.page_token))
+        blocks = [
+            apb.BlockInfo(tenant=v.tenant, fingerprint_id=v.fingerprint_id, key=v.key, tier=v.tier, on_ssd=v.on_ssd, size_bytes=v.size, pins=v.pins, age_ms=int(v.age_s * 1000), idle_ms=int(v.idle_s * 1000))
+            for v in views
+        ]
+        return apb.ListBlocksResponse(blocks=blocks, next_page_token=last.hex(), matched=matched)
+
+    @_admin
+    def Evict(self, request, context, caller: Caller):
+        if request.watermark > 0:
+            report: EvictReport = self.ops.evict_to_watermark(request.tier, request.watermark)
+            target = {"tier": pb.Tier.Name(request.tier or pb.TIER_HOST), "watermark": request.watermark}
+        else:
+            report = self.ops.evict(selector(request.selector))
+            target = _described(request.selector)
+        self.audit.record(caller, "evict", target, evicted=report.evicted, demoted=report.demoted, bytes=report.bytes, skipped_pinned=report.skipped_pinned)
+        return apb.EvictResponse(evicted=report.evicted, demoted=report.demoted, bytes=report.bytes, skipped_pinned=report.skipped_pinned)
+
+    @_admin
+    def DeleteBlocks(self, request, context, caller: Caller):
+        report: DeleteReport = self.ops.delete(selector(request.selector), request.secure)
+        action = "delete_secure" if request.secure else "delete"
+        self.audit.record(caller, action, _described(request.selector), deleted=report.deleted, bytes=report.bytes, pending_pinned=report.pending_pinned)
+        return apb.DeleteBlocksResponse(
+            deleted=report.deleted,
+            bytes=report.bytes,
+            pending_pinned=report.pending_pinned,
+            scrubbed_host_bytes=report.scrubbed_host_bytes,
+            ssd_bytes_rewritten=report.ssd_bytes_rewritten,
+        )
+
+    @_admin
+    def ListLeases(self, request, context, caller: Caller):
+        leases = [
+            apb.LeaseEntry(id=v.id, kind=v.kind, owner=v.owner, tenant=v.tenant, fingerprint_id=v.fingerprint_id, keys=list(v.keys), expires_unix_ms=v.expires_unix_ms, size_bytes=v.size)
+            for v in self.ops.leases(request.tenant, request.owner)
+        ]
+        return apb.ListLeasesResponse(leases=leases)
+
+    @_admin
+    def RevokeLeases(self, request, context, caller: Caller):
+        leases, pins = self.ops.revoke(set(request.ids), request.owner, request.tenant)
+        target = {k: v for k, v in {"ids": list(request.ids), "owner": request.owner, "tenant": request.tenant}.items() if v}
+        self.audit.record(caller, "revoke", target, leases=leases, pins=pins)
+        return apb.RevokeLeasesResponse(leases=leases, pins=pins)
+
+    @_admin
+    def Drain(self, request, context, caller: Caller):
+        started = time.monotonic()
+        self.audit.record(caller, "drain", {"timeout_ms": request.timeout_ms})
+        response = self.drain(request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_DRAIN_WAIT_S)
+        response.waited_ms = int((time.monotonic() - started) * 1000)
+        self.audit.record(caller, "drained", {}, flushed_blocks=response.flushed_blocks, readers_left=response.readers_left)
+        return response
