@@ -15,13 +15,11 @@ from typing import Any, Iterable, Sequence
 
 import grpc
 import numpy as np
-import xxhash
 
-from kvclient.buffers import as_readable, as_writable
 from kvclient.errors import InvalidRequestError, from_rpc_error
 from kvclient.keys import BlockKey, Fingerprint, block_keys
+from kvclient.transports import device
 from kvclient.transports.base import TransferStats, Transport
-from kvclient.transports.grpc_inline import GrpcInlineTransport
 from kvclient.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutcome, Tier
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
@@ -70,6 +68,7 @@ class KVClient:
         self._lock = threading.Lock()
         self._leases: dict[bytes, int] = {}
         self.last_transfer = TransferStats()
+        self.transport_choice = None  # set by transports.select: what was asked for, what was chosen, and why
         self.transport: Transport = self._select_transport(transport)
 
     # ---- plumbing -----------------------------------------------------------------
@@ -92,13 +91,9 @@ class KVClient:
             raise from_rpc_error(err) from None
 
     def _select_transport(self, choice: str) -> Transport:
-        if choice not in ("auto", "grpc"):
-            from kvclient.transports import select
+        from kvclient.transports import select
 
-            return select.choose(self, choice)
-        transport = GrpcInlineTransport(self.stub, self.fingerprint_id, self._call)
-        log.debug("kvclient transport: grpc", extra={"requested": choice})
-        return transport
+        return select.choose(self, choice)
 
     def close(self) -> None:
         with self._lock:
@@ -185,8 +180,9 @@ class KVClient:
         digests = _digests(keys)
         stats = TransferStats()
         t0 = time.perf_counter()
-        payloads = [as_readable(b) for b in blocks]
-        checksums = [xxhash.xxh3_64_intdigest(p) for p in payloads]
+        device_ok = getattr(self.transport, "moves_device_memory", False)
+        payloads = [device.readable(b, device_ok) for b in blocks]
+        checksums = [device.checksum(p) for p in payloads]
         stats.validate_s += time.perf_counter() - t0
         outcomes = self.transport.put(digests, payloads, checksums, durable, stats)
         with self._lock:
@@ -204,7 +200,8 @@ class KVClient:
             raise InvalidRequestError(f"{len(keys)} keys but {len(out)} output buffers")
         if not keys:
             return []
-        outs = [as_writable(o) for o in out] if out is not None else None
+        device_ok = getattr(self.transport, "moves_device_memory", False)
+        outs = [device.writable(o, device_ok) for o in out] if out is not None else None
         stats = TransferStats()
         result = self.transport.get(_digests(keys), outs, stats)
         self.last_transfer = stats
@@ -221,5 +218,5 @@ class KVClient:
             "leases_held": resp.leases_held,
             "pins_held": resp.pins_held,
             "counters": dict(resp.counters),
-            "client": {"transport": self.transport.name},
+            "client": self.transport_choice.as_dict() if self.transport_choice else {"transport": self.transport.name},
         }

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -15,30 +14,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvclient.hostid import host_id
 from kvstore.admin_service import AdminServicer
 from kvstore.audit import AuditLog
 from kvstore.auth import Authenticator
 from kvstore.config import ServerConfig
+from kvstore.dataplane_ucx import UcxDataPlane
 from kvstore.eviction import BackgroundWorker
 from kvstore.metrics import Metrics
 from kvstore.operations import Operations
 from kvstore.service import GRPC_OPTIONS, KVStoreServicer
-from kvstore.store import Store
+from kvstore.store import Caller, Store
 from kvstore.v1 import admin_pb2 as apb
 from kvstore.v1 import admin_pb2_grpc as apb_grpc
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-
-def host_id() -> str:
-    """Equal for two processes on the same host (and kernel boot), so clients can detect co-location."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
 
 
 class KVStoreServer:
@@ -63,6 +55,7 @@ class KVStoreServer:
         self.port = self._bind()
         self._stopped = threading.Event()
         self._exit = threading.Event()
+        self.ucx: UcxDataPlane | None = None
 
     def _bind(self) -> int:
         if self.cfg.tls_cert and self.cfg.tls_key:
@@ -79,18 +72,23 @@ class KVStoreServer:
         host = self.cfg.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
-    def data_plane_info(self) -> pb.DataPlaneResponse:
-        return pb.DataPlaneResponse(
+    def data_plane_info(self, caller: Caller | None = None) -> pb.DataPlaneResponse:
+        info = pb.DataPlaneResponse(
             shm_name=self.store.host.shm_name if self.cfg.shm else "",
             shm_size=self.store.host.capacity_bytes,
             host_id=host_id(),
             max_block_bytes=self.cfg.max_block_bytes,
         )
+        if self.ucx is not None and caller is not None:
+            info.ucx_listener = f"{self.cfg.listen.rsplit(':', 1)[0]}:{self.ucx.port}"
+            info.ucx_session_token = self.ucx.session_token(caller.client_id)
+        return info
 
     def start(self) -> "KVStoreServer":
         self.grpc.start()
         self.worker.start()
         self.metrics.start()
+        self.ucx = UcxDataPlane.start_if_available(self.store, self.cfg.ucx_port) if self.cfg.ucx else None
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("kvstore.v1.KVStore", health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -111,6 +109,8 @@ class KVStoreServer:
         self.health.enter_graceful_shutdown()
         self.store.admitting = False
         self.grpc.stop(grace_s).wait()
+        if self.ucx is not None:
+            self.ucx.stop()
         self.metrics.stop()
         self.worker.stop()
         self.store.close()

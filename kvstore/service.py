@@ -77,7 +77,7 @@ def stats_message(s: dict) -> pb.StatsResponse:
 
 
 class KVStoreServicer(pb_grpc.KVStoreServicer):
-    def __init__(self, store: Store, auth: Authenticator, data_plane: Callable[[], pb.DataPlaneResponse] | None = None) -> None:
+    def __init__(self, store: Store, auth: Authenticator, data_plane: Callable[[Caller], pb.DataPlaneResponse] | None = None) -> None:
         self.store = store
         self.auth = auth
         self.data_plane = data_plane
@@ -174,4 +174,4 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @_rpc
     def DataPlane(self, request, context, caller: Caller):
-        return self.data_plane() if self.data_plane else pb.DataPlaneResponse()
+        return self.data_plane(caller) if self.data_plane else pb.DataPlaneResponse()

@@ -475,6 +475,30 @@ class Store:
         self.leases.pins.pop(pin.pin_id, None)
         self._unpin(pin.blocks)
 
+    # ---- data-plane access: slots a transfer engine may touch ------------------------
+
+    def pinned_slots(self, caller: Caller, pin_id: int) -> list[PinnedSlot]:
+        """Slots of a live pin the caller owns, for a data plane that sends them (e.g. UCX)."""
+        with self._lock:
+            pin = self.leases.pins.get(pin_id)
+            if pin is None or pin.expires_at <= time.monotonic():
+                raise LeaseError(f"pin {pin_id} is unknown or expired")
+            if pin.owner != caller.client_id:
+                raise LeaseError(f"pin {pin_id} is held by {pin.owner}, not {caller.client_id}")
+            if any(m.host_offset is None for m in pin.blocks):
+                raise LeaseError(f"pin {pin_id} names a block no longer in the host pool")
+            return [PinnedSlot(m.key, m.host_offset, m.size, m.checksum) for m in pin.blocks]
+
+    def claim_write_slots(self, caller: Caller, lease_ids: Sequence[int], hold_s: float | None = None) -> list[tuple[int, int]]:
+        """(offset, size) of each reserved lease, renewed for hold_s so expiry cannot free a slot mid-receive."""
+        with self._lock:
+            leases = [self._owned_lease(caller, lid) for lid in lease_ids]
+            for lease in leases:
+                if lease.host_offset is None:
+                    raise LeaseError(f"lease {lease.lease_id} has no reserved space; call Reserve first")
+                lease.expires_at = max(lease.expires_at, time.monotonic() + (hold_s or self.cfg.lease_ttl_s))
+            return [(lease.host_offset, lease.size) for lease in leases]
+
     # ---- deletion -----------------------------------------------------------------
 
     def delete(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> int:

@@ -1,0 +1,123 @@
+"""The control half of every data path that moves bytes into or out of the server's host pool.
+
+put: Reserve (one RPC) -> the transport fills the reserved slots -> Commit (one RPC).
+get: Pin (one RPC) -> the transport copies the pinned slots out -> Unpin (one RPC).
+So a call of any number of blocks costs a constant number of control round trips.
+On every error path the leases are released and the pin dropped before raising,
+and a block reaches the caller only after its checksum matched (check_block).
+The transports (shm.py, ucx.py) supply only the byte movement.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import xxhash
+
+from kvclient.errors import ChecksumMismatchError, InvalidRequestError, KVStoreError, TransferError
+from kvclient.transports import device
+from kvclient.transports.base import TransferStats
+from kvstore.v1 import kvstore_pb2 as pb
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    """One block's place in the pool, and its position in the caller's batch."""
+
+    index: int
+    offset: int
+    length: int
+    handle: int = 0  # lease id (put) or pin id (get)
+    checksum: int = 0
+
+
+def check_block(key: bytes, data: np.ndarray, expected: int) -> None:
+    """The integrity gate: raises unless the bytes as they landed match the block's checksum."""
+    if xxhash.xxh3_64_intdigest(data) != expected:
+        raise ChecksumMismatchError(f"block {key.hex()} failed its checksum after transfer; no data was returned")
+
+
+def destinations(slots: Sequence[SlotRef], outs: Sequence[memoryview] | None, keys: Sequence[bytes]) -> list[np.ndarray]:
+    """uint8 arrays the transport writes into: the caller's buffers, or fresh ones."""
+    if outs is None:
+        return [np.empty(s.length, dtype=np.uint8) for s in slots]
+    dests = []
+    for s in slots:
+        out = outs[s.index]
+        if device.nbytes(out) != s.length:
+            raise InvalidRequestError(f"output buffer for block {keys[s.index].hex()} holds {device.nbytes(out)} bytes; the block has {s.length}")
+        dests.append(out if device.is_device(out) else np.frombuffer(out, dtype=np.uint8))
+    return dests
+
+
+class PoolControl:
+    """Reserve/Commit and Pin/Unpin over gRPC, with time and round trips charged to TransferStats."""
+
+    def __init__(self, stub, fingerprint_id: bytes, call: Callable) -> None:
+        self.stub = stub
+        self.fingerprint_id = fingerprint_id
+        self.call = call
+
+    def _timed(self, stats: TransferStats, method, request):
+        t0 = time.perf_counter()
+        try:
+            return self.call(method, request)
+        finally:
+            stats.control_s += time.perf_counter() - t0
+            stats.control_rpcs += 1
+
+    def _quietly(self, method, request) -> None:
+        """Best-effort cleanup: the server reclaims leases and pins at TTL if this fails too."""
+        try:
+            self.call(method, request, timeout_s=5)
+        except KVStoreError:
+            pass
+
+    def put(self, keys, payloads, checksums, durable: bool, stats: TransferStats, fill: Callable[[list[SlotRef]], None]) -> list[int]:
+        """Reserve slots, let fill() write the granted ones, commit them; returns PutOutcome values."""
+        specs = [pb.BlockSpec(key=k, size_bytes=len(p)) for k, p in zip(keys, payloads)]
+        resp = self._timed(stats, self.stub.Reserve, pb.ReserveRequest(fingerprint_id=self.fingerprint_id, blocks=specs))
+        outcomes = [0] * len(keys)
+        granted: list[SlotRef] = []
+        for i, lease in enumerate(resp.leases):
+            if lease.outcome == pb.LEASE_GRANTED:
+                granted.append(SlotRef(i, lease.slot.offset, lease.slot.length, lease.lease_id, checksums[i]))
+            else:
+                outcomes[i] = pb.PUT_ALREADY_PRESENT if lease.outcome == pb.LEASE_ALREADY_PRESENT else pb.PUT_PENDING_ELSEWHERE
+        if granted:
+            try:
+                fill(granted)
+                items = [pb.CommitItem(lease_id=s.handle, checksum=s.checksum) for s in granted]
+                commit = self._timed(stats, self.stub.Commit, pb.CommitRequest(fingerprint_id=self.fingerprint_id, durable=durable, items=items))
+            except BaseException:
+                self._quietly(self.stub.ReleaseLeases, pb.ReleaseLeasesRequest(lease_ids=[s.handle for s in granted]))
+                raise
+            for s, o in zip(granted, commit.outcomes):
+                outcomes[s.index] = o
+        stats.bytes += sum(s.length for s in granted)
+        stats.blocks += len(keys)
+        return outcomes
+
+    def get(self, keys, outs, stats: TransferStats, drain: Callable[[list[SlotRef], list[np.ndarray]], None], unpin: bool = True) -> list[np.ndarray]:
+        """Pin the blocks, let drain() copy and check them into destinations, unpin; all or nothing.
+
+        unpin=False is for data planes whose server side drops the pin itself once
+        it has sent the bytes; the pin is still dropped here if anything fails.
+        """
+        resp = self._timed(stats, self.stub.Pin, pb.PinRequest(fingerprint_id=self.fingerprint_id, keys=list(keys)))
+        try:
+            if len(resp.blocks) != len(keys):
+                raise TransferError(f"server pinned {len(resp.blocks)} blocks for {len(keys)} keys")
+            slots = [SlotRef(i, b.slot.offset, b.slot.length, resp.pin_id, b.checksum) for i, b in enumerate(resp.blocks)]
+            dests = destinations(slots, outs, keys)
+            drain(slots, dests)
+        except BaseException:
+            self._quietly(self.stub.Unpin, pb.UnpinRequest(pin_ids=[resp.pin_id]))
+            raise
+        if unpin:
+            self._timed(stats, self.stub.Unpin, pb.UnpinRequest(pin_ids=[resp.pin_id]))
+        stats.bytes += sum(s.length for s in slots)
+        stats.blocks += len(slots)
+        return dests

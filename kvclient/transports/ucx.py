@@ -1,0 +1,173 @@
+"""UCX transport for remote clients: tagged transfers straight between the server's pool and the caller's buffers.
+
+The control plane stays on gRPC (Reserve/Commit, Pin; see pooled.py). Over one
+UCX endpoint per client the server then sends the pinned slots (get) or receives
+into the reserved slots (put), one tagged message per block, all in flight at
+once. Destinations may be host buffers or, with CUDA-aware UCX, GPU arrays
+(cupy or torch CUDA tensors): UCX writes them directly, without host staging.
+
+ucxx's async API wants one asyncio loop per process; `UcxRuntime` runs it in a
+daemon thread shared by every client in the process, and the synchronous
+KVClient calls hand coroutines to it. Time from hand-off to start is the
+"queue" part of TransferStats.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any, Coroutine
+
+import numpy as np
+
+from kvclient.errors import ERROR_TYPES, KVStoreError, TransferError, UnavailableError
+from kvclient.transports import device, ucx_wire as wire
+from kvclient.transports.base import TransferStats
+from kvclient.transports.pooled import PoolControl, SlotRef, check_block
+from kvclient.ucxenv import import_ucxx, unavailable_reason
+
+
+class UcxRuntime:
+    """The process's UCX event loop thread; created on first use."""
+
+    _instance: "UcxRuntime | None" = None
+    _guard = threading.Lock()
+
+    def __init__(self) -> None:
+        self.ucxx = import_ucxx()
+        if self.ucxx is None:
+            raise UnavailableError(f"ucxx not importable: {unavailable_reason()}")
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="kvclient-ucx", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def get(cls) -> "UcxRuntime":
+        with cls._guard:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def run(self, coro: Coroutine, timeout_s: float, stats: TransferStats | None = None) -> Any:
+        submitted = time.perf_counter()
+
+        async def timed():
+            if stats is not None:
+                stats.queue_s += time.perf_counter() - submitted
+            return await asyncio.wait_for(coro, timeout_s)
+
+        try:
+            return asyncio.run_coroutine_threadsafe(timed(), self.loop).result(timeout_s + 5)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise TransferError(f"UCX transfer did not finish within {timeout_s:.0f}s") from None
+
+
+def _raise_remote(detail: bytes) -> None:
+    name, _, message = detail.decode(errors="replace").partition(": ")
+    err = ERROR_TYPES.get(name, TransferError)(f"UCX data plane: {message or name}")
+    err.refused_by_server = True  # type: ignore[attr-defined]
+    raise err
+
+
+class UcxTransport:
+    name = "ucx"
+    moves_device_memory = True
+
+    def __init__(self, control: PoolControl, host: str, port: int, client_id: str, token: bytes, timeout_s: float) -> None:
+        self.control = control
+        self.host, self.port = host, port
+        self.client_id, self.token = client_id, token
+        self.timeout_s = timeout_s
+        self.runtime = UcxRuntime.get()
+        self._ep = None
+        self._lock = threading.Lock()  # requests on one endpoint are strictly sequential
+        with self._lock:
+            self._connect_locked()
+
+    # ---- connection ---------------------------------------------------------------
+
+    def _connect_locked(self) -> None:
+        try:
+            self._ep = self.runtime.run(self._open(), min(self.timeout_s, 15))
+        except KVStoreError:
+            raise
+        except Exception as err:
+            raise UnavailableError(f"cannot reach the UCX listener at {self.host}:{self.port}: {type(err).__name__}: {err}") from None
+
+    async def _open(self):
+        ep = await self.runtime.ucxx.create_endpoint(self.host, self.port)
+        ident = self.client_id.encode()
+        await ep.send(wire.header(wire.OP_HELLO, len(ident), len(self.token)))
+        await ep.send(np.frombuffer(ident + self.token, dtype=np.uint8))
+        await self._expect_ok(ep)
+        return ep
+
+    async def _expect_ok(self, ep) -> np.ndarray:
+        reply = wire.empty_header()
+        await ep.recv(reply)
+        if int(reply[0]) != wire.STATUS_OK:
+            detail = np.empty(int(reply[1]), dtype=np.uint8)
+            await ep.recv(detail)
+            _raise_remote(detail.tobytes())
+        return reply
+
+    def _request(self, coro_fn, stats: TransferStats) -> None:
+        """Run one request; a transfer that fails midway leaves the endpoint in an unknown state, so drop it."""
+        with self._lock:
+            if self._ep is None:
+                self._connect_locked()
+            try:
+                self.runtime.run(coro_fn(self._ep), self.timeout_s, stats)
+            except KVStoreError as err:
+                if not getattr(err, "refused_by_server", False):  # a clean refusal leaves the endpoint in step
+                    self._drop_locked()
+                raise
+            except Exception as err:
+                self._drop_locked()
+                raise TransferError(f"UCX transfer failed: {type(err).__name__}: {err}") from None
+
+    def _drop_locked(self) -> None:
+        ep, self._ep = self._ep, None
+        if ep is not None:
+            self.runtime.loop.call_soon_threadsafe(ep.abort)
+
+    # ---- data ---------------------------------------------------------------------
+
+    def put(self, keys, payloads, checksums, durable: bool, stats: TransferStats) -> list[int]:
+        def fill(slots: list[SlotRef]) -> None:
+            async def send(ep) -> None:
+                await ep.send(wire.header(wire.OP_PUT, len(slots)))
+                await ep.send(np.array([s.handle for s in slots], dtype=np.uint64))
+                await self._expect_ok(ep)
+                t0 = time.perf_counter()
+                await asyncio.gather(*[ep.send(payloads[s.index]) for s in slots])
+                reply = await self._expect_ok(ep)
+                stats.transfer_s += time.perf_counter() - t0
+                if int(reply[2]) != sum(s.length for s in slots):
+                    raise TransferError(f"server received {int(reply[2])} bytes, expected {sum(s.length for s in slots)}")
+
+            self._request(send, stats)
+
+        return self.control.put(keys, payloads, checksums, durable, stats, fill)
+
+    def get(self, keys, outs, stats: TransferStats) -> list[Any]:
+        def drain(slots: list[SlotRef], dests: list[Any]) -> None:
+            async def receive(ep) -> None:
+                await ep.send(wire.header(wire.OP_GET, len(slots), slots[0].handle))
+                await self._expect_ok(ep)
+                t0 = time.perf_counter()
+                await asyncio.gather(*[ep.recv(d) for d in dests])
+                stats.transfer_s += time.perf_counter() - t0
+
+            self._request(receive, stats)
+            t0 = time.perf_counter()
+            for s, d in zip(slots, dests):
+                check_block(keys[s.index], device.host_bytes(d), s.checksum)
+            stats.validate_s += time.perf_counter() - t0
+
+        # The server drops the pin as soon as it has sent the slots: one control RPC fewer per get.
+        return self.control.get(keys, outs, stats, drain, unpin=False)
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_locked()

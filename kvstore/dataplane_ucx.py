@@ -1,0 +1,170 @@
+"""The server's UCX data plane: a UCXX listener that moves block payloads straight from/into the host pool.
+
+It owns the UCX event loop (a background thread running asyncio, with ucxx's
+progress thread) and the per-connection request loop; it never decides policy.
+Which slots may be read or written comes from the store (pinned_slots,
+claim_write_slots), the same checks the gRPC control plane makes.
+
+How bytes move: tagged transfers, one message per block. ucxx's Python API has no
+memory registration / rkey export for one-sided RMA, so instead of the client
+doing ucp_get into a registered pool, the server posts tag sends from (and tag
+receives into) memoryviews of the pool itself: no staging copy on the server,
+and on rendezvous-capable transports UCX moves the bytes zero-copy. A client
+proves who it is with a session token from the authenticated DataPlane RPC,
+HMAC(server secret, client_id), so the UCX port grants nothing gRPC would not.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+
+import numpy as np
+
+from kvclient.errors import KVStoreError, UnauthenticatedError
+from kvclient.transports import ucx_wire as wire
+from kvclient.ucxenv import import_ucxx
+from kvstore.store import Caller, Store
+
+log = logging.getLogger(__name__)
+
+
+class UcxDataPlane:
+    def __init__(self, store: Store, port: int = 0) -> None:
+        self.store = store
+        self.requested_port = port
+        self.port = 0
+        self._secret = secrets.token_bytes(32)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kvstore-ucx", daemon=True)
+
+    @classmethod
+    def start_if_available(cls, store: Store, port: int = 0) -> "UcxDataPlane | None":
+        """Start the listener, or log why not and return None: the server must run without UCX."""
+        if import_ucxx() is None:
+            from kvclient.ucxenv import unavailable_reason
+
+            log.info("UCX data plane off: %s", unavailable_reason())
+            return None
+        plane = cls(store, port)
+        try:
+            return plane.start()
+        except Exception as err:
+            log.warning("UCX data plane failed to start: %s", err)
+            return None
+
+    def session_token(self, client_id: str) -> bytes:
+        return hmac.new(self._secret, client_id.encode(), hashlib.sha256).digest()
+
+    # ---- lifecycle ----------------------------------------------------------------
+
+    def start(self, timeout_s: float = 30) -> "UcxDataPlane":
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError("UCX listener did not start")
+        if self._error is not None:
+            raise self._error
+        log.info("UCX data plane listening on port %d", self.port)
+        return self
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as err:  # reported to start(); after that, logged
+            self._error = err
+            self._ready.set()
+            log.exception("UCX data plane stopped")
+
+    async def _main(self) -> None:
+        ucxx = import_ucxx()
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        listener = ucxx.create_listener(self._serve, port=self.requested_port)
+        self.port = listener.port
+        self._ready.set()
+        await self._stopping.wait()
+        listener.close()
+        ucxx.stop_notifier_thread()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        self._thread.join(timeout=5)
+
+    # ---- per-connection request loop ----------------------------------------------
+
+    async def _serve(self, ep) -> None:
+        try:
+            caller = await self._hello(ep)
+            hdr = wire.empty_header()
+            while True:
+                await ep.recv(hdr)
+                op, count, arg = int(hdr[0]), int(hdr[1]), int(hdr[2])
+                if op == wire.OP_GET:
+                    await self._get(ep, caller, count, arg)
+                elif op == wire.OP_PUT:
+                    await self._put(ep, caller, count)
+                else:
+                    raise ConnectionError(f"unknown UCX op {op}")
+        except Exception as err:  # peer gone or protocol broken: drop the endpoint, keep serving others
+            log.debug("UCX connection ended: %s: %s", type(err).__name__, err)
+        finally:
+            ep.abort()
+
+    async def _hello(self, ep) -> Caller:
+        hdr = wire.empty_header()
+        await ep.recv(hdr)
+        if int(hdr[0]) != wire.OP_HELLO or not 0 < int(hdr[1]) <= 1024 or int(hdr[2]) != 32:
+            raise ConnectionError("bad UCX hello")
+        body = np.empty(int(hdr[1]) + int(hdr[2]), dtype=np.uint8)
+        await ep.recv(body)
+        client_id, token = body[: int(hdr[1])].tobytes().decode(), body[int(hdr[1]) :].tobytes()
+        if not hmac.compare_digest(token, self.session_token(client_id)):
+            await self._reply_error(ep, UnauthenticatedError("UCX session token does not match; call DataPlane again"))
+            raise ConnectionError("UCX hello with a bad session token")
+        await ep.send(wire.header(wire.STATUS_OK))
+        return Caller(client_id=client_id)
+
+    async def _reply_error(self, ep, err: BaseException) -> None:
+        detail = wire.error_detail(err)
+        await ep.send(wire.header(wire.STATUS_ERROR, len(detail)))
+        await ep.send(np.frombuffer(detail, dtype=np.uint8))
+
+    async def _get(self, ep, caller: Caller, count: int, pin_id: int) -> None:
+        """Send the pinned slots, then drop the pin: once a send completes, UCX no longer needs the source."""
+        try:
+            try:
+                slots = self.store.pinned_slots(caller, pin_id)
+                if len(slots) != count:
+                    raise KVStoreError(f"pin {pin_id} holds {len(slots)} blocks, request names {count}")
+            except KVStoreError as err:
+                await self._reply_error(ep, err)
+                return
+            await ep.send(wire.header(wire.STATUS_OK, count))
+            view = self.store.host.view
+            await asyncio.gather(*[ep.send(view[s.offset : s.offset + s.size]) for s in slots])
+            self.store.counters["ucx_bytes_out"] += sum(s.size for s in slots)
+        finally:
+            self.store.unpin(caller, [pin_id])
+
+    async def _put(self, ep, caller: Caller, count: int) -> None:
+        ids = np.empty(count, dtype=np.uint64)
+        await ep.recv(ids)
+        try:
+            slots = self.store.claim_write_slots(caller, [int(i) for i in ids])
+        except KVStoreError as err:
+            await self._reply_error(ep, err)
+            return
+        await ep.send(wire.header(wire.STATUS_OK, count))
+        view = self.store.host.view
+        # Receives are posted in order and UCX matches same-tag messages in order, so block i lands in slot i.
+        await asyncio.gather(*[ep.recv(view[offset : offset + size]) for offset, size in slots])
+        received = sum(size for _, size in slots)
+        self.store.counters["ucx_bytes_in"] += received
+        await ep.send(wire.header(wire.STATUS_OK, count, received))
