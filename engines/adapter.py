@@ -1,0 +1,185 @@
+"""StoreAdapter: the one bridge between an engine's paged KV cache and kvstore.
+
+It owns four things: checking that a Fingerprint describes the cache's block
+bytes, turning token ids into block keys, deciding per request which full
+blocks to fetch, wait for or compute (write leases: a missing block is computed
+once across all workers), and moving block payloads between host staging
+tensors and the store. It refuses to own pages, model forwards or locking: the
+engine gathers pages into a payload before `upload` and scatters the payload
+`download` returns into its own pages, under its own lock. Another engine
+(vLLM's KV connector, SGLang's hierarchical cache) plugs in through the same
+calls; docs/engine-adapter.md states the contract.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from engines.config import dtype_name
+from engines.paged_cache import KV_LAYOUT, PagedKVCache
+from kvclient.client import KVClient
+from kvclient.errors import BlockNotFoundError
+from kvclient.keys import BlockKey, Fingerprint, block_keys
+from kvclient.types import BlockState, LeaseOutcome, PutOutcome
+
+
+class IncompatibleFingerprintError(ValueError):
+    """The fingerprint does not describe this cache's blocks; sharing would corrupt KV."""
+
+
+def check_compatible(fingerprint: Fingerprint, cache: PagedKVCache) -> None:
+    ours = (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.block_tokens, dtype_name(cache.dtype), KV_LAYOUT)
+    theirs = (fingerprint.num_layers, fingerprint.num_kv_heads, fingerprint.head_dim,
+              fingerprint.block_tokens, fingerprint.dtype, fingerprint.kv_layout)
+    if ours != theirs:
+        raise IncompatibleFingerprintError(
+            f"fingerprint (layers, kv heads, head_dim, block_tokens, dtype, layout) {theirs} != cache {ours}"
+        )
+
+
+@dataclass(frozen=True)
+class ClaimPlan:
+    """What one request does with a prompt's full blocks, decided by `claim`.
+
+    Blocks [0, num_present) are in the store and may be fetched. Every block
+    from num_present on is computed by this request; of those, `owned` (indices)
+    are under this request's write leases and must be uploaded or released.
+    """
+
+    num_present: int
+    owned: tuple[int, ...]
+    waited: bool = False
+
+
+def leading_present(states: Sequence[BlockState]) -> int:
+    for i, state in enumerate(states):
+        if state != BlockState.PRESENT:
+            return i
+    return len(states)
+
+
+class StoreAdapter:
+    def __init__(
+        self,
+        address: str,
+        fingerprint: Fingerprint,
+        block_shape: Sequence[int],
+        dtype: torch.dtype,
+        tenant: str | None = None,
+        token: str | None = None,
+        transport: str = "auto",
+        lease_ttl_s: float = 30.0,
+    ) -> None:
+        self.address = address
+        self.fingerprint = fingerprint
+        self.block_shape = tuple(block_shape)
+        self.dtype = dtype
+        self.tenant = tenant
+        self.lease_ttl_s = lease_ttl_s
+        self._client_args = dict(fingerprint=fingerprint, tenant=tenant, token=token, transport=transport)
+        self._idle: list[KVClient] = []
+        self._all: list[KVClient] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_cache(cls, address: str, fingerprint: Fingerprint, cache: PagedKVCache, **kwargs) -> "StoreAdapter":
+        check_compatible(fingerprint, cache)
+        return cls(address, fingerprint, cache.block_shape, cache.dtype, **kwargs)
+
+    # ---- namespace -------------------------------------------------------------------
+
+    def block_keys(self, token_ids: Sequence[int]) -> list[BlockKey]:
+        """Keys of every full block of token_ids; a trailing partial block has none and is never stored."""
+        return block_keys(self.fingerprint, token_ids, self.tenant)
+
+    @contextmanager
+    def session(self) -> Iterator[KVClient]:
+        """A client for one request. The store tells lease owners apart by client id, so two
+        concurrent requests of one worker must not share a client, or both would be granted
+        the same lease and both would compute the block."""
+        with self._lock:
+            client = self._idle.pop() if self._idle else None
+        if client is None:
+            client = KVClient(self.address, **self._client_args)
+            with self._lock:
+                self._all.append(client)
+        try:
+            yield client
+        finally:
+            with self._lock:
+                self._idle.append(client)
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._all, self._idle = self._all, [], []
+        for client in clients:
+            client.close()
+
+    # ---- deciding what to fetch, wait for and compute --------------------------------
+
+    def claim(self, client: KVClient, keys: Sequence[BlockKey], wait_timeout_s: float) -> ClaimPlan:
+        """Lease the missing blocks; wait for leading blocks another worker is computing.
+
+        Only blocks before the first one granted to us are waited for: once we
+        compute a block we must compute everything after it (the chain), so
+        waiting there would only add latency. This also rules out deadlock: a
+        request waits only on blocks before its own first lease. A wait that
+        times out, or ends with the holder gone (MISSING), leaves those blocks to
+        us; we re-acquire them so that what we compute is still published.
+        """
+        if not keys:
+            return ClaimPlan(0, ())
+        infos = client.acquire(keys, ttl_s=self.lease_ttl_s)
+        granted = [i for i, info in enumerate(infos) if info.outcome == LeaseOutcome.GRANTED]
+        head = granted[0] if granted else len(keys)
+        pending = [i for i in range(head) if infos[i].outcome == LeaseOutcome.PENDING]
+        if not pending:
+            return ClaimPlan(head, tuple(granted))
+        states = [BlockState.PRESENT] * head
+        for i, state in zip(pending, client.wait([keys[i] for i in pending], wait_timeout_s)):
+            states[i] = state
+        num_present = leading_present(states)
+        vanished = [i for i in pending if i >= num_present and states[i] == BlockState.MISSING]
+        if vanished:
+            again = client.acquire([keys[i] for i in vanished], ttl_s=self.lease_ttl_s)
+            granted = sorted(granted + [i for i, info in zip(vanished, again) if info.outcome == LeaseOutcome.GRANTED])
+        return ClaimPlan(num_present, tuple(granted), waited=True)
+
+    def available_prefix(self, client: KVClient, keys: Sequence[BlockKey], wait_timeout_s: float) -> int:
+        """Leading blocks present in the store, after waiting out any still being written."""
+        if not keys:
+            return 0
+        return leading_present(client.wait(keys, wait_timeout_s))
+
+    # ---- payloads --------------------------------------------------------------------
+
+    def download(self, client: KVClient, keys: Sequence[BlockKey]) -> torch.Tensor:
+        """Blocks as one host tensor [n, *block_shape], received in place (no copy after the transport).
+
+        Raises BlockNotFoundError if any block vanished since it was seen; the
+        caller then computes instead.
+        """
+        staging = torch.empty((len(keys), *self.block_shape), dtype=self.dtype)
+        if keys:
+            client.get(keys, out=list(staging.unbind(0)))
+        return staging
+
+    def fetch(self, client: KVClient, keys: Sequence[BlockKey]) -> torch.Tensor:
+        """download, or no blocks at all if one was evicted meanwhile: the caller computes them instead."""
+        try:
+            return self.download(client, keys)
+        except BlockNotFoundError:
+            return self.download(client, [])
+
+    def upload(self, client: KVClient, keys: Sequence[BlockKey], payload: torch.Tensor) -> list[PutOutcome]:
+        """Store payload [n, *block_shape] (a host tensor, as gather_blocks returns) under keys."""
+        if tuple(payload.shape) != (len(keys), *self.block_shape) or payload.dtype != self.dtype:
+            raise ValueError(f"payload {tuple(payload.shape)} {payload.dtype} does not match {len(keys)} blocks "
+                             f"of {self.block_shape} {self.dtype}")
+        if not keys:
+            return []
+        return client.put(keys, list(payload.cpu().contiguous().unbind(0)))

@@ -1,0 +1,110 @@
+"""Decode worker: pulls a prompt's KV from kvstore into its own pages and streams generated tokens.
+
+Per request: wait for and fetch the prompt's full blocks, recompute what the
+store lacks (always the trailing partial block, which has no key), then feed
+first_token (chosen by the prefill worker) and generate, one NDJSON
+DecodeEvent per token. The stream carries first_token too, so it alone is the
+whole completion. It refuses to own prefill and batching across requests
+(steps of concurrent requests interleave under the engine lock).
+
+    python -m engines.decode --store HOST:PORT --checkpoint DIR --port N [--dtype float32] [--device cpu]
+
+Endpoints (engines/protocol.py): POST /decode (NDJSON stream), GET /health.
+"""
+from __future__ import annotations
+
+import codecs
+import logging
+from typing import Generator, Iterator, Sequence
+
+import torch
+
+from engines.attention import SeqChunk
+from engines.generate import sample_next
+from engines.protocol import DecodeEvent, DecodeRequest, WorkerHealth
+from engines.tokenizer import NUM_BYTES
+from engines.worker_common import Counters, HTTPError, InFlight, Route
+from engines.worker_engine import WorkerEngine, run_worker
+
+log = logging.getLogger(__name__)
+
+
+class DecodeWorker:
+    def __init__(self, engine: WorkerEngine) -> None:
+        self.engine = engine
+        self.in_flight = InFlight()
+        self.counters = Counters("requests_total", "computed_tokens_total", "fetched_tokens_total", "generated_tokens_total")
+
+    def routes(self) -> dict[str, Route]:
+        return {"/decode": Route(DecodeRequest, self.decode)}
+
+    def decode(self, req: DecodeRequest) -> Iterator[DecodeEvent]:
+        """Validate and fetch before the stream starts, so bad requests get a 400, not a broken stream."""
+        prompt = self.engine.check_prompt(req.prompt_ids, max(req.max_tokens - 1, 0))
+        if not 0 <= req.first_token < self.engine.config.vocab_size:
+            raise HTTPError(400, f"first_token {req.first_token} outside vocabulary")
+        adapter = self.engine.adapter
+        keys = adapter.block_keys(prompt)
+        with adapter.session() as client:
+            num_present = adapter.available_prefix(client, keys, self.engine.wait_timeout_s)
+            payload = adapter.fetch(client, keys[:num_present])
+        return self._generate(req, prompt, payload)
+
+    def _generate(self, req: DecodeRequest, prompt: list[int], payload: torch.Tensor) -> Iterator[DecodeEvent]:
+        engine = self.engine
+        fetched_tokens = len(payload) * engine.block_tokens
+        budget = len(prompt) + max(req.max_tokens, 0)
+        self.in_flight.add(budget)
+        try:
+            finish_reason = yield from self._tokens(req, prompt, payload)
+            yield DecodeEvent(done=True, finish_reason=finish_reason, num_fetched_tokens=fetched_tokens)
+        except HTTPError as err:
+            yield DecodeEvent(done=True, finish_reason="error", error=str(err), num_fetched_tokens=fetched_tokens)
+        except Exception as err:
+            log.exception("decode failed")
+            yield DecodeEvent(done=True, finish_reason="error", error=f"{type(err).__name__}: {err}",
+                              num_fetched_tokens=fetched_tokens)
+        finally:
+            self.in_flight.done(budget)
+
+    @torch.inference_mode()
+    def _tokens(self, req: DecodeRequest, prompt: list[int], payload: torch.Tensor) -> Generator[DecodeEvent, None, str]:
+        """Yields one event per token; returns the finish reason."""
+        engine = self.engine
+        if req.max_tokens <= 0:
+            return "length"
+        fetched_tokens = len(payload) * engine.block_tokens
+        generator = torch.Generator().manual_seed(req.seed) if req.temperature > 0 else None
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # The last generated token is returned but never fed back, so it needs no slot.
+        with engine.pages(len(prompt) + req.max_tokens - 1) as (_, table):
+            with engine.lock:
+                engine.cache.scatter_blocks(table[: len(payload)], payload)
+                if fetched_tokens < len(prompt):
+                    engine.model(engine.cache, [SeqChunk(prompt[fetched_tokens:], fetched_tokens, table)], last_only=True)
+            self.counters.add(requests_total=1, fetched_tokens_total=fetched_tokens,
+                              computed_tokens_total=len(prompt) - fetched_tokens)
+            token, generated = req.first_token, 1
+            while True:
+                self.counters.add(generated_tokens_total=1)
+                yield DecodeEvent(token=token, text=text.decode(bytes([token]) if token < NUM_BYTES else b""))
+                if req.stop_at_eos and token == engine.config.eos_token_id:
+                    return "stop"
+                if generated == req.max_tokens:
+                    return "length"
+                with engine.lock:
+                    logits = engine.model(engine.cache, [SeqChunk([token], len(prompt) + generated - 1, table)],
+                                          last_only=True)
+                self.counters.add(computed_tokens_total=1)
+                token, generated = int(sample_next(logits, req.temperature, generator)[0]), generated + 1
+
+    def health(self) -> WorkerHealth:
+        return self.engine.health("decode", self.in_flight, self.counters)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_worker("decode", argv, lambda engine, args: DecodeWorker(engine))
+
+
+if __name__ == "__main__":
+    main()
