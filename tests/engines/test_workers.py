@@ -1,0 +1,197 @@
+"""Prefill and decode workers as real processes around a real kvstore: identity, reuse, single flight, isolation."""
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from engines.checkpoint import load_checkpoint
+from engines.config import ModelConfig
+from engines.fingerprint import checkpoint_fingerprint
+from engines.generate import generate_greedy
+from engines.protocol import (DecodeEvent, DecodeRequest, MatchRequest, MatchResponse, PrefillRequest,
+                              PrefillResponse, post_json, stream_ndjson)
+from engines.tokenizer import ByteTokenizer
+from kvclient.client import KVClient
+from tests.engines.procs import start_decode, start_prefill
+from tests.engines.tiny import make_cache
+from tests.serverproc import ServerProc
+
+BLOCK = 16
+NEW_TOKENS = 24
+TEXT = ("Paged attention keeps each sequence's keys and values in fixed-size blocks, so a prefix computed "
+        "once can be stored, fetched and scattered into free pages by any worker that shares the model. ")
+
+
+def prompt(tag: str, num_tokens: int) -> list[int]:
+    """A distinct prompt per test (tag first), so no test sees blocks another one stored."""
+    return ByteTokenizer().encode(f"[{tag}] " + TEXT * 4)[:num_tokens]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    srv = ServerProc(tmp_path_factory.mktemp("workers") / "data", flags={"host_memory": "256MiB"})
+    yield srv.start()
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def workers(store, tiny_checkpoint, tmp_path_factory):
+    """Two float32 prefill workers, a float32 decode worker, and a bfloat16 pair: started in parallel."""
+    log_dir = tmp_path_factory.mktemp("worker-logs")
+    specs = {
+        "prefill": (start_prefill, "float32"), "prefill2": (start_prefill, "float32"),
+        "decode": (start_decode, "float32"),
+        "prefill_bf16": (start_prefill, "bfloat16"), "decode_bf16": (start_decode, "bfloat16"),
+    }
+    with ThreadPoolExecutor(len(specs)) as pool:
+        futures = {name: pool.submit(start, store.address, tiny_checkpoint, log_dir, dtype=dtype,
+                                     block_tokens=BLOCK, threads=1, num_pages=256)
+                   for name, (start, dtype) in specs.items()}
+        procs = {name: f.result() for name, f in futures.items()}
+    yield procs
+    for proc in procs.values():
+        proc.stop()
+
+
+def prefill(worker, ids: list[int], request_id: str = "r") -> PrefillResponse:
+    return post_json(worker.url + "/prefill", PrefillRequest(request_id, ids), PrefillResponse)
+
+
+def decode(worker, ids: list[int], first_token: int, max_tokens: int = NEW_TOKENS, **kw) -> list[DecodeEvent]:
+    return list(stream_ndjson(worker.url + "/decode", DecodeRequest("r", ids, first_token, max_tokens, **kw)))
+
+
+def tokens(events: list[DecodeEvent]) -> list[int]:
+    assert events[-1].done and all(not e.done for e in events[:-1])
+    return [e.token for e in events[:-1]]
+
+
+def computed_total(worker) -> int:
+    return worker.health().computed_tokens_total
+
+
+def reference(model, ids: list[int], max_tokens: int = NEW_TOKENS) -> list[int]:
+    """The same model generating in one process, no kvstore."""
+    return generate_greedy(model, make_cache(model, num_pages=64, block_tokens=BLOCK), ids, max_tokens)
+
+
+def test_disaggregated_greedy_equals_one_process(workers, tiny_model):
+    ids = prompt("identity", 301)  # 18 full blocks and a 13-token tail the decode worker computes
+    cold = prefill(workers["prefill"], ids)
+    assert (cold.num_cached_tokens, cold.num_computed_tokens, cold.num_published_blocks) == (0, 301, 18)
+
+    events = decode(workers["decode"], ids, cold.first_token)
+    assert tokens(events) == reference(tiny_model, ids)
+    assert events[-1].finish_reason == "length" and events[-1].num_fetched_tokens == 18 * BLOCK
+    assert "".join(e.text for e in events) == ByteTokenizer().decode(tokens(events))
+
+
+def test_shared_prefix_computes_only_uncached_tokens(workers, tiny_model):
+    first = prompt("prefix", 320)                      # 20 full blocks
+    second = first[:18 * BLOCK] + prompt("other", 35)  # shares 18 of its 20 full blocks (90%)
+    worker = workers["prefill"]
+    prefill(worker, first)
+    before = computed_total(worker)
+    warm = prefill(worker, second)
+    assert warm.num_cached_tokens == 18 * BLOCK
+    assert warm.num_computed_tokens == len(second) - 18 * BLOCK == computed_total(worker) - before
+
+    expected = reference(tiny_model, second)
+    assert warm.first_token == expected[0]
+    assert tokens(decode(workers["decode"], second, warm.first_token)) == expected
+
+
+def test_concurrent_identical_prompts_compute_the_prefix_once(workers, tiny_model):
+    ids = prompt("singleflight", 299)      # 18 full blocks, 11-token tail
+    tail = len(ids) % BLOCK
+    targets = [workers["prefill"], workers["prefill"], workers["prefill2"], workers["prefill2"]]
+    before = sum(computed_total(w) for w in targets[::2])
+    barrier = threading.Barrier(len(targets))
+
+    def run(i):
+        barrier.wait()
+        return prefill(targets[i], ids, f"r{i}")
+
+    with ThreadPoolExecutor(len(targets)) as pool:
+        responses = list(pool.map(run, range(len(targets))))
+
+    # One request computes the whole prompt; the other three fetch every full block and
+    # compute only the trailing partial block, which has no key and is never shared.
+    computed = sorted(r.num_computed_tokens for r in responses)
+    assert computed == [tail, tail, tail, len(ids)]
+    assert sum(computed) == sum(computed_total(w) for w in targets[::2]) - before
+    assert {r.first_token for r in responses} == {reference(tiny_model, ids, 1)[0]}
+
+
+def test_fingerprint_mismatch_gets_no_reuse_and_answers_correctly(workers, tiny_checkpoint):
+    ids = prompt("dtype", 301)
+    assert prefill(workers["prefill"], ids).num_published_blocks == 18
+    fp32, bf16 = workers["prefill"].health().extra, workers["prefill_bf16"].health().extra
+    assert fp32["fingerprint"] != bf16["fingerprint"] and bf16["dtype"] == "bfloat16"
+
+    other = prefill(workers["prefill_bf16"], ids)
+    assert (other.num_cached_tokens, other.num_computed_tokens) == (0, len(ids))
+    expected = reference(load_checkpoint(tiny_checkpoint, dtype=torch.bfloat16), ids)
+    assert other.first_token == expected[0]
+    assert tokens(decode(workers["decode_bf16"], ids, other.first_token)) == expected
+
+
+def test_waiter_computes_when_the_lease_holder_gives_up(workers, tiny_checkpoint, store, tiny_model):
+    ids = prompt("vanished", 200)
+    fingerprint = checkpoint_fingerprint(tiny_checkpoint, ModelConfig.from_json(tiny_checkpoint), torch.float32, BLOCK)
+    worker = workers["prefill"]
+    waited_before = worker.health().extra["waited_requests_total"]
+    with KVClient(store.address, fingerprint) as holder:
+        keys = holder.block_keys(ids)
+        holder.acquire(keys, ttl_s=30)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(prefill, worker, ids)
+            time.sleep(0.5)
+            assert not pending.done()  # waiting for our leases
+            holder.release(keys)
+            response = pending.result(timeout=30)
+        assert holder.lookup(keys) == len(keys)  # the waiter took the leases over and published
+    assert (response.num_cached_tokens, response.num_computed_tokens) == (0, len(ids))
+    assert response.first_token == reference(tiny_model, ids, 1)[0]
+    assert worker.health().extra["waited_requests_total"] == waited_before + 1
+
+
+def test_match_counts_leading_blocks_warm_in_this_worker(workers):
+    ids = prompt("match", 170)  # 10 full blocks
+    prefill(workers["prefill"], ids)
+    diverged = ids[:6 * BLOCK] + prompt("elsewhere", 70)
+
+    def match(worker, query):
+        return post_json(worker.url + "/match", MatchRequest(query), MatchResponse)
+
+    assert match(workers["prefill"], ids) == MatchResponse(10, 10)
+    assert match(workers["prefill"], diverged) == MatchResponse(6, len(diverged) // BLOCK)
+    assert match(workers["prefill2"], ids).matched_blocks == 0
+
+
+def test_sampling_is_seeded_and_eos_stops(workers):
+    ids = prompt("sampling", 100)
+    first = prefill(workers["prefill"], ids).first_token
+
+    def sample(seed):
+        return tokens(decode(workers["decode"], ids, first, 16, temperature=1.0, seed=seed))
+
+    assert sample(3) == sample(3) != sample(4)
+    eos = ByteTokenizer().eos_id
+    events = decode(workers["decode"], ids, eos, 8)
+    assert tokens(events) == [eos] and events[-1].finish_reason == "stop"
+
+
+def test_bad_requests_get_400(workers):
+    for body in (PrefillRequest("r", []), PrefillRequest("r", [1, 10**6])):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post_json(workers["prefill"].url + "/prefill", body, PrefillResponse)
+        assert err.value.code == 400
+    with pytest.raises(urllib.error.HTTPError) as err:
+        decode(workers["decode"], [1, 2, 3], first_token=-1)
+    assert err.value.code == 400
