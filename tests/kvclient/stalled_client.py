@@ -1,0 +1,56 @@
+"""A client process that stops dead in the middle of a transfer, for tests that then SIGKILL it.
+
+    python -m tests.kvclient.stalled_client ADDRESS TRANSPORT OP N_BLOCKS BLOCK_BYTES
+
+OP "put-filled": the payload is in the reserved slots but Commit never comes.
+OP "get-pinned": the blocks are pinned but nothing is copied out yet.
+OP "get-midway": the first block has landed, the rest never do (shm: one copy done;
+ucx: the server has sent, the client stops before validating).
+It prints "STALLED" when it reaches that point, then sleeps until killed.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from kvclient import KVClient
+from kvclient.transports import pooled, shm, ucx
+from tests.conftest import make_fingerprint
+
+
+def stall() -> None:
+    print("STALLED", flush=True)
+    time.sleep(3600)
+
+
+def main(address: str, transport: str, op: str, n_blocks: int, block_bytes: int) -> None:
+    client = KVClient(address, make_fingerprint(), tenant="stalled", transport=transport)
+    keys = client.block_keys(list(range(n_blocks * 16)))
+    if op == "put-filled":
+        real_put = pooled.PoolControl.put
+
+        def put(self, keys, payloads, checksums, durable, stats, fill):
+            return real_put(self, keys, payloads, checksums, durable, stats, lambda slots: (fill(slots), stall()))
+
+        pooled.PoolControl.put = put
+        client.put(keys, [np.full(block_bytes, i % 251, np.uint8) for i in range(n_blocks)])
+    elif op == "get-pinned":
+        pooled.destinations = lambda *a: stall()
+        client.get(keys)
+    elif op == "get-midway":
+        seen = []
+
+        def check(key, data, expected):
+            seen.append(key)
+            if len(seen) == 1:
+                stall()
+
+        shm.check_block = ucx.check_block = check
+        client.get(keys)
+    print("DONE", flush=True)  # never reached when killed
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))

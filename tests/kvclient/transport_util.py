@@ -1,0 +1,46 @@
+"""Helpers for the transport tests: which transports can run here, a server for them, a mapped pool."""
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvclient.ucxenv import import_ucxx
+
+HAVE_UCX = import_ucxx() is not None
+# The server gets only tcp+self, so a UCX pair on one host must really go over loopback TCP, not shared memory.
+UCX_SERVER_ENV = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "lo"}
+
+TRANSPORTS = [
+    "grpc",
+    "shm",
+    pytest.param("ucx", marks=[pytest.mark.ucx, pytest.mark.skipif(not HAVE_UCX, reason="ucxx not importable")]),
+]
+
+
+def random_blocks(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(n)]
+
+
+def tokens(n_blocks: int, start: int = 0, block_tokens: int = 16) -> list[int]:
+    return list(range(start, start + n_blocks * block_tokens))
+
+
+def map_pool(shm_name: str) -> np.ndarray:
+    """The server's host pool, mapped read-write from a test (to corrupt a slot on purpose)."""
+    path = Path("/dev/shm") / shm_name
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return np.frombuffer(mmap.mmap(fd, os.fstat(fd).st_size), dtype=np.uint8)
+    finally:
+        os.close(fd)
+
+
+def proc_io_bytes(pid: int) -> int:
+    """Bytes a process moved through read/write-family syscalls (sockets included): rchar + wchar."""
+    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["rchar"]) + int(fields["wchar"])
