@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-tokens", type=int, default=16)
     parser.add_argument("--num-pages", type=int, default=2048, help="pages in this worker's KV cache")
     parser.add_argument("--tenant", default=None)
-    parser.add_argument("--token", default=None, help="bearer token for kvstore")
+    parser.add_argument("--token", default=os.environ.get("KVSTORE_TOKEN"),
+                        help="bearer token for kvstore (default $KVSTORE_TOKEN, which keeps it out of ps)")
     parser.add_argument("--transport", default="auto")
     parser.add_argument("--model-name", default=None, help="fingerprint model name; default: checkpoint dir name")
     parser.add_argument("--revision", default=None, help="fingerprint revision; default: digest of config and weights")
