@@ -644,7 +644,7 @@ class Store:
             if record is None:
                 damaged.append(skey)
                 continue
-            meta = BlockMeta(skey, record.tenant, record.fingerprint_id, record.size, record.checksum, on_ssd=True)
+            meta = BlockMeta(skey, record.tenant, record.fingerprint_id, record.size, record.checksum, on_ssd=True, created=record.created_ms / 1000)
             self.index.add(meta)
         if damaged:
             self.counters["checksum_failures"] += len(damaged)

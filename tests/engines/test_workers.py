@@ -1,6 +1,7 @@
 """Prefill and decode workers as real processes around a real kvstore: identity, reuse, single flight, isolation."""
 from __future__ import annotations
 
+import http.client
 import threading
 import time
 import urllib.error
@@ -14,7 +15,7 @@ from engines.config import ModelConfig
 from engines.fingerprint import checkpoint_fingerprint
 from engines.generate import generate_greedy
 from engines.protocol import (DecodeEvent, DecodeRequest, MatchRequest, MatchResponse, PrefillRequest,
-                              PrefillResponse, post_json, stream_ndjson)
+                              PrefillResponse, post_json, stream_ndjson, to_json)
 from engines.tokenizer import ByteTokenizer
 from kvclient.client import KVClient
 from tests.engines.procs import start_decode, start_prefill
@@ -104,6 +105,32 @@ def test_shared_prefix_computes_only_uncached_tokens(workers, tiny_model):
     expected = reference(tiny_model, second)
     assert warm.first_token == expected[0]
     assert tokens(decode(workers["decode"], second, warm.first_token)) == expected
+
+
+def test_fully_cached_aligned_prompt_runs_only_its_last_token(workers, tiny_model):
+    ids = prompt("aligned", 256)  # exactly 16 blocks: nothing for decode to compute
+    prefill(workers["prefill"], ids)
+    again = prefill(workers["prefill2"], ids)
+    assert (again.num_cached_tokens, again.num_computed_tokens) == (255, 1)
+    events = decode(workers["decode"], ids, again.first_token)
+    assert events[-1].num_fetched_tokens == 256
+    assert tokens(events) == reference(tiny_model, ids)
+
+
+def test_decode_frees_its_pages_when_the_client_leaves(workers):
+    ids = prompt("disconnect", 90)
+    worker = workers["decode"]
+    free = worker.health().extra["free_pages"]
+    conn = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=30)
+    conn.request("POST", "/decode", body=to_json(DecodeRequest("r", ids, 65, 400)),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline()  # the first chunk's size line
+    conn.close()
+    deadline = time.monotonic() + 30
+    while worker.health().extra["free_pages"] != free and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert worker.health().extra["free_pages"] == free and worker.health().queue_depth == 0
 
 
 def test_concurrent_identical_prompts_compute_the_prefix_once(workers, tiny_model):
