@@ -85,10 +85,11 @@ class KVStoreServer:
         return info
 
     def start(self) -> "KVStoreServer":
+        # Before gRPC answers: a client that asks DataPlane must find the UCX listener already up.
+        self.ucx = UcxDataPlane.start_if_available(self.store, self.cfg.ucx_port) if self.cfg.ucx else None
         self.grpc.start()
         self.worker.start()
         self.metrics.start()
-        self.ucx = UcxDataPlane.start_if_available(self.store, self.cfg.ucx_port) if self.cfg.ucx else None
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("kvstore.v1.KVStore", health_pb2.HealthCheckResponse.SERVING)
         log.info(
