@@ -13,6 +13,7 @@ calls; docs/engine-adapter.md states the contract.
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -122,32 +123,39 @@ class StoreAdapter:
     # ---- deciding what to fetch, wait for and compute --------------------------------
 
     def claim(self, client: KVClient, keys: Sequence[BlockKey], wait_timeout_s: float) -> ClaimPlan:
-        """Lease the missing blocks; wait for leading blocks another worker is computing.
+        """Lease the missing blocks; wait for leading blocks another request is computing.
 
-        Only blocks before the first one granted to us are waited for: once we
-        compute a block we must compute everything after it (the chain), so
-        waiting there would only add latency. This also rules out deadlock: a
-        request waits only on blocks before its own first lease. A wait that
-        times out, or ends with the holder gone (MISSING), leaves those blocks to
-        us; we re-acquire them so that what we compute is still published.
+        Only blocks before our first lease are waited for: from that block on
+        we compute everything anyway (the chain), so waiting there would only
+        add latency. It also rules out wait cycles: a request waits only on
+        blocks before its own first lease. When a holder vanishes (its wait
+        ends MISSING: released or expired) we acquire again, so exactly one of
+        the waiters takes over and the rest keep waiting for it. Blocks still
+        PENDING when wait_timeout_s runs out are computed by us, unpublished.
         """
-        if not keys:
-            return ClaimPlan(0, ())
-        infos = client.acquire(keys, ttl_s=self.lease_ttl_s)
-        granted = [i for i, info in enumerate(infos) if info.outcome == LeaseOutcome.GRANTED]
-        head = granted[0] if granted else len(keys)
-        pending = [i for i in range(head) if infos[i].outcome == LeaseOutcome.PENDING]
-        if not pending:
-            return ClaimPlan(head, tuple(granted))
-        states = [BlockState.PRESENT] * head
-        for i, state in zip(pending, client.wait([keys[i] for i in pending], wait_timeout_s)):
-            states[i] = state
-        num_present = leading_present(states)
-        vanished = [i for i in pending if i >= num_present and states[i] == BlockState.MISSING]
-        if vanished:
-            again = client.acquire([keys[i] for i in vanished], ttl_s=self.lease_ttl_s)
-            granted = sorted(granted + [i for i, info in zip(vanished, again) if info.outcome == LeaseOutcome.GRANTED])
-        return ClaimPlan(num_present, tuple(granted), waited=True)
+        deadline = time.monotonic() + wait_timeout_s
+        present: set[int] = set()
+        granted: set[int] = set()
+        waited = False
+        while True:
+            ask = [i for i in range(len(keys)) if i not in present and i not in granted]
+            for i, info in zip(ask, client.acquire([keys[i] for i in ask], ttl_s=self.lease_ttl_s) if ask else []):
+                if info.outcome == LeaseOutcome.ALREADY_PRESENT:
+                    present.add(i)
+                elif info.outcome == LeaseOutcome.GRANTED:
+                    granted.add(i)
+            head = min(granted, default=len(keys))
+            pending = [i for i in range(head) if i not in present]
+            remaining_s = deadline - time.monotonic()
+            if not pending or remaining_s <= 0:
+                break
+            waited = True
+            states = client.wait([keys[i] for i in pending], remaining_s)
+            present.update(i for i, state in zip(pending, states) if state == BlockState.PRESENT)
+            if BlockState.PENDING in states:  # timed out: compute them ourselves
+                break
+        num_present = leading_present([BlockState.PRESENT if i in present else BlockState.MISSING for i in range(len(keys))])
+        return ClaimPlan(num_present, tuple(sorted(granted)), waited)
 
     def available_prefix(self, client: KVClient, keys: Sequence[BlockKey], wait_timeout_s: float) -> int:
         """Leading blocks present in the store, after waiting out any still being written."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.client
+import signal
 import threading
 import time
 import urllib.error
@@ -55,6 +56,8 @@ def workers(store, tiny_checkpoint, tmp_path_factory):
                    for name, (start, dtype) in specs.items()}
         procs = {name: f.result() for name, f in futures.items()}
     yield procs
+    for proc in procs.values():  # signal all first: each takes a moment to exit
+        proc.proc.send_signal(signal.SIGTERM)
     for proc in procs.values():
         proc.stop()
 
@@ -133,11 +136,26 @@ def test_decode_frees_its_pages_when_the_client_leaves(workers):
     assert worker.health().extra["free_pages"] == free and worker.health().queue_depth == 0
 
 
-def test_concurrent_identical_prompts_compute_the_prefix_once(workers, tiny_model):
-    ids = prompt("singleflight", 299)      # 18 full blocks, 11-token tail
+@pytest.fixture
+def lease_client(store, tiny_checkpoint):
+    """A KVClient with the float32 workers' fingerprint, to hold leases the way another worker would."""
+    fingerprint = checkpoint_fingerprint(tiny_checkpoint, ModelConfig.from_json(tiny_checkpoint), torch.float32, BLOCK)
+    with KVClient(store.address, fingerprint) as client:
+        yield client
+
+
+@pytest.mark.parametrize("holder_first", [False, True], ids=["race", "all-waiting"])
+def test_concurrent_identical_prompts_compute_the_prefix_once(workers, tiny_model, lease_client, holder_first):
+    """4 requests over 2 workers. "all-waiting": a third party holds the leases until all 4 wait,
+    then gives up, so the requests certainly overlap and one of them must take over."""
+    ids = prompt(f"singleflight-{holder_first}", 299)  # 18 full blocks, 11-token tail
     tail = len(ids) % BLOCK
     targets = [workers["prefill"], workers["prefill"], workers["prefill2"], workers["prefill2"]]
     before = sum(computed_total(w) for w in targets[::2])
+    keys = lease_client.block_keys(ids)
+    if holder_first:
+        lease_client.acquire(keys, ttl_s=30)
+        waits_before = lease_client.stats()["counters"].get("lease_waits", 0)
     barrier = threading.Barrier(len(targets))
 
     def run(i):
@@ -145,13 +163,21 @@ def test_concurrent_identical_prompts_compute_the_prefix_once(workers, tiny_mode
         return prefill(targets[i], ids, f"r{i}")
 
     with ThreadPoolExecutor(len(targets)) as pool:
-        responses = list(pool.map(run, range(len(targets))))
+        futures = [pool.submit(run, i) for i in range(len(targets))]
+        if holder_first:
+            deadline = time.monotonic() + 30
+            while lease_client.stats()["counters"].get("lease_waits", 0) < waits_before + len(targets):
+                assert time.monotonic() < deadline, "the requests never waited for the held leases"
+                time.sleep(0.05)
+            lease_client.release(keys)
+        responses = [f.result(timeout=60) for f in futures]
 
     # One request computes the whole prompt; the other three fetch every full block and
     # compute only the trailing partial block, which has no key and is never shared.
     computed = sorted(r.num_computed_tokens for r in responses)
     assert computed == [tail, tail, tail, len(ids)]
     assert sum(computed) == sum(computed_total(w) for w in targets[::2]) - before
+    assert lease_client.lookup(keys) == len(keys)
     assert {r.first_token for r in responses} == {reference(tiny_model, ids, 1)[0]}
 
 
@@ -168,21 +194,19 @@ def test_fingerprint_mismatch_gets_no_reuse_and_answers_correctly(workers, tiny_
     assert tokens(decode(workers["decode_bf16"], ids, other.first_token)) == expected
 
 
-def test_waiter_computes_when_the_lease_holder_gives_up(workers, tiny_checkpoint, store, tiny_model):
+def test_waiter_computes_when_the_lease_holder_gives_up(workers, lease_client, tiny_model):
     ids = prompt("vanished", 200)
-    fingerprint = checkpoint_fingerprint(tiny_checkpoint, ModelConfig.from_json(tiny_checkpoint), torch.float32, BLOCK)
     worker = workers["prefill"]
     waited_before = worker.health().extra["waited_requests_total"]
-    with KVClient(store.address, fingerprint) as holder:
-        keys = holder.block_keys(ids)
-        holder.acquire(keys, ttl_s=30)
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(prefill, worker, ids)
-            time.sleep(0.5)
-            assert not pending.done()  # waiting for our leases
-            holder.release(keys)
-            response = pending.result(timeout=30)
-        assert holder.lookup(keys) == len(keys)  # the waiter took the leases over and published
+    keys = lease_client.block_keys(ids)
+    lease_client.acquire(keys, ttl_s=30)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(prefill, worker, ids)
+        time.sleep(0.5)
+        assert not pending.done()  # waiting for our leases
+        lease_client.release(keys)
+        response = pending.result(timeout=30)
+    assert lease_client.lookup(keys) == len(keys)  # the waiter took the leases over and published
     assert (response.num_cached_tokens, response.num_computed_tokens) == (0, len(ids))
     assert response.first_token == reference(tiny_model, ids, 1)[0]
     assert worker.health().extra["waited_requests_total"] == waited_before + 1
