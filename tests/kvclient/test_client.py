@@ -89,8 +89,8 @@ def test_buffers_numpy_torch_bytes_and_out(server, fingerprint):
             client.get(keys[:1], out=[bytearray(10)])
 
 
-def test_large_blocks_use_two_phase_put(server, fingerprint):
-    with KVClient(server.address, fingerprint, tenant="t-large") as client:
+def test_large_blocks_use_two_phase_put_over_grpc(server, fingerprint):
+    with KVClient(server.address, fingerprint, tenant="t-large", transport="grpc") as client:
         keys = client.block_keys(tokens(3, start=70_000))
         blocks = random_blocks(3, size=4 << 20, seed=3)
         before = client.stats()["counters"].get("lease_grants", 0)

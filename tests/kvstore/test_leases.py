@@ -24,8 +24,12 @@ def _args(server, fingerprint, **kw) -> str:
 def test_eight_processes_race_one_writer_seven_waiters(make_server, fingerprint):
     server = make_server(lease_ttl_s=10)
     tokens = list(range(500, 516))
-    go_at = time.time() + 3.0
-    procs = [subprocess.Popen(WORKER + [_args(server, fingerprint, mode="race", tokens=tokens, go_at=go_at)], stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    procs = [subprocess.Popen(WORKER + [_args(server, fingerprint, mode="race", tokens=tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    for p in procs:
+        assert json.loads(p.stdout.readline())["ready"]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
     results = []
     for p in procs:
         out, _ = p.communicate(timeout=60)
