@@ -1,7 +1,7 @@
 """The control half of every data path that moves bytes into or out of the server's host pool.
 
 put: Reserve (one RPC) -> the transport fills the reserved slots -> Commit (one RPC).
-get: Pin (one RPC) -> the transport copies the pinned slots out -> Unpin (one RPC).
+get: Pin (one RPC) -> the transport copies the pinned slots out -> Unpin (one RPC, not waited for).
 So a call of any number of blocks costs a constant number of control round trips.
 On every error path the leases are released and the pin dropped before raising,
 and a block reaches the caller only after its checksum matched (check_block).
@@ -55,10 +55,30 @@ def destinations(slots: Sequence[SlotRef], outs: Sequence[memoryview] | None, ke
 class PoolControl:
     """Reserve/Commit and Pin/Unpin over gRPC, with time and round trips charged to TransferStats."""
 
-    def __init__(self, stub, fingerprint_id: bytes, call: Callable) -> None:
+    def __init__(self, stub, fingerprint_id: bytes, call: Callable, metadata: tuple = ()) -> None:
         self.stub = stub
         self.fingerprint_id = fingerprint_id
         self.call = call
+        self.metadata = metadata
+        self._unpins: list = []  # in-flight Unpin futures
+
+    def _unpin_later(self, pin_id: int, stats: TransferStats) -> None:
+        """Unpin off the critical path: the bytes are already checked and in the caller's hands.
+
+        Saves a round trip per get (a third of a 32 MiB shm get on a 2-core box).
+        If it is lost, the pin expires at its TTL, as for a client that dies.
+        """
+        self._unpins = [f for f in self._unpins if not f.done()]
+        self._unpins.append(self.stub.Unpin.future(pb.UnpinRequest(pin_ids=[pin_id]), metadata=self.metadata, timeout=5))
+        stats.control_rpcs += 1
+
+    def close(self) -> None:
+        for fut in self._unpins:
+            try:
+                fut.result()
+            except Exception:  # expiry reclaims it
+                pass
+        self._unpins.clear()
 
     def _timed(self, stats: TransferStats, method, request):
         t0 = time.perf_counter()
@@ -117,7 +137,7 @@ class PoolControl:
             self._quietly(self.stub.Unpin, pb.UnpinRequest(pin_ids=[resp.pin_id]))
             raise
         if unpin:
-            self._timed(stats, self.stub.Unpin, pb.UnpinRequest(pin_ids=[resp.pin_id]))
+            self._unpin_later(resp.pin_id, stats)
         stats.bytes += sum(s.length for s in slots)
         stats.blocks += len(slots)
         return dests

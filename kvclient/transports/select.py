@@ -39,7 +39,7 @@ def _shm(client, info: pb.DataPlaneResponse) -> Transport:
         raise UnavailableError("server publishes no shared-memory pool")
     if info.host_id != host_id():
         raise UnavailableError("server is on another host")
-    return ShmTransport(PoolControl(client.stub, client.fingerprint_id, client._call), info.shm_name, info.shm_size)
+    return ShmTransport(PoolControl(client.stub, client.fingerprint_id, client._call, client._metadata), info.shm_name, info.shm_size)
 
 
 def _ucx(client, info: pb.DataPlaneResponse) -> Transport:
@@ -50,7 +50,7 @@ def _ucx(client, info: pb.DataPlaneResponse) -> Transport:
     host, _, port = info.ucx_listener.rpartition(":")
     if host in ("", "0.0.0.0", "[::]", "::"):
         host = client.address.rpartition(":")[0]  # the listener is on every interface; use the one we reached
-    control = PoolControl(client.stub, client.fingerprint_id, client._call)
+    control = PoolControl(client.stub, client.fingerprint_id, client._call, client._metadata)
     return UcxTransport(control, host.strip("[]"), int(port), client.client_id, info.ucx_session_token, client.timeout_s)
 
 

@@ -66,6 +66,7 @@ class ShmTransport:
         return self.control.get(keys, outs, stats, drain)
 
     def close(self) -> None:
+        self.control.close()
         self.pool = None
         try:
             self._mmap.close()

@@ -169,5 +169,6 @@ class UcxTransport:
         return self.control.get(keys, outs, stats, drain, unpin=False)
 
     def close(self) -> None:
+        self.control.close()
         with self._lock:
             self._drop_locked()
