@@ -8,7 +8,8 @@ For each context length and hit ratio, a fresh prompt's leading blocks are
 first published to a real kvstore server (untimed); then TTFT is timed as a
 prefill worker pays it: look up the prompt's blocks, fetch the present ones
 through the StoreAdapter, scatter them into the paged cache, run the rest of
-the prompt through the model and sample the first token. Recompute is the same
+the prompt through the model and sample the first token; each phase is timed
+with the GPU synchronized after it, so the table shows where TTFT goes. Recompute is the same
 prompt with no store at all. Every timed run's first token is checked against
 recompute's (exact in float32; bf16 may differ in rare near-ties, so it is
 reported, not asserted). It measures in process, not over HTTP: the router and
@@ -39,6 +40,7 @@ from engines.generate import sample_next  # noqa: E402
 from engines.paged_cache import PagedKVCache  # noqa: E402
 from engines.presets import PRESETS, ensure_random_checkpoint  # noqa: E402
 from engines.tokenizer import NUM_BYTES, ByteTokenizer  # noqa: E402
+from kvclient.transports.base import TransferStats  # noqa: E402
 from tests.serverproc import ServerProc  # noqa: E402
 
 HIT_RATIOS = (0.0, 0.5, 0.9, 1.0)
@@ -47,12 +49,35 @@ QUICK_CONTEXTS = (1024, 4096)
 
 
 @dataclass(frozen=True)
+class Timing:
+    """Where one cached run's TTFT went; each phase ends with the GPU synchronized."""
+
+    lookup_s: float  # block keys + lookup RPC
+    pin_s: float  # control RPCs of the get (Pin)
+    copy_s: float  # moving the bytes to their device (H2D DMA on a GPU)
+    check_s: float  # checksum time not hidden behind the copy
+    fetch_s: float  # the whole download, the three above and the rest
+    scatter_s: float  # payload into the cache's pages
+    compute_s: float  # the uncached tokens' forward and the first token
+    total_s: float
+    fetched_bytes: int
+    token: int
+    computed_tokens: int
+
+
+@dataclass(frozen=True)
 class Row:
     context: int
     hit: float
     cached_tokens: int
     computed_tokens: int
+    lookup_ms: float
+    pin_ms: float
+    copy_ms: float
+    check_ms: float
     fetch_ms: float
+    fetch_gbps: float
+    scatter_ms: float
     compute_ms: float
     ttft_ms: float
     recompute_ms: float
@@ -108,7 +133,7 @@ class Bench:
         finally:
             self.cache.free("warm")
 
-    def reuse(self, prompt: list[int]) -> tuple[float, float, int, int]:
+    def reuse(self, prompt: list[int]) -> Timing:
         """Timed like a prefill worker: lookup, fetch, scatter, compute the rest, first token."""
         t0 = time.perf_counter()
         table = self.cache.allocate("run", len(prompt))
@@ -116,16 +141,22 @@ class Bench:
             with self.adapter.session() as client:
                 keys = self.adapter.block_keys(prompt)
                 present = client.lookup(keys)
+                t_lookup = time.perf_counter()
                 payload = self.adapter.download(client, keys[:present])
+                self.sync()
+                t_fetch = time.perf_counter()
+                transfer = client.last_transfer if present else TransferStats()
             if present:
                 self.cache.scatter_blocks(table[:present], payload)
             self.sync()
-            t1 = time.perf_counter()
+            t_scatter = time.perf_counter()
             # With every block cached the last token is still run: its logits give the first new token.
             start = min(present * self.cache.block_tokens, len(prompt) - 1)
             token = self.forward_first_token(prompt, start, table)
-            t2 = time.perf_counter()
-            return t1 - t0, t2 - t0, len(prompt) - start, token
+            t_end = time.perf_counter()
+            return Timing(t_lookup - t0, transfer.control_s, transfer.transfer_s, transfer.validate_s,
+                          t_fetch - t_lookup, t_scatter - t_fetch, t_end - t_scatter, t_end - t0,
+                          payload.numel() * payload.element_size(), token, len(prompt) - start)
         finally:
             self.cache.free("run")
 
@@ -161,28 +192,41 @@ def run(bench: Bench, contexts: list[int], repeats: int) -> list[Row]:
             _, reference = bench.recompute(prompt)
             num_blocks = int(hit * context) // bt
             bench.publish_prefix(prompt, num_blocks)
-            fetches, totals, ok = [], [], True
+            timings, ok = [], True
             for _ in range(repeats):
-                fetch_s, total_s, computed, token = bench.reuse(prompt)
-                fetches.append(fetch_s)
-                totals.append(total_s)
-                ok = ok and token == reference
+                timing = bench.reuse(prompt)
+                timings.append(timing)
+                ok = ok and timing.token == reference
                 progress.update()
-            fetch_ms, ttft_ms = 1000 * statistics.median(fetches), 1000 * statistics.median(totals)
-            rows.append(Row(context, hit, context - computed, computed, fetch_ms, ttft_ms - fetch_ms, ttft_ms,
-                            recompute_ms, ok))
+            rows.append(summarize(context, hit, timings, recompute_ms, ok))
     progress.close()
     return rows
 
 
+def summarize(context: int, hit: float, timings: list[Timing], recompute_ms: float, ok: bool) -> Row:
+    """Medians, phase by phase: the phases need not add up to the median TTFT exactly."""
+    def ms(field: str) -> float:
+        return 1000 * statistics.median(getattr(t, field) for t in timings)
+
+    computed = timings[0].computed_tokens
+    fetch_ms = ms("fetch_s")
+    gbps = timings[0].fetched_bytes / fetch_ms / 1e6 if timings[0].fetched_bytes else 0.0
+    return Row(context, hit, context - computed, computed, ms("lookup_s"), ms("pin_s"), ms("copy_s"), ms("check_s"),
+               fetch_ms, gbps, ms("scatter_s"), ms("compute_s"), ms("total_s"), recompute_ms, ok)
+
+
 def format_table(rows: list[Row]) -> str:
-    header = f"{'context':>7} {'hit':>5} {'cached':>7} {'computed':>8} {'fetch ms':>9} {'compute ms':>10} " \
-             f"{'TTFT ms':>9} {'recompute ms':>12} {'speedup':>7} {'token':>5}"
+    header = f"{'context':>7} {'hit':>5} {'cached':>7} {'computed':>8} {'lookup':>7} {'pin':>6} {'copy':>6} " \
+             f"{'check':>6} {'fetch':>6} {'GB/s':>6} {'scatter':>7} {'compute':>7} {'TTFT ms':>8} " \
+             f"{'recompute':>9} {'speedup':>7} {'token':>5}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r.context:>7} {r.hit:>5.0%} {r.cached_tokens:>7} {r.computed_tokens:>8} {r.fetch_ms:>9.1f} "
-                     f"{r.compute_ms:>10.1f} {r.ttft_ms:>9.1f} {r.recompute_ms:>12.1f} {r.speedup:>6.1f}x "
-                     f"{'ok' if r.first_token_ok else 'DIFF':>5}")
+        lines.append(f"{r.context:>7} {r.hit:>5.0%} {r.cached_tokens:>7} {r.computed_tokens:>8} {r.lookup_ms:>7.2f} "
+                     f"{r.pin_ms:>6.2f} {r.copy_ms:>6.2f} {r.check_ms:>6.2f} {r.fetch_ms:>6.2f} {r.fetch_gbps:>6.1f} "
+                     f"{r.scatter_ms:>7.2f} {r.compute_ms:>7.2f} {r.ttft_ms:>8.2f} {r.recompute_ms:>9.2f} "
+                     f"{r.speedup:>6.1f}x {'ok' if r.first_token_ok else 'DIFF':>5}")
+    lines.append("ms, medians per phase. fetch = pin + copy + check + the rest of download (copy: H2D on a GPU); "
+                 "check: checksum time left after the copy landed")
     return "\n".join(lines)
 
 

@@ -6,18 +6,24 @@ blocks to fetch, wait for or compute (write leases: a missing block is computed
 once across all workers), and moving block payloads between host staging
 tensors and the store. It refuses to own pages, model forwards or locking: the
 engine gathers pages into a payload before `upload` and scatters the payload
-`download` returns into its own pages, under its own lock. Another engine
+`download` returns into its own pages, under its own lock. For a CUDA cache,
+`download` lands the blocks in GPU memory itself: over the shm transport it
+registers the client's mapping of the store's pool with CUDA once, so the copy
+is DMA straight out of the pool, with no host staging. Another engine
 (vLLM's KV connector, SGLang's hierarchical cache) plugs in through the same
 calls; docs/engine-adapter.md states the contract.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from engines.config import dtype_name
@@ -25,6 +31,8 @@ from engines.paged_cache import KV_LAYOUT, PagedKVCache
 from kvclient.client import KVClient
 from kvclient.errors import BlockNotFoundError
 from kvclient.keys import BlockKey, Fingerprint, block_keys
+from kvclient.transports.base import TransferStats
+from kvclient.transports.pooled import SlotRef, check_block
 from kvclient.types import BlockState, LeaseOutcome, PutOutcome
 
 
@@ -63,6 +71,49 @@ def leading_present(states: Sequence[BlockState]) -> int:
     return len(states)
 
 
+# A block group is copied, then checked by one thread while later groups are still in flight.
+# xxh3 reads DRAM at only ~6 GB/s a core on the H100 host, so matching its ~50 GB/s DMA takes many threads.
+COPY_GROUP_BYTES = 4 << 20
+CHECK_THREADS = min(16, os.cpu_count() or 1)
+
+
+def plan_copies(slots: Sequence[SlotRef], block_bytes: int, group_bytes: int = COPY_GROUP_BYTES
+                ) -> list[tuple[list[tuple[int, int, int]], list[SlotRef]]]:
+    """Groups of about group_bytes, each as (copies, slots): (dest offset, pool offset, length) copies,
+    merged where consecutive blocks sit back to back in the pool, as a fresh slab hands them out."""
+    groups: list[tuple[list[tuple[int, int, int]], list[SlotRef]]] = []
+    copies: list[tuple[int, int, int]] = []
+    members: list[SlotRef] = []
+    for s in slots:
+        if members and (len(members) + 1) * block_bytes > group_bytes:
+            groups.append((copies, members))
+            copies, members = [], []
+        dest = s.index * block_bytes
+        if copies and copies[-1][0] + copies[-1][2] == dest and copies[-1][1] + copies[-1][2] == s.offset:
+            copies[-1] = (copies[-1][0], copies[-1][1], copies[-1][2] + s.length)
+        else:
+            copies.append((dest, s.offset, s.length))
+        members.append(s)
+    if members:
+        groups.append((copies, members))
+    return groups
+
+
+class RegisteredPool:
+    """A client's mapping of the store's shared-memory pool, page-locked for CUDA so copies out of it are DMA."""
+
+    def __init__(self, pool: np.ndarray) -> None:
+        self.array = pool
+        self.host = torch.from_numpy(pool)  # uint8, aliases the mapping
+        err = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), self.host.numel(), 0)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister of the {self.host.numel()}-byte pool failed: {err}")
+
+    def close(self) -> None:
+        torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+        self.array = self.host = None
+
+
 class StoreAdapter:
     def __init__(
         self,
@@ -74,8 +125,10 @@ class StoreAdapter:
         token: str | None = None,
         transport: str = "auto",
         lease_ttl_s: float = 30.0,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.address = address
+        self.device = torch.device(device)
         self.fingerprint = fingerprint
         self.block_shape = tuple(block_shape)
         self.dtype = dtype
@@ -85,11 +138,13 @@ class StoreAdapter:
         self._idle: list[KVClient] = []
         self._all: list[KVClient] = []
         self._lock = threading.Lock()
+        self._registered: dict[int, RegisteredPool] = {}  # id(client) -> its pool mapping, CUDA-registered
+        self._checkers: ThreadPoolExecutor | None = None
 
     @classmethod
     def for_cache(cls, address: str, fingerprint: Fingerprint, cache: PagedKVCache, **kwargs) -> "StoreAdapter":
         check_compatible(fingerprint, cache)
-        return cls(address, fingerprint, cache.block_shape, cache.dtype, **kwargs)
+        return cls(address, fingerprint, cache.block_shape, cache.dtype, device=cache.device, **kwargs)
 
     # ---- namespace -------------------------------------------------------------------
 
@@ -106,6 +161,7 @@ class StoreAdapter:
             client = self._idle.pop() if self._idle else None
         if client is None:
             client = KVClient(self.address, **self._client_args)
+            self._register_pool(client)
             with self._lock:
                 self._all.append(client)
         try:
@@ -117,8 +173,27 @@ class StoreAdapter:
     def close(self) -> None:
         with self._lock:
             clients, self._all, self._idle = self._all, [], []
+            registered, self._registered = self._registered, {}
+            checkers, self._checkers = self._checkers, None
+        for pool in registered.values():  # before the clients unmap the pool
+            pool.close()
+        if checkers is not None:
+            checkers.shutdown()
         for client in clients:
             client.close()
+
+    def _register_pool(self, client: KVClient) -> None:
+        """Page-lock a new shm client's mapping of the pool for CUDA, once per client (it costs a
+        pass over the pool's pages). Without it, downloads to the GPU stage through pinned host memory."""
+        pool = getattr(client.transport, "pool", None)
+        if self.device.type != "cuda" or client.transport.name != "shm" or pool is None:
+            return
+        try:
+            registered = RegisteredPool(pool)
+        except RuntimeError:
+            return
+        with self._lock:
+            self._registered[id(client)] = registered
 
     # ---- deciding what to fetch, wait for and compute --------------------------------
 
@@ -166,15 +241,77 @@ class StoreAdapter:
     # ---- payloads --------------------------------------------------------------------
 
     def download(self, client: KVClient, keys: Sequence[BlockKey]) -> torch.Tensor:
-        """Blocks as one host tensor [n, *block_shape], received in place (no copy after the transport).
+        """Blocks as one tensor [n, *block_shape] on the adapter's device (the cache's, for for_cache).
 
-        Raises BlockNotFoundError if any block vanished since it was seen; the
-        caller then computes instead.
+        On the host they are received in place (no copy after the transport).
+        On a GPU: over shm, DMA out of the CUDA-registered pool, each block
+        checked against its checksum in the pool after its copy has landed (a
+        late writer's bytes would still be there, so nothing unchecked is
+        returned); over a transport that moves device memory, straight in;
+        otherwise through a pinned host buffer and one copy. Raises
+        BlockNotFoundError if any block vanished since it was seen; the caller
+        then computes instead.
         """
-        staging = torch.empty((len(keys), *self.block_shape), dtype=self.dtype)
-        if keys:
-            client.get(keys, out=list(staging.unbind(0)))
-        return staging
+        out = torch.empty((len(keys), *self.block_shape), dtype=self.dtype, device=self.device)
+        if not keys:
+            return out
+        if self.device.type != "cuda" or getattr(client.transport, "moves_device_memory", False):
+            client.get(keys, out=list(out.unbind(0)))
+            return out
+        registered = self._registered.get(id(client))
+        if registered is not None:
+            self._copy_from_pool(client, registered, keys, out)
+            return out
+        staging = torch.empty(out.shape, dtype=self.dtype, pin_memory=True)
+        client.get(keys, out=list(staging.unbind(0)))
+        out.copy_(staging, non_blocking=True)
+        return out
+
+    def _copy_from_pool(self, client: KVClient, registered: RegisteredPool, keys: Sequence[BlockKey],
+                        out: torch.Tensor) -> None:
+        """Pin the blocks, DMA them out of the registered pool in a few large copies, check them in the
+        pool on worker threads as each group lands (xxh3 releases the GIL), unpin; all or nothing."""
+        out_bytes = out.view(-1).view(torch.uint8)
+        block_bytes = out_bytes.numel() // len(keys)
+        digests = [k.digest for k in keys]
+        stats = TransferStats()
+        with self._lock:
+            if self._checkers is None:
+                self._checkers = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="kv-check")
+            checkers = self._checkers
+
+        def check(members: list[SlotRef]) -> None:
+            for s in members:
+                check_block(digests[s.index], registered.array[s.offset: s.offset + s.length], s.checksum)
+
+        def drain(slots: list[SlotRef], _host_views) -> None:
+            t0 = time.perf_counter()
+            stream = torch.cuda.current_stream(out.device)
+            groups = plan_copies(slots, block_bytes)
+            landed = []
+            for copies, _ in groups:
+                for dest, offset, length in copies:
+                    out_bytes[dest: dest + length].copy_(registered.host[offset: offset + length], non_blocking=True)
+                landed.append(torch.cuda.Event())
+                landed[-1].record(stream)
+            checks = []
+            for event, (_, members) in zip(landed, groups):
+                event.synchronize()
+                checks.append(checkers.submit(check, members))
+            t1 = time.perf_counter()
+            errors = [f.exception() for f in checks]
+            stats.transfer_s += t1 - t0
+            stats.validate_s += time.perf_counter() - t1
+            stats.extra["copies"] = sum(len(copies) for copies, _ in groups)
+            for err in errors:
+                if err is not None:
+                    raise err
+
+        # PoolControl.get sizes a destination per block; these host views of one scratch
+        # block pass its size check and are never written: drain writes `out`.
+        scratch = np.empty(block_bytes, dtype=np.uint8)
+        client.transport.control.get(digests, [scratch] * len(keys), stats, drain)
+        client.last_transfer = stats
 
     def fetch(self, client: KVClient, keys: Sequence[BlockKey]) -> torch.Tensor:
         """download, or no blocks at all if one was evicted meanwhile: the caller computes them instead."""
@@ -184,7 +321,7 @@ class StoreAdapter:
             return self.download(client, [])
 
     def upload(self, client: KVClient, keys: Sequence[BlockKey], payload: torch.Tensor) -> list[PutOutcome]:
-        """Store payload [n, *block_shape] (a host tensor, as gather_blocks returns) under keys."""
+        """Store payload [n, *block_shape] (on any device, as gather_blocks returns) under keys."""
         if tuple(payload.shape) != (len(keys), *self.block_shape) or payload.dtype != self.dtype:
             raise ValueError(f"payload {tuple(payload.shape)} {payload.dtype} does not match {len(keys)} blocks "
                              f"of {self.block_shape} {self.dtype}")

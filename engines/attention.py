@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ class AttentionMetadata:
     gather_pages: torch.Tensor  # [n, max_blocks] pages to read per chunk, padded with page 0
     max_query_len: int
     max_context_len: int
-    attn_mask: torch.Tensor | None  # [n, 1, max_query_len, max_context_len], True = attend
+    # [n, 1, max_query_len, max_context_len], True = attend; for one chunk after a cached prefix, a
+    # bottom-right causal bias instead, which keeps SDPA on its flash/efficient kernels on CUDA.
+    attn_mask: torch.Tensor | None
     is_causal: bool
 
     @classmethod
@@ -84,7 +87,10 @@ class AttentionMetadata:
         attn_mask = None
         single = len(chunks) == 1
         is_causal = single and chunks[0].start_pos == 0 and chunks[0].num_tokens > 1
-        if not single or (chunks[0].start_pos > 0 and chunks[0].num_tokens > 1):
+        if single and chunks[0].start_pos > 0 and chunks[0].num_tokens > 1:
+            # The chunk's queries are the last rows of the causal square over its context.
+            attn_mask = causal_lower_right(max_query_len, max_context_len)
+        elif not single:
             starts = torch.tensor([c.start_pos for c in chunks])
             query_pos = starts[:, None] + torch.arange(max_query_len)[None, :]
             attn_mask = (torch.arange(max_context_len)[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)

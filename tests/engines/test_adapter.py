@@ -6,10 +6,11 @@ import shutil
 import pytest
 import torch
 
-from engines.adapter import ClaimPlan, IncompatibleFingerprintError, StoreAdapter, check_compatible
+from engines.adapter import ClaimPlan, IncompatibleFingerprintError, StoreAdapter, check_compatible, plan_copies
 from engines.fingerprint import checkpoint_fingerprint, checkpoint_revision
 from engines.generate import generate_greedy
 from kvclient.keys import block_keys
+from kvclient.transports.pooled import SlotRef
 from tests.engines.tiny import TINY_CONFIG, make_cache
 
 BLOCK = 16
@@ -115,3 +116,15 @@ def test_upload_refuses_a_payload_of_the_wrong_shape(adapter):
     with adapter.session() as client, pytest.raises(ValueError, match="does not match"):
         adapter.upload(client, keys, torch.zeros((1, *adapter.block_shape), dtype=torch.float64))
 
+
+
+def test_plan_copies_merges_back_to_back_slots_and_splits_groups():
+    def slot(index, offset):
+        return SlotRef(index, offset, 100, 1, 0)
+
+    slots = [slot(0, 1000), slot(1, 1100), slot(2, 1200), slot(3, 5000), slot(4, 5100)]
+    groups = plan_copies(slots, 100, group_bytes=1 << 20)
+    assert groups == [([(0, 1000, 300), (300, 5000, 200)], slots)]
+    groups = plan_copies(slots, 100, group_bytes=200)
+    assert [copies for copies, _ in groups] == [[(0, 1000, 200)], [(200, 1200, 100), (300, 5000, 100)], [(400, 5100, 100)]]
+    assert [s for _, members in groups for s in members] == slots

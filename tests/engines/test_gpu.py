@@ -2,10 +2,14 @@
 import pytest
 import torch
 
+from engines.adapter import StoreAdapter
 from engines.attention import SeqChunk
 from engines.checkpoint import load_checkpoint
+from engines.fingerprint import checkpoint_fingerprint
 from engines.generate import generate_greedy
-from tests.engines.tiny import gpu_only, make_cache
+from kvclient.errors import ChecksumMismatchError
+from kvclient.transports.base import TransferStats
+from tests.engines.tiny import TINY_CONFIG, gpu_only, make_cache
 
 pytestmark = [pytest.mark.gpu, gpu_only]
 
@@ -49,3 +53,29 @@ def test_bf16_prefix_then_rest_close_to_whole(tiny_checkpoint, prompt_ids):
         head = model(cache, [SeqChunk(prompt_ids[:split], 0, table)])
         rest = model(cache, [SeqChunk(prompt_ids[split:], split, table)])
     torch.testing.assert_close(torch.cat([head, rest]), whole, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("block_tokens", [4, 16])  # 2 KiB blocks in 4 KiB slots (one copy each); 8 KiB back to back
+def test_download_to_cuda_dmas_from_the_registered_pool(server, tiny_checkpoint, prompt_ids, block_tokens, request):
+    model = load_checkpoint(tiny_checkpoint, device="cuda")
+    source = make_cache(model, block_tokens=block_tokens)
+    generate_greedy(model, source, prompt_ids, 1, seq_id="s", keep_cache=True)
+    full_blocks = len(prompt_ids) // block_tokens
+    payload = source.gather_blocks(source.block_table("s")[:full_blocks])
+    fp = checkpoint_fingerprint(tiny_checkpoint, TINY_CONFIG, torch.float32, block_tokens, model=request.node.name)
+    adapter = StoreAdapter.for_cache(server.address, fp, source, transport="shm")
+    try:
+        keys = adapter.block_keys(prompt_ids)
+        with adapter.session() as client:
+            adapter.upload(client, keys, payload)
+            fetched = adapter.download(client, keys)
+            assert adapter._registered and fetched.device == source.device
+            assert torch.equal(fetched, payload)
+            assert client.last_transfer.extra["copies"] <= (full_blocks if block_tokens == 4 else 1)
+            slots = []  # find block 1's slot, then flip a byte of it in the pool: the GPU path must refuse it
+            client.transport.control.get([keys[1].digest], None, TransferStats(), lambda found, _: slots.extend(found))
+            client.transport.pool[slots[0].offset] ^= 0xFF
+            with pytest.raises(ChecksumMismatchError):
+                adapter.download(client, keys)
+    finally:
+        adapter.close()
