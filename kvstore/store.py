@@ -305,6 +305,7 @@ class Store:
         self._check_fp(fingerprint_id)
         with self._lock:
             leases = [self._owned_lease(caller, lid) for lid, _ in items]
+            expected_by_lease = dict(items)  # verified equal to each slot's checksum below
             for lease, (lid, expected) in zip(leases, items):
                 if lease.fingerprint_id != fingerprint_id:
                     raise FingerprintMismatchError(f"lease {lid} was taken under fingerprint {lease.fingerprint_id.hex()}")
@@ -322,7 +323,7 @@ class Store:
                     outcomes.append(pb.PUT_ALREADY_PRESENT)
                     self._release_lease(lease)
                     continue
-                meta = BlockMeta(lease.skey, lease.tenant, lease.fingerprint_id, lease.size, checksum(self.host.slot(lease.host_offset, lease.size)), host_offset=lease.host_offset)
+                meta = BlockMeta(lease.skey, lease.tenant, lease.fingerprint_id, lease.size, expected_by_lease[lease.lease_id], host_offset=lease.host_offset)
                 lease.host_offset = None
                 self.leases.drop(lease)
                 self.index.add(meta)

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 import xxhash
 
-from kvclient.errors import ChecksumMismatchError, InvalidRequestError, KVStoreError, TransferError
+from kvclient.errors import CapacityExhaustedError, ChecksumMismatchError, InvalidRequestError, KVStoreError, TransferError
 from kvclient.transports import device
 from kvclient.transports.base import TransferStats
 from kvstore.v1 import kvstore_pb2 as pb
@@ -126,11 +126,21 @@ class PoolControl:
         unpin=False is for data planes whose server side drops the pin itself once
         it has sent the bytes; the pin is still dropped here if anything fails.
         """
-        resp = self._timed(stats, self.stub.Pin, pb.PinRequest(fingerprint_id=self.fingerprint_id, keys=list(keys)))
+        return self._get_window(keys, outs, 0, len(keys), stats, drain, unpin)
+
+    def _get_window(self, keys, outs, lo: int, hi: int, stats: TransferStats, drain, unpin: bool) -> list[np.ndarray]:
+        """Pin keys[lo:hi]; a batch larger than the host pool can stage is halved until it fits."""
         try:
-            if len(resp.blocks) != len(keys):
-                raise TransferError(f"server pinned {len(resp.blocks)} blocks for {len(keys)} keys")
-            slots = [SlotRef(i, b.slot.offset, b.slot.length, resp.pin_id, b.checksum) for i, b in enumerate(resp.blocks)]
+            resp = self._timed(stats, self.stub.Pin, pb.PinRequest(fingerprint_id=self.fingerprint_id, keys=list(keys[lo:hi])))
+        except CapacityExhaustedError:
+            if hi - lo < 2:
+                raise
+            mid = (lo + hi) // 2
+            return self._get_window(keys, outs, lo, mid, stats, drain, unpin) + self._get_window(keys, outs, mid, hi, stats, drain, unpin)
+        try:
+            if len(resp.blocks) != hi - lo:
+                raise TransferError(f"server pinned {len(resp.blocks)} blocks for {hi - lo} keys")
+            slots = [SlotRef(lo + i, b.slot.offset, b.slot.length, resp.pin_id, b.checksum) for i, b in enumerate(resp.blocks)]
             dests = destinations(slots, outs, keys)
             drain(slots, dests)
         except BaseException:
