@@ -109,8 +109,6 @@ def test_transfer_telemetry_attributes_time(dp_server, fingerprint, transport):
 
 
 def test_corrupted_block_raises_and_releases_pin(dp_server, fingerprint, transport):
-    if transport == "grpc":
-        pytest.skip("the inline path reads through the server, whose own checks are the core's tests")
     with client_for(dp_server, fingerprint, transport, "corrupt") as client:
         keys = client.block_keys(tokens(2, start=50_000))
         client.put(keys, random_blocks(2, BLOCK))
