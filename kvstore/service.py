@@ -154,6 +154,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @_rpc
     def Pin(self, request, context, caller: Caller):
+        if request.release_pin_ids:  # first, so the room they hold is free for this pin
+            self.store.unpin(caller, list(request.release_pin_ids))
         info = self.store.pin(caller, request.fingerprint_id, list(request.keys), request.ttl_ms)
         blocks = [pb.PinnedBlock(key=b.key, slot=pb.Slot(offset=b.offset, length=b.size), checksum=b.checksum) for b in info.blocks]
         return pb.PinResponse(pin_id=info.pin_id, blocks=blocks, expires_unix_ms=info.expires_ms)

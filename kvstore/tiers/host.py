@@ -6,14 +6,42 @@ the mapping and slot bytes; which block lives in which slot is the index's busin
 """
 from __future__ import annotations
 
+import errno
+import logging
 import mmap
 import os
+import re
 import secrets
 from pathlib import Path
 
+from kvclient.errors import CapacityExhaustedError
 from kvstore.tiers.slab import SlabAllocator
 
+log = logging.getLogger(__name__)
+
 SHM_DIR = Path("/dev/shm")
+_POOL_NAME = re.compile(r"kvstore-(\d+)-[0-9a-f]{8}")
+
+
+def sweep_stale_pools(shm_dir: Path = SHM_DIR) -> int:
+    """Unlink pools left in /dev/shm by servers that died without cleaning up (SIGKILL, OOM).
+
+    A pool is named after its server's pid; one whose process is gone holds RAM
+    nobody can reach. Returns how many were removed.
+    """
+    removed = 0
+    for path in shm_dir.glob("kvstore-*"):
+        m = _POOL_NAME.fullmatch(path.name)
+        if m is None or Path(f"/proc/{m.group(1)}").exists():
+            continue
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d stale host pool(s) of dead servers from %s", removed, shm_dir)
+    return removed
 
 
 def _slab_bytes_for(max_block_bytes: int) -> int:
@@ -28,16 +56,40 @@ class HostPool:
         self.shm_name = name or f"kvstore-{os.getpid()}-{secrets.token_hex(4)}"
         self.path = SHM_DIR / self.shm_name if SHM_DIR.is_dir() else None
         if self.path is not None:
+            sweep_stale_pools()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.ftruncate(fd, self.capacity_bytes)
-                self._mmap = mmap.mmap(fd, self.capacity_bytes)
+                self._commit(fd)
+                # Populate the page tables now, so no transfer pays first-touch faults
+                # (a 32 MiB put into fresh pages spent most of its time in them).
+                self._mmap = mmap.mmap(fd, self.capacity_bytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            except BaseException:
+                self.path.unlink(missing_ok=True)
+                raise
             finally:
                 os.close(fd)
         else:
             self.shm_name = ""
             self._mmap = mmap.mmap(-1, self.capacity_bytes)
         self.view = memoryview(self._mmap)
+
+    def _commit(self, fd: int) -> None:
+        """Allocate the pool's RAM up front, like registered memory in other transfer engines.
+
+        On tmpfs a sparse file that outgrows /dev/shm kills the writer with SIGBUS
+        at some later put; failing here, with the numbers, is the kinder error.
+        """
+        try:
+            os.posix_fallocate(fd, 0, self.capacity_bytes)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.ENOMEM):
+                raise
+            free = os.statvfs(SHM_DIR)
+            raise CapacityExhaustedError(
+                f"host pool needs {self.capacity_bytes} bytes of {SHM_DIR}, which has {free.f_bavail * free.f_frsize} free; "
+                "lower host_memory or enlarge /dev/shm"
+            ) from None
 
     @property
     def used_bytes(self) -> int:

@@ -47,7 +47,14 @@ def main(address: str, transport: str, op: str, n_blocks: int, block_bytes: int)
             if len(seen) == 1:
                 stall()
 
-        shm.check_block = ucx.check_block = check
+        real_copy = shm.ShmTransport._copy_hashed
+
+        def copy_one_then_stall(self, slots, dests):
+            real_copy(self, slots[:1], dests[:1])
+            stall()
+
+        ucx.check_block = check
+        shm.ShmTransport._copy_hashed = copy_one_then_stall
         client.get(keys)
     print("DONE", flush=True)  # never reached when killed
 

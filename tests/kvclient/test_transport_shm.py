@@ -1,0 +1,87 @@
+"""shm specifics beyond the shared transport tests: one RPC a get, deferred unpins, the early copy."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from kvclient import KVClient
+from kvclient.errors import BlockNotFoundError
+from kvstore.v1 import kvstore_pb2 as pb
+from tests.kvclient.transport_util import random_blocks, tokens
+from tests.serverproc import ServerProc
+
+BLOCK = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def shm_server(tmp_path_factory):
+    srv = ServerProc(tmp_path_factory.mktemp("shm") / "data", flags={"host_memory": "128MiB", "ucx": False})
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def pins_held(srv, fingerprint) -> int:
+    with KVClient(srv.address, fingerprint, transport="grpc") as observer:
+        return observer.stats()["pins_held"]
+
+
+def wait_no_pins(srv, fingerprint) -> None:
+    deadline = time.monotonic() + 5
+    while pins_held(srv, fingerprint):
+        assert time.monotonic() < deadline, "pins still held 5 s after the last get"
+        time.sleep(0.05)
+
+
+def test_a_stream_of_gets_costs_one_rpc_each_and_quiet_pins_are_dropped(shm_server, fingerprint):
+    with KVClient(shm_server.address, fingerprint, tenant="stream", transport="shm") as client:
+        keys = client.block_keys(tokens(4))
+        client.put(keys, random_blocks(4, BLOCK))
+        for _ in range(5):
+            client.get(keys)
+            assert client.last_transfer.control_rpcs == 1  # the Pin carries the last get's release
+        wait_no_pins(shm_server, fingerprint)
+        client.get(keys)
+    assert pins_held(shm_server, fingerprint) == 0  # close() drops what is still deferred
+
+
+def test_early_copy_is_used_and_never_serves_a_deleted_or_rewritten_block(shm_server, fingerprint):
+    with KVClient(shm_server.address, fingerprint, tenant="early", transport="shm") as client:
+        keys = client.block_keys(tokens(8, start=1000))
+        blocks = random_blocks(8, BLOCK, seed=1)
+        client.put(keys, blocks)
+        out = [np.zeros(BLOCK, np.uint8) for _ in keys]
+        client.get(keys, out=out)
+        assert client.last_transfer.extra.get("early_blocks", 0) == 0  # nothing remembered yet
+        out = [np.zeros(BLOCK, np.uint8) for _ in keys]
+        client.get(keys, out=out)
+        assert client.last_transfer.extra["early_blocks"] == 8
+        assert all(np.array_equal(a, b) for a, b in zip(out, blocks))
+
+        # The freed slot still holds the old bytes, which match the remembered checksum: the Pin must win.
+        wait_no_pins(shm_server, fingerprint)  # a block deleted while pinned is zeroed when unpinned; not this one
+        old_slot = slot_of(client, keys[3])
+        client.delete(keys[3:4])
+        with pytest.raises(BlockNotFoundError):
+            client.get(keys, out=out)
+
+        # Rewrite block 3 into another slot while its old slot keeps the old bytes, which still match the
+        # remembered checksum: only the Pin's slot and checksum can tell the early copy is stale.
+        client.delete(keys[5:6])  # freed last, so the slab allocator hands this slot out next
+        rewritten = random_blocks(1, BLOCK, seed=2)[0]
+        client.put(keys[3:4], [rewritten])
+        assert slot_of(client, keys[3]) != old_slot
+        wanted = keys[:5] + keys[6:]
+        out = [np.zeros(BLOCK, np.uint8) for _ in wanted]
+        client.get(wanted, out=out)
+        assert np.array_equal(out[3], rewritten)
+        assert all(np.array_equal(got, blocks[i]) for got, i in zip(out, [0, 1, 2, 3, 4, 6, 7]) if i != 3)
+        assert client.last_transfer.extra["early_blocks"] == 6
+
+
+def slot_of(client: KVClient, key) -> int:
+    pin = client._call(client.stub.Pin, pb.PinRequest(fingerprint_id=client.fingerprint_id, keys=[key.digest]))
+    client._call(client.stub.Unpin, pb.UnpinRequest(pin_ids=[pin.pin_id]))
+    return pin.blocks[0].slot.offset
