@@ -11,6 +11,13 @@ the defaults must be in os.environ before `import ucxx`. They are defaults only
   a wake-up per 8 KiB on TCP; 512 KiB tripled loopback throughput on a 2-core CI box.
 - UCX_WARN_UNUSED_ENV_VARS=n: ucxx sets UCX_MEMTYPE_CACHE, which some UCX builds
   no longer know; the warning is noise.
+
+start_context() creates ucxx's context with Python futures: a request's completion
+resolves an asyncio future (ucxx's notifier thread) instead of every awaiting
+coroutine polling with asyncio.sleep(0), ucxx's default. Polling kept each UCX loop
+at 100% of a core per process with requests in flight; with four clients and a
+server on two cores, the polling loops starved the threads that actually move the
+bytes, and calls stalled for seconds (long enough for write leases to expire).
 """
 from __future__ import annotations
 
@@ -39,6 +46,18 @@ def import_ucxx() -> ModuleType | None:
         _import_error = f"{type(err).__name__}: {err}"
         return None
     return ucxx
+
+
+def start_context(ucxx: ModuleType) -> None:
+    """Create ucxx's process-wide context; call it on the thread running the asyncio loop that awaits UCX requests.
+
+    ucxx binds its notifier thread to that loop, and the thread inherits the caller's
+    daemon flag, so a daemon loop thread never holds up interpreter exit.
+    """
+    from ucxx import core
+
+    if core._ctx is None:  # someone else in this process may have started it already
+        ucxx.init(progress_mode="thread", enable_python_future=True)
 
 
 def unavailable_reason() -> str:

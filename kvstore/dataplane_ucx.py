@@ -5,11 +5,15 @@ progress thread) and the per-connection request loop; it never decides policy.
 Which slots may be read or written comes from the store (pinned_slots,
 claim_write_slots), the same checks the gRPC control plane makes.
 
-How bytes move: tagged transfers, one message per block. ucxx's Python API has no
-memory registration / rkey export for one-sided RMA, so instead of the client
-doing ucp_get into a registered pool, the server posts tag sends from (and tag
-receives into) memoryviews of the pool itself: no staging copy on the server,
-and on rendezvous-capable transports UCX moves the bytes zero-copy. A client
+How bytes move: tagged transfers, one message per large block or per run of small
+ones (ucx_wire.message_groups). ucxx's Python API has no memory registration /
+rkey export for one-sided RMA, so instead of the client doing ucp_get into a
+registered pool, the server posts tag sends from (and tag receives into)
+memoryviews of the pool itself: no staging copy for large blocks, and on
+rendezvous-capable transports UCX moves the bytes zero-copy. One asyncio loop
+serves every connection; nothing on it waits on the network, and UCX completions
+resolve futures instead of being polled (kvclient/ucxenv.start_context), so busy
+connections cannot starve the progress thread or each other. A client
 proves who it is with a session token from the authenticated DataPlane RPC,
 HMAC(server secret, client_id), so the UCX port grants nothing gRPC would not.
 """
@@ -24,9 +28,9 @@ import threading
 
 import numpy as np
 
-from kvclient.errors import KVStoreError, UnauthenticatedError
+from kvclient.errors import InvalidRequestError, KVStoreError, UnauthenticatedError
 from kvclient.transports import ucx_wire as wire
-from kvclient.ucxenv import import_ucxx
+from kvclient.ucxenv import import_ucxx, start_context
 from kvstore.store import Caller, Store
 
 log = logging.getLogger(__name__)
@@ -83,6 +87,7 @@ class UcxDataPlane:
 
     async def _main(self) -> None:
         ucxx = import_ucxx()
+        start_context(ucxx)
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         listener = ucxx.create_listener(self._serve, port=self.requested_port)
@@ -105,11 +110,13 @@ class UcxDataPlane:
             hdr = wire.empty_header()
             while True:
                 await ep.recv(hdr)
-                op, count, arg = int(hdr[0]), int(hdr[1]), int(hdr[2])
+                op, count, arg, arg2 = (int(w) for w in hdr)
+                if not 0 < count <= MAX_BLOCKS_PER_REQUEST:
+                    raise ConnectionError(f"UCX request names {count} blocks")
                 if op == wire.OP_GET:
-                    await self._get(ep, caller, count, arg)
+                    await self._get(ep, caller, count, pin_id=arg, group_bytes=min(arg2, wire.MAX_GROUP_BYTES))
                 elif op == wire.OP_PUT:
-                    await self._put(ep, caller, count)
+                    await self._put(ep, caller, count, group_bytes=min(arg, wire.MAX_GROUP_BYTES))
                 else:
                     raise ConnectionError(f"unknown UCX op {op}")
         except Exception as err:  # peer gone or protocol broken: drop the endpoint, keep serving others
@@ -136,8 +143,11 @@ class UcxDataPlane:
         await ep.send(wire.header(wire.STATUS_ERROR, len(detail)))
         await ep.send(np.frombuffer(detail, dtype=np.uint8))
 
-    async def _get(self, ep, caller: Caller, count: int, pin_id: int) -> None:
-        """Send the pinned slots, then drop the pin: once a send completes, UCX no longer needs the source."""
+    async def _get(self, ep, caller: Caller, count: int, pin_id: int, group_bytes: int) -> None:
+        """Send the pinned slots, then the reply, then drop the pin: once a send completes, UCX no longer needs the source.
+
+        On a refusal the client's pre-posted receives stay unmatched; it drops the endpoint.
+        """
         try:
             try:
                 slots = self.store.pinned_slots(caller, pin_id)
@@ -146,25 +156,72 @@ class UcxDataPlane:
             except KVStoreError as err:
                 await self._reply_error(ep, err)
                 return
-            await ep.send(wire.header(wire.STATUS_OK, count))
             view = self.store.host.view
-            await asyncio.gather(*[ep.send(view[s.offset : s.offset + s.size]) for s in slots])
-            self.store.counters["ucx_bytes_out"] += sum(s.size for s in slots)
+            offsets, sizes = [s.offset for s in slots], [s.size for s in slots]
+            sends = []
+            for g in wire.message_groups(sizes, group_bytes):
+                sends.append(asyncio.ensure_future(ep.send(_gather(view, offsets[g.start : g.stop], sizes[g.start : g.stop]), tag=wire.DATA_TAG)))
+                await asyncio.sleep(0)  # the send goes out now, while the next group is staged
+            sent = sum(sizes)
+            await asyncio.gather(*sends, ep.send(wire.header(wire.STATUS_OK, count, sent)))
+            self.store.counters["ucx_bytes_out"] += sent
         finally:
             self.store.unpin(caller, [pin_id])
 
-    async def _put(self, ep, caller: Caller, count: int) -> None:
-        ids = np.empty(count, dtype=np.uint64)
-        await ep.recv(ids)
+    async def _put(self, ep, caller: Caller, count: int, group_bytes: int) -> None:
+        """Receive the payloads into the reserved slots; a refused request is drained first, so the endpoint stays in step."""
+        meta = np.empty(2 * count, dtype=np.uint64)
+        await ep.recv(meta)
+        lease_ids, sizes = [int(i) for i in meta[:count]], [int(s) for s in meta[count:]]
+        if max(sizes) > self.store.cfg.max_block_bytes:
+            raise ConnectionError(f"UCX put names a {max(sizes)}-byte block")
+        groups = wire.message_groups(sizes, group_bytes)
         try:
-            slots = self.store.claim_write_slots(caller, [int(i) for i in ids])
+            slots = self.store.claim_write_slots(caller, lease_ids)
+            if [size for _, size in slots] != sizes:
+                raise InvalidRequestError("UCX put sizes do not match the reserved slots")
         except KVStoreError as err:
+            await _drain(ep, sizes, groups)
             await self._reply_error(ep, err)
             return
-        await ep.send(wire.header(wire.STATUS_OK, count))
         view = self.store.host.view
-        # Receives are posted in order and UCX matches same-tag messages in order, so block i lands in slot i.
-        await asyncio.gather(*[ep.recv(view[offset : offset + size]) for offset, size in slots])
-        received = sum(size for _, size in slots)
+        offsets = [offset for offset, _ in slots]
+        staged, recvs = [], []
+        for g in groups:
+            group_offsets, group_sizes = offsets[g.start : g.stop], sizes[g.start : g.stop]
+            if wire.contiguous(group_offsets, group_sizes):
+                recvs.append(ep.recv(view[group_offsets[0] : group_offsets[-1] + group_sizes[-1]], tag=wire.DATA_TAG))
+            else:
+                buf = np.empty(sum(group_sizes), dtype=np.uint8)
+                staged.append((buf, group_offsets, group_sizes))
+                recvs.append(ep.recv(buf, tag=wire.DATA_TAG))
+        await asyncio.gather(*recvs)
+        for buf, group_offsets, group_sizes in staged:
+            _scatter(buf, view, group_offsets, group_sizes)
+        received = sum(sizes)
         self.store.counters["ucx_bytes_in"] += received
         await ep.send(wire.header(wire.STATUS_OK, count, received))
+
+
+MAX_BLOCKS_PER_REQUEST = 1 << 20
+
+
+def _gather(view: np.ndarray, offsets: list[int], sizes: list[int]) -> np.ndarray:
+    """One message's bytes: a view of the pool when the slots are adjacent, else one staging copy."""
+    if wire.contiguous(offsets, sizes):
+        return view[offsets[0] : offsets[-1] + sizes[-1]]
+    return np.concatenate([view[o : o + n] for o, n in zip(offsets, sizes)])
+
+
+def _scatter(buf: np.ndarray, view: np.ndarray, offsets: list[int], sizes: list[int]) -> None:
+    pos = 0
+    for o, n in zip(offsets, sizes):
+        view[o : o + n] = buf[pos : pos + n]
+        pos += n
+
+
+async def _drain(ep, sizes: list[int], groups: list[range]) -> None:
+    """Receive and discard a refused put's payloads, one message at a time (refusals are rare)."""
+    scratch = np.empty(max(sum(sizes[g.start : g.stop]) for g in groups), dtype=np.uint8)
+    for g in groups:
+        await ep.recv(scratch[: sum(sizes[g.start : g.stop])], tag=wire.DATA_TAG)

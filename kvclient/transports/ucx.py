@@ -2,9 +2,11 @@
 
 The control plane stays on gRPC (Reserve/Commit, Pin; see pooled.py). Over one
 UCX endpoint per client the server then sends the pinned slots (get) or receives
-into the reserved slots (put), one tagged message per block, all in flight at
-once. Destinations may be host buffers or, with CUDA-aware UCX, GPU arrays
-(cupy or torch CUDA tensors): UCX writes them directly, without host staging.
+into the reserved slots (put): one round trip per call, every payload message in
+flight at once, a large block straight from/into the caller's buffer, small
+blocks packed into shared messages (ucx_wire.message_groups). Destinations may be
+host buffers or, with CUDA-aware UCX, GPU arrays (cupy or torch CUDA tensors):
+UCX writes them directly, without host staging, one message per block.
 
 ucxx's async API wants one asyncio loop per process; `UcxRuntime` runs it in a
 daemon thread shared by every client in the process, and the synchronous
@@ -24,7 +26,7 @@ from kvclient.errors import ERROR_TYPES, KVStoreError, TransferError, Unavailabl
 from kvclient.transports import device, ucx_wire as wire
 from kvclient.transports.base import TransferStats
 from kvclient.transports.pooled import PoolControl, SlotRef, check_block
-from kvclient.ucxenv import import_ucxx, unavailable_reason
+from kvclient.ucxenv import import_ucxx, start_context, unavailable_reason
 
 
 class UcxRuntime:
@@ -40,6 +42,10 @@ class UcxRuntime:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="kvclient-ucx", daemon=True)
         self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start_context(), self.loop).result(30)
+
+    async def _start_context(self) -> None:
+        start_context(self.ucxx)
 
     @classmethod
     def get(cls) -> "UcxRuntime":
@@ -111,15 +117,18 @@ class UcxTransport:
             _raise_remote(detail.tobytes())
         return reply
 
-    def _request(self, coro_fn, stats: TransferStats) -> None:
-        """Run one request; a transfer that fails midway leaves the endpoint in an unknown state, so drop it."""
+    def _request(self, coro_fn, stats: TransferStats, keep_on_refusal: bool) -> None:
+        """Run one request; a transfer that fails midway leaves the endpoint in an unknown state, so drop it.
+
+        keep_on_refusal: the server answered a refusal and consumed everything sent, so the endpoint is in step.
+        """
         with self._lock:
             if self._ep is None:
                 self._connect_locked()
             try:
                 self.runtime.run(coro_fn(self._ep), self.timeout_s, stats)
             except KVStoreError as err:
-                if not getattr(err, "refused_by_server", False):  # a clean refusal leaves the endpoint in step
+                if not (keep_on_refusal and getattr(err, "refused_by_server", False)):
                     self._drop_locked()
                 raise
             except Exception as err:
@@ -127,6 +136,7 @@ class UcxTransport:
                 raise TransferError(f"UCX transfer failed: {type(err).__name__}: {err}") from None
 
     def _drop_locked(self) -> None:
+        """Abort the endpoint: UCX cancels its outstanding requests, so no late message can land in a caller's buffer."""
         ep, self._ep = self._ep, None
         if ep is not None:
             self.runtime.loop.call_soon_threadsafe(ep.abort)
@@ -135,35 +145,63 @@ class UcxTransport:
 
     def put(self, keys, payloads, checksums, durable: bool, stats: TransferStats) -> list[int]:
         def fill(slots: list[SlotRef]) -> None:
-            async def send(ep) -> None:
-                await ep.send(wire.header(wire.OP_PUT, len(slots)))
-                await ep.send(np.array([s.handle for s in slots], dtype=np.uint64))
-                await self._expect_ok(ep)
-                t0 = time.perf_counter()
-                await asyncio.gather(*[ep.send(payloads[s.index]) for s in slots])
-                reply = await self._expect_ok(ep)
-                stats.transfer_s += time.perf_counter() - t0
-                if int(reply[2]) != sum(s.length for s in slots):
-                    raise TransferError(f"server received {int(reply[2])} bytes, expected {sum(s.length for s in slots)}")
+            sizes = [s.length for s in slots]
+            group_bytes = 0 if any(device.is_device(payloads[s.index]) for s in slots) else wire.GROUP_BYTES
+            messages = [_gather([payloads[slots[i].index] for i in g]) for g in wire.message_groups(sizes, group_bytes)]
+            meta = np.array([s.handle for s in slots] + sizes, dtype=np.uint64)
 
-            self._request(send, stats)
+            async def send(ep) -> None:
+                t0 = time.perf_counter()
+                sends = [ep.send(wire.header(wire.OP_PUT, len(slots), group_bytes)), ep.send(meta)]
+                sends += [ep.send(m, tag=wire.DATA_TAG) for m in messages]
+                *_, reply = await asyncio.gather(*sends, self._expect_ok(ep))
+                stats.transfer_s += time.perf_counter() - t0
+                if int(reply[2]) != sum(sizes):
+                    raise TransferError(f"server received {int(reply[2])} bytes, expected {sum(sizes)}")
+
+            self._request(send, stats, keep_on_refusal=True)
 
         return self.control.put(keys, payloads, checksums, durable, stats, fill)
 
     def get(self, keys, outs, stats: TransferStats) -> list[Any]:
         def drain(slots: list[SlotRef], dests: list[Any]) -> None:
-            async def receive(ep) -> None:
-                await ep.send(wire.header(wire.OP_GET, len(slots), slots[0].handle))
-                await self._expect_ok(ep)
-                t0 = time.perf_counter()
-                await asyncio.gather(*[ep.recv(d) for d in dests])
-                stats.transfer_s += time.perf_counter() - t0
+            sizes = [s.length for s in slots]
+            group_bytes = 0 if any(device.is_device(d) for d in dests) else wire.GROUP_BYTES
+            groups = wire.message_groups(sizes, group_bytes)
+            buffers = [dests[g.start] if len(g) == 1 else np.empty(sum(sizes[g.start : g.stop]), dtype=np.uint8) for g in groups]
 
-            self._request(receive, stats)
-            t0 = time.perf_counter()
-            for s, d in zip(slots, dests):
-                check_block(keys[s.index], device.host_bytes(d), s.checksum)
-            stats.validate_s += time.perf_counter() - t0
+            def verify(g: range, buf: Any) -> None:
+                if len(g) == 1:
+                    check_block(keys[slots[g.start].index], device.host_bytes(buf), slots[g.start].checksum)
+                    return
+                pos = 0
+                for i in g:  # check each block in the staging buffer, then copy it out while it is in cache
+                    piece = buf[pos : pos + sizes[i]]
+                    check_block(keys[slots[i].index], piece, slots[i].checksum)
+                    np.copyto(dests[i], piece)
+                    pos += sizes[i]
+
+            async def receive(ep) -> None:
+                t0, validated_before = time.perf_counter(), stats.validate_s
+                # Receives are posted before the request goes out, so payloads land in place, never in UCX's unexpected queue.
+                landed = [_task(ep.recv(b, tag=wire.DATA_TAG)) for b in buffers]
+                reply = _task(self._expect_ok(ep))
+                await asyncio.sleep(0)
+                await ep.send(wire.header(wire.OP_GET, len(slots), slots[0].handle, group_bytes))
+
+                async def verify_as_they_land() -> None:  # hashing overlaps the messages still in flight
+                    for task, g, buf in zip(landed, groups, buffers):
+                        await task
+                        t1 = time.perf_counter()
+                        verify(g, buf)
+                        stats.validate_s += time.perf_counter() - t1
+
+                verified = _task(verify_as_they_land())
+                await reply  # a refusal raises here; the endpoint is then dropped, which cancels the receives
+                await verified
+                stats.transfer_s += time.perf_counter() - t0 - (stats.validate_s - validated_before)
+
+            self._request(receive, stats, keep_on_refusal=False)
 
         # The server drops the pin as soon as it has sent the slots: one control RPC fewer per get.
         return self.control.get(keys, outs, stats, drain, unpin=False)
@@ -172,3 +210,17 @@ class UcxTransport:
         self.control.close()
         with self._lock:
             self._drop_locked()
+
+
+def _gather(payloads: list[Any]) -> Any:
+    """One message's bytes: the payload itself, or several small ones copied into one buffer."""
+    if len(payloads) == 1:
+        return payloads[0]
+    return np.concatenate([np.frombuffer(p, dtype=np.uint8) for p in payloads])
+
+
+def _task(coro: Coroutine) -> asyncio.Task:
+    """A task whose failure is always retrieved: after a refusal or timeout nobody awaits the rest."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task

@@ -1,20 +1,33 @@
 """The UCX data plane's wire format, shared by kvstore/dataplane_ucx.py and kvclient/transports/ucx.py.
 
 Control stays on gRPC (Reserve/Commit, Pin); over UCX a client only says which
-pinned blocks to send or which reserved slots it is about to fill, in fixed-size
-u64 headers, then the payloads follow as one tagged message per block straight
-from/into the host pool. Every request gets one reply header; an error reply is
-followed by one message carrying "ErrorType: detail" in UTF-8.
+pinned blocks to send or which reserved slots it is filling, in fixed-size u64
+headers on the endpoint's default tag. Payloads travel on DATA_TAG, posted all at
+once without waiting for a go-ahead, so a request costs one UCX round trip.
+Every request gets one reply header; an error reply is followed by one message
+carrying "ErrorType: detail" in UTF-8.
+
+Payload messages: blocks of a call, in call order, packed by message_groups(). A
+large block is one message straight from/into its buffer (zero-copy); small blocks
+share a message, staged through one copy on each side, because a UCX message costs
+tens of microseconds of Python and thread hand-offs whatever its size.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
 HEADER_WORDS = 4
 
 OP_HELLO = 1  # [op, len(client_id), len(token), 0] + client_id bytes + token bytes
-OP_GET = 2    # [op, n_blocks, pin_id, 0]; reply, then the n slots in pin order
-OP_PUT = 3    # [op, n_blocks, 0, 0] + u64[n] lease ids; reply, then the client sends n payloads, then a final reply
+OP_GET = 2    # [op, n_blocks, pin_id, group_bytes]; the server sends the slots on DATA_TAG, then the reply
+OP_PUT = 3    # [op, n_blocks, group_bytes, 0] + u64[2n] lease ids then sizes; the payloads on DATA_TAG follow at once; reply
+
+DATA_TAG = 1  # payload messages; headers and replies use the endpoint's default tag
+
+GROUP_BYTES = 1 << 20       # blocks smaller than this share messages of up to this size
+MAX_GROUP_BYTES = 16 << 20  # the server's cap on a client's group_bytes: bounds its staging buffers
 
 STATUS_OK = 0
 STATUS_ERROR = 1
@@ -32,3 +45,26 @@ def empty_header() -> np.ndarray:
 
 def error_detail(err: BaseException) -> bytes:
     return f"{type(err).__name__}: {err}".encode()
+
+
+def message_groups(sizes: Sequence[int], group_bytes: int) -> list[range]:
+    """Runs of consecutive blocks that travel as one message; both sides compute the same runs from the same sizes.
+
+    Blocks are packed greedily while the message stays within group_bytes; a block of
+    group_bytes or more (every block, when group_bytes is 0) is a message of its own.
+    """
+    groups: list[range] = []
+    lo, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > lo and total + size > group_bytes:
+            groups.append(range(lo, i))
+            lo, total = i, 0
+        total += size
+    if sizes:
+        groups.append(range(lo, len(sizes)))
+    return groups
+
+
+def contiguous(offsets: Sequence[int], sizes: Sequence[int]) -> bool:
+    """True when the slots follow each other in the pool, so one view spans them all."""
+    return all(offsets[i] + sizes[i] == offsets[i + 1] for i in range(len(offsets) - 1))

@@ -1,0 +1,148 @@
+"""The UCX data plane under concurrency and refusal: several client processes at once, byte-exact and bounded in time."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+
+import numpy as np
+import pytest
+
+from kvclient import KVClient
+from kvclient.errors import LeaseError
+from kvclient.transports import ucx_wire as wire
+from kvclient.transports.pooled import SlotRef
+from kvclient.types import PutOutcome
+from tests.conftest import make_fingerprint
+from tests.kvclient.transport_util import HAVE_UCX, UCX_SERVER_ENV, random_blocks, tokens
+from tests.serverproc import ServerProc
+
+pytestmark = [pytest.mark.ucx, pytest.mark.skipif(not HAVE_UCX, reason="ucxx not importable")]
+
+CLIENTS = 4
+DEADLINE_S = 60  # generous: a healthy run takes a few seconds; a stalled data plane takes minutes
+# Large blocks travel zero-copy, one message each; the small and odd-sized ones share messages.
+SIZES = [1 << 20] * 24 + [64 << 10] * 48 + [4097] * 5
+
+
+@pytest.fixture(scope="module")
+def ucx_server(tmp_path_factory):
+    srv = ServerProc(tmp_path_factory.mktemp("ucx") / "data", flags={"host_memory": "512MiB", "ssd_capacity": "1GiB", "persist_on_shutdown": False}, env=UCX_SERVER_ENV)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def client_for(srv, tenant: str) -> KVClient:
+    client = KVClient(srv.address, make_fingerprint(), tenant=tenant, transport="ucx")
+    assert client.stats()["client"]["transport"] == "ucx"
+    return client
+
+
+def _round_trips(idx: int, address: str, rounds: int, results) -> None:
+    """One client process: put, then get into caller buffers and into fresh ones, checking every byte."""
+    try:
+        with KVClient(address, make_fingerprint(), tenant=f"conc-{idx}", transport="ucx") as client:
+            for r in range(rounds):
+                keys = client.block_keys(tokens(len(SIZES), start=idx * 10**6 + r * 10**5))
+                rng = np.random.default_rng(idx * 100 + r)
+                blocks = [rng.integers(0, 256, size, dtype=np.uint8) for size in SIZES]
+                assert set(client.put(keys, blocks)) == {PutOutcome.STORED}
+                outs = [np.zeros(size, np.uint8) for size in SIZES]
+                client.get(keys, out=outs)
+                assert all(np.array_equal(a, b) for a, b in zip(outs, blocks)), "get into caller buffers differs"
+                assert all(np.array_equal(a, b) for a, b in zip(client.get(keys), blocks)), "get into fresh buffers differs"
+                assert client.delete(keys) == len(keys)
+        results.put((idx, None))
+    except BaseException as err:  # reported to the parent, which names the client
+        results.put((idx, f"{type(err).__name__}: {err}"))
+
+
+def test_concurrent_clients_byte_exact_and_bounded(ucx_server):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_round_trips, args=(i, ucx_server.address, 3, results)) for i in range(CLIENTS)]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    outcomes = {}
+    try:
+        while len(outcomes) < CLIENTS:
+            left = DEADLINE_S - (time.monotonic() - start)
+            try:
+                idx, error = results.get(timeout=max(left, 0.1))
+            except queue.Empty:
+                pytest.fail(f"UCX clients {sorted(set(range(CLIENTS)) - set(outcomes))} did not finish in {DEADLINE_S}s")
+            outcomes[idx] = error
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    assert outcomes == {i: None for i in range(CLIENTS)}
+    with client_for(ucx_server, "observer") as obs:
+        stats = obs.stats()
+        assert stats["pins_held"] == 0 and stats["leases_held"] == 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_connection_costs_the_server_no_cpu(ucx_server):
+    """The root cause of multi-client stalls: each pending UCX request used to poll, a core per waiting loop."""
+    with client_for(ucx_server, "idle") as client:
+        keys = client.block_keys(tokens(1, start=8_000_000))
+        client.put(keys, random_blocks(1, 4096))
+        client.get(keys)  # the server now waits on this endpoint for the next request
+        time.sleep(0.3)
+        cpu0, t0 = cpu_seconds(ucx_server.proc.pid), time.monotonic()
+        time.sleep(1.5)
+        share = (cpu_seconds(ucx_server.proc.pid) - cpu0) / (time.monotonic() - t0)
+    assert share < 0.3, f"the server used {share:.0%} of a core while its one UCX client was idle"
+
+
+class _BogusControl:
+    """Stands in for PoolControl: hands the transport a lease or pin the server never granted."""
+
+    def put(self, keys, payloads, checksums, durable, stats, fill):
+        fill([SlotRef(i, 0, len(p), handle=987_654_321, checksum=0) for i, p in enumerate(payloads)])
+
+    def get(self, keys, outs, stats, drain, unpin=True):
+        drain([SlotRef(0, 0, 4096, handle=987_654_321, checksum=0)], [np.zeros(4096, np.uint8)])
+
+    def close(self) -> None:
+        pass
+
+
+def test_refusals_leave_the_transport_usable(ucx_server):
+    with client_for(ucx_server, "refused") as client:
+        transport, real_control = client.transport, client.transport.control
+        payloads = [memoryview(b) for b in random_blocks(20, 64 << 10)]  # several shared messages to drain
+        transport.control = _BogusControl()
+        try:
+            with pytest.raises(LeaseError):
+                transport.put([b"k" * 16] * 20, payloads, [0] * 20, False, client.last_transfer)
+            assert transport._ep is not None, "a refused put is drained by the server; the endpoint stays in step"
+            with pytest.raises(LeaseError):
+                transport.get([b"k" * 16], None, client.last_transfer)
+            assert transport._ep is None, "a refused get leaves receives posted; the endpoint is dropped"
+        finally:
+            transport.control = real_control
+        keys = client.block_keys(tokens(3, start=7_000_000))
+        blocks = random_blocks(3, 1 << 20, seed=5)
+        assert client.put(keys, blocks) == [PutOutcome.STORED] * 3
+        assert all(np.array_equal(a, b) for a, b in zip(client.get(keys), blocks))
+        assert client.stats()["pins_held"] == 0
+
+
+def test_message_groups_pack_small_blocks_and_keep_large_ones_alone():
+    mib = 1 << 20
+    assert wire.message_groups([], mib) == []
+    assert wire.message_groups([mib, mib], mib) == [range(0, 1), range(1, 2)]
+    assert wire.message_groups([mib // 4] * 6, mib) == [range(0, 4), range(4, 6)]
+    assert wire.message_groups([100, 2 * mib, 100, 100], mib) == [range(0, 1), range(1, 2), range(2, 4)]
+    assert wire.message_groups([100, 100, 100], 0) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert wire.contiguous([0, 10, 30], [10, 20, 5]) and not wire.contiguous([0, 11], [10, 5])
