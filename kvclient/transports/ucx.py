@@ -10,7 +10,8 @@ UCX writes them directly, without host staging, one message per block.
 
 ucxx's async API wants one asyncio loop per process; `UcxRuntime` runs it in a
 daemon thread shared by every client in the process, and the synchronous
-KVClient calls hand coroutines to it. Time from hand-off to start is the
+KVClient calls hand coroutines to it. ucxx's context is created on that thread
+with completions as futures (ucxenv.start_context), so waiting costs no CPU. Time from hand-off to start is the
 "queue" part of TransferStats.
 """
 from __future__ import annotations
@@ -42,7 +43,11 @@ class UcxRuntime:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="kvclient-ucx", daemon=True)
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start_context(), self.loop).result(30)
+        try:
+            asyncio.run_coroutine_threadsafe(self._start_context(), self.loop).result(30)
+        except Exception as err:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise UnavailableError(f"UCX context did not start: {type(err).__name__}: {err}") from None
 
     async def _start_context(self) -> None:
         start_context(self.ucxx)
