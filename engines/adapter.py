@@ -26,10 +26,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from engines.block_checksum import paged_kernel, supports
 from engines.config import dtype_name
+from engines.layerwise import CacheGeometry, plan_layer_copies, run_on_cuda
 from engines.paged_cache import KV_LAYOUT, PagedKVCache
 from kvclient.client import KVClient
-from kvclient.errors import BlockNotFoundError
+from kvclient.errors import BlockNotFoundError, ChecksumMismatchError
 from kvclient.keys import BlockKey, Fingerprint, block_keys
 from kvclient.transports.base import TransferStats
 from kvclient.transports.pooled import SlotRef, check_block
@@ -69,6 +71,17 @@ def leading_present(states: Sequence[BlockState]) -> int:
         if state != BlockState.PRESENT:
             return i
     return len(states)
+
+
+def loadable_blocks(num_present: int, num_tokens: int, block_tokens: int) -> int:
+    """How many of a prompt's present leading blocks a prefill loads: those that end before its last token.
+
+    The last token must run (its logits give the first new token) and writes its
+    K/V into its block's page; a block loaded layer by layer is still landing and
+    being checked there. So, as vLLM does, a fully cached prompt recomputes its
+    last block instead of loading it.
+    """
+    return max(0, min(num_present, (num_tokens - 1) // block_tokens))
 
 
 # A block group is copied, then checked by one thread while later groups are still in flight.
@@ -114,6 +127,179 @@ class RegisteredPool:
         self.array = self.host = None
 
 
+class PrefixLoad:
+    """A cached prefix on its way into cache pages; the engine's side of vLLM's KV-connector shape.
+
+    prepare_load (outside the engine's lock: it talks to the store) -> start
+    (under the lock, once the pages exist) -> wait_for_layer(i) before layer i
+    reads the pages -> finish before anything computed from them is used:
+    finish raises ChecksumMismatchError if a block failed its check, and the
+    caller then recomputes. abort (or leaving the with-block unfinished) undoes
+    a load at any step. This base class is the host path: the payload was
+    fetched whole by prepare_load, start scatters it, and there is nothing to wait for.
+    """
+
+    def __init__(self, payload: torch.Tensor, stats: TransferStats | None = None) -> None:
+        self.payload = payload
+        self.stats = stats or TransferStats()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.payload)
+
+    def start(self, cache: PagedKVCache, pages: Sequence[int]) -> "PrefixLoad":
+        if self.num_blocks:
+            cache.scatter_blocks(pages[: self.num_blocks], self.payload)
+        return self
+
+    def wait_for_layer(self, layer: int) -> None:
+        pass
+
+    def dma_ms(self) -> float:
+        return 0.0
+
+    def finish(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def __enter__(self) -> "PrefixLoad":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()
+
+
+class StreamedPrefixLoad(PrefixLoad):
+    """Pinned blocks DMA'd from the CUDA-registered pool into the pages, layer by layer (layerwise.py).
+
+    Each block is checked once every layer has landed, while the forward pass
+    is still running: on the GPU, in the pages themselves, by the XXH3 kernel
+    (block_checksum.py) queued behind the copies, so what is checked is what
+    attention reads; without the kernel, in the pool on worker threads. The pin
+    is dropped only after that.
+    """
+
+    def __init__(self, adapter: "StoreAdapter", client: KVClient, registered: RegisteredPool,
+                 keys: Sequence[BlockKey], slots: list[SlotRef], stats: TransferStats) -> None:
+        self._adapter, self._client, self._registered = adapter, client, registered
+        self._digests = [k.digest for k in keys]
+        self._slots = slots
+        self.stats = stats
+        self._landed: list[torch.cuda.Event] = []
+        self._checked = None  # host checks: a future
+        self._hashes: torch.Tensor | None = None  # GPU checks: the kernel's output, ready at _hashed
+        self._hashed: torch.cuda.Event | None = None
+        self._done = False
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._slots)
+
+    def start(self, cache: PagedKVCache, pages: Sequence[int]) -> "PrefixLoad":
+        if not self._slots:
+            return self
+        t0 = time.perf_counter()
+        self._device = cache.device
+        plan = plan_layer_copies(CacheGeometry.of(cache.kv), pages[: len(self._slots)], [s.offset for s in self._slots])
+        stream = self._adapter.copy_stream(cache.device)
+        stream.wait_stream(torch.cuda.current_stream(cache.device))  # earlier passes may still read these pages
+        self._began = torch.cuda.Event(enable_timing=True)
+        self._began.record(stream)
+        for layer_copies in plan:
+            run_on_cuda(layer_copies, cache.kv.data_ptr(), self._registered.host.data_ptr(), stream)
+            self._landed.append(torch.cuda.Event(enable_timing=True))
+            self._landed[-1].record(stream)
+        self.stats.extra["copies"] = sum(len(c) for c in plan)
+        self._hash_in_pages(cache, pages[: len(self._slots)], stream)
+        self.stats.transfer_s += time.perf_counter() - t0  # enqueueing; the DMA itself is dma_ms()
+        return self
+
+    def _hash_in_pages(self, cache: PagedKVCache, pages: Sequence[int], stream: torch.cuda.Stream) -> None:
+        geometry = CacheGeometry.of(cache.kv)
+        kernel = paged_kernel() if supports(geometry.half_bytes, 2 * geometry.num_layers) else None
+        if kernel is None:
+            return
+        with torch.cuda.stream(stream):
+            offsets = torch.tensor([p * geometry.half_bytes for p in pages], dtype=torch.int64).to(cache.device, non_blocking=True)
+            self._hashes = kernel.launch(cache.kv.data_ptr(), offsets, geometry.num_pages * geometry.half_bytes,
+                                         geometry.half_bytes, 2 * geometry.num_layers, stream)
+        self._hashed = torch.cuda.Event()
+        self._hashed.record(stream)
+        self.stats.extra["checked_on"] = "gpu"
+
+    def _check_hashes(self) -> None:
+        t0 = time.perf_counter()
+        self._hashed.synchronize()
+        got = self._hashes.cpu().numpy().view(np.uint64)
+        expected = np.array([s.checksum for s in self._slots], dtype=np.uint64)
+        self.stats.validate_s += time.perf_counter() - t0
+        bad = np.flatnonzero(got != expected)
+        if len(bad):
+            raise ChecksumMismatchError(f"block {self._digests[bad[0]].hex()} failed its checksum after transfer "
+                                        f"({len(bad)} of {len(got)} blocks); no data was returned")
+
+    def _start_checks(self) -> None:
+        """Checks begin once the forward pass is (nearly) enqueued, not at start: sixteen threads taking
+        the GIL back after every block starved the thread launching the kernels (TTFT doubled)."""
+        if self._checked is None and self._landed and self._hashed is None:
+            self._checked = self._adapter.check_starter().submit(self._check_when_landed)
+
+    def _check_when_landed(self) -> None:
+        self._landed[-1].synchronize()
+        t0 = time.perf_counter()
+        array, digests = self._registered.array, self._digests
+
+        def check(members: list[SlotRef]) -> None:
+            for s in members:
+                check_block(digests[s.index], array[s.offset: s.offset + s.length], s.checksum)
+
+        per_group = max(1, COPY_GROUP_BYTES // max(1, self._slots[0].length))
+        groups = [self._slots[i: i + per_group] for i in range(0, len(self._slots), per_group)]
+        errors = [f.exception() for f in [self._adapter.checkers().submit(check, g) for g in groups]]
+        self.stats.validate_s += time.perf_counter() - t0
+        for err in errors:
+            if err is not None:
+                raise err
+
+    def wait_for_layer(self, layer: int) -> None:
+        if self._landed:
+            torch.cuda.current_stream(self._device).wait_event(self._landed[layer])
+            if layer == len(self._landed) - 1:
+                self._start_checks()
+
+    def dma_ms(self) -> float:
+        """GPU time from the first copy to the last layer landing (call after finish)."""
+        return self._began.elapsed_time(self._landed[-1]) if self._landed else 0.0
+
+    def finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._start_checks()
+            if self._checked is not None:
+                self._checked.result()
+            if self._hashed is not None:
+                self._check_hashes()
+        except BaseException:
+            self._client.transport.control.release(self._slots, failed=True)
+            raise
+        self._client.transport.control.release(self._slots)
+        self._client.last_transfer = self.stats
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._landed:
+            (self._hashed or self._landed[-1]).synchronize()  # no DMA or hash may outlive the pin
+        if self._checked is not None:
+            self._checked.exception()
+        self._client.transport.control.release(self._slots, failed=True)
+
+
 class StoreAdapter:
     def __init__(
         self,
@@ -140,6 +326,8 @@ class StoreAdapter:
         self._lock = threading.Lock()
         self._registered: dict[int, RegisteredPool] = {}  # id(client) -> its pool mapping, CUDA-registered
         self._checkers: ThreadPoolExecutor | None = None
+        self._check_starter: ThreadPoolExecutor | None = None  # waits for a load to land, then fans out checks
+        self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 
     @classmethod
     def for_cache(cls, address: str, fingerprint: Fingerprint, cache: PagedKVCache, **kwargs) -> "StoreAdapter":
@@ -175,6 +363,9 @@ class StoreAdapter:
             clients, self._all, self._idle = self._all, [], []
             registered, self._registered = self._registered, {}
             checkers, self._checkers = self._checkers, None
+            starter, self._check_starter = self._check_starter, None
+        if starter is not None:
+            starter.shutdown()
         for pool in registered.values():  # before the clients unmap the pool
             pool.close()
         if checkers is not None:
@@ -240,6 +431,40 @@ class StoreAdapter:
 
     # ---- payloads --------------------------------------------------------------------
 
+    def checkers(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._checkers is None:
+                self._checkers = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="kv-check")
+            return self._checkers
+
+    def check_starter(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._check_starter is None:
+                self._check_starter = ThreadPoolExecutor(4, thread_name_prefix="kv-check-start")
+            return self._check_starter
+
+    def copy_stream(self, device: torch.device) -> torch.cuda.Stream:
+        with self._lock:
+            if device not in self._copy_streams:
+                self._copy_streams[device] = torch.cuda.Stream(device)
+            return self._copy_streams[device]
+
+    def prepare_load(self, client: KVClient, keys: Sequence[BlockKey]) -> PrefixLoad:
+        """The first half of loading a cached prefix: pin it (GPU cache over shm) or fetch it whole.
+
+        A block that vanished since it was seen makes an empty load: the caller computes instead.
+        """
+        registered = self._registered.get(id(client))
+        if not keys or registered is None or self.device.type != "cuda":
+            payload = self.fetch(client, keys)
+            return PrefixLoad(payload, client.last_transfer if len(payload) else None)
+        stats = TransferStats()
+        try:
+            slots = client.transport.control.pin([k.digest for k in keys], stats)
+        except BlockNotFoundError:
+            return PrefixLoad(self.download(client, []))
+        return StreamedPrefixLoad(self, client, registered, keys, slots, stats)
+
     def download(self, client: KVClient, keys: Sequence[BlockKey]) -> torch.Tensor:
         """Blocks as one tensor [n, *block_shape] on the adapter's device (the cache's, for for_cache).
 
@@ -275,10 +500,7 @@ class StoreAdapter:
         block_bytes = out_bytes.numel() // len(keys)
         digests = [k.digest for k in keys]
         stats = TransferStats()
-        with self._lock:
-            if self._checkers is None:
-                self._checkers = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="kv-check")
-            checkers = self._checkers
+        checkers = self.checkers()
 
         def check(members: list[SlotRef]) -> None:
             for s in members:

@@ -8,7 +8,7 @@ It refuses to own scheduling, sampling or page allocation.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -84,12 +84,15 @@ class LlamaForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def forward(self, cache: PagedKVCache, chunks: Sequence[SeqChunk], last_only: bool = False) -> torch.Tensor:
+    def forward(self, cache: PagedKVCache, chunks: Sequence[SeqChunk], last_only: bool = False,
+                before_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Run chunks through the model, writing their K/V into cache; returns float32 logits.
 
         Logits are [total tokens, vocab] in chunk order, or [len(chunks), vocab]
         for each chunk's last token when last_only (all that sampling needs,
         and it skips the vocab projection for the rest of a prefill).
+        before_layer(i) runs before layer i touches the cache: a prefix still
+        being loaded layer by layer (adapter.PrefixLoad.wait_for_layer) hooks in here.
         """
         self._check_cache(cache)
         meta = AttentionMetadata.build(chunks, cache.block_tokens, self.device)
@@ -97,6 +100,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(token_ids.to(self.device))
         cos, sin = rope_cos_sin(meta.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
+            if before_layer is not None:
+                before_layer(i)
             x = layer(x, cos, sin, cache.layer(i), meta)
         if last_only:
             ends = torch.tensor([c.num_tokens for c in chunks]).cumsum(0) - 1

@@ -1,8 +1,9 @@
 """Prefill worker: computes a prompt's KV once across the fleet, publishes its full blocks, returns the first token.
 
 Per request: lease the prompt's missing full blocks in kvstore, wait for any
-leading blocks another worker is computing, fetch the cached prefix, run only
-the rest through the model, upload the blocks we leased. The trailing partial
+leading blocks another worker is computing, load the cached prefix (on a GPU
+layer by layer, under the forward pass), run only the rest through the model,
+upload the blocks we leased. The trailing partial
 block is computed but never stored (it has no key); the decode worker
 recomputes it. It refuses to own decoding and routing.
 
@@ -13,19 +14,24 @@ Endpoints (engines/protocol.py): POST /prefill, POST /match, GET /health.
 from __future__ import annotations
 
 import argparse
+import logging
 import threading
 from collections import OrderedDict
 from typing import Sequence
 
 import torch
 
+from engines.adapter import PrefixLoad, loadable_blocks
 from engines.attention import SeqChunk
 from engines.generate import sample_next
 from engines.protocol import MatchRequest, MatchResponse, PrefillRequest, PrefillResponse, WorkerHealth
 from engines.worker_common import Counters, InFlight, Route
 from engines.worker_engine import WorkerEngine, run_worker
+from kvclient.errors import ChecksumMismatchError
 from kvclient.keys import BlockKey
 from kvclient.types import PutOutcome
+
+log = logging.getLogger(__name__)
 
 
 class RecentBlocks:
@@ -87,14 +93,11 @@ class PrefillWorker:
             plan = adapter.claim(client, keys, engine.wait_timeout_s)
             owned_keys = [keys[i] for i in plan.owned]
             try:
-                payload = adapter.fetch(client, keys[: plan.num_present])
-                fetched = len(payload)
-                # A fully cached prompt still runs its last token: its logits give the first token.
-                start = min(fetched * engine.block_tokens, len(prompt) - 1)
-                with engine.pages(len(prompt)) as (_, table), engine.lock:
-                    engine.cache.scatter_blocks(table[:fetched], payload)
-                    logits = engine.model(engine.cache, [SeqChunk(prompt[start:], start, table)], last_only=True)
-                    publish = engine.cache.gather_blocks([table[i] for i in plan.owned])
+                num_load = loadable_blocks(plan.num_present, len(prompt), engine.block_tokens)
+                with adapter.prepare_load(client, keys[:num_load]) as load:
+                    with engine.pages(len(prompt)) as (_, table), engine.lock:
+                        logits, start = self._forward(prompt, table, load)
+                        publish = engine.cache.gather_blocks([table[i] for i in plan.owned])
                 outcomes = adapter.upload(client, owned_keys, publish)
             finally:
                 client.release(owned_keys)  # whatever was not uploaded, so waiters take over at once
@@ -110,6 +113,25 @@ class PrefillWorker:
             first_token=int(sample_next(logits)[0]),
             num_published_blocks=plan.num_present + stored,
         )
+
+    def _forward(self, prompt: list[int], table: list[int], load: PrefixLoad) -> tuple[torch.Tensor, int]:
+        """The prompt's logits from the cached prefix on; returns them and how many tokens were cached.
+
+        The prefix lands layer by layer under the forward pass. A prefix that
+        fails its check is thrown away and the whole prompt computed instead.
+        """
+        engine = self.engine
+        start = load.num_blocks * engine.block_tokens
+        load.start(engine.cache, table)
+        logits = engine.model(engine.cache, [SeqChunk(prompt[start:], start, table)], last_only=True,
+                              before_layer=load.wait_for_layer)
+        try:
+            load.finish()
+        except ChecksumMismatchError:
+            log.warning("cached prefix failed its checksum; recomputing the whole prompt")
+            start = 0
+            logits = engine.model(engine.cache, [SeqChunk(prompt, 0, table)], last_only=True)
+        return logits, start
 
     def health(self) -> WorkerHealth:
         return self.engine.health("prefill", self.in_flight, self.counters)

@@ -127,7 +127,8 @@ class KVClient:
         """How many leading blocks of this chain are present."""
         if not keys:
             return 0
-        return self.status(keys)[1]
+        request = pb.LookupRequest(fingerprint_id=self.fingerprint_id, keys=_digests(keys), prefix_only=True)
+        return self._call(self.stub.Lookup, request).prefix_length
 
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
         if not keys:

@@ -88,6 +88,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @_rpc
     def Lookup(self, request, context, caller: Caller):
+        if request.prefix_only:
+            return pb.LookupResponse(prefix_length=self.store.prefix_length(caller, request.fingerprint_id, list(request.keys)))
         states, prefix = self.store.lookup(caller, request.fingerprint_id, list(request.keys))
         return pb.LookupResponse(statuses=[key_status(s) for s in states], prefix_length=prefix)
 
@@ -157,8 +159,13 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         if request.release_pin_ids:  # first, so the room they hold is free for this pin
             self.store.unpin(caller, list(request.release_pin_ids))
         info = self.store.pin(caller, request.fingerprint_id, list(request.keys), request.ttl_ms)
-        blocks = [pb.PinnedBlock(key=b.key, slot=pb.Slot(offset=b.offset, length=b.size), checksum=b.checksum) for b in info.blocks]
-        return pb.PinResponse(pin_id=info.pin_id, blocks=blocks, expires_unix_ms=info.expires_ms)
+        return pb.PinResponse(
+            pin_id=info.pin_id,
+            expires_unix_ms=info.expires_ms,
+            offsets=[b.offset for b in info.blocks],
+            lengths=[b.size for b in info.blocks],
+            checksums=[b.checksum for b in info.blocks],
+        )
 
     @_rpc
     def Unpin(self, request, context, caller: Caller):

@@ -158,6 +158,20 @@ class Store:
         self.counters["lookup_blocks_miss"] += sum(s.state != pb.BLOCK_PRESENT for s in states)
         return states, prefix
 
+    def prefix_length(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> int:
+        """How many leading keys are present, looking no further than the first that is not."""
+        self._check_fp(fingerprint_id)
+        self._check_keys(keys)
+        prefix = 0
+        with self._lock:
+            for k in keys:
+                if self._present(caller, fingerprint_id, k, strict=False) is None:
+                    break
+                prefix += 1
+        self.counters["lookup_blocks_hit"] += prefix
+        self.counters["lookup_blocks_miss"] += len(keys) - prefix
+        return prefix
+
     def _lease_for(self, caller: Caller, fingerprint_id: bytes, key: bytes, ttl_s: float) -> tuple[int, WriteLease | None]:
         """Outcome for one key and the caller's lease when GRANTED. Caller holds the lock."""
         if self._present(caller, fingerprint_id, key, strict=True) is not None:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import xxhash
@@ -24,9 +23,8 @@ from kvclient.transports.base import TransferStats
 from kvstore.v1 import kvstore_pb2 as pb
 
 
-@dataclass(frozen=True)
-class SlotRef:
-    """One block's place in the pool, and its position in the caller's batch."""
+class SlotRef(NamedTuple):
+    """One block's place in the pool, and its position in the caller's batch (a tuple: hundreds per call)."""
 
     index: int
     offset: int
@@ -176,27 +174,47 @@ class PoolControl:
         """
         return self._get_window(keys, outs, 0, len(keys), stats, drain, unpin)
 
+    def pin(self, keys, stats: TransferStats, lo: int = 0) -> list[SlotRef]:
+        """Pin keys (one RPC, carrying the deferred releases); their slots, indexed from lo.
+
+        For callers that move the bytes later themselves (the engine adapter's
+        layer-by-layer DMA); they must end with release().
+        """
+        release = self.deferred_unpins.take()
+        resp = self._timed(stats, self.stub.Pin, pb.PinRequest(fingerprint_id=self.fingerprint_id, keys=list(keys), release_pin_ids=release))
+        if not len(resp.offsets) == len(resp.lengths) == len(resp.checksums) == len(keys):
+            self._quietly(self.stub.Unpin, pb.UnpinRequest(pin_ids=[resp.pin_id]))
+            raise TransferError(f"server pinned {len(resp.offsets)} blocks for {len(keys)} keys")
+        pin_id = resp.pin_id
+        return [SlotRef(lo + i, offset, length, pin_id, crc)
+                for i, (offset, length, crc) in enumerate(zip(resp.offsets, resp.lengths, resp.checksums))]
+
+    def release(self, slots: Sequence[SlotRef], failed: bool = False) -> None:
+        """Drop a pin: at once after a failure, else with the next Pin (DeferredUnpins)."""
+        if not slots:
+            return
+        if failed:
+            self._quietly(self.stub.Unpin, pb.UnpinRequest(pin_ids=[slots[0].handle]))
+        else:
+            self.deferred_unpins.add(slots[0].handle)
+
     def _get_window(self, keys, outs, lo: int, hi: int, stats: TransferStats, drain, unpin: bool) -> list[np.ndarray]:
         """Pin keys[lo:hi]; a batch larger than the host pool can stage is halved until it fits."""
         try:
-            release = self.deferred_unpins.take()
-            resp = self._timed(stats, self.stub.Pin, pb.PinRequest(fingerprint_id=self.fingerprint_id, keys=list(keys[lo:hi]), release_pin_ids=release))
+            slots = self.pin(keys[lo:hi], stats, lo)
         except CapacityExhaustedError:
             if hi - lo < 2:
                 raise
             mid = (lo + hi) // 2
             return self._get_window(keys, outs, lo, mid, stats, drain, unpin) + self._get_window(keys, outs, mid, hi, stats, drain, unpin)
         try:
-            if len(resp.blocks) != hi - lo:
-                raise TransferError(f"server pinned {len(resp.blocks)} blocks for {hi - lo} keys")
-            slots = [SlotRef(lo + i, b.slot.offset, b.slot.length, resp.pin_id, b.checksum) for i, b in enumerate(resp.blocks)]
             dests = destinations(slots, outs, keys)
             drain(slots, dests)
         except BaseException:
-            self._quietly(self.stub.Unpin, pb.UnpinRequest(pin_ids=[resp.pin_id]))
+            self.release(slots, failed=True)
             raise
         if unpin:
-            self.deferred_unpins.add(resp.pin_id)
+            self.release(slots)
         stats.bytes += sum(s.length for s in slots)
         stats.blocks += len(slots)
         return dests

@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from engines.adapter import StoreAdapter
+from engines.adapter import StoreAdapter, StreamedPrefixLoad
 from engines.attention import SeqChunk
 from engines.checkpoint import load_checkpoint
 from engines.fingerprint import checkpoint_fingerprint
 from engines.generate import generate_greedy
 from kvclient.errors import ChecksumMismatchError
 from kvclient.transports.base import TransferStats
-from tests.engines.tiny import TINY_CONFIG, gpu_only, make_cache
+from tests.engines.tiny import BLOCK_TOKENS, TINY_CONFIG, gpu_only, make_cache
 
 pytestmark = [pytest.mark.gpu, gpu_only]
 
@@ -55,15 +55,21 @@ def test_bf16_prefix_then_rest_close_to_whole(tiny_checkpoint, prompt_ids):
     torch.testing.assert_close(torch.cat([head, rest]), whole, atol=0.05, rtol=0)
 
 
-@pytest.mark.parametrize("block_tokens", [4, 16])  # 2 KiB blocks in 4 KiB slots (one copy each); 8 KiB back to back
-def test_download_to_cuda_dmas_from_the_registered_pool(server, tiny_checkpoint, prompt_ids, block_tokens, request):
-    model = load_checkpoint(tiny_checkpoint, device="cuda")
+def cuda_prefix(server, checkpoint, prompt_ids, block_tokens: int, name: str, new_tokens: int):
+    """A CUDA model, the prompt's greedy continuation, its full blocks' payload, and an shm adapter."""
+    model = load_checkpoint(checkpoint, device="cuda")
     source = make_cache(model, block_tokens=block_tokens)
-    generate_greedy(model, source, prompt_ids, 1, seq_id="s", keep_cache=True)
+    expected = generate_greedy(model, source, prompt_ids, new_tokens, seq_id="s", keep_cache=True)
     full_blocks = len(prompt_ids) // block_tokens
     payload = source.gather_blocks(source.block_table("s")[:full_blocks])
-    fp = checkpoint_fingerprint(tiny_checkpoint, TINY_CONFIG, torch.float32, block_tokens, model=request.node.name)
-    adapter = StoreAdapter.for_cache(server.address, fp, source, transport="shm")
+    fp = checkpoint_fingerprint(checkpoint, TINY_CONFIG, torch.float32, block_tokens, model=name)
+    return model, source, expected, payload, StoreAdapter.for_cache(server.address, fp, source, transport="shm")
+
+
+@pytest.mark.parametrize("block_tokens", [4, 16])  # 2 KiB blocks in 4 KiB slots (one copy each); 8 KiB back to back
+def test_download_to_cuda_dmas_from_the_registered_pool(server, tiny_checkpoint, prompt_ids, block_tokens, request):
+    _, source, _, payload, adapter = cuda_prefix(server, tiny_checkpoint, prompt_ids, block_tokens, request.node.name, 1)
+    full_blocks = len(payload)
     try:
         keys = adapter.block_keys(prompt_ids)
         with adapter.session() as client:
@@ -77,5 +83,43 @@ def test_download_to_cuda_dmas_from_the_registered_pool(server, tiny_checkpoint,
             client.transport.pool[slots[0].offset] ^= 0xFF
             with pytest.raises(ChecksumMismatchError):
                 adapter.download(client, keys)
+    finally:
+        adapter.close()
+
+
+def test_prefix_streams_layer_by_layer_into_pages_and_is_checked(server, tiny_checkpoint, prompt_ids, request):
+    bt = BLOCK_TOKENS
+    model, _, expected, payload, adapter = cuda_prefix(server, tiny_checkpoint, prompt_ids, bt, request.node.name, 6)
+    full_blocks = len(payload)
+    try:
+        keys = adapter.block_keys(prompt_ids)
+        with adapter.session() as client:
+            adapter.upload(client, keys, payload)
+            target = make_cache(model)
+            target.allocate("pad", 5 * bt)  # other page ids than the source's
+            table = target.allocate("b", len(prompt_ids) + 6)
+            with torch.inference_mode(), adapter.prepare_load(client, keys) as load:
+                assert isinstance(load, StreamedPrefixLoad) and load.num_blocks == full_blocks
+                load.start(target, table)
+                start = full_blocks * bt
+                logits = model(target, [SeqChunk(prompt_ids[start:], start, table)], last_only=True,
+                               before_layer=load.wait_for_layer)
+                load.finish()
+            assert torch.equal(target.gather_blocks(table[:full_blocks]), payload)
+            assert int(logits.argmax(-1)[0]) == expected[0]
+            assert load.stats.extra["copies"] == 2 * TINY_CONFIG.num_hidden_layers  # one run: K and V per layer
+            assert load.dma_ms() > 0
+            assert load.stats.extra["checked_on"] == "gpu"  # the XXH3 kernel, in the pages
+            target.free("b")
+            assert generate_greedy(model, target, prompt_ids, 6, seq_id="c", num_cached_tokens=0) == expected
+
+            slots = client.transport.control.pin([keys[1].digest], TransferStats())
+            client.transport.control.release(slots, failed=True)
+            client.transport.pool[slots[0].offset + 7] ^= 0xFF
+            table = target.allocate("d", len(prompt_ids))
+            with pytest.raises(ChecksumMismatchError), adapter.prepare_load(client, keys) as load:
+                load.start(target, table)
+                load.finish()
+            assert client.stats()["pins_held"] == 0
     finally:
         adapter.close()

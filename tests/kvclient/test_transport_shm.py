@@ -84,4 +84,4 @@ def test_early_copy_is_used_and_never_serves_a_deleted_or_rewritten_block(shm_se
 def slot_of(client: KVClient, key) -> int:
     pin = client._call(client.stub.Pin, pb.PinRequest(fingerprint_id=client.fingerprint_id, keys=[key.digest]))
     client._call(client.stub.Unpin, pb.UnpinRequest(pin_ids=[pin.pin_id]))
-    return pin.blocks[0].slot.offset
+    return pin.offsets[0]

@@ -116,7 +116,7 @@ def test_corrupted_block_raises_and_releases_pin(dp_server, fingerprint, transpo
         client._call(client.stub.Unpin, pb.UnpinRequest(pin_ids=[pin.pin_id]))
         info = client._call(client.stub.DataPlane, pb.DataPlaneRequest())
         pool = map_pool(info.shm_name)
-        offset = pin.blocks[0].slot.offset
+        offset = pin.offsets[0]
         pool[offset + 100] ^= 0xFF
         out = [np.zeros(BLOCK, np.uint8), np.zeros(BLOCK, np.uint8)]
         with pytest.raises(ChecksumMismatchError, match=keys[1].hex()):

@@ -104,13 +104,13 @@ def test_read_pins_keep_blocks_from_eviction(make_server, fingerprint):
         blocks = blocks_for(200, seed=5)
         client.put(keys[:1], blocks[:1])
         pin = client._call(client.stub.Pin, pb.PinRequest(fingerprint_id=client.fingerprint_id, keys=[keys[0].digest], ttl_ms=60_000))
-        slot = pin.blocks[0].slot.offset
+        slot = pin.offsets[0]
         for i in range(1, 200, 40):
             client.put(keys[i : i + 40], blocks[i : i + 40])
         time.sleep(0.3)
         status, _ = client.status(keys[:1])
         assert status[0].tier.name == "HOST"
         again = client._call(client.stub.Pin, pb.PinRequest(fingerprint_id=client.fingerprint_id, keys=[keys[0].digest]))
-        assert again.blocks[0].slot.offset == slot
+        assert again.offsets[0] == slot
         client._call(client.stub.Unpin, pb.UnpinRequest(pin_ids=[pin.pin_id, again.pin_id]))
         assert client.stats()["pins_held"] == 0

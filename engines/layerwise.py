@@ -1,0 +1,117 @@
+"""Layer-by-layer KV loading: stored blocks go straight from the store's pool into the paged cache.
+
+A stored block holds every layer ([num_layers, 2, block_tokens, heads, dim],
+paged_cache.py), so a plain fetch must land all of a prefix before layer 0's
+attention may read it. Here each layer's K and V rows of a run of blocks move
+in one strided (2D) DMA straight into the cache's pages, layers in order on a
+copy stream, each layer ending in an event: layer i's attention waits for its
+own event only, so the transfer of later layers hides behind the compute of
+earlier ones. This is the shape of vLLM's KV connector (start_load_kv, then
+wait_for_layer_load before each attention) and of LMCache's layerwise retrieval.
+
+This module owns the copy plan and its execution (CUDA via cupy, and a host
+reference the tests hold the plan to). It refuses to own pins, checksums and
+the store: adapter.py decides what is loaded and checks it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Copy2D:
+    """height rows of width bytes: row r from src + r*src_pitch to dst + r*dst_pitch (byte offsets)."""
+
+    dst: int
+    src: int
+    width: int
+    height: int
+    src_pitch: int
+    dst_pitch: int
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """What a copy plan needs of a contiguous [layers, 2, pages, block_tokens, heads, dim] cache."""
+
+    num_layers: int
+    num_pages: int
+    half_bytes: int  # one page's K (or V) of one layer: block_tokens * heads * dim * element size
+
+    @classmethod
+    def of(cls, kv: torch.Tensor) -> "CacheGeometry":
+        if not kv.is_contiguous():
+            raise ValueError("the paged cache must be one contiguous tensor")
+        layers, two, pages = kv.shape[:3]
+        return cls(layers, pages, kv[0, 0, 0].numel() * kv.element_size())
+
+    @property
+    def block_bytes(self) -> int:
+        return self.num_layers * 2 * self.half_bytes
+
+
+def runs(pages: Sequence[int], offsets: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first index, length, source stride) of stretches where pages are consecutive and pool
+    offsets step evenly: a fresh upload sits back to back in the pool, a fresh table in the cache."""
+    out: list[tuple[int, int, int]] = []
+    i = 0
+    while i < len(pages):
+        j, stride = i + 1, 0
+        while j < len(pages) and pages[j] == pages[j - 1] + 1:
+            step = offsets[j] - offsets[j - 1]
+            if step <= 0 or (stride and step != stride):
+                break
+            stride = step
+            j += 1
+        out.append((i, j - i, stride))
+        i = j
+    return out
+
+
+def plan_layer_copies(geometry: CacheGeometry, pages: Sequence[int], offsets: Sequence[int]) -> list[list[Copy2D]]:
+    """Per layer, the 2D copies that move every block's K and V of that layer into its page.
+
+    pages[i] receives the block stored at pool byte offset offsets[i]. Copies
+    count 2 x layers x runs, independent of the number of blocks in a run.
+    """
+    if len(pages) != len(offsets):
+        raise ValueError(f"{len(pages)} pages for {len(offsets)} blocks")
+    half, plan = geometry.half_bytes, []
+    stretches = runs(pages, offsets)
+    for layer in range(geometry.num_layers):
+        copies = []
+        for kv in (0, 1):
+            part = layer * 2 + kv
+            for first, length, stride in stretches:
+                copies.append(Copy2D(
+                    dst=(part * geometry.num_pages + pages[first]) * half,
+                    src=offsets[first] + part * half,
+                    width=half,
+                    height=length,
+                    src_pitch=stride or geometry.block_bytes,
+                    dst_pitch=half,
+                ))
+        plan.append(copies)
+    return plan
+
+
+def run_on_host(copies: Sequence[Copy2D], dst: np.ndarray, src: np.ndarray) -> None:
+    """The reference executor: dst and src are flat uint8 arrays (the cache's and the pool's bytes)."""
+    for c in copies:
+        s = np.lib.stride_tricks.as_strided(src[c.src:], shape=(c.height, c.width), strides=(c.src_pitch, 1))
+        d = np.lib.stride_tricks.as_strided(dst[c.dst:], shape=(c.height, c.width), strides=(c.dst_pitch, 1))
+        d[...] = s
+
+
+def run_on_cuda(copies: Sequence[Copy2D], dst_ptr: int, src_ptr: int, stream: torch.cuda.Stream) -> None:
+    """Enqueue the copies on stream; src_ptr is page-locked host memory (the registered pool)."""
+    from cupy.cuda import runtime
+
+    handle = stream.cuda_stream
+    for c in copies:
+        runtime.memcpy2DAsync(dst_ptr + c.dst, c.dst_pitch, src_ptr + c.src, c.src_pitch, c.width, c.height,
+                              runtime.memcpyHostToDevice, handle)
