@@ -1,6 +1,7 @@
 """Decode worker: pulls a prompt's KV from kvstore into its own pages and streams generated tokens.
 
-Per request: wait for and fetch the prompt's full blocks, recompute what the
+Per request: wait for the prompt's full blocks and pin or fetch them, land them
+in pages (on a GPU layer by layer, under the forward pass), recompute what the
 store lacks (always the trailing partial block, which has no key), then feed
 first_token (chosen by the prefill worker) and generate, one NDJSON
 DecodeEvent per token. The stream carries first_token too, so it alone is the
@@ -19,12 +20,14 @@ from typing import Generator, Iterator, Sequence
 
 import torch
 
+from engines.adapter import PrefixLoad
 from engines.attention import SeqChunk
 from engines.generate import sample_next
 from engines.protocol import DecodeEvent, DecodeRequest, WorkerHealth
 from engines.tokenizer import NUM_BYTES
 from engines.worker_common import Counters, HTTPError, InFlight, Route
 from engines.worker_engine import WorkerEngine, run_worker
+from kvclient.errors import ChecksumMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +50,17 @@ class DecodeWorker:
         keys = adapter.block_keys(prompt)
         with adapter.session() as client:
             num_present = adapter.available_prefix(client, keys, self.engine.wait_timeout_s)
-            payload = adapter.fetch(client, keys[:num_present])
-        return self._generate(req, prompt, payload)
+            # Pinned (GPU) or fetched (host) now; it lands in pages once the stream starts.
+            load = adapter.prepare_load(client, keys[:num_present])
+        return self._generate(req, prompt, load)
 
-    def _generate(self, req: DecodeRequest, prompt: list[int], payload: torch.Tensor) -> Iterator[DecodeEvent]:
+    def _generate(self, req: DecodeRequest, prompt: list[int], load: PrefixLoad) -> Iterator[DecodeEvent]:
         engine = self.engine
-        fetched_tokens = len(payload) * engine.block_tokens
+        fetched_tokens = load.num_blocks * engine.block_tokens
         budget = len(prompt) + max(req.max_tokens, 0)
         self.in_flight.add(budget)
         try:
-            finish_reason = yield from self._tokens(req, prompt, payload)
+            finish_reason, fetched_tokens = yield from self._tokens(req, prompt, load)
             yield DecodeEvent(done=True, finish_reason=finish_reason, num_fetched_tokens=fetched_tokens)
         except HTTPError as err:
             yield DecodeEvent(done=True, finish_reason="error", error=str(err), num_fetched_tokens=fetched_tokens)
@@ -65,23 +69,21 @@ class DecodeWorker:
             yield DecodeEvent(done=True, finish_reason="error", error=f"{type(err).__name__}: {err}",
                               num_fetched_tokens=fetched_tokens)
         finally:
+            load.abort()  # a stream never started or cut short still drops its pin
             self.in_flight.done(budget)
 
     @torch.inference_mode()
-    def _tokens(self, req: DecodeRequest, prompt: list[int], payload: torch.Tensor) -> Generator[DecodeEvent, None, str]:
-        """Yields one event per token; returns the finish reason."""
+    def _tokens(self, req: DecodeRequest, prompt: list[int], load: PrefixLoad) -> Generator[DecodeEvent, None, tuple[str, int]]:
+        """Yields one event per token; returns the finish reason and how many prompt tokens came from the store."""
         engine = self.engine
         if req.max_tokens <= 0:
-            return "length"
-        fetched_tokens = len(payload) * engine.block_tokens
+            return "length", 0
         generator = torch.Generator().manual_seed(req.seed) if req.temperature > 0 else None
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         # The last generated token is returned but never fed back, so it needs no slot.
         with engine.pages(len(prompt) + req.max_tokens - 1) as (_, table):
             with engine.lock:
-                engine.cache.scatter_blocks(table[: len(payload)], payload)
-                if fetched_tokens < len(prompt):
-                    engine.model(engine.cache, [SeqChunk(prompt[fetched_tokens:], fetched_tokens, table)], last_only=True)
+                fetched_tokens = self._prefill_rest(prompt, table, load)
             self.counters.add(requests_total=1, fetched_tokens_total=fetched_tokens,
                               computed_tokens_total=len(prompt) - fetched_tokens)
             token, generated = req.first_token, 1
@@ -89,14 +91,33 @@ class DecodeWorker:
                 self.counters.add(generated_tokens_total=1)
                 yield DecodeEvent(token=token, text=text.decode(bytes([token]) if token < NUM_BYTES else b""))
                 if req.stop_at_eos and token == engine.config.eos_token_id:
-                    return "stop"
+                    return "stop", fetched_tokens
                 if generated == req.max_tokens:
-                    return "length"
+                    return "length", fetched_tokens
                 with engine.lock:
                     logits = engine.model(engine.cache, [SeqChunk([token], len(prompt) + generated - 1, table)],
                                           last_only=True)
                 self.counters.add(computed_tokens_total=1)
                 token, generated = int(sample_next(logits, req.temperature, generator)[0]), generated + 1
+
+    def _prefill_rest(self, prompt: list[int], table: list[int], load: PrefixLoad) -> int:
+        """Land the fetched prefix in the pages and compute what it lacks; returns the tokens it supplied.
+
+        A prefix that fails its check is thrown away and the whole prompt computed instead.
+        """
+        engine = self.engine
+        fetched_tokens = load.num_blocks * engine.block_tokens
+        load.start(engine.cache, table)
+        if fetched_tokens < len(prompt):
+            engine.model(engine.cache, [SeqChunk(prompt[fetched_tokens:], fetched_tokens, table)], last_only=True,
+                         before_layer=load.wait_for_layer)
+        try:
+            load.finish()
+        except ChecksumMismatchError:
+            log.warning("fetched prefix failed its checksum; recomputing the whole prompt")
+            engine.model(engine.cache, [SeqChunk(prompt, 0, table)], last_only=True)
+            return 0
+        return fetched_tokens
 
     def health(self) -> WorkerHealth:
         return self.engine.health("decode", self.in_flight, self.counters)
