@@ -108,12 +108,19 @@ class PagedChecksumKernel:
         n = len(block_offsets)
         out = torch.empty(n, dtype=torch.int64, device=block_offsets.device)
         grid = (-(-n * 8 // self.THREADS),)
-        with self._cupy.cuda.ExternalStream(stream.cuda_stream):
+        with self._on(stream):
             self._kernel(grid, (self.THREADS,), (
                 np.uint64(base_ptr), np.uint64(block_offsets.data_ptr()), np.int32(n),
                 np.int64(part_stride), np.int64(part_bytes), np.int32(num_parts), np.uint64(out.data_ptr()),
             ))
         return out
+
+    def _on(self, stream: torch.cuda.Stream):
+        """cupy's view of a torch stream: Stream.from_external where cupy has it (ExternalStream is deprecated)."""
+        from_external = getattr(self._cupy.cuda.Stream, "from_external", None)
+        if from_external is not None and hasattr(stream, "__cuda_stream__"):
+            return from_external(stream)
+        return self._cupy.cuda.ExternalStream(stream.cuda_stream)
 
 
 _KERNEL: PagedChecksumKernel | None = None

@@ -110,8 +110,11 @@ def chain_seed(fingerprint: Fingerprint, tenant: str | None) -> bytes:
 
 def hash_block_tokens(parent: bytes, token_ids: Sequence[int] | np.ndarray, extra_keys: bytes = b"") -> bytes:
     """h_i = xxh3_128(h_{i-1} || int64-LE token ids || extra keys) — the one chaining function."""
-    tokens = np.ascontiguousarray(token_ids, dtype="<i8").tobytes()
-    return xxhash.xxh3_128_digest(parent + tokens + extra_keys)
+    return _chain(parent, np.ascontiguousarray(token_ids, dtype="<i8").tobytes(), extra_keys)
+
+
+def _chain(parent: bytes, token_bytes: bytes, extra_keys: bytes) -> bytes:
+    return xxhash.xxh3_128_digest(parent + token_bytes + extra_keys)
 
 
 def block_keys(
@@ -132,8 +135,9 @@ def block_keys(
     if len(extras) < full:
         raise ValueError(f"extra_keys has {len(extras)} entries for {full} full blocks")
     parent = chain_seed(fingerprint, tenant)
+    raw, step = tokens.tobytes(), n * 8  # one conversion for the whole prompt, not one per block
     keys: list[BlockKey] = []
     for i in range(full):
-        parent = hash_block_tokens(parent, tokens[i * n : (i + 1) * n], extras[i])
+        parent = _chain(parent, raw[i * step : (i + 1) * step], extras[i])
         keys.append(BlockKey(parent))
     return keys
