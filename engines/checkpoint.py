@@ -129,4 +129,4 @@ def load_checkpoint(
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False).fuse_projections()

@@ -23,6 +23,17 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
+    """Concatenate bias-free Linear weights along outputs; each Linear's weight becomes a view of the result."""
+    fused = torch.cat([lin.weight.detach() for lin in linears])
+    row = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[row: row + rows], requires_grad=False)
+        row += rows
+    return fused
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); attribute names match HF's LlamaMLP so state dicts load as is."""
 
@@ -31,9 +42,16 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # set by fuse(); a buffer so .to() moves it
+
+    def fuse(self) -> None:
+        self.gate_up_weight = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = nn.functional.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
 
 
 def rope_cos_sin(

@@ -15,7 +15,7 @@ from torch import nn
 
 from engines.attention import AttentionMetadata, SeqChunk, paged_attention
 from engines.config import ModelConfig
-from engines.layers import RMSNorm, SwiGLU, apply_rope, rope_cos_sin
+from engines.layers import RMSNorm, SwiGLU, apply_rope, fuse_linears, rope_cos_sin
 from engines.paged_cache import PagedKVCache
 
 __all__ = ["LlamaForCausalLM", "SeqChunk"]
@@ -32,16 +32,26 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_dim, bias=False)
         self.v_proj = nn.Linear(hidden, kv_dim, bias=False)
         self.o_proj = nn.Linear(q_dim, hidden, bias=False)
+        self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse(); a buffer so .to() moves it
+
+    def fuse(self) -> None:
+        """One [q; k; v] weight, with q/k/v_proj.weight rebound as views of it (no second copy)."""
+        self.qkv_weight = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        n = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        n, hq, hkv = x.shape[0], self.num_heads, self.num_kv_heads
+        if self.qkv_weight is not None:
+            qkv = nn.functional.linear(x, self.qkv_weight).view(n, hq + 2 * hkv, self.head_dim)
+            qk = apply_rope(qkv[:, : hq + hkv], cos, sin)  # q and k rotated in one pass
+            q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv:]
+        else:
+            q = apply_rope(self.q_proj(x).view(n, hq, self.head_dim), cos, sin)
+            k = apply_rope(self.k_proj(x).view(n, hkv, self.head_dim), cos, sin)
+            v = self.v_proj(x).view(n, hkv, self.head_dim)
         out = paged_attention(q, k, v, kv_layer, meta)
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(n, hq * self.head_dim))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -75,6 +85,15 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_projections(self) -> "LlamaForCausalLM":
+        """Fuse q/k/v and gate/up into one matmul each: fewer kernel launches per layer, which is
+        what a short chunk after a long cached prefix pays for on a GPU. The HF parameter names
+        stay (as views), so state dicts still load and save as before."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
 
     @property
     def device(self) -> torch.device:
