@@ -131,19 +131,24 @@ def paged_attention(
     kv = kv_layer[:, meta.gather_pages].reshape(2, n, max_blocks * block_tokens, num_kv_heads, head_dim)
     kv = kv[:, :, : meta.max_context_len].transpose(2, 3).to(q.dtype)
     keys, values = kv[0], kv[1]
-    if num_heads != num_kv_heads:
-        # Query head h reads KV head h // group, as HF's repeat_kv does.
+    # Query head h reads KV head h // group, as HF's repeat_kv does. Without a mask or with the
+    # causal bias, SDPA groups heads itself (enable_gqa: flash does it natively) instead of copying
+    # K and V out to every query head; an explicit mask (a batch of chunks) would push a grouped
+    # call onto the slow math kernel, so there K and V are expanded, as HF does.
+    grouped = num_heads != num_kv_heads
+    native_gqa = grouped and type(meta.attn_mask) is not torch.Tensor
+    if grouped and not native_gqa:
         group = num_heads // num_kv_heads
         shape = (n, num_heads, meta.max_context_len, head_dim)
         keys = keys[:, :, None].expand(n, num_kv_heads, group, *shape[2:]).reshape(shape)
         values = values[:, :, None].expand(n, num_kv_heads, group, *shape[2:]).reshape(shape)
-
     if n == 1:
         queries = q.transpose(0, 1).unsqueeze(0)
     else:
         queries = q.new_zeros((n, meta.max_query_len, num_heads, head_dim))
         queries[meta.token_rows, meta.token_cols] = q
         queries = queries.transpose(1, 2)
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.attn_mask, is_causal=meta.is_causal)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.attn_mask, is_causal=meta.is_causal,
+                                         enable_gqa=native_gqa)
     out = out.transpose(1, 2)  # [n, max_query_len, Hq, D]
     return out[0] if n == 1 else out[meta.token_rows, meta.token_cols]
