@@ -15,13 +15,19 @@ serves every connection; nothing on it waits on the network, and UCX completions
 resolve futures instead of being polled (kvclient/ucxenv.start_context), so busy
 connections cannot starve the progress thread or each other. A client
 proves who it is with a session token from the authenticated DataPlane RPC,
-HMAC(server secret, client_id), so the UCX port grants nothing gRPC would not.
+HMAC(server secret, client_id), so the UCX port grants nothing gRPC would not; its
+hello also carries its gRPC metadata minus any bearer token (UCX is not encrypted),
+resolved by the same Authenticator rules: where that names a tenant (a server run
+with --insecure-no-auth), the data plane can pin by key inside a get (OP_GET_KEYS),
+the pin living only while the request is served and dropped once the sends complete
+or fail. A token-checking server answers without keyed gets; clients then Pin over gRPC.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import threading
@@ -31,6 +37,7 @@ import numpy as np
 from kvclient.errors import InvalidRequestError, KVStoreError, UnauthenticatedError
 from kvclient.transports import ucx_wire as wire
 from kvclient.ucxenv import import_ucxx, start_context
+from kvstore.auth import Authenticator
 from kvstore.store import Caller, Store
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,11 @@ class UcxDataPlane:
         self.requested_port = port
         self.port = 0
         self._secret = secrets.token_bytes(32)
+        try:  # the same tokens file and rules as the gRPC servicer (kvstore/server.py)
+            self.auth: Authenticator | None = Authenticator.from_file(store.cfg.insecure_no_auth, store.cfg.tokens_file)
+        except Exception as err:
+            log.info("UCX keyed gets off: %s", err)
+            self.auth = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -107,13 +119,15 @@ class UcxDataPlane:
     async def _serve(self, ep) -> None:
         try:
             caller = await self._hello(ep)
-            hdr = wire.empty_header()
+            request = np.empty(wire.REQUEST_BYTES // 8, dtype=np.uint64)  # a shorter message lands in its head
             while True:
-                await ep.recv(hdr)
-                op, count, arg, arg2 = (int(w) for w in hdr)
+                await ep.recv(request)
+                op, count, arg, arg2 = (int(w) for w in request[: wire.HEADER_WORDS])
                 if not 0 < count <= MAX_BLOCKS_PER_REQUEST:
                     raise ConnectionError(f"UCX request names {count} blocks")
-                if op == wire.OP_GET:
+                if op == wire.OP_GET_KEYS:
+                    await self._get_keys(ep, caller, request, count, group_bytes=min(arg, wire.MAX_GROUP_BYTES), body_bytes=arg2)
+                elif op == wire.OP_GET:
                     await self._get(ep, caller, count, pin_id=arg, group_bytes=min(arg2, wire.MAX_GROUP_BYTES))
                 elif op == wire.OP_PUT:
                     await self._put(ep, caller, count, group_bytes=min(arg, wire.MAX_GROUP_BYTES))
@@ -127,16 +141,26 @@ class UcxDataPlane:
     async def _hello(self, ep) -> Caller:
         hdr = wire.empty_header()
         await ep.recv(hdr)
-        if int(hdr[0]) != wire.OP_HELLO or not 0 < int(hdr[1]) <= 1024 or int(hdr[2]) != 32:
+        id_len, token_len, md_len = int(hdr[1]), int(hdr[2]), int(hdr[3])
+        if int(hdr[0]) != wire.OP_HELLO or not 0 < id_len <= 1024 or token_len != 32 or md_len > 1 << 16:
             raise ConnectionError("bad UCX hello")
-        body = np.empty(int(hdr[1]) + int(hdr[2]), dtype=np.uint8)
+        body = np.empty(id_len + token_len + md_len, dtype=np.uint8)
         await ep.recv(body)
-        client_id, token = body[: int(hdr[1])].tobytes().decode(), body[int(hdr[1]) :].tobytes()
+        raw = body.tobytes()
+        client_id, token = raw[:id_len].decode(), raw[id_len : id_len + token_len]
         if not hmac.compare_digest(token, self.session_token(client_id)):
             await self._reply_error(ep, UnauthenticatedError("UCX session token does not match; call DataPlane again"))
             raise ConnectionError("UCX hello with a bad session token")
-        await ep.send(wire.header(wire.STATUS_OK))
-        return Caller(client_id=client_id)
+        caller = Caller(tenant="", client_id=client_id)  # owns pins and leases; no tenant, so no keyed gets
+        if md_len and self.auth is not None:
+            try:
+                resolved = self.auth.caller([(str(k), str(v)) for k, v in json.loads(raw[id_len + token_len :])])
+            except KVStoreError:  # e.g. a server that wants a bearer token, which never travels over UCX
+                resolved = caller
+            if resolved.client_id == client_id:
+                caller = resolved
+        await ep.send(wire.header(wire.STATUS_OK, int(bool(caller.tenant))))
+        return caller
 
     async def _reply_error(self, ep, err: BaseException) -> None:
         detail = wire.error_detail(err)
@@ -158,15 +182,70 @@ class UcxDataPlane:
                 return
             view = self.store.host.view
             offsets, sizes = [s.offset for s in slots], [s.size for s in slots]
-            sends = []
-            for g in wire.message_groups(sizes, group_bytes):
-                sends.append(asyncio.ensure_future(ep.send(_gather(view, offsets[g.start : g.stop], sizes[g.start : g.stop]), tag=wire.DATA_TAG)))
-                await asyncio.sleep(0)  # the send goes out now, while the next group is staged
             sent = sum(sizes)
-            await asyncio.gather(*sends, ep.send(wire.header(wire.STATUS_OK, count, sent)))
+            await asyncio.gather(*await _post_slots(ep, view, offsets, sizes, group_bytes), ep.send(wire.header(wire.STATUS_OK, count, sent)))
             self.store.counters["ucx_bytes_out"] += sent
         finally:
             self.store.unpin(caller, [pin_id])
+
+    async def _get_keys(self, ep, caller: Caller, request: np.ndarray, count: int, group_bytes: int, body_bytes: int) -> None:
+        """Pin the named keys for this request only, reply with their checksums, send the slots, drop the pin.
+
+        The pin is dropped in `finally`: after the sends completed, or when one failed
+        (the endpoint is then aborted, so nothing more is read from the slots).
+        On a refusal the client's pre-posted payload receives stay unmatched; it drops the endpoint.
+        """
+        if body_bytes > count * 1024 + 1024:
+            raise ConnectionError("bad UCX keyed get")
+        if wire.keyed_get_inline(count, body_bytes):
+            meta = request[wire.HEADER_WORDS : wire.HEADER_WORDS + 2 * count]
+            start = 8 * (wire.HEADER_WORDS + 2 * count)
+            raw = request.view(np.uint8)[start : start + body_bytes].tobytes()
+        else:
+            meta, body = np.empty(2 * count, dtype=np.uint64), np.empty(body_bytes, dtype=np.uint8)
+            await ep.recv(meta)
+            await ep.recv(body)
+            raw = body.tobytes()
+        expected, key_lens = [int(s) for s in meta[:count]], [int(n) for n in meta[count:]]
+        fingerprint_len = body_bytes - sum(key_lens)
+        if not 0 < fingerprint_len <= 1024 or max(key_lens) > 1024:
+            raise ConnectionError("bad UCX keyed get")
+        fingerprint_id, keys, pos = raw[:fingerprint_len], [], fingerprint_len
+        for n in key_lens:
+            keys.append(raw[pos : pos + n])
+            pos += n
+        reply = np.zeros(wire.HEADER_WORDS + count, dtype=np.uint64)
+        try:
+            if not caller.tenant:
+                raise UnauthenticatedError("this UCX connection did not present gRPC credentials; pin over gRPC")
+            info = self.store.pin(caller, fingerprint_id, keys)
+        except KVStoreError as err:
+            await self._reply_error_words(ep, reply, err)
+            return
+        try:
+            sizes = [s.size for s in info.blocks]
+            if sizes != expected:
+                bad = next(i for i, (a, b) in enumerate(zip(sizes, expected)) if a != b)
+                err = InvalidRequestError(f"output buffer for block {keys[bad].hex()} holds {expected[bad]} bytes; the block has {sizes[bad]}")
+                await self._reply_error_words(ep, reply, err)
+                return
+            sent = sum(sizes)
+            reply[:3] = (wire.STATUS_OK, count, sent)
+            reply[wire.HEADER_WORDS :] = [s.checksum for s in info.blocks]
+            sends = [asyncio.ensure_future(ep.send(reply))]
+            view = self.store.host.view
+            offsets = [s.offset for s in info.blocks]
+            await asyncio.gather(*sends, *await _post_slots(ep, view, offsets, sizes, group_bytes))
+            self.store.counters["ucx_bytes_out"] += sent
+        finally:
+            self.store.unpin(caller, [info.pin_id])
+
+    async def _reply_error_words(self, ep, reply: np.ndarray, err: BaseException) -> None:
+        """An error in the reply shape the client pre-posted (u64[4 + n]), then the detail message."""
+        detail = wire.error_detail(err)
+        reply[:4] = (wire.STATUS_ERROR, 0, 0, len(detail))
+        await ep.send(reply)
+        await ep.send(np.frombuffer(detail, dtype=np.uint8))
 
     async def _put(self, ep, caller: Caller, count: int, group_bytes: int) -> None:
         """Receive the payloads into the reserved slots; a refused request is drained first, so the endpoint stays in step."""
@@ -204,6 +283,20 @@ class UcxDataPlane:
 
 
 MAX_BLOCKS_PER_REQUEST = 1 << 20
+
+
+async def _post_slots(ep, view: np.ndarray, offsets: list[int], sizes: list[int], group_bytes: int) -> list[asyncio.Future]:
+    """Post every payload message of a get at once; the caller awaits them."""
+    sends = []
+    for g in wire.message_groups(sizes, group_bytes):
+        group_offsets, group_sizes = offsets[g.start : g.stop], sizes[g.start : g.stop]
+        staged = not wire.contiguous(group_offsets, group_sizes)
+        send = asyncio.ensure_future(ep.send(_gather(view, group_offsets, group_sizes), tag=wire.DATA_TAG))
+        send.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even when a sibling failed first
+        sends.append(send)
+        if staged:  # let the posted sends go out while the next group is copied
+            await asyncio.sleep(0)
+    return sends
 
 
 def _gather(view: np.ndarray, offsets: list[int], sizes: list[int]) -> np.ndarray:

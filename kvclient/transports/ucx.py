@@ -2,7 +2,9 @@
 
 The control plane stays on gRPC (Reserve/Commit, Pin; see pooled.py). Over one
 UCX endpoint per client the server then sends the pinned slots (get) or receives
-into the reserved slots (put): one round trip per call, every payload message in
+into the reserved slots (put). A get into caller buffers skips the gRPC Pin where
+the server knows our tenant (keyed gets: the server pins, sends and unpins inside
+the one UCX request, a gRPC round trip and a thread hop less). One round trip per call, every payload message in
 flight at once, a large block straight from/into the caller's buffer, small
 blocks packed into shared messages (ucx_wire.message_groups). Destinations may be
 host buffers or, with CUDA-aware UCX, GPU arrays (cupy or torch CUDA tensors):
@@ -17,16 +19,17 @@ with completions as futures (ucxenv.start_context), so waiting costs no CPU. Tim
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from typing import Any, Coroutine
 
 import numpy as np
 
-from kvclient.errors import ERROR_TYPES, KVStoreError, TransferError, UnavailableError
+from kvclient.errors import ERROR_TYPES, CapacityExhaustedError, KVStoreError, TransferError, UnavailableError
 from kvclient.transports import device, ucx_wire as wire
 from kvclient.transports.base import TransferStats
-from kvclient.transports.pooled import PoolControl, SlotRef, check_block
+from kvclient.transports.pooled import PoolControl, SlotRef, check_block, destinations
 from kvclient.ucxenv import import_ucxx, start_context, unavailable_reason
 
 
@@ -91,6 +94,7 @@ class UcxTransport:
         self.timeout_s = timeout_s
         self.runtime = UcxRuntime.get()
         self._ep = None
+        self._keyed = False  # the server pins by key inside a get (it knows our tenant from the hello)
         self._lock = threading.Lock()  # requests on one endpoint are strictly sequential
         with self._lock:
             self._connect_locked()
@@ -108,9 +112,11 @@ class UcxTransport:
     async def _open(self):
         ep = await self.runtime.ucxx.create_endpoint(self.host, self.port)
         ident = self.client_id.encode()
-        await ep.send(wire.header(wire.OP_HELLO, len(ident), len(self.token)))
-        await ep.send(np.frombuffer(ident + self.token, dtype=np.uint8))
-        await self._expect_ok(ep)
+        # Never the bearer token: UCX carries it in the clear. A server that needs one answers without keyed gets.
+        metadata = json.dumps([[k, v] for k, v in self.control.metadata if k != "authorization"]).encode()
+        await ep.send(wire.header(wire.OP_HELLO, len(ident), len(self.token), len(metadata)))
+        await ep.send(np.frombuffer(ident + self.token + metadata, dtype=np.uint8))
+        self._keyed = bool((await self._expect_ok(ep))[1])
         return ep
 
     async def _expect_ok(self, ep) -> np.ndarray:
@@ -169,22 +175,66 @@ class UcxTransport:
         return self.control.put(keys, payloads, checksums, durable, stats, fill)
 
     def get(self, keys, outs, stats: TransferStats) -> list[Any]:
+        if outs is not None and keys and self._keyed:
+            try:
+                return self._get_keyed(keys, outs, stats)
+            except CapacityExhaustedError:
+                pass  # more than the host pool can stage at once: the gRPC path pins it in halves
+        return self._get_pinned(keys, outs, stats)
+
+    def _get_keyed(self, keys, outs, stats: TransferStats) -> list[Any]:
+        """One UCX round trip: the server pins the keys, replies with their checksums, sends the slots and drops the pin.
+
+        Receives for the reply and every payload are posted before the request goes out,
+        straight into the caller's buffers (their sizes are the expected block sizes).
+        """
+        n = len(keys)
+        dests = destinations([SlotRef(i, 0, device.nbytes(o)) for i, o in enumerate(outs)], outs, keys)
+        sizes = [device.nbytes(d) for d in dests]
+        group_bytes = 0 if any(device.is_device(d) for d in dests) else wire.GROUP_BYTES
+        groups = wire.message_groups(sizes, group_bytes)
+        buffers = [dests[g.start] if len(g) == 1 else np.empty(sum(sizes[g.start : g.stop]), dtype=np.uint8) for g in groups]
+        body = b"".join([self.control.fingerprint_id, *keys])
+        head = np.array([wire.OP_GET_KEYS, n, group_bytes, len(body)] + sizes + [len(k) for k in keys], dtype=np.uint64)
+        if wire.keyed_get_inline(n, len(body)):
+            request = [np.frombuffer(head.tobytes() + body, dtype=np.uint8)]
+        else:
+            request = [head[: wire.HEADER_WORDS], head[wire.HEADER_WORDS :], np.frombuffer(body, dtype=np.uint8)]
+        reply = np.empty(wire.HEADER_WORDS + n, dtype=np.uint64)
+
+        async def receive(ep) -> None:
+            t0, validated_before = time.perf_counter(), stats.validate_s
+            landed = [_task(ep.recv(b, tag=wire.DATA_TAG)) for b in buffers]
+            replied = _task(ep.recv(reply))
+            await asyncio.sleep(0)
+            await asyncio.gather(*(ep.send(m) for m in request))
+            await replied
+            if int(reply[0]) != wire.STATUS_OK:
+                detail = np.empty(int(reply[3]), dtype=np.uint8)
+                await ep.recv(detail)
+                _raise_remote(detail.tobytes())  # the endpoint is then dropped, which cancels the receives
+            checksums = [int(c) for c in reply[wire.HEADER_WORDS :]]
+            for task, g, buf in zip(landed, groups, buffers):  # hashing overlaps the messages still in flight
+                await task
+                t1 = time.perf_counter()
+                _verify(keys, g, buf, dests, sizes, checksums)
+                stats.validate_s += time.perf_counter() - t1
+            stats.transfer_s += time.perf_counter() - t0 - (stats.validate_s - validated_before)
+
+        self._request(receive, stats, keep_on_refusal=False)
+        stats.bytes += sum(sizes)
+        stats.blocks += n
+        return dests
+
+    def _get_pinned(self, keys, outs, stats: TransferStats) -> list[Any]:
         def drain(slots: list[SlotRef], dests: list[Any]) -> None:
             sizes = [s.length for s in slots]
             group_bytes = 0 if any(device.is_device(d) for d in dests) else wire.GROUP_BYTES
             groups = wire.message_groups(sizes, group_bytes)
             buffers = [dests[g.start] if len(g) == 1 else np.empty(sum(sizes[g.start : g.stop]), dtype=np.uint8) for g in groups]
 
-            def verify(g: range, buf: Any) -> None:
-                if len(g) == 1:
-                    check_block(keys[slots[g.start].index], device.host_bytes(buf), slots[g.start].checksum)
-                    return
-                pos = 0
-                for i in g:  # check each block in the staging buffer, then copy it out while it is in cache
-                    piece = buf[pos : pos + sizes[i]]
-                    check_block(keys[slots[i].index], piece, slots[i].checksum)
-                    np.copyto(dests[i], piece)
-                    pos += sizes[i]
+            block_keys = [keys[s.index] for s in slots]
+            checksums = [s.checksum for s in slots]
 
             async def receive(ep) -> None:
                 t0, validated_before = time.perf_counter(), stats.validate_s
@@ -198,7 +248,7 @@ class UcxTransport:
                     for task, g, buf in zip(landed, groups, buffers):
                         await task
                         t1 = time.perf_counter()
-                        verify(g, buf)
+                        _verify(block_keys, g, buf, dests, sizes, checksums)
                         stats.validate_s += time.perf_counter() - t1
 
                 verified = _task(verify_as_they_land())
@@ -215,6 +265,19 @@ class UcxTransport:
         self.control.close()
         with self._lock:
             self._drop_locked()
+
+
+def _verify(keys, g: range, buf: Any, dests: list[Any], sizes: list[int], checksums: list[int]) -> None:
+    """Check one landed message's blocks; a packed message's blocks are checked in staging, then copied out while in cache."""
+    if len(g) == 1:
+        check_block(keys[g.start], device.host_bytes(buf), checksums[g.start])
+        return
+    pos = 0
+    for i in g:
+        piece = buf[pos : pos + sizes[i]]
+        check_block(keys[i], piece, checksums[i])
+        np.copyto(dests[i], piece)
+        pos += sizes[i]
 
 
 def _gather(payloads: list[Any]) -> Any:

@@ -1,8 +1,10 @@
 """The UCX data plane's wire format, shared by kvstore/dataplane_ucx.py and kvclient/transports/ucx.py.
 
-Control stays on gRPC (Reserve/Commit, Pin); over UCX a client only says which
-pinned blocks to send or which reserved slots it is filling, in fixed-size u64
-headers on the endpoint's default tag. Payloads travel on DATA_TAG, posted all at
+Control stays on gRPC (Reserve/Commit, and Pin where the caller gives no output
+buffers); over UCX a client says which keys to pin and send (OP_GET_KEYS: the pin
+lives only for the request, so a get is one UCX round trip and no gRPC one), which
+pinned blocks to send, or which reserved slots it is filling, in u64 headers on
+the endpoint's default tag. Payloads travel on DATA_TAG, posted all at
 once without waiting for a go-ahead, so a request costs one UCX round trip.
 Every request gets one reply header; an error reply is followed by one message
 carrying "ErrorType: detail" in UTF-8.
@@ -20,10 +22,15 @@ import numpy as np
 
 HEADER_WORDS = 4
 
-OP_HELLO = 1  # [op, len(client_id), len(token), 0] + client_id bytes + token bytes
+OP_HELLO = 1  # [op, len(client_id), len(token), len(metadata)] + client_id + token + gRPC metadata (JSON pairs); reply word 1: keyed gets on
 OP_GET = 2    # [op, n_blocks, pin_id, group_bytes]; the server sends the slots on DATA_TAG, then the reply
 OP_PUT = 3    # [op, n_blocks, group_bytes, 0] + u64[2n] lease ids then sizes; the payloads on DATA_TAG follow at once; reply
+OP_GET_KEYS = 4  # [op, n_blocks, group_bytes, body bytes] + u64[2n] expected sizes then key lengths + body: fingerprint_id, keys;
+                 # one message when it fits in REQUEST_BYTES (inline), else header, then u64s, then body. The server
+                 # pins, replies u64[4 + n] ([status, n, bytes, detail length] + checksums), sends the slots, unpins
 
+REQUEST_BYTES = 64 << 10  # the server receives every request header into this much: a small request is one message,
+                          # since each further sequential receive costs a hand-off between UCX's threads and the loop
 DATA_TAG = 1  # payload messages; headers and replies use the endpoint's default tag
 
 GROUP_BYTES = 1 << 20       # blocks smaller than this share messages of up to this size
@@ -37,6 +44,11 @@ def header(*words: int) -> np.ndarray:
     out = np.zeros(HEADER_WORDS, dtype=np.uint64)
     out[: len(words)] = words
     return out
+
+
+def keyed_get_inline(count: int, body_bytes: int) -> bool:
+    """Whether an OP_GET_KEYS request travels as one message (both sides decide alike from its header)."""
+    return 8 * (HEADER_WORDS + 2 * count) + body_bytes <= REQUEST_BYTES
 
 
 def empty_header() -> np.ndarray:

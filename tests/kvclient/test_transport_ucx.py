@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kvclient import KVClient
-from kvclient.errors import LeaseError
+from kvclient.errors import BlockNotFoundError, InvalidRequestError, LeaseError
 from kvclient.transports import ucx_wire as wire
 from kvclient.transports.pooled import SlotRef
 from kvclient.types import PutOutcome
@@ -136,6 +136,59 @@ def test_refusals_leave_the_transport_usable(ucx_server):
         assert client.put(keys, blocks) == [PutOutcome.STORED] * 3
         assert all(np.array_equal(a, b) for a, b in zip(client.get(keys), blocks))
         assert client.stats()["pins_held"] == 0
+
+
+def test_keyed_get_is_one_ucx_round_trip_and_refusals_drop_the_pin(ucx_server):
+    """With output buffers the server pins inside the UCX request: no gRPC Pin, and no pin outlives the call."""
+    with client_for(ucx_server, "keyed") as client:
+        assert client.transport._keyed
+        keys = client.block_keys(tokens(4, start=6_000_000))
+        blocks = random_blocks(4, 1 << 20, seed=3)
+        client.put(keys, blocks)
+        outs = [np.zeros(1 << 20, np.uint8) for _ in blocks]
+        client.get(keys, out=outs)
+        assert client.last_transfer.control_rpcs == 0 and client.last_transfer.bytes == 4 << 20
+        assert all(np.array_equal(a, b) for a, b in zip(outs, blocks))
+        with pytest.raises(InvalidRequestError):
+            client.get(keys, out=outs[:3] + [np.zeros(1000, np.uint8)])
+        with pytest.raises(BlockNotFoundError):
+            client.get(client.block_keys(tokens(1, start=5_000_000)), out=[np.zeros(1 << 20, np.uint8)])
+        assert client.stats()["pins_held"] == 0
+        client.get(keys, out=outs)  # the endpoint dropped after a refusal reconnects
+        assert all(np.array_equal(a, b) for a, b in zip(outs, blocks))
+
+
+def test_keyed_get_too_large_for_one_request_message(ucx_server):
+    """Enough keys that the request no longer fits in REQUEST_BYTES: header, sizes and keys travel as three messages."""
+    with client_for(ucx_server, "keyed-many") as client:
+        keys = client.block_keys(tokens(3000, start=4_000_000))
+        assert not wire.keyed_get_inline(len(keys), sum(len(k.digest) for k in keys) + len(client.fingerprint_id))
+        blocks = random_blocks(3000, 300, seed=4)
+        client.put(keys, blocks)
+        outs = [np.zeros(300, np.uint8) for _ in blocks]
+        client.get(keys, out=outs)
+        assert client.last_transfer.control_rpcs == 0
+        assert all(np.array_equal(a, b) for a, b in zip(outs, blocks))
+        assert client.stats()["pins_held"] == 0
+
+
+def test_token_server_keeps_the_bearer_token_off_ucx_and_pins_over_grpc(tmp_path):
+    """UCX is not encrypted, so the token never travels on it; without it the server cannot name the tenant, so no keyed gets."""
+    from tests.kvstore.admin_util import auth_flags
+
+    srv = ServerProc(tmp_path / "data", flags=auth_flags(tmp_path, host_memory="64MiB", persist_on_shutdown=False), env=UCX_SERVER_ENV).start()
+    try:
+        with KVClient(srv.address, make_fingerprint(), token="alice-secret", transport="ucx") as client:
+            assert client.transport.name == "ucx" and not client.transport._keyed
+            keys = client.block_keys(tokens(2, start=3_000_000))
+            blocks = random_blocks(2, 1 << 20, seed=6)
+            client.put(keys, blocks)
+            outs = [np.zeros(1 << 20, np.uint8) for _ in blocks]
+            client.get(keys, out=outs)
+            assert client.last_transfer.control_rpcs == 1
+            assert all(np.array_equal(a, b) for a, b in zip(outs, blocks))
+    finally:
+        srv.stop()
 
 
 def test_message_groups_pack_small_blocks_and_keep_large_ones_alone():
