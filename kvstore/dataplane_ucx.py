@@ -15,19 +15,17 @@ serves every connection; nothing on it waits on the network, and UCX completions
 resolve futures instead of being polled (kvclient/ucxenv.start_context), so busy
 connections cannot starve the progress thread or each other. A client
 proves who it is with a session token from the authenticated DataPlane RPC,
-HMAC(server secret, client_id), so the UCX port grants nothing gRPC would not; its
-hello also carries its gRPC metadata minus any bearer token (UCX is not encrypted),
-resolved by the same Authenticator rules: where that names a tenant (a server run
-with --insecure-no-auth), the data plane can pin by key inside a get (OP_GET_KEYS),
-the pin living only while the request is served and dropped once the sends complete
-or fail. A token-checking server answers without keyed gets; clients then Pin over gRPC.
+HMAC(server secret, tenant, client_id), and names that tenant and client id in its
+hello: the UCX port grants nothing gRPC would not, and no bearer token ever crosses
+it (UCX is not encrypted). Knowing the caller's tenant, the data plane can pin by
+key inside a get (OP_GET_KEYS), the pin living only while the request is served and
+dropped once the sends complete or fail.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import secrets
 import threading
@@ -37,7 +35,6 @@ import numpy as np
 from kvclient.errors import InvalidRequestError, KVStoreError, UnauthenticatedError
 from kvclient.transports import ucx_wire as wire
 from kvclient.ucxenv import import_ucxx, start_context
-from kvstore.auth import Authenticator
 from kvstore.store import Caller, Store
 
 log = logging.getLogger(__name__)
@@ -49,11 +46,6 @@ class UcxDataPlane:
         self.requested_port = port
         self.port = 0
         self._secret = secrets.token_bytes(32)
-        try:  # the same tokens file and rules as the gRPC servicer (kvstore/server.py)
-            self.auth: Authenticator | None = Authenticator.from_file(store.cfg.insecure_no_auth, store.cfg.tokens_file)
-        except Exception as err:
-            log.info("UCX keyed gets off: %s", err)
-            self.auth = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -75,8 +67,12 @@ class UcxDataPlane:
             log.warning("UCX data plane failed to start: %s", err)
             return None
 
-    def session_token(self, client_id: str) -> bytes:
-        return hmac.new(self._secret, client_id.encode(), hashlib.sha256).digest()
+    def session_token(self, caller: Caller) -> bytes:
+        """What the DataPlane RPC hands an authenticated caller: it binds both its tenant and its client id."""
+        return self._token(caller.tenant, caller.client_id)
+
+    def _token(self, tenant: str, client_id: str) -> bytes:
+        return hmac.new(self._secret, tenant.encode() + b"\0" + client_id.encode(), hashlib.sha256).digest()
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -141,26 +137,19 @@ class UcxDataPlane:
     async def _hello(self, ep) -> Caller:
         hdr = wire.empty_header()
         await ep.recv(hdr)
-        id_len, token_len, md_len = int(hdr[1]), int(hdr[2]), int(hdr[3])
-        if int(hdr[0]) != wire.OP_HELLO or not 0 < id_len <= 1024 or token_len != 32 or md_len > 1 << 16:
+        id_len, token_len, tenant_len = int(hdr[1]), int(hdr[2]), int(hdr[3])
+        if int(hdr[0]) != wire.OP_HELLO or not 0 < id_len <= 1024 or token_len != 32 or tenant_len > 1024:
             raise ConnectionError("bad UCX hello")
-        body = np.empty(id_len + token_len + md_len, dtype=np.uint8)
+        body = np.empty(id_len + token_len + tenant_len, dtype=np.uint8)
         await ep.recv(body)
         raw = body.tobytes()
         client_id, token = raw[:id_len].decode(), raw[id_len : id_len + token_len]
-        if not hmac.compare_digest(token, self.session_token(client_id)):
+        tenant = raw[id_len + token_len :].decode()
+        if not hmac.compare_digest(token, self._token(tenant, client_id)):
             await self._reply_error(ep, UnauthenticatedError("UCX session token does not match; call DataPlane again"))
             raise ConnectionError("UCX hello with a bad session token")
-        caller = Caller(tenant="", client_id=client_id)  # owns pins and leases; no tenant, so no keyed gets
-        if md_len and self.auth is not None:
-            try:
-                resolved = self.auth.caller([(str(k), str(v)) for k, v in json.loads(raw[id_len + token_len :])])
-            except KVStoreError:  # e.g. a server that wants a bearer token, which never travels over UCX
-                resolved = caller
-            if resolved.client_id == client_id:
-                caller = resolved
-        await ep.send(wire.header(wire.STATUS_OK, int(bool(caller.tenant))))
-        return caller
+        await ep.send(wire.header(wire.STATUS_OK, 1))  # 1: keyed gets on
+        return Caller(tenant=tenant, client_id=client_id)
 
     async def _reply_error(self, ep, err: BaseException) -> None:
         detail = wire.error_detail(err)
@@ -216,8 +205,6 @@ class UcxDataPlane:
             pos += n
         reply = np.zeros(wire.HEADER_WORDS + count, dtype=np.uint64)
         try:
-            if not caller.tenant:
-                raise UnauthenticatedError("this UCX connection did not present gRPC credentials; pin over gRPC")
             info = self.store.pin(caller, fingerprint_id, keys)
         except KVStoreError as err:
             await self._reply_error_words(ep, reply, err)

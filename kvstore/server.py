@@ -81,7 +81,8 @@ class KVStoreServer:
         )
         if self.ucx is not None and caller is not None:
             info.ucx_listener = f"{self.cfg.listen.rsplit(':', 1)[0]}:{self.ucx.port}"
-            info.ucx_session_token = self.ucx.session_token(caller.client_id)
+            info.ucx_session_token = self.ucx.session_token(caller)
+            info.ucx_session_tenant = caller.tenant
         return info
 
     def start(self) -> "KVStoreServer":

@@ -51,7 +51,8 @@ def _ucx(client, info: pb.DataPlaneResponse) -> Transport:
     if host in ("", "0.0.0.0", "[::]", "::"):
         host = client.address.rpartition(":")[0]  # the listener is on every interface; use the one we reached
     control = PoolControl(client.stub, client.fingerprint_id, client._call, client._metadata)
-    return UcxTransport(control, host.strip("[]"), int(port), client.client_id, info.ucx_session_token, client.timeout_s)
+    return UcxTransport(control, host.strip("[]"), int(port), client.client_id, info.ucx_session_token, client.timeout_s,
+                        tenant=info.ucx_session_tenant)
 
 
 def _grpc(client, info: pb.DataPlaneResponse | None) -> Transport:

@@ -19,7 +19,6 @@ with completions as futures (ucxenv.start_context), so waiting costs no CPU. Tim
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from typing import Any, Coroutine
@@ -87,14 +86,15 @@ class UcxTransport:
     name = "ucx"
     moves_device_memory = True
 
-    def __init__(self, control: PoolControl, host: str, port: int, client_id: str, token: bytes, timeout_s: float) -> None:
+    def __init__(self, control: PoolControl, host: str, port: int, client_id: str, token: bytes, timeout_s: float,
+                 tenant: str = "") -> None:
         self.control = control
         self.host, self.port = host, port
-        self.client_id, self.token = client_id, token
+        self.client_id, self.token, self.tenant = client_id, token, tenant
         self.timeout_s = timeout_s
         self.runtime = UcxRuntime.get()
         self._ep = None
-        self._keyed = False  # the server pins by key inside a get (it knows our tenant from the hello)
+        self._keyed = False  # the server pins by key inside a get (the hello bound our tenant)
         self._lock = threading.Lock()  # requests on one endpoint are strictly sequential
         with self._lock:
             self._connect_locked()
@@ -111,11 +111,10 @@ class UcxTransport:
 
     async def _open(self):
         ep = await self.runtime.ucxx.create_endpoint(self.host, self.port)
-        ident = self.client_id.encode()
-        # Never the bearer token: UCX carries it in the clear. A server that needs one answers without keyed gets.
-        metadata = json.dumps([[k, v] for k, v in self.control.metadata if k != "authorization"]).encode()
-        await ep.send(wire.header(wire.OP_HELLO, len(ident), len(self.token), len(metadata)))
-        await ep.send(np.frombuffer(ident + self.token + metadata, dtype=np.uint8))
+        ident, tenant = self.client_id.encode(), self.tenant.encode()
+        # The session token binds tenant and client id; the bearer token never crosses UCX (not encrypted).
+        await ep.send(wire.header(wire.OP_HELLO, len(ident), len(self.token), len(tenant)))
+        await ep.send(np.frombuffer(ident + self.token + tenant, dtype=np.uint8))
         self._keyed = bool((await self._expect_ok(ep))[1])
         return ep
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from kvclient import KVClient
-from kvclient.errors import BlockNotFoundError, InvalidRequestError, LeaseError
+from kvclient.errors import BlockNotFoundError, InvalidRequestError, LeaseError, UnauthenticatedError
 from kvclient.transports import ucx_wire as wire
 from kvclient.transports.pooled import SlotRef
+from kvclient.transports.ucx import UcxTransport
 from kvclient.types import PutOutcome
 from tests.conftest import make_fingerprint
 from tests.kvclient.transport_util import HAVE_UCX, UCX_SERVER_ENV, random_blocks, tokens
@@ -172,21 +173,26 @@ def test_keyed_get_too_large_for_one_request_message(ucx_server):
         assert client.stats()["pins_held"] == 0
 
 
-def test_token_server_keeps_the_bearer_token_off_ucx_and_pins_over_grpc(tmp_path):
-    """UCX is not encrypted, so the token never travels on it; without it the server cannot name the tenant, so no keyed gets."""
+def test_token_server_binds_the_tenant_into_the_session_and_refuses_another(tmp_path):
+    """The bearer token never crosses UCX (not encrypted): the DataPlane RPC's session token binds the
+    tenant the server resolved from it, so keyed gets work, and a hello naming another tenant is refused."""
     from tests.kvstore.admin_util import auth_flags
 
     srv = ServerProc(tmp_path / "data", flags=auth_flags(tmp_path, host_memory="64MiB", persist_on_shutdown=False), env=UCX_SERVER_ENV).start()
     try:
         with KVClient(srv.address, make_fingerprint(), token="alice-secret", transport="ucx") as client:
-            assert client.transport.name == "ucx" and not client.transport._keyed
+            assert client.transport.name == "ucx" and client.transport._keyed
+            assert client.transport.tenant == "alice"
             keys = client.block_keys(tokens(2, start=3_000_000))
             blocks = random_blocks(2, 1 << 20, seed=6)
             client.put(keys, blocks)
             outs = [np.zeros(1 << 20, np.uint8) for _ in blocks]
             client.get(keys, out=outs)
-            assert client.last_transfer.control_rpcs == 1
+            assert client.last_transfer.control_rpcs == 0
             assert all(np.array_equal(a, b) for a, b in zip(outs, blocks))
+            t = client.transport
+            with pytest.raises(UnauthenticatedError, match="session token"):
+                UcxTransport(t.control, t.host, t.port, t.client_id, t.token, 5, tenant="bob")
     finally:
         srv.stop()
 
