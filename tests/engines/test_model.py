@@ -70,7 +70,7 @@ def test_short_block_table_is_refused(tiny_model, prompt_ids):
 
 
 def test_matches_hugging_face_llama(tiny_model, tiny_checkpoint, prompt_ids):
-    """Only where transformers is installed (not in CI): the real LlamaForCausalLM on the same weights."""
+    """The real LlamaForCausalLM (transformers, a test dependency) on the same weights."""
     transformers = pytest.importorskip("transformers")
     doc = TINY_CONFIG.to_dict()
     doc["rope_parameters"] = {"rope_type": "default", "rope_theta": TINY_CONFIG.rope_theta}
