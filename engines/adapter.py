@@ -31,10 +31,10 @@ from engines.config import dtype_name
 from engines.layerwise import CacheGeometry, plan_layer_copies, run_on_cuda
 from engines.paged_cache import KV_LAYOUT, PagedKVCache
 from kvclient.client import KVClient
-from kvclient.errors import BlockNotFoundError, ChecksumMismatchError
+from kvclient.errors import BlockNotFoundError
 from kvclient.keys import BlockKey, Fingerprint, block_keys
 from kvclient.transports.base import TransferStats
-from kvclient.transports.pooled import SlotRef, check_block
+from kvclient.transports.pooled import SlotRef, check_block, checksum_error
 from kvclient.types import BlockState, LeaseOutcome, PutOutcome
 
 
@@ -122,6 +122,11 @@ class RegisteredPool:
         if int(err) != 0:
             raise RuntimeError(f"cudaHostRegister of the {self.host.numel()}-byte pool failed: {err}")
 
+    def check(self, digests: Sequence[bytes], members: Sequence[SlotRef]) -> None:
+        """Check pinned blocks where they sit in the pool (xxh3 releases the GIL: run it on worker threads)."""
+        for s in members:
+            check_block(digests[s.index], self.array[s.offset: s.offset + s.length], s.checksum)
+
     def close(self) -> None:
         torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
         self.array = self.host = None
@@ -202,7 +207,8 @@ class StreamedPrefixLoad(PrefixLoad):
             return self
         t0 = time.perf_counter()
         self._device = cache.device
-        plan = plan_layer_copies(CacheGeometry.of(cache.kv), pages[: len(self._slots)], [s.offset for s in self._slots])
+        geometry = CacheGeometry.of(cache.kv)
+        plan = plan_layer_copies(geometry, pages[: len(self._slots)], [s.offset for s in self._slots])
         stream = self._adapter.copy_stream(cache.device)
         stream.wait_stream(torch.cuda.current_stream(cache.device))  # earlier passes may still read these pages
         self._began = torch.cuda.Event(enable_timing=True)
@@ -212,12 +218,12 @@ class StreamedPrefixLoad(PrefixLoad):
             self._landed.append(torch.cuda.Event(enable_timing=True))
             self._landed[-1].record(stream)
         self.stats.extra["copies"] = sum(len(c) for c in plan)
-        self._hash_in_pages(cache, pages[: len(self._slots)], stream)
+        self._hash_in_pages(cache, geometry, pages[: len(self._slots)], stream)
         self.stats.transfer_s += time.perf_counter() - t0  # enqueueing; the DMA itself is dma_ms()
         return self
 
-    def _hash_in_pages(self, cache: PagedKVCache, pages: Sequence[int], stream: torch.cuda.Stream) -> None:
-        geometry = CacheGeometry.of(cache.kv)
+    def _hash_in_pages(self, cache: PagedKVCache, geometry: CacheGeometry, pages: Sequence[int],
+                       stream: torch.cuda.Stream) -> None:
         kernel = paged_kernel() if supports(geometry.half_bytes, 2 * geometry.num_layers) else None
         if kernel is None:
             return
@@ -237,8 +243,7 @@ class StreamedPrefixLoad(PrefixLoad):
         self.stats.validate_s += time.perf_counter() - t0
         bad = np.flatnonzero(got != expected)
         if len(bad):
-            raise ChecksumMismatchError(f"block {self._digests[bad[0]].hex()} failed its checksum after transfer "
-                                        f"({len(bad)} of {len(got)} blocks); no data was returned")
+            raise checksum_error(self._digests[bad[0]], len(bad), len(got))
 
     def _start_checks(self) -> None:
         """Checks begin once the forward pass is (nearly) enqueued, not at start: sixteen threads taking
@@ -249,15 +254,10 @@ class StreamedPrefixLoad(PrefixLoad):
     def _check_when_landed(self) -> None:
         self._landed[-1].synchronize()
         t0 = time.perf_counter()
-        array, digests = self._registered.array, self._digests
-
-        def check(members: list[SlotRef]) -> None:
-            for s in members:
-                check_block(digests[s.index], array[s.offset: s.offset + s.length], s.checksum)
-
         per_group = max(1, COPY_GROUP_BYTES // max(1, self._slots[0].length))
         groups = [self._slots[i: i + per_group] for i in range(0, len(self._slots), per_group)]
-        errors = [f.exception() for f in [self._adapter.checkers().submit(check, g) for g in groups]]
+        checkers = self._adapter.checkers()
+        errors = [f.exception() for f in [checkers.submit(self._registered.check, self._digests, g) for g in groups]]
         self.stats.validate_s += time.perf_counter() - t0
         for err in errors:
             if err is not None:
@@ -502,10 +502,6 @@ class StoreAdapter:
         stats = TransferStats()
         checkers = self.checkers()
 
-        def check(members: list[SlotRef]) -> None:
-            for s in members:
-                check_block(digests[s.index], registered.array[s.offset: s.offset + s.length], s.checksum)
-
         def drain(slots: list[SlotRef], _host_views) -> None:
             t0 = time.perf_counter()
             stream = torch.cuda.current_stream(out.device)
@@ -519,7 +515,7 @@ class StoreAdapter:
             checks = []
             for event, (_, members) in zip(landed, groups):
                 event.synchronize()
-                checks.append(checkers.submit(check, members))
+                checks.append(checkers.submit(registered.check, digests, members))
             t1 = time.perf_counter()
             errors = [f.exception() for f in checks]
             stats.transfer_s += t1 - t0

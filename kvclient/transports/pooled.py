@@ -36,7 +36,13 @@ class SlotRef(NamedTuple):
 def check_block(key: bytes, data: np.ndarray, expected: int) -> None:
     """The integrity gate: raises unless the bytes as they landed match the block's checksum."""
     if xxhash.xxh3_64_intdigest(data) != expected:
-        raise ChecksumMismatchError(f"block {key.hex()} failed its checksum after transfer; no data was returned")
+        raise checksum_error(key)
+
+
+def checksum_error(key: bytes, failed: int = 1, of: int = 1) -> ChecksumMismatchError:
+    """The error every path raises for a block whose bytes did not match its checksum where they landed."""
+    count = f" ({failed} of {of} blocks)" if of > 1 else ""
+    return ChecksumMismatchError(f"block {key.hex()} failed its checksum after transfer{count}; no data was returned")
 
 
 def destinations(slots: Sequence[SlotRef], outs: Sequence[memoryview] | None, keys: Sequence[bytes]) -> list[np.ndarray]:

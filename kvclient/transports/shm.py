@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from kvclient.errors import ChecksumMismatchError, UnavailableError
+from kvclient.errors import UnavailableError
 from kvclient.transports import device
 from kvclient.transports.base import TransferStats
-from kvclient.transports.pooled import PoolControl, SlotRef
+from kvclient.transports.pooled import PoolControl, SlotRef, checksum_error
 
 SHM_DIR = Path("/dev/shm")
 # Below this a get is copied on the calling thread alone: a second thread costs more than it saves.
@@ -122,7 +122,7 @@ class ShmTransport:
         copy_s, hash_s, digests = self._copy_hashed(slots, dests)
         for s, digest in zip(slots, digests):
             if digest != s.checksum:
-                raise ChecksumMismatchError(f"block {keys[s.index].hex()} failed its checksum after transfer; no data was returned")
+                raise checksum_error(keys[s.index])
         return copy_s, hash_s, {}
 
     def _copy_guessed(self, keys, slots: list[SlotRef], dests: list[np.ndarray]) -> tuple[float, float, dict[int, SlotRef]]:

@@ -190,9 +190,7 @@ class UcxTransport:
         n = len(keys)
         dests = destinations([SlotRef(i, 0, device.nbytes(o)) for i, o in enumerate(outs)], outs, keys)
         sizes = [device.nbytes(d) for d in dests]
-        group_bytes = 0 if any(device.is_device(d) for d in dests) else wire.GROUP_BYTES
-        groups = wire.message_groups(sizes, group_bytes)
-        buffers = [dests[g.start] if len(g) == 1 else np.empty(sum(sizes[g.start : g.stop]), dtype=np.uint8) for g in groups]
+        group_bytes, groups, buffers = _receive_plan(sizes, dests)
         body = b"".join([self.control.fingerprint_id, *keys])
         head = np.array([wire.OP_GET_KEYS, n, group_bytes, len(body)] + sizes + [len(k) for k in keys], dtype=np.uint64)
         if wire.keyed_get_inline(n, len(body)):
@@ -213,11 +211,7 @@ class UcxTransport:
                 await ep.recv(detail)
                 _raise_remote(detail.tobytes())  # the endpoint is then dropped, which cancels the receives
             checksums = [int(c) for c in reply[wire.HEADER_WORDS :]]
-            for task, g, buf in zip(landed, groups, buffers):  # hashing overlaps the messages still in flight
-                await task
-                t1 = time.perf_counter()
-                _verify(keys, g, buf, dests, sizes, checksums)
-                stats.validate_s += time.perf_counter() - t1
+            await _verify_as_they_land(landed, groups, buffers, keys, dests, sizes, checksums, stats)
             stats.transfer_s += time.perf_counter() - t0 - (stats.validate_s - validated_before)
 
         self._request(receive, stats, keep_on_refusal=False)
@@ -228,9 +222,7 @@ class UcxTransport:
     def _get_pinned(self, keys, outs, stats: TransferStats) -> list[Any]:
         def drain(slots: list[SlotRef], dests: list[Any]) -> None:
             sizes = [s.length for s in slots]
-            group_bytes = 0 if any(device.is_device(d) for d in dests) else wire.GROUP_BYTES
-            groups = wire.message_groups(sizes, group_bytes)
-            buffers = [dests[g.start] if len(g) == 1 else np.empty(sum(sizes[g.start : g.stop]), dtype=np.uint8) for g in groups]
+            group_bytes, groups, buffers = _receive_plan(sizes, dests)
 
             block_keys = [keys[s.index] for s in slots]
             checksums = [s.checksum for s in slots]
@@ -243,14 +235,7 @@ class UcxTransport:
                 await asyncio.sleep(0)
                 await ep.send(wire.header(wire.OP_GET, len(slots), slots[0].handle, group_bytes))
 
-                async def verify_as_they_land() -> None:  # hashing overlaps the messages still in flight
-                    for task, g, buf in zip(landed, groups, buffers):
-                        await task
-                        t1 = time.perf_counter()
-                        _verify(block_keys, g, buf, dests, sizes, checksums)
-                        stats.validate_s += time.perf_counter() - t1
-
-                verified = _task(verify_as_they_land())
+                verified = _task(_verify_as_they_land(landed, groups, buffers, block_keys, dests, sizes, checksums, stats))
                 await reply  # a refusal raises here; the endpoint is then dropped, which cancels the receives
                 await verified
                 stats.transfer_s += time.perf_counter() - t0 - (stats.validate_s - validated_before)
@@ -264,6 +249,24 @@ class UcxTransport:
         self.control.close()
         with self._lock:
             self._drop_locked()
+
+
+def _receive_plan(sizes: list[int], dests: list[Any]) -> tuple[int, list[range], list[Any]]:
+    """How a get's blocks arrive: group size, message groups, and the buffer each message lands in
+    (the caller's own for a lone block, staging for a packed run of small ones)."""
+    group_bytes = 0 if any(device.is_device(d) for d in dests) else wire.GROUP_BYTES
+    groups = wire.message_groups(sizes, group_bytes)
+    buffers = [dests[g.start] if len(g) == 1 else np.empty(sum(sizes[g.start : g.stop]), dtype=np.uint8) for g in groups]
+    return group_bytes, groups, buffers
+
+
+async def _verify_as_they_land(landed, groups, buffers, keys, dests, sizes, checksums, stats: TransferStats) -> None:
+    """Check each message's blocks as it lands: hashing overlaps the messages still in flight."""
+    for task, g, buf in zip(landed, groups, buffers):
+        await task
+        t1 = time.perf_counter()
+        _verify(keys, g, buf, dests, sizes, checksums)
+        stats.validate_s += time.perf_counter() - t1
 
 
 def _verify(keys, g: range, buf: Any, dests: list[Any], sizes: list[int], checksums: list[int]) -> None:
