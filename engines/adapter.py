@@ -88,6 +88,8 @@ def loadable_blocks(num_present: int, num_tokens: int, block_tokens: int) -> int
 # xxh3 reads DRAM at only ~6 GB/s a core on the H100 host, so matching its ~50 GB/s DMA takes many threads.
 COPY_GROUP_BYTES = 4 << 20
 CHECK_THREADS = min(16, os.cpu_count() or 1)
+# A streamed load enqueues its copies this many layers ahead of the layer the forward pass waits for.
+ENQUEUE_AHEAD_LAYERS = 2
 
 
 def plan_copies(slots: Sequence[SlotRef], block_bytes: int, group_bytes: int = COPY_GROUP_BYTES
@@ -203,24 +205,38 @@ class StreamedPrefixLoad(PrefixLoad):
         return len(self._slots)
 
     def start(self, cache: PagedKVCache, pages: Sequence[int]) -> "PrefixLoad":
+        """Plan the copies and enqueue the first layers'; the rest are enqueued from wait_for_layer, a few
+        layers ahead, so enqueueing overlaps the forward pass instead of delaying its start."""
         if not self._slots:
             return self
         t0 = time.perf_counter()
         self._device = cache.device
-        geometry = CacheGeometry.of(cache.kv)
-        plan = plan_layer_copies(geometry, pages[: len(self._slots)], [s.offset for s in self._slots])
-        stream = self._adapter.copy_stream(cache.device)
-        stream.wait_stream(torch.cuda.current_stream(cache.device))  # earlier passes may still read these pages
+        self._cache, self._pages = cache, pages[: len(self._slots)]
+        self._geometry = CacheGeometry.of(cache.kv)
+        self._plan = plan_layer_copies(self._geometry, self._pages, [s.offset for s in self._slots])
+        self._stream = self._adapter.copy_stream(cache.device)
+        self._stream.wait_stream(torch.cuda.current_stream(cache.device))  # earlier passes may still read these pages
         self._began = torch.cuda.Event(enable_timing=True)
-        self._began.record(stream)
-        for layer_copies in plan:
-            run_on_cuda(layer_copies, cache.kv.data_ptr(), self._registered.host.data_ptr(), stream)
-            self._landed.append(torch.cuda.Event(enable_timing=True))
-            self._landed[-1].record(stream)
-        self.stats.extra["copies"] = sum(len(c) for c in plan)
-        self._hash_in_pages(cache, geometry, pages[: len(self._slots)], stream)
-        self.stats.transfer_s += time.perf_counter() - t0  # enqueueing; the DMA itself is dma_ms()
+        self._began.record(self._stream)
+        self.stats.extra["copies"] = sum(len(c) for c in self._plan)
+        self.stats.transfer_s += time.perf_counter() - t0
+        self._enqueue_through(ENQUEUE_AHEAD_LAYERS)
         return self
+
+    def _enqueue_through(self, layer: int) -> None:
+        """Enqueue the copies of every layer up to `layer`; after the last, the checksum kernel."""
+        last = len(self._plan) - 1
+        if not self._slots or len(self._landed) > min(layer, last):
+            return
+        t0 = time.perf_counter()
+        while len(self._landed) <= min(layer, last):
+            run_on_cuda(self._plan[len(self._landed)], self._cache.kv.data_ptr(), self._registered.host.data_ptr(),
+                        self._stream)
+            self._landed.append(torch.cuda.Event(enable_timing=True))
+            self._landed[-1].record(self._stream)
+        if len(self._landed) == len(self._plan):
+            self._hash_in_pages(self._cache, self._geometry, self._pages, self._stream)
+        self.stats.transfer_s += time.perf_counter() - t0  # enqueueing; the DMA itself is dma_ms()
 
     def _hash_in_pages(self, cache: PagedKVCache, geometry: CacheGeometry, pages: Sequence[int],
                        stream: torch.cuda.Stream) -> None:
@@ -265,8 +281,9 @@ class StreamedPrefixLoad(PrefixLoad):
 
     def wait_for_layer(self, layer: int) -> None:
         if self._landed:
+            self._enqueue_through(layer + ENQUEUE_AHEAD_LAYERS)
             torch.cuda.current_stream(self._device).wait_event(self._landed[layer])
-            if layer == len(self._landed) - 1:
+            if layer == len(self._plan) - 1:
                 self._start_checks()
 
     def dma_ms(self) -> float:
@@ -278,6 +295,8 @@ class StreamedPrefixLoad(PrefixLoad):
             return
         self._done = True
         try:
+            if self._landed:
+                self._enqueue_through(len(self._plan) - 1)  # a caller that skipped some layers' waits
             self._start_checks()
             if self._checked is not None:
                 self._checked.result()
@@ -464,6 +483,26 @@ class StoreAdapter:
         except BlockNotFoundError:
             return PrefixLoad(self.download(client, []))
         return StreamedPrefixLoad(self, client, registered, keys, slots, stats)
+
+    def prepare_prefix_load(self, client: KVClient, keys: Sequence[BlockKey], num_tokens: int) -> PrefixLoad:
+        """Find and prepare the longest cached prefix of a num_tokens prompt whose block keys are keys.
+
+        Loads what loadable_blocks allows (a fully cached prompt still computes its
+        last block); load.num_blocks says how many that was. With a pinnable pool
+        (GPU cache over shm) finding and pinning are one round trip: the server pins
+        the leading present run itself (PinRequest.prefix_only). Otherwise a prefix
+        Lookup, then a fetch.
+        """
+        registered = self._registered.get(id(client))
+        if not keys or registered is None or self.device.type != "cuda":
+            num_load = loadable_blocks(client.lookup(keys), num_tokens, self.fingerprint.block_tokens) if keys else 0
+            return self.prepare_load(client, keys[:num_load])
+        stats = TransferStats()
+        slots = client.transport.control.pin([k.digest for k in keys], stats, prefix=True)
+        num_load = loadable_blocks(len(slots), num_tokens, self.fingerprint.block_tokens)
+        if num_load == 0:
+            client.transport.control.release(slots)  # the pin covers the surplus; released with the rest otherwise
+        return StreamedPrefixLoad(self, client, registered, keys[:num_load], slots[:num_load], stats)
 
     def download(self, client: KVClient, keys: Sequence[BlockKey]) -> torch.Tensor:
         """Blocks as one tensor [n, *block_shape] on the adapter's device (the cache's, for for_cache).

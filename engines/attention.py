@@ -8,7 +8,8 @@ per-layer work is a scatter, a gather and one scaled_dot_product_attention call
 over the padded batch, with no Python loop over tokens or sequences.
 
 This is the reference path: it copies each sequence's pages into contiguous K/V
-every layer. A fused paged kernel may replace it later and must match it.
+every layer, unless one sequence's pages are consecutive, when it reads them in
+place. A fused paged kernel may replace it later and must match it.
 """
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ class AttentionMetadata:
     # bottom-right causal bias instead, which keeps SDPA on its flash/efficient kernels on CUDA.
     attn_mask: torch.Tensor | None
     is_causal: bool
+    # One chunk whose pages are consecutive (as a fresh cache hands them out): its first page, so
+    # attention reads K/V in place as a view instead of gathering a copy of the context every layer.
+    page_run: int | None = None
 
     @classmethod
     def build(cls, chunks: Sequence[SeqChunk], block_tokens: int, device: torch.device) -> "AttentionMetadata":
@@ -96,7 +100,14 @@ class AttentionMetadata:
             attn_mask = (torch.arange(max_context_len)[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
             attn_mask = attn_mask.to(device)
 
+        page_run = None
+        if single:
+            pages = gather_pages[0]
+            if bool((pages == pages[0] + torch.arange(len(pages))).all()):
+                page_run = int(pages[0])
+
         return cls(
+            page_run=page_run,
             positions=pos.to(device),
             slot_pages=slot_pages.to(device),
             slot_offsets=(pos % block_tokens).to(device),
@@ -112,23 +123,26 @@ class AttentionMetadata:
 
 def paged_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    kv_new: torch.Tensor,
     kv_layer: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:
-    """Store k, v [N, Hkv, D] in their pages, then attend q [N, Hq, D] causally; returns [N, Hq, D].
+    """Store kv_new [2, N, Hkv, D] (K then V) in their pages, then attend q [N, Hq, D] causally; returns [N, Hq, D].
 
     kv_layer is one layer's [2, num_pages, block_tokens, Hkv, D] view of the cache.
+    K and V arrive stacked so that they go to their pages in one indexed write.
     """
-    kv_layer[0, meta.slot_pages, meta.slot_offsets] = k.to(kv_layer.dtype)
-    kv_layer[1, meta.slot_pages, meta.slot_offsets] = v.to(kv_layer.dtype)
+    kv_layer[:, meta.slot_pages, meta.slot_offsets] = kv_new.to(kv_layer.dtype)
 
     n, max_blocks = meta.gather_pages.shape
     _, _, block_tokens, num_kv_heads, head_dim = kv_layer.shape
     num_heads = q.shape[1]
     # [2, n, max_blocks, B, Hkv, D] -> [2, n, Hkv, S, D]
-    kv = kv_layer[:, meta.gather_pages].reshape(2, n, max_blocks * block_tokens, num_kv_heads, head_dim)
+    if meta.page_run is not None:
+        kv = kv_layer[:, meta.page_run: meta.page_run + max_blocks]
+    else:
+        kv = kv_layer[:, meta.gather_pages]
+    kv = kv.reshape(2, n, max_blocks * block_tokens, num_kv_heads, head_dim)
     kv = kv[:, :, : meta.max_context_len].transpose(2, 3).to(q.dtype)
     keys, values = kv[0], kv[1]
     # Query head h reads KV head h // group, as HF's repeat_kv does. Without a mask or with the

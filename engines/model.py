@@ -15,6 +15,7 @@ from torch import nn
 
 from engines.attention import AttentionMetadata, SeqChunk, paged_attention
 from engines.config import ModelConfig
+from engines.cuda_graphs import DEFAULT_MAX_TOKENS, PiecewiseGraphs
 from engines.layers import RMSNorm, SwiGLU, apply_rope, fuse_linears, rope_cos_sin
 from engines.paged_cache import PagedKVCache
 
@@ -38,20 +39,17 @@ class LlamaAttention(nn.Module):
         """One [q; k; v] weight, with q/k/v_proj.weight rebound as views of it (no second copy)."""
         self.qkv_weight = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [N, Hq, D] and k [N, Hkv, D] rotated, v [N, Hkv, D]."""
         n, hq, hkv = x.shape[0], self.num_heads, self.num_kv_heads
         if self.qkv_weight is not None:
             qkv = nn.functional.linear(x, self.qkv_weight).view(n, hq + 2 * hkv, self.head_dim)
             qk = apply_rope(qkv[:, : hq + hkv], cos, sin)  # q and k rotated in one pass
-            q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv:]
-        else:
-            q = apply_rope(self.q_proj(x).view(n, hq, self.head_dim), cos, sin)
-            k = apply_rope(self.k_proj(x).view(n, hkv, self.head_dim), cos, sin)
-            v = self.v_proj(x).view(n, hkv, self.head_dim)
-        out = paged_attention(q, k, v, kv_layer, meta)
-        return self.o_proj(out.reshape(n, hq * self.head_dim))
+            return qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv:]
+        q = apply_rope(self.q_proj(x).view(n, hq, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(n, hkv, self.head_dim), cos, sin)
+        return q, k, self.v_proj(x).view(n, hkv, self.head_dim)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -62,11 +60,22 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    # The layer in the two token-wise halves around attention, which cuda_graphs.py captures apart.
+    def pre_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def post_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """x [N, hidden] and attention's output [N, Hq * D] -> the layer's output."""
+        x = x + self.self_attn.o_proj(attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_layer, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        q, k, v = self.pre_attention(x, cos, sin)
+        out = paged_attention(q, torch.stack((k, v)), kv_layer, meta)
+        return self.post_attention(x, out.reshape(x.shape[0], -1))
 
 
 class LlamaModel(nn.Module):
@@ -85,6 +94,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._graphs: PiecewiseGraphs | None = None
 
     def fuse_projections(self) -> "LlamaForCausalLM":
         """Fuse q/k/v and gate/up into one matmul each: fewer kernel launches per layer, which is
@@ -93,6 +103,13 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        return self
+
+    def use_cuda_graphs(self, max_tokens: int = DEFAULT_MAX_TOKENS) -> "LlamaForCausalLM":
+        """Replay passes of up to max_tokens tokens from piecewise CUDA graphs (cuda_graphs.py),
+        captured per token-count bucket on first use; longer passes, GPU-bound anyway, stay eager.
+        0 turns them off. Weights must not move afterwards: the graphs hold their addresses."""
+        self._graphs = PiecewiseGraphs(self, max_tokens) if max_tokens > 0 else None
         return self
 
     @property
@@ -116,12 +133,15 @@ class LlamaForCausalLM(nn.Module):
         self._check_cache(cache)
         meta = AttentionMetadata.build(chunks, cache.block_tokens, self.device)
         token_ids = torch.cat([torch.as_tensor(c.token_ids, dtype=torch.long).reshape(-1) for c in chunks])
-        x = self.model.embed_tokens(token_ids.to(self.device))
-        cos, sin = rope_cos_sin(meta.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            if before_layer is not None:
-                before_layer(i)
-            x = layer(x, cos, sin, cache.layer(i), meta)
+        if self._graphs is not None and self._graphs.covers(len(token_ids)):
+            x = self._graphs.run(cache, meta, token_ids, before_layer)
+        else:
+            x = self.model.embed_tokens(token_ids.to(self.device))
+            cos, sin = rope_cos_sin(meta.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+            for i, layer in enumerate(self.model.layers):
+                if before_layer is not None:
+                    before_layer(i)
+                x = layer(x, cos, sin, cache.layer(i), meta)
         if last_only:
             ends = torch.tensor([c.num_tokens for c in chunks]).cumsum(0) - 1
             x = x[ends.to(self.device)]

@@ -22,6 +22,7 @@ import torch
 
 from engines.adapter import StoreAdapter
 from engines.checkpoint import load_checkpoint
+from engines.cuda_graphs import DEFAULT_MAX_TOKENS
 from engines.config import ModelConfig, dtype_from_name
 from engines.fingerprint import checkpoint_fingerprint
 from engines.model import LlamaForCausalLM
@@ -38,6 +39,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16; default: the config's torch_dtype")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--block-tokens", type=int, default=16)
+    parser.add_argument("--cuda-graph-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help="on CUDA, passes of up to this many tokens replay piecewise CUDA graphs; 0: off")
     parser.add_argument("--num-pages", type=int, default=2048, help="pages in this worker's KV cache")
     parser.add_argument("--tenant", default=None)
     parser.add_argument("--token", default=os.environ.get("KVSTORE_TOKEN"),
@@ -66,6 +69,8 @@ class WorkerEngine:
         config = ModelConfig.from_json(args.checkpoint)
         dtype = dtype_from_name(args.dtype or config.torch_dtype)
         model = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype)
+        if torch.device(args.device).type == "cuda":
+            model.use_cuda_graphs(args.cuda_graph_tokens)
         cache = PagedKVCache.for_model(config, args.num_pages, args.block_tokens, dtype=dtype, device=args.device)
         fingerprint = checkpoint_fingerprint(args.checkpoint, config, dtype, args.block_tokens, args.model_name, args.revision)
         adapter = StoreAdapter.for_cache(args.store, fingerprint, cache, tenant=args.tenant, token=args.token,

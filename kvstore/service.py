@@ -158,7 +158,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     def Pin(self, request, context, caller: Caller):
         if request.release_pin_ids:  # first, so the room they hold is free for this pin
             self.store.unpin(caller, list(request.release_pin_ids))
-        info = self.store.pin(caller, request.fingerprint_id, list(request.keys), request.ttl_ms)
+        info = self.store.pin(caller, request.fingerprint_id, list(request.keys), request.ttl_ms, request.prefix_only)
         return pb.PinResponse(
             pin_id=info.pin_id,
             expires_unix_ms=info.expires_ms,

@@ -376,20 +376,26 @@ class Store:
 
     # ---- reads --------------------------------------------------------------------
 
-    def _resolve_for_read(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> list[BlockMeta]:
+    def _resolve_for_read(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], prefix: bool = False) -> list[BlockMeta]:
+        """Pin-count the keys' blocks; all of them, or with prefix the leading run that is present."""
         metas, missing = [], []
         for key in keys:
-            meta = self._present(caller, fingerprint_id, key, strict=True)
+            meta = self._present(caller, fingerprint_id, key, strict=not prefix)
             if meta is None:
+                if prefix:
+                    break
                 missing.append(key)
             else:
                 metas.append(meta)
         if missing:
             self.counters["misses"] += len(missing)
             raise BlockNotFoundError(f"{len(missing)} of {len(keys)} blocks not found: " + ", ".join(k.hex() for k in missing[:4]) + ("…" if len(missing) > 4 else ""))
+        if prefix:
+            self.counters["lookup_blocks_hit"] += len(metas)
+            self.counters["lookup_blocks_miss"] += len(keys) - len(metas)
         for meta in metas:
             meta.pins += 1
-            self.index.touch(meta)
+        self.index.touch(*metas)
         return metas
 
     def _unpin(self, metas: Sequence[BlockMeta]) -> None:
@@ -449,18 +455,32 @@ class Store:
             with self._lock:
                 self._unpin(metas)
 
-    def pin(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0) -> PinInfo:
-        """Pin blocks in the host pool (promoting from SSD) so a client can copy them out directly."""
+    def pin(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0,
+            prefix: bool = False) -> PinInfo:
+        """Pin blocks in the host pool (promoting from SSD) so a client can copy them out directly.
+
+        With prefix, the longest present leading run is pinned instead of all or
+        nothing, so an engine finds and pins its cached prefix in one round trip;
+        a block that cannot be staged (corrupt on SSD, pool full of pins) ends the run.
+        """
         self._check_fp(fingerprint_id)
         self._check_keys(keys)
         with self._lock:
-            metas = self._resolve_for_read(caller, fingerprint_id, keys)
+            metas = self._resolve_for_read(caller, fingerprint_id, keys, prefix)
         try:
-            for meta in metas:
+            for i, meta in enumerate(metas):
                 if meta.host_offset is None:
-                    self._promote(meta, self._read_ssd_verified(meta), make_room=True)
-                    if meta.host_offset is None:
-                        raise CapacityExhaustedError("host pool full of pinned blocks; cannot stage block from ssd")
+                    try:
+                        self._promote(meta, self._read_ssd_verified(meta), make_room=True)
+                        if meta.host_offset is None:
+                            raise CapacityExhaustedError("host pool full of pinned blocks; cannot stage block from ssd")
+                    except (BlockNotFoundError, CapacityExhaustedError):
+                        if not prefix:
+                            raise
+                        with self._lock:
+                            self._unpin(metas[i:])
+                        metas = metas[:i]
+                        break
                     self.counters["hits_ssd"] += 1
                 else:
                     self.counters["hits_host"] += 1
@@ -468,6 +488,8 @@ class Store:
             with self._lock:
                 self._unpin(metas)
             raise
+        if not metas:
+            return PinInfo(0, [], 0)
         with self._lock:
             ttl = ttl_ms / 1000 if ttl_ms > 0 else self.cfg.pin_ttl_s
             pin = self.leases.add_pin(caller.client_id, metas, ttl)

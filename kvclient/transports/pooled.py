@@ -180,17 +180,21 @@ class PoolControl:
         """
         return self._get_window(keys, outs, 0, len(keys), stats, drain, unpin)
 
-    def pin(self, keys, stats: TransferStats, lo: int = 0) -> list[SlotRef]:
+    def pin(self, keys, stats: TransferStats, lo: int = 0, prefix: bool = False) -> list[SlotRef]:
         """Pin keys (one RPC, carrying the deferred releases); their slots, indexed from lo.
 
         For callers that move the bytes later themselves (the engine adapter's
-        layer-by-layer DMA); they must end with release().
+        layer-by-layer DMA); they must end with release(). With prefix, only the
+        longest present leading run is pinned, and fewer slots than keys come back.
         """
         release = self.deferred_unpins.take()
-        resp = self._timed(stats, self.stub.Pin, pb.PinRequest(fingerprint_id=self.fingerprint_id, keys=list(keys), release_pin_ids=release))
-        if not len(resp.offsets) == len(resp.lengths) == len(resp.checksums) == len(keys):
-            self._quietly(self.stub.Unpin, pb.UnpinRequest(pin_ids=[resp.pin_id]))
-            raise TransferError(f"server pinned {len(resp.offsets)} blocks for {len(keys)} keys")
+        resp = self._timed(stats, self.stub.Pin, pb.PinRequest(fingerprint_id=self.fingerprint_id, keys=list(keys),
+                                                               release_pin_ids=release, prefix_only=prefix))
+        n = len(resp.offsets)
+        if not n == len(resp.lengths) == len(resp.checksums) or n > len(keys) or (n < len(keys) and not prefix):
+            if resp.pin_id:
+                self._quietly(self.stub.Unpin, pb.UnpinRequest(pin_ids=[resp.pin_id]))
+            raise TransferError(f"server pinned {n} blocks for {len(keys)} keys")
         pin_id = resp.pin_id
         return [SlotRef(lo + i, offset, length, pin_id, crc)
                 for i, (offset, length, crc) in enumerate(zip(resp.offsets, resp.lengths, resp.checksums))]

@@ -128,3 +128,20 @@ def test_plan_copies_merges_back_to_back_slots_and_splits_groups():
     groups = plan_copies(slots, 100, group_bytes=200)
     assert [copies for copies, _ in groups] == [[(0, 1000, 200)], [(200, 1200, 100), (300, 5000, 100)], [(400, 5100, 100)]]
     assert [s for _, members in groups for s in members] == slots
+
+
+def test_prefix_load_takes_the_cached_run_and_leaves_the_last_block_to_compute(adapter, tiny_model, prompt_ids):
+    ids = (prompt_ids * 3)[:64]  # exactly 4 blocks
+    source, _ = prefilled(tiny_model, ids)
+    keys = adapter.block_keys(ids)
+    payload = source.gather_blocks(source.block_table("s")[:4])
+    with adapter.session() as client:
+        adapter.upload(client, keys[:2] + keys[3:], payload[[0, 1, 3]])
+        with adapter.prepare_prefix_load(client, keys, len(ids)) as load:
+            assert load.num_blocks == 2  # block 2 is missing: the run ends there
+            assert torch.equal(load.payload, payload[:2])
+        adapter.upload(client, keys[2:3], payload[2:3])
+        with adapter.prepare_prefix_load(client, keys, len(ids)) as load:
+            assert load.num_blocks == 3  # all four cached, but the last token's block is computed
+        with adapter.prepare_prefix_load(client, keys, len(ids) + 1) as load:
+            assert load.num_blocks == 4

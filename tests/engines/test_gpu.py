@@ -87,9 +87,11 @@ def test_download_to_cuda_dmas_from_the_registered_pool(server, tiny_checkpoint,
         adapter.close()
 
 
-def test_prefix_streams_layer_by_layer_into_pages_and_is_checked(server, tiny_checkpoint, prompt_ids, request):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_prefix_streams_layer_by_layer_into_pages_and_is_checked(server, tiny_checkpoint, prompt_ids, request, graphs):
     bt = BLOCK_TOKENS
     model, _, expected, payload, adapter = cuda_prefix(server, tiny_checkpoint, prompt_ids, bt, request.node.name, 6)
+    model.use_cuda_graphs(64 if graphs else 0)
     full_blocks = len(payload)
     try:
         keys = adapter.block_keys(prompt_ids)
@@ -98,8 +100,9 @@ def test_prefix_streams_layer_by_layer_into_pages_and_is_checked(server, tiny_ch
             target = make_cache(model)
             target.allocate("pad", 5 * bt)  # other page ids than the source's
             table = target.allocate("b", len(prompt_ids) + 6)
-            with torch.inference_mode(), adapter.prepare_load(client, keys) as load:
+            with torch.inference_mode(), adapter.prepare_prefix_load(client, keys, len(prompt_ids)) as load:
                 assert isinstance(load, StreamedPrefixLoad) and load.num_blocks == full_blocks
+                assert load.stats.control_rpcs == 1  # found and pinned in one round trip
                 load.start(target, table)
                 start = full_blocks * bt
                 logits = model(target, [SeqChunk(prompt_ids[start:], start, table)], last_only=True,
@@ -123,3 +126,33 @@ def test_prefix_streams_layer_by_layer_into_pages_and_is_checked(server, tiny_ch
             assert client.stats()["pins_held"] == 0
     finally:
         adapter.close()
+
+
+def test_cuda_graphs_replay_what_eager_computes(tiny_checkpoint, prompt_ids):
+    """Whole prompts, a rest after a prefix, decode steps and a batch, in buckets with padding; passes
+    longer than the largest bucket run eager; the before_layer hook still gates every layer."""
+    eager = load_checkpoint(tiny_checkpoint, device="cuda")
+    graphed = load_checkpoint(tiny_checkpoint, device="cuda").use_cuda_graphs(max_tokens=64)
+    assert len(prompt_ids) > 64
+
+    def passes(model):
+        cache, out, hooked = make_cache(model), [], []
+        with torch.inference_mode():
+            table = cache.allocate("a", len(prompt_ids) + 3)
+            out.append(model(cache, [SeqChunk(prompt_ids[:37], 0, table)], before_layer=hooked.append))
+            out.append(model(cache, [SeqChunk(prompt_ids[37:], 37, table)]))  # 46 tokens: eager
+            for pos in range(len(prompt_ids), len(prompt_ids) + 3):
+                token = int(out[-1][-1].argmax())
+                out.append(model(cache, [SeqChunk([token], pos, table)]))
+            other = cache.allocate("b", 20)
+            out.append(model(cache, [SeqChunk(prompt_ids[:20], 0, other), SeqChunk([7], len(prompt_ids) + 3, table)]))
+            whole = model(make_cache(model), [SeqChunk(prompt_ids, 0, list(range(len(prompt_ids) // 4 + 1)))],
+                          last_only=True)
+        return out, whole, hooked
+
+    (expected, whole, _), (got, whole_graphed, hooked) = passes(eager), passes(graphed)
+    assert hooked == list(range(TINY_CONFIG.num_hidden_layers))
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=0)
+    torch.testing.assert_close(whole_graphed, whole, atol=1e-4, rtol=0)
+    assert set(graphed._graphs._buckets) == {1, 32, 64}  # 37 -> 64; decode steps -> 1; the batch of 21 -> 32

@@ -63,6 +63,23 @@ def test_batched_chunks_equal_separate_passes(tiny_model, prompt_ids):
     torch.testing.assert_close(last[0], separate["a"][-1], atol=ATOL, rtol=0)
 
 
+def test_consecutive_pages_are_read_in_place_and_agree_with_scattered_ones(tiny_model, prompt_ids):
+    from engines.attention import AttentionMetadata
+
+    n_pages = -(-len(prompt_ids) // 4)
+    consecutive, scattered = list(range(3, 3 + n_pages)), list(range(3 * n_pages, 0, -3))
+    assert AttentionMetadata.build([SeqChunk(prompt_ids, 0, consecutive)], 4, torch.device("cpu")).page_run == 3
+    assert AttentionMetadata.build([SeqChunk(prompt_ids, 0, scattered)], 4, torch.device("cpu")).page_run is None
+    results = []
+    for table in (consecutive, scattered):
+        cache = make_cache(tiny_model)
+        with torch.inference_mode():
+            head = tiny_model(cache, [SeqChunk(prompt_ids[:18], 0, table)])
+            rest = tiny_model(cache, [SeqChunk(prompt_ids[18:], 18, table)])
+        results.append(torch.cat([head, rest]))
+    torch.testing.assert_close(results[0], results[1], atol=ATOL, rtol=0)
+
+
 def test_short_block_table_is_refused(tiny_model, prompt_ids):
     cache = make_cache(tiny_model)
     with pytest.raises(ValueError, match="block table"):

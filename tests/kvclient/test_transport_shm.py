@@ -8,7 +8,9 @@ import pytest
 
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError
+from kvclient.transports.base import TransferStats
 from kvstore.v1 import kvstore_pb2 as pb
+from tests.conftest import make_fingerprint
 from tests.kvclient.transport_util import random_blocks, tokens
 from tests.serverproc import ServerProc
 
@@ -85,3 +87,30 @@ def slot_of(client: KVClient, key) -> int:
     pin = client._call(client.stub.Pin, pb.PinRequest(fingerprint_id=client.fingerprint_id, keys=[key.digest]))
     client._call(client.stub.Unpin, pb.UnpinRequest(pin_ids=[pin.pin_id]))
     return pin.offsets[0]
+
+
+def test_prefix_pin_pins_the_leading_present_run_in_one_rpc(shm_server, fingerprint):
+    with KVClient(shm_server.address, fingerprint, tenant="prefix-pin", transport="shm") as client:
+        keys = client.block_keys(tokens(6, start=2000))
+        blocks = random_blocks(6, BLOCK, seed=3)
+        client.put(keys[:2] + keys[3:], blocks[:2] + blocks[3:])  # block 2 missing: the run ends there
+        control = client.transport.control
+        stats = TransferStats()
+        slots = control.pin([k.digest for k in keys], stats, prefix=True)
+        assert stats.control_rpcs == 1
+        assert [s.index for s in slots] == [0, 1]
+        pool = client.transport.pool
+        for slot, block in zip(slots, blocks):
+            assert np.array_equal(pool[slot.offset: slot.offset + slot.length], block)
+        assert pins_held(shm_server, fingerprint) == 1
+        with pytest.raises(BlockNotFoundError):  # without prefix it is all or nothing
+            control.pin([k.digest for k in keys], TransferStats())
+        control.release(slots, failed=True)
+        assert pins_held(shm_server, fingerprint) == 0
+
+        assert control.pin([k.digest for k in keys[2:]], TransferStats(), prefix=True) == []
+        assert pins_held(shm_server, fingerprint) == 0  # nothing present, nothing pinned
+
+    # The same digests asked for under another fingerprint (another dtype): never served, even in prefix mode.
+    with KVClient(shm_server.address, make_fingerprint(dtype="bfloat16"), tenant="prefix-pin", transport="shm") as client:
+        assert client.transport.control.pin([k.digest for k in keys], TransferStats(), prefix=True) == []
