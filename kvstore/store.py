@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import xxhash
 
@@ -71,8 +71,9 @@ class LeaseInfo:
     slot_length: int = 0
 
 
-@dataclass(frozen=True)
-class PinnedSlot:
+class PinnedSlot(NamedTuple):
+    """A NamedTuple, not a dataclass: a Pin makes one per block, and a frozen dataclass cost ~1 us each."""
+
     key: bytes
     offset: int
     size: int
