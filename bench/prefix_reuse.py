@@ -228,10 +228,10 @@ def format_table(rows: list[Row]) -> str:
                      f"{r.prepare_ms:>7.2f} {r.start_ms:>6.2f} {r.compute_ms:>7.2f} {r.finish_ms:>6.2f} "
                      f"{r.dma_ms:>6.2f} {r.fetch_gbps:>6.1f} {r.ttft_ms:>8.2f} {r.recompute_ms:>9.2f} "
                      f"{r.speedup:>6.1f}x {'ok' if r.first_token_ok else 'DIFF':>5}")
-    lines.append("ms, medians per phase. lookup: block keys; prepare: GPU one prefix Pin RPC, host Lookup + the whole fetch; start: GPU enqueueing the "
-                 "per-layer DMAs, host the scatter; compute overlaps the GPU's dma (layer i waits only for its own "
-                 "layer); dma: first copy to last layer landed, paced by the forward pass since copies are enqueued a few "
-                 "layers ahead of it (so GB/s is a floor); finish: checksums still running when the first token was ready")
+    lines.append("ms, medians per phase. lookup: block keys; prepare: GPU one prefix Pin RPC, host Lookup + the whole fetch; start: GPU planning the DMAs, enqueueing layer 0's, "
+                 "host the scatter; compute overlaps the GPU's dma (layer i waits only for its own "
+                 "layer); dma: first copy to last layer landed (the copies after layer 0's are enqueued once the forward pass "
+                 "has begun); finish: checksums still running when the first token was ready")
     return "\n".join(lines)
 
 
