@@ -25,7 +25,6 @@ the store, by copying blocks in and out.
 """
 from __future__ import annotations
 
-from collections import deque
 from typing import Hashable, Sequence
 
 import torch
@@ -60,7 +59,9 @@ class PagedKVCache:
         self.kv = torch.zeros(
             (num_layers, 2, num_pages, block_tokens, num_kv_heads, head_dim), dtype=dtype, device=device
         )
-        self._free_pages: deque[int] = deque(range(num_pages))
+        # Ascending, lowest handed out first: a sequence then mostly gets consecutive pages, which
+        # attention reads in place instead of gathering (attention.AttentionMetadata.page_run).
+        self._free_pages: list[int] = list(range(num_pages))
         self._tables: dict[Hashable, list[int]] = {}
 
     @classmethod
@@ -119,12 +120,15 @@ class PagedKVCache:
             if not table:
                 del self._tables[seq_id]
             raise CacheFullError(f"{seq_id!r} needs {missing} more pages, {len(self._free_pages)} free")
-        table.extend(self._free_pages.popleft() for _ in range(max(missing, 0)))
+        if missing > 0:
+            table.extend(self._free_pages[:missing])
+            del self._free_pages[:missing]
         return list(table)
 
     def free(self, seq_id: Hashable) -> None:
         """Return seq_id's pages to the free list; unknown ids are ignored."""
         self._free_pages.extend(self._tables.pop(seq_id, ()))
+        self._free_pages.sort()
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         return list(self._tables[seq_id])

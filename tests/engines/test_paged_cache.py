@@ -21,6 +21,17 @@ def test_allocate_grows_table_and_free_returns_pages():
     cache.free("never-allocated")
 
 
+def test_freed_pages_are_reused_lowest_first_so_tables_stay_consecutive():
+    cache = small_cache()
+    cache.allocate("a", 8)
+    cache.allocate("b", 12)
+    cache.free("a")
+    assert cache.allocate("c", 4) == [0]  # not 5, the next never-used page
+    cache.free("b")
+    cache.free("c")
+    assert cache.allocate("d", 32) == list(range(8))
+
+
 def test_allocation_is_all_or_nothing():
     cache = small_cache(num_pages=3)
     cache.allocate("a", 4)
