@@ -10,18 +10,17 @@ blocks packed into shared messages (ucx_wire.message_groups). Destinations may b
 host buffers or, with CUDA-aware UCX, GPU arrays (cupy or torch CUDA tensors):
 UCX writes them directly, without host staging, one message per block.
 
-ucxx's async API wants one asyncio loop per process; `UcxRuntime` runs it in a
-daemon thread shared by every client in the process, and the synchronous
-KVClient calls hand coroutines to it. ucxx's context is created on that thread
-with completions as futures (ucxenv.start_context), so waiting costs no CPU. Time from hand-off to start is the
-"queue" part of TransferStats.
+The calling thread posts a request's messages and progresses the process's UCX
+worker itself until they complete (ucxenv.Worker: no progress thread, no event
+loop, no task per message), checking each landed block while the rest are in
+flight. Clients in one process take turns on the worker; the time spent waiting
+for it is the "queue" part of TransferStats.
 """
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from typing import Any, Coroutine
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,50 +28,7 @@ from kvclient.errors import ERROR_TYPES, CapacityExhaustedError, KVStoreError, T
 from kvclient.transports import device, ucx_wire as wire
 from kvclient.transports.base import TransferStats
 from kvclient.transports.pooled import PoolControl, SlotRef, check_block, destinations
-from kvclient.ucxenv import import_ucxx, start_context, unavailable_reason
-
-
-class UcxRuntime:
-    """The process's UCX event loop thread; created on first use."""
-
-    _instance: "UcxRuntime | None" = None
-    _guard = threading.Lock()
-
-    def __init__(self) -> None:
-        self.ucxx = import_ucxx()
-        if self.ucxx is None:
-            raise UnavailableError(f"ucxx not importable: {unavailable_reason()}")
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="kvclient-ucx", daemon=True)
-        self._thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self._start_context(), self.loop).result(30)
-        except Exception as err:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            raise UnavailableError(f"UCX context did not start: {type(err).__name__}: {err}") from None
-
-    async def _start_context(self) -> None:
-        start_context(self.ucxx)
-
-    @classmethod
-    def get(cls) -> "UcxRuntime":
-        with cls._guard:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
-
-    def run(self, coro: Coroutine, timeout_s: float, stats: TransferStats | None = None) -> Any:
-        submitted = time.perf_counter()
-
-        async def timed():
-            if stats is not None:
-                stats.queue_s += time.perf_counter() - submitted
-            return await asyncio.wait_for(coro, timeout_s)
-
-        try:
-            return asyncio.run_coroutine_threadsafe(timed(), self.loop).result(timeout_s + 5)
-        except (asyncio.TimeoutError, TimeoutError):
-            raise TransferError(f"UCX transfer did not finish within {timeout_s:.0f}s") from None
+from kvclient.ucxenv import Endpoint, Worker, import_ucxx, unavailable_reason
 
 
 def _raise_remote(detail: bytes) -> None:
@@ -88,68 +44,89 @@ class UcxTransport:
 
     def __init__(self, control: PoolControl, host: str, port: int, client_id: str, token: bytes, timeout_s: float,
                  tenant: str = "") -> None:
+        if import_ucxx() is None:
+            raise UnavailableError(f"ucxx not importable: {unavailable_reason()}")
+        try:
+            self.worker = Worker.get()
+        except Exception as err:
+            raise UnavailableError(f"UCX worker did not start: {type(err).__name__}: {err}") from None
         self.control = control
         self.host, self.port = host, port
         self.client_id, self.token, self.tenant = client_id, token, tenant
         self.timeout_s = timeout_s
-        self.runtime = UcxRuntime.get()
-        self._ep = None
+        self._ep: Endpoint | None = None
         self._keyed = False  # the server pins by key inside a get (the hello bound our tenant)
         self._lock = threading.Lock()  # requests on one endpoint are strictly sequential
-        with self._lock:
-            self._connect_locked()
+        with self._lock:  # connect now, so a client that cannot use UCX falls back at once
+            self._request(lambda ep, deadline: None, TransferStats(), keep_on_refusal=False, timeout_s=min(timeout_s, 15))
 
     # ---- connection ---------------------------------------------------------------
 
-    def _connect_locked(self) -> None:
+    def _open(self, deadline: float) -> Endpoint:
+        """Connect and say hello; the session token binds tenant and client id (the bearer token never crosses UCX, which is not encrypted)."""
         try:
-            self._ep = self.runtime.run(self._open(), min(self.timeout_s, 15))
-        except KVStoreError:
-            raise
+            ep = Endpoint(self.worker, self.host, self.port, deadline)
         except Exception as err:
             raise UnavailableError(f"cannot reach the UCX listener at {self.host}:{self.port}: {type(err).__name__}: {err}") from None
-
-    async def _open(self):
-        ep = await self.runtime.ucxx.create_endpoint(self.host, self.port)
         ident, tenant = self.client_id.encode(), self.tenant.encode()
-        # The session token binds tenant and client id; the bearer token never crosses UCX (not encrypted).
-        await ep.send(wire.header(wire.OP_HELLO, len(ident), len(self.token), len(tenant)))
-        await ep.send(np.frombuffer(ident + self.token + tenant, dtype=np.uint8))
-        self._keyed = bool((await self._expect_ok(ep))[1])
+        try:
+            hello = [ep.send(wire.header(wire.OP_HELLO, len(ident), len(self.token), len(tenant))),
+                     ep.send(np.frombuffer(ident + self.token + tenant, dtype=np.uint8))]
+            self._keyed = bool(self._expect_ok(ep, hello, deadline)[1])
+        except KVStoreError:
+            ep.abort()
+            raise
+        except Exception as err:
+            ep.abort()
+            raise UnavailableError(f"UCX hello to {self.host}:{self.port} failed: {type(err).__name__}: {err}") from None
         return ep
 
-    async def _expect_ok(self, ep) -> np.ndarray:
+    def _expect_ok(self, ep: Endpoint, sends: list, deadline: float) -> np.ndarray:
+        """Wait for sends and the one-header reply; an error reply raises with the server's detail."""
         reply = wire.empty_header()
-        await ep.recv(reply)
+        self.worker.wait([*sends, ep.recv(reply)], deadline)
         if int(reply[0]) != wire.STATUS_OK:
-            detail = np.empty(int(reply[1]), dtype=np.uint8)
-            await ep.recv(detail)
-            _raise_remote(detail.tobytes())
+            self._raise_detail(ep, int(reply[1]), deadline)
         return reply
 
-    def _request(self, coro_fn, stats: TransferStats, keep_on_refusal: bool) -> None:
-        """Run one request; a transfer that fails midway leaves the endpoint in an unknown state, so drop it.
+    def _raise_detail(self, ep: Endpoint, length: int, deadline: float) -> None:
+        detail = np.empty(length, dtype=np.uint8)
+        self.worker.wait([ep.recv(detail)], deadline)
+        _raise_remote(detail.tobytes())
+
+    def _request(self, exchange: Callable[[Endpoint, float], None], stats: TransferStats, keep_on_refusal: bool,
+                 timeout_s: float | None = None) -> None:
+        """Run one exchange on the endpoint with the process's worker held; a transfer that fails midway
+        leaves the endpoint in an unknown state, so drop it (its pending receives are cancelled with it).
 
         keep_on_refusal: the server answered a refusal and consumed everything sent, so the endpoint is in step.
         """
-        with self._lock:
+        limit_s = timeout_s or self.timeout_s
+        submitted, deadline = time.perf_counter(), time.monotonic() + limit_s
+        if not self.worker.lock.acquire(timeout=limit_s):
+            raise TransferError(f"UCX worker busy for {limit_s:.0f}s")
+        try:
+            stats.queue_s += time.perf_counter() - submitted
             if self._ep is None:
-                self._connect_locked()
-            try:
-                self.runtime.run(coro_fn(self._ep), self.timeout_s, stats)
-            except KVStoreError as err:
-                if not (keep_on_refusal and getattr(err, "refused_by_server", False)):
-                    self._drop_locked()
-                raise
-            except Exception as err:
+                self._ep = self._open(deadline)
+            exchange(self._ep, deadline)
+        except KVStoreError as err:
+            if not (keep_on_refusal and getattr(err, "refused_by_server", False)):
                 self._drop_locked()
-                raise TransferError(f"UCX transfer failed: {type(err).__name__}: {err}") from None
+            raise
+        except TimeoutError:
+            self._drop_locked()
+            raise TransferError(f"UCX transfer did not finish within {limit_s:.0f}s") from None
+        except Exception as err:
+            self._drop_locked()
+            raise TransferError(f"UCX transfer failed: {type(err).__name__}: {err}") from None
+        finally:
+            self.worker.lock.release()
 
     def _drop_locked(self) -> None:
-        """Abort the endpoint: UCX cancels its outstanding requests, so no late message can land in a caller's buffer."""
         ep, self._ep = self._ep, None
         if ep is not None:
-            self.runtime.loop.call_soon_threadsafe(ep.abort)
+            ep.abort()
 
     # ---- data ---------------------------------------------------------------------
 
@@ -160,16 +137,17 @@ class UcxTransport:
             messages = [_gather([payloads[slots[i].index] for i in g]) for g in wire.message_groups(sizes, group_bytes)]
             meta = np.array([s.handle for s in slots] + sizes, dtype=np.uint64)
 
-            async def send(ep) -> None:
+            def send(ep: Endpoint, deadline: float) -> None:
                 t0 = time.perf_counter()
                 sends = [ep.send(wire.header(wire.OP_PUT, len(slots), group_bytes)), ep.send(meta)]
                 sends += [ep.send(m, tag=wire.DATA_TAG) for m in messages]
-                *_, reply = await asyncio.gather(*sends, self._expect_ok(ep))
+                reply = self._expect_ok(ep, sends, deadline)
                 stats.transfer_s += time.perf_counter() - t0
                 if int(reply[2]) != sum(sizes):
                     raise TransferError(f"server received {int(reply[2])} bytes, expected {sum(sizes)}")
 
-            self._request(send, stats, keep_on_refusal=True)
+            with self._lock:
+                self._request(send, stats, keep_on_refusal=True)
 
         return self.control.put(keys, payloads, checksums, durable, stats, fill)
 
@@ -198,23 +176,19 @@ class UcxTransport:
         else:
             request = [head[: wire.HEADER_WORDS], head[wire.HEADER_WORDS :], np.frombuffer(body, dtype=np.uint8)]
         reply = np.empty(wire.HEADER_WORDS + n, dtype=np.uint64)
+        checksums: list[int] = []
 
-        async def receive(ep) -> None:
-            t0, validated_before = time.perf_counter(), stats.validate_s
-            landed = [_task(ep.recv(b, tag=wire.DATA_TAG)) for b in buffers]
-            replied = _task(ep.recv(reply))
-            await asyncio.sleep(0)
-            await asyncio.gather(*(ep.send(m) for m in request))
-            await replied
+        def reply_landed(ep: Endpoint, deadline: float) -> None:
             if int(reply[0]) != wire.STATUS_OK:
-                detail = np.empty(int(reply[3]), dtype=np.uint8)
-                await ep.recv(detail)
-                _raise_remote(detail.tobytes())  # the endpoint is then dropped, which cancels the receives
-            checksums = [int(c) for c in reply[wire.HEADER_WORDS :]]
-            await _verify_as_they_land(landed, groups, buffers, keys, dests, sizes, checksums, stats)
-            stats.transfer_s += time.perf_counter() - t0 - (stats.validate_s - validated_before)
+                self._raise_detail(ep, int(reply[3]), deadline)  # the endpoint is then dropped, which cancels the receives
+            checksums[:] = [int(c) for c in reply[wire.HEADER_WORDS :]]
 
-        self._request(receive, stats, keep_on_refusal=False)
+        def receive(ep: Endpoint, deadline: float) -> None:
+            _receive(self.worker, ep, deadline, buffers, reply, [ep.send(m) for m in request], reply_landed,
+                     lambda g, buf: _verify(keys, g, buf, dests, sizes, checksums), groups, stats)
+
+        with self._lock:
+            self._request(receive, stats, keep_on_refusal=False)
         stats.bytes += sum(sizes)
         stats.blocks += n
         return dests
@@ -223,24 +197,21 @@ class UcxTransport:
         def drain(slots: list[SlotRef], dests: list[Any]) -> None:
             sizes = [s.length for s in slots]
             group_bytes, groups, buffers = _receive_plan(sizes, dests)
-
             block_keys = [keys[s.index] for s in slots]
             checksums = [s.checksum for s in slots]
+            reply = wire.empty_header()
 
-            async def receive(ep) -> None:
-                t0, validated_before = time.perf_counter(), stats.validate_s
-                # Receives are posted before the request goes out, so payloads land in place, never in UCX's unexpected queue.
-                landed = [_task(ep.recv(b, tag=wire.DATA_TAG)) for b in buffers]
-                reply = _task(self._expect_ok(ep))
-                await asyncio.sleep(0)
-                await ep.send(wire.header(wire.OP_GET, len(slots), slots[0].handle, group_bytes))
+            def reply_landed(ep: Endpoint, deadline: float) -> None:
+                if int(reply[0]) != wire.STATUS_OK:
+                    self._raise_detail(ep, int(reply[1]), deadline)  # the endpoint is then dropped, which cancels the receives
 
-                verified = _task(_verify_as_they_land(landed, groups, buffers, block_keys, dests, sizes, checksums, stats))
-                await reply  # a refusal raises here; the endpoint is then dropped, which cancels the receives
-                await verified
-                stats.transfer_s += time.perf_counter() - t0 - (stats.validate_s - validated_before)
+            def receive(ep: Endpoint, deadline: float) -> None:
+                request = ep.send(wire.header(wire.OP_GET, len(slots), slots[0].handle, group_bytes))
+                _receive(self.worker, ep, deadline, buffers, reply, [request], reply_landed,
+                         lambda g, buf: _verify(block_keys, g, buf, dests, sizes, checksums), groups, stats)
 
-            self._request(receive, stats, keep_on_refusal=False)
+            with self._lock:
+                self._request(receive, stats, keep_on_refusal=False)
 
         # The server drops the pin as soon as it has sent the slots: one control RPC fewer per get.
         return self.control.get(keys, outs, stats, drain, unpin=False)
@@ -248,7 +219,42 @@ class UcxTransport:
     def close(self) -> None:
         self.control.close()
         with self._lock:
-            self._drop_locked()
+            if self._ep is not None:
+                with self.worker.lock:
+                    self._drop_locked()
+
+
+def _receive(worker: Worker, ep: Endpoint, deadline: float, buffers: list, reply: np.ndarray, sends: list,
+             reply_landed: Callable[[Endpoint, float], None], verify: Callable[[range, Any], None], groups: list[range],
+             stats: TransferStats) -> None:
+    """Post the payload receives and the reply's, then check each message as it lands: hashing overlaps the rest.
+
+    Receives are posted before the request goes out (sends come after them), so payloads
+    land in place, never in UCX's unexpected queue. Messages that land before the reply
+    (which carries the checksums of a keyed get) are checked once it is in.
+    """
+    t0, validated = time.perf_counter(), 0.0
+    requests = [ep.recv(b, tag=wire.DATA_TAG) for b in buffers]
+    requests.append(ep.recv(reply))
+    requests += sends
+    n, replied, early = len(buffers), False, []
+    for i in worker.completions(requests, deadline):
+        if i > n:
+            continue  # one of the request's sends
+        if i == n:
+            reply_landed(ep, deadline)
+            replied, ready = True, early
+        elif not replied:
+            early.append(i)
+            continue
+        else:
+            ready = [i]
+        t1 = time.perf_counter()
+        for j in ready:
+            verify(groups[j], buffers[j])
+        validated += time.perf_counter() - t1
+    stats.validate_s += validated
+    stats.transfer_s += time.perf_counter() - t0 - validated
 
 
 def _receive_plan(sizes: list[int], dests: list[Any]) -> tuple[int, list[range], list[Any]]:
@@ -258,15 +264,6 @@ def _receive_plan(sizes: list[int], dests: list[Any]) -> tuple[int, list[range],
     groups = wire.message_groups(sizes, group_bytes)
     buffers = [dests[g.start] if len(g) == 1 else np.empty(sum(sizes[g.start : g.stop]), dtype=np.uint8) for g in groups]
     return group_bytes, groups, buffers
-
-
-async def _verify_as_they_land(landed, groups, buffers, keys, dests, sizes, checksums, stats: TransferStats) -> None:
-    """Check each message's blocks as it lands: hashing overlaps the messages still in flight."""
-    for task, g, buf in zip(landed, groups, buffers):
-        await task
-        t1 = time.perf_counter()
-        _verify(keys, g, buf, dests, sizes, checksums)
-        stats.validate_s += time.perf_counter() - t1
 
 
 def _verify(keys, g: range, buf: Any, dests: list[Any], sizes: list[int], checksums: list[int]) -> None:
@@ -287,10 +284,3 @@ def _gather(payloads: list[Any]) -> Any:
     if len(payloads) == 1:
         return payloads[0]
     return np.concatenate([np.frombuffer(p, dtype=np.uint8) for p in payloads])
-
-
-def _task(coro: Coroutine) -> asyncio.Task:
-    """A task whose failure is always retrieved: after a refusal or timeout nobody awaits the rest."""
-    task = asyncio.ensure_future(coro)
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
-    return task

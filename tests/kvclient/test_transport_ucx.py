@@ -4,6 +4,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import threading
 import time
 
 import numpy as np
@@ -103,6 +104,46 @@ def test_idle_connection_costs_the_server_no_cpu(ucx_server):
         time.sleep(1.5)
         share = (cpu_seconds(ucx_server.proc.pid) - cpu0) / (time.monotonic() - t0)
     assert share < 0.3, f"the server used {share:.0%} of a core while its one UCX client was idle"
+
+
+def test_idle_client_costs_no_cpu(ucx_server):
+    """The client progresses UCX only inside a call (no progress thread, no event loop): between calls it costs nothing."""
+    with client_for(ucx_server, "idle-client") as client:
+        keys = client.block_keys(tokens(1, start=8_500_000))
+        client.put(keys, random_blocks(1, 1 << 20))
+        client.get(keys, out=[np.zeros(1 << 20, np.uint8)])
+        time.sleep(0.3)
+        cpu0, t0 = time.process_time(), time.monotonic()
+        time.sleep(1.5)
+        share = (time.process_time() - cpu0) / (time.monotonic() - t0)
+    assert share < 0.05, f"this process used {share:.0%} of a core while its UCX client was idle"
+
+
+def test_clients_in_one_process_share_the_worker_from_threads(ucx_server):
+    """Several KVClients in one process, each on its own thread, take turns on the process's one UCX worker."""
+    errors: list[str] = []
+
+    def rounds(idx: int) -> None:
+        try:
+            with client_for(ucx_server, f"threads-{idx}") as client:
+                for r in range(4):
+                    keys = client.block_keys(tokens(6, start=9_000_000 + idx * 10_000 + r * 100))
+                    blocks = random_blocks(6, (1 << 20) if r % 2 else (64 << 10), seed=idx * 10 + r)
+                    client.put(keys, blocks)
+                    outs = [np.zeros(b.size, np.uint8) for b in blocks]
+                    client.get(keys, out=outs)
+                    assert all(np.array_equal(a, b) for a, b in zip(outs, blocks)), f"client {idx} round {r} differs"
+                    assert all(np.array_equal(a, b) for a, b in zip(client.get(keys), blocks)), f"client {idx} round {r} differs"
+        except BaseException as err:  # reported by the main thread, which names the client
+            errors.append(f"client {idx}: {type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=rounds, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE_S)
+    assert not any(t.is_alive() for t in threads), "UCX clients sharing a worker did not finish"
+    assert errors == []
 
 
 class _BogusControl:
