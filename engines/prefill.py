@@ -94,11 +94,13 @@ class PrefillWorker:
             owned_keys = [keys[i] for i in plan.owned]
             try:
                 num_load = loadable_blocks(plan.num_present, len(prompt), engine.block_tokens)
-                with adapter.prepare_load(client, keys[:num_load]) as load:
-                    with engine.pages(len(prompt)) as (_, table), engine.lock:
-                        logits, start = self._forward(prompt, table, load)
-                        publish = engine.cache.gather_blocks([table[i] for i in plan.owned])
-                outcomes = adapter.upload(client, owned_keys, publish)
+                # Renewed while we compute, so a prompt slower than the lease TTL is still computed once.
+                with client.keep_leases(owned_keys, adapter.lease_ttl_s):
+                    with adapter.prepare_load(client, keys[:num_load]) as load:
+                        with engine.pages(len(prompt)) as (_, table), engine.lock:
+                            logits, start = self._forward(prompt, table, load)
+                            publish = engine.cache.gather_blocks([table[i] for i in plan.owned])
+                    outcomes = adapter.upload(client, owned_keys, publish)
             finally:
                 client.release(owned_keys)  # whatever was not uploaded, so waiters take over at once
         stored = sum(o in (PutOutcome.STORED, PutOutcome.ALREADY_PRESENT) for o in outcomes)

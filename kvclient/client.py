@@ -18,6 +18,7 @@ import numpy as np
 
 from kvclient.errors import InvalidRequestError, from_rpc_error
 from kvclient.keys import BlockKey, Fingerprint, block_keys
+from kvclient.lease_keeper import LeaseKeeper
 from kvclient.transports import device
 from kvclient.transports.base import TransferStats, Transport
 from kvclient.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutcome, Tier
@@ -152,6 +153,11 @@ class KVClient:
             ids = [self._leases[k] for k in _digests(keys) if k in self._leases]
         resp = self._call(self.stub.RenewLeases, pb.RenewLeasesRequest(lease_ids=ids, ttl_ms=int((ttl_s or 0) * 1000)))
         return list(resp.expires_unix_ms)
+
+    def keep_leases(self, keys: Sequence[BlockKey], ttl_s: float) -> LeaseKeeper:
+        """Renew this client's leases on keys every ttl_s / 3 until the returned keeper is closed
+        (use it as a context manager around computing the blocks). Keys it holds no lease on are ignored."""
+        return LeaseKeeper(self, keys, ttl_s)
 
     def release(self, keys: Sequence[BlockKey]) -> int:
         """Give up leases without writing (e.g. the computation failed), so waiters can take over."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import grpc
 import numpy as np
@@ -188,3 +189,16 @@ def test_acquire_then_put_and_release(server, fingerprint):
         # Released lease: the waiter is told the block is missing and may compute it itself.
         assert b.wait(keys, timeout_s=2) == [BlockState.PRESENT, BlockState.MISSING]
         assert [l.outcome for l in b.acquire(keys)] == [LeaseOutcome.ALREADY_PRESENT, LeaseOutcome.GRANTED]
+
+
+def test_kept_leases_outlive_their_ttl_and_lapse_once_no_longer_kept(server, fingerprint):
+    with KVClient(server.address, fingerprint, tenant="t-keep") as a, KVClient(server.address, fingerprint, tenant="t-keep") as b:
+        kept, unkept = a.block_keys(tokens(2, start=130_000)), a.block_keys(tokens(1, start=140_000))
+        assert [l.outcome for l in a.acquire(kept + unkept, ttl_s=0.6)] == [LeaseOutcome.GRANTED] * 3
+        with a.keep_leases(kept, ttl_s=0.6) as keeper:
+            time.sleep(1.5)  # 2.5 TTLs
+            assert [l.outcome for l in b.acquire(kept)] == [LeaseOutcome.PENDING] * 2
+            assert [l.outcome for l in b.acquire(unkept)] == [LeaseOutcome.GRANTED]  # lapsed: nobody renewed it
+        assert keeper.renewals >= 3
+        time.sleep(1.0)
+        assert [l.outcome for l in b.acquire(kept)] == [LeaseOutcome.GRANTED] * 2
