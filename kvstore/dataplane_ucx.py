@@ -170,7 +170,7 @@ class UcxDataPlane:
                 await self._reply_error(ep, err)
                 return
             view = self.store.host.view
-            offsets, sizes = [s.offset for s in slots], [s.size for s in slots]
+            offsets, sizes = slots.offsets, slots.sizes
             sent = sum(sizes)
             await asyncio.gather(*await _post_slots(ep, view, offsets, sizes, group_bytes), ep.send(wire.header(wire.STATUS_OK, count, sent)))
             self.store.counters["ucx_bytes_out"] += sent
@@ -210,7 +210,7 @@ class UcxDataPlane:
             await self._reply_error_words(ep, reply, err)
             return
         try:
-            sizes = [s.size for s in info.blocks]
+            sizes = info.slots.sizes
             if sizes != expected:
                 bad = next(i for i, (a, b) in enumerate(zip(sizes, expected)) if a != b)
                 err = InvalidRequestError(f"output buffer for block {keys[bad].hex()} holds {expected[bad]} bytes; the block has {sizes[bad]}")
@@ -218,10 +218,10 @@ class UcxDataPlane:
                 return
             sent = sum(sizes)
             reply[:3] = (wire.STATUS_OK, count, sent)
-            reply[wire.HEADER_WORDS :] = [s.checksum for s in info.blocks]
+            reply[wire.HEADER_WORDS :] = info.slots.checksums
             sends = [asyncio.ensure_future(ep.send(reply))]
             view = self.store.host.view
-            offsets = [s.offset for s in info.blocks]
+            offsets = info.slots.offsets
             await asyncio.gather(*sends, *await _post_slots(ep, view, offsets, sizes, group_bytes))
             self.store.counters["ucx_bytes_out"] += sent
         finally:

@@ -162,9 +162,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return pb.PinResponse(
             pin_id=info.pin_id,
             expires_unix_ms=info.expires_ms,
-            offsets=[b.offset for b in info.blocks],
-            lengths=[b.size for b in info.blocks],
-            checksums=[b.checksum for b in info.blocks],
+            offsets=info.slots.offsets,
+            lengths=info.slots.sizes,
+            checksums=info.slots.checksums,
         )
 
     @_rpc

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
 import xxhash
 
@@ -28,7 +28,7 @@ from kvclient.errors import (
 )
 from kvclient.keys import FINGERPRINT_ID_BYTES, KEY_BYTES
 from kvstore.config import ServerConfig
-from kvstore.index import BlockIndex, BlockMeta, storage_key
+from kvstore.index import BlockIndex, BlockMeta, storage_key, tenant_tag
 from kvstore.leases import LeaseTable, ReadPin, WriteLease
 from kvstore.tiers.host import HostPool
 from kvstore.tiers.ssd import SsdTier, encode_header
@@ -71,19 +71,30 @@ class LeaseInfo:
     slot_length: int = 0
 
 
-class PinnedSlot(NamedTuple):
-    """A NamedTuple, not a dataclass: a Pin makes one per block, and a frozen dataclass cost ~1 us each."""
+@dataclass(frozen=True)
+class PinnedSlots:
+    """Where pinned blocks sit in the host pool, as parallel lists in request order.
 
-    key: bytes
-    offset: int
-    size: int
-    checksum: int
+    Columns, not an object per block: a Pin of a long prefix names hundreds of blocks,
+    and every consumer (the Pin RPC's packed arrays, the UCX data plane) wants columns.
+    """
+
+    offsets: list[int]
+    sizes: list[int]
+    checksums: list[int]
+
+    @classmethod
+    def of(cls, metas: Sequence[BlockMeta]) -> "PinnedSlots":
+        return cls([m.host_offset for m in metas], [m.size for m in metas], [m.checksum for m in metas])
+
+    def __len__(self) -> int:
+        return len(self.offsets)
 
 
 @dataclass(frozen=True)
 class PinInfo:
     pin_id: int
-    blocks: list[PinnedSlot]
+    slots: PinnedSlots
     expires_ms: int
 
 
@@ -110,6 +121,8 @@ class Store:
 
     @staticmethod
     def _check_keys(keys: Sequence[bytes]) -> None:
+        if all(n == KEY_BYTES for n in map(len, keys)):
+            return
         for i, key in enumerate(keys):
             if len(key) != KEY_BYTES:
                 raise InvalidRequestError(f"key #{i} must be {KEY_BYTES} bytes, got {len(key)}")
@@ -380,8 +393,13 @@ class Store:
     def _resolve_for_read(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], prefix: bool = False) -> list[BlockMeta]:
         """Pin-count the keys' blocks; all of them, or with prefix the leading run that is present."""
         metas, missing = [], []
+        tag, find = tenant_tag(caller.tenant), self.index.get  # _present, inlined: a Pin names hundreds of keys
         for key in keys:
-            meta = self._present(caller, fingerprint_id, key, strict=not prefix)
+            meta = find(tag + key)
+            if meta is not None and meta.fingerprint_id != fingerprint_id:
+                if not prefix:
+                    self._present(caller, fingerprint_id, key, strict=True)  # raises the mismatch
+                meta = None
             if meta is None:
                 if prefix:
                     break
@@ -490,14 +508,13 @@ class Store:
                 self._unpin(metas)
             raise
         if not metas:
-            return PinInfo(0, [], 0)
+            return PinInfo(0, PinnedSlots([], [], []), 0)
         with self._lock:
             ttl = ttl_ms / 1000 if ttl_ms > 0 else self.cfg.pin_ttl_s
             pin = self.leases.add_pin(caller.client_id, metas, ttl)
             self.counters["gets"] += len(metas)
             self.counters["bytes_out"] += sum(m.size for m in metas)
-            slots = [PinnedSlot(m.key, m.host_offset or 0, m.size, m.checksum) for m in metas]
-            return PinInfo(pin.pin_id, slots, int((time.time() + ttl) * 1000))
+            return PinInfo(pin.pin_id, PinnedSlots.of(metas), int((time.time() + ttl) * 1000))
 
     def unpin(self, caller: Caller, pin_ids: Sequence[int]) -> int:
         with self._lock:
@@ -515,7 +532,7 @@ class Store:
 
     # ---- data-plane access: slots a transfer engine may touch ------------------------
 
-    def pinned_slots(self, caller: Caller, pin_id: int) -> list[PinnedSlot]:
+    def pinned_slots(self, caller: Caller, pin_id: int) -> PinnedSlots:
         """Slots of a live pin the caller owns, for a data plane that sends them (e.g. UCX)."""
         with self._lock:
             pin = self.leases.pins.get(pin_id)
@@ -525,7 +542,7 @@ class Store:
                 raise LeaseError(f"pin {pin_id} is held by {pin.owner}, not {caller.client_id}")
             if any(m.host_offset is None for m in pin.blocks):
                 raise LeaseError(f"pin {pin_id} names a block no longer in the host pool")
-            return [PinnedSlot(m.key, m.host_offset, m.size, m.checksum) for m in pin.blocks]
+            return PinnedSlots.of(pin.blocks)
 
     def claim_write_slots(self, caller: Caller, lease_ids: Sequence[int], hold_s: float | None = None) -> list[tuple[int, int]]:
         """(offset, size) of each reserved lease, renewed for hold_s so expiry cannot free a slot mid-receive."""
