@@ -35,7 +35,7 @@ import numpy as np
 from kvclient.errors import InvalidRequestError, KVStoreError, UnauthenticatedError
 from kvclient.transports import ucx_wire as wire
 from kvclient.ucxenv import import_ucxx, start_context
-from kvstore.store import Caller, Store
+from kvstore.store import Caller, PinInfo, StagingNeeded, Store
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class UcxDataPlane:
             pos += n
         reply = np.zeros(wire.HEADER_WORDS + count, dtype=np.uint64)
         try:
-            info = self.store.pin(caller, fingerprint_id, keys)
+            info = await self._pin(caller, fingerprint_id, keys)
         except KVStoreError as err:
             await self._reply_error_words(ep, reply, err)
             return
@@ -226,6 +226,15 @@ class UcxDataPlane:
             self.store.counters["ucx_bytes_out"] += sent
         finally:
             self.store.unpin(caller, [info.pin_id])
+
+    async def _pin(self, caller: Caller, fingerprint_id: bytes, keys: list[bytes]) -> PinInfo:
+        """Pin on the loop when every block is in the host pool; staging from LMDB (read and checked)
+        runs on a worker thread instead, so one client's cold blocks do not stall every other client."""
+        try:
+            return self.store.pin(caller, fingerprint_id, keys, host_only=True)
+        except StagingNeeded:
+            self.store.counters["ucx_pins_staged_off_loop"] += 1
+            return await asyncio.get_running_loop().run_in_executor(None, self.store.pin, caller, fingerprint_id, keys)
 
     async def _reply_error_words(self, ep, reply: np.ndarray, err: BaseException) -> None:
         """An error in the reply shape the client pre-posted (u64[4 + n]), then the detail message."""

@@ -71,6 +71,10 @@ class LeaseInfo:
     slot_length: int = 0
 
 
+class StagingNeeded(Exception):
+    """A host_only pin named blocks that are on the SSD tier only; nothing was pinned."""
+
+
 @dataclass(frozen=True)
 class PinnedSlots:
     """Where pinned blocks sit in the host pool, as parallel lists in request order.
@@ -475,17 +479,22 @@ class Store:
                 self._unpin(metas)
 
     def pin(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0,
-            prefix: bool = False) -> PinInfo:
+            prefix: bool = False, host_only: bool = False) -> PinInfo:
         """Pin blocks in the host pool (promoting from SSD) so a client can copy them out directly.
 
         With prefix, the longest present leading run is pinned instead of all or
         nothing, so an engine finds and pins its cached prefix in one round trip;
         a block that cannot be staged (corrupt on SSD, pool full of pins) ends the run.
+        With host_only, StagingNeeded is raised (nothing pinned) rather than reading
+        LMDB: for callers on an event loop, which then pin from a worker thread.
         """
         self._check_fp(fingerprint_id)
         self._check_keys(keys)
         with self._lock:
             metas = self._resolve_for_read(caller, fingerprint_id, keys, prefix)
+            if host_only and any(m.host_offset is None for m in metas):
+                self._unpin(metas)
+                raise StagingNeeded(f"{sum(m.host_offset is None for m in metas)} of {len(metas)} blocks are on ssd")
         try:
             for i, meta in enumerate(metas):
                 if meta.host_offset is None:

@@ -246,3 +246,31 @@ def test_message_groups_pack_small_blocks_and_keep_large_ones_alone():
     assert wire.message_groups([100, 2 * mib, 100, 100], mib) == [range(0, 1), range(1, 2), range(2, 4)]
     assert wire.message_groups([100, 100, 100], 0) == [range(0, 1), range(1, 2), range(2, 3)]
     assert wire.contiguous([0, 10, 30], [10, 20, 5]) and not wire.contiguous([0, 11], [10, 5])
+
+
+def test_keyed_get_of_blocks_only_on_ssd_stages_them_off_the_event_loop(tmp_path):
+    """After a restart every block is in LMDB only: the keyed get pins them from a worker thread (the
+    loop would otherwise stall every client while LMDB is read), byte-exact; once staged, on the loop."""
+    srv = ServerProc(tmp_path / "data", flags={"host_memory": "64MiB", "ssd_capacity": "256MiB"}, env=UCX_SERVER_ENV)
+    srv.start()
+    try:
+        blocks = random_blocks(6, 1 << 20, seed=7)
+        with client_for(srv, "cold") as client:
+            keys = client.block_keys(tokens(6, start=7_000_000))
+            client.put(keys, blocks, durable=True)
+        srv.stop()
+        srv.start()
+
+        def staged(client) -> int:
+            return client.stats()["counters"].get("ucx_pins_staged_off_loop", 0)
+
+        with client_for(srv, "cold") as client:
+            outs = [np.zeros(1 << 20, np.uint8) for _ in blocks]
+            client.get(keys, out=outs)
+            assert client.last_transfer.control_rpcs == 0  # keyed: pinned inside the UCX request
+            assert all(np.array_equal(a, b) for a, b in zip(outs, blocks))
+            assert staged(client) == 1
+            client.get(keys, out=outs)  # promoted by the first get: pinned on the loop
+            assert staged(client) == 1 and client.stats()["pins_held"] == 0
+    finally:
+        srv.stop()
