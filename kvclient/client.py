@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import grpc
 import numpy as np
 
-from kvclient.errors import InvalidRequestError, from_rpc_error
+from kvclient.errors import InvalidRequestError, PermissionDeniedError, from_rpc_error
 from kvclient.keys import BlockKey, Fingerprint, block_keys
 from kvclient.lease_keeper import LeaseKeeper
 from kvclient.transports import device
@@ -218,12 +218,19 @@ class KVClient:
         return self._call(self.stub.Delete, pb.DeleteRequest(fingerprint_id=self.fingerprint_id, keys=_digests(keys))).deleted
 
     def stats(self) -> dict:
-        resp = self._call(self.stub.Stats, pb.StatsRequest())
+        """This client's side ("client": the transport chosen and any fallback) and, for an admin token,
+        the server's tiers, blocks, leases, pins and counters. A tenant's token gets the client part
+        only: store-wide numbers would tell one tenant about another's activity."""
+        out = {"client": self.transport_choice.as_dict() if self.transport_choice else {"transport": self.transport.name}}
+        try:
+            resp = self._call(self.stub.Stats, pb.StatsRequest())
+        except PermissionDeniedError:
+            return out
         return {
             "tiers": {Tier(t.tier).name.lower(): {"capacity_bytes": t.capacity_bytes, "used_bytes": t.used_bytes, "blocks": t.blocks} for t in resp.tiers},
             "blocks": resp.blocks,
             "leases_held": resp.leases_held,
             "pins_held": resp.pins_held,
             "counters": dict(resp.counters),
-            "client": self.transport_choice.as_dict() if self.transport_choice else {"transport": self.transport.name},
+            **out,
         }
