@@ -120,6 +120,9 @@ class UcxTransport:
         except Exception as err:
             self._drop_locked()
             raise TransferError(f"UCX transfer failed: {type(err).__name__}: {err}") from None
+        except BaseException:  # e.g. KeyboardInterrupt: receives still posted must not land in later calls' buffers
+            self._drop_locked()
+            raise
         finally:
             self.worker.lock.release()
 
