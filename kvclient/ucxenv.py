@@ -94,10 +94,15 @@ class Worker:
         self.worker = libucxx.UCXWorker(libucxx.UCXContext({}), enable_delayed_submission=False, enable_python_future=False)
         self.worker.init_blocking_progress_mode()
         self.lock = threading.Lock()
+        self.pid = os.getpid()
 
     @classmethod
     def get(cls) -> "Worker":
+        """This process's worker. UCX does not survive fork: a child forked after its parent made one
+        is refused at once (the transport then falls back) instead of timing out on a dead connection."""
         with cls._guard:
+            if cls._instance is not None and cls._instance.pid != os.getpid():
+                raise RuntimeError("UCX was initialised before this process was forked; start workers with 'spawn'")
             if cls._instance is None:
                 cls._instance = cls()
             return cls._instance

@@ -274,3 +274,27 @@ def test_keyed_get_of_blocks_only_on_ssd_stages_them_off_the_event_loop(tmp_path
             assert staged(client) == 1 and client.stats()["pins_held"] == 0
     finally:
         srv.stop()
+
+
+def _forked_child(address: str, results) -> None:
+    started = time.monotonic()
+    try:
+        with KVClient(address, make_fingerprint(), tenant="fork", transport="ucx"):
+            results.put(("connected", 0.0))
+    except Exception as err:
+        results.put((type(err).__name__, time.monotonic() - started))
+    with KVClient(address, make_fingerprint(), tenant="fork", transport="auto") as client:
+        results.put((client.transport.name, 0.0))
+
+
+def test_a_child_forked_after_ucx_started_is_refused_at_once_and_falls_back(ucx_server):
+    with client_for(ucx_server, "fork"):
+        ctx = mp.get_context("fork")
+        results = ctx.Queue()
+        child = ctx.Process(target=_forked_child, args=(ucx_server.address, results))
+        child.start()
+        refused, seconds = results.get(timeout=60)
+        fallback, _ = results.get(timeout=60)
+        child.join(30)
+    assert refused == "UnavailableError" and seconds < 5  # not a 15 s connect timeout
+    assert fallback in ("shm", "grpc")
