@@ -13,7 +13,7 @@ from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError
 from kvclient.types import BlockState, PutOutcome
 from tests.conftest import make_fingerprint
-from tests.kvclient.transport_util import HAVE_UCX, UCX_SERVER_ENV, proc_io_bytes, random_blocks, tokens
+from tests.kvclient.transport_util import HAVE_UCX, UCX_SERVER_ENV, eventually, proc_io_bytes, random_blocks, tokens
 from tests.serverproc import ServerProc
 
 DATA_TRANSPORTS = ["shm", pytest.param("ucx", marks=[pytest.mark.ucx, pytest.mark.skipif(not HAVE_UCX, reason="ucxx not importable")])]
@@ -53,13 +53,6 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
-def eventually(predicate, timeout_s: float = 10 * TTL_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
-
-
 def observer(srv) -> KVClient:
     return KVClient(srv.address, make_fingerprint(), tenant="stalled", transport="grpc")
 
@@ -73,7 +66,7 @@ def test_client_killed_mid_put_leaves_no_visible_block(ttl_server, transport):
         statuses, prefix = obs.status(keys)
         assert prefix == 0 and {s.state for s in statuses} == {BlockState.PENDING}
         kill(child)
-        eventually(lambda: obs.stats()["leases_held"] == 0)
+        eventually(lambda: obs.stats()["leases_held"] == 0, 10 * TTL_S)
         assert obs.contains(keys) == [False] * 8
         with pytest.raises(BlockNotFoundError):
             obs.get(keys[:1])
@@ -94,10 +87,10 @@ def test_client_killed_mid_get_leaves_no_pin(ttl_server, transport, op):
         if op == "get-pinned" or transport == "shm":
             assert obs.stats()["pins_held"] == 1
         kill(child)
-        eventually(lambda: obs.stats()["pins_held"] == 0)
+        eventually(lambda: obs.stats()["pins_held"] == 0, 10 * TTL_S)
         # Unpinned blocks can be deleted and their slots reclaimed.
         assert obs.delete(keys) == 16
-        eventually(lambda: obs.stats()["tiers"]["host"]["used_bytes"] == 0)
+        eventually(lambda: obs.stats()["tiers"]["host"]["used_bytes"] == 0, 10 * TTL_S)
 
 
 @pytest.mark.ucx
@@ -110,9 +103,9 @@ def test_ucx_client_killed_during_transfer_server_keeps_serving(ttl_server):
         for _ in range(3):
             child = stalled_client(ttl_server, "ucx", "get-midway", 64, 4 << 20)
             # Kill as soon as the pin exists: the server is then mid-way through sending 256 MiB.
-            eventually(lambda: obs.stats()["pins_held"] > 0 or child.poll() is not None)
+            eventually(lambda: obs.stats()["pins_held"] > 0 or child.poll() is not None, 10 * TTL_S)
             kill(child)
-        eventually(lambda: obs.stats()["pins_held"] == 0)
+        eventually(lambda: obs.stats()["pins_held"] == 0, 10 * TTL_S)
     with KVClient(ttl_server.address, make_fingerprint(), tenant="stalled", transport="ucx") as fresh:
         assert all(np.array_equal(a, b) for a, b in zip(fresh.get(keys), blocks))
 

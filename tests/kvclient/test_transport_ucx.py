@@ -17,7 +17,7 @@ from kvclient.transports.pooled import SlotRef
 from kvclient.transports.ucx import UcxTransport
 from kvclient.types import PutOutcome
 from tests.conftest import make_fingerprint
-from tests.kvclient.transport_util import HAVE_UCX, UCX_SERVER_ENV, random_blocks, tokens
+from tests.kvclient.transport_util import HAVE_UCX, UCX_SERVER_ENV, eventually, random_blocks, tokens
 from tests.serverproc import ServerProc
 
 pytestmark = [pytest.mark.ucx, pytest.mark.skipif(not HAVE_UCX, reason="ucxx not importable")]
@@ -84,8 +84,7 @@ def test_concurrent_clients_byte_exact_and_bounded(ucx_server):
                 p.kill()
     assert outcomes == {i: None for i in range(CLIENTS)}
     with client_for(ucx_server, "observer") as obs:
-        stats = obs.stats()
-        assert stats["pins_held"] == 0 and stats["leases_held"] == 0
+        eventually(lambda: obs.stats()["pins_held"] == 0 and obs.stats()["leases_held"] == 0)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -177,7 +176,7 @@ def test_refusals_leave_the_transport_usable(ucx_server):
         blocks = random_blocks(3, 1 << 20, seed=5)
         assert client.put(keys, blocks) == [PutOutcome.STORED] * 3
         assert all(np.array_equal(a, b) for a, b in zip(client.get(keys), blocks))
-        assert client.stats()["pins_held"] == 0
+        eventually(lambda: client.stats()["pins_held"] == 0)  # the server unpins once its sends finished
 
 
 def test_keyed_get_is_one_ucx_round_trip_and_refusals_drop_the_pin(ucx_server):
@@ -195,7 +194,7 @@ def test_keyed_get_is_one_ucx_round_trip_and_refusals_drop_the_pin(ucx_server):
             client.get(keys, out=outs[:3] + [np.zeros(1000, np.uint8)])
         with pytest.raises(BlockNotFoundError):
             client.get(client.block_keys(tokens(1, start=5_000_000)), out=[np.zeros(1 << 20, np.uint8)])
-        assert client.stats()["pins_held"] == 0
+        eventually(lambda: client.stats()["pins_held"] == 0)  # dropped once the refusal was sent
         client.get(keys, out=outs)  # the endpoint dropped after a refusal reconnects
         assert all(np.array_equal(a, b) for a, b in zip(outs, blocks))
 
@@ -211,7 +210,7 @@ def test_keyed_get_too_large_for_one_request_message(ucx_server):
         client.get(keys, out=outs)
         assert client.last_transfer.control_rpcs == 0
         assert all(np.array_equal(a, b) for a, b in zip(outs, blocks))
-        assert client.stats()["pins_held"] == 0
+        eventually(lambda: client.stats()["pins_held"] == 0)  # the server unpins once its sends finished
 
 
 def test_token_server_binds_the_tenant_into_the_session_and_refuses_another(tmp_path):
@@ -271,7 +270,8 @@ def test_keyed_get_of_blocks_only_on_ssd_stages_them_off_the_event_loop(tmp_path
             assert all(np.array_equal(a, b) for a, b in zip(outs, blocks))
             assert staged(client) == 1
             client.get(keys, out=outs)  # promoted by the first get: pinned on the loop
-            assert staged(client) == 1 and client.stats()["pins_held"] == 0
+            assert staged(client) == 1
+            eventually(lambda: client.stats()["pins_held"] == 0)
     finally:
         srv.stop()
 

@@ -9,7 +9,7 @@ from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError, ChecksumMismatchError, InvalidRequestError, UnavailableError
 from kvclient.types import BlockState, LeaseOutcome, PutOutcome
 from kvstore.v1 import kvstore_pb2 as pb
-from tests.kvclient.transport_util import TRANSPORTS, UCX_SERVER_ENV, map_pool, random_blocks, tokens
+from tests.kvclient.transport_util import TRANSPORTS, UCX_SERVER_ENV, eventually, map_pool, random_blocks, tokens
 from tests.serverproc import ServerProc
 
 BLOCK = 64 << 10
@@ -121,7 +121,7 @@ def test_corrupted_block_raises_and_releases_pin(dp_server, fingerprint, transpo
         out = [np.zeros(BLOCK, np.uint8), np.zeros(BLOCK, np.uint8)]
         with pytest.raises(ChecksumMismatchError, match=keys[1].hex()):
             client.get(keys, out=out)
-        assert client.stats()["pins_held"] == 0
+        eventually(lambda: client.stats()["pins_held"] == 0)  # UCX: the server unpins once its sends fail
         pool[offset + 100] ^= 0xFF
         assert np.array_equal(client.get(keys[1:])[0], pool[offset : offset + BLOCK])
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +45,12 @@ def proc_io_bytes(pid: int) -> int:
     """Bytes a process moved through read/write-family syscalls (sockets included): rchar + wchar."""
     fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
     return int(fields["rchar"]) + int(fields["wchar"])
+
+
+def eventually(predicate, timeout_s: float = 5.0) -> None:
+    """Poll until predicate() holds. For what the server finishes just after answering: a pin dropped
+    once its sends completed or failed, a deferred or a reaped one."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"condition not reached in {timeout_s} s"
+        time.sleep(0.05)
