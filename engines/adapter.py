@@ -211,7 +211,6 @@ class StreamedPrefixLoad(PrefixLoad):
         if not self._slots:
             return self
         t0 = time.perf_counter()
-        self._device = cache.device
         self._cache, self._pages = cache, pages[: len(self._slots)]
         self._geometry = CacheGeometry.of(cache.kv)
         self._plan = plan_layer_copies(self._geometry, self._pages, [s.offset for s in self._slots])
@@ -236,17 +235,18 @@ class StreamedPrefixLoad(PrefixLoad):
             self._landed.append(torch.cuda.Event(enable_timing=True))
             self._landed[-1].record(self._stream)
         if len(self._landed) == len(self._plan):
-            self._hash_in_pages(self._cache, self._geometry, self._pages, self._stream)
+            self._hash_in_pages()
         self.stats.transfer_s += time.perf_counter() - t0  # enqueueing; the DMA itself is dma_ms()
 
-    def _hash_in_pages(self, cache: PagedKVCache, geometry: CacheGeometry, pages: Sequence[int],
-                       stream: torch.cuda.Stream) -> None:
+    def _hash_in_pages(self) -> None:
+        geometry, stream = self._geometry, self._stream
         kernel = paged_kernel() if supports(geometry.half_bytes, 2 * geometry.num_layers) else None
         if kernel is None:
             return
         with torch.cuda.stream(stream):
-            offsets = torch.tensor([p * geometry.half_bytes for p in pages], dtype=torch.int64).to(cache.device, non_blocking=True)
-            self._hashes = kernel.launch(cache.kv.data_ptr(), offsets, geometry.num_pages * geometry.half_bytes,
+            offsets = torch.tensor([p * geometry.half_bytes for p in self._pages], dtype=torch.int64)
+            offsets = offsets.to(self._cache.device, non_blocking=True)
+            self._hashes = kernel.launch(self._cache.kv.data_ptr(), offsets, geometry.num_pages * geometry.half_bytes,
                                          geometry.half_bytes, 2 * geometry.num_layers, stream)
         self._hashed = torch.cuda.Event()
         self._hashed.record(stream)
@@ -283,7 +283,7 @@ class StreamedPrefixLoad(PrefixLoad):
     def wait_for_layer(self, layer: int) -> None:
         if self._landed:
             self._enqueue_through(len(self._plan) - 1)
-            torch.cuda.current_stream(self._device).wait_event(self._landed[layer])
+            torch.cuda.current_stream(self._cache.device).wait_event(self._landed[layer])
             if layer == len(self._plan) - 1:
                 self._start_checks()
 

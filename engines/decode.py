@@ -27,7 +27,6 @@ from engines.protocol import DecodeEvent, DecodeRequest, WorkerHealth
 from engines.tokenizer import NUM_BYTES
 from engines.worker_common import Counters, HTTPError, InFlight, Route
 from engines.worker_engine import WorkerEngine, run_worker
-from kvclient.errors import ChecksumMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ class DecodeWorker:
         # The last generated token is returned but never fed back, so it needs no slot.
         with engine.pages(len(prompt) + req.max_tokens - 1) as (_, table):
             with engine.lock:
-                fetched_tokens = self._prefill_rest(prompt, table, load)
+                _, fetched_tokens = engine.forward_after_prefix(prompt, table, load)
             self.counters.add(requests_total=1, fetched_tokens_total=fetched_tokens,
                               computed_tokens_total=len(prompt) - fetched_tokens)
             token, generated = req.first_token, 1
@@ -99,25 +98,6 @@ class DecodeWorker:
                                           last_only=True)
                 self.counters.add(computed_tokens_total=1)
                 token, generated = int(sample_next(logits, req.temperature, generator)[0]), generated + 1
-
-    def _prefill_rest(self, prompt: list[int], table: list[int], load: PrefixLoad) -> int:
-        """Land the fetched prefix in the pages and compute what it lacks; returns the tokens it supplied.
-
-        A prefix that fails its check is thrown away and the whole prompt computed instead.
-        """
-        engine = self.engine
-        fetched_tokens = load.num_blocks * engine.block_tokens
-        load.start(engine.cache, table)
-        if fetched_tokens < len(prompt):
-            engine.model(engine.cache, [SeqChunk(prompt[fetched_tokens:], fetched_tokens, table)], last_only=True,
-                         before_layer=load.wait_for_layer)
-        try:
-            load.finish()
-        except ChecksumMismatchError:
-            log.warning("fetched prefix failed its checksum; recomputing the whole prompt")
-            engine.model(engine.cache, [SeqChunk(prompt, 0, table)], last_only=True)
-            return 0
-        return fetched_tokens
 
     def health(self) -> WorkerHealth:
         return self.engine.health("decode", self.in_flight, self.counters)

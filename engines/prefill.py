@@ -14,24 +14,19 @@ Endpoints (engines/protocol.py): POST /prefill, POST /match, GET /health.
 from __future__ import annotations
 
 import argparse
-import logging
 import threading
 from collections import OrderedDict
 from typing import Sequence
 
 import torch
 
-from engines.adapter import PrefixLoad, loadable_blocks
-from engines.attention import SeqChunk
+from engines.adapter import loadable_blocks
 from engines.generate import sample_next
 from engines.protocol import MatchRequest, MatchResponse, PrefillRequest, PrefillResponse, WorkerHealth
 from engines.worker_common import Counters, InFlight, Route
 from engines.worker_engine import WorkerEngine, run_worker
-from kvclient.errors import ChecksumMismatchError
 from kvclient.keys import BlockKey
 from kvclient.types import PutOutcome
-
-log = logging.getLogger(__name__)
 
 
 class RecentBlocks:
@@ -98,7 +93,7 @@ class PrefillWorker:
                 with client.keep_leases(owned_keys, adapter.lease_ttl_s):
                     with adapter.prepare_load(client, keys[:num_load]) as load:
                         with engine.pages(len(prompt)) as (_, table), engine.lock:
-                            logits, start = self._forward(prompt, table, load)
+                            logits, start = engine.forward_after_prefix(prompt, table, load)
                             publish = engine.cache.gather_blocks([table[i] for i in plan.owned])
                     outcomes = adapter.upload(client, owned_keys, publish)
             finally:
@@ -115,25 +110,6 @@ class PrefillWorker:
             first_token=int(sample_next(logits)[0]),
             num_published_blocks=plan.num_present + stored,
         )
-
-    def _forward(self, prompt: list[int], table: list[int], load: PrefixLoad) -> tuple[torch.Tensor, int]:
-        """The prompt's logits from the cached prefix on; returns them and how many tokens were cached.
-
-        The prefix lands layer by layer under the forward pass. A prefix that
-        fails its check is thrown away and the whole prompt computed instead.
-        """
-        engine = self.engine
-        start = load.num_blocks * engine.block_tokens
-        load.start(engine.cache, table)
-        logits = engine.model(engine.cache, [SeqChunk(prompt[start:], start, table)], last_only=True,
-                              before_layer=load.wait_for_layer)
-        try:
-            load.finish()
-        except ChecksumMismatchError:
-            log.warning("cached prefix failed its checksum; recomputing the whole prompt")
-            start = 0
-            logits = engine.model(engine.cache, [SeqChunk(prompt, 0, table)], last_only=True)
-        return logits, start
 
     def health(self) -> WorkerHealth:
         return self.engine.health("prefill", self.in_flight, self.counters)

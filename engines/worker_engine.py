@@ -20,7 +20,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from engines.adapter import StoreAdapter
+from engines.adapter import PrefixLoad, StoreAdapter
+from engines.attention import SeqChunk
 from engines.checkpoint import load_checkpoint
 from engines.cuda_graphs import DEFAULT_MAX_TOKENS
 from engines.config import ModelConfig, dtype_from_name
@@ -29,6 +30,9 @@ from engines.model import LlamaForCausalLM
 from engines.paged_cache import CacheFullError, PagedKVCache
 from engines.protocol import WorkerHealth
 from engines.worker_common import Counters, HTTPError, InFlight, JsonHTTPServer
+from kvclient.errors import ChecksumMismatchError
+
+log = logging.getLogger(__name__)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +115,27 @@ class WorkerEngine:
         finally:
             with self.lock:
                 self.cache.free(seq_id)
+
+    def forward_after_prefix(self, prompt: list[int], table: list[int], load: PrefixLoad) -> tuple[torch.Tensor | None, int]:
+        """Land load's cached prefix in table's pages and compute the rest of prompt (call under the lock).
+
+        Returns the last prompt token's logits (None when the prefix covered the
+        whole prompt) and how many tokens the prefix supplied. The prefix lands
+        layer by layer under the forward pass; one that fails its check is thrown
+        away and the whole prompt computed instead.
+        """
+        cached = load.num_blocks * self.block_tokens
+        load.start(self.cache, table)
+        logits = None
+        if cached < len(prompt):
+            logits = self.model(self.cache, [SeqChunk(prompt[cached:], cached, table)], last_only=True,
+                                before_layer=load.wait_for_layer)
+        try:
+            load.finish()
+        except ChecksumMismatchError:
+            log.warning("cached prefix failed its checksum; recomputing the whole prompt")
+            return self.model(self.cache, [SeqChunk(prompt, 0, table)], last_only=True), 0
+        return logits, cached
 
     def health(self, role: str, in_flight: InFlight, counters: Counters) -> WorkerHealth:
         """/health: load for the router, counters for tests and dashboards, the fingerprint for operators."""

@@ -180,15 +180,22 @@ class Store:
         """How many leading keys are present, looking no further than the first that is not."""
         self._check_fp(fingerprint_id)
         self._check_keys(keys)
-        prefix = 0
         with self._lock:
-            for k in keys:
-                if self._present(caller, fingerprint_id, k, strict=False) is None:
-                    break
-                prefix += 1
-        self.counters["lookup_blocks_hit"] += prefix
-        self.counters["lookup_blocks_miss"] += len(keys) - prefix
-        return prefix
+            return len(self._leading_present(caller, fingerprint_id, keys))
+
+    def _leading_present(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> list[BlockMeta]:
+        """The blocks of the leading present run of keys (one stored under another fingerprint ends it,
+        as a miss would), counted as lookup hits and misses. Caller holds the lock."""
+        tag, find = tenant_tag(caller.tenant), self.index.get  # a prefix names hundreds of keys: no per-key call
+        metas = []
+        for key in keys:
+            meta = find(tag + key)
+            if meta is None or meta.fingerprint_id != fingerprint_id:
+                break
+            metas.append(meta)
+        self.counters["lookup_blocks_hit"] += len(metas)
+        self.counters["lookup_blocks_miss"] += len(keys) - len(metas)
+        return metas
 
     def _lease_for(self, caller: Caller, fingerprint_id: bytes, key: bytes, ttl_s: float) -> tuple[int, WriteLease | None]:
         """Outcome for one key and the caller's lease when GRANTED. Caller holds the lock."""
@@ -396,26 +403,19 @@ class Store:
 
     def _resolve_for_read(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], prefix: bool = False) -> list[BlockMeta]:
         """Pin-count the keys' blocks; all of them, or with prefix the leading run that is present."""
-        metas, missing = [], []
-        tag, find = tenant_tag(caller.tenant), self.index.get  # _present, inlined: a Pin names hundreds of keys
-        for key in keys:
-            meta = find(tag + key)
-            if meta is not None and meta.fingerprint_id != fingerprint_id:
-                if not prefix:
-                    self._present(caller, fingerprint_id, key, strict=True)  # raises the mismatch
-                meta = None
-            if meta is None:
-                if prefix:
-                    break
-                missing.append(key)
-            else:
-                metas.append(meta)
-        if missing:
-            self.counters["misses"] += len(missing)
-            raise BlockNotFoundError(f"{len(missing)} of {len(keys)} blocks not found: " + ", ".join(k.hex() for k in missing[:4]) + ("…" if len(missing) > 4 else ""))
         if prefix:
-            self.counters["lookup_blocks_hit"] += len(metas)
-            self.counters["lookup_blocks_miss"] += len(keys) - len(metas)
+            metas = self._leading_present(caller, fingerprint_id, keys)
+        else:
+            metas, missing = [], []
+            for key in keys:
+                meta = self._present(caller, fingerprint_id, key, strict=True)
+                if meta is None:
+                    missing.append(key)
+                else:
+                    metas.append(meta)
+            if missing:
+                self.counters["misses"] += len(missing)
+                raise BlockNotFoundError(f"{len(missing)} of {len(keys)} blocks not found: " + ", ".join(k.hex() for k in missing[:4]) + ("…" if len(missing) > 4 else ""))
         for meta in metas:
             meta.pins += 1
         self.index.touch(*metas)
