@@ -106,14 +106,18 @@ class AttentionMetadata:
             if bool((pages == pages[0] + torch.arange(len(pages))).all()):
                 page_run = int(pages[0])
 
+        # One host-to-device copy for all index tensors: each pageable copy blocks the launching thread.
+        n_tok = len(pos)
+        packed = torch.cat((pos, slot_pages, pos % block_tokens, row, torch.cat(cols), gather_pages.reshape(-1))).to(device)
+        per_token = packed[: 5 * n_tok].view(5, n_tok)
         return cls(
             page_run=page_run,
-            positions=pos.to(device),
-            slot_pages=slot_pages.to(device),
-            slot_offsets=(pos % block_tokens).to(device),
-            token_rows=row.to(device),
-            token_cols=torch.cat(cols).to(device),
-            gather_pages=gather_pages.to(device),
+            positions=per_token[0],
+            slot_pages=per_token[1],
+            slot_offsets=per_token[2],
+            token_rows=per_token[3],
+            token_cols=per_token[4],
+            gather_pages=packed[5 * n_tok:].view(gather_pages.shape),
             max_query_len=max_query_len,
             max_context_len=max_context_len,
             attn_mask=attn_mask,

@@ -12,16 +12,14 @@ parts are whole 64-byte stripes; `supports` says whether a layout qualifies.
 """
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from engines.cuda_kernels import build_error, kernels, on_stream
 
-KERNEL_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "xxh3_paged.cu"
+KERNEL_SOURCE = "xxh3_paged.cu"
 M64 = (1 << 64) - 1
 PRIME32_1, PRIME32_2, PRIME32_3 = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
 PRIME64_1, PRIME64_2, PRIME64_3, PRIME64_4, PRIME64_5 = (
@@ -90,15 +88,12 @@ def xxh3_64_parts(parts: Sequence[np.ndarray]) -> int:
 
 
 class PagedChecksumKernel:
-    """csrc/xxh3_paged.cu, compiled once per process by cupy (NVRTC) on first use."""
+    """csrc/xxh3_paged.cu's xxh3_64_paged."""
 
     THREADS = 128
 
-    def __init__(self) -> None:
-        import cupy
-
-        self._cupy = cupy
-        self._kernel = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=("-std=c++14",)).get_function("xxh3_64_paged")
+    def __init__(self, function) -> None:
+        self._kernel = function
 
     def launch(self, base_ptr: int, block_offsets: torch.Tensor, part_stride: int, part_bytes: int, num_parts: int,
                stream: torch.cuda.Stream) -> torch.Tensor:
@@ -107,41 +102,21 @@ class PagedChecksumKernel:
             raise ValueError(f"{num_parts} parts of {part_bytes} bytes: not a layout the kernel hashes")
         n = len(block_offsets)
         out = torch.empty(n, dtype=torch.int64, device=block_offsets.device)
-        grid = (-(-n * 8 // self.THREADS),)
-        with self._on(stream):
+        grid = (-(-n // (self.THREADS // 32)),)  # a warp per block
+        with on_stream(stream):
             self._kernel(grid, (self.THREADS,), (
                 np.uint64(base_ptr), np.uint64(block_offsets.data_ptr()), np.int32(n),
                 np.int64(part_stride), np.int64(part_bytes), np.int32(num_parts), np.uint64(out.data_ptr()),
             ))
         return out
 
-    def _on(self, stream: torch.cuda.Stream):
-        """cupy's view of a torch stream: Stream.from_external where cupy has it (ExternalStream is deprecated)."""
-        from_external = getattr(self._cupy.cuda.Stream, "from_external", None)
-        if from_external is not None and hasattr(stream, "__cuda_stream__"):
-            return from_external(stream)
-        return self._cupy.cuda.ExternalStream(stream.cuda_stream)
-
-
-_KERNEL: PagedChecksumKernel | None = None
-_KERNEL_ERROR: str | None = None
-
 
 def paged_kernel() -> PagedChecksumKernel | None:
-    """The kernel, or None where cupy or NVRTC is missing (the caller then checks on the host).
-
-    A failed build is remembered and logged once: retrying cost every load a compile attempt.
-    """
-    global _KERNEL, _KERNEL_ERROR
-    if _KERNEL is None and _KERNEL_ERROR is None:
-        try:
-            _KERNEL = PagedChecksumKernel()
-        except Exception as err:  # no cupy, no NVRTC, no GPU: the host path still checks every block
-            _KERNEL_ERROR = f"{type(err).__name__}: {err}"
-            log.warning("GPU block checksums unavailable, checking on the host instead: %s", _KERNEL_ERROR)
-    return _KERNEL
+    """The kernel, or None where it cannot be built (the caller then checks on the host)."""
+    built = kernels(KERNEL_SOURCE, ("xxh3_64_paged",))
+    return PagedChecksumKernel(built["xxh3_64_paged"]) if built else None
 
 
 def kernel_error() -> str | None:
     """Why paged_kernel() returned None, if it did."""
-    return _KERNEL_ERROR
+    return build_error(KERNEL_SOURCE)
