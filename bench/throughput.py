@@ -10,14 +10,20 @@ memcpy (numpy copy of the same blocks, one core) and raw loopback TCP (Python
 sockets, sendall/recv_into of the same blocks). The UCX server gets UCX_TLS=tcp,self
 so the ucx rows really are loopback TCP, not shared memory.
 
-    python bench/throughput.py            # full table, a few minutes on 2 cores
-    python bench/throughput.py --quick    # smaller working sets, 1 MiB blocks only
+Last, the control plane: median round trip of a 1-key Lookup and of a 460-key Pin
+(with the deferred unpin the next Pin carries, as a stream of engine prefix loads
+sends them) over gRPC and over the server's local control socket, in alternating rounds.
+
+    python bench/throughput.py                  # full table, a few minutes on 2 cores
+    python bench/throughput.py --quick          # smaller working sets, 1 MiB blocks only
+    python bench/throughput.py --control-only   # just the control-plane round trips
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -168,6 +174,57 @@ def tcp_reference(block_bytes: int, args: dict) -> Row:
     return Row("tcp-loopback", "recv", block_bytes, 1, args["passes"] * n * block_bytes / wall / 1e9, percentile_ms(latencies, 50), percentile_ms(latencies, 99))
 
 
+# ---- control plane --------------------------------------------------------------------
+
+CONTROL_PIN_KEYS = 460  # a 7360-token prefix in 16-token blocks
+CONTROL_PATHS = ("grpc", "local")
+
+
+def control_round_trips(address: str, rounds: int = 5, calls: int = 200) -> dict[tuple[str, str], float]:
+    """Median ms per call, by (call, control path): two clients, the same blocks, rounds alternating between them."""
+    from kvclient import KVClient
+    from kvclient.transports.base import TransferStats
+    from tests.conftest import make_fingerprint
+
+    clients = {path: KVClient(address, make_fingerprint(), tenant="bench-control", transport="shm", local_control=path == "local") for path in CONTROL_PATHS}
+    try:
+        for path, client in clients.items():
+            if client.stats()["client"]["control"] != path:
+                raise SystemExit(f"asked for control over {path}, got {client.stats()['client']}")
+        keys = clients["grpc"].block_keys(list(range(CONTROL_PIN_KEYS * 16)))
+        clients["grpc"].put(keys, [np.full(4 * KIB, i % 251, np.uint8) for i in range(len(keys))])
+        digests = [k.digest for k in keys]
+        samples: dict[tuple[str, str], list[float]] = {}
+
+        def lookup(client) -> None:
+            client.lookup(keys[:1])
+
+        def pin(client) -> None:
+            control = client.transport.control
+            control.release(control.pin(digests, TransferStats()))  # deferred: the next Pin drops it
+
+        for _ in range(rounds):
+            for path, client in clients.items():
+                for name, call in (("lookup", lookup), ("pin", pin)):
+                    for i in range(calls + 10):  # the first few warm caches and connections
+                        t0 = time.perf_counter()
+                        call(client)
+                        if i >= 10:
+                            samples.setdefault((name, path), []).append(time.perf_counter() - t0)
+        clients["grpc"].delete(keys)
+    finally:
+        for client in clients.values():
+            client.close()
+    return {key: statistics.median(values) * 1000 for key, values in samples.items()}
+
+
+def print_control(medians: dict[tuple[str, str], float]) -> None:
+    print("\ncontrol round trips (median ms per call, 1 client on the server's host):")
+    for name, label in (("lookup", "Lookup, 1 key"), ("pin", f"Pin+deferred unpin, {CONTROL_PIN_KEYS} keys")):
+        grpc_ms, local_ms = medians[(name, "grpc")], medians[(name, "local")]
+        print(f"  {label:<30} grpc {grpc_ms:6.3f}   local socket {local_ms:6.3f}   ({grpc_ms / local_ms:4.1f}x)")
+
+
 # ---- report ---------------------------------------------------------------------------
 
 
@@ -213,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--working-set-mib", type=int, default=None, help="bytes each client stores per block size (default 128, quick 64)")
     parser.add_argument("--call-mib", type=int, default=32, help="bytes per put/get call; latency percentiles are per call")
     parser.add_argument("--passes", type=int, default=None, help="get passes over the working set (default 8, quick 6); the first pass is the cold one")
+    parser.add_argument("--control-only", action="store_true", help="only the control-plane round trips (gRPC vs local socket)")
     opts = parser.parse_args(argv)
     sizes = [MIB] if opts.quick else [64 * KIB, MIB, 4 * MIB]
     args = {
@@ -220,13 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         "call_bytes": opts.call_mib * MIB,
         "passes": opts.passes or (6 if opts.quick else 8),
     }
-    transports = [t for t in opts.transports.split(",") if t]
+    transports = [] if opts.control_only else [t for t in opts.transports.split(",") if t]
     if "ucx" in transports and import_ucxx() is None:
         print("ucxx not importable: skipping the ucx rows")
         transports.remove("ucx")
     clients = [int(c) for c in opts.clients.split(",")]
 
-    rows = [memcpy_reference(s, args) for s in sizes] + [tcp_reference(s, args) for s in sizes]
+    rows = [] if opts.control_only else [memcpy_reference(s, args) for s in sizes] + [tcp_reference(s, args) for s in sizes]
     adjacent: dict[str, Row] = {}
     with tempfile.TemporaryDirectory(prefix="kvstore-bench-") as tmp:
         pool_bytes = max(clients) * args["working_set"] * 2
@@ -239,13 +297,18 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     rows += run_transport(srv.address, transport, n, sizes, args)
                     print(f"  {transport} x{n}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+            control = control_round_trips(srv.address)  # after the data plane, so it cannot disturb those numbers
         finally:
             srv.stop()
+    if opts.control_only:
+        print_control(control)
+        return 0
     print(f"\nworking set {args['working_set'] >> 20} MiB per client, {args['call_bytes'] >> 20} MiB per call, {args['passes']} get passes; p50/p99 are per call")
     print_table(rows)
     for name, ref in sorted(adjacent.items()):
         print(f"  reference before {name.split('-')[0]:<5}: {ref.transport:<13} {ref.gbps:6.2f} GB/s")
     print_ratios(rows, adjacent)
+    print_control(control)
     return 0
 
 

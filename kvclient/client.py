@@ -1,8 +1,9 @@
 """KVClient: the public API. Batches calls, tracks the caller's leases, picks a transport.
 
 Every method takes a batch; a single block is a batch of one. The control plane
-(lookup, leases, commits) always goes over gRPC; payload moves through the
-transport chosen at connect time.
+(lookup, leases, commits) goes over gRPC, or over the server's local control socket
+when the server is on this host (kvclient/local_control.py: ~0.09 ms a Lookup instead
+of gRPC's ~0.7); payload moves through the transport chosen at connect time.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class KVClient:
         transport: str = "auto",
         timeout_s: float = 30.0,
         tls_ca: str | None = None,
+        local_control: bool = True,
     ) -> None:
         if fingerprint is None:
             raise InvalidRequestError("KVClient needs a Fingerprint: blocks are only shared between compatible engines")
@@ -65,7 +67,11 @@ class KVClient:
             self._channel = grpc.secure_channel(address, creds, options=_CHANNEL_OPTIONS)
         else:
             self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        self.stub = pb_grpc.KVStoreStub(self._channel)
+        self.grpc_stub = pb_grpc.KVStoreStub(self._channel)
+        # Replaced by a LocalControlStub (same call shape) when transport selection finds the server on
+        # this host with a local control socket; streaming calls go to grpc_stub either way.
+        self.stub = self.grpc_stub
+        self.local_control = local_control
         self._lock = threading.Lock()
         self._leases: dict[bytes, int] = {}
         self.last_transfer = TransferStats()
@@ -106,6 +112,8 @@ class KVClient:
             except Exception:  # the server reclaims them at TTL anyway
                 pass
         self.transport.close()
+        if self.stub is not self.grpc_stub:
+            self.stub.close()
         self._channel.close()
 
     def __enter__(self) -> "KVClient":
@@ -218,9 +226,9 @@ class KVClient:
         return self._call(self.stub.Delete, pb.DeleteRequest(fingerprint_id=self.fingerprint_id, keys=_digests(keys))).deleted
 
     def stats(self) -> dict:
-        """This client's side ("client": the transport chosen and any fallback) and, for an admin token,
-        the server's tiers, blocks, leases, pins and counters. A tenant's token gets the client part
-        only: store-wide numbers would tell one tenant about another's activity."""
+        """This client's side ("client": the transport chosen and any fallback, the control path and why it
+        is not the local one) and, for an admin token, the server's tiers, blocks, leases, pins and counters.
+        A tenant's token gets the client part only: store-wide numbers would tell one tenant about another's activity."""
         out = {"client": self.transport_choice.as_dict() if self.transport_choice else {"transport": self.transport.name}}
         try:
             resp = self._call(self.stub.Stats, pb.StatsRequest())

@@ -53,6 +53,8 @@ class ServerConfig:
     ucx: bool = True
     ucx_port: int = 0
     shm: bool = True
+    local_control: bool = True  # serve same-host clients' unary calls on a Unix socket (kvstore/local_control.py)
+    local_control_socket: str = ""  # its path; "" is <data_dir>/control.sock
 
     def validate(self) -> "ServerConfig":
         if not 0 < self.low_watermark < self.high_watermark <= 1:
@@ -66,6 +68,11 @@ class ServerConfig:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def local_control_path(self) -> Path:
+        """Absolute: it is advertised to clients, whose working directory is not the server's."""
+        return Path(self.local_control_socket or self.data_path / "control.sock").absolute()
 
 
 _SIZE_FIELDS = {"host_memory", "ssd_capacity", "max_block_bytes"}

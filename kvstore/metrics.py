@@ -113,15 +113,25 @@ def _status(context: grpc.ServicerContext, failed: bool) -> str:
 
 
 class RequestMetrics(grpc.ServerInterceptor):
-    """Counts and times every RPC by service, method and final status code."""
+    """Counts and times every RPC by service, method and final status code.
+
+    Calls served over the local control socket (kvstore/local_control.py) are counted in the
+    same series, so request rates, errors and latency cover every call whichever way it came,
+    and once more in kvstore_local_control_requests, which says how many came that way.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("kvstore_grpc_requests", "RPCs finished, by service, method and status code", ["service", "method", "code"], registry=registry)
+        self.requests = Counter("kvstore_grpc_requests", "RPCs finished (over gRPC or the local control socket), by service, method and status code", ["service", "method", "code"], registry=registry)
         self.latency = Histogram("kvstore_grpc_request_duration_seconds", "RPC handling time, by service and method", ["service", "method"], buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.local_requests = Counter("kvstore_local_control_requests", "RPCs served over the local control socket, by method and status code", ["method", "code"], registry=registry)
 
     def _observe(self, service: str, method: str, started: float, code: str) -> None:
         self.latency.labels(service, method).observe(time.perf_counter() - started)
         self.requests.labels(service, method, code).inc()
+
+    def observe_local(self, service: str, method: str, started: float, code: str) -> None:
+        self._observe(service, method, started, code)
+        self.local_requests.labels(method, code).inc()
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)

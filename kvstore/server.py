@@ -1,4 +1,4 @@
-"""Assembles a running server: store, background worker, gRPC services, signal handling.
+"""Assembles a running server: store, background worker, gRPC services, local control socket, signal handling.
 
 Owns start-up and orderly shutdown; request behaviour lives in store.py and service.py.
 """
@@ -21,6 +21,7 @@ from kvstore.auth import Authenticator
 from kvstore.config import ServerConfig
 from kvstore.dataplane_ucx import UcxDataPlane
 from kvstore.eviction import BackgroundWorker
+from kvstore.local_control import LocalControlServer
 from kvstore.metrics import Metrics
 from kvstore.operations import Operations
 from kvstore.service import GRPC_OPTIONS, KVStoreServicer
@@ -56,6 +57,7 @@ class KVStoreServer:
         self._stopped = threading.Event()
         self._exit = threading.Event()
         self.ucx: UcxDataPlane | None = None
+        self.local: LocalControlServer | None = None
 
     def _bind(self) -> int:
         if self.cfg.tls_cert and self.cfg.tls_key:
@@ -78,6 +80,7 @@ class KVStoreServer:
             shm_size=self.store.host.capacity_bytes,
             host_id=host_id(),
             max_block_bytes=self.cfg.max_block_bytes,
+            local_control_socket=self.local.path if self.local is not None else "",
         )
         if self.ucx is not None and caller is not None:
             info.ucx_listener = f"{self.cfg.listen.rsplit(':', 1)[0]}:{self.ucx.port}"
@@ -88,6 +91,8 @@ class KVStoreServer:
     def start(self) -> "KVStoreServer":
         # Before gRPC answers: a client that asks DataPlane must find the UCX listener already up.
         self.ucx = UcxDataPlane.start_if_available(self.store, self.cfg.ucx_port) if self.cfg.ucx else None
+        if self.cfg.local_control:  # likewise the local control socket it advertises
+            self.local = LocalControlServer.start_if_possible(self.servicer, self.cfg.local_control_path, self.metrics.interceptor.observe_local)
         self.grpc.start()
         self.worker.start()
         self.metrics.start()
@@ -110,7 +115,10 @@ class KVStoreServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.store.admitting = False
-        self.grpc.stop(grace_s).wait()
+        stopped = self.grpc.stop(grace_s)
+        if self.local is not None:  # drains alongside gRPC, within the same grace period
+            self.local.stop(grace_s)
+        stopped.wait()
         if self.ucx is not None:
             self.ucx.stop()
         self.metrics.stop()

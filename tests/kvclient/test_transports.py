@@ -128,7 +128,7 @@ def test_corrupted_block_raises_and_releases_pin(dp_server, fingerprint, transpo
 
 def test_auto_picks_shm_on_same_host_and_falls_back_visibly(dp_server, make_server, fingerprint):
     with KVClient(dp_server.address, fingerprint) as client:
-        assert client.stats()["client"] == {"transport": "shm", "transport_requested": "auto", "transport_fallbacks": []}
+        assert client.stats()["client"] == {"transport": "shm", "transport_requested": "auto", "transport_fallbacks": [], "control": "local", "control_fallback": ""}
     bare = make_server("bare", shm=False, ucx=False)
     with KVClient(bare.address, fingerprint) as client:
         info = client.stats()["client"]

@@ -1,0 +1,237 @@
+"""KVClient's control calls over the server's local socket: used when it can be, the same answers and errors as
+gRPC, auth, server restarts, opt-outs that say why, threads, forked and spawned processes."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from kvclient import KVClient
+from kvclient.errors import FingerprintMismatchError, InvalidRequestError, KVStoreError, TimeoutError_, UnavailableError, from_rpc_error
+from kvclient.local_control import LocalControlStub
+from kvclient.transports.base import TransferStats
+from kvclient.types import PutOutcome
+from kvstore.v1 import kvstore_pb2 as pb
+from tests.conftest import make_fingerprint
+from tests.kvclient.transport_util import eventually, random_blocks, tokens
+from tests.kvstore.admin_util import auth_flags
+from tests.kvstore.test_metrics import scrape
+from tests.serverproc import free_port
+
+pytestmark = pytest.mark.timeout(120)
+FLAGS = {"host_memory": "64MiB", "ssd_capacity": "128MiB", "max_block_bytes": "1MiB"}
+BLOCK = 16 << 10
+
+
+def local_calls(port: int) -> float:
+    return sum(v for (name, _), v in scrape(port).items() if name == "kvstore_local_control_requests_total")
+
+
+def status_of(call) -> tuple[grpc.StatusCode, str, str]:
+    """A failed call's code, details and error type, as KVClient sees them."""
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    exc = from_rpc_error(err.value)
+    return err.value.code(), err.value.details(), type(exc).__name__
+
+
+def test_same_host_client_uses_the_socket_with_results_identical_to_grpc(make_server, fingerprint):
+    port = free_port()
+    srv = make_server(metrics_port=port, **FLAGS)
+    with KVClient(srv.address, fingerprint, tenant="same") as local, KVClient(srv.address, fingerprint, tenant="same", local_control=False) as remote:
+        assert local.stats()["client"]["control"] == "local" and local.stats()["client"]["control_fallback"] == ""
+        assert local.transport.name == remote.transport.name == "shm"
+        keys, blocks = local.block_keys(tokens(8)), random_blocks(8, BLOCK)
+        before = local_calls(port)
+        assert local.put(keys[:4], blocks[:4]) == [PutOutcome.STORED] * 4
+        assert remote.put(keys[4:], blocks[4:]) == [PutOutcome.STORED] * 4
+        assert local.lookup(keys) == remote.lookup(keys) == 8
+        assert local.status(keys + local.block_keys(tokens(9))[-1:]) == remote.status(keys + remote.block_keys(tokens(9))[-1:])
+        for client in (local, remote):
+            assert all(np.array_equal(a, b) for a, b in zip(client.get(keys), blocks))
+        pins = [c.transport.control.pin([k.digest for k in keys], TransferStats()) for c in (local, remote)]
+        assert [s[:3] + s[4:] for s in pins[0]] == [s[:3] + s[4:] for s in pins[1]]  # same slots and checksums; pin ids differ
+        for client, slots in zip((local, remote), pins):
+            client.transport.control.release(slots)
+        # put: Reserve + Commit; lookup: 1; status: 1; get: Pin; pin: 1 -> 6 calls went local, none of remote's did
+        assert local_calls(port) - before == 6
+
+
+def test_errors_are_the_same_status_and_message_as_over_grpc(server, fingerprint):
+    other = make_fingerprint(dtype="bfloat16")
+    with KVClient(server.address, fingerprint, tenant="errs") as local, KVClient(server.address, other, tenant="errs") as wrong_fp:
+        assert local.stats()["client"]["control"] == "local"
+        keys = local.block_keys(tokens(2, start=7_000))
+        local.put(keys, random_blocks(2, BLOCK))
+        grpc_stub, local_stub, md = local.grpc_stub, local.stub, local._metadata
+        requests = {
+            "Lookup": pb.LookupRequest(fingerprint_id=local.fingerprint_id, keys=[b"short"]),  # malformed key length
+            "Pin": pb.PinRequest(fingerprint_id=other.id, keys=[k.digest for k in keys]),  # stored under another fingerprint
+            "Commit": pb.CommitRequest(fingerprint_id=local.fingerprint_id, items=[pb.CommitItem(lease_id=123456789)]),  # unknown lease
+            "Reserve": pb.ReserveRequest(fingerprint_id=b"\1" * 3),
+        }
+        for name, request in requests.items():
+            over_grpc = status_of(lambda: getattr(grpc_stub, name)(request, metadata=md, timeout=10))
+            over_local = status_of(lambda: getattr(local_stub, name)(request, metadata=md, timeout=10))
+            assert over_local == over_grpc, name
+        # and through the client API, as typed exceptions
+        with pytest.raises(FingerprintMismatchError, match="fingerprint"):
+            wrong_fp.get(keys[:1])
+        assert wrong_fp.stats()["client"]["control"] == "local"
+        with pytest.raises(InvalidRequestError, match="key #0 must be 16 bytes"):
+            local.lookup([b"short"])
+
+
+def test_missing_or_wrong_token_is_refused_as_over_grpc(make_server, tmp_path, fingerprint):
+    srv = make_server(**auth_flags(tmp_path, **FLAGS))
+    with KVClient(srv.address, fingerprint, token="alice-secret") as alice:
+        assert alice.stats()["client"]["control"] == "local"
+        keys = alice.block_keys(tokens(1))
+        assert alice.put(keys, random_blocks(1, BLOCK)) == [PutOutcome.STORED]
+        request = pb.LookupRequest(fingerprint_id=alice.fingerprint_id, keys=[k.digest for k in keys])
+        for md in ((), (("authorization", "Bearer not-a-token"),), (("authorization", "Bearer alice-secret"), ("kvstore-tenant", "bob"))):
+            over_grpc = status_of(lambda: alice.grpc_stub.Lookup(request, metadata=md, timeout=10))
+            over_local = status_of(lambda: alice.stub.Lookup(request, metadata=md, timeout=10))
+            assert over_local == over_grpc and over_grpc[0] in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+    # A client whose token is refused never gets as far as the socket: the DataPlane call over gRPC fails first.
+    with KVClient(srv.address, fingerprint, token="not-a-token") as stranger:
+        choice = stranger.transport_choice.as_dict()  # stats() itself would be refused
+        assert choice["control"] == "grpc" and choice["control_fallback"] == "server did not describe its data plane"
+        assert "UnauthenticatedError" in " ".join(choice["transport_fallbacks"])
+
+
+def test_server_restart_reconnects_or_is_unavailable_never_hangs(make_server, fingerprint):
+    srv = make_server(**FLAGS)
+    with KVClient(srv.address, fingerprint, tenant="restart", timeout_s=5) as client:
+        keys = client.block_keys(tokens(2))
+        client.put(keys, random_blocks(2, BLOCK), durable=True)
+        assert client.lookup(keys) == 2  # leaves an idle pooled connection to the old server
+        srv.restart()
+        t0 = time.monotonic()
+        try:
+            assert client.lookup(keys) == 2  # the blocks were durable
+        except UnavailableError:
+            pass
+        assert time.monotonic() - t0 < 5
+        assert client.lookup(keys) == 2
+        srv.stop()
+        t0 = time.monotonic()
+        with pytest.raises(UnavailableError, match="local control socket"):
+            client.lookup(keys)
+        assert time.monotonic() - t0 < 5
+        srv.start()
+        assert client.lookup(keys) == 2
+
+
+def test_a_stopped_server_is_a_deadline_not_a_hang(make_server, fingerprint):
+    srv = make_server(**FLAGS)
+    with KVClient(srv.address, fingerprint, tenant="stall", timeout_s=1) as client:
+        keys = client.block_keys(tokens(1))
+        client.lookup(keys)
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            eventually(lambda: Path(f"/proc/{srv.proc.pid}/stat").read_text().split()[2] == "T")  # stopping is not instant
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError_):
+                client.lookup(keys)
+            assert time.monotonic() - t0 < 3
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        assert client.lookup(keys) == 0  # the timed-out connection was dropped, not reused out of step
+
+
+@pytest.mark.parametrize(
+    "client_kwargs, server_flags, reason",
+    [
+        ({"local_control": False}, {}, "turned off by the client"),
+        ({}, {"local_control": False}, "server advertises no local control socket"),
+        ({"transport": "grpc"}, {}, "transport 'grpc' keeps every call on gRPC"),
+    ],
+)
+def test_opt_outs_fall_back_to_grpc_and_say_why(make_server, fingerprint, client_kwargs, server_flags, reason):
+    port = free_port()
+    srv = make_server(metrics_port=port, **FLAGS, **server_flags)
+    with KVClient(srv.address, fingerprint, tenant="optout", **client_kwargs) as client:
+        choice = client.stats()["client"]
+        assert choice["control"] == "grpc" and reason in choice["control_fallback"]
+        assert not isinstance(client.stub, LocalControlStub)
+        keys = client.block_keys(tokens(3))
+        assert client.put(keys, random_blocks(3, BLOCK)) == [PutOutcome.STORED] * 3
+        assert client.lookup(keys) == 3 and len(client.get(keys)) == 3
+    assert local_calls(port) == 0
+
+
+def test_many_threads_share_one_client(server, fingerprint):
+    with KVClient(server.address, fingerprint, tenant="threads") as client:
+        assert client.stats()["client"]["control"] == "local"
+        errors: list[BaseException] = []
+
+        def worker(i: int) -> None:
+            try:
+                keys = client.block_keys(tokens(4, start=100_000 * (i + 1)))
+                blocks = random_blocks(4, BLOCK, seed=i)
+                client.put(keys, blocks)
+                for _ in range(50):
+                    assert client.lookup(keys) == 4
+                    assert all(np.array_equal(a, b) for a, b in zip(client.get(keys), blocks))
+            except BaseException as err:
+                errors.append(err)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads) and not errors, errors
+        assert len(client.stub._pool._idle) <= 8 + 1  # a connection per call in flight (plus the unpinner's), reused
+
+
+def test_forked_child_opens_its_own_connections(server, fingerprint):
+    with KVClient(server.address, fingerprint, tenant="fork") as client:
+        keys = client.block_keys(tokens(4, start=900_000))
+        client.put(keys[:2], random_blocks(2, BLOCK))
+        assert client.lookup(keys) == 2  # the parent now has a pooled connection the child inherits
+        inherited = list(client.stub._pool._idle)
+        pid = os.fork()
+        if pid == 0:  # no pytest here: report through the exit status, and never run the parent's teardown
+            code = 1
+            try:
+                ok = client.lookup(keys) == 2 and client.put(keys[2:], random_blocks(2, BLOCK, seed=5)) == [PutOutcome.STORED] * 2
+                ok = ok and client.lookup(keys) == 4 and not set(client.stub._pool._idle) & set(inherited)
+                code = 0 if ok else 2
+            finally:
+                os._exit(code)
+        for _ in range(20):  # the parent keeps using its connections meanwhile
+            assert client.lookup(keys[:2]) == 2
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            assert time.monotonic() < deadline, "forked child hung"
+            time.sleep(0.05)
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+        assert client.lookup(keys) == 4
+
+
+def _spawned_client(address: str, results) -> None:
+    with KVClient(address, make_fingerprint(), tenant="spawn") as client:
+        keys = client.block_keys(tokens(2, start=950_000))
+        client.put(keys, random_blocks(2, BLOCK))
+        results.put((client.stats()["client"]["control"], client.lookup(keys)))
+
+
+def test_spawned_process_uses_the_socket(server):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_spawned_client, args=(server.address, results))
+    proc.start()
+    try:
+        assert results.get(timeout=60) == ("local", 2)
+    finally:
+        proc.join(30)
+    assert proc.exitcode == 0

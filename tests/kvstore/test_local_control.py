@@ -1,0 +1,140 @@
+"""The server's local control socket: where it lives, who may use it, what it serves, what it counts, and its lifecycle."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import tempfile
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kvclient.local_control import LocalRpcError, LocalControlStub
+from kvclient.local_wire import decode_response, encode_request, read_frame
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from tests.kvstore.test_metrics import scrape
+from tests.serverproc import ServerProc, free_port
+
+pytestmark = pytest.mark.timeout(90)
+FLAGS = {"host_memory": "16MiB", "ssd_capacity": "32MiB", "max_block_bytes": "1MiB"}
+MD = (("kvstore-client-id", "test-local"), ("kvstore-tenant", "local"))
+
+
+def advertised(srv: ServerProc) -> str:
+    with grpc.insecure_channel(srv.address) as channel:
+        return pb_grpc.KVStoreStub(channel).DataPlane(pb.DataPlaneRequest(), metadata=MD, timeout=10).local_control_socket
+
+
+def raw_call(path: str, method: str, payload: bytes = b"") -> grpc.StatusCode:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        sock.sendall(encode_request(method, 5.0, MD, payload))
+        return decode_response(read_frame(sock)).code
+
+
+def test_socket_in_data_dir_mode_0600_advertised_and_removed_at_stop(make_server, tmp_path):
+    srv = make_server(**FLAGS)
+    path = advertised(srv)
+    assert path == str((tmp_path / "data" / "control.sock").absolute())
+    st = os.stat(path)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+    srv.stop()
+    assert not os.path.exists(path)
+
+
+def test_off_by_config_advertises_nothing(make_server, tmp_path):
+    srv = make_server(local_control=False, **FLAGS)
+    assert advertised(srv) == ""
+    assert not (tmp_path / "data" / "control.sock").exists()
+
+
+def test_configured_path_and_a_live_servers_socket_is_left_alone(make_server, tmp_path):
+    path = tmp_path / "ctl.sock"
+    first = make_server("one", local_control_socket=path, **FLAGS)
+    assert advertised(first) == str(path)
+    # A second server pointed at the same path must not steal the first one's socket: it runs without one.
+    second = make_server("two", local_control_socket=path, **FLAGS)
+    assert advertised(second) == ""
+    assert "another server is listening" in second.log()
+    assert raw_call(str(path), "/kvstore.v1.KVStore/Stats") == grpc.StatusCode.OK
+
+
+def test_socket_left_by_a_killed_server_is_replaced(make_server):
+    srv = make_server(**FLAGS)
+    path = advertised(srv)
+    srv.stop(signal.SIGKILL)
+    assert os.path.exists(path)  # nobody removed it
+    srv.start()
+    assert advertised(srv) == path
+    assert raw_call(path, "/kvstore.v1.KVStore/Stats") == grpc.StatusCode.OK
+
+
+def test_only_unary_kvstore_methods_are_served(make_server):
+    srv = make_server(**FLAGS)
+    path = advertised(srv)
+    get = pb.GetRequest(fingerprint_id=b"\0" * 16, keys=[b"\0" * 16]).SerializeToString()
+    assert raw_call(path, "/kvstore.v1.KVStore/Get", get) == grpc.StatusCode.UNIMPLEMENTED  # server-streaming
+    assert raw_call(path, "/kvstore.v1.KVStore/Write") == grpc.StatusCode.UNIMPLEMENTED  # client-streaming
+    assert raw_call(path, "/kvstore.v1.Admin/Stats") == grpc.StatusCode.UNIMPLEMENTED
+    assert raw_call(path, "/kvstore.v1.KVStore/Nope") == grpc.StatusCode.UNIMPLEMENTED
+    assert raw_call(path, "/kvstore.v1.KVStore/Lookup", b"\xff\xff") == grpc.StatusCode.INTERNAL  # not a LookupRequest
+    assert raw_call(path, "/kvstore.v1.KVStore/Stats") == grpc.StatusCode.OK  # the connection-per-call above left it serving
+
+
+def test_local_calls_are_counted_with_the_grpc_request_metrics(make_server):
+    port = free_port()
+    srv = make_server(metrics_port=port, **FLAGS)
+    stub = LocalControlStub(advertised(srv), None)
+    try:
+        for _ in range(3):
+            stub.Lookup(pb.LookupRequest(fingerprint_id=b"f" * 16, keys=[b"k" * 16]), metadata=MD, timeout=10)
+        with pytest.raises(LocalRpcError) as err:
+            stub.Lookup(pb.LookupRequest(fingerprint_id=b"short"), metadata=MD, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        stub.close()
+    m = scrape(port)
+    rpc = {"service": "kvstore.v1.KVStore", "method": "Lookup"}
+    assert m[("kvstore_local_control_requests_total", frozenset({"method": "Lookup", "code": "OK"}.items()))] == 3
+    assert m[("kvstore_local_control_requests_total", frozenset({"method": "Lookup", "code": "INVALID_ARGUMENT"}.items()))] == 1
+    # The same series as gRPC calls: dashboards of request rate, errors and latency see every call.
+    assert m[("kvstore_grpc_requests_total", frozenset({**rpc, "code": "OK"}.items()))] == 3
+    assert m[("kvstore_grpc_requests_total", frozenset({**rpc, "code": "INVALID_ARGUMENT"}.items()))] == 1
+    assert m[("kvstore_grpc_request_duration_seconds_count", frozenset(rpc.items()))] == 4
+    assert m[("kvstore_request_errors_total", frozenset({"code": "invalid_argument"}.items()))] == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a peer as another uid")
+def test_peer_of_another_uid_is_refused(make_server):
+    # The socket's mode keeps other users out; open it up here so the SO_PEERCRED check is what refuses.
+    public = Path(tempfile.mkdtemp(prefix="kvs-"))
+    try:
+        public.chmod(0o755)
+        srv = make_server(local_control_socket=public / "ctl.sock", **FLAGS)
+        path = advertised(srv)
+        os.chmod(path, 0o666)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: become nobody, then call
+            code = 255
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                code = raw_call(path, "/kvstore.v1.KVStore/Stats").value[0]
+            finally:
+                os.write(write, bytes([code]))
+                os._exit(0)
+        os.close(write)
+        got = os.read(read, 1)
+        os.waitpid(pid, 0)
+        assert got == bytes([grpc.StatusCode.PERMISSION_DENIED.value[0]])
+        assert "refused pid" in srv.log()
+        assert raw_call(path, "/kvstore.v1.KVStore/Stats") == grpc.StatusCode.OK  # our own uid still gets in
+    finally:
+        for child in public.iterdir():
+            child.unlink()
+        public.rmdir()
