@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
@@ -67,9 +68,10 @@ class AttentionMetadata:
     def build(cls, chunks: Sequence[SeqChunk], block_tokens: int, device: torch.device) -> "AttentionMetadata":
         if not chunks:
             raise ValueError("a forward pass needs at least one chunk")
+        # Index arithmetic in numpy: a few microseconds an op where torch's CPU ops cost ten or more,
+        # and this runs on the launching thread before any of the pass reaches the GPU.
         max_blocks = -(-max(c.end_pos for c in chunks) // block_tokens)
-        gather_pages = torch.zeros((len(chunks), max_blocks), dtype=torch.long)
-        positions, rows, cols = [], [], []
+        gather_pages = np.zeros((len(chunks), max_blocks), dtype=np.int64)
         for i, chunk in enumerate(chunks):
             if chunk.num_tokens == 0 or chunk.start_pos < 0:
                 raise ValueError(f"chunk {i} is empty or starts before 0")
@@ -78,15 +80,15 @@ class AttentionMetadata:
                 raise ValueError(
                     f"chunk {i} ends at {chunk.end_pos} but its block table has {len(chunk.block_table)} pages"
                 )
-            gather_pages[i, :needed] = torch.as_tensor(list(chunk.block_table[:needed]), dtype=torch.long)
-            positions.append(torch.arange(chunk.start_pos, chunk.end_pos))
-            rows.append(torch.full((chunk.num_tokens,), i, dtype=torch.long))
-            cols.append(torch.arange(chunk.num_tokens))
-        pos = torch.cat(positions)
-        row = torch.cat(rows)
+            gather_pages[i, :needed] = chunk.block_table[:needed]
+        starts = np.array([c.start_pos for c in chunks], dtype=np.int64)
+        lengths = np.array([c.num_tokens for c in chunks], dtype=np.int64)
+        row = np.repeat(np.arange(len(chunks), dtype=np.int64), lengths)
+        col = np.arange(len(row), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        pos = starts[row] + col
         slot_pages = gather_pages[row, pos // block_tokens]
-        max_query_len = max(c.num_tokens for c in chunks)
-        max_context_len = max(c.end_pos for c in chunks)
+        max_query_len = int(lengths.max())
+        max_context_len = int((starts + lengths).max())
 
         attn_mask = None
         single = len(chunks) == 1
@@ -95,20 +97,18 @@ class AttentionMetadata:
             # The chunk's queries are the last rows of the causal square over its context.
             attn_mask = causal_lower_right(max_query_len, max_context_len)
         elif not single:
-            starts = torch.tensor([c.start_pos for c in chunks])
-            query_pos = starts[:, None] + torch.arange(max_query_len)[None, :]
+            query_pos = torch.from_numpy(starts)[:, None] + torch.arange(max_query_len)[None, :]
             attn_mask = (torch.arange(max_context_len)[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
             attn_mask = attn_mask.to(device)
 
         page_run = None
-        if single:
-            pages = gather_pages[0]
-            if bool((pages == pages[0] + torch.arange(len(pages))).all()):
-                page_run = int(pages[0])
+        if single and (np.diff(gather_pages[0]) == 1).all():
+            page_run = int(gather_pages[0, 0])
 
         # One host-to-device copy for all index tensors: each pageable copy blocks the launching thread.
         n_tok = len(pos)
-        packed = torch.cat((pos, slot_pages, pos % block_tokens, row, torch.cat(cols), gather_pages.reshape(-1))).to(device)
+        packed = np.concatenate((pos, slot_pages, pos % block_tokens, row, col, gather_pages.reshape(-1)))
+        packed = torch.from_numpy(packed).to(device)
         per_token = packed[: 5 * n_tok].view(5, n_tok)
         return cls(
             page_run=page_run,
