@@ -16,7 +16,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# A wheel carries csrc/ inside this package (setup.py); a source checkout has it at the top.
+CSRC_DIRS = (Path(__file__).resolve().parent / "csrc", Path(__file__).resolve().parent.parent / "csrc")
 
 _lock = threading.Lock()
 _built: dict[str, dict[str, Any]] = {}
@@ -30,12 +31,19 @@ def kernels(source: str, names: tuple[str, ...], options: tuple[str, ...] = ("-s
             try:
                 import cupy
 
-                module = cupy.RawModule(code=(CSRC / source).read_text(), options=options)
+                module = cupy.RawModule(code=source_path(source).read_text(), options=options)
                 _built[source] = {name: module.get_function(name) for name in names}
             except Exception as err:  # no cupy, no NVRTC, no GPU, no csrc in this install
                 _errors[source] = f"{type(err).__name__}: {err}"
                 log.warning("CUDA kernels of %s unavailable, using the fallback path: %s", source, _errors[source])
         return _built.get(source)
+
+
+def source_path(source: str) -> Path:
+    for directory in CSRC_DIRS:
+        if (directory / source).is_file():
+            return directory / source
+    raise FileNotFoundError(f"{source} is in none of {', '.join(map(str, CSRC_DIRS))}")
 
 
 def build_error(source: str) -> str | None:
