@@ -57,6 +57,10 @@ class CacheGeometry:
 def runs(pages: Sequence[int], offsets: Sequence[int]) -> list[tuple[int, int, int]]:
     """(first index, length, source stride) of stretches where pages are consecutive and pool
     offsets step evenly: a fresh upload sits back to back in the pool, a fresh table in the cache."""
+    if len(pages) > 1:  # the common case, one run, without a Python step per block
+        page_steps, offset_steps = np.diff(np.asarray(pages)), np.diff(np.asarray(offsets))
+        if (page_steps == 1).all() and offset_steps[0] > 0 and (offset_steps == offset_steps[0]).all():
+            return [(0, len(pages), int(offset_steps[0]))]
     out: list[tuple[int, int, int]] = []
     i = 0
     while i < len(pages):
