@@ -10,6 +10,7 @@ The transports (shm.py, ucx.py) supply only the byte movement.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from itertools import repeat
@@ -71,13 +72,21 @@ class DeferredUnpins:
     def __init__(self, send: Callable[[list[int]], None], idle_s: float = 0.05) -> None:
         self._send = send
         self._idle_s = idle_s
-        self._ids: list[int] = []
-        self._cv = threading.Condition()
         self._closed = False
         self._last_add = 0.0
+        self._start_fresh()
+
+    def _start_fresh(self) -> None:
+        """Also in a child forked from the owner: its pins and its thread are the parent's, and a
+        parent thread may have held the lock at the fork."""
+        self._pid = os.getpid()
+        self._ids: list[int] = []
+        self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
 
     def add(self, pin_id: int) -> None:
+        if self._pid != os.getpid():
+            self._start_fresh()
         with self._cv:
             self._ids.append(pin_id)
             self._last_add = time.monotonic()
@@ -88,6 +97,8 @@ class DeferredUnpins:
                 self._cv.notify()
 
     def take(self) -> list[int]:
+        if self._pid != os.getpid():
+            self._start_fresh()
         with self._cv:
             ids, self._ids = self._ids, []
             return ids

@@ -90,6 +90,7 @@ class ShmTransport:
         self.pool = np.frombuffer(self._mmap, dtype=np.uint8)
         self._populator = PagePopulator(self.pool.ctypes.data, shm_size)
         self._helpers: ThreadPoolExecutor | None = None  # copy and check the halves of a large get
+        self._helpers_pid = os.getpid()
         self._slot_cache: dict[bytes, tuple[int, int, int]] = {}  # key -> (offset, length, checksum) when last pinned
 
     def put(self, keys, payloads, checksums, durable: bool, stats: TransferStats) -> list[int]:
@@ -132,8 +133,9 @@ class ShmTransport:
 
     def _in_parallel(self, fn, keys, slots: list[SlotRef], dests: list[np.ndarray]) -> list[Future]:
         """fn over the blocks in two halves on the helper threads: numpy's copy and xxhash drop the GIL."""
-        if self._helpers is None:
+        if self._helpers is None or self._helpers_pid != os.getpid():  # a forked child has none of the parent's threads
             self._helpers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvclient-shm")
+            self._helpers_pid = os.getpid()
         half = len(slots) // 2
         if sum(s.length for s in slots) < SPLIT_MIN_BYTES or half == 0:
             return [self._helpers.submit(fn, keys, slots, dests)]

@@ -196,8 +196,12 @@ def test_many_threads_share_one_client(server, fingerprint):
 def test_forked_child_opens_its_own_connections(server, fingerprint):
     with KVClient(server.address, fingerprint, tenant="fork") as client:
         keys = client.block_keys(tokens(4, start=900_000))
-        client.put(keys[:2], random_blocks(2, BLOCK))
+        blocks = random_blocks(2, BLOCK)
+        client.put(keys[:2], blocks)
         assert client.lookup(keys) == 2  # the parent now has a pooled connection the child inherits
+        # ...and, after a get over shm, copy-helper and unpin threads that do not exist in a child
+        assert all((got == want).all() for got, want in zip(client.get(keys[:2]), blocks))
+        assert client.transport._helpers is not None
         inherited = list(client.stub._pool._idle)
         pid = os.fork()
         if pid == 0:  # no pytest here: report through the exit status, and never run the parent's teardown
@@ -205,6 +209,9 @@ def test_forked_child_opens_its_own_connections(server, fingerprint):
             try:
                 ok = client.lookup(keys) == 2 and client.put(keys[2:], random_blocks(2, BLOCK, seed=5)) == [PutOutcome.STORED] * 2
                 ok = ok and client.lookup(keys) == 4 and not set(client.stub._pool._idle) & set(inherited)
+                outs = [np.empty(BLOCK, dtype=np.uint8) for _ in blocks]  # the early copy from remembered slots, too
+                for got in (client.get(keys[:2]), client.get(keys[:2], out=outs)):
+                    ok = ok and all((g == w).all() for g, w in zip(got, blocks))
                 code = 0 if ok else 2
             finally:
                 os._exit(code)
@@ -212,7 +219,10 @@ def test_forked_child_opens_its_own_connections(server, fingerprint):
             assert client.lookup(keys[:2]) == 2
         deadline = time.monotonic() + 30
         while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-            assert time.monotonic() < deadline, "forked child hung"
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)  # a hung child must not hang the suite too
+                os.waitpid(pid, 0)
+                pytest.fail("forked child hung")
             time.sleep(0.05)
         assert os.waitstatus_to_exitcode(done[1]) == 0
         assert client.lookup(keys) == 4
