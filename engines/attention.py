@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 
 @dataclass(frozen=True)
@@ -170,3 +170,51 @@ def paged_attention(
                                          enable_gqa=native_gqa)
     out = out.transpose(1, 2)  # [n, max_query_len, Hq, D]
     return out[0] if n == 1 else out[meta.token_rows, meta.token_cols]
+
+
+def flash_usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether flash attention takes these queries: what SDPA would check before choosing it, once a pass."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0
+            and head_dim <= 256 and torch.backends.cuda.flash_sdp_enabled() and not torch.is_grad_enabled())
+
+
+class LayerAttention:
+    """paged_attention for each layer of one pass, with what every layer shares worked out once.
+
+    The layers of a pass differ only in which layer of the cache they touch:
+    where the new K/V go, the context view over a consecutive page run and the
+    attention call are the same for all. On a GPU a short chunk, a decode step,
+    or the start of any pass is bound by the thread launching each layer's ops,
+    so every op saved here is saved once per layer. For one chunk over a page
+    run on CUDA it calls flash attention itself, as SDPA's causal-bias dispatch
+    does after a dozen Python-level checks; anything else goes to paged_attention.
+    """
+
+    def __init__(self, kv: torch.Tensor, meta: AttentionMetadata, num_heads: int, dtype: torch.dtype) -> None:
+        self.kv, self.meta = kv, meta
+        self.direct = meta.page_run is not None and meta.gather_pages.shape[0] == 1
+        if not self.direct:
+            return
+        layers, _, pages, block_tokens, heads, dim = kv.shape
+        self.flat = kv.view(layers, 2, pages * block_tokens, heads, dim)
+        self.slots = meta.slot_pages * block_tokens + meta.slot_offsets
+        first = meta.page_run * block_tokens
+        self.context = self.flat[:, :, first: first + meta.max_context_len].transpose(2, 3)  # [L, 2, Hkv, S, D]
+        self.causal = meta.is_causal or isinstance(meta.attn_mask, CausalBias)  # bottom-right, as flash aligns it
+        self.flash = flash_usable(kv.device, dtype, dim) and (meta.attn_mask is None or self.causal)
+        self.grouped = num_heads != heads
+
+    def __call__(self, layer: int, q: torch.Tensor, kv_new: torch.Tensor) -> torch.Tensor:
+        """q [N, Hq, D] and kv_new [2, N, Hkv, D] of layer `layer` -> attention's output [N, Hq, D]."""
+        if not self.direct:
+            return paged_attention(q, kv_new, self.kv[layer], self.meta)
+        self.flat[layer].index_copy_(1, self.slots, kv_new.to(self.flat.dtype))
+        context = self.context[layer]
+        keys, values = context[0].unsqueeze(0).to(q.dtype), context[1].unsqueeze(0).to(q.dtype)
+        queries = q.transpose(0, 1).unsqueeze(0)
+        if self.flash:
+            out = torch.ops.aten._scaled_dot_product_flash_attention(queries, keys, values, 0.0, self.causal)[0]
+        else:
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.meta.attn_mask,
+                                                 is_causal=self.meta.is_causal, enable_gqa=self.grouped)
+        return out.transpose(1, 2)[0]

@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from engines.attention import AttentionMetadata, paged_attention
+from engines.attention import AttentionMetadata, LayerAttention
 from engines.layers import rope_cos_sin
-from engines.paged_cache import PagedKVCache
 
 if TYPE_CHECKING:
     from engines.model import LlamaForCausalLM
@@ -62,7 +61,7 @@ class _Bucket:
     cos: torch.Tensor  # [T, head_dim]
     sin: torch.Tensor
     q: torch.Tensor  # [T, Hq, D] the current layer's, out of its segment
-    kv: torch.Tensor  # [2, T, Hkv, D] its K and V, stacked as paged_attention takes them
+    kv: torch.Tensor  # [2, T, Hkv, D] its K and V, stacked as LayerAttention takes them
     attn: torch.Tensor  # [T, Hq, D] attention's output, into the next segment
     graphs: list[torch.cuda.CUDAGraph] = field(default_factory=list)
 
@@ -80,18 +79,19 @@ class PiecewiseGraphs:
     def covers(self, num_tokens: int) -> bool:
         return num_tokens <= self.max_tokens
 
-    def run(self, cache: PagedKVCache, meta: AttentionMetadata, token_ids: torch.Tensor,
+    def run(self, attention: LayerAttention, meta: AttentionMetadata, token_ids: torch.Tensor,
             before_layer: Callable[[int], None] | None) -> torch.Tensor:
         """The residual stream after the last layer, [N, hidden]: a view of a static buffer, valid until the next run."""
         n = token_ids.numel()
         bucket = self._bucket(next(size for size in self.sizes if size >= n))
         bucket.ids[:n].copy_(token_ids, non_blocking=True)
         bucket.positions[:n].copy_(meta.positions)
+        q, kv, out = bucket.q[:n], bucket.kv[:, :n], bucket.attn[:n]
         bucket.graphs[0].replay()
         for i, graph in enumerate(bucket.graphs[1:]):
             if before_layer is not None:
                 before_layer(i)
-            bucket.attn[:n].copy_(paged_attention(bucket.q[:n], bucket.kv[:, :n], cache.layer(i), meta))
+            out.copy_(attention(i, q, kv))
             graph.replay()
         return bucket.x[:n]
 

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from engines.attention import AttentionMetadata, SeqChunk, paged_attention
+from engines.attention import AttentionMetadata, LayerAttention, SeqChunk
 from engines.config import ModelConfig
 from engines.cuda_graphs import DEFAULT_MAX_TOKENS, PiecewiseGraphs
 from engines.layers import RMSNorm, SwiGLU, apply_rope, fuse_linears, rope_cos_sin
@@ -70,11 +70,10 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn.o_proj(attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: LayerAttention,
+                index: int) -> torch.Tensor:
         q, k, v = self.pre_attention(x, cos, sin)
-        out = paged_attention(q, torch.stack((k, v)), kv_layer, meta)
+        out = attention(index, q, torch.stack((k, v)))
         return self.post_attention(x, out.reshape(x.shape[0], -1))
 
 
@@ -132,16 +131,17 @@ class LlamaForCausalLM(nn.Module):
         """
         self._check_cache(cache)
         meta = AttentionMetadata.build(chunks, cache.block_tokens, self.device)
+        attention = LayerAttention(cache.kv, meta, self.config.num_attention_heads, self.dtype)
         token_ids = torch.cat([torch.as_tensor(c.token_ids, dtype=torch.long).reshape(-1) for c in chunks])
         if self._graphs is not None and self._graphs.covers(len(token_ids)):
-            x = self._graphs.run(cache, meta, token_ids, before_layer)
+            x = self._graphs.run(attention, meta, token_ids, before_layer)
         else:
             x = self.model.embed_tokens(token_ids.to(self.device))
             cos, sin = rope_cos_sin(meta.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
             for i, layer in enumerate(self.model.layers):
                 if before_layer is not None:
                     before_layer(i)
-                x = layer(x, cos, sin, cache.layer(i), meta)
+                x = layer(x, cos, sin, attention, i)
         if last_only:
             ends = torch.tensor([c.num_tokens for c in chunks]).cumsum(0) - 1
             x = x[ends.to(self.device)]
