@@ -8,8 +8,9 @@ unchanged, and a failed call raises LocalRpcError, a grpc.RpcError with code(), 
 and trailing_metadata(), which errors.from_rpc_error maps exactly as a gRPC error.
 Streaming methods are the gRPC stub's: they stay on gRPC.
 
-Connections are pooled for any number of threads, one call on a connection at a time. A
-process forked from this one opens its own (the parent's stay the parent's). A connection
+Connections are pooled for any number of threads, one call on a connection at a time, and
+at most MAX_IDLE_CONNECTIONS stay open between calls. A call the server turns away at its
+connection limit goes over gRPC instead. A process forked from this one opens its own (the parent's stay the parent's). A connection
 to a server that has gone away fails its send at once (EPIPE: the request was never read)
 and the call retries once on a new connection, which reaches the restarted server or
 fails as UNAVAILABLE; a call that was sent but got no answer is never retried.
@@ -26,11 +27,14 @@ from typing import Callable
 import grpc
 from google.protobuf.message_factory import GetMessageClass
 
-from kvclient.errors import KVStoreError, UnavailableError
-from kvclient.local_wire import FrameError, Metadata, decode_response, encode_request, method_path, read_frame, unary_methods
+from kvclient.errors import ERROR_TYPE_METADATA, KVStoreError, UnavailableError
+from kvclient.local_wire import (BUSY_ERROR_TYPE, FrameError, Metadata, decode_response, encode_request, method_path,
+                                 read_frame, unary_methods)
 from kvstore.v1 import kvstore_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+MAX_IDLE_CONNECTIONS = 8  # kept for reuse after a burst of concurrent calls; more are closed when given back
 
 
 class LocalRpcError(grpc.RpcError):
@@ -93,10 +97,10 @@ class ConnectionPool:
 
     def _give(self, sock: socket.socket) -> None:
         with self._lock:
-            if self._pid == os.getpid():
+            if self._pid == os.getpid() and len(self._idle) < MAX_IDLE_CONNECTIONS:
                 self._idle.append(sock)
                 return
-        sock.close()
+        sock.close()  # beyond a burst's needs: each open connection is a server thread
 
     def _drop_idle(self) -> None:
         """After one pooled connection turned out dead: the server went away, so the others lead nowhere too."""
@@ -148,16 +152,20 @@ class ConnectionPool:
 class _UnaryCall:
     """One method of the stub: called as the generated stub's unary-unary callables are."""
 
-    def __init__(self, pool: ConnectionPool, path: str, response_class: type) -> None:
+    def __init__(self, pool: ConnectionPool, path: str, response_class: type, grpc_stub, name: str) -> None:
         self._pool, self._path, self._response_class = pool, path, response_class
+        self._grpc_stub, self._name = grpc_stub, name
 
-    def __call__(self, request, timeout: float | None = None, metadata: Metadata | None = None, **_grpc_options):
+    def __call__(self, request, timeout: float | None = None, metadata: Metadata | None = None, **grpc_options):
         try:
             frame = encode_request(self._path, timeout, metadata or (), request.SerializeToString())
         except FrameError as err:
             raise LocalRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
         response = decode_response(self._pool.round_trip(frame, timeout))
         if response.code is not grpc.StatusCode.OK:
+            busy = (ERROR_TYPE_METADATA, BUSY_ERROR_TYPE) in response.trailing_metadata  # the server's connection limit
+            if busy and self._grpc_stub is not None:
+                return getattr(self._grpc_stub, self._name)(request, timeout=timeout, metadata=metadata, **grpc_options)
             raise LocalRpcError(response.code, response.details, response.trailing_metadata)
         return self._response_class.FromString(response.payload)
 
@@ -170,7 +178,8 @@ class LocalControlStub:
         self._grpc_stub = grpc_stub
         self._pool = ConnectionPool(socket_path)
         for method in unary_methods():
-            setattr(self, method.name, _UnaryCall(self._pool, method_path(method), GetMessageClass(method.output_type)))
+            setattr(self, method.name, _UnaryCall(self._pool, method_path(method), GetMessageClass(method.output_type),
+                                                  grpc_stub, method.name))
 
     def __getattr__(self, name: str):
         return getattr(self._grpc_stub, name)

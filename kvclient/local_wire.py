@@ -27,7 +27,10 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 
 SERVICE = pb.DESCRIPTOR.services_by_name["KVStore"]
 MAX_FRAME_BYTES = (256 << 20) + (1 << 20)  # gRPC's message cap on both sides (service.MAX_MESSAGE_BYTES), plus the envelope
-FIRST_READ_BYTES = 64 << 10  # a small frame arrives whole in one recv: one syscall per answer, not two
+FIRST_READ_BYTES = 64 << 10
+# The error type (ERROR_TYPE_METADATA) of a call the server turned away at its connection limit:
+# the stub sends that call over gRPC instead.
+BUSY_ERROR_TYPE = "LocalControlBusy"  # a small frame arrives whole in one recv: one syscall per answer, not two
 
 _LEN = struct.Struct("<I")
 _U16 = struct.Struct("<H")

@@ -55,6 +55,7 @@ class ServerConfig:
     shm: bool = True
     local_control: bool = True  # serve same-host clients' unary calls on a Unix socket (kvstore/local_control.py)
     local_control_socket: str = ""  # its path; "" is <data_dir>/control.sock
+    local_control_max_connections: int = 256  # a server thread each; calls beyond go over gRPC
 
     def validate(self) -> "ServerConfig":
         if not 0 < self.low_watermark < self.high_watermark <= 1:
@@ -63,6 +64,8 @@ class ServerConfig:
             raise ValueError("max_block_bytes larger than host_memory")
         if self.lease_ttl_s <= 0 or self.pin_ttl_s <= 0:
             raise ValueError("lease_ttl_s and pin_ttl_s must be positive")
+        if self.local_control_max_connections < 1:
+            raise ValueError("local_control_max_connections must be at least 1 (turn the socket off with local_control = false)")
         return self
 
     @property

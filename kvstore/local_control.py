@@ -32,7 +32,9 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-from kvclient.local_wire import Metadata, FrameError, decode_request, encode_response, method_path, read_frame, unary_methods
+from kvclient.errors import ERROR_TYPE_METADATA
+from kvclient.local_wire import (BUSY_ERROR_TYPE, FrameError, Metadata, decode_request, encode_response, method_path,
+                                 read_frame, unary_methods)
 from kvstore.service import KVStoreServicer
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 # sockaddr_un.sun_path is 108 bytes, NUL included.
 MAX_SOCKET_PATH_BYTES = 107
 REFUSED_PEER_READ_S = 2.0
+DEFAULT_MAX_CONNECTIONS = 256  # a thread each; a client keeps only a few idle (kvclient/local_control.py)
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Observe = Callable[[str, str, float, str], None]  # service, method, started (perf_counter), status code name
@@ -116,8 +119,10 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 
 
 class LocalControlServer:
-    def __init__(self, servicer: KVStoreServicer, path: Path, observe: Observe) -> None:
+    def __init__(self, servicer: KVStoreServicer, path: Path, observe: Observe,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.path = str(path)
+        self.max_connections = max_connections
         self._handlers = _handlers(servicer)
         self._observe = observe
         self._uid = os.geteuid()
@@ -129,9 +134,10 @@ class LocalControlServer:
         self._closing = False
 
     @classmethod
-    def start_if_possible(cls, servicer: KVStoreServicer, path: Path, observe: Observe) -> "LocalControlServer | None":
+    def start_if_possible(cls, servicer: KVStoreServicer, path: Path, observe: Observe,
+                          max_connections: int = DEFAULT_MAX_CONNECTIONS) -> "LocalControlServer | None":
         """Start the listener, or log why not and return None: the server runs on without it (gRPC serves every call)."""
-        server = cls(servicer, path, observe)
+        server = cls(servicer, path, observe, max_connections)
         try:
             return server.start()
         except OSError as err:
@@ -220,12 +226,15 @@ class LocalControlServer:
                 conn, _ = self._listener.accept()
             except OSError:
                 return  # the listener was shut down by stop()
-            thread = threading.Thread(target=self._serve, args=(conn,), name="kvstore-local", daemon=True)
             with self._lock:
                 if self._closing:
                     conn.close()
                     return
-                self._conns[conn] = thread
+                busy = len(self._conns) >= self.max_connections
+                thread = threading.Thread(target=self._turn_away if busy else self._serve, args=(conn,),
+                                          name="kvstore-local", daemon=True)
+                if not busy:
+                    self._conns[conn] = thread
             thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -245,6 +254,20 @@ class LocalControlServer:
         finally:
             with self._lock:
                 self._conns.pop(conn, None)
+            conn.close()
+
+    def _turn_away(self, conn: socket.socket) -> None:
+        """Over max_connections (each is a thread here): answer the first call BUSY_ERROR_TYPE, which the
+        client's stub takes as "send this one over gRPC", and close."""
+        try:
+            conn.settimeout(REFUSED_PEER_READ_S)
+            if read_frame(conn) is not None:
+                detail = f"the local control socket is at its limit of {self.max_connections} connections"
+                conn.sendall(encode_response(grpc.StatusCode.RESOURCE_EXHAUSTED, detail,
+                                             ((ERROR_TYPE_METADATA, BUSY_ERROR_TYPE),), b""))
+        except (OSError, FrameError) as err:
+            log.debug("turned-away local control connection ended: %s", err)
+        finally:
             conn.close()
 
     def _refuse(self, conn: socket.socket, pid: int, uid: int) -> None:

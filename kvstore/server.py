@@ -92,7 +92,9 @@ class KVStoreServer:
         # Before gRPC answers: a client that asks DataPlane must find the UCX listener already up.
         self.ucx = UcxDataPlane.start_if_available(self.store, self.cfg.ucx_port) if self.cfg.ucx else None
         if self.cfg.local_control:  # likewise the local control socket it advertises
-            self.local = LocalControlServer.start_if_possible(self.servicer, self.cfg.local_control_path, self.metrics.interceptor.observe_local)
+            self.local = LocalControlServer.start_if_possible(self.servicer, self.cfg.local_control_path,
+                                                              self.metrics.interceptor.observe_local,
+                                                              self.cfg.local_control_max_connections)
         self.grpc.start()
         self.worker.start()
         self.metrics.start()

@@ -15,7 +15,7 @@ import pytest
 
 from kvclient import KVClient
 from kvclient.errors import FingerprintMismatchError, InvalidRequestError, KVStoreError, TimeoutError_, UnavailableError, from_rpc_error
-from kvclient.local_control import LocalControlStub
+from kvclient.local_control import MAX_IDLE_CONNECTIONS, LocalControlStub
 from kvclient.transports.base import TransferStats
 from kvclient.types import PutOutcome
 from kvstore.v1 import kvstore_pb2 as pb
@@ -184,13 +184,14 @@ def test_many_threads_share_one_client(server, fingerprint):
             except BaseException as err:
                 errors.append(err)
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
         assert not any(t.is_alive() for t in threads) and not errors, errors
-        assert len(client.stub._pool._idle) <= 8 + 1  # a connection per call in flight (plus the unpinner's), reused
+        # a connection per call in flight, reused; after the burst only a few stay open (a server thread each)
+        assert 1 <= len(client.stub._pool._idle) <= MAX_IDLE_CONNECTIONS
 
 
 def test_forked_child_opens_its_own_connections(server, fingerprint):

@@ -6,6 +6,7 @@ import signal
 import socket
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -138,3 +139,48 @@ def test_peer_of_another_uid_is_refused(make_server):
         for child in public.iterdir():
             child.unlink()
         public.rmdir()
+
+
+def test_connections_beyond_the_limit_are_turned_away_and_their_calls_go_over_grpc(make_server):
+    port = free_port()
+    srv = make_server(metrics_port=port, local_control_max_connections=1, **FLAGS)
+    path = advertised(srv)
+    lookup = pb.LookupRequest(fingerprint_id=b"f" * 16, keys=[b"k" * 16])
+
+    def local_lookups() -> float:
+        return scrape(port).get(("kvstore_local_control_requests_total", frozenset({"method": "Lookup", "code": "OK"}.items())), 0)
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as holder:
+        holder.connect(path)  # takes the one connection the server serves
+        holder.sendall(encode_request("/kvstore.v1.KVStore/Lookup", 5.0, MD, lookup.SerializeToString()))
+        assert decode_response(read_frame(holder)).code == grpc.StatusCode.OK
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as extra:
+            extra.settimeout(10)
+            extra.connect(path)
+            extra.sendall(encode_request("/kvstore.v1.KVStore/Lookup", 5.0, MD, lookup.SerializeToString()))
+            turned_away = decode_response(read_frame(extra))
+            assert turned_away.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "limit of 1 connections" in turned_away.details
+            assert read_frame(extra) is None  # and closed
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = LocalControlStub(path, pb_grpc.KVStoreStub(channel))
+            try:
+                assert len(stub.Lookup(lookup, metadata=MD, timeout=10).statuses) == 1  # answered, over gRPC
+                assert local_lookups() == 1  # only the holder's
+            finally:
+                stub.close()
+    with grpc.insecure_channel(srv.address) as channel:  # the holder gone, calls go local again
+        stub = LocalControlStub(path, pb_grpc.KVStoreStub(channel))
+        try:
+            deadline = time.monotonic() + 10
+            while local_lookups() < 2:
+                assert time.monotonic() < deadline, "calls never went local again"
+                stub.Lookup(lookup, metadata=MD, timeout=10)
+                time.sleep(0.05)
+        finally:
+            stub.close()
+
+
+def test_limit_must_allow_a_connection(make_server):
+    with pytest.raises(RuntimeError, match="local_control_max_connections must be at least 1"):
+        make_server(local_control_max_connections=0, **FLAGS)
