@@ -7,9 +7,11 @@ AttentionMetadata turns the chunks into index tensors once per pass, so the
 per-layer work is a scatter, a gather and one scaled_dot_product_attention call
 over the padded batch, with no Python loop over tokens or sequences.
 
-This is the reference path: it copies each sequence's pages into contiguous K/V
-every layer, unless one sequence's pages are consecutive, when it reads them in
-place. A fused paged kernel may replace it later and must match it.
+paged_attention is the reference path: it copies each sequence's pages into
+contiguous K/V every layer. LayerAttention, what the model calls, reads one
+sequence's consecutive pages in place instead and calls flash attention itself
+on CUDA; for anything else it calls paged_attention. A fused paged kernel may
+replace both later and must match paged_attention.
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ class AttentionMetadata:
     attn_mask: torch.Tensor | None
     is_causal: bool
     # One chunk whose pages are consecutive (as a fresh cache hands them out): its first page, so
-    # attention reads K/V in place as a view instead of gathering a copy of the context every layer.
+    # LayerAttention reads K/V in place as a view instead of gathering a copy of the context every layer.
     page_run: int | None = None
 
     @classmethod
@@ -142,10 +144,7 @@ def paged_attention(
     _, _, block_tokens, num_kv_heads, head_dim = kv_layer.shape
     num_heads = q.shape[1]
     # [2, n, max_blocks, B, Hkv, D] -> [2, n, Hkv, S, D]
-    if meta.page_run is not None:
-        kv = kv_layer[:, meta.page_run: meta.page_run + max_blocks]
-    else:
-        kv = kv_layer[:, meta.gather_pages]
+    kv = kv_layer[:, meta.gather_pages]
     kv = kv.reshape(2, n, max_blocks * block_tokens, num_kv_heads, head_dim)
     kv = kv[:, :, : meta.max_context_len].transpose(2, 3).to(q.dtype)
     keys, values = kv[0], kv[1]

@@ -257,26 +257,29 @@ class LocalControlServer:
             conn.close()
 
     def _turn_away(self, conn: socket.socket) -> None:
-        """Over max_connections (each is a thread here): answer the first call BUSY_ERROR_TYPE, which the
-        client's stub takes as "send this one over gRPC", and close."""
+        """Over max_connections (each is a thread here): BUSY_ERROR_TYPE tells the client's stub to send
+        this call over gRPC."""
         try:
-            conn.settimeout(REFUSED_PEER_READ_S)
-            if read_frame(conn) is not None:
-                detail = f"the local control socket is at its limit of {self.max_connections} connections"
-                conn.sendall(encode_response(grpc.StatusCode.RESOURCE_EXHAUSTED, detail,
-                                             ((ERROR_TYPE_METADATA, BUSY_ERROR_TYPE),), b""))
+            self._answer_first_call_and_close(conn, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                              f"the local control socket is at its limit of {self.max_connections} connections",
+                                              ((ERROR_TYPE_METADATA, BUSY_ERROR_TYPE),))
         except (OSError, FrameError) as err:
             log.debug("turned-away local control connection ended: %s", err)
         finally:
             conn.close()
 
     def _refuse(self, conn: socket.socket, pid: int, uid: int) -> None:
-        """Answer the peer's first call with PERMISSION_DENIED, so it learns why, and close."""
         log.warning("local control socket: refused pid %d of uid %d (the server runs as uid %d)", pid, uid, self._uid)
+        self._answer_first_call_and_close(conn, grpc.StatusCode.PERMISSION_DENIED,
+                                          f"the local control socket serves only uid {self._uid}'s processes; this one runs as uid {uid}")
+
+    @staticmethod
+    def _answer_first_call_and_close(conn: socket.socket, code: grpc.StatusCode, detail: str, trailing: Metadata = ()) -> None:
+        """A connection not served: answer its first call with why, so the peer learns it, and close."""
         conn.settimeout(REFUSED_PEER_READ_S)
         if read_frame(conn) is not None:
-            detail = f"the local control socket serves only uid {self._uid}'s processes; this one runs as uid {uid}"
-            conn.sendall(encode_response(grpc.StatusCode.PERMISSION_DENIED, detail, (), b""))
+            conn.sendall(encode_response(code, detail, trailing, b""))
+        conn.close()
 
     def _answer(self, body: memoryview, peer: str) -> bytes:
         request = decode_request(body)
