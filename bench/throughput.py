@@ -38,7 +38,7 @@ from kvclient.ucxenv import import_ucxx  # noqa: E402
 from tests.serverproc import ServerProc  # noqa: E402
 
 KIB, MIB = 1 << 10, 1 << 20
-UCX_SERVER_ENV = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "lo"}
+UCX_SERVER_ENV = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "lo", "KVSTORE_UCX_ALL_INTERFACES": "true"}
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 import grpc
 import numpy as np
 
-from kvclient.errors import InvalidRequestError, PermissionDeniedError, from_rpc_error
+from kvclient.errors import CapacityExhaustedError, InvalidRequestError, PermissionDeniedError, from_rpc_error
 from kvclient.keys import BlockKey, Fingerprint, block_keys
 from kvclient.lease_keeper import LeaseKeeper
 from kvclient.transports import device
@@ -29,6 +29,7 @@ from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "127.0.0.1:7480"
+WAIT_POLL_S = (0.02, 0.5)  # first and longest pause between lookups when the server will not block a Wait
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
 
 
@@ -176,13 +177,32 @@ class KVClient:
         return self._call(self.stub.ReleaseLeases, pb.ReleaseLeasesRequest(lease_ids=ids)).released
 
     def wait(self, keys: Sequence[BlockKey], timeout_s: float) -> list[BlockState]:
-        """Block until each key is committed or nobody holds its lease any more (or timeout)."""
-        resp = self._call(
-            self.stub.Wait,
-            pb.WaitRequest(fingerprint_id=self.fingerprint_id, keys=_digests(keys), timeout_ms=int(timeout_s * 1000)),
-            timeout_s=timeout_s + self.timeout_s,
-        )
+        """Block until each key is committed or nobody holds its lease any more (or timeout).
+
+        A server already blocking as many Waits as it allows (per tenant and in all) refuses
+        more; the answer is then the same, found by polling lookups until the timeout.
+        """
+        deadline = time.monotonic() + timeout_s
+        try:
+            resp = self._call(
+                self.stub.Wait,
+                pb.WaitRequest(fingerprint_id=self.fingerprint_id, keys=_digests(keys), timeout_ms=int(timeout_s * 1000)),
+                timeout_s=timeout_s + self.timeout_s,
+            )
+        except CapacityExhaustedError as err:
+            log.debug("Wait refused (%s): polling lookups instead", err)
+            return self._poll_until_settled(keys, deadline)
         return [BlockState(s.state) for s in resp.statuses]
+
+    def _poll_until_settled(self, keys: Sequence[BlockKey], deadline: float) -> list[BlockState]:
+        pause_s, longest_s = WAIT_POLL_S
+        while True:
+            states = [s.state for s in self.status(keys)[0]]
+            left_s = deadline - time.monotonic()
+            if BlockState.PENDING not in states or left_s <= 0:
+                return states
+            time.sleep(min(pause_s, left_s))
+            pause_s = min(2 * pause_s, longest_s)
 
     # ---- data ---------------------------------------------------------------------
 

@@ -49,6 +49,14 @@ class CapacityExhaustedError(KVStoreError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class SsdWriteError(CapacityExhaustedError):
+    """LMDB refused a write: the data disk or the LMDB map is full, or the disk failed."""
+
+
+class NotDurableError(CapacityExhaustedError):
+    """A durable put could not write its blocks to the SSD tier; none of them was committed."""
+
+
 class UnauthenticatedError(KVStoreError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
@@ -85,6 +93,8 @@ ERROR_TYPES: dict[str, type[KVStoreError]] = {
         BlockNotFoundError,
         LeaseError,
         CapacityExhaustedError,
+        SsdWriteError,
+        NotDurableError,
         UnauthenticatedError,
         PermissionDeniedError,
         UnavailableError,

@@ -10,10 +10,14 @@ Streaming methods are the gRPC stub's: they stay on gRPC.
 
 Connections are pooled for any number of threads, one call on a connection at a time, and
 at most MAX_IDLE_CONNECTIONS stay open between calls. A call the server turns away at its
-connection limit goes over gRPC instead. A process forked from this one opens its own (the parent's stay the parent's). A connection
-to a server that has gone away fails its send at once (EPIPE: the request was never read)
-and the call retries once on a new connection, which reaches the restarted server or
-fails as UNAVAILABLE; a call that was sent but got no answer is never retried.
+connection limit goes over gRPC instead. A process forked from this one opens its own (the parent's stay the parent's).
+
+A pooled connection may have been closed by the server meanwhile: it closes connections
+idle longer than local_control_idle_s, and a server that went away closes them all. A call
+is retried once, on a new connection, only when the server cannot have executed it: its
+send failed (EPIPE: the request was never read), or the answer is the server's idle notice
+(local_wire.IDLE_ERROR_TYPE), which it sends instead of reading any request. A call that
+was sent and then got no answer at all is never retried: the server may have run it.
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ import grpc
 from google.protobuf.message_factory import GetMessageClass
 
 from kvclient.errors import ERROR_TYPE_METADATA, KVStoreError, UnavailableError
-from kvclient.local_wire import (BUSY_ERROR_TYPE, FrameError, Metadata, decode_response, encode_request, method_path,
-                                 read_frame, unary_methods)
+from kvclient.local_wire import (BUSY_ERROR_TYPE, IDLE_ERROR_TYPE, FrameError, Metadata, decode_response, encode_request,
+                                 method_path, read_frame, unary_methods)
 from kvstore.v1 import kvstore_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,13 @@ class LocalRpcError(grpc.RpcError):
 
     def initial_metadata(self) -> Metadata:
         return ()
+
+
+def _closed_idle(body: memoryview) -> bool:
+    """Whether a response is the server's notice that it closed this connection unread, after it sat idle."""
+    if not body or body[0] != grpc.StatusCode.UNAVAILABLE.value[0]:
+        return False
+    return (ERROR_TYPE_METADATA, IDLE_ERROR_TYPE) in decode_response(body).trailing_metadata
 
 
 def _unavailable(path: str, what: str, err: BaseException) -> LocalRpcError:
@@ -103,7 +114,8 @@ class ConnectionPool:
         sock.close()  # beyond a burst's needs: each open connection is a server thread
 
     def _drop_idle(self) -> None:
-        """After one pooled connection turned out dead: the server went away, so the others lead nowhere too."""
+        """After one pooled connection turned out closed (the server went away, or closed it as idle): the others,
+        idle as long or longer, are likely closed too."""
         with self._lock:
             idle, self._idle = self._idle, []
         for sock in idle:
@@ -141,6 +153,12 @@ class ConnectionPool:
             except OSError as err:  # FrameError included
                 sock.close()
                 raise _unavailable(self.path, "no answer", err) from None
+            if pooled and _closed_idle(body):
+                sock.close()
+                if attempt == 0:  # the server closed it unread: safe to send again, on a new connection
+                    self._drop_idle()  # as old as this one, so likely closed too
+                    continue
+                raise LocalRpcError(grpc.StatusCode.UNAVAILABLE, decode_response(body).details)
             self._give(sock)
             return body
         raise AssertionError("unreachable")

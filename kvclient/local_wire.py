@@ -9,12 +9,15 @@ as it maps a gRPC status. A frame is a u32 body length, then the body (little-en
     metadata: u16 pairs, each u16 n + key | u32 n + value (UTF-8, except "-bin" keys, which stay bytes as in gRPC)
 
 A connection carries one call at a time (request, then its response), so a read never
-holds bytes of the next frame.
+holds bytes of the next frame. The server says why it closes a connection that sat
+idle, in a response frame of its own (IDLE_ERROR_TYPE) that answers no request: a
+client reading it knows the request it may just have sent was never read.
 """
 from __future__ import annotations
 
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -31,6 +34,8 @@ FIRST_READ_BYTES = 64 << 10
 # The error type (ERROR_TYPE_METADATA) of a call the server turned away at its connection limit:
 # the stub sends that call over gRPC instead.
 BUSY_ERROR_TYPE = "LocalControlBusy"  # a small frame arrives whole in one recv: one syscall per answer, not two
+# The error type of the frame the server sends before closing a connection idle too long: no request was read.
+IDLE_ERROR_TYPE = "LocalControlIdle"
 
 _LEN = struct.Struct("<I")
 _U16 = struct.Struct("<H")
@@ -131,28 +136,49 @@ def decode_response(body: memoryview) -> Response:
     return Response(code, details, trailing, body[at:])
 
 
-def read_frame(sock: socket.socket) -> memoryview | None:
-    """The next frame's body; None when the peer closed cleanly between frames."""
+def read_frame(sock: socket.socket, frame_s: float | None = None) -> memoryview | None:
+    """The next frame's body; None when the peer closed cleanly between frames.
+
+    The first read waits under the socket's own timeout. frame_s: once a frame has
+    started, the rest must arrive within this many seconds, or FrameError (a peer that
+    stalls mid-frame must not hold the reader forever).
+    """
     chunk = sock.recv(FIRST_READ_BYTES)
     if not chunk:
         return None
-    while len(chunk) < _LEN.size:
-        more = sock.recv(_LEN.size - len(chunk))
-        if not more:
-            raise FrameError("connection closed inside a frame header")
-        chunk += more
-    (size,) = _LEN.unpack_from(chunk)
-    have = len(chunk) - _LEN.size
-    if size > MAX_FRAME_BYTES or have > size:
-        raise FrameError(f"bad frame length {size} ({have} bytes read)")
-    if have == size:
-        return memoryview(chunk)[_LEN.size :]
-    body = bytearray(size)
-    body[:have] = memoryview(chunk)[_LEN.size :]
-    view = memoryview(body)
-    while have < size:
-        got = sock.recv_into(view[have:])
-        if not got:
-            raise FrameError(f"connection closed inside a frame ({have} of {size} bytes)")
-        have += got
-    return view
+    deadline = None if frame_s is None else time.monotonic() + frame_s
+
+    def rest_of_frame() -> None:
+        if deadline is not None:
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                raise FrameError(f"frame not complete within {frame_s:g} s")
+            sock.settimeout(left_s)
+
+    try:
+        while len(chunk) < _LEN.size:
+            rest_of_frame()
+            more = sock.recv(_LEN.size - len(chunk))
+            if not more:
+                raise FrameError("connection closed inside a frame header")
+            chunk += more
+        (size,) = _LEN.unpack_from(chunk)
+        have = len(chunk) - _LEN.size
+        if size > MAX_FRAME_BYTES or have > size:
+            raise FrameError(f"bad frame length {size} ({have} bytes read)")
+        if have == size:
+            return memoryview(chunk)[_LEN.size :]
+        body = bytearray(size)
+        body[:have] = memoryview(chunk)[_LEN.size :]
+        view = memoryview(body)
+        while have < size:
+            rest_of_frame()
+            got = sock.recv_into(view[have:])
+            if not got:
+                raise FrameError(f"connection closed inside a frame ({have} of {size} bytes)")
+            have += got
+        return view
+    except socket.timeout:
+        if deadline is None:
+            raise  # the caller's own timeout
+        raise FrameError(f"frame not complete within {frame_s:g} s") from None

@@ -2,7 +2,8 @@
 
 Appended to <data_dir>/audit.log and flushed per record, so a crash loses at most the
 action in progress; the same record goes to the `kvstore.audit` logger for log shipping.
-It records selectors and counts, never payload bytes.
+It records selectors and counts, never payload bytes. The file is the owner's alone (0600):
+it names tenants and clients.
 """
 from __future__ import annotations
 
@@ -19,9 +20,13 @@ from kvstore.store import Caller
 log = logging.getLogger("kvstore.audit")
 
 
+def _owner_only(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
 class AuditLog:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
 
@@ -35,7 +40,7 @@ class AuditLog:
             **counts,
         }
         line = json.dumps(entry, sort_keys=True, default=str)
-        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+        with self._lock, open(self.path, "a", encoding="utf-8", opener=_owner_only) as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())

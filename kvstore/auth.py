@@ -4,20 +4,47 @@ Tokens map to tenants through a TOML tokens file; the tenant always comes from t
 token, never from what the caller claims. Only with insecure_no_auth (an explicit
 flag) is a request without a token accepted, as the tenant named in metadata (or
 "default") with the admin role, which suits a single-user local server.
+
+Names are checked here, where they enter: a tenant name is stored in every SSD record's
+header (a 16-bit length) and a client id in every lease, so an unbounded one from the
+local socket (whose metadata has no gRPC size cap) once broke durable puts and the flush.
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from kvclient.errors import PermissionDeniedError, UnauthenticatedError
+from kvclient.errors import InvalidRequestError, PermissionDeniedError, UnauthenticatedError
 from kvstore.store import Caller
 
 TENANT_METADATA = "kvstore-tenant"
 CLIENT_ID_METADATA = "kvstore-client-id"
 AUTH_METADATA = "authorization"
+MAX_TENANT_BYTES = 256
+MAX_CLIENT_ID_BYTES = 256
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def check_name(what: str, name: str, max_bytes: int, allow_empty: bool = False) -> str:
+    """name if it is 1..max_bytes of UTF-8 without control characters; the error never repeats it."""
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        raise InvalidRequestError(f"{what} is not valid UTF-8") from None
+    if size > max_bytes:
+        raise InvalidRequestError(f"{what} is {size} bytes; the limit is {max_bytes} bytes of UTF-8")
+    if size == 0 and not allow_empty:
+        raise InvalidRequestError(f"{what} is empty; it must be 1 to {max_bytes} bytes of UTF-8")
+    if bad := _CONTROL_CHARACTER.search(name):
+        raise InvalidRequestError(f"{what} contains a control character (U+{ord(bad.group()):04X}); none are allowed")
+    return name
+
+
+def check_tenant(name: str) -> str:
+    return check_name("tenant name", name, MAX_TENANT_BYTES)
 
 
 @dataclass(frozen=True)
@@ -33,31 +60,42 @@ class Authenticator:
 
     @classmethod
     def from_file(cls, insecure: bool, tokens_file: str) -> "Authenticator":
+        """Raises ValueError (the server refuses to start) for an entry without a token or with a bad tenant name."""
         tokens: dict[str, TokenEntry] = {}
         if tokens_file:
             doc = tomllib.loads(Path(tokens_file).read_text())
-            for entry in doc.get("tokens", []):
-                tokens[str(entry["token"])] = TokenEntry(str(entry["tenant"]), bool(entry.get("admin", False)))
+            for i, entry in enumerate(doc.get("tokens", []), 1):
+                where = f"{tokens_file}: [[tokens]] entry #{i}"
+                if not entry.get("token") or "tenant" not in entry:
+                    raise ValueError(f"{where} needs a non-empty token and a tenant")
+                try:
+                    tenant = check_tenant(str(entry["tenant"]))
+                except InvalidRequestError as err:
+                    raise ValueError(f"{where}: {err}") from None
+                tokens[str(entry["token"])] = TokenEntry(tenant, bool(entry.get("admin", False)))
         if not insecure and not tokens:
             raise ValueError("no tokens configured, so every request would be refused: set tokens_file, or pass --insecure-no-auth for a local single-user server")
         return cls(insecure, tokens)
 
-    def caller(self, metadata: Iterable[tuple[str, str | bytes]]) -> Caller:
+    def caller(self, metadata: Iterable[tuple[str, str | bytes]], peer: str = "") -> Caller:
+        """peer (the transport's name for the connection) names a client that sends no client id, so two
+        such clients never share leases and pins; each connection is then its own owner."""
         md = {k: v for k, v in metadata}
-        client_id = str(md.get(CLIENT_ID_METADATA, "anonymous"))
-        token = str(md.get(AUTH_METADATA, ""))
-        token = token.removeprefix("Bearer ").strip()
-        if token:
-            entry = self.tokens.get(token)
-            if entry is None:
-                raise UnauthenticatedError("the bearer token is not valid for this server")
-            claimed = md.get(TENANT_METADATA)
+        token = str(md.get(AUTH_METADATA, "")).removeprefix("Bearer ").strip()
+        entry = self.tokens.get(token) if token else None
+        if token and entry is None:
+            raise UnauthenticatedError("the bearer token is not valid for this server")
+        if entry is None and not self.insecure:
+            raise UnauthenticatedError("missing bearer token in 'authorization' metadata")
+        client_id = check_name("client id", str(md.get(CLIENT_ID_METADATA) or f"anonymous@{peer}"[:MAX_CLIENT_ID_BYTES]), MAX_CLIENT_ID_BYTES, allow_empty=True)
+        claimed = str(md.get(TENANT_METADATA) or "")
+        if claimed:
+            check_tenant(claimed)
+        if entry is not None:
             if claimed and claimed != entry.tenant:
                 raise PermissionDeniedError(f"the token belongs to tenant {entry.tenant!r}, not {claimed!r}")
-            return Caller(entry.tenant, client_id, entry.admin)
-        if not self.insecure:
-            raise UnauthenticatedError("missing bearer token in 'authorization' metadata")
-        return Caller(str(md.get(TENANT_METADATA) or "default"), client_id, is_admin=True)
+            return Caller(tenant=entry.tenant, client_id=client_id, is_admin=entry.admin)
+        return Caller(tenant=claimed or "default", client_id=client_id, is_admin=True)
 
     @staticmethod
     def require_admin(caller: Caller) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from kvstore import __version__
@@ -30,8 +32,25 @@ def main(argv: list[str] | None = None) -> int:
             server = KVStoreServer(cfg)
         except (ValueError, OSError) as err:
             parser.error(str(err))
-        server.serve_forever()
+        _exit_after(server.serve_forever)
     return 0
+
+
+def _exit_after(serve) -> None:
+    """Run serve (which returns once the store is flushed), then end the process at once: a gRPC worker stuck
+    in a call, or any other non-daemon thread, must not keep a stopped server alive."""
+    log = logging.getLogger("kvstore.cli")
+    code = 0
+    try:
+        serve()
+    except BaseException:
+        log.exception("kvstore did not shut down cleanly")
+        code = 1
+    log.info("exiting")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

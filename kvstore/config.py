@@ -52,10 +52,22 @@ class ServerConfig:
     tls_key: str = ""
     ucx: bool = True
     ucx_port: int = 0
+    ucx_all_interfaces: bool = False  # ucxx listens on every interface: allow that when listen is a loopback address
     shm: bool = True
     local_control: bool = True  # serve same-host clients' unary calls on a Unix socket (kvstore/local_control.py)
     local_control_socket: str = ""  # its path; "" is <data_dir>/control.sock
     local_control_max_connections: int = 256  # a server thread each; calls beyond go over gRPC
+    local_control_idle_s: float = 300.0  # a connection with no call for this long is closed (the client reconnects)
+    local_control_read_s: float = 10.0  # a started frame must arrive within this; a stalled peer is dropped
+    # Limits that keep one caller from holding the whole server (docs/security.md).
+    max_keys_per_request: int = 65536  # keys, lease ids or pin ids one request may name
+    max_wait_s: float = 60.0  # a Wait blocks at most this long, whatever timeout it asks for
+    max_waits_per_tenant: int = 8  # concurrent Waits per tenant; more are RESOURCE_EXHAUSTED
+    max_lease_ttl_s: float = 300.0  # longest TTL a lease or pin may ask for
+    tenant_held_fraction: float = 0.5  # host pool share one non-admin tenant may hold reserved or pinned
+    tenant_max_held_ids: int = 65536  # leases plus pins one non-admin tenant may hold
+    stale_write_quarantine_s: float = 30.0  # an expired lease's slot is not reused for this long
+    shutdown_grace_s: float = 5.0  # SIGTERM: how long calls in progress may finish before the flush
 
     def validate(self) -> "ServerConfig":
         if not 0 < self.low_watermark < self.high_watermark <= 1:
@@ -64,6 +76,16 @@ class ServerConfig:
             raise ValueError("max_block_bytes larger than host_memory")
         if self.lease_ttl_s <= 0 or self.pin_ttl_s <= 0:
             raise ValueError("lease_ttl_s and pin_ttl_s must be positive")
+        if not 0 < self.tenant_held_fraction <= 1:
+            raise ValueError("tenant_held_fraction must be in (0, 1]")
+        for name in ("max_keys_per_request", "max_waits_per_tenant", "tenant_max_held_ids"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("max_wait_s", "max_lease_ttl_s", "local_control_idle_s", "local_control_read_s", "shutdown_grace_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.stale_write_quarantine_s < 0:
+            raise ValueError("stale_write_quarantine_s must not be negative")
         if self.local_control_max_connections < 1:
             raise ValueError("local_control_max_connections must be at least 1 (turn the socket off with local_control = false)")
         return self

@@ -17,17 +17,30 @@ connections cannot starve the progress thread or each other. A client
 proves who it is with a session token from the authenticated DataPlane RPC,
 HMAC(server secret, tenant, client_id), and names that tenant and client id in its
 hello: the UCX port grants nothing gRPC would not, and no bearer token ever crosses
-it (UCX is not encrypted). Knowing the caller's tenant, the data plane can pin by
-key inside a get (OP_GET_KEYS), the pin living only while the request is served and
-dropped once the sends complete or fail.
+it (UCX is not encrypted). The tenant is the one the DataPlane caller's bearer token
+resolved to, so a session that claims another tenant's client id reaches only its
+own tenant's pins and leases (the store keys both by tenant and client id), and an
+error sent back names only ids the request itself named. Knowing the caller's
+tenant, the data plane can pin by key inside a get (OP_GET_KEYS), the pin living
+only while the request is served and dropped once the sends complete or fail.
+
+Where it listens: ucxx's Python API (0.52) can only listen on every interface (its
+create_listener takes a port, no address; the C++ ListenerBuilder::host is not bound,
+and no UCX setting narrows a sockaddr listener). So with a loopback `listen`, which
+says "this host only", the data plane does not start unless ucx_all_interfaces allows
+it: same-host clients use shm anyway. With another address it starts and says in the
+log that it listens wider than `listen`.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import logging
 import secrets
+import socket
+import struct
 import threading
 
 import numpy as np
@@ -35,9 +48,29 @@ import numpy as np
 from kvclient.errors import InvalidRequestError, KVStoreError, UnauthenticatedError
 from kvclient.transports import ucx_wire as wire
 from kvclient.ucxenv import import_ucxx, start_context
+from kvstore.config import ServerConfig
 from kvstore.store import Caller, PinInfo, StagingNeeded, Store
 
 log = logging.getLogger(__name__)
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+def listen_host(cfg: ServerConfig) -> str:
+    return cfg.listen.rsplit(":", 1)[0].strip("[]")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address host names is a loopback one ("localhost" may be 127.0.1.1 too)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
 class UcxDataPlane:
@@ -55,6 +88,11 @@ class UcxDataPlane:
     @classmethod
     def start_if_available(cls, store: Store, port: int = 0) -> "UcxDataPlane | None":
         """Start the listener, or log why not and return None: the server must run without UCX."""
+        host = listen_host(store.cfg)
+        if is_loopback(host) and not store.cfg.ucx_all_interfaces:
+            log.info("UCX data plane off: listen is %s, this host only, but ucxx can listen only on every interface; "
+                     "set ucx_all_interfaces = true to accept that", host)
+            return None
         if import_ucxx() is None:
             from kvclient.ucxenv import unavailable_reason
 
@@ -62,17 +100,23 @@ class UcxDataPlane:
             return None
         plane = cls(store, port)
         try:
-            return plane.start()
+            plane.start()
         except Exception as err:
             log.warning("UCX data plane failed to start: %s", err)
             return None
+        if host not in WILDCARD_HOSTS:
+            log.warning("UCX data plane listens on every interface (port %d), wider than listen %s: ucxx cannot listen on one address",
+                        plane.port, host)
+        return plane
 
     def session_token(self, caller: Caller) -> bytes:
         """What the DataPlane RPC hands an authenticated caller: it binds both its tenant and its client id."""
         return self._token(caller.tenant, caller.client_id)
 
     def _token(self, tenant: str, client_id: str) -> bytes:
-        return hmac.new(self._secret, tenant.encode() + b"\0" + client_id.encode(), hashlib.sha256).digest()
+        # Length-prefixed, so no other split of the same bytes into (tenant, client_id) has this token.
+        bound = tenant.encode()
+        return hmac.new(self._secret, struct.pack("<I", len(bound)) + bound + client_id.encode(), hashlib.sha256).digest()
 
     # ---- lifecycle ----------------------------------------------------------------
 

@@ -14,11 +14,19 @@ Trust boundary as the shm pool's (docs/security.md): the socket file is mode 060
 whose uid (SO_PEERCRED) is not the server's is refused, and tokens are checked per call
 as over gRPC. A thread per connection with blocking I/O: a connection carries one call
 at a time, so a client opens as many as it has calls in flight.
+
+No peer holds a thread for nothing: a frame once started must arrive within read_s, and
+a connection with no call for idle_s is told so (local_wire.IDLE_ERROR_TYPE) and closed,
+which the client's pool expects. A Wait ends when its peer hangs up (LocalContext.is_active).
+A request that does not decode is the caller's mistake (INVALID_ARGUMENT, logged at debug
+level); a servicer failure is logged with its traceback at most once a minute per method,
+so no caller can grow the log at will.
 """
 from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -32,9 +40,10 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-from kvclient.errors import ERROR_TYPE_METADATA
-from kvclient.local_wire import (BUSY_ERROR_TYPE, FrameError, Metadata, decode_request, encode_response, method_path,
-                                 read_frame, unary_methods)
+from kvclient.errors import ERROR_TYPE_METADATA, InvalidRequestError
+from kvclient.local_wire import (BUSY_ERROR_TYPE, IDLE_ERROR_TYPE, FrameError, Metadata, decode_request, encode_response,
+                                 method_path, read_frame, unary_methods)
+from kvstore.logs import Throttle
 from kvstore.service import KVStoreServicer
 
 log = logging.getLogger(__name__)
@@ -43,6 +52,10 @@ log = logging.getLogger(__name__)
 MAX_SOCKET_PATH_BYTES = 107
 REFUSED_PEER_READ_S = 2.0
 DEFAULT_MAX_CONNECTIONS = 256  # a thread each; a client keeps only a few idle (kvclient/local_control.py)
+DEFAULT_IDLE_S = 300.0  # ServerConfig.local_control_idle_s
+DEFAULT_READ_S = 10.0  # ServerConfig.local_control_read_s
+TRACEBACK_EVERY_S = 60.0  # a servicer failure's traceback, at most this often per method
+_HUNG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Observe = Callable[[str, str, float, str], None]  # service, method, started (perf_counter), status code name
@@ -55,8 +68,9 @@ class _Aborted(Exception):
 class LocalContext:
     """The part of grpc.ServicerContext the servicer and the metrics use, for one call from the socket."""
 
-    def __init__(self, metadata: Metadata, timeout_s: float | None, peer: str) -> None:
+    def __init__(self, metadata: Metadata, timeout_s: float | None, peer: str, conn: socket.socket | None = None) -> None:
         self._metadata = metadata
+        self._conn = conn
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._peer = peer
         self._code: grpc.StatusCode | None = None
@@ -92,7 +106,11 @@ class LocalContext:
         return self._peer
 
     def is_active(self) -> bool:
-        return self._deadline is None or time.monotonic() < self._deadline
+        """False once the call's deadline passed or the peer hung up (it closed or shut down its side):
+        what gRPC's cancellation tells a servicer. Reads nothing from the connection."""
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            return False
+        return self._conn is None or not peer_hung_up(self._conn)
 
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
@@ -113,6 +131,12 @@ def _handlers(servicer: KVStoreServicer) -> dict[str, _Method]:
     }
 
 
+def peer_hung_up(conn: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(conn, _HUNG_UP)
+    return any(events & _HUNG_UP for _, events in poller.poll(0))
+
+
 def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end, from the kernel (SO_PEERCRED), not from anything it sent."""
     return _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
@@ -120,9 +144,12 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 
 class LocalControlServer:
     def __init__(self, servicer: KVStoreServicer, path: Path, observe: Observe,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_s: float = DEFAULT_IDLE_S,
+                 read_s: float = DEFAULT_READ_S) -> None:
         self.path = str(path)
         self.max_connections = max_connections
+        self.idle_s, self.read_s = idle_s, read_s
+        self._traceback_due = Throttle(TRACEBACK_EVERY_S)
         self._handlers = _handlers(servicer)
         self._observe = observe
         self._uid = os.geteuid()
@@ -135,9 +162,10 @@ class LocalControlServer:
 
     @classmethod
     def start_if_possible(cls, servicer: KVStoreServicer, path: Path, observe: Observe,
-                          max_connections: int = DEFAULT_MAX_CONNECTIONS) -> "LocalControlServer | None":
+                          max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_s: float = DEFAULT_IDLE_S,
+                          read_s: float = DEFAULT_READ_S) -> "LocalControlServer | None":
         """Start the listener, or log why not and return None: the server runs on without it (gRPC serves every call)."""
-        server = cls(servicer, path, observe, max_connections)
+        server = cls(servicer, path, observe, max_connections, idle_s, read_s)
         try:
             return server.start()
         except OSError as err:
@@ -245,16 +273,30 @@ class LocalControlServer:
                 self._refuse(conn, pid, uid)
                 return
             while True:
-                body = read_frame(conn)
+                conn.settimeout(self.idle_s)  # for the first byte of the next call
+                try:
+                    body = read_frame(conn, self.read_s)
+                except TimeoutError:
+                    self._close_idle(conn)
+                    return
                 if body is None:
                     return
-                conn.sendall(self._answer(body, peer))
+                answer = self._answer(body, peer, conn)
+                conn.settimeout(self.read_s)  # a peer that does not read its answer is stalled too
+                conn.sendall(answer)
         except (OSError, FrameError) as err:
             log.debug("local control connection ended: %s", err)
         finally:
             with self._lock:
                 self._conns.pop(conn, None)
             conn.close()
+
+    def _close_idle(self, conn: socket.socket) -> None:
+        """Say why before closing: a request the client sent meanwhile is then known to be unread, so it resends it."""
+        log.debug("local control connection closed after %g s idle", self.idle_s)
+        conn.settimeout(self.read_s)
+        conn.sendall(encode_response(grpc.StatusCode.UNAVAILABLE, f"connection closed after {self.idle_s:g} s without a call; reconnect",
+                                     ((ERROR_TYPE_METADATA, IDLE_ERROR_TYPE),), b""))
 
     def _turn_away(self, conn: socket.socket) -> None:
         """Over max_connections (each is a thread here): BUSY_ERROR_TYPE tells the client's stub to send
@@ -277,33 +319,47 @@ class LocalControlServer:
     def _answer_first_call_and_close(conn: socket.socket, code: grpc.StatusCode, detail: str, trailing: Metadata = ()) -> None:
         """A connection not served: answer its first call with why, so the peer learns it, and close."""
         conn.settimeout(REFUSED_PEER_READ_S)
-        if read_frame(conn) is not None:
+        if read_frame(conn, REFUSED_PEER_READ_S) is not None:
             conn.sendall(encode_response(code, detail, trailing, b""))
         conn.close()
 
-    def _answer(self, body: memoryview, peer: str) -> bytes:
-        request = decode_request(body)
+    def _answer(self, body: memoryview, peer: str, conn: socket.socket) -> bytes:
+        try:
+            request = decode_request(body)
+        except FrameError as err:  # the frame arrived whole, so the connection is still in step
+            return self._undecodable(f"cannot decode request: {err}")
         method = self._handlers.get(request.method)
         if method is None:
             # What a gRPC server answers for a method it does not serve (streaming ones included).
             return encode_response(grpc.StatusCode.UNIMPLEMENTED, "Method not found!", (), b"")
         started = time.perf_counter()
-        context = LocalContext(request.metadata, request.timeout_s, peer)
+        context = LocalContext(request.metadata, request.timeout_s, peer, conn)
         payload = b""
         try:
             message = method.request_class.FromString(request.payload)
-        except DecodeError:
-            context.set_code(grpc.StatusCode.INTERNAL)
-            context.set_details("Exception deserializing request!")
+        except DecodeError as err:
+            context.set_trailing_metadata(((ERROR_TYPE_METADATA, InvalidRequestError.__name__),))
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            context.set_details(f"cannot decode {method.name} request: {err}")
+            log.debug("local control: %s", context.details())
         else:
             try:
                 payload = method.behavior(message, context).SerializeToString()
             except _Aborted:
                 pass
             except Exception as err:  # a servicer bug: gRPC answers it the same way
-                log.exception("local control: %s failed", method.name)
+                if self._traceback_due(method.name):
+                    log.exception("local control: %s failed (further failures of it logged at debug level for %g s)",
+                                  method.name, TRACEBACK_EVERY_S)
+                else:
+                    log.debug("local control: %s failed: %r", method.name, err)
                 context.set_code(grpc.StatusCode.UNKNOWN)
                 context.set_details(f"Exception calling application: {err}")
         code = context.code() or grpc.StatusCode.OK
         self._observe(method.service, method.name, started, code.name)
         return encode_response(code, context.details(), context.trailing_metadata(), payload)
+
+    @staticmethod
+    def _undecodable(detail: str) -> bytes:
+        log.debug("local control: %s", detail)
+        return encode_response(grpc.StatusCode.INVALID_ARGUMENT, detail, ((ERROR_TYPE_METADATA, InvalidRequestError.__name__),), b"")

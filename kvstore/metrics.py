@@ -4,19 +4,27 @@ The store counts each event once, in store.counters; StoreCollector turns that C
 into metric families at scrape time instead of keeping a second set that could drift.
 RequestMetrics is a gRPC server interceptor, so no servicer has to remember to time
 itself. This module owns metric names and labels; it changes nothing in the store.
+The /metrics endpoint shows store-wide counts that Stats refuses to tenants, so when the
+server has tokens it answers only a request bearing an admin token (docs/operations.md).
 """
 from __future__ import annotations
 
 import functools
 import logging
 import re
+import socket
+import threading
 import time
 from typing import Callable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 
+from kvclient.errors import KVStoreError, PermissionDeniedError
+from kvstore.auth import AUTH_METADATA, Authenticator
 from kvstore.store import Store
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -177,22 +185,60 @@ def _timed_stream(behavior: Callable, observe: Callable) -> Callable:
     return wrapper
 
 
-class Metrics:
-    """The server's metrics registry and its /metrics HTTP endpoint (off when port is 0)."""
+def admin_only(app: Callable, auth: Authenticator) -> Callable:
+    """A WSGI app answering only requests with `Authorization: Bearer <admin token>`, checked by the server's
+    Authenticator: 401 without a valid token, 403 with a tenant's."""
 
-    def __init__(self, store: Store, host: str, port: int) -> None:
+    def guarded(environ, start_response):
+        try:
+            auth.require_admin(auth.caller([(AUTH_METADATA, environ.get("HTTP_AUTHORIZATION", ""))]))
+        except PermissionDeniedError as err:
+            return _refuse(start_response, "403 Forbidden", str(err))
+        except KVStoreError as err:
+            return _refuse(start_response, "401 Unauthorized", str(err), (("WWW-Authenticate", 'Bearer realm="kvstore"'),))
+        return app(environ, start_response)
+
+    return guarded
+
+
+def _refuse(start_response, status: str, detail: str, headers: tuple[tuple[str, str], ...] = ()) -> list[bytes]:
+    body = f"{detail}\n".encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *headers])
+    return [body]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # one line per scrape on stderr is noise
+        pass
+
+
+class Metrics:
+    """The server's metrics registry and its /metrics HTTP endpoint (off when port is 0).
+
+    With auth not insecure, the endpoint wants an admin token (admin_only)."""
+
+    def __init__(self, store: Store, host: str, port: int, auth: Authenticator) -> None:
         disable_created_metrics()  # *_created series double the output and no dashboard reads them
         self.registry = CollectorRegistry()
         self.registry.register(StoreCollector(store))
         ProcessCollector(registry=self.registry)
         self.interceptor = RequestMetrics(self.registry)
-        self.host, self.port = host, port
+        self.host, self.port, self.auth = host, port, auth
         self._httpd = None
 
     def start(self) -> None:
-        if self.port:
-            self._httpd, _ = start_http_server(self.port, self.host, registry=self.registry)
-            log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+        if not self.port:
+            return
+        app = make_wsgi_app(self.registry)
+        if not self.auth.insecure:
+            app = admin_only(app, self.auth)
+
+        class Server(ThreadingWSGIServer):
+            address_family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+        self._httpd = make_server(self.host, self.port, app, Server, handler_class=_QuietHandler)
+        threading.Thread(target=self._httpd.serve_forever, name="kvstore-metrics", daemon=True).start()
+        log.info("metrics on http://%s:%d/metrics%s", self.host, self.port, "" if self.auth.insecure else " (admin token required)")
 
     def stop(self) -> None:
         if self._httpd is not None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from kvclient.errors import InvalidRequestError
 from kvstore.index import BlockMeta
+from kvstore.leases import WriteLease
 from kvstore.store import Store
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -37,6 +38,16 @@ class Selector:
             and (not self.tier or meta.tier == self.tier)
             and (not self.min_age_s or now - meta.created >= self.min_age_s)
             and (not self.keys or meta.key in self.keys)
+        )
+
+    def matches_lease(self, lease: WriteLease) -> bool:
+        """A write lease is a block in the making: in the host tier, and younger than any age."""
+        return (
+            (not self.tenant or lease.tenant == self.tenant)
+            and (not self.fingerprint_id or lease.fingerprint_id == self.fingerprint_id)
+            and (not self.tier or self.tier == pb.TIER_HOST)
+            and not self.min_age_s
+            and (not self.keys or lease.skey[8:] in self.keys)
         )
 
 
@@ -123,7 +134,7 @@ class Operations:
                 first = pin.blocks[0] if pin.blocks else None
                 expires = int((time.time() + pin.expires_at - time.monotonic()) * 1000)
                 views.append(
-                    LeaseView(pin.pin_id, "pin", pin.owner, first.tenant if first else "", first.fingerprint_id if first else b"", tuple(m.key for m in pin.blocks), expires, sum(m.size for m in pin.blocks))
+                    LeaseView(pin.pin_id, "pin", pin.owner, pin.tenant, first.fingerprint_id if first else b"", tuple(m.key for m in pin.blocks), expires, pin.size)
                 )
         return sorted((v for v in views if (not tenant or v.tenant == tenant) and (not owner or v.owner == owner)), key=lambda v: v.id)
 
@@ -139,7 +150,7 @@ class Operations:
             leases = [l for l in list(store.leases.by_id.values()) if l.lease_id in chosen]
             pins = [p for p in list(store.leases.pins.values()) if p.pin_id in chosen]
             for lease in leases:
-                store._release_lease(lease)
+                store._release_lease(lease, stale=True)  # its holder may still be writing
             for pin in pins:
                 store._drop_pin(pin)
             store.counters["lease_revocations"] += len(leases)
@@ -213,8 +224,14 @@ class Operations:
         with store._lock:
             metas = self._select(sel)
             for meta in metas:
-                store._delete_locked(meta, zero=True)
+                store._delete_locked(meta)
+            # A written-but-uncommitted block matches too: revoking its lease frees (and zeroes) its
+            # slot, and the writer's later Commit fails, so the deleted data cannot come back.
+            doomed = [lease for lease in store.leases.by_id.values() if sel.matches_lease(lease)]
+            for lease in doomed:
+                store._release_lease(lease, stale=True)  # its writer may still be copying: quarantine the slot
             store.counters["admin_deletes"] += len(metas)
+            store.counters["lease_revocations"] += len(doomed)
         scrubbed = rewritten = 0
         if secure:
             self._wait(lambda: not any(m.pins for m in metas), store.cfg.pin_ttl_s + 2)

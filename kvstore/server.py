@@ -1,12 +1,17 @@
 """Assembles a running server: store, background worker, gRPC services, local control socket, signal handling.
 
 Owns start-up and orderly shutdown; request behaviour lives in store.py and service.py.
+Shutdown is bounded whatever clients do (shutdown_grace_s), and the host tier is flushed
+even when gRPC has not finished stopping. Everything the server writes under its data
+directory is the owner's alone: other local users must not read tenants' blocks.
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -33,14 +38,30 @@ from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+# After grace, gRPC cancels the calls still open; this long more for them to unwind before the
+# flush goes ahead anyway (a Write whose chunk failed to parse leaves grpcio 1.85's stop unfinished).
+CANCEL_WAIT_S = 2.0
+
+
+def make_data_dir_private(data_path: Path) -> None:
+    """Files and directories created from now on are owner-only (umask 077, process-wide), and those
+    an older version left readable are tightened: LMDB and the audit log hold tenants' data."""
+    os.umask(0o077)
+    data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path, mode in ((data_path, 0o700), (data_path / "ssd", 0o700), (data_path / "ssd" / "data.mdb", 0o600),
+                       (data_path / "ssd" / "lock.mdb", 0o600), (data_path / "audit.log", 0o600)):
+        if path.exists() and not path.is_symlink():
+            os.chmod(path, mode)
+
 
 class KVStoreServer:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.auth = Authenticator.from_file(cfg.insecure_no_auth, cfg.tokens_file)
+        make_data_dir_private(cfg.data_path)
         self.store = Store(cfg)
         self.worker = BackgroundWorker(self.store)
-        self.metrics = Metrics(self.store, cfg.listen.rsplit(":", 1)[0].strip("[]"), cfg.metrics_port)
+        self.metrics = Metrics(self.store, cfg.listen.rsplit(":", 1)[0].strip("[]"), cfg.metrics_port, self.auth)
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="kvstore-rpc"), interceptors=[self.metrics.interceptor], options=GRPC_OPTIONS
         )
@@ -94,7 +115,8 @@ class KVStoreServer:
         if self.cfg.local_control:  # likewise the local control socket it advertises
             self.local = LocalControlServer.start_if_possible(self.servicer, self.cfg.local_control_path,
                                                               self.metrics.interceptor.observe_local,
-                                                              self.cfg.local_control_max_connections)
+                                                              self.cfg.local_control_max_connections,
+                                                              self.cfg.local_control_idle_s, self.cfg.local_control_read_s)
         self.grpc.start()
         self.worker.start()
         self.metrics.start()
@@ -111,16 +133,21 @@ class KVStoreServer:
         )
         return self
 
-    def stop(self, grace_s: float = 5.0) -> None:
+    def stop(self, grace_s: float | None = None) -> None:
+        """Calls in progress get grace_s (default shutdown_grace_s) to finish, then are cancelled; the host
+        tier is flushed to LMDB after at most CANCEL_WAIT_S more, whether or not gRPC has stopped."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        grace_s = self.cfg.shutdown_grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace_s + CANCEL_WAIT_S
         self.health.enter_graceful_shutdown()
         self.store.admitting = False
         stopped = self.grpc.stop(grace_s)
         if self.local is not None:  # drains alongside gRPC, within the same grace period
             self.local.stop(grace_s)
-        stopped.wait()
+        if not stopped.wait(max(0.0, deadline - time.monotonic())):
+            log.warning("gRPC has not stopped %.1f s after shutdown began (calls left open); flushing anyway", grace_s + CANCEL_WAIT_S)
         if self.ucx is not None:
             self.ucx.stop()
         self.metrics.stop()
@@ -129,6 +156,7 @@ class KVStoreServer:
         log.info("kvstore stopped")
 
     def serve_forever(self) -> None:
+        """Serve until SIGTERM, SIGINT or a drain; returns once the store is flushed and closed."""
         done = self._exit
 
         def on_signal(signum, _frame) -> None:

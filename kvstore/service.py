@@ -1,18 +1,28 @@
 """gRPC servicers: translate RPCs to Store calls; the only module that knows gRPC.
 
 Every handler runs inside `_rpc`, which resolves the caller and maps kvstore's
-exception types to gRPC status codes, once, here.
+exception types to gRPC status codes, once, here. The local control socket
+(local_control.py) calls the same methods, so what is said here holds there too.
+
+A blocked Wait holds a server thread for as long as it waits, so Wait is admitted by
+WaitSlots (a few per tenant, at most half the threads in all) and ends as soon as its
+caller has gone (context.is_active): abandoned or piled-up Waits cannot starve other
+tenants, the health check or an admin.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import threading
+from collections import Counter
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import grpc
 
-from kvclient.errors import ERROR_TYPE_METADATA, InvalidRequestError, KVStoreError
+from kvclient.errors import ERROR_TYPE_METADATA, CapacityExhaustedError, InvalidRequestError, KVStoreError
 from kvstore.auth import Authenticator
+from kvstore.logs import Throttle
 from kvstore.store import Caller, KeyState, LeaseInfo, Store
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
@@ -32,17 +42,30 @@ def abort_with(context: grpc.ServicerContext, err: KVStoreError) -> None:
     context.abort(err.code, str(err))
 
 
+_traceback_due = Throttle(60.0)
+
+
+def _unexpected(method: str, err: Exception) -> KVStoreError:
+    """A bug, not the caller's fault: a generic INTERNAL answer (no detail that could leak state) and
+    a traceback at most once a minute per method, so a caller who can trigger it cannot grow the log."""
+    if _traceback_due(method):
+        log.error("%s failed unexpectedly", method, exc_info=err)
+    return KVStoreError(f"internal error in {method}; the server log has details")
+
+
 def _rpc(method: Callable) -> Callable:
     @functools.wraps(method)
     def handler(self: "KVStoreServicer", request, context: grpc.ServicerContext):
         try:
-            caller = self.auth.caller(context.invocation_metadata())
+            caller = self.auth.caller(context.invocation_metadata(), context.peer())
             return method(self, request, context, caller)
         except KVStoreError as err:
             self.observe_error(method.__name__, err)
             abort_with(context, err)
         except ValueError as err:
             abort_with(context, InvalidRequestError(str(err)))
+        except Exception as err:
+            abort_with(context, _unexpected(method.__name__, err))
 
     return handler
 
@@ -51,11 +74,13 @@ def _stream_rpc(method: Callable) -> Callable:
     @functools.wraps(method)
     def handler(self: "KVStoreServicer", request, context: grpc.ServicerContext):
         try:
-            caller = self.auth.caller(context.invocation_metadata())
+            caller = self.auth.caller(context.invocation_metadata(), context.peer())
             yield from method(self, request, context, caller)
         except KVStoreError as err:
             self.observe_error(method.__name__, err)
             abort_with(context, err)
+        except Exception as err:
+            abort_with(context, _unexpected(method.__name__, err))
 
     return handler
 
@@ -76,11 +101,40 @@ def stats_message(s: dict) -> pb.StatsResponse:
     return pb.StatsResponse(tiers=tiers, blocks=s["blocks"], leases_held=s["leases_held"], pins_held=s["pins_held"], counters=s["counters"])
 
 
+class WaitSlots:
+    """How many Waits may block at once: per_tenant for each tenant, total for everyone together."""
+
+    def __init__(self, per_tenant: int, total: int) -> None:
+        self.per_tenant, self.total = per_tenant, total
+        self._lock = threading.Lock()
+        self._by_tenant: Counter[str] = Counter()
+
+    @contextmanager
+    def held(self, tenant: str) -> Iterator[None]:
+        with self._lock:
+            # Neither message counts anyone else's Waits: that would tell one tenant about another's activity.
+            if self._by_tenant[tenant] >= self.per_tenant:
+                raise CapacityExhaustedError(f"tenant {tenant!r} already has {self.per_tenant} Waits in progress, its limit; "
+                                             "retry when one has returned, or poll with Lookup")
+            if sum(self._by_tenant.values()) >= self.total:
+                raise CapacityExhaustedError("the server is blocking as many Waits as it allows; retry shortly, or poll with Lookup")
+            self._by_tenant[tenant] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._by_tenant[tenant] -= 1
+                if not self._by_tenant[tenant]:
+                    del self._by_tenant[tenant]
+
+
 class KVStoreServicer(pb_grpc.KVStoreServicer):
     def __init__(self, store: Store, auth: Authenticator, data_plane: Callable[[Caller], pb.DataPlaneResponse] | None = None) -> None:
         self.store = store
         self.auth = auth
         self.data_plane = data_plane
+        # Half the gRPC threads at most, so Waits can never take every thread from other calls.
+        self.wait_slots = WaitSlots(store.cfg.max_waits_per_tenant, max(1, store.cfg.grpc_workers // 2))
 
     def observe_error(self, method: str, err: KVStoreError) -> None:
         self.store.counters[f"errors_{err.code.name.lower()}"] += 1
@@ -108,17 +162,18 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @_rpc
     def Wait(self, request, context, caller: Caller):
-        states = self.store.wait(caller, request.fingerprint_id, list(request.keys), request.timeout_ms)
+        with self.wait_slots.held(caller.tenant):
+            states = self.store.wait(caller, request.fingerprint_id, list(request.keys), request.timeout_ms, context.is_active)
         return pb.WaitResponse(statuses=[key_status(s) for s in states])
 
     @_rpc
     def Reserve(self, request, context, caller: Caller):
-        infos = self.store.reserve(caller, request.fingerprint_id, [(b.key, b.size_bytes) for b in request.blocks], request.ttl_ms)
+        infos = self.store.reserve(caller, request.fingerprint_id, [(b.key, b.size_bytes) for b in request.blocks], request.ttl_ms, request.durable)
         return pb.ReserveResponse(leases=[lease_msg(i) for i in infos])
 
     def Write(self, request_iterator, context):
         try:
-            caller = self.auth.caller(context.invocation_metadata())
+            caller = self.auth.caller(context.invocation_metadata(), context.peer())
             total = 0
             for chunk in request_iterator:
                 self.store.write(caller, chunk.lease_id, chunk.offset, chunk.data)

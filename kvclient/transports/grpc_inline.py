@@ -73,7 +73,7 @@ class GrpcInlineTransport:
 
     def _put_two_phase(self, keys, payloads, checksums, durable, idx, outcomes, stats: TransferStats) -> None:
         t0 = time.perf_counter()
-        resp = self.call(self.stub.Reserve, pb.ReserveRequest(fingerprint_id=self.fingerprint_id, blocks=[pb.BlockSpec(key=keys[i], size_bytes=len(payloads[i])) for i in idx]))
+        resp = self.call(self.stub.Reserve, pb.ReserveRequest(fingerprint_id=self.fingerprint_id, durable=durable, blocks=[pb.BlockSpec(key=keys[i], size_bytes=len(payloads[i])) for i in idx]))
         stats.control_s += time.perf_counter() - t0
         granted = []
         for i, lease in zip(idx, resp.leases):

@@ -33,6 +33,7 @@ class SlotRef(NamedTuple):
     length: int
     handle: int = 0  # lease id (put) or pin id (get)
     checksum: int = 0
+    expires_unix_ms: int = 0  # when the lease or pin ends (server wall clock)
 
 
 def check_block(key: bytes, data: np.ndarray, expected: int) -> None:
@@ -162,12 +163,12 @@ class PoolControl:
     def put(self, keys, payloads, checksums, durable: bool, stats: TransferStats, fill: Callable[[list[SlotRef]], None]) -> list[int]:
         """Reserve slots, let fill() write the granted ones, commit them; returns PutOutcome values."""
         specs = [pb.BlockSpec(key=k, size_bytes=len(p)) for k, p in zip(keys, payloads)]
-        resp = self._timed(stats, self.stub.Reserve, pb.ReserveRequest(fingerprint_id=self.fingerprint_id, blocks=specs))
+        resp = self._timed(stats, self.stub.Reserve, pb.ReserveRequest(fingerprint_id=self.fingerprint_id, blocks=specs, durable=durable))
         outcomes = [0] * len(keys)
         granted: list[SlotRef] = []
         for i, lease in enumerate(resp.leases):
             if lease.outcome == pb.LEASE_GRANTED:
-                granted.append(SlotRef(i, lease.slot.offset, lease.slot.length, lease.lease_id, checksums[i]))
+                granted.append(SlotRef(i, lease.slot.offset, lease.slot.length, lease.lease_id, checksums[i], lease.expires_unix_ms))
             else:
                 outcomes[i] = pb.PUT_ALREADY_PRESENT if lease.outcome == pb.LEASE_ALREADY_PRESENT else pb.PUT_PENDING_ELSEWHERE
         if granted:
@@ -209,7 +210,7 @@ class PoolControl:
             raise TransferError(f"server pinned {n} blocks for {len(keys)} keys")
         pin_id = resp.pin_id
         # SlotRef._make over zipped columns: a third of a per-field constructor's cost for hundreds of blocks
-        return list(map(SlotRef._make, zip(range(lo, lo + n), resp.offsets, resp.lengths, repeat(pin_id), resp.checksums)))
+        return list(map(SlotRef._make, zip(range(lo, lo + n), resp.offsets, resp.lengths, repeat(pin_id), resp.checksums, repeat(resp.expires_unix_ms))))
 
     def release(self, slots: Sequence[SlotRef], failed: bool = False) -> None:
         """Drop a pin: at once after a failure, else with the next Pin (DeferredUnpins)."""

@@ -8,9 +8,14 @@ get of blocks pinned before starts copying while its Pin is in flight (see get).
 The server moves no payload bytes on this path; it only hashes slots at Commit,
 as on every path.
 
-A writer must finish before its lease expires: after expiry the slot can be
-handed to someone else. Commit's checksum and the reader's check catch any
-block that was overwritten that way, so it can never be served.
+A writer must finish before its lease expires, or its late copy could land in
+the next writer's block. Two guards make that impossible in practice: put refuses
+to start copying into a slot whose lease ends within LEASE_MARGIN_S (LeaseError;
+the leases are released), and the server keeps the slot of a lease that expired
+unreleased out of use for stale_write_quarantine_s (30 s by default) before it is
+zeroed and reused. A writer stalled longer than that between its check and its
+copy could still overwrite a later block; Commit's checksum and the reader's check
+then refuse it, so a torn block is never served, only lost.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from kvclient.errors import UnavailableError
+from kvclient.errors import LeaseError, UnavailableError
 from kvclient.transports import device
 from kvclient.transports.base import TransferStats
 from kvclient.transports.pooled import PoolControl, SlotRef, checksum_error
@@ -34,6 +39,9 @@ SHM_DIR = Path("/dev/shm")
 # Below this a get is copied on the calling thread alone: a second thread costs more than it saves.
 SPLIT_MIN_BYTES = 4 << 20
 SLOT_CACHE_ENTRIES = 1 << 16
+# A copy starts only while its lease has this long left: one block's copy is milliseconds, and the
+# server may hand the slot of an expired lease to another writer once its quarantine ends.
+LEASE_MARGIN_S = 0.1
 
 
 class PagePopulator:
@@ -97,6 +105,9 @@ class ShmTransport:
         def fill(slots: list[SlotRef]) -> None:
             t0 = time.perf_counter()
             for s in slots:
+                if time.time() + LEASE_MARGIN_S >= s.expires_unix_ms / 1000:
+                    raise LeaseError(f"the lease on block {keys[s.index].hex()} ends in under {LEASE_MARGIN_S} s; "
+                                     "not copying into a slot the server may hand to another writer")
                 np.copyto(self.pool[s.offset : s.offset + s.length], np.frombuffer(payloads[s.index], dtype=np.uint8))
             stats.transfer_s += time.perf_counter() - t0
 

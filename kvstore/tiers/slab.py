@@ -3,6 +3,9 @@
 Owns offsets only, never bytes. KV blocks of one deployment come in a handful of
 sizes, so pow2 classes waste little, and a slab whose slots are all free goes back
 to the common pool so another class can use it (memcached's design, minus rebalancing).
+When a class has no free slot and no slab is left, a free slot of the smallest larger
+class serves it: at most the larger slot is wasted, while a refusal wastes every free
+byte of the pool (a pool with more sizes than slabs refused puts while 15-40% free).
 """
 from __future__ import annotations
 
@@ -34,26 +37,51 @@ class SlabAllocator:
         self.capacity_bytes = self.num_slabs * slab_bytes
         self._free_slabs = list(range(self.num_slabs - 1, -1, -1))
         self._slabs: dict[int, _Slab] = {}
-        self._partial: dict[int, set[int]] = {}
+        self._partial: dict[int, set[int]] = {}  # size class -> slabs of it with a free slot
         self.used_bytes = 0
 
     def slot_bytes(self, size: int) -> int:
+        """The slot a block of size gets when its own class has room."""
         return size_class(size)
 
+    def slot_bytes_at(self, offset: int) -> int:
+        """The size of the allocated slot at offset (larger than slot_bytes(size) when it was a fallback)."""
+        return self._slabs[offset // self.slab_bytes].slot_bytes
+
+    def slab_of(self, offset: int) -> int:
+        return offset // self.slab_bytes
+
+    def slots_used(self, slab: int) -> int:
+        """Allocated slots in a slab: 0 for a free one."""
+        found = self._slabs.get(slab)
+        return found.used if found else 0
+
+    @property
+    def slabs_in_use(self) -> int:
+        return self.num_slabs - len(self._free_slabs)
+
     def alloc(self, size: int) -> int | None:
-        """Offset of a slot of at least size bytes, or None when no slot of its class is free."""
+        """Offset of a slot of at least size bytes: its own class, a new slab, else the smallest larger class
+        with a free slot; None when none of these is free."""
         cls = size_class(size)
         if cls > self.slab_bytes:
             raise ValueError(f"block of {size} bytes exceeds slab size {self.slab_bytes}")
-        partial = self._partial.setdefault(cls, set())
-        if not partial:
-            if not self._free_slabs:
-                return None
-            idx = self._free_slabs.pop()
-            base = idx * self.slab_bytes
-            slab = _Slab(base, cls, list(range(base + self.slab_bytes - cls, base - 1, -cls)))
-            self._slabs[idx] = slab
-            partial.add(idx)
+        if not self._partial.get(cls) and self._free_slabs:
+            self._open_slab(cls)
+        while cls <= self.slab_bytes:
+            if self._partial.get(cls):
+                return self._take(cls)
+            cls <<= 1
+        return None
+
+    def _open_slab(self, cls: int) -> None:
+        idx = self._free_slabs.pop()
+        base = idx * self.slab_bytes
+        self._slabs[idx] = _Slab(base, cls, list(range(base + self.slab_bytes - cls, base - 1, -cls)))
+        self._partial.setdefault(cls, set()).add(idx)
+
+    def _take(self, cls: int) -> int:
+        partial = self._partial[cls]
         idx = next(iter(partial))
         slab = self._slabs[idx]
         offset = slab.free_slots.pop()

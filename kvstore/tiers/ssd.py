@@ -3,25 +3,37 @@
 Each value is a fixed header (fingerprint, tenant, checksum, size) followed by the
 payload, so the index can be rebuilt from LMDB alone at start-up. This module owns
 the on-disk format and LMDB transactions; eviction policy lives in the store.
+
+A write LMDB refuses (full disk or map, I/O error) is raised as SsdWriteError with
+nothing of its transaction stored; after one, writes_paused() tells background work
+(demotion) to leave the tier alone for a while instead of failing every tick.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import struct
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import lmdb
 
+from kvclient.errors import SsdWriteError
 from kvstore.tiers.rwlock import SharedExclusiveLock
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"KVB1"
 _HEADER = struct.Struct("<4s16sQQqH")  # magic, fingerprint_id, checksum, size, created_ms, tenant_len
 # LMDB needs slack beyond the payload bytes for B-tree pages and copy-on-write.
 _MAP_OVERHEAD = 1.5
+# After a refused write, background writers wait this long before trying again: a full
+# disk stays full for a while, and each try copies a whole batch before LMDB refuses it.
+WRITE_RETRY_AFTER_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,7 @@ class SsdTier:
         self.env = self._open(path)
         # Shared by every LMDB access, exclusive while rewrite_live swaps the environment.
         self._swap = SharedExclusiveLock()
+        self._failed_at: float | None = None  # monotonic time of the last refused write; None once a put succeeds
 
     def _open(self, path: Path) -> lmdb.Environment:
         # sync=True: a committed transaction is on disk when put_many returns.
@@ -70,13 +83,41 @@ class SsdTier:
         return _HEADER.size + len(tenant.encode()) + size
 
     def put_many(self, items: list[tuple[bytes, bytes, memoryview | bytes]]) -> None:
-        """items: (skey, header, payload); one transaction, durable on return."""
-        with self._swap.shared(), self.env.begin(write=True) as txn:
+        """items: (skey, header, payload); one transaction, durable on return, or SsdWriteError and none stored."""
+        with self._writing(f"writing {len(items)} blocks"), self._swap.shared(), self.env.begin(write=True) as txn:
             for skey, header, payload in items:
                 buf = bytearray(len(header) + len(payload))
                 buf[: len(header)] = header
                 buf[len(header) :] = payload
                 txn.put(skey, buf)
+        if self._failed_at is not None:  # only a stored put shows there is room again
+            log.info("ssd tier accepts writes again")
+            self._failed_at = None
+
+    def writes_paused(self) -> bool:
+        """True for WRITE_RETRY_AFTER_S after a refused write: background writers should not try yet."""
+        return self._failed_at is not None and time.monotonic() - self._failed_at < WRITE_RETRY_AFTER_S
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Turn LMDB's refusal into SsdWriteError (LMDB aborted the transaction: nothing of it is stored)."""
+        try:
+            yield
+        except lmdb.Error as err:
+            why = self._explain(err)
+            if self._failed_at is None:
+                log.warning("ssd tier refused a write (%s): %s; background demotion pauses between retries", what, why)
+            self._failed_at = time.monotonic()
+            raise SsdWriteError(f"ssd tier write failed: {why}") from err
+
+    def _explain(self, err: lmdb.Error) -> str:
+        if isinstance(err, lmdb.MapFullError):
+            return f"{err} (the LMDB map of {self.map_size} bytes is full)"
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return str(err)
+        return f"{err} (the data disk has {st.f_bavail * st.f_frsize} bytes free)"
 
     def get(self, skey: bytes) -> tuple[SsdRecord, bytes] | None:
         with self._swap.shared(), self.env.begin(buffers=True) as txn:
@@ -89,7 +130,7 @@ class SsdTier:
     def delete_many(self, skeys: list[bytes]) -> None:
         if not skeys:
             return
-        with self._swap.shared(), self.env.begin(write=True) as txn:
+        with self._writing(f"deleting {len(skeys)} blocks"), self._swap.shared(), self.env.begin(write=True) as txn:
             for skey in skeys:
                 txn.delete(skey)
 
@@ -107,11 +148,14 @@ class SsdTier:
                     yield None, key
 
     def sync(self) -> None:
-        self.env.sync(True)
+        with self._writing("syncing"):
+            self.env.sync(True)
 
     def close(self) -> None:
-        self.env.sync(True)
-        self.env.close()
+        try:
+            self.sync()
+        finally:
+            self.env.close()
 
     def rewrite_live(self, batch_bytes: int = 64 << 20) -> int:
         """Copy every live record into a fresh environment, zero the old file, swap; returns bytes copied.

@@ -57,7 +57,7 @@ def test_same_host_client_uses_the_socket_with_results_identical_to_grpc(make_se
         for client in (local, remote):
             assert all(np.array_equal(a, b) for a, b in zip(client.get(keys), blocks))
         pins = [c.transport.control.pin([k.digest for k in keys], TransferStats()) for c in (local, remote)]
-        assert [s[:3] + s[4:] for s in pins[0]] == [s[:3] + s[4:] for s in pins[1]]  # same slots and checksums; pin ids differ
+        assert [s[:3] + s[4:5] for s in pins[0]] == [s[:3] + s[4:5] for s in pins[1]]  # same slots and checksums; pin ids and expiries differ
         for client, slots in zip((local, remote), pins):
             client.transport.control.release(slots)
         # put: Reserve + Commit; lookup: 1; status: 1; get: Pin; pin: 1 -> 6 calls went local, none of remote's did

@@ -35,7 +35,7 @@ GPU_UCX_TLS = os.environ.get("KVSTORE_TEST_GPU_UCX_TLS", "tcp,self,sm,cuda_copy"
 
 @pytest.fixture(scope="module")
 def gpu_server(tmp_path_factory):
-    srv = ServerProc(tmp_path_factory.mktemp("gpu") / "data", flags={"host_memory": "1GiB", "ssd_capacity": "2GiB"}, env={"UCX_TLS": GPU_UCX_TLS})
+    srv = ServerProc(tmp_path_factory.mktemp("gpu") / "data", flags={"host_memory": "1GiB", "ssd_capacity": "2GiB", "ucx_all_interfaces": True}, env={"UCX_TLS": GPU_UCX_TLS})
     srv.start()
     yield srv
     srv.stop()

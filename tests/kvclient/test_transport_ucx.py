@@ -149,7 +149,7 @@ class _BogusControl:
     """Stands in for PoolControl: hands the transport a lease or pin the server never granted."""
 
     def put(self, keys, payloads, checksums, durable, stats, fill):
-        fill([SlotRef(i, 0, len(p), handle=987_654_321, checksum=0) for i, p in enumerate(payloads)])
+        fill([SlotRef(i, 0, len(p), handle=987_654_321 + i, checksum=0) for i, p in enumerate(payloads)])
 
     def get(self, keys, outs, stats, drain, unpin=True):
         drain([SlotRef(0, 0, 4096, handle=987_654_321, checksum=0)], [np.zeros(4096, np.uint8)])

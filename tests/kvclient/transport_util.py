@@ -13,7 +13,8 @@ from kvclient.ucxenv import import_ucxx
 
 HAVE_UCX = import_ucxx() is not None
 # The server gets only tcp+self, so a UCX pair on one host must really go over loopback TCP, not shared memory.
-UCX_SERVER_ENV = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "lo"}
+# Its listen address is loopback, where UCX stays off unless allowed to listen on every interface (ucxx can do no less).
+UCX_SERVER_ENV = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "lo", "KVSTORE_UCX_ALL_INTERFACES": "true"}
 
 TRANSPORTS = [
     "grpc",

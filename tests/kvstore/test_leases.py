@@ -13,6 +13,7 @@ import pytest
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError
 from kvclient.types import BlockState, LeaseOutcome
+from tests.kvclient.transport_util import eventually
 
 WORKER = [sys.executable, "-m", "tests.kvstore.lease_worker"]
 
@@ -47,7 +48,7 @@ def test_eight_processes_race_one_writer_seven_waiters(make_server, fingerprint)
 
 
 def test_killed_owner_loses_lease_after_ttl_and_nothing_partial_is_visible(make_server, fingerprint):
-    server = make_server(lease_ttl_s=1, host_memory="64MiB")
+    server = make_server(lease_ttl_s=1, host_memory="64MiB", stale_write_quarantine_s=1)
     tokens = list(range(700, 716))
     with KVClient(server.address, fingerprint, tenant="t-lease") as client:
         baseline = client.stats()["tiers"]["host"]["used_bytes"]
@@ -70,7 +71,8 @@ def test_killed_owner_loses_lease_after_ttl_and_nothing_partial_is_visible(make_
         assert time.monotonic() - started < 3
         after = client.stats()
         assert after["leases_held"] == 0
-        assert after["tiers"]["host"]["used_bytes"] == baseline
+        # The slot comes back once its stale-write quarantine ends (a dead writer's copy may still land).
+        eventually(lambda: client.stats()["tiers"]["host"]["used_bytes"] == baseline, 5)
         assert after["counters"]["lease_expiries"] >= 1
         assert client.contains([key]) == [False]
         with pytest.raises(BlockNotFoundError):

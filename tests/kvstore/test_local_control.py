@@ -82,7 +82,7 @@ def test_only_unary_kvstore_methods_are_served(make_server):
     assert raw_call(path, "/kvstore.v1.KVStore/Write") == grpc.StatusCode.UNIMPLEMENTED  # client-streaming
     assert raw_call(path, "/kvstore.v1.Admin/Stats") == grpc.StatusCode.UNIMPLEMENTED
     assert raw_call(path, "/kvstore.v1.KVStore/Nope") == grpc.StatusCode.UNIMPLEMENTED
-    assert raw_call(path, "/kvstore.v1.KVStore/Lookup", b"\xff\xff") == grpc.StatusCode.INTERNAL  # not a LookupRequest
+    assert raw_call(path, "/kvstore.v1.KVStore/Lookup", b"\xff\xff") == grpc.StatusCode.INVALID_ARGUMENT  # not a LookupRequest
     assert raw_call(path, "/kvstore.v1.KVStore/Stats") == grpc.StatusCode.OK  # the connection-per-call above left it serving
 
 

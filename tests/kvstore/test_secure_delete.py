@@ -42,13 +42,12 @@ def test_secure_delete_leaves_no_recoverable_bytes(make_server, tmp_path):
         kv_ssd, kk_ssd = victim.block_keys(range(6 * 16)), keeper.block_keys(range(4 * 16))
         victim.put(kv_ssd, victims_ssd)
         keeper.put(kk_ssd, keepers_ssd)
-        # Demotion writes them to LMDB and frees their pool slots without zeroing them.
+        # Demotion writes them to LMDB and frees their pool slots, zeroed.
         assert admin_json(srv, "evict", "--watermark", "0.0001", token=None)["demoted"] == 10
-        # Pool slots 0-5 held the victims and 6-9 the keepers; all are free now, bytes intact.
-        # Smaller keepers reuse slots 0-1: their tails still hold victims 0-1's bytes.
+        # Pool slots 0-5 held the victims and 6-9 the keepers; all are free now, and zero.
         kk_host = keeper.block_keys(range(1000, 1000 + 2 * 16))
         keeper.put(kk_host, keepers_host)
-        victim.get(kv_ssd[:2])  # promoted into slots 2-3: now in both tiers; victims 4-5 stay in free slots
+        victim.get(kv_ssd[:2])  # promoted into slots 2-3: now in both tiers
         kv_host = victim.block_keys(range(2000, 2000 + 3 * 16))
         victim.put(kv_host, victims_host)  # another size class: host tier only
         held = pin(srv, fp_victim.id, [kv_host[0].digest], ttl_ms=800, metadata=(("kvstore-tenant", "alice"),))  # a reader still copying when the delete comes
@@ -61,7 +60,8 @@ def test_secure_delete_leaves_no_recoverable_bytes(make_server, tmp_path):
         try:
             pool_size = os.fstat(pool_fd).st_size
             before_pool, before_files = os.pread(pool_fd, pool_size, 0), data_files(srv.data_dir)
-            assert all(found(victims_ssd, before_files)) and all(found(victims_ssd[:2] + victims_ssd[4:] + victims_host, before_pool))
+            assert all(found(victims_ssd, before_files)) and all(found(victims_ssd[:2] + victims_host, before_pool))
+            assert not any(found(victims_ssd[2:], before_pool))  # demoted and not read back: their slots were zeroed
 
             report = admin_json(srv, "delete", "--secure", "--fingerprint", fp_victim.id_hex, token=None)
             assert (report["deleted"], report["pending_pinned"], report["bytes"]) == (9, 0, 6 * 60_000 + 3 * 100_000)

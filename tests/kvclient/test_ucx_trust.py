@@ -1,0 +1,165 @@
+"""The UCX data plane's trust boundary: a session reaches only its own tenant's pins and leases, whatever
+client id it claims, its errors name nobody else, and its listener is no wider than --listen."""
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from kvclient import KVClient
+from kvclient.errors import LeaseError, UnauthenticatedError
+from kvclient.transports.base import TransferStats
+from kvclient.transports.pooled import SlotRef
+from kvclient.transports.ucx import UcxTransport
+from kvclient.types import PutOutcome
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from tests.conftest import make_fingerprint
+from tests.kvclient.transport_util import HAVE_UCX, UCX_SERVER_ENV, random_blocks, tokens
+from tests.kvstore.admin_util import auth_flags
+from tests.serverproc import ServerProc
+
+pytestmark = [pytest.mark.ucx, pytest.mark.skipif(not HAVE_UCX, reason="ucxx not importable"), pytest.mark.timeout(120)]
+BLOCK = 64 << 10
+
+
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket the process listens on, from /proc (no tool needed)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            hex_ip, hex_port = local.split(":")
+            raw = bytes.fromhex(hex_ip)
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # each 32-bit word is host order
+            found.add((str(ipaddress.ip_address(raw)), int(hex_port, 16)))
+    return found
+
+
+def loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+class _NamedIds:
+    """UcxTransport's control seam, naming pin and lease ids the test chose instead of pinning or reserving:
+    what a hostile client's own control code would do."""
+
+    def __init__(self, fingerprint_id: bytes, handle: int, size: int) -> None:
+        self.fingerprint_id, self.handle, self.size = fingerprint_id, handle, size
+        self.received = np.zeros(size, np.uint8)
+
+    def get(self, keys, outs, stats, drain, unpin=True):
+        drain([SlotRef(0, 0, self.size, handle=self.handle, checksum=0)], [self.received])
+        return [self.received]
+
+    def put(self, keys, payloads, checksums, durable, stats, fill):
+        fill([SlotRef(0, 0, self.size, handle=self.handle, checksum=0)])
+        return [PutOutcome.STORED]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def auth_server(tmp_path):
+    srv = ServerProc(tmp_path / "data", flags=auth_flags(tmp_path, host_memory="64MiB", persist_on_shutdown=False), env=UCX_SERVER_ENV)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def session_claiming(srv: ServerProc, token: str, client_id: str) -> pb.DataPlaneResponse:
+    with grpc.insecure_channel(srv.address) as channel:
+        return pb_grpc.KVStoreStub(channel).DataPlane(
+            pb.DataPlaneRequest(), metadata=(("authorization", f"Bearer {token}"), ("kvstore-client-id", client_id)), timeout=10)
+
+
+def ucx_as(info: pb.DataPlaneResponse, control: _NamedIds, client_id: str) -> UcxTransport:
+    host, _, port = info.ucx_listener.rpartition(":")
+    return UcxTransport(control, host, int(port), client_id, info.ucx_session_token, 10, tenant=info.ucx_session_tenant)
+
+
+def test_a_session_claiming_another_tenants_client_id_reaches_none_of_its_pins_or_leases(auth_server):
+    fp = make_fingerprint()
+    with KVClient(auth_server.address, fp, token="bob-secret", transport="ucx") as bob:
+        keys = bob.block_keys(tokens(2, start=9_000_000))
+        blocks = random_blocks(1, BLOCK, seed=11)
+        assert bob.put(keys[:1], blocks) == [PutOutcome.STORED]
+        pin_id = bob.transport.control.pin([keys[0].digest], TransferStats())[0].handle
+        lease = bob._call(bob.stub.Reserve, pb.ReserveRequest(fingerprint_id=fp.id, blocks=[pb.BlockSpec(key=keys[1].digest, size_bytes=BLOCK)])).leases[0]
+        assert lease.outcome == pb.LEASE_GRANTED
+
+        info = session_claiming(auth_server, "alice-secret", bob.client_id)
+        assert info.ucx_session_tenant == "alice"  # the token's tenant, whatever client id was claimed
+        get = _NamedIds(fp.id, pin_id, BLOCK)
+        alice = ucx_as(info, get, bob.client_id)
+        try:
+            with pytest.raises(LeaseError) as refused:
+                alice.get([keys[0].digest], None, TransferStats())
+            assert not get.received.any(), "bob's bytes reached alice"
+            assert "bob" not in str(refused.value) and bob.client_id not in str(refused.value)
+            alice.control = _NamedIds(fp.id, lease.lease_id, BLOCK)
+            with pytest.raises(LeaseError) as refused:
+                alice.put([keys[1].digest], [np.full(BLOCK, 0xAA, np.uint8)], [0], False, TransferStats())
+            assert "bob" not in str(refused.value) and bob.client_id not in str(refused.value)
+        finally:
+            alice.close()
+
+        # Bob's pin and lease are untouched: his own data plane still serves the one and fills the other.
+        assert bob._call(bob.stub.Unpin, pb.UnpinRequest(pin_ids=[pin_id])).released == 1
+        assert bob._call(bob.stub.ReleaseLeases, pb.ReleaseLeasesRequest(lease_ids=[lease.lease_id])).released == 1
+        assert np.array_equal(bob.get(keys[:1])[0], blocks[0])
+
+
+def test_a_hello_naming_another_tenant_than_its_session_token_is_refused(auth_server):
+    info = session_claiming(auth_server, "alice-secret", "alice-1")
+    with pytest.raises(UnauthenticatedError, match="session token") as refused:
+        ucx_as(pb.DataPlaneResponse(ucx_listener=info.ucx_listener, ucx_session_token=info.ucx_session_token,
+                                    ucx_session_tenant="bob"), _NamedIds(b"", 0, 0), "alice-1")
+    assert "alice" not in str(refused.value)
+
+
+def test_with_a_loopback_listen_address_nothing_listens_beyond_loopback(tmp_path):
+    """ucxx can only listen on every interface: a server told to listen on 127.0.0.1 runs without UCX
+    (same-host clients use shm) rather than open a port on every interface."""
+    env = {**UCX_SERVER_ENV, "KVSTORE_UCX_ALL_INTERFACES": "false"}
+    srv = ServerProc(tmp_path / "data", flags={"host_memory": "64MiB", "persist_on_shutdown": False}, env=env).start()
+    try:
+        addresses = listening_addresses(srv.proc.pid)
+        assert addresses and all(loopback(ip) for ip, _ in addresses), addresses
+        with KVClient(srv.address, make_fingerprint(), tenant="local") as client:
+            assert client.transport.name == "shm"
+        assert "UCX data plane off" in srv.log()
+    finally:
+        srv.stop()
+
+
+def test_every_interface_when_configured_so(tmp_path):
+    srv = ServerProc(tmp_path / "data", flags={"host_memory": "64MiB", "persist_on_shutdown": False, "ucx_all_interfaces": True},
+                     env=UCX_SERVER_ENV).start()
+    try:
+        with KVClient(srv.address, make_fingerprint(), tenant="wide", transport="ucx") as client:
+            port = client.transport.port
+            keys = client.block_keys(tokens(1))
+            client.put(keys, random_blocks(1, BLOCK))
+            assert len(client.get(keys)[0]) == BLOCK
+        assert ("0.0.0.0", port) in listening_addresses(srv.proc.pid) or ("::", port) in listening_addresses(srv.proc.pid)
+        assert "every interface" in srv.log()
+    finally:
+        srv.stop()
