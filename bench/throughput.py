@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvclient.ucxenv import import_ucxx  # noqa: E402
+from kvwire.ucxenv import import_ucxx  # noqa: E402
 from tests.serverproc import ServerProc  # noqa: E402
 
 KIB, MIB = 1 << 10, 1 << 20

@@ -32,10 +32,10 @@ from engines.layerwise import CacheGeometry, plan_layer_copies, run_on_cuda
 from engines.paged_cache import KV_LAYOUT, PagedKVCache
 from kvclient.client import KVClient
 from kvclient.errors import BlockNotFoundError
-from kvclient.keys import BlockKey, Fingerprint, block_keys
+from kvwire.keys import BlockKey, Fingerprint, block_keys
 from kvclient.transports.base import TransferStats
 from kvclient.transports.pooled import SlotRef, check_block, checksum_error
-from kvclient.types import BlockState, LeaseOutcome, PutOutcome
+from kvwire.types import BlockState, LeaseOutcome, PutOutcome
 
 
 class IncompatibleFingerprintError(ValueError):

@@ -17,7 +17,7 @@ import xxhash
 from engines.checkpoint import INDEX_NAME, WEIGHTS_NAME
 from engines.config import ModelConfig, dtype_name
 from engines.paged_cache import KV_LAYOUT
-from kvclient.keys import Fingerprint
+from kvwire.keys import Fingerprint
 
 _READ_BYTES = 16 << 20
 

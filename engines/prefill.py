@@ -25,8 +25,8 @@ from engines.generate import sample_next
 from engines.protocol import MatchRequest, MatchResponse, PrefillRequest, PrefillResponse, WorkerHealth
 from engines.worker_common import Counters, InFlight, Route
 from engines.worker_engine import WorkerEngine, run_worker
-from kvclient.keys import BlockKey
-from kvclient.types import PutOutcome
+from kvwire.keys import BlockKey
+from kvwire.types import PutOutcome
 
 
 class RecentBlocks:

@@ -1,12 +1,18 @@
-"""kvclient: the Python client library for kvstore."""
-from kvclient.errors import BlockNotFoundError, KVStoreError
-from kvclient.keys import BlockKey, Fingerprint, block_keys
+"""kvclient: the Python client library for kvstore.
 
-__all__ = ["BlockKey", "Fingerprint", "block_keys", "KVStoreError", "BlockNotFoundError", "KVClient"]
+The public names: KVClient, the namespace (Fingerprint, BlockKey, block_keys), the result types
+(PutOutcome, LeaseOutcome, BlockState, Tier, LeaseInfo, KeyStatus) and the errors (kvclient.errors).
+"""
+from kvclient.errors import BlockNotFoundError, KVStoreError
+from kvwire.keys import BlockKey, Fingerprint, block_keys
+from kvwire.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutcome, Tier
+
+__all__ = ["BlockKey", "Fingerprint", "block_keys", "KVStoreError", "BlockNotFoundError", "KVClient",
+           "BlockState", "KeyStatus", "LeaseInfo", "LeaseOutcome", "PutOutcome", "Tier"]
 
 
 def __getattr__(name: str):
-    # Lazy so that importing kvclient.keys never pulls in gRPC channels.
+    # Lazy so that importing kvwire.keys never pulls in gRPC channels.
     if name == "KVClient":
         from kvclient.client import KVClient
 

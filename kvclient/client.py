@@ -18,13 +18,13 @@ import grpc
 import numpy as np
 
 from kvclient.errors import CapacityExhaustedError, InvalidRequestError, PermissionDeniedError, from_rpc_error
-from kvclient.keys import BlockKey, Fingerprint, block_keys
+from kvwire.keys import BlockKey, Fingerprint, block_keys
 from kvclient.lease_keeper import LeaseKeeper
 from kvclient.transports import device
 from kvclient.transports.base import TransferStats, Transport
-from kvclient.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutcome, Tier
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvwire.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutcome, Tier
+from kvwire.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

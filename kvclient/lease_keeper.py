@@ -13,7 +13,7 @@ import threading
 from typing import TYPE_CHECKING, Sequence
 
 from kvclient.errors import KVStoreError
-from kvclient.keys import BlockKey
+from kvwire.keys import BlockKey
 
 if TYPE_CHECKING:
     from kvclient.client import KVClient

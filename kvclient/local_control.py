@@ -32,9 +32,9 @@ import grpc
 from google.protobuf.message_factory import GetMessageClass
 
 from kvclient.errors import ERROR_TYPE_METADATA, KVStoreError, UnavailableError
-from kvclient.local_wire import (BUSY_ERROR_TYPE, IDLE_ERROR_TYPE, FrameError, Metadata, decode_response, encode_request,
+from kvwire.local_wire import (BUSY_ERROR_TYPE, IDLE_ERROR_TYPE, FrameError, Metadata, decode_response, encode_request,
                                  method_path, read_frame, unary_methods)
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2 as pb
 
 log = logging.getLogger(__name__)
 

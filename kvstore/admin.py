@@ -18,10 +18,10 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvclient.errors import KVStoreError, from_rpc_error
-from kvstore.v1 import admin_pb2 as apb
-from kvstore.v1 import admin_pb2_grpc as apb_grpc
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.errors import ERROR_TYPE_METADATA, KVStoreError, error_for
+from kvwire.v1 import admin_pb2 as apb
+from kvwire.v1 import admin_pb2_grpc as apb_grpc
+from kvwire.v1 import kvstore_pb2 as pb
 
 DEFAULT_SERVER = "127.0.0.1:7480"
 _TIERS = {"host": pb.TIER_HOST, "ssd": pb.TIER_SSD}
@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "drain" and args.wait:
                 _wait_gone(channel, args.timeout)
     except grpc.RpcError as err:
-        exc: KVStoreError = from_rpc_error(err)
+        type_name = dict(err.trailing_metadata() or ()).get(ERROR_TYPE_METADATA, "")
+        exc: KVStoreError = error_for(err.code().name, type_name, err.details())
         print(f"kvstore-admin: {type(exc).__name__} ({err.code().name}): {exc}", file=sys.stderr)
         return 1
     data = to_dict(response)

@@ -14,9 +14,9 @@ from kvstore.auth import Authenticator
 from kvstore.operations import DeleteReport, EvictReport, Operations, Selector
 from kvstore.service import KVStoreServicer, _rpc, stats_message
 from kvstore.store import Caller
-from kvstore.v1 import admin_pb2 as apb
-from kvstore.v1 import admin_pb2_grpc as apb_grpc
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.v1 import admin_pb2 as apb
+from kvwire.v1 import admin_pb2_grpc as apb_grpc
+from kvwire.v1 import kvstore_pb2 as pb
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 10_000

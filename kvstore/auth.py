@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from kvclient.errors import InvalidRequestError, PermissionDeniedError, UnauthenticatedError
+from kvwire.errors import InvalidRequestError, PermissionDeniedError, UnauthenticatedError
 from kvstore.store import Caller
 
 TENANT_METADATA = "kvstore-tenant"

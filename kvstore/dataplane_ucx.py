@@ -45,9 +45,9 @@ import threading
 
 import numpy as np
 
-from kvclient.errors import InvalidRequestError, KVStoreError, UnauthenticatedError
-from kvclient.transports import ucx_wire as wire
-from kvclient.ucxenv import import_ucxx, start_context
+from kvwire.errors import InvalidRequestError, KVStoreError, UnauthenticatedError
+from kvwire import ucx_wire as wire
+from kvwire.ucxenv import import_ucxx, start_context
 from kvstore.config import ServerConfig
 from kvstore.store import Caller, PinInfo, StagingNeeded, Store
 
@@ -94,7 +94,7 @@ class UcxDataPlane:
                      "set ucx_all_interfaces = true to accept that", host)
             return None
         if import_ucxx() is None:
-            from kvclient.ucxenv import unavailable_reason
+            from kvwire.ucxenv import unavailable_reason
 
             log.info("UCX data plane off: %s", unavailable_reason())
             return None

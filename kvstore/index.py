@@ -15,7 +15,7 @@ from typing import Iterator
 
 import xxhash
 
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2 as pb
 
 
 @functools.lru_cache(maxsize=4096)

@@ -40,8 +40,8 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-from kvclient.errors import ERROR_TYPE_METADATA, InvalidRequestError
-from kvclient.local_wire import (BUSY_ERROR_TYPE, IDLE_ERROR_TYPE, FrameError, Metadata, decode_request, encode_response,
+from kvwire.errors import ERROR_TYPE_METADATA, InvalidRequestError
+from kvwire.local_wire import (BUSY_ERROR_TYPE, IDLE_ERROR_TYPE, FrameError, Metadata, decode_request, encode_response,
                                  method_path, read_frame, unary_methods)
 from kvstore.logs import Throttle
 from kvstore.service import KVStoreServicer

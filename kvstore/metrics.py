@@ -23,10 +23,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from kvclient.errors import KVStoreError, PermissionDeniedError
+from kvwire.errors import KVStoreError, PermissionDeniedError
 from kvstore.auth import AUTH_METADATA, Authenticator
 from kvstore.store import Store
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2 as pb
 
 log = logging.getLogger(__name__)
 

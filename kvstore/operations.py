@@ -10,11 +10,11 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from kvclient.errors import InvalidRequestError
+from kvwire.errors import InvalidRequestError
 from kvstore.index import BlockMeta
 from kvstore.leases import WriteLease
 from kvstore.store import Store
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2 as pb
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvclient.hostid import host_id
+from kvwire.hostid import host_id
 from kvstore.admin_service import AdminServicer
 from kvstore.audit import AuditLog
 from kvstore.auth import Authenticator
@@ -31,10 +31,10 @@ from kvstore.metrics import Metrics
 from kvstore.operations import Operations
 from kvstore.service import GRPC_OPTIONS, KVStoreServicer
 from kvstore.store import Caller, Store
-from kvstore.v1 import admin_pb2 as apb
-from kvstore.v1 import admin_pb2_grpc as apb_grpc
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvwire.v1 import admin_pb2 as apb
+from kvwire.v1 import admin_pb2_grpc as apb_grpc
+from kvwire.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from typing import Callable, Iterator
 
 import grpc
 
-from kvclient.errors import ERROR_TYPE_METADATA, CapacityExhaustedError, InvalidRequestError, KVStoreError
+from kvwire.errors import ERROR_TYPE_METADATA, CapacityExhaustedError, InvalidRequestError, KVStoreError
 from kvstore.auth import Authenticator
 from kvstore.logs import Throttle
 from kvstore.store import Caller, KeyState, LeaseInfo, Store
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvwire.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ GRPC_OPTIONS = [
 
 def abort_with(context: grpc.ServicerContext, err: KVStoreError) -> None:
     context.set_trailing_metadata(((ERROR_TYPE_METADATA, type(err).__name__),))
-    context.abort(err.code, str(err))
+    context.abort(grpc.StatusCode[err.status], str(err))
 
 
 _traceback_due = Throttle(60.0)
@@ -137,7 +137,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self.wait_slots = WaitSlots(store.cfg.max_waits_per_tenant, max(1, store.cfg.grpc_workers // 2))
 
     def observe_error(self, method: str, err: KVStoreError) -> None:
-        self.store.counters[f"errors_{err.code.name.lower()}"] += 1
+        self.store.counters[f"errors_{err.status.lower()}"] += 1
         log.debug("request failed", extra={"method": method, "error": type(err).__name__, "detail": str(err)})
 
     @_rpc

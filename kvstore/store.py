@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import xxhash
 
-from kvclient.errors import (
+from kvwire.errors import (
     BlockNotFoundError,
     BlockTooLargeError,
     CapacityExhaustedError,
@@ -28,13 +28,13 @@ from kvclient.errors import (
     SsdWriteError,
     UnavailableError,
 )
-from kvclient.keys import FINGERPRINT_ID_BYTES, KEY_BYTES
+from kvwire.keys import FINGERPRINT_ID_BYTES, KEY_BYTES
 from kvstore.config import ServerConfig
 from kvstore.index import BlockIndex, BlockMeta, storage_key, tenant_tag
 from kvstore.leases import LeaseTable, ReadPin, WriteLease
 from kvstore.tiers.host import HostPool
 from kvstore.tiers.ssd import SsdTier, encode_header
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2 as pb
 
 log = logging.getLogger(__name__)
 

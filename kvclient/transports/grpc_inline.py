@@ -14,7 +14,7 @@ import xxhash
 
 from kvclient.errors import ChecksumMismatchError, InvalidRequestError, LeaseError
 from kvclient.transports.base import TransferStats
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2 as pb
 
 INLINE_MAX_BLOCK_BYTES = 1 << 20
 MESSAGE_BUDGET_BYTES = 32 << 20

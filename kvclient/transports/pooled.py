@@ -22,7 +22,7 @@ import xxhash
 from kvclient.errors import CapacityExhaustedError, ChecksumMismatchError, InvalidRequestError, KVStoreError, TransferError
 from kvclient.transports import device
 from kvclient.transports.base import TransferStats
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2 as pb
 
 
 class SlotRef(NamedTuple):

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from kvclient.errors import InvalidRequestError, KVStoreError, UnavailableError
-from kvclient.hostid import host_id
+from kvwire.hostid import host_id
 from kvclient.transports.base import Transport
 from kvclient.transports.grpc_inline import GrpcInlineTransport
 from kvclient.transports.pooled import PoolControl
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,11 @@ from typing import Any, Callable
 import numpy as np
 
 from kvclient.errors import ERROR_TYPES, CapacityExhaustedError, KVStoreError, TransferError, UnavailableError
-from kvclient.transports import device, ucx_wire as wire
+from kvclient.transports import device
+from kvwire import ucx_wire as wire
 from kvclient.transports.base import TransferStats
 from kvclient.transports.pooled import PoolControl, SlotRef, check_block, destinations
-from kvclient.ucxenv import Endpoint, Worker, import_ucxx, unavailable_reason
+from kvwire.ucxenv import Endpoint, Worker, import_ucxx, unavailable_reason
 
 
 def _raise_remote(detail: bytes) -> None:

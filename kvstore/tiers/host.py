@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvclient.errors import CapacityExhaustedError
+from kvwire.errors import CapacityExhaustedError
 from kvstore.tiers.slab import SlabAllocator
 
 log = logging.getLogger(__name__)

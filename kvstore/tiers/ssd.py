@@ -22,7 +22,7 @@ from typing import Iterator
 
 import lmdb
 
-from kvclient.errors import SsdWriteError
+from kvwire.errors import SsdWriteError
 from kvstore.tiers.rwlock import SharedExclusiveLock
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import torch
 from engines.adapter import ClaimPlan, IncompatibleFingerprintError, StoreAdapter, check_compatible, plan_copies
 from engines.fingerprint import checkpoint_fingerprint, checkpoint_revision
 from engines.generate import generate_greedy
-from kvclient.keys import block_keys
+from kvwire.keys import block_keys
 from kvclient.transports.pooled import SlotRef
 from tests.engines.tiny import TINY_CONFIG, make_cache
 

@@ -20,10 +20,10 @@ from kvclient.errors import (
     KVStoreError,
     LeaseError,
 )
-from kvclient.keys import BlockKey
-from kvclient.types import BlockState, LeaseOutcome, PutOutcome
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvwire.keys import BlockKey
+from kvwire.types import BlockState, LeaseOutcome, PutOutcome
+from kvwire.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 
 BLOCK = 64 << 10
 

@@ -17,8 +17,8 @@ from kvclient import KVClient
 from kvclient.errors import FingerprintMismatchError, InvalidRequestError, KVStoreError, TimeoutError_, UnavailableError, from_rpc_error
 from kvclient.local_control import MAX_IDLE_CONNECTIONS, LocalControlStub
 from kvclient.transports.base import TransferStats
-from kvclient.types import PutOutcome
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.types import PutOutcome
+from kvwire.v1 import kvstore_pb2 as pb
 from tests.conftest import make_fingerprint
 from tests.kvclient.transport_util import eventually, random_blocks, tokens
 from tests.kvstore.admin_util import auth_flags

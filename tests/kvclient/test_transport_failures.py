@@ -11,7 +11,7 @@ import pytest
 
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError
-from kvclient.types import BlockState, PutOutcome
+from kvwire.types import BlockState, PutOutcome
 from tests.conftest import make_fingerprint
 from tests.kvclient.transport_util import HAVE_UCX, UCX_SERVER_ENV, eventually, proc_io_bytes, random_blocks, tokens
 from tests.serverproc import ServerProc

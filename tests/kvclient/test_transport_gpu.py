@@ -17,7 +17,7 @@ import pytest
 
 from kvclient import KVClient
 from kvclient.errors import InvalidRequestError
-from kvclient.types import PutOutcome
+from kvwire.types import PutOutcome
 from tests.kvclient.transport_util import HAVE_UCX, tokens
 from tests.serverproc import ServerProc
 

@@ -8,7 +8,7 @@ import pytest
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError
 from kvclient.transports.base import TransferStats
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2 as pb
 from tests.conftest import make_fingerprint
 from tests.kvclient.transport_util import eventually, random_blocks, tokens
 from tests.serverproc import ServerProc

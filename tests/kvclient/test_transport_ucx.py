@@ -12,10 +12,10 @@ import pytest
 
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError, InvalidRequestError, LeaseError, UnauthenticatedError
-from kvclient.transports import ucx_wire as wire
+from kvwire import ucx_wire as wire
 from kvclient.transports.pooled import SlotRef
 from kvclient.transports.ucx import UcxTransport
-from kvclient.types import PutOutcome
+from kvwire.types import PutOutcome
 from tests.conftest import make_fingerprint
 from tests.kvclient.transport_util import HAVE_UCX, UCX_SERVER_ENV, eventually, random_blocks, tokens
 from tests.serverproc import ServerProc

@@ -7,8 +7,8 @@ import torch
 
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError, ChecksumMismatchError, InvalidRequestError, UnavailableError
-from kvclient.types import BlockState, LeaseOutcome, PutOutcome
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.types import BlockState, LeaseOutcome, PutOutcome
+from kvwire.v1 import kvstore_pb2 as pb
 from tests.kvclient.transport_util import TRANSPORTS, UCX_SERVER_ENV, eventually, map_pool, random_blocks, tokens
 from tests.serverproc import ServerProc
 

@@ -15,9 +15,9 @@ from kvclient.errors import LeaseError, UnauthenticatedError
 from kvclient.transports.base import TransferStats
 from kvclient.transports.pooled import SlotRef
 from kvclient.transports.ucx import UcxTransport
-from kvclient.types import PutOutcome
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvwire.types import PutOutcome
+from kvwire.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.conftest import make_fingerprint
 from tests.kvclient.transport_util import HAVE_UCX, UCX_SERVER_ENV, random_blocks, tokens
 from tests.kvstore.admin_util import auth_flags

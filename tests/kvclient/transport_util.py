@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvclient.ucxenv import import_ucxx
+from kvwire.ucxenv import import_ucxx
 
 HAVE_UCX = import_ucxx() is not None
 # The server gets only tcp+self, so a UCX pair on one host must really go over loopback TCP, not shared memory.

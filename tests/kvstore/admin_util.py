@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvwire.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.serverproc import ServerProc
 
 ADMIN_TOKEN = "admin-secret"

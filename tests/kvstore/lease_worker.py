@@ -8,9 +8,9 @@ import time
 import numpy as np
 
 from kvclient import KVClient
-from kvclient.keys import Fingerprint
-from kvclient.types import BlockState, LeaseOutcome
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.keys import Fingerprint
+from kvwire.types import BlockState, LeaseOutcome
+from kvwire.v1 import kvstore_pb2 as pb
 
 
 def block_for(seed: int, size: int) -> np.ndarray:

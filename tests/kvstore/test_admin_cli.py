@@ -11,7 +11,7 @@ import pytest
 
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError, UnavailableError
-from kvclient.types import LeaseOutcome, PutOutcome
+from kvwire.types import LeaseOutcome, PutOutcome
 from tests.conftest import make_fingerprint
 from tests.kvstore.admin_util import ADMIN_TOKEN, admin_json, auth_flags, patterned_blocks, pin, run_admin, unpin
 

@@ -12,9 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError, KVStoreError, PermissionDeniedError, UnauthenticatedError
-from kvclient.types import BlockState, LeaseOutcome, PutOutcome
-from kvstore.v1 import admin_pb2_grpc as apb_grpc
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.types import BlockState, LeaseOutcome, PutOutcome
+from kvwire.v1 import admin_pb2_grpc as apb_grpc
+from kvwire.v1 import kvstore_pb2 as pb
 from tests.kvstore.admin_util import auth_flags, patterned_blocks, run_admin
 from tests.serverproc import ServerProc
 

@@ -13,13 +13,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvclient import KVClient
 from kvclient.errors import ERROR_TYPE_METADATA
-from kvclient.local_wire import IDLE_ERROR_TYPE, decode_response, encode_request, read_frame
-from kvclient.types import BlockState, LeaseOutcome, PutOutcome
+from kvwire.local_wire import IDLE_ERROR_TYPE, decode_response, encode_request, read_frame
+from kvwire.types import BlockState, LeaseOutcome, PutOutcome
 from kvstore.local_control import peer_hung_up
-from kvstore.v1 import admin_pb2 as apb
-from kvstore.v1 import admin_pb2_grpc as apb_grpc
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvwire.v1 import admin_pb2 as apb
+from kvwire.v1 import admin_pb2_grpc as apb_grpc
+from kvwire.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.kvstore.admin_util import ADMIN_TOKEN, auth_flags
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,8 +13,8 @@ import pytest
 
 from kvclient import KVClient
 from kvclient.errors import CapacityExhaustedError, NotDurableError
-from kvclient.types import PutOutcome
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.types import PutOutcome
+from kvwire.v1 import kvstore_pb2 as pb
 
 KIB = 1 << 10
 
@@ -68,7 +68,7 @@ def test_durable_reserve_commit_put_of_a_host_only_block_makes_it_durable(make_s
 def assert_not_durable(excinfo, why: str) -> None:
     err = excinfo.value
     assert isinstance(err, CapacityExhaustedError)
-    assert err.status_code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.status == "RESOURCE_EXHAUSTED"
     assert "could not be made durable" in str(err) and why in str(err), str(err)
 
 
@@ -144,7 +144,7 @@ def put_until_refused(client, keys, blocks, durable: bool, batch: int = 4):
         try:
             outcomes = client.put(keys[i : i + batch], blocks[i : i + batch], durable=durable)
         except CapacityExhaustedError as err:
-            assert err.status_code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert err.status == "RESOURCE_EXHAUSTED"
             refused_keys += keys[i : i + batch]
             refusals.append(err)
             if len(refusals) == 3:
@@ -194,7 +194,7 @@ def test_full_disk_demotion_keeps_blocks_in_the_host_tier(small_disk, make_serve
             try:
                 assert client.put(keys[i : i + 4], blocks[i : i + 4]) == [PutOutcome.STORED] * 4
             except CapacityExhaustedError as err:
-                assert err.status_code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert err.status == "RESOURCE_EXHAUSTED"
                 refused += 1
                 continue
             acked += keys[i : i + 4]

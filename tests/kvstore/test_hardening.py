@@ -20,12 +20,12 @@ import pytest
 from kvclient import KVClient
 from kvclient.errors import InvalidRequestError, from_rpc_error
 from kvclient.local_control import LocalControlStub
-from kvclient.types import PutOutcome
+from kvwire.types import PutOutcome
 from kvstore.store import checksum
-from kvstore.v1 import admin_pb2 as apb
-from kvstore.v1 import admin_pb2_grpc as apb_grpc
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvwire.v1 import admin_pb2 as apb
+from kvwire.v1 import admin_pb2_grpc as apb_grpc
+from kvwire.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.kvstore.admin_util import ADMIN_TOKEN, auth_flags, patterned_blocks
 from tests.serverproc import ServerProc, free_port
 

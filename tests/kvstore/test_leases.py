@@ -12,7 +12,7 @@ import pytest
 
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError
-from kvclient.types import BlockState, LeaseOutcome
+from kvwire.types import BlockState, LeaseOutcome
 from tests.kvclient.transport_util import eventually
 
 WORKER = [sys.executable, "-m", "tests.kvstore.lease_worker"]

@@ -13,9 +13,9 @@ import grpc
 import pytest
 
 from kvclient.local_control import LocalRpcError, LocalControlStub
-from kvclient.local_wire import decode_response, encode_request, read_frame
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvwire.local_wire import decode_response, encode_request, read_frame
+from kvwire.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.kvstore.test_metrics import scrape
 from tests.serverproc import ServerProc, free_port
 

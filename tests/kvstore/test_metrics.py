@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError
-from kvclient.types import PutOutcome
+from kvwire.types import PutOutcome
 from tests.kvstore.admin_util import admin_json, patterned_blocks
 from tests.serverproc import free_port
 

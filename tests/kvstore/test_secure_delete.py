@@ -13,7 +13,7 @@ import numpy as np
 
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2 as pb
 from tests.conftest import make_fingerprint
 from tests.kvstore.admin_util import admin_json, kv_stub, patterned_blocks, pin
 

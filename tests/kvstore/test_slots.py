@@ -16,8 +16,8 @@ import xxhash
 
 from kvclient import KVClient
 from kvclient.errors import LeaseError
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvwire.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.conftest import make_fingerprint
 from tests.kvclient.transport_util import eventually, map_pool
 from tests.kvstore.admin_util import auth_flags, patterned_blocks

@@ -15,8 +15,8 @@ import pytest
 import xxhash
 
 from kvclient.local_control import LocalControlStub
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvwire.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.kvstore.admin_util import ADMIN_TOKEN, admin_json, auth_flags, run_admin
 
 pytestmark = pytest.mark.timeout(120)

@@ -11,7 +11,7 @@ import pytest
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError
 from kvclient.transports.base import TransferStats
-from kvclient.types import PutOutcome
+from kvwire.types import PutOutcome
 
 BLOCK = 64 << 10
 SMALL_HOST = dict(host_memory="8MiB", max_block_bytes="1MiB", ssd_capacity="256MiB")
@@ -106,7 +106,7 @@ def test_corrupt_lmdb_value_reads_as_miss_and_is_counted(make_server, fingerprin
 
 def test_read_pins_keep_blocks_from_eviction(make_server, fingerprint):
     """A pinned block stays in the host pool however much is written after it."""
-    from kvstore.v1 import kvstore_pb2 as pb
+    from kvwire.v1 import kvstore_pb2 as pb
 
     server = make_server(**SMALL_HOST)
     with KVClient(server.address, fingerprint) as client:

@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import grpc
 from google.protobuf.descriptor import MethodDescriptor
 
-from kvstore.v1 import kvstore_pb2 as pb
+from kvwire.v1 import kvstore_pb2 as pb
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 

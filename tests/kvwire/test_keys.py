@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvclient.keys import BlockKey, Fingerprint, block_keys, chain_seed, hash_block_tokens
+from kvwire.keys import BlockKey, Fingerprint, block_keys, chain_seed, hash_block_tokens
 
 FP = Fingerprint("llama-3-8b", "abc123", 32, 8, 128, 16, "bfloat16")
 
