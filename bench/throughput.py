@@ -183,7 +183,6 @@ CONTROL_PATHS = ("grpc", "local")
 def control_round_trips(address: str, rounds: int = 5, calls: int = 200) -> dict[tuple[str, str], float]:
     """Median ms per call, by (call, control path): two clients, the same blocks, rounds alternating between them."""
     from kvclient import KVClient
-    from kvclient.transports.base import TransferStats
     from tests.conftest import make_fingerprint
 
     clients = {path: KVClient(address, make_fingerprint(), tenant="bench-control", transport="shm", local_control=path == "local") for path in CONTROL_PATHS}
@@ -200,8 +199,7 @@ def control_round_trips(address: str, rounds: int = 5, calls: int = 200) -> dict
             client.lookup(keys[:1])
 
         def pin(client) -> None:
-            control = client.transport.control
-            control.release(control.pin(digests, TransferStats()))  # deferred: the next Pin drops it
+            client.pin(digests).release()  # deferred: the next Pin drops it
 
         for _ in range(rounds):
             for path, client in clients.items():

@@ -24,7 +24,8 @@ worker_engine.py   what prefill and decode workers share
 prefill.py         prefill worker: compute once, publish under write leases
 decode.py          decode worker: land the prompt's blocks, stream tokens
 protocol.py        router <-> worker JSON shapes
-worker_common.py   the workers' HTTP plumbing
+worker_common.py   the workers' routes, /health, load and totals
+http_server.py     HTTP for the workers and the router: threaded server, JSON/NDJSON/SSE, stops on SIGTERM
 completions.py     the OpenAI /v1/completions subset
 routing_policy.py  cache locality and load, scored
 router.py          the HTTP front end: choice, retries, streaming

@@ -1,7 +1,7 @@
 """Block checksums (XXH3-64, seed 0) where the blocks landed in GPU memory, and the numpy reference.
 
 kvstore checks every block against the xxh3_64 its writer computed
-(kvclient.transports.pooled.check_block). A GPU cache loaded layer by layer
+(kvclient.integrity.check_block). A GPU cache loaded layer by layer
 (adapter.StreamedPrefixLoad) has its blocks spread over pages; hashing them
 there with csrc/xxh3_paged.cu checks exactly the bytes attention reads and
 keeps sixteen CPU threads, which took the GIL from the thread launching the

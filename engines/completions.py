@@ -1,9 +1,10 @@
 """The OpenAI `/v1/completions` subset the router speaks: request parsing, response and stream chunk shapes.
 
-Owns only the client-facing JSON; it refuses to know about workers or routing
-(router.py). Supported: prompt as text (ByteTokenizer) or a list of token ids,
-max_tokens, temperature, seed, stream. Anything else a client sends is ignored,
-except n > 1 and a batch of prompts, which are refused rather than half-served.
+Owns only the client-facing JSON (SSE framing is http_server.py's); it refuses to
+know about workers or routing (router.py). Supported: prompt as text (ByteTokenizer)
+or a list of token ids, max_tokens, temperature, seed, stream. Anything else a client
+sends is ignored, except n > 1 and a batch of prompts, which are refused rather than
+half-served.
 """
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ class TextStream:
     """Turns byte-token ids into text deltas whose concatenation equals ByteTokenizer.decode(all ids).
 
     Decoding token by token would split multi-byte characters; an incremental
-    UTF-8 decoder holds a partial character back until it completes.
+    UTF-8 decoder holds a partial character back until it completes. The one such
+    decoder: the router's completions and the decode worker's events both use it.
     """
 
     def __init__(self) -> None:
@@ -127,12 +129,6 @@ class CompletionResult:
         if with_usage:
             doc["usage"] = self.usage()
         return doc
-
-
-def sse(doc: dict | str) -> bytes:
-    """One server-sent event: `data: <json>` (or a literal such as [DONE]) and a blank line."""
-    payload = doc if isinstance(doc, str) else json.dumps(doc)
-    return f"data: {payload}\n\n".encode()
 
 
 def error_body(message: str, kind: str) -> dict:

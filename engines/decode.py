@@ -14,7 +14,6 @@ Endpoints (engines/protocol.py): POST /decode (NDJSON stream), GET /health.
 """
 from __future__ import annotations
 
-import codecs
 import logging
 from typing import Generator, Iterator, Sequence
 
@@ -22,10 +21,11 @@ import torch
 
 from engines.adapter import PrefixLoad
 from engines.attention import SeqChunk
+from engines.completions import TextStream
 from engines.generate import sample_next
+from engines.http_server import HTTPError
 from engines.protocol import DecodeEvent, DecodeRequest, WorkerHealth
-from engines.tokenizer import NUM_BYTES
-from engines.worker_common import Counters, HTTPError, InFlight, Route
+from engines.worker_common import Counters, InFlight, Route
 from engines.worker_engine import WorkerEngine, run_worker
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,12 @@ class DecodeWorker:
         engine = self.engine
         fetched_tokens = load.num_blocks * engine.block_tokens
         budget = len(prompt) + max(req.max_tokens, 0)
+        text = TextStream()
         self.in_flight.add(budget)
         try:
-            finish_reason, fetched_tokens = yield from self._tokens(req, prompt, load)
-            yield DecodeEvent(done=True, finish_reason=finish_reason, num_fetched_tokens=fetched_tokens)
+            finish_reason, fetched_tokens = yield from self._tokens(req, prompt, load, text)
+            # The tail: a multi-byte character the last tokens left unfinished, as U+FFFD.
+            yield DecodeEvent(text=text.finish(), done=True, finish_reason=finish_reason, num_fetched_tokens=fetched_tokens)
         except HTTPError as err:
             yield DecodeEvent(done=True, finish_reason="error", error=str(err), num_fetched_tokens=fetched_tokens)
         except Exception as err:
@@ -72,13 +74,13 @@ class DecodeWorker:
             self.in_flight.done(budget)
 
     @torch.inference_mode()
-    def _tokens(self, req: DecodeRequest, prompt: list[int], load: PrefixLoad) -> Generator[DecodeEvent, None, tuple[str, int]]:
+    def _tokens(self, req: DecodeRequest, prompt: list[int], load: PrefixLoad,
+                text: TextStream) -> Generator[DecodeEvent, None, tuple[str, int]]:
         """Yields one event per token; returns the finish reason and how many prompt tokens came from the store."""
         engine = self.engine
         if req.max_tokens <= 0:
             return "length", 0
         generator = torch.Generator().manual_seed(req.seed) if req.temperature > 0 else None
-        text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         # The last generated token is returned but never fed back, so it needs no slot.
         with engine.pages(len(prompt) + req.max_tokens - 1) as (_, table):
             with engine.lock:
@@ -88,7 +90,7 @@ class DecodeWorker:
             token, generated = req.first_token, 1
             while True:
                 self.counters.add(generated_tokens_total=1)
-                yield DecodeEvent(token=token, text=text.decode(bytes([token]) if token < NUM_BYTES else b""))
+                yield DecodeEvent(token=token, text=text.push(token))
                 if req.stop_at_eos and token == engine.config.eos_token_id:
                     return "stop", fetched_tokens
                 if generated == req.max_tokens:

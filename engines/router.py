@@ -23,17 +23,17 @@ import urllib.error
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator
 
-from engines.completions import BadRequest, CompletionRequest, CompletionResult, TextStream, error_body, sse
+from engines.completions import BadRequest, CompletionRequest, CompletionResult, TextStream, error_body
+from engines.http_server import Handler, Server
+from kvwire.logs import setup_logging
 from engines.protocol import (
     DecodeEvent, DecodeRequest, MatchRequest, MatchResponse, PrefillRequest, PrefillResponse, WorkerHealth,
     get_json, post_json, stream_ndjson,
 )
 from engines.routing_policy import PolicyConfig, RoutingPolicy, Score, WorkerProbe
 from engines.tokenizer import ByteTokenizer
-from engines.worker_common import JsonHTTPServer
 
 log = logging.getLogger("engines.router")
 
@@ -264,41 +264,32 @@ def _http_error_text(err: urllib.error.HTTPError) -> str:
         return str(err)
 
 
-class RouterHandler(BaseHTTPRequestHandler):
+class RouterHandler(Handler):
     """POST /v1/completions, GET /health, GET /v1/models. One thread per connection."""
 
-    router: Router  # set on the subclass made by make_server
-    protocol_version = "HTTP/1.1"
+    server: "RouterServer"
 
-    def log_message(self, fmt: str, *args) -> None:  # the per-request "routed" line says enough
-        pass
-
-    def _send_json(self, status: int, doc: dict) -> None:
-        body = json.dumps(doc).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    @property
+    def router(self) -> Router:
+        return self.server.router
 
     def do_GET(self) -> None:
-        if self.path == "/health":
+        if self.route_path == "/health":
             cfg = self.router.config
-            self._send_json(200, {"status": "ok", "prefill": list(cfg.prefill_urls), "decode": list(cfg.decode_urls)})
-        elif self.path == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [{"id": self.router.config.model_name, "object": "model"}]})
+            self.send_json(200, {"status": "ok", "prefill": list(cfg.prefill_urls), "decode": list(cfg.decode_urls)})
+        elif self.route_path == "/v1/models":
+            self.send_json(200, {"object": "list", "data": [{"id": self.router.config.model_name, "object": "model"}]})
         else:
-            self._send_json(404, error_body(f"no route {self.path}", "not_found"))
+            self.send_json(404, error_body(f"no route {self.path}", "not_found"))
 
     def do_POST(self) -> None:
-        if self.path != "/v1/completions":
-            self._send_json(404, error_body(f"no route {self.path}", "not_found"))
+        if self.route_path != "/v1/completions":
+            self.send_json(404, error_body(f"no route {self.path}", "not_found"))
             return
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         try:
-            request = CompletionRequest.parse(body, self.router.tokenizer)
+            request = CompletionRequest.parse(self.read_body(), self.router.tokenizer)
         except BadRequest as err:
-            self._send_json(400, error_body(str(err), "invalid_request_error"))
+            self.send_json(400, error_body(str(err), "invalid_request_error"))
             return
         (self._stream if request.stream else self._complete)(request)
 
@@ -306,14 +297,14 @@ class RouterHandler(BaseHTTPRequestHandler):
         try:
             result = self.router.complete(request, lambda delta, result: None)
         except BadRequest as err:
-            self._send_json(400, error_body(str(err), "invalid_request_error"))
+            self.send_json(400, error_body(str(err), "invalid_request_error"))
         except RequestFailed as err:
-            self._send_json(503, error_body(str(err), "worker_unavailable"))
+            self.send_json(503, error_body(str(err), "worker_unavailable"))
         else:
             if result.finish_reason == "error":
-                self._send_json(502, error_body(result.error or "worker failed", "worker_error"))
+                self.send_json(502, error_body(result.error or "worker failed", "worker_error"))
             else:
-                self._send_json(200, result.response())
+                self.send_json(200, result.response())
 
     def _stream(self, request: CompletionRequest) -> None:
         """Server-sent events; the 200 goes out with the first token, so failures before it get a real status."""
@@ -323,45 +314,35 @@ class RouterHandler(BaseHTTPRequestHandler):
             nonlocal started
             first = not started
             if first:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.send_header("Connection", "close")
-                self.end_headers()
+                self.start_events()
                 started = True
             if delta or first:  # a token that only starts a multi-byte character adds no text yet
-                self.wfile.write(sse(result.chunk(delta)))
-                self.wfile.flush()
+                self.send_event(result.chunk(delta))
 
-        self.close_connection = True
+        self.close_connection = True  # the stream ends with the connection, and so does an answer before it
         try:
             result = self.router.complete(request, emit)
         except BadRequest as err:
-            self._send_json(400, error_body(str(err), "invalid_request_error"))
+            self.send_json(400, error_body(str(err), "invalid_request_error"))
             return
         except RequestFailed as err:
-            self._send_json(503, error_body(str(err), "worker_unavailable"))
+            self.send_json(503, error_body(str(err), "worker_unavailable"))
             return
         if not started:  # max_tokens=0, or the worker finished without a token
             emit("", result)
         if result.finish_reason == "error":
-            self.wfile.write(sse(error_body(result.error or "worker failed", "worker_error")))
+            self.send_event(error_body(result.error or "worker failed", "worker_error"))
         else:
-            self.wfile.write(sse(result.chunk("", result.finish_reason, with_usage=True)))
-            self.wfile.write(sse("[DONE]"))
-        self.wfile.flush()
+            self.send_event(result.chunk("", result.finish_reason, with_usage=True))
+            self.send_event("[DONE]")
 
 
-class RouterServer(ThreadingHTTPServer):
-    """One thread per connection, like the workers' server, whose signal handling it shares."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    serve_until_signal = JsonHTTPServer.serve_until_signal
+class RouterServer(Server):
+    """The router's HTTP server (http_server.Server: one thread per connection, stops on SIGTERM)."""
 
     def __init__(self, config: RouterConfig, host: str = "127.0.0.1", port: int = 0) -> None:
         self.router = Router(config)
-        super().__init__((host, port), type("BoundRouterHandler", (RouterHandler,), {"router": self.router}))
+        super().__init__(host, port, RouterHandler)
 
 
 def _urls(value: str) -> tuple[str, ...]:
@@ -383,9 +364,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-name", default=RouterConfig.model_name)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-
-    from kvstore.logs import setup_logging
-
     setup_logging(args.log_level)
     config = RouterConfig(args.prefill, args.decode, args.max_attempts, args.deadline_s, args.probe_timeout_s, args.model_name)
     server = RouterServer(config, args.host, args.port)

@@ -29,7 +29,9 @@ from engines.fingerprint import checkpoint_fingerprint
 from engines.model import LlamaForCausalLM
 from engines.paged_cache import CacheFullError, PagedKVCache
 from engines.protocol import WorkerHealth
-from engines.worker_common import Counters, HTTPError, InFlight, JsonHTTPServer
+from engines.http_server import HTTPError
+from kvwire.logs import setup_logging
+from engines.worker_common import Counters, InFlight, JsonHTTPServer
 from kvclient.errors import ChecksumMismatchError
 
 log = logging.getLogger(__name__)
@@ -165,7 +167,7 @@ def run_worker(role: str, argv: Sequence[str] | None, make_worker, add_args=None
     if add_args is not None:
         add_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging("info")
     engine = WorkerEngine.from_args(args)
     worker = make_worker(engine, args)
     server = JsonHTTPServer(args.host, args.port, worker.health, worker.routes())

@@ -1,14 +1,18 @@
 """kvclient: the Python client library for kvstore.
 
 The public names: KVClient, the namespace (Fingerprint, BlockKey, block_keys), the result types
-(PutOutcome, LeaseOutcome, BlockState, Tier, LeaseInfo, KeyStatus) and the errors (kvclient.errors).
+(PutOutcome, LeaseOutcome, BlockState, Tier, LeaseInfo, KeyStatus), what a pin or a transfer reports
+(PinnedBlocks, SlotRef, TransferStats) and the errors (kvclient.errors).
 """
 from kvclient.errors import BlockNotFoundError, KVStoreError
+from kvclient.pins import PinnedBlocks
+from kvclient.transports.base import SlotRef, TransferStats
 from kvwire.keys import BlockKey, Fingerprint, block_keys
 from kvwire.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutcome, Tier
 
 __all__ = ["BlockKey", "Fingerprint", "block_keys", "KVStoreError", "BlockNotFoundError", "KVClient",
-           "BlockState", "KeyStatus", "LeaseInfo", "LeaseOutcome", "PutOutcome", "Tier"]
+           "BlockState", "KeyStatus", "LeaseInfo", "LeaseOutcome", "PutOutcome", "Tier",
+           "PinnedBlocks", "SlotRef", "TransferStats"]
 
 
 def __getattr__(name: str):

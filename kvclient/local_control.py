@@ -1,12 +1,11 @@
-"""LocalControlStub: the KVStore stub's unary calls over the server's Unix control socket (kvstore/local_control.py).
+"""LocalControl: the control channel over the server's Unix control socket (kvstore/local_control.py).
 
 A gRPC unary round trip costs ~0.55 ms of Python machinery even on loopback; this path
 costs about a tenth of that, which matters for a same-host engine paying several control
-calls before its first token. The stub has the generated KVStoreStub's call shape
-(stub.Pin(request, metadata=..., timeout=...)), so KVClient._call and PoolControl use it
-unchanged, and a failed call raises LocalRpcError, a grpc.RpcError with code(), details()
-and trailing_metadata(), which errors.from_rpc_error maps exactly as a gRPC error.
-Streaming methods are the gRPC stub's: they stay on gRPC.
+calls before its first token. It carries the same protobuf messages in local_wire frames,
+so its typed calls are control.ProtoControl's; a call that ends in a status other than OK
+raises the domain error that status names, as a gRPC call does (errors.from_status).
+Streaming calls and inline payloads stay on gRPC (control.GrpcControl).
 
 Connections are pooled for any number of threads, one call on a connection at a time, and
 at most MAX_IDLE_CONNECTIONS stay open between calls. A call the server turns away at its
@@ -26,39 +25,21 @@ import os
 import socket
 import threading
 import time
-from typing import Callable
+from typing import Any
 
 import grpc
 from google.protobuf.message_factory import GetMessageClass
 
-from kvclient.errors import ERROR_TYPE_METADATA, KVStoreError, UnavailableError
-from kvwire.local_wire import (BUSY_ERROR_TYPE, IDLE_ERROR_TYPE, FrameError, Metadata, decode_response, encode_request,
-                                 method_path, read_frame, unary_methods)
-from kvwire.v1 import kvstore_pb2 as pb
+from kvclient.control import DataPlaneInfo, GrpcControl, Metadata, ProtoControl
+from kvclient.errors import ERROR_TYPE_METADATA, KVStoreError, UnavailableError, error_for, from_status
+from kvwire.local_wire import (BUSY_ERROR_TYPE, IDLE_ERROR_TYPE, FrameError, decode_response, encode_request, method_path,
+                               read_frame, unary_methods)
 
 log = logging.getLogger(__name__)
 
 MAX_IDLE_CONNECTIONS = 8  # kept for reuse after a burst of concurrent calls; more are closed when given back
-
-
-class LocalRpcError(grpc.RpcError):
-    """A call over the local socket ended in a status other than OK, shaped as grpc's own errors are."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: Metadata = ()) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code, self._details, self._trailing = code, details, trailing_metadata
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self) -> Metadata:
-        return self._trailing
-
-    def initial_metadata(self) -> Metadata:
-        return ()
+# method name -> (frame path, response message class): the KVStore service's unary methods
+_METHODS = {m.name: (method_path(m), GetMessageClass(m.output_type)) for m in unary_methods()}
 
 
 def _closed_idle(body: memoryview) -> bool:
@@ -68,8 +49,8 @@ def _closed_idle(body: memoryview) -> bool:
     return (ERROR_TYPE_METADATA, IDLE_ERROR_TYPE) in decode_response(body).trailing_metadata
 
 
-def _unavailable(path: str, what: str, err: BaseException) -> LocalRpcError:
-    return LocalRpcError(grpc.StatusCode.UNAVAILABLE, f"local control socket {path}: {what}: {err}")
+def _unavailable(path: str, what: str, err: BaseException) -> KVStoreError:
+    return error_for("UNAVAILABLE", "", f"local control socket {path}: {what}: {err}")
 
 
 class ConnectionPool:
@@ -122,7 +103,7 @@ class ConnectionPool:
             sock.close()
 
     def round_trip(self, frame: bytes, timeout_s: float | None) -> memoryview:
-        """Send one request frame and return the response body; raises LocalRpcError (UNAVAILABLE, DEADLINE_EXCEEDED)."""
+        """Send one request frame and return the response body; raises UnavailableError or TimeoutError_."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for attempt in range(2):
             sock, pooled = self._take(timeout_s)
@@ -137,7 +118,7 @@ class ConnectionPool:
                 raise _unavailable(self.path, "send failed", err) from None
             except socket.timeout:
                 sock.close()
-                raise LocalRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+                raise error_for("DEADLINE_EXCEEDED", "", "Deadline Exceeded") from None
             except OSError as err:
                 sock.close()
                 raise _unavailable(self.path, "send failed", err) from None
@@ -149,7 +130,7 @@ class ConnectionPool:
                     raise ConnectionResetError("closed by the server before it answered")
             except socket.timeout:
                 sock.close()  # an answer may still come: this connection is out of step now
-                raise LocalRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+                raise error_for("DEADLINE_EXCEEDED", "", "Deadline Exceeded") from None
             except OSError as err:  # FrameError included
                 sock.close()
                 raise _unavailable(self.path, "no answer", err) from None
@@ -158,7 +139,7 @@ class ConnectionPool:
                 if attempt == 0:  # the server closed it unread: safe to send again, on a new connection
                     self._drop_idle()  # as old as this one, so likely closed too
                     continue
-                raise LocalRpcError(grpc.StatusCode.UNAVAILABLE, decode_response(body).details)
+                raise error_for("UNAVAILABLE", "", decode_response(body).details)
             self._give(sock)
             return body
         raise AssertionError("unreachable")
@@ -167,57 +148,47 @@ class ConnectionPool:
         self._drop_idle()
 
 
-class _UnaryCall:
-    """One method of the stub: called as the generated stub's unary-unary callables are."""
+class LocalControl(ProtoControl):
+    """The typed control calls over the local socket; a call the server turns away at its connection limit goes
+    over `fallback` (the client's gRPC channel), or fails as RESOURCE_EXHAUSTED without one."""
 
-    def __init__(self, pool: ConnectionPool, path: str, response_class: type, grpc_stub, name: str) -> None:
-        self._pool, self._path, self._response_class = pool, path, response_class
-        self._grpc_stub, self._name = grpc_stub, name
+    path = "local"
 
-    def __call__(self, request, timeout: float | None = None, metadata: Metadata | None = None, **grpc_options):
+    def __init__(self, socket_path: str, metadata: Metadata, fallback: GrpcControl | None, timeout_s: float = 30.0) -> None:
+        self.socket_path, self.metadata, self.timeout_s = socket_path, metadata, timeout_s
+        self._fallback = fallback
+        self._pool = ConnectionPool(socket_path)
+
+    def call(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        path, response_class = _METHODS[method]
         try:
-            frame = encode_request(self._path, timeout, metadata or (), request.SerializeToString())
+            frame = encode_request(path, timeout, self.metadata, request.SerializeToString())
         except FrameError as err:
-            raise LocalRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
+            raise error_for("RESOURCE_EXHAUSTED", "", str(err)) from None
         response = decode_response(self._pool.round_trip(frame, timeout))
         if response.code is not grpc.StatusCode.OK:
             busy = (ERROR_TYPE_METADATA, BUSY_ERROR_TYPE) in response.trailing_metadata  # the server's connection limit
-            if busy and self._grpc_stub is not None:
-                return getattr(self._grpc_stub, self._name)(request, timeout=timeout, metadata=metadata, **grpc_options)
-            raise LocalRpcError(response.code, response.details, response.trailing_metadata)
-        return self._response_class.FromString(response.payload)
-
-
-class LocalControlStub:
-    """KVStoreStub's unary methods over the local socket; every other attribute is the gRPC stub's."""
-
-    def __init__(self, socket_path: str, grpc_stub) -> None:
-        self.socket_path = socket_path
-        self._grpc_stub = grpc_stub
-        self._pool = ConnectionPool(socket_path)
-        for method in unary_methods():
-            setattr(self, method.name, _UnaryCall(self._pool, method_path(method), GetMessageClass(method.output_type),
-                                                  grpc_stub, method.name))
-
-    def __getattr__(self, name: str):
-        return getattr(self._grpc_stub, name)
+            if busy and self._fallback is not None:
+                return self._fallback.call(method, request, timeout_s)
+            raise from_status(response.code.name, response.details, response.trailing_metadata)
+        return response_class.FromString(response.payload)
 
     def close(self) -> None:
         self._pool.close()
 
 
-def connect(socket_path: str, grpc_stub, call: Callable, expected: pb.DataPlaneResponse) -> LocalControlStub:
-    """A stub for the socket the server advertised, once a DataPlane call over it answered as the server did over gRPC.
+def open_local(expected: DataPlaneInfo, metadata: Metadata, fallback: GrpcControl, timeout_s: float = 30.0) -> LocalControl:
+    """A channel over the socket the server advertised, once a DataPlane call over it answered as the server did over gRPC.
 
-    call is KVClient._call (metadata, deadline, error mapping), so the probe is authenticated
-    like any call. Raises a KVStoreError saying why the socket is not usable.
+    The probe is authenticated like any call. Raises a KVStoreError saying why the socket is not usable.
     """
-    stub = LocalControlStub(socket_path, grpc_stub)
+    control = LocalControl(expected.local_control_socket, metadata, fallback, timeout_s)
     try:
-        info = call(stub.DataPlane, pb.DataPlaneRequest())
-        if (info.host_id, info.shm_name, info.local_control_socket) != (expected.host_id, expected.shm_name, socket_path):
-            raise UnavailableError(f"{socket_path} answers for another server")
+        info = control.data_plane()
+        if (info.host_id, info.shm_name, info.local_control_socket) != (expected.host_id, expected.shm_name, expected.local_control_socket):
+            raise UnavailableError(f"{expected.local_control_socket} answers for another server")
     except KVStoreError:
-        stub.close()
+        control.close()
         raise
-    return stub
+    return control

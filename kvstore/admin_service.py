@@ -1,7 +1,8 @@
 """The Admin gRPC servicer: translates operator RPCs to Operations calls and audits what changes.
 
 Every RPC requires the admin role; errors map to gRPC status through service.py's
-one table. Drain is handed back to the server, which owns the process's lifetime.
+one table (its `rpc` decorator, as every KVStore call). Drain is handed back to the
+server, which owns the process's lifetime.
 """
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import functools
 import time
 from typing import Callable
 
+from kvstore.api import StoreAPI
 from kvstore.audit import AuditLog
 from kvstore.auth import Authenticator
 from kvstore.operations import DeleteReport, EvictReport, Operations, Selector
-from kvstore.service import KVStoreServicer, _rpc, stats_message
+from kvstore.rpc_codec import stats_response
+from kvstore.service import rpc
 from kvstore.store import Caller
 from kvwire.v1 import admin_pb2 as apb
 from kvwire.v1 import admin_pb2_grpc as apb_grpc
@@ -29,7 +32,7 @@ def _admin(method: Callable) -> Callable:
         Authenticator.require_admin(caller)
         return method(self, request, context, caller)
 
-    return _rpc(handler)
+    return rpc(handler)
 
 
 def selector(msg: apb.BlockSelector) -> Selector:
@@ -45,9 +48,9 @@ def _described(sel: apb.BlockSelector) -> dict:
 
 
 class AdminServicer(apb_grpc.AdminServicer):
-    observe_error = KVStoreServicer.observe_error
-
-    def __init__(self, ops: Operations, auth: Authenticator, audit: AuditLog, drain: Callable[[float], apb.DrainResponse]) -> None:
+    def __init__(self, api: StoreAPI, ops: Operations, auth: Authenticator, audit: AuditLog,
+                 drain: Callable[[float], apb.DrainResponse]) -> None:
+        self.api = api
         self.ops = ops
         self.store = ops.store
         self.auth = auth
@@ -57,7 +60,7 @@ class AdminServicer(apb_grpc.AdminServicer):
     @_admin
     def Stats(self, request, context, caller: Caller):
         tenants = [apb.TenantUsage(tenant=t, blocks=n, bytes=b) for t, n, b in self.ops.tenant_usage()]
-        return apb.AdminStatsResponse(store=stats_message(self.store.stats()), tenants=tenants, draining=not self.store.admitting)
+        return apb.AdminStatsResponse(store=stats_response(self.api.stats(caller)), tenants=tenants, draining=not self.store.admitting)
 
     @_admin
     def ListBlocks(self, request, context, caller: Caller):

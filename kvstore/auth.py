@@ -1,4 +1,4 @@
-"""Who is calling: turns gRPC metadata into a Caller.
+"""Who is calling: turns a call's metadata (gRPC's, or a local-socket frame's) into a Caller.
 
 Tokens map to tenants through a TOML tokens file; the tenant always comes from the
 token, never from what the caller claims. Only with insecure_no_auth (an explicit
@@ -17,14 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from kvwire.defaults import AUTH_METADATA, CLIENT_ID_METADATA, MAX_NAME_BYTES, TENANT_METADATA
 from kvwire.errors import InvalidRequestError, PermissionDeniedError, UnauthenticatedError
 from kvstore.store import Caller
 
-TENANT_METADATA = "kvstore-tenant"
-CLIENT_ID_METADATA = "kvstore-client-id"
-AUTH_METADATA = "authorization"
-MAX_TENANT_BYTES = 256
-MAX_CLIENT_ID_BYTES = 256
+MAX_TENANT_BYTES = MAX_NAME_BYTES
+MAX_CLIENT_ID_BYTES = MAX_NAME_BYTES
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 

@@ -1,9 +1,11 @@
 """The server's UCX data plane: a UCXX listener that moves block payloads straight from/into the host pool.
 
 It owns the UCX event loop (a background thread running asyncio, with ucxx's
-progress thread) and the per-connection request loop; it never decides policy.
-Which slots may be read or written comes from the store (pinned_slots,
-claim_write_slots), the same checks the gRPC control plane makes.
+progress thread), the per-connection request loop and the UCX door's one error
+table (_reply_error: the domain error's type name and detail, parsed back by the
+client's ucx.py); it never decides policy. Which slots may be read or written comes
+from the request layer (StoreAPI: pin_for_send, pinned_slots, claim_write_slots),
+the same checks the gRPC control plane makes, for the caller its session names.
 
 How bytes move: tagged transfers, one message per large block or per run of small
 ones (ucx_wire.message_groups). ucxx's Python API has no memory registration /
@@ -45,15 +47,18 @@ import threading
 
 import numpy as np
 
-from kvwire.errors import InvalidRequestError, KVStoreError, UnauthenticatedError
+from kvwire.errors import InvalidRequestError, UnauthenticatedError
 from kvwire import ucx_wire as wire
 from kvwire.ucxenv import import_ucxx, start_context
+from kvstore.api import StoreAPI
+from kvstore.counters import Direction, Event, Transport
 from kvstore.config import ServerConfig
-from kvstore.store import Caller, PinInfo, StagingNeeded, Store
+from kvstore.store import Caller, PinInfo
 
 log = logging.getLogger(__name__)
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+MAX_BLOCKS_PER_REQUEST = 1 << 20
 
 
 def listen_host(cfg: ServerConfig) -> str:
@@ -74,8 +79,8 @@ def is_loopback(host: str) -> bool:
 
 
 class UcxDataPlane:
-    def __init__(self, store: Store, port: int = 0) -> None:
-        self.store = store
+    def __init__(self, api: StoreAPI, port: int = 0) -> None:
+        self.api = api
         self.requested_port = port
         self.port = 0
         self._secret = secrets.token_bytes(32)
@@ -86,10 +91,10 @@ class UcxDataPlane:
         self._thread = threading.Thread(target=self._run, name="kvstore-ucx", daemon=True)
 
     @classmethod
-    def start_if_available(cls, store: Store, port: int = 0) -> "UcxDataPlane | None":
+    def start_if_available(cls, api: StoreAPI, port: int = 0) -> "UcxDataPlane | None":
         """Start the listener, or log why not and return None: the server must run without UCX."""
-        host = listen_host(store.cfg)
-        if is_loopback(host) and not store.cfg.ucx_all_interfaces:
+        host = listen_host(api.cfg)
+        if is_loopback(host) and not api.cfg.ucx_all_interfaces:
             log.info("UCX data plane off: listen is %s, this host only, but ucxx can listen only on every interface; "
                      "set ucx_all_interfaces = true to accept that", host)
             return None
@@ -98,7 +103,7 @@ class UcxDataPlane:
 
             log.info("UCX data plane off: %s", unavailable_reason())
             return None
-        plane = cls(store, port)
+        plane = cls(api, port)
         try:
             plane.start()
         except Exception as err:
@@ -190,14 +195,23 @@ class UcxDataPlane:
         client_id, token = raw[:id_len].decode(), raw[id_len : id_len + token_len]
         tenant = raw[id_len + token_len :].decode()
         if not hmac.compare_digest(token, self._token(tenant, client_id)):
-            await self._reply_error(ep, UnauthenticatedError("UCX session token does not match; call DataPlane again"))
+            await self._refuse(ep, "UcxHello", UnauthenticatedError("UCX session token does not match; call DataPlane again"))
             raise ConnectionError("UCX hello with a bad session token")
         await ep.send(wire.header(wire.STATUS_OK, 1))  # 1: keyed gets on
         return Caller(tenant=tenant, client_id=client_id)
 
-    async def _reply_error(self, ep, err: BaseException) -> None:
-        detail = wire.error_detail(err)
-        await ep.send(wire.header(wire.STATUS_ERROR, len(detail)))
+    async def _refuse(self, ep, method: str, err: Exception, reply: np.ndarray | None = None) -> None:
+        """The UCX door's one error table: a reply with STATUS_ERROR, then the domain error as "TypeName: detail"
+        (kvwire.ucx_wire.error_detail), which the client raises as that type, carrying its status.
+
+        reply: the reply buffer shape the client pre-posted for this request (a keyed get's u64[4 + n],
+        the detail's length in word 3); by default a plain header, the length in word 1."""
+        detail = wire.error_detail(self.api.refusal(method, err))
+        if reply is None:
+            reply = wire.header(wire.STATUS_ERROR, len(detail))
+        else:
+            reply[:4] = (wire.STATUS_ERROR, 0, 0, len(detail))
+        await ep.send(reply)
         await ep.send(np.frombuffer(detail, dtype=np.uint8))
 
     async def _get(self, ep, caller: Caller, count: int, pin_id: int, group_bytes: int) -> None:
@@ -207,19 +221,19 @@ class UcxDataPlane:
         """
         try:
             try:
-                slots = self.store.pinned_slots(caller, pin_id)
+                slots = self.api.pinned_slots(caller, pin_id)
                 if len(slots) != count:
-                    raise KVStoreError(f"pin {pin_id} holds {len(slots)} blocks, request names {count}")
-            except KVStoreError as err:
-                await self._reply_error(ep, err)
+                    raise InvalidRequestError(f"pin {pin_id} holds {len(slots)} blocks, request names {count}")
+            except Exception as err:
+                await self._refuse(ep, "UcxGet", err)
                 return
-            view = self.store.host.view
             offsets, sizes = slots.offsets, slots.sizes
             sent = sum(sizes)
-            await asyncio.gather(*await _post_slots(ep, view, offsets, sizes, group_bytes), ep.send(wire.header(wire.STATUS_OK, count, sent)))
-            self.store.counters["ucx_bytes_out"] += sent
+            await asyncio.gather(*await _post_slots(ep, self.api.pool_view, offsets, sizes, group_bytes),
+                                 ep.send(wire.header(wire.STATUS_OK, count, sent)))
+            self.api.count_bytes(Transport.UCX, Direction.OUT, sent)
         finally:
-            self.store.unpin(caller, [pin_id])
+            self.api.unpin(caller, [pin_id])
 
     async def _get_keys(self, ep, caller: Caller, request: np.ndarray, count: int, group_bytes: int, body_bytes: int) -> None:
         """Pin the named keys for this request only, reply with their checksums, send the slots, drop the pin.
@@ -250,61 +264,52 @@ class UcxDataPlane:
         reply = np.zeros(wire.HEADER_WORDS + count, dtype=np.uint64)
         try:
             info = await self._pin(caller, fingerprint_id, keys)
-        except KVStoreError as err:
-            await self._reply_error_words(ep, reply, err)
+        except Exception as err:
+            await self._refuse(ep, "UcxGetKeys", err, reply)
             return
         try:
             sizes = info.slots.sizes
             if sizes != expected:
                 bad = next(i for i, (a, b) in enumerate(zip(sizes, expected)) if a != b)
                 err = InvalidRequestError(f"output buffer for block {keys[bad].hex()} holds {expected[bad]} bytes; the block has {sizes[bad]}")
-                await self._reply_error_words(ep, reply, err)
+                await self._refuse(ep, "UcxGetKeys", err, reply)
                 return
             sent = sum(sizes)
             reply[:3] = (wire.STATUS_OK, count, sent)
             reply[wire.HEADER_WORDS :] = info.slots.checksums
             sends = [asyncio.ensure_future(ep.send(reply))]
-            view = self.store.host.view
-            offsets = info.slots.offsets
-            await asyncio.gather(*sends, *await _post_slots(ep, view, offsets, sizes, group_bytes))
-            self.store.counters["ucx_bytes_out"] += sent
+            await asyncio.gather(*sends, *await _post_slots(ep, self.api.pool_view, info.slots.offsets, sizes, group_bytes))
+            self.api.count_bytes(Transport.UCX, Direction.OUT, sent)
         finally:
-            self.store.unpin(caller, [info.pin_id])
+            self.api.unpin(caller, [info.pin_id])
 
     async def _pin(self, caller: Caller, fingerprint_id: bytes, keys: list[bytes]) -> PinInfo:
         """Pin on the loop when every block is in the host pool; staging from LMDB (read and checked)
-        runs on a worker thread instead, so one client's cold blocks do not stall every other client."""
-        try:
-            return self.store.pin(caller, fingerprint_id, keys, host_only=True)
-        except StagingNeeded:
-            self.store.counters["ucx_pins_staged_off_loop"] += 1
-            return await asyncio.get_running_loop().run_in_executor(None, self.store.pin, caller, fingerprint_id, keys)
-
-    async def _reply_error_words(self, ep, reply: np.ndarray, err: BaseException) -> None:
-        """An error in the reply shape the client pre-posted (u64[4 + n]), then the detail message."""
-        detail = wire.error_detail(err)
-        reply[:4] = (wire.STATUS_ERROR, 0, 0, len(detail))
-        await ep.send(reply)
-        await ep.send(np.frombuffer(detail, dtype=np.uint8))
+        runs on a worker thread instead, so one client's cold blocks do not stall every other client.
+        (A block demoted between the check and the pin is read on the loop: rare, and correct.)"""
+        if not self.api.needs_staging(caller, fingerprint_id, keys):
+            return self.api.pin_for_send(caller, fingerprint_id, keys)
+        self.api.count(Event.UCX_PINS_STAGED_OFF_LOOP)
+        return await asyncio.get_running_loop().run_in_executor(None, self.api.pin_for_send, caller, fingerprint_id, keys)
 
     async def _put(self, ep, caller: Caller, count: int, group_bytes: int) -> None:
         """Receive the payloads into the reserved slots; a refused request is drained first, so the endpoint stays in step."""
         meta = np.empty(2 * count, dtype=np.uint64)
         await ep.recv(meta)
         lease_ids, sizes = [int(i) for i in meta[:count]], [int(s) for s in meta[count:]]
-        if max(sizes) > self.store.cfg.max_block_bytes:
+        if max(sizes) > self.api.cfg.max_block_bytes:
             raise ConnectionError(f"UCX put names a {max(sizes)}-byte block")
         groups = wire.message_groups(sizes, group_bytes)
         try:
-            slots = self.store.claim_write_slots(caller, lease_ids)
-            if [size for _, size in slots] != sizes:
+            slots = self.api.claim_write_slots(caller, lease_ids)
+            if [slot.size_bytes for slot in slots] != sizes:
                 raise InvalidRequestError("UCX put sizes do not match the reserved slots")
-        except KVStoreError as err:
+        except Exception as err:
             await _drain(ep, sizes, groups)
-            await self._reply_error(ep, err)
+            await self._refuse(ep, "UcxPut", err)
             return
-        view = self.store.host.view
-        offsets = [offset for offset, _ in slots]
+        view = self.api.pool_view
+        offsets = [slot.offset for slot in slots]
         staged, recvs = [], []
         for g in groups:
             group_offsets, group_sizes = offsets[g.start : g.stop], sizes[g.start : g.stop]
@@ -318,11 +323,8 @@ class UcxDataPlane:
         for buf, group_offsets, group_sizes in staged:
             _scatter(buf, view, group_offsets, group_sizes)
         received = sum(sizes)
-        self.store.counters["ucx_bytes_in"] += received
+        self.api.count_bytes(Transport.UCX, Direction.IN, received)
         await ep.send(wire.header(wire.STATUS_OK, count, received))
-
-
-MAX_BLOCKS_PER_REQUEST = 1 << 20
 
 
 async def _post_slots(ep, view: np.ndarray, offsets: list[int], sizes: list[int], group_bytes: int) -> list[asyncio.Future]:

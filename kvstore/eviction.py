@@ -1,39 +1,141 @@
-"""The background worker that keeps the host tier under its watermarks and reaps expired leases.
+"""Eviction policy: which copies leave a tier, and when. One policy for every path that evicts.
 
-Demotion runs here, off the request path; the store's synchronous _make_room is only
-the fallback when writes outpace this worker.
+Owns victim selection only: the watermarks, least-recently-used order, skipping pinned
+blocks, and, when a memory tier's size class needs a slot, preferring the victims that
+free one (a slab that empties). It is pure: it reads the blocks it is shown and returns
+lists, never changes the table, never touches a tier's bytes. Placement (placement.py)
+carries the choices out, for the background worker, the synchronous room-making of
+Reserve and promotion, durable commits and the operator's evict.
 """
 from __future__ import annotations
 
-import logging
-import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
-from kvstore.store import Store
+from kvstore.index import BlockMeta
+from kvstore.tiers.base import SlotMap
 
-log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class Victims:
+    blocks: list[BlockMeta]  # least recently used first
+    skipped_pinned: int = 0
+    reached: bool = True  # whether evicting them gets the tier to its target
 
 
-class BackgroundWorker:
-    def __init__(self, store: Store, interval_s: float = 0.05) -> None:
-        self.store = store
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kvstore-demoter", daemon=True)
+@dataclass(frozen=True)
+class Room:
+    """Which of some new copies a tier can take, in order, and the victims that make their room."""
 
-    def start(self) -> "BackgroundWorker":
-        self._thread.start()
-        return self
+    fits: list[bool]
+    victims: list[BlockMeta]
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.store.reap_expired()
-                self.store.demote_cold()
-            except Exception:  # keep serving; a failed pass is retried next tick
-                if self.store.closed:
-                    return
-                log.exception("background pass failed")
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+@dataclass(frozen=True)
+class EvictReport:
+    evicted: int = 0  # blocks gone from the store
+    demoted: int = 0  # copies dropped from one tier; the block stays readable from another
+    bytes: int = 0
+    skipped_pinned: int = 0
+
+
+class EvictionPolicy:
+    def __init__(self, high_watermark: float, low_watermark: float) -> None:
+        self.high_watermark = high_watermark
+        self.low_watermark = low_watermark
+
+    def demotion_target(self, used_bytes: int, capacity_bytes: int) -> int | None:
+        """Above the high watermark, the bytes to demote down to (the low one); None below it.
+        Two marks, so the background worker moves blocks in batches rather than one per put."""
+        if used_bytes <= self.high_watermark * capacity_bytes:
+            return None
+        return int(self.low_watermark * capacity_bytes)
+
+    @staticmethod
+    def to_watermark(lru: Iterable[BlockMeta], used_bytes: int, target_bytes: int, footprint: Callable[[BlockMeta], int],
+                     budget_bytes: int | None = None) -> Victims:
+        """Least recently used unpinned blocks until used_bytes is down to target_bytes (or their
+        footprints add up to budget_bytes: one batch of a longer walk). Pinned blocks are skipped."""
+        victims, skipped, freed = [], 0, 0
+        for meta in lru:
+            if used_bytes - freed <= target_bytes or (budget_bytes is not None and freed >= budget_bytes):
+                break
+            if meta.pins:
+                skipped += 1
+                continue
+            victims.append(meta)
+            freed += footprint(meta)
+        return Victims(victims, skipped, used_bytes - freed <= target_bytes)
+
+    @staticmethod
+    def room(lru: Iterable[BlockMeta], free_bytes: int, needs: Sequence[int], footprint: Callable[[BlockMeta], int]) -> Room:
+        """For each new copy of needs bytes, in order, whether the tier can take it once its least
+        recently used unpinned blocks make room. A copy that does not fit costs no victims, and a
+        smaller one after it may still fit."""
+        candidates = iter(lru)
+        chosen: list[BlockMeta] = []
+        room, fits = free_bytes, []
+        for need in needs:
+            taken = []
+            while room < need:
+                meta = next(candidates, None)
+                if meta is None:
+                    break
+                if meta.pins == 0:
+                    taken.append(meta)
+                    room += footprint(meta)
+            if room < need:  # exhausted: nothing taken here helps this copy; give it back for later ones
+                candidates = iter([*taken, *candidates])
+                room -= sum(footprint(m) for m in taken)
+                fits.append(False)
+                continue
+            chosen += taken
+            room -= need
+            fits.append(True)
+        return Room(fits, chosen)
+
+    @staticmethod
+    def for_slots(lru: Iterable[BlockMeta], slot_of: Callable[[BlockMeta], int], sizes: Sequence[int], slots: SlotMap) -> list[BlockMeta]:
+        """The fewest unpinned blocks whose eviction frees a slot for each of sizes.
+
+        The least recently used block whose slot can hold the size goes first: one eviction frees
+        a usable slot. Failing that (a size class with no slab and no larger slot), a whole slab
+        must empty, and the one needing the fewest evictions goes; evicting in LRU order until some
+        slab happened to empty took 200 blocks to place one in a 4-slab pool (tests/kvstore/test_slots.py).
+        slot_of gives a block's offset in the tier.
+        """
+        unseen = (m for m in lru if m.pins == 0)  # walked lazily: a fit is usually near the cold end
+        seen: list[BlockMeta] = []  # evictable blocks walked so far, in LRU order
+        chosen: list[BlockMeta] = []
+        taken: set[BlockMeta] = set()
+        for size in sizes:
+            need = slots.slot_bytes(size)
+            fit = next((m for m in seen if m not in taken and slots.slot_bytes_at(slot_of(m)) >= need), None)
+            while fit is None and (meta := next(unseen, None)) is not None:
+                seen.append(meta)
+                if slots.slot_bytes_at(slot_of(meta)) >= need:
+                    fit = meta
+            if fit is not None:
+                chosen.append(fit)
+                taken.add(fit)
+                continue
+            by_slab: dict[int, list[BlockMeta]] = {}
+            for meta in seen:  # every evictable block by now: the walk found no fit
+                by_slab.setdefault(slots.slab_of(slot_of(meta)), []).append(meta)
+            # A slab holding a block chosen for an earlier size is not empty afterwards: that size takes the slot.
+            emptiable = [metas for slab, metas in by_slab.items()
+                         if len(metas) == slots.slots_used(slab) and not any(m in taken for m in metas)]
+            if emptiable:
+                cheapest = min(emptiable, key=len)
+                chosen += cheapest
+                taken.update(cheapest)
+        return chosen
+
+
+def __getattr__(name: str):
+    """BackgroundWorker lived here; it is kvstore.background's now (this keeps old imports working)."""
+    if name == "BackgroundWorker":
+        from kvstore.background import BackgroundWorker
+
+        return BackgroundWorker
+    raise AttributeError(name)

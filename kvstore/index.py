@@ -1,21 +1,24 @@
-"""The block index: storage key -> BlockMeta, with LRU order per tier.
+"""The block index: storage key -> BlockMeta, each block's copies by tier, and LRU order per tier.
 
-Owns which blocks exist, where their bytes are and how recently they were used.
-It holds no bytes and takes no locks: the store serialises access.
-A storage key ("skey") is tenant tag (8 bytes) + block key (16 bytes), so two
+Owns which blocks exist, which tiers hold a copy of each and how recently each was used.
+It holds no bytes and takes no locks: the block table drives it under the store lock.
+A storage key ("skey") is tenant tag (TENANT_TAG_BYTES) + block key (16 bytes), so two
 tenants can never address each other's blocks, whatever keys they send.
 """
 from __future__ import annotations
 
 import functools
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import xxhash
 
-from kvwire.v1 import kvstore_pb2 as pb
+from kvwire.types import Tier
+from kvstore.tiers.base import Copy
+
+TENANT_TAG_BYTES = 8
 
 
 @functools.lru_cache(maxsize=4096)
@@ -28,35 +31,38 @@ def storage_key(tenant: str, key: bytes) -> bytes:
     return tenant_tag(tenant) + key
 
 
-@dataclass
+def block_key(skey: bytes) -> bytes:
+    return skey[TENANT_TAG_BYTES:]
+
+
+@dataclass(eq=False, slots=True)  # identity, not value: a block deleted and put again is a new block
 class BlockMeta:
     skey: bytes
     tenant: str
     fingerprint_id: bytes
-    size: int
+    size: int  # payload bytes
     checksum: int
-    host_offset: int | None = None
-    on_ssd: bool = False
-    pins: int = 0
+    copies: dict[Tier, Copy] = field(default_factory=dict)  # a Slot in a memory tier, a Record in a record tier
+    pins: int = 0  # reads in progress plus read pins holding it
     deleted: bool = False
     last_access: float = field(default_factory=time.monotonic)
     created: float = field(default_factory=time.time)
 
     @property
     def key(self) -> bytes:
-        return self.skey[8:]
+        return self.skey[TENANT_TAG_BYTES:]
 
     @property
-    def tier(self) -> int:
-        return pb.TIER_HOST if self.host_offset is not None else pb.TIER_SSD
+    def tier(self) -> Tier:
+        """The fastest tier holding a copy (lower numbers are faster: HBM, HOST, SSD, REMOTE)."""
+        return min(self.copies, default=Tier.UNSPECIFIED)
 
 
 class BlockIndex:
     def __init__(self) -> None:
         self._blocks: dict[bytes, BlockMeta] = {}
-        self.host_lru: OrderedDict[bytes, None] = OrderedDict()
-        self.ssd_lru: OrderedDict[bytes, None] = OrderedDict()
-        self.ssd_used_bytes = 0
+        # tier -> storage keys of the blocks with a copy there, least recently used first
+        self.lru: defaultdict[Tier, OrderedDict[bytes, None]] = defaultdict(OrderedDict)
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -67,46 +73,42 @@ class BlockIndex:
     def get(self, skey: bytes) -> BlockMeta | None:
         return self._blocks.get(skey)
 
+    def holds(self, meta: BlockMeta) -> bool:
+        return self._blocks.get(meta.skey) is meta
+
     def add(self, meta: BlockMeta) -> None:
         self._blocks[meta.skey] = meta
-        self._place(meta)
+        for tier in meta.copies:
+            self.lru[tier][meta.skey] = None
 
-    def remove(self, skey: bytes) -> BlockMeta | None:
-        meta = self._blocks.pop(skey, None)
-        if meta is not None:
-            self.host_lru.pop(skey, None)
-            if self.ssd_lru.pop(skey, "absent") != "absent":
-                self.ssd_used_bytes -= meta.size
-        return meta
+    def remove(self, meta: BlockMeta) -> None:
+        if self._blocks.get(meta.skey) is meta:
+            del self._blocks[meta.skey]
+            for tier in meta.copies:
+                self.lru[tier].pop(meta.skey, None)
 
-    def touch(self, *metas: BlockMeta) -> None:
-        now = time.monotonic()
+    def touch(self, metas: list[BlockMeta]) -> None:
+        now, lru = time.monotonic(), self.lru
         for meta in metas:
             meta.last_access = now
-            if meta.host_offset is not None:
-                self.host_lru.move_to_end(meta.skey)
-            if meta.on_ssd:
-                self.ssd_lru.move_to_end(meta.skey)
+            for tier in meta.copies:
+                lru[tier].move_to_end(meta.skey)
 
-    def set_host(self, meta: BlockMeta, offset: int | None) -> None:
-        meta.host_offset = offset
-        if offset is None:
-            self.host_lru.pop(meta.skey, None)
-        else:
-            self.host_lru[meta.skey] = None
+    def attach(self, meta: BlockMeta, tier: Tier, copy: Copy) -> None:
+        meta.copies[tier] = copy
+        if self.holds(meta):
+            self.lru[tier][meta.skey] = None
 
-    def set_ssd(self, meta: BlockMeta, on_ssd: bool) -> None:
-        if on_ssd and not meta.on_ssd:
-            self.ssd_lru[meta.skey] = None
-            self.ssd_used_bytes += meta.size
-        elif not on_ssd and meta.on_ssd:
-            self.ssd_lru.pop(meta.skey, None)
-            self.ssd_used_bytes -= meta.size
-        meta.on_ssd = on_ssd
+    def detach(self, meta: BlockMeta, tier: Tier) -> Copy:
+        copy = meta.copies.pop(tier)
+        if self.holds(meta):
+            self.lru[tier].pop(meta.skey, None)
+        return copy
 
-    def _place(self, meta: BlockMeta) -> None:
-        if meta.host_offset is not None:
-            self.host_lru[meta.skey] = None
-        if meta.on_ssd:
-            self.ssd_lru[meta.skey] = None
-            self.ssd_used_bytes += meta.size
+    def in_lru_order(self, tier: Tier) -> Iterator[BlockMeta]:
+        """Blocks with a copy in tier, least recently used first. Do not change the index while iterating."""
+        blocks = self._blocks
+        return (blocks[skey] for skey in self.lru[tier])
+
+    def blocks_in(self, tier: Tier) -> int:
+        return len(self.lru[tier])

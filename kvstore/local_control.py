@@ -1,14 +1,15 @@
-"""Same-host control channel: the KVStore service's unary calls over a Unix socket, answered by the gRPC servicer.
+"""Same-host control channel: the KVStore service's unary calls over a Unix socket, answered by the request layer.
 
 A Python gRPC unary round trip costs ~0.55 ms even on loopback, nearly all of it gRPC's
 own machinery; a Unix-socket round trip costs ~0.04 ms. Same-host clients, which already
 move bytes through the shared-memory pool, send Pin/Lookup/Reserve/Commit here instead.
 
-This module owns the listener, the peer check and turning frames (kvclient/local_wire.py)
-into servicer calls. It refuses to own request behaviour or error mapping: every call goes
-to the same KVStoreServicer method the gRPC server calls, whose abort (service.abort_with)
-stays the one place a kvstore error becomes a status; an abort here only becomes a
-status frame. Request metrics are the gRPC interceptor's, recorded through its observe_local.
+This module owns the listener, the peer check, and turning frames (kvwire/local_wire.py)
+into calls: a frame's method is looked up in rpc_codec's table, the one the gRPC servicer
+answers with, its caller authenticated from the frame's metadata as gRPC's is, and the
+answer, or the error raised, encoded as a status frame by this module's one table
+(status_frame), which says what gRPC's says. Request metrics are the gRPC interceptor's,
+recorded through its observe_local.
 
 Trust boundary as the shm pool's (docs/security.md): the socket file is mode 0600, a peer
 whose uid (SO_PEERCRED) is not the server's is refused, and tokens are checked per call
@@ -17,10 +18,10 @@ at a time, so a client opens as many as it has calls in flight.
 
 No peer holds a thread for nothing: a frame once started must arrive within read_s, and
 a connection with no call for idle_s is told so (local_wire.IDLE_ERROR_TYPE) and closed,
-which the client's pool expects. A Wait ends when its peer hangs up (LocalContext.is_active).
+which the client's pool expects. A Wait ends when its peer hangs up (Call.is_active).
 A request that does not decode is the caller's mistake (INVALID_ARGUMENT, logged at debug
-level); a servicer failure is logged with its traceback at most once a minute per method,
-so no caller can grow the log at will.
+level); a failure of the server's own is answered INTERNAL, its traceback logged at most
+once a minute per method (StoreAPI.refusal), so no caller can grow the log at will.
 """
 from __future__ import annotations
 
@@ -32,19 +33,18 @@ import stat
 import struct
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.protobuf.message_factory import GetMessageClass
 
-from kvwire.errors import ERROR_TYPE_METADATA, InvalidRequestError
-from kvwire.local_wire import (BUSY_ERROR_TYPE, IDLE_ERROR_TYPE, FrameError, Metadata, decode_request, encode_response,
-                                 method_path, read_frame, unary_methods)
-from kvstore.logs import Throttle
-from kvstore.service import KVStoreServicer
+from kvwire.errors import ERROR_TYPE_METADATA, InvalidRequestError, KVStoreError, PermissionDeniedError
+from kvwire.local_wire import (BUSY_ERROR_TYPE, IDLE_ERROR_TYPE, FrameError, Metadata, Request, decode_request, encode_response,
+                               read_frame)
+from kvstore import rpc_codec as codec
+from kvstore.api import StoreAPI
+from kvstore.auth import Authenticator
 
 log = logging.getLogger(__name__)
 
@@ -54,81 +54,32 @@ REFUSED_PEER_READ_S = 2.0
 DEFAULT_MAX_CONNECTIONS = 256  # a thread each; a client keeps only a few idle (kvclient/local_control.py)
 DEFAULT_IDLE_S = 300.0  # ServerConfig.local_control_idle_s
 DEFAULT_READ_S = 10.0  # ServerConfig.local_control_read_s
-TRACEBACK_EVERY_S = 60.0  # a servicer failure's traceback, at most this often per method
 _HUNG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Observe = Callable[[str, str, float, str], None]  # service, method, started (perf_counter), status code name
 
+# The calls served, by the path a frame names ("/kvstore.v1.KVStore/Pin"): the service's unary ones; streams stay on gRPC.
+METHODS: dict[str, codec.Method] = {f"/{m.service}/{m.name}": m for m in codec.UNARY.values()}
 
-class _Aborted(Exception):
-    """Raised by LocalContext.abort, as grpc's abort raises, to unwind the servicer method."""
+
+def status_frame(err: KVStoreError) -> tuple[grpc.StatusCode, str, Metadata]:
+    """The socket's status table, gRPC's (service.abort) in frame form: status, detail, and the error's type name."""
+    return grpc.StatusCode[err.status], str(err), ((ERROR_TYPE_METADATA, type(err).__name__),)
 
 
-class LocalContext:
-    """The part of grpc.ServicerContext the servicer and the metrics use, for one call from the socket."""
+class Call:
+    """One call's liveness, as gRPC's context.is_active tells a servicer: False once its deadline passed
+    or its peer hung up (closed or shut down its side). Reads nothing from the connection."""
 
-    def __init__(self, metadata: Metadata, timeout_s: float | None, peer: str, conn: socket.socket | None = None) -> None:
-        self._metadata = metadata
+    def __init__(self, conn: socket.socket, timeout_s: float | None) -> None:
         self._conn = conn
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self._peer = peer
-        self._code: grpc.StatusCode | None = None
-        self._details = ""
-        self._trailing: Metadata = ()
-
-    def invocation_metadata(self) -> Metadata:
-        return self._metadata
-
-    def set_trailing_metadata(self, metadata) -> None:
-        self._trailing = tuple(metadata)
-
-    def trailing_metadata(self) -> Metadata:
-        return self._trailing
-
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self._code, self._details = code, details
-        raise _Aborted()
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self._code = code
-
-    def set_details(self, details: str) -> None:
-        self._details = details
-
-    def code(self) -> grpc.StatusCode | None:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def peer(self) -> str:
-        return self._peer
 
     def is_active(self) -> bool:
-        """False once the call's deadline passed or the peer hung up (it closed or shut down its side):
-        what gRPC's cancellation tells a servicer. Reads nothing from the connection."""
         if self._deadline is not None and time.monotonic() >= self._deadline:
             return False
-        return self._conn is None or not peer_hung_up(self._conn)
-
-    def time_remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-
-
-@dataclass(frozen=True)
-class _Method:
-    service: str
-    name: str
-    behavior: Callable  # the servicer's bound method, as gRPC would call it
-    request_class: type
-
-
-def _handlers(servicer: KVStoreServicer) -> dict[str, _Method]:
-    return {
-        method_path(m): _Method(m.containing_service.full_name, m.name, getattr(servicer, m.name), GetMessageClass(m.input_type))
-        for m in unary_methods()
-    }
+        return not peer_hung_up(self._conn)
 
 
 def peer_hung_up(conn: socket.socket) -> bool:
@@ -143,14 +94,13 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 
 
 class LocalControlServer:
-    def __init__(self, servicer: KVStoreServicer, path: Path, observe: Observe,
+    def __init__(self, api: StoreAPI, auth: Authenticator, path: Path, observe: Observe,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_s: float = DEFAULT_IDLE_S,
                  read_s: float = DEFAULT_READ_S) -> None:
+        self.api, self.auth = api, auth
         self.path = str(path)
         self.max_connections = max_connections
         self.idle_s, self.read_s = idle_s, read_s
-        self._traceback_due = Throttle(TRACEBACK_EVERY_S)
-        self._handlers = _handlers(servicer)
         self._observe = observe
         self._uid = os.geteuid()
         self._listener: socket.socket | None = None
@@ -161,11 +111,11 @@ class LocalControlServer:
         self._closing = False
 
     @classmethod
-    def start_if_possible(cls, servicer: KVStoreServicer, path: Path, observe: Observe,
+    def start_if_possible(cls, api: StoreAPI, auth: Authenticator, path: Path, observe: Observe,
                           max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_s: float = DEFAULT_IDLE_S,
                           read_s: float = DEFAULT_READ_S) -> "LocalControlServer | None":
         """Start the listener, or log why not and return None: the server runs on without it (gRPC serves every call)."""
-        server = cls(servicer, path, observe, max_connections, idle_s, read_s)
+        server = cls(api, auth, path, observe, max_connections, idle_s, read_s)
         try:
             return server.start()
         except OSError as err:
@@ -312,8 +262,8 @@ class LocalControlServer:
 
     def _refuse(self, conn: socket.socket, pid: int, uid: int) -> None:
         log.warning("local control socket: refused pid %d of uid %d (the server runs as uid %d)", pid, uid, self._uid)
-        self._answer_first_call_and_close(conn, grpc.StatusCode.PERMISSION_DENIED,
-                                          f"the local control socket serves only uid {self._uid}'s processes; this one runs as uid {uid}")
+        refusal = PermissionDeniedError(f"the local control socket serves only uid {self._uid}'s processes; this one runs as uid {uid}")
+        self._answer_first_call_and_close(conn, *status_frame(refusal))
 
     @staticmethod
     def _answer_first_call_and_close(conn: socket.socket, code: grpc.StatusCode, detail: str, trailing: Metadata = ()) -> None:
@@ -328,38 +278,32 @@ class LocalControlServer:
             request = decode_request(body)
         except FrameError as err:  # the frame arrived whole, so the connection is still in step
             return self._undecodable(f"cannot decode request: {err}")
-        method = self._handlers.get(request.method)
+        method = METHODS.get(request.method)
         if method is None:
             # What a gRPC server answers for a method it does not serve (streaming ones included).
             return encode_response(grpc.StatusCode.UNIMPLEMENTED, "Method not found!", (), b"")
         started = time.perf_counter()
-        context = LocalContext(request.metadata, request.timeout_s, peer, conn)
-        payload = b""
+        try:
+            code, detail, trailing, payload = grpc.StatusCode.OK, "", (), self._call(method, request, peer, conn)
+        except KVStoreError as err:
+            (code, detail, trailing), payload = status_frame(err), b""
+        self._observe(method.service, method.name, started, code.name)
+        return encode_response(code, detail, trailing, payload)
+
+    def _call(self, method: codec.Method, request: Request, peer: str, conn: socket.socket) -> bytes:
+        """The answer's payload; raises the error to answer instead."""
         try:
             message = method.request_class.FromString(request.payload)
         except DecodeError as err:
-            context.set_trailing_metadata(((ERROR_TYPE_METADATA, InvalidRequestError.__name__),))
-            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-            context.set_details(f"cannot decode {method.name} request: {err}")
-            log.debug("local control: %s", context.details())
-        else:
-            try:
-                payload = method.behavior(message, context).SerializeToString()
-            except _Aborted:
-                pass
-            except Exception as err:  # a servicer bug: gRPC answers it the same way
-                if self._traceback_due(method.name):
-                    log.exception("local control: %s failed (further failures of it logged at debug level for %g s)",
-                                  method.name, TRACEBACK_EVERY_S)
-                else:
-                    log.debug("local control: %s failed: %r", method.name, err)
-                context.set_code(grpc.StatusCode.UNKNOWN)
-                context.set_details(f"Exception calling application: {err}")
-        code = context.code() or grpc.StatusCode.OK
-        self._observe(method.service, method.name, started, code.name)
-        return encode_response(code, context.details(), context.trailing_metadata(), payload)
+            log.debug("local control: cannot decode %s request: %s", method.name, err)
+            raise InvalidRequestError(f"cannot decode {method.name} request: {err}") from None
+        try:
+            caller = self.auth.caller(request.metadata, peer)
+            return method.call(self.api, caller, message, Call(conn, request.timeout_s).is_active).SerializeToString()
+        except Exception as err:
+            raise self.api.refusal(method.name, err) from None
 
     @staticmethod
     def _undecodable(detail: str) -> bytes:
         log.debug("local control: %s", detail)
-        return encode_response(grpc.StatusCode.INVALID_ARGUMENT, detail, ((ERROR_TYPE_METADATA, InvalidRequestError.__name__),), b"")
+        return encode_response(*status_frame(InvalidRequestError(detail)), b"")

@@ -1,7 +1,8 @@
 """Prometheus metrics: the store's event counters and tier gauges, and per-RPC counts and latency.
 
-The store counts each event once, in store.counters; StoreCollector turns that Counter
-into metric families at scrape time instead of keeping a second set that could drift.
+The store counts each event once, in store.counters, keyed by kvstore.counters.Event;
+StoreCollector turns that Counter into metric families at scrape time, through one table
+(EVENT_SERIES), instead of keeping a second set of counts that could drift.
 RequestMetrics is a gRPC server interceptor, so no servicer has to remember to time
 itself. This module owns metric names and labels; it changes nothing in the store.
 The /metrics endpoint shows store-wide counts that Stats refuses to tenants, so when the
@@ -11,11 +12,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import socket
 import threading
 import time
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
@@ -23,56 +24,93 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from kvstore import counters
+from kvstore.auth import Authenticator
+from kvstore.counters import Event
+from kvwire.defaults import AUTH_METADATA
 from kvwire.errors import KVStoreError, PermissionDeniedError
-from kvstore.auth import AUTH_METADATA, Authenticator
-from kvstore.store import Store
-from kvwire.v1 import kvstore_pb2 as pb
+from kvwire.types import Tier
+
+if TYPE_CHECKING:
+    from kvstore.store import Store
 
 log = logging.getLogger(__name__)
 
-# store counter -> (family without _total, help, labels)
-STORE_COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
-    "puts": ("kvstore_blocks_stored", "Blocks committed to the store", {}),
-    "gets": ("kvstore_blocks_served", "Blocks served to readers (Get and Pin)", {}),
-    "hits_host": ("kvstore_hits", "Blocks served, by the tier that held them", {"tier": "host"}),
-    "hits_ssd": ("kvstore_hits", "Blocks served, by the tier that held them", {"tier": "ssd"}),
-    "misses": ("kvstore_misses", "Blocks asked for by Get or Pin that were not present", {}),
-    "bytes_in": ("kvstore_payload_bytes", "Payload bytes committed (in) and served (out), whatever the transport", {"direction": "in"}),
-    "bytes_out": ("kvstore_payload_bytes", "Payload bytes committed (in) and served (out), whatever the transport", {"direction": "out"}),
-    "lookup_blocks_hit": ("kvstore_lookup_blocks", "Blocks asked about by Lookup, by answer", {"result": "present"}),
-    "lookup_blocks_miss": ("kvstore_lookup_blocks", "Blocks asked about by Lookup, by answer", {"result": "absent"}),
-    "lease_grants": ("kvstore_lease_grants", "Write leases granted", {}),
-    "lease_waits": ("kvstore_lease_waits", "Wait calls on pending blocks", {}),
-    "lease_expiries": ("kvstore_lease_expiries", "Write leases and read pins that expired unreleased", {"kind": "write"}),
-    "pin_expiries": ("kvstore_lease_expiries", "Write leases and read pins that expired unreleased", {"kind": "pin"}),
-    "lease_revocations": ("kvstore_lease_revocations", "Write leases and read pins revoked by an admin", {"kind": "write"}),
-    "pin_revocations": ("kvstore_lease_revocations", "Write leases and read pins revoked by an admin", {"kind": "pin"}),
-    "checksum_failures": ("kvstore_checksum_failures", "Blocks whose bytes failed their checksum (commit or ssd read)", {}),
-    "demotions": ("kvstore_demotions", "Blocks written from the host tier to the ssd tier to free host memory", {}),
-    "promotions": ("kvstore_promotions", "Blocks copied from the ssd tier back into the host tier", {}),
-    "evictions": ("kvstore_evictions", "Blocks removed from the store, by reason", {"reason": "capacity"}),
-    "admin_evictions": ("kvstore_evictions", "Blocks removed from the store, by reason", {"reason": "admin"}),
-    "host_evictions": ("kvstore_tier_evictions", "Copies dropped from one tier while another still holds the block", {"tier": "host"}),
-    "ssd_evictions": ("kvstore_tier_evictions", "Copies dropped from one tier while another still holds the block", {"tier": "ssd"}),
-    "admin_deletes": ("kvstore_admin_deleted_blocks", "Blocks deleted by an admin", {}),
-    "secure_deletes": ("kvstore_secure_deletes", "Secure deletions run (host scrub plus ssd rewrite)", {}),
+
+@dataclass(frozen=True)
+class Family:
+    """A counter family of store events; `name` without the _total suffix Prometheus adds."""
+
+    name: str
+    help: str
+    label_names: tuple[str, ...] = ()
+
+
+BLOCKS_STORED = Family("kvstore_blocks_stored", "Blocks committed to the store")
+BLOCKS_SERVED = Family("kvstore_blocks_served", "Blocks served to readers (Get and Pin)")
+HITS = Family("kvstore_hits", "Blocks served, by the tier that held them", ("tier",))
+MISSES = Family("kvstore_misses", "Blocks asked for by Get or Pin that were not present")
+PAYLOAD_BYTES = Family("kvstore_payload_bytes", "Payload bytes committed (in) and served (out), whatever the transport", ("direction",))
+LOOKUP_BLOCKS = Family("kvstore_lookup_blocks", "Blocks asked about by Lookup, by answer", ("result",))
+LEASE_GRANTS = Family("kvstore_lease_grants", "Write leases granted")
+LEASE_WAITS = Family("kvstore_lease_waits", "Wait calls on pending blocks")
+# kind="pin" in the two families below: read pins are not leases (docs/glossary.md), but these names
+# and labels are what dashboards already read, so they stay.
+LEASE_EXPIRIES = Family("kvstore_lease_expiries", "Write leases and read pins that expired unreleased", ("kind",))
+LEASE_REVOCATIONS = Family("kvstore_lease_revocations", "Write leases and read pins revoked by an admin", ("kind",))
+CHECKSUM_FAILURES = Family("kvstore_checksum_failures", "Blocks whose bytes failed their checksum (commit or ssd read)")
+DEMOTIONS = Family("kvstore_demotions", "Blocks written from the host tier to the ssd tier to free host memory")
+PROMOTIONS = Family("kvstore_promotions", "Blocks copied from the ssd tier back into the host tier")
+EVICTIONS = Family("kvstore_evictions", "Blocks removed from the store, by reason", ("reason",))
+TIER_EVICTIONS = Family("kvstore_tier_evictions", "Copies dropped from one tier while another still holds the block", ("tier",))
+ADMIN_DELETED_BLOCKS = Family("kvstore_admin_deleted_blocks", "Blocks deleted by an admin")
+SECURE_DELETES = Family("kvstore_secure_deletes", "Secure deletions run (host scrub plus ssd rewrite)")
+TRANSPORT_BYTES = Family("kvstore_transport_bytes", "Payload bytes moved, by transport and direction", ("transport", "direction"))
+REQUEST_ERRORS = Family("kvstore_request_errors", "Requests refused by the store, by gRPC status code", ("code",))
+STORE_EVENTS = Family("kvstore_store_events", "Other store events, by name", ("event",))
+
+# Every store event -> its family and label values: the one table. tests/kvstore/test_metrics.py checks
+# that it covers Event, so a new event cannot go unexported.
+EVENT_SERIES: dict[Event, tuple[Family, tuple[str, ...]]] = {
+    Event.PUTS: (BLOCKS_STORED, ()),
+    Event.GETS: (BLOCKS_SERVED, ()),
+    Event.HITS_HOST: (HITS, ("host",)),
+    Event.HITS_SSD: (HITS, ("ssd",)),
+    Event.MISSES: (MISSES, ()),
+    Event.BYTES_IN: (PAYLOAD_BYTES, ("in",)),
+    Event.BYTES_OUT: (PAYLOAD_BYTES, ("out",)),
+    Event.LOOKUP_BLOCKS_HIT: (LOOKUP_BLOCKS, ("present",)),
+    Event.LOOKUP_BLOCKS_MISS: (LOOKUP_BLOCKS, ("absent",)),
+    Event.CHECKSUM_FAILURES: (CHECKSUM_FAILURES, ()),
+    Event.LEASE_GRANTS: (LEASE_GRANTS, ()),
+    Event.LEASE_WAITS: (LEASE_WAITS, ()),
+    Event.LEASE_WAITS_ABANDONED: (STORE_EVENTS, ("lease_waits_abandoned",)),
+    Event.LEASE_EXPIRIES: (LEASE_EXPIRIES, ("write",)),
+    Event.PIN_EXPIRIES: (LEASE_EXPIRIES, ("pin",)),
+    Event.LEASE_REVOCATIONS: (LEASE_REVOCATIONS, ("write",)),
+    Event.PIN_REVOCATIONS: (LEASE_REVOCATIONS, ("pin",)),
+    Event.SLOTS_QUARANTINED: (STORE_EVENTS, ("slots_quarantined",)),
+    Event.DEMOTIONS: (DEMOTIONS, ()),
+    Event.PROMOTIONS: (PROMOTIONS, ()),
+    Event.HOST_EVICTIONS: (TIER_EVICTIONS, ("host",)),
+    Event.SSD_EVICTIONS: (TIER_EVICTIONS, ("ssd",)),
+    Event.EVICTIONS: (EVICTIONS, ("capacity",)),
+    Event.ADMIN_EVICTIONS: (EVICTIONS, ("admin",)),
+    Event.ADMIN_DELETES: (ADMIN_DELETED_BLOCKS, ()),
+    Event.SECURE_DELETES: (SECURE_DELETES, ()),
+    Event.UCX_PINS_STAGED_OFF_LOOP: (STORE_EVENTS, ("ucx_pins_staged_off_loop",)),
+    **{event: (TRANSPORT_BYTES, (transport, direction)) for (transport, direction), event in counters.TRANSPORT_BYTES.items()},
+    **{event: (REQUEST_ERRORS, (status.lower(),)) for status, event in counters.REQUEST_ERRORS.items()},
+    Event.ERRORS_UNKNOWN: (REQUEST_ERRORS, ("unknown",)),
 }
-_TRANSPORT_BYTES = re.compile(r"^(?P<transport>[a-z0-9]+)_bytes_(?P<direction>in|out)$")
-_ERRORS = re.compile(r"^errors_(?P<code>[a-z_]+)$")
-_TIERS = {pb.TIER_HOST: "host", pb.TIER_SSD: "ssd"}
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-def classify(counter: str) -> tuple[str, str, dict[str, str]]:
-    """Which metric family and labels a store counter belongs to; unknown ones stay visible as events."""
-    if counter in STORE_COUNTERS:
-        return STORE_COUNTERS[counter]
-    if m := _TRANSPORT_BYTES.match(counter):
-        return ("kvstore_transport_bytes", "Payload bytes moved, by transport and direction", m.groupdict())
-    if m := _ERRORS.match(counter):
-        return ("kvstore_request_errors", "Requests refused by the store, by gRPC status code", m.groupdict())
-    return ("kvstore_store_events", "Other store events, by name", {"event": counter})
+def series(counter: str) -> tuple[Family, tuple[str, ...]]:
+    """A store counter's family and label values. A name outside Event (a bump not yet typed)
+    still shows, as an event of its own, rather than vanish."""
+    return EVENT_SERIES.get(counter) or (STORE_EVENTS, (counter,))
 
 
 class StoreCollector:
@@ -89,12 +127,14 @@ class StoreCollector:
 
     def collect(self) -> Iterator[Metric]:
         s = self._snapshot()
-        families: dict[str, CounterMetricFamily] = {}
-        counts = {**dict.fromkeys(STORE_COUNTERS, 0), **s["counters"]}  # known counters show from the start, at 0
+        families: dict[Family, CounterMetricFamily] = {}
+        counts = {**dict.fromkeys(Event, 0), **s["counters"]}  # every event shows from the start, at 0
         for counter, value in sorted(counts.items()):
-            name, doc, labels = classify(counter)
-            family = families.setdefault(name, CounterMetricFamily(name, doc, labels=list(labels)))
-            family.add_metric(list(labels.values()), value)
+            family, labels = series(counter)
+            metric = families.get(family)
+            if metric is None:
+                metric = families[family] = CounterMetricFamily(family.name, family.help, labels=list(family.label_names))
+            metric.add_metric(list(labels), value)
         yield from families.values()
         gauges = {
             "capacity": GaugeMetricFamily("kvstore_tier_capacity_bytes", "Bytes a tier may hold", labels=["tier"]),
@@ -102,7 +142,7 @@ class StoreCollector:
             "blocks": GaugeMetricFamily("kvstore_tier_blocks", "Blocks with a copy in a tier", labels=["tier"]),
         }
         for tier, capacity, used, blocks in s["tiers"]:
-            label = [_TIERS.get(tier, str(tier))]
+            label = [Tier(tier).name.lower()]
             gauges["capacity"].add_metric(label, capacity)
             gauges["used"].add_metric(label, used)
             gauges["blocks"].add_metric(label, blocks)

@@ -1,6 +1,6 @@
 """Assembles a running server: store, background worker, gRPC services, local control socket, signal handling.
 
-Owns start-up and orderly shutdown; request behaviour lives in store.py and service.py.
+Owns start-up and orderly shutdown; request behaviour lives in store.py and api.py, under every door.
 Shutdown is bounded whatever clients do (shutdown_grace_s), and the host tier is flushed
 even when gRPC has not finished stopping. Everything the server writes under its data
 directory is the owner's alone: other local users must not read tenants' blocks.
@@ -19,8 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvwire.hostid import host_id
 from kvstore.admin_service import AdminServicer
+from kvstore.api import StoreAPI
 from kvstore.audit import AuditLog
 from kvstore.auth import Authenticator
 from kvstore.config import ServerConfig
@@ -30,7 +30,7 @@ from kvstore.local_control import LocalControlServer
 from kvstore.metrics import Metrics
 from kvstore.operations import Operations
 from kvstore.service import GRPC_OPTIONS, KVStoreServicer
-from kvstore.store import Caller, Store
+from kvstore.store import Store
 from kvwire.v1 import admin_pb2 as apb
 from kvwire.v1 import admin_pb2_grpc as apb_grpc
 from kvwire.v1 import kvstore_pb2 as pb
@@ -65,10 +65,11 @@ class KVStoreServer:
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="kvstore-rpc"), interceptors=[self.metrics.interceptor], options=GRPC_OPTIONS
         )
-        self.servicer = KVStoreServicer(self.store, self.auth, self.data_plane_info)
+        self.api = StoreAPI(self.store)
+        self.servicer = KVStoreServicer(self.api, self.auth)
         pb_grpc.add_KVStoreServicer_to_server(self.servicer, self.grpc)
         self.ops = Operations(self.store)
-        self.admin = AdminServicer(self.ops, self.auth, AuditLog(cfg.data_path / "audit.log"), self.drain)
+        self.admin = AdminServicer(self.api, self.ops, self.auth, AuditLog(cfg.data_path / "audit.log"), self.drain)
         apb_grpc.add_AdminServicer_to_server(self.admin, self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -95,28 +96,16 @@ class KVStoreServer:
         host = self.cfg.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
-    def data_plane_info(self, caller: Caller | None = None) -> pb.DataPlaneResponse:
-        info = pb.DataPlaneResponse(
-            shm_name=self.store.host.shm_name if self.cfg.shm else "",
-            shm_size=self.store.host.capacity_bytes,
-            host_id=host_id(),
-            max_block_bytes=self.cfg.max_block_bytes,
-            local_control_socket=self.local.path if self.local is not None else "",
-        )
-        if self.ucx is not None and caller is not None:
-            info.ucx_listener = f"{self.cfg.listen.rsplit(':', 1)[0]}:{self.ucx.port}"
-            info.ucx_session_token = self.ucx.session_token(caller)
-            info.ucx_session_tenant = caller.tenant
-        return info
-
     def start(self) -> "KVStoreServer":
         # Before gRPC answers: a client that asks DataPlane must find the UCX listener already up.
-        self.ucx = UcxDataPlane.start_if_available(self.store, self.cfg.ucx_port) if self.cfg.ucx else None
+        self.ucx = UcxDataPlane.start_if_available(self.api, self.cfg.ucx_port) if self.cfg.ucx else None
+        self.api.ucx = self.ucx
         if self.cfg.local_control:  # likewise the local control socket it advertises
-            self.local = LocalControlServer.start_if_possible(self.servicer, self.cfg.local_control_path,
+            self.local = LocalControlServer.start_if_possible(self.api, self.auth, self.cfg.local_control_path,
                                                               self.metrics.interceptor.observe_local,
                                                               self.cfg.local_control_max_connections,
                                                               self.cfg.local_control_idle_s, self.cfg.local_control_read_s)
+            self.api.local_control_path = self.local.path if self.local is not None else ""
         self.grpc.start()
         self.worker.start()
         self.metrics.start()

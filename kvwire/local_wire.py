@@ -1,8 +1,8 @@
 """The local control socket's frames, shared by kvstore/local_control.py (server) and kvclient/local_control.py (client).
 
-A frame carries exactly what a gRPC unary call carries, so the servicer answers a call
-from the socket as it answers the same call over gRPC, and the client maps the answer
-as it maps a gRPC status. A frame is a u32 body length, then the body (little-endian):
+A frame carries exactly what a gRPC unary call carries, so the server answers a call
+from the socket with the same request layer and message table as the same call over
+gRPC, and the client maps the answer as it maps a gRPC status. A frame is a u32 body length, then the body (little-endian):
 
     request:  u16 n + method path ("/kvstore.v1.KVStore/Pin") | f64 timeout_s (< 0: none) | metadata | request protobuf
     response: u8 status code | u32 n + details (UTF-8) | trailing metadata | response protobuf (empty unless OK)
@@ -24,16 +24,17 @@ from typing import Iterable, Sequence
 import grpc
 from google.protobuf.descriptor import MethodDescriptor
 
+from kvwire.defaults import MAX_MESSAGE_BYTES
 from kvwire.v1 import kvstore_pb2 as pb
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 SERVICE = pb.DESCRIPTOR.services_by_name["KVStore"]
-MAX_FRAME_BYTES = (256 << 20) + (1 << 20)  # gRPC's message cap on both sides (service.MAX_MESSAGE_BYTES), plus the envelope
-FIRST_READ_BYTES = 64 << 10
+MAX_FRAME_BYTES = MAX_MESSAGE_BYTES + (1 << 20)  # gRPC's message cap on both sides, plus the envelope
+FIRST_READ_BYTES = 64 << 10  # a small frame arrives whole in one recv: one syscall per answer, not two
 # The error type (ERROR_TYPE_METADATA) of a call the server turned away at its connection limit:
 # the stub sends that call over gRPC instead.
-BUSY_ERROR_TYPE = "LocalControlBusy"  # a small frame arrives whole in one recv: one syscall per answer, not two
+BUSY_ERROR_TYPE = "LocalControlBusy"
 # The error type of the frame the server sends before closing a connection idle too long: no request was read.
 IDLE_ERROR_TYPE = "LocalControlIdle"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvclient.keys import Fingerprint
+from kvwire.keys import Fingerprint
 from tests.serverproc import ServerProc
 
 

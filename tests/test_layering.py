@@ -83,7 +83,7 @@ def test_the_store_core_knows_no_transport() -> None:
 
 # The wire adapters: the only modules outside the contract that speak generated protobuf.
 WIRE_ADAPTERS = {
-    "kvstore/service.py", "kvstore/admin_service.py", "kvstore/local_control.py", "kvstore/server.py", "kvstore/admin.py",
+    "kvstore/service.py", "kvstore/admin_service.py", "kvstore/local_control.py", "kvstore/server.py", "kvstore/admin.py", "kvstore/rpc_codec.py",
     "kvclient/control.py", "kvclient/local_control.py", "kvclient/transports/grpc_inline.py",
 }
 

@@ -1,19 +1,24 @@
 """Inline gRPC transport: payload bytes inside protobuf messages.
 
-The universal fallback: works across hosts with nothing but the control channel.
-Small blocks go in one Put; large ones take the two-phase Reserve -> Write -> Commit
-so no single message has to hold many large blocks.
+The universal fallback: works across hosts with nothing but the gRPC channel. Small
+blocks travel in one Put (put_inline: reserve, write and commit inside the one call);
+large ones take KVClient's Reserve -> write (a Write stream of chunks here) -> Commit,
+so no single message has to hold many large blocks. A get is one streaming Get by key
+(read_keys): no pin, and no slot is ever read directly. These calls carry payload, so
+they stay on gRPC even when the control calls go over the local socket.
 """
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
-import xxhash
 
-from kvclient.errors import ChecksumMismatchError, InvalidRequestError, LeaseError
-from kvclient.transports.base import TransferStats
+from kvclient.control import GrpcControl
+from kvclient.errors import InvalidRequestError
+from kvclient.integrity import check_block
+from kvclient.transports.base import SlotRef, TransferStats, Transport
+from kvwire.types import PutOutcome
 from kvwire.v1 import kvstore_pb2 as pb
 
 INLINE_MAX_BLOCK_BYTES = 1 << 20
@@ -32,10 +37,9 @@ def _batches(sizes: Sequence[int], budget: int) -> Iterator[range]:
         yield range(start, len(sizes))
 
 
-def validate_into(data: bytes | memoryview, expected: int, key: bytes, out: memoryview | None) -> np.ndarray:
-    """The one client-side integrity check: a block is handed over only if its checksum matches."""
-    if xxhash.xxh3_64_intdigest(data) != expected:
-        raise ChecksumMismatchError(f"block {key.hex()} failed its checksum after transfer")
+def _landed(data: bytes, expected: int, key: bytes, out: memoryview | None) -> np.ndarray:
+    """A received block, checked, in the caller's buffer or a fresh one."""
+    check_block(key, data, expected)
     if out is None:
         return np.frombuffer(bytearray(data), dtype=np.uint8)
     if len(out) != len(data):
@@ -44,78 +48,48 @@ def validate_into(data: bytes | memoryview, expected: int, key: bytes, out: memo
     return np.frombuffer(out, dtype=np.uint8)
 
 
-class GrpcInlineTransport:
+class GrpcInlineTransport(Transport):
     name = "grpc"
+    reads_slots = False
+    keyed_get = True
+    inline_block_bytes = INLINE_MAX_BLOCK_BYTES
 
-    def __init__(self, stub, fingerprint_id: bytes, call: Callable) -> None:
-        self.stub = stub
-        self.fingerprint_id = fingerprint_id
-        self.call = call  # wraps a stub method with metadata and error mapping
+    def __init__(self, grpc_control: GrpcControl) -> None:
+        self.grpc = grpc_control
 
-    def put(self, keys, payloads, checksums, durable: bool, stats: TransferStats) -> list[int]:
-        outcomes = [0] * len(keys)
-        small = [i for i, p in enumerate(payloads) if len(p) <= INLINE_MAX_BLOCK_BYTES]
-        large = [i for i, p in enumerate(payloads) if len(p) > INLINE_MAX_BLOCK_BYTES]
-        for batch in _batches([len(payloads[i]) for i in small], MESSAGE_BUDGET_BYTES):
-            idx = [small[j] for j in batch]
-            req = pb.PutRequest(fingerprint_id=self.fingerprint_id, durable=durable, blocks=[pb.InlineBlock(key=keys[i], data=bytes(payloads[i]), checksum=checksums[i]) for i in idx])
+    def put_inline(self, fingerprint_id, keys, payloads, checksums, durable: bool, stats: TransferStats) -> list[PutOutcome]:
+        outcomes: list[PutOutcome] = []
+        for batch in _batches([len(p) for p in payloads], MESSAGE_BUDGET_BYTES):
+            blocks = [pb.InlineBlock(key=keys[i], data=bytes(payloads[i]), checksum=checksums[i]) for i in batch]
             t0 = time.perf_counter()
-            resp = self.call(self.stub.Put, req)
+            resp = self.grpc.call("Put", pb.PutRequest(fingerprint_id=fingerprint_id, durable=durable, blocks=blocks))
             stats.transfer_s += time.perf_counter() - t0
             stats.control_rpcs += 1
-            for i, o in zip(idx, resp.outcomes):
-                outcomes[i] = o
-        if large:
-            self._put_two_phase(keys, payloads, checksums, durable, large, outcomes, stats)
-        stats.bytes += sum(len(p) for p in payloads)
-        stats.blocks += len(keys)
+            stats.bytes += sum(len(payloads[i]) for i in batch)
+            outcomes += [PutOutcome(o) for o in resp.outcomes]
         return outcomes
 
-    def _put_two_phase(self, keys, payloads, checksums, durable, idx, outcomes, stats: TransferStats) -> None:
-        t0 = time.perf_counter()
-        resp = self.call(self.stub.Reserve, pb.ReserveRequest(fingerprint_id=self.fingerprint_id, durable=durable, blocks=[pb.BlockSpec(key=keys[i], size_bytes=len(payloads[i])) for i in idx]))
-        stats.control_s += time.perf_counter() - t0
-        granted = []
-        for i, lease in zip(idx, resp.leases):
-            if lease.outcome == pb.LEASE_GRANTED:
-                granted.append((i, lease.lease_id))
-            else:
-                outcomes[i] = pb.PUT_ALREADY_PRESENT if lease.outcome == pb.LEASE_ALREADY_PRESENT else pb.PUT_PENDING_ELSEWHERE
-        if not granted:
-            return
-
+    def write(self, keys, slots: Sequence[SlotRef], payloads, stats: TransferStats) -> None:
         def chunks() -> Iterator[pb.WriteChunk]:
-            for i, lease_id in granted:
-                view = payloads[i]
+            for s in slots:
+                view = payloads[s.index]
                 for off in range(0, len(view), WRITE_CHUNK_BYTES):
-                    yield pb.WriteChunk(lease_id=lease_id, offset=off, data=bytes(view[off : off + WRITE_CHUNK_BYTES]))
+                    yield pb.WriteChunk(lease_id=s.handle, offset=off, data=bytes(view[off : off + WRITE_CHUNK_BYTES]))
 
-        try:
-            t0 = time.perf_counter()
-            self.call(self.stub.Write, chunks())
-            stats.transfer_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            commit = self.call(self.stub.Commit, pb.CommitRequest(fingerprint_id=self.fingerprint_id, durable=durable, items=[pb.CommitItem(lease_id=lid, checksum=checksums[i]) for i, lid in granted]))
-            stats.control_s += time.perf_counter() - t0
-        except Exception:
-            try:
-                self.call(self.stub.ReleaseLeases, pb.ReleaseLeasesRequest(lease_ids=[lid for _, lid in granted]))
-            except LeaseError:
-                pass
-            raise
-        stats.control_rpcs += 3
-        for (i, _), o in zip(granted, commit.outcomes):
-            outcomes[i] = o
+        t0 = time.perf_counter()
+        self.grpc.stream_in("Write", chunks())
+        stats.transfer_s += time.perf_counter() - t0
+        stats.control_rpcs += 1
 
-    def get(self, keys, outs, stats: TransferStats) -> list[np.ndarray]:
+    def read_keys(self, fingerprint_id, keys, outs, stats: TransferStats) -> list[np.ndarray]:
         results: list[np.ndarray] = []
         t0 = time.perf_counter()
         validate_s = 0.0
-        for resp in self.call(self.stub.Get, pb.GetRequest(fingerprint_id=self.fingerprint_id, keys=list(keys)), stream=True):
+        for resp in self.grpc.stream_out("Get", pb.GetRequest(fingerprint_id=fingerprint_id, keys=list(keys))):
             for block in resp.blocks:
                 i = len(results)
                 v0 = time.perf_counter()
-                results.append(validate_into(block.data, block.checksum, block.key, outs[i] if outs is not None else None))
+                results.append(_landed(block.data, block.checksum, block.key, outs[i] if outs is not None else None))
                 validate_s += time.perf_counter() - v0
         stats.transfer_s += time.perf_counter() - t0 - validate_s
         stats.validate_s += validate_s
@@ -125,6 +99,3 @@ class GrpcInlineTransport:
         if len(results) != len(keys):
             raise InvalidRequestError(f"server returned {len(results)} blocks for {len(keys)} keys")
         return results
-
-    def close(self) -> None:
-        pass

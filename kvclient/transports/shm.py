@@ -1,17 +1,17 @@
 """Same-host zero-copy transport: the client maps the server's shared-memory host pool.
 
-put copies the caller's bytes straight into the reserved slots and commits; get
-pins, copies each block straight out of the pool into the caller's buffer and
-checks it while it is still in cache; the pin is dropped by the next get's Pin
-(pooled.DeferredUnpins). Large gets copy in two halves on helper threads, and a
-get of blocks pinned before starts copying while its Pin is in flight (see get).
-The server moves no payload bytes on this path; it only hashes slots at Commit,
-as on every path.
+write copies the caller's bytes straight into the reserved slots; read copies each
+pinned block straight out of the pool into the caller's buffer and checks it while
+it is still in cache. Large reads copy in two halves on helper threads, and a get of
+blocks pinned before starts copying while its Pin is in flight (read_ahead). KVClient
+does the Reserve/Commit and Pin around them; the pin of a get is dropped by the next
+get's Pin. The server moves no payload bytes on this path; it only hashes slots at
+Commit, as on every path.
 
 A writer must finish before its lease expires, or its late copy could land in
-the next writer's block. Two guards make that impossible in practice: put refuses
+the next writer's block. Two guards make that impossible in practice: write refuses
 to start copying into a slot whose lease ends within LEASE_MARGIN_S (LeaseError;
-the leases are released), and the server keeps the slot of a lease that expired
+the client releases the leases), and the server keeps the slot of a lease that expired
 unreleased out of use for stale_write_quarantine_s (30 s by default) before it is
 zeroed and reused. A writer stalled longer than that between its check and its
 copy could still overwrite a later block; Commit's checksum and the reader's check
@@ -25,17 +25,17 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import xxhash
 
 from kvclient.errors import LeaseError, UnavailableError
+from kvclient.integrity import checksum_error
 from kvclient.transports import device
-from kvclient.transports.base import TransferStats
-from kvclient.transports.pooled import PoolControl, SlotRef, checksum_error
+from kvclient.transports.base import SlotRef, TransferStats, Transport
+from kvwire.defaults import SHM_DIR
 
-SHM_DIR = Path("/dev/shm")
 # Below this a get is copied on the calling thread alone: a second thread costs more than it saves.
 SPLIT_MIN_BYTES = 4 << 20
 SLOT_CACHE_ENTRIES = 1 << 16
@@ -79,11 +79,34 @@ class PagePopulator:
         self._thread.join()
 
 
-class ShmTransport:
+class _EarlyCopies:
+    """The read-ahead: copies from remembered slots, each checked against the checksum remembered with it."""
+
+    def __init__(self, futures: list[Future]) -> None:
+        self._futures = futures
+        self._taken = False
+
+    def take(self, stats: TransferStats) -> dict[int, SlotRef]:
+        """The blocks whose early copy matched, by batch index (once: a read split in windows uses them in the first)."""
+        if self._taken:
+            return {}
+        self._taken = True
+        verified: dict[int, SlotRef] = {}
+        for fut in self._futures:
+            copy_s, hash_s, ok = fut.result()
+            stats.transfer_s += copy_s
+            stats.validate_s += hash_s
+            verified.update(ok)
+        return verified
+
+    def wait(self) -> None:
+        wait(self._futures)  # never leave a helper writing into the caller's buffers after the get returns
+
+
+class ShmTransport(Transport):
     name = "shm"
 
-    def __init__(self, control: PoolControl, shm_name: str, shm_size: int) -> None:
-        self.control = control
+    def __init__(self, shm_name: str, shm_size: int) -> None:
         path = SHM_DIR / shm_name
         try:
             fd = os.open(path, os.O_RDWR)
@@ -99,19 +122,19 @@ class ShmTransport:
         self._populator = PagePopulator(self.pool.ctypes.data, shm_size)
         self._helpers: ThreadPoolExecutor | None = None  # copy and check the halves of a large get
         self._helpers_pid = os.getpid()
-        self._slot_cache: dict[bytes, tuple[int, int, int]] = {}  # key -> (offset, length, checksum) when last pinned
+        self._slot_cache: dict[bytes, tuple[int, int, int]] = {}  # key -> (offset, size, checksum) when last pinned
 
-    def put(self, keys, payloads, checksums, durable: bool, stats: TransferStats) -> list[int]:
-        def fill(slots: list[SlotRef]) -> None:
-            t0 = time.perf_counter()
-            for s in slots:
-                if time.time() + LEASE_MARGIN_S >= s.expires_unix_ms / 1000:
-                    raise LeaseError(f"the lease on block {keys[s.index].hex()} ends in under {LEASE_MARGIN_S} s; "
-                                     "not copying into a slot the server may hand to another writer")
-                np.copyto(self.pool[s.offset : s.offset + s.length], np.frombuffer(payloads[s.index], dtype=np.uint8))
-            stats.transfer_s += time.perf_counter() - t0
+    def pool_view(self) -> np.ndarray | None:
+        return self.pool
 
-        return self.control.put(keys, payloads, checksums, durable, stats, fill)
+    def write(self, keys, slots: Sequence[SlotRef], payloads, stats: TransferStats) -> None:
+        t0 = time.perf_counter()
+        for s in slots:
+            if time.time() + LEASE_MARGIN_S >= s.expires_unix_ms / 1000:
+                raise LeaseError(f"the lease on block {keys[s.index].hex()} ends in under {LEASE_MARGIN_S} s; "
+                                 "not copying into a slot the server may hand to another writer")
+            np.copyto(self.pool[s.offset : s.offset + s.size_bytes], np.frombuffer(payloads[s.index], dtype=np.uint8))
+        stats.transfer_s += time.perf_counter() - t0
 
     def _copy_hashed(self, slots: list[SlotRef], dests: list[np.ndarray]) -> tuple[float, float, list[int]]:
         """Copy blocks out of the pool; returns copy and hash seconds and each copy's xxh3 digest.
@@ -122,7 +145,7 @@ class ShmTransport:
         copy_s = hash_s = 0.0
         for s, dest in zip(slots, dests):
             t0 = time.perf_counter()
-            np.copyto(dest, self.pool[s.offset : s.offset + s.length])
+            np.copyto(dest, self.pool[s.offset : s.offset + s.size_bytes])
             t1 = time.perf_counter()
             digests.append(xxhash.xxh3_64_intdigest(dest))
             copy_s += t1 - t0
@@ -148,70 +171,54 @@ class ShmTransport:
             self._helpers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvclient-shm")
             self._helpers_pid = os.getpid()
         half = len(slots) // 2
-        if sum(s.length for s in slots) < SPLIT_MIN_BYTES or half == 0:
+        if sum(s.size_bytes for s in slots) < SPLIT_MIN_BYTES or half == 0:
             return [self._helpers.submit(fn, keys, slots, dests)]
         return [self._helpers.submit(fn, keys, slots[:half], dests[:half]), self._helpers.submit(fn, keys, slots[half:], dests[half:])]
 
-    def _start_early_copy(self, keys, outs) -> list[Future]:
-        """Copy from where the blocks were last pinned while the Pin is in flight (see get)."""
-        if outs is None:
-            return []
-        guesses = [self._slot_cache.get(k) for k in keys]
-        if any(g is None for g in guesses):
-            return []
-        slots = [SlotRef(i, off, length, 0, crc) for i, (off, length, crc) in enumerate(guesses)]
-        if any(device.is_device(o) or device.nbytes(o) != s.length for o, s in zip(outs, slots)):
-            return []
-        dests = [np.frombuffer(o, dtype=np.uint8) for o in outs]
-        return self._in_parallel(self._copy_guessed, keys, slots, dests)
-
-    def _remember(self, keys, slots: list[SlotRef]) -> None:
-        for s in slots:
-            self._slot_cache[keys[s.index]] = (s.offset, s.length, s.checksum)
-        while len(self._slot_cache) > SLOT_CACHE_ENTRIES:
-            del self._slot_cache[next(iter(self._slot_cache))]
-
-    def get(self, keys, outs, stats: TransferStats) -> list[np.ndarray]:
-        """Pin, copy, check; with an early copy from remembered slots overlapping the Pin.
+    def read_ahead(self, keys, outs) -> _EarlyCopies | None:
+        """Copy from where the blocks were last pinned while the Pin is in flight.
 
         The Pin round trip costs about as much as copying 16 MiB here. So when the
         caller gives buffers and every key was pinned before, the helpers copy from
-        the slots those blocks had then while the Pin is in flight; each copy is
-        checked against the checksum remembered with its slot. A block counts only
-        if the Pin then names the same slot and checksum, so the bytes handed over
-        are exactly the pinned block's (the checksum self-verifies them, as in
-        Pilaf's RDMA reads), and a block that moved, was rewritten or was deleted
-        is copied again from its pinned slot or fails as a miss, like any get.
+        the slots those blocks had then; each copy is checked against the checksum
+        remembered with its slot. read() keeps a block's early copy only if the Pin
+        then names the same slot and checksum, so the bytes handed over are exactly
+        the pinned block's (the checksum self-verifies them, as in Pilaf's RDMA
+        reads), and a block that moved, was rewritten or was deleted is copied again
+        from its pinned slot or fails as a miss, like any get.
         """
-        early = self._start_early_copy(keys, outs)
+        if outs is None:
+            return None
+        guesses = [self._slot_cache.get(k) for k in keys]
+        if any(g is None for g in guesses):
+            return None
+        slots = [SlotRef(i, off, size, 0, crc) for i, (off, size, crc) in enumerate(guesses)]
+        if any(device.is_device(o) or device.nbytes(o) != s.size_bytes for o, s in zip(outs, slots)):
+            return None
+        dests = [np.frombuffer(o, dtype=np.uint8) for o in outs]
+        return _EarlyCopies(self._in_parallel(self._copy_guessed, keys, slots, dests))
 
-        def drain(slots: list[SlotRef], dests: list[np.ndarray]) -> None:
-            verified: dict[int, SlotRef] = {}
-            for fut in early:
-                copy_s, hash_s, ok = fut.result()
+    def _remember(self, keys, slots: Sequence[SlotRef]) -> None:
+        for s in slots:
+            self._slot_cache[keys[s.index]] = (s.offset, s.size_bytes, s.checksum)
+        while len(self._slot_cache) > SLOT_CACHE_ENTRIES:
+            del self._slot_cache[next(iter(self._slot_cache))]
+
+    def read(self, keys, slots: Sequence[SlotRef], dests, stats: TransferStats, ahead: _EarlyCopies | None = None) -> None:
+        verified = ahead.take(stats) if ahead is not None else {}
+        todo = [(s, d) for s, d in zip(slots, dests) if verified.get(s.index) is None or (verified[s.index].offset, verified[s.index].checksum) != (s.offset, s.checksum)]
+        stats.extra["early_blocks"] = stats.extra.get("early_blocks", 0) + len(slots) - len(todo)
+        if todo:
+            late = self._in_parallel(self._copy_out, keys, [s for s, _ in todo], [d for _, d in todo])
+            wait(late)  # both halves finish before any error propagates
+            for fut in late:
+                copy_s, hash_s, _ = fut.result()  # raises a checksum mismatch
                 stats.transfer_s += copy_s
                 stats.validate_s += hash_s
-                verified.update(ok)
-            early.clear()
-            todo = [(s, d) for s, d in zip(slots, dests) if verified.get(s.index) is None or (verified[s.index].offset, verified[s.index].checksum) != (s.offset, s.checksum)]
-            stats.extra["early_blocks"] = stats.extra.get("early_blocks", 0) + len(slots) - len(todo)
-            if todo:
-                late = self._in_parallel(self._copy_out, keys, [s for s, _ in todo], [d for _, d in todo])
-                wait(late)  # both halves finish before any error propagates
-                for fut in late:
-                    copy_s, hash_s, _ = fut.result()  # raises a checksum mismatch
-                    stats.transfer_s += copy_s
-                    stats.validate_s += hash_s
-            self._remember(keys, slots)
-
-        try:
-            return self.control.get(keys, outs, stats, drain)
-        finally:
-            wait(early)  # never leave a helper writing into the caller's buffers after we return
+        self._remember(keys, slots)
 
     def close(self) -> None:
         self._populator.stop()
-        self.control.close()
         if self._helpers is not None:
             self._helpers.shutdown()
         self.pool = None

@@ -1,11 +1,11 @@
 """UCX transport for remote clients: tagged transfers straight between the server's pool and the caller's buffers.
 
-The control plane stays on gRPC (Reserve/Commit, Pin; see pooled.py). Over one
-UCX endpoint per client the server then sends the pinned slots (get) or receives
-into the reserved slots (put). A get into caller buffers skips the gRPC Pin where
-the server knows our tenant (keyed gets: the server pins, sends and unpins inside
-the one UCX request, a gRPC round trip and a thread hop less). One round trip per call, every payload message in
-flight at once, a large block straight from/into the caller's buffer, small
+The control plane stays on the control channel (Reserve/Commit, Pin; KVClient runs
+them). Over one UCX endpoint per client the server then sends the pinned slots
+(read) or receives into the reserved slots (write). A get into caller buffers skips
+the Pin where the server knows our tenant (read_keys, keyed gets: the server pins,
+sends and unpins inside the one UCX request, a control round trip and a thread hop less).
+One UCX round trip per call, every payload message in flight at once, a large block straight from/into the caller's buffer, small
 blocks packed into shared messages (ucx_wire.message_groups). Destinations may be
 host buffers or, with CUDA-aware UCX, GPU arrays (cupy or torch CUDA tensors):
 UCX writes them directly, without host staging, one message per block.
@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from kvclient.errors import ERROR_TYPES, CapacityExhaustedError, KVStoreError, TransferError, UnavailableError
+from kvclient.errors import ERROR_TYPES, KVStoreError, TransferError, UnavailableError
+from kvclient.integrity import check_block
 from kvclient.transports import device
+from kvclient.transports.base import SlotRef, TransferStats, Transport, destinations
 from kvwire import ucx_wire as wire
-from kvclient.transports.base import TransferStats
-from kvclient.transports.pooled import PoolControl, SlotRef, check_block, destinations
 from kvwire.ucxenv import Endpoint, Worker, import_ucxx, unavailable_reason
 
 
@@ -39,19 +39,18 @@ def _raise_remote(detail: bytes) -> None:
     raise err
 
 
-class UcxTransport:
+class UcxTransport(Transport):
     name = "ucx"
     moves_device_memory = True
+    releases_pins_on_read = True  # the server drops the pin as soon as it has sent the slots: one control call fewer per get
 
-    def __init__(self, control: PoolControl, host: str, port: int, client_id: str, token: bytes, timeout_s: float,
-                 tenant: str = "") -> None:
+    def __init__(self, host: str, port: int, client_id: str, token: bytes, timeout_s: float, tenant: str = "") -> None:
         if import_ucxx() is None:
             raise UnavailableError(f"ucxx not importable: {unavailable_reason()}")
         try:
             self.worker = Worker.get()
         except Exception as err:
             raise UnavailableError(f"UCX worker did not start: {type(err).__name__}: {err}") from None
-        self.control = control
         self.host, self.port = host, port
         self.client_id, self.token, self.tenant = client_id, token, tenant
         self.timeout_s = timeout_s
@@ -132,38 +131,32 @@ class UcxTransport:
         if ep is not None:
             ep.abort()
 
+    @property
+    def keyed_get(self) -> bool:
+        """read_keys works: the server pins by key inside a get (the hello bound our tenant)."""
+        return self._keyed
+
     # ---- data ---------------------------------------------------------------------
 
-    def put(self, keys, payloads, checksums, durable: bool, stats: TransferStats) -> list[int]:
-        def fill(slots: list[SlotRef]) -> None:
-            sizes = [s.length for s in slots]
-            group_bytes = 0 if any(device.is_device(payloads[s.index]) for s in slots) else wire.GROUP_BYTES
-            messages = [_gather([payloads[slots[i].index] for i in g]) for g in wire.message_groups(sizes, group_bytes)]
-            meta = np.array([s.handle for s in slots] + sizes, dtype=np.uint64)
+    def write(self, keys, slots: Sequence[SlotRef], payloads, stats: TransferStats) -> None:
+        sizes = [s.size_bytes for s in slots]
+        group_bytes = 0 if any(device.is_device(payloads[s.index]) for s in slots) else wire.GROUP_BYTES
+        messages = [_gather([payloads[slots[i].index] for i in g]) for g in wire.message_groups(sizes, group_bytes)]
+        meta = np.array([s.handle for s in slots] + sizes, dtype=np.uint64)
 
-            def send(ep: Endpoint, deadline: float) -> None:
-                t0 = time.perf_counter()
-                sends = [ep.send(wire.header(wire.OP_PUT, len(slots), group_bytes)), ep.send(meta)]
-                sends += [ep.send(m, tag=wire.DATA_TAG) for m in messages]
-                reply = self._expect_ok(ep, sends, deadline)
-                stats.transfer_s += time.perf_counter() - t0
-                if int(reply[2]) != sum(sizes):
-                    raise TransferError(f"server received {int(reply[2])} bytes, expected {sum(sizes)}")
+        def send(ep: Endpoint, deadline: float) -> None:
+            t0 = time.perf_counter()
+            sends = [ep.send(wire.header(wire.OP_PUT, len(slots), group_bytes)), ep.send(meta)]
+            sends += [ep.send(m, tag=wire.DATA_TAG) for m in messages]
+            reply = self._expect_ok(ep, sends, deadline)
+            stats.transfer_s += time.perf_counter() - t0
+            if int(reply[2]) != sum(sizes):
+                raise TransferError(f"server received {int(reply[2])} bytes, expected {sum(sizes)}")
 
-            with self._lock:
-                self._request(send, stats, keep_on_refusal=True)
+        with self._lock:
+            self._request(send, stats, keep_on_refusal=True)
 
-        return self.control.put(keys, payloads, checksums, durable, stats, fill)
-
-    def get(self, keys, outs, stats: TransferStats) -> list[Any]:
-        if outs is not None and keys and self._keyed:
-            try:
-                return self._get_keyed(keys, outs, stats)
-            except CapacityExhaustedError:
-                pass  # more than the host pool can stage at once: the gRPC path pins it in halves
-        return self._get_pinned(keys, outs, stats)
-
-    def _get_keyed(self, keys, outs, stats: TransferStats) -> list[Any]:
+    def read_keys(self, fingerprint_id: bytes, keys, outs, stats: TransferStats) -> list[Any]:
         """One UCX round trip: the server pins the keys, replies with their checksums, sends the slots and drops the pin.
 
         Receives for the reply and every payload are posted before the request goes out,
@@ -173,7 +166,7 @@ class UcxTransport:
         dests = destinations([SlotRef(i, 0, device.nbytes(o)) for i, o in enumerate(outs)], outs, keys)
         sizes = [device.nbytes(d) for d in dests]
         group_bytes, groups, buffers = _receive_plan(sizes, dests)
-        body = b"".join([self.control.fingerprint_id, *keys])
+        body = b"".join([fingerprint_id, *keys])
         head = np.array([wire.OP_GET_KEYS, n, group_bytes, len(body)] + sizes + [len(k) for k in keys], dtype=np.uint64)
         if wire.keyed_get_inline(n, len(body)):
             request = [np.frombuffer(head.tobytes() + body, dtype=np.uint8)]
@@ -197,31 +190,27 @@ class UcxTransport:
         stats.blocks += n
         return dests
 
-    def _get_pinned(self, keys, outs, stats: TransferStats) -> list[Any]:
-        def drain(slots: list[SlotRef], dests: list[Any]) -> None:
-            sizes = [s.length for s in slots]
-            group_bytes, groups, buffers = _receive_plan(sizes, dests)
-            block_keys = [keys[s.index] for s in slots]
-            checksums = [s.checksum for s in slots]
-            reply = wire.empty_header()
+    def read(self, keys, slots: Sequence[SlotRef], dests, stats: TransferStats, ahead=None) -> None:
+        """The server sends the pinned slots (one pin: slots[0].handle), then drops the pin."""
+        sizes = [s.size_bytes for s in slots]
+        group_bytes, groups, buffers = _receive_plan(sizes, dests)
+        block_keys = [keys[s.index] for s in slots]
+        checksums = [s.checksum for s in slots]
+        reply = wire.empty_header()
 
-            def reply_landed(ep: Endpoint, deadline: float) -> None:
-                if int(reply[0]) != wire.STATUS_OK:
-                    self._raise_detail(ep, int(reply[1]), deadline)  # the endpoint is then dropped, which cancels the receives
+        def reply_landed(ep: Endpoint, deadline: float) -> None:
+            if int(reply[0]) != wire.STATUS_OK:
+                self._raise_detail(ep, int(reply[1]), deadline)  # the endpoint is then dropped, which cancels the receives
 
-            def receive(ep: Endpoint, deadline: float) -> None:
-                request = ep.send(wire.header(wire.OP_GET, len(slots), slots[0].handle, group_bytes))
-                _receive(self.worker, ep, deadline, buffers, reply, [request], reply_landed,
-                         lambda g, buf: _verify(block_keys, g, buf, dests, sizes, checksums), groups, stats)
+        def receive(ep: Endpoint, deadline: float) -> None:
+            request = ep.send(wire.header(wire.OP_GET, len(slots), slots[0].handle, group_bytes))
+            _receive(self.worker, ep, deadline, buffers, reply, [request], reply_landed,
+                     lambda g, buf: _verify(block_keys, g, buf, dests, sizes, checksums), groups, stats)
 
-            with self._lock:
-                self._request(receive, stats, keep_on_refusal=False)
-
-        # The server drops the pin as soon as it has sent the slots: one control RPC fewer per get.
-        return self.control.get(keys, outs, stats, drain, unpin=False)
+        with self._lock:
+            self._request(receive, stats, keep_on_refusal=False)
 
     def close(self) -> None:
-        self.control.close()
         with self._lock:
             if self._ep is not None:
                 with self.worker.lock:

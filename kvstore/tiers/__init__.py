@@ -1,1 +1,1 @@
-"""Storage tiers: host (shared-memory pool), ssd (LMDB)."""
+"""Storage tiers behind one protocol (base.py): host (shared-memory pool), ssd (LMDB)."""

@@ -1,10 +1,12 @@
 """Host-memory tier: one fixed-size shared-memory pool, carved into slots by the slab allocator.
 
 The pool is a file in /dev/shm mapped by the server, so same-host clients can map
-the same pages and move payload without the server touching it. This module owns
-the mapping and slot bytes; which block lives in which slot is the index's business.
+the same pages and move payload without the server touching it (or, unshared, an
+anonymous mapping: in-process tests, hosts without /dev/shm). This module owns the
+mapping and slot bytes, behind the Tier protocol (tiers/base.py); which block lives in
+which slot is the block table's business.
 
-Every free slot holds zeros: free() zeroes a slot before the allocator may hand it
+Every free slot holds zeros: release() zeroes a slot before the allocator may hand it
 out again, whoever frees it (delete, demotion, eviction, a lease's end). Otherwise the
 next tenant to reserve the slot could read its last block, through the pool mapping
 or by committing it under its own key. The memset costs about 1 ms a 16 MiB slot
@@ -19,10 +21,13 @@ import os
 import re
 import secrets
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from kvwire.errors import CapacityExhaustedError
+from kvwire.types import Slot, Tier
+from kvstore.tiers.base import Buffer, BlockLabel
 from kvstore.tiers.slab import SlabAllocator
 
 log = logging.getLogger(__name__)
@@ -57,12 +62,17 @@ def _slab_bytes_for(max_block_bytes: int) -> int:
 
 
 class HostPool:
-    def __init__(self, capacity_bytes: int, max_block_bytes: int, name: str | None = None) -> None:
+    """The host tier (a MemoryTier): copies are Slots of the pool, `view` is all of it."""
+
+    tier = Tier.HOST
+
+    def __init__(self, capacity_bytes: int, max_block_bytes: int, name: str | None = None, shared: bool = True) -> None:
         slab_bytes = _slab_bytes_for(max_block_bytes)
         self.allocator = SlabAllocator(capacity_bytes, slab_bytes)
+        self.slots = self.allocator
         self.capacity_bytes = self.allocator.capacity_bytes
         self.shm_name = name or f"kvstore-{os.getpid()}-{secrets.token_hex(4)}"
-        self.path = SHM_DIR / self.shm_name if SHM_DIR.is_dir() else None
+        self.path = SHM_DIR / self.shm_name if shared and SHM_DIR.is_dir() else None
         if self.path is not None:
             sweep_stale_pools()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -104,30 +114,54 @@ class HostPool:
     def used_bytes(self) -> int:
         return self.allocator.used_bytes
 
-    def alloc(self, size: int) -> int | None:
-        return self.allocator.alloc(size)
+    # ---- the Tier protocol: bookkeeping (under the store lock) --------------------------
 
-    def free(self, offset: int) -> None:
+    def room_for(self, tenant: str, size_bytes: int) -> int:
+        return self.allocator.slot_bytes(size_bytes)
+
+    def footprint(self, slot: Slot) -> int:
+        return self.allocator.slot_bytes_at(slot.offset)
+
+    def alloc(self, skey: bytes, tenant: str, size_bytes: int) -> Slot | None:
+        offset = self.allocator.alloc(size_bytes)
+        return None if offset is None else Slot(offset, size_bytes)
+
+    def release(self, slot: Slot) -> None:
         """Zero the whole slot (a shm writer may have written past its block), then give it back."""
-        self.zero(offset)
-        self.allocator.free(offset)
+        self.zero(slot)
+        self.allocator.free(slot.offset)
 
-    def zero(self, offset: int) -> None:
-        """Zero the allocated slot at offset, all of it."""
-        self.zero_range(offset, self.allocator.slot_bytes_at(offset))
+    def zero(self, slot: Slot) -> None:
+        """Zero the allocated slot, all of it."""
+        self.zero_range(slot.offset, self.allocator.slot_bytes_at(slot.offset))
+
+    # ---- the Tier protocol: bytes (outside the store lock, on slots nobody else may touch) --
+
+    def write(self, items: Sequence[tuple[BlockLabel, Slot, Buffer]]) -> None:
+        view = self.view
+        for _, slot, data in items:
+            view[slot.offset : slot.offset + slot.size_bytes] = data
+
+    def read(self, block: BlockLabel, slot: Slot) -> memoryview:
+        return self.view[slot.offset : slot.offset + slot.size_bytes]
+
+    def erase(self, slots: Sequence[Slot]) -> None:
+        """Nothing to do: release zeroed them."""
+
+    def writes_paused(self) -> bool:
+        return False  # memory does not refuse a write
+
+    # ---- scrubbing ----------------------------------------------------------------------
 
     def zero_range(self, offset: int, length: int) -> None:
         self._bytes[offset : offset + length] = 0
 
     def zero_free(self) -> int:
-        """Zero every free slot and slab (free() already does; this is the secure delete's proof). Returns bytes zeroed."""
+        """Zero every free slot and slab (release() already does; this is the secure delete's proof). Returns bytes zeroed."""
         ranges = self.allocator.free_ranges()
         for offset, length in ranges:
             self.zero_range(offset, length)
         return sum(length for _, length in ranges)
-
-    def slot(self, offset: int, size: int) -> memoryview:
-        return self.view[offset : offset + size]
 
     def close(self) -> None:
         self._bytes = None

@@ -2,7 +2,11 @@
 
 Each value is a fixed header (fingerprint, tenant, checksum, size) followed by the
 payload, so the index can be rebuilt from LMDB alone at start-up. This module owns
-the on-disk format and LMDB transactions; eviction policy lives in the store.
+the on-disk format, LMDB transactions and the tier's room (a record tier of the Tier
+protocol, tiers/base.py); which records go and come is placement.py's and eviction.py's.
+used_bytes counts payload bytes, as operators see them; a new record's room counts its
+header too. Callers serialise writes and erases (placement.py's writer lock), so records
+change on disk in the order they were decided.
 
 A write LMDB refuses (full disk or map, I/O error) is raised as SsdWriteError with
 nothing of its transaction stored; after one, writes_paused() tells background work
@@ -18,11 +22,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import lmdb
 
 from kvwire.errors import SsdWriteError
+from kvwire.types import Tier
+from kvstore.tiers.base import BlockLabel, Buffer, Record
 from kvstore.tiers.rwlock import SharedExclusiveLock
 
 log = logging.getLogger(__name__)
@@ -64,9 +70,12 @@ def decode_header(skey: bytes, value: memoryview | bytes) -> tuple[SsdRecord, in
 
 
 class SsdTier:
+    tier = Tier.SSD
+
     def __init__(self, path: Path, capacity_bytes: int) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.capacity_bytes = capacity_bytes
+        self.used_bytes = 0  # payload bytes of the records allocated or adopted
         self.path = path
         self.map_size = int(capacity_bytes * _MAP_OVERHEAD) + (64 << 20)
         self.env = self._open(path)
@@ -82,7 +91,46 @@ class SsdTier:
     def record_bytes(tenant: str, size: int) -> int:
         return _HEADER.size + len(tenant.encode()) + size
 
-    def put_many(self, items: list[tuple[bytes, bytes, memoryview | bytes]]) -> None:
+    # ---- the Tier protocol: bookkeeping (under the store lock) --------------------------
+
+    def room_for(self, tenant: str, size_bytes: int) -> int:
+        return self.record_bytes(tenant, size_bytes)
+
+    def footprint(self, record: Record) -> int:
+        return record.size_bytes
+
+    def alloc(self, skey: bytes, tenant: str, size_bytes: int) -> Record | None:
+        if self.used_bytes + self.record_bytes(tenant, size_bytes) > self.capacity_bytes:
+            return None
+        self.used_bytes += size_bytes
+        return Record(skey, size_bytes)
+
+    def adopt(self, skey: bytes, size_bytes: int) -> Record:
+        """A record found on disk at start-up: held, whatever the room."""
+        self.used_bytes += size_bytes
+        return Record(skey, size_bytes)
+
+    def release(self, record: Record) -> None:
+        self.used_bytes -= record.size_bytes
+
+    # ---- the Tier protocol: I/O (outside the store lock) --------------------------------
+
+    def write(self, items: Sequence[tuple[BlockLabel, Record, Buffer]]) -> None:
+        self.put_many([(r.skey, encode_header(b.tenant, b.fingerprint_id, b.checksum, b.size), data) for b, r, data in items])
+
+    def read(self, block: BlockLabel, record: Record) -> bytes | None:
+        try:
+            found = self.get(record.skey)
+        except ValueError:  # a damaged header: the caller drops the block as it would a bad checksum
+            return None
+        if found is None or found[0].size != block.size:
+            return None
+        return found[1]
+
+    def erase(self, records: Sequence[Record]) -> None:
+        self.delete_many([r.skey for r in records])
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes, Buffer]]) -> None:
         """items: (skey, header, payload); one transaction, durable on return, or SsdWriteError and none stored."""
         with self._writing(f"writing {len(items)} blocks"), self._swap.shared(), self.env.begin(write=True) as txn:
             for skey, header, payload in items:
@@ -127,7 +175,7 @@ class SsdTier:
             record, start = decode_header(skey, value)
             return record, bytes(value[start : start + record.size])
 
-    def delete_many(self, skeys: list[bytes]) -> None:
+    def delete_many(self, skeys: Sequence[bytes]) -> None:
         if not skeys:
             return
         with self._writing(f"deleting {len(skeys)} blocks"), self._swap.shared(), self.env.begin(write=True) as txn:
@@ -164,7 +212,7 @@ class SsdTier:
         bytes intact, and even a compacting copy carries stale bytes left inside live
         pages. Re-putting live records into a new environment writes only live data;
         the old file is then overwritten with zeros and fsynced before it is replaced.
-        The caller must keep other writers out (the store holds its lock).
+        The caller must keep other writers out (placement.py's writer lock).
         """
         fresh = self.path.with_name(self.path.name + ".rewrite")
         shutil.rmtree(fresh, ignore_errors=True)

@@ -10,7 +10,7 @@ from engines.adapter import ClaimPlan, IncompatibleFingerprintError, StoreAdapte
 from engines.fingerprint import checkpoint_fingerprint, checkpoint_revision
 from engines.generate import generate_greedy
 from kvwire.keys import block_keys
-from kvclient.transports.pooled import SlotRef
+from kvclient.client import SlotRef
 from tests.engines.tiny import TINY_CONFIG, make_cache
 
 BLOCK = 16

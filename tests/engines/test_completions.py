@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from engines.completions import BadRequest, CompletionRequest, CompletionResult, TextStream, sse
+from engines.completions import BadRequest, CompletionRequest, CompletionResult, TextStream
+from engines.http_server import sse
 from engines.tokenizer import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()

@@ -8,7 +8,6 @@ from engines.checkpoint import load_checkpoint
 from engines.fingerprint import checkpoint_fingerprint
 from engines.generate import generate_greedy
 from kvclient.errors import ChecksumMismatchError
-from kvclient.transports.base import TransferStats
 from tests.engines.tiny import BLOCK_TOKENS, TINY_CONFIG, gpu_only, make_cache
 
 pytestmark = [pytest.mark.gpu, gpu_only]
@@ -78,9 +77,9 @@ def test_download_to_cuda_dmas_from_the_registered_pool(server, tiny_checkpoint,
             assert adapter._registered and fetched.device == source.device
             assert torch.equal(fetched, payload)
             assert client.last_transfer.extra["copies"] <= (full_blocks if block_tokens == 4 else 1)
-            slots = []  # find block 1's slot, then flip a byte of it in the pool: the GPU path must refuse it
-            client.transport.control.get([keys[1].digest], None, TransferStats(), lambda found, _: slots.extend(found))
-            client.transport.pool[slots[0].offset] ^= 0xFF
+            with client.pin(keys[1:2]) as pinned:  # find block 1's slot, then flip a byte of it in the pool: the GPU path must refuse it
+                offset = pinned.slots[0].offset
+            client.transport.pool_view()[offset] ^= 0xFF
             with pytest.raises(ChecksumMismatchError):
                 adapter.download(client, keys)
     finally:
@@ -116,9 +115,9 @@ def test_prefix_streams_layer_by_layer_into_pages_and_is_checked(server, tiny_ch
             target.free("b")
             assert generate_greedy(model, target, prompt_ids, 6, seq_id="c", num_cached_tokens=0) == expected
 
-            slots = client.transport.control.pin([keys[1].digest], TransferStats())
-            client.transport.control.release(slots, failed=True)
-            client.transport.pool[slots[0].offset + 7] ^= 0xFF
+            pinned = client.pin(keys[1:2])
+            pinned.release(failed=True)
+            client.transport.pool_view()[pinned.slots[0].offset + 7] ^= 0xFF
             table = target.allocate("d", len(prompt_ids))
             with pytest.raises(ChecksumMismatchError), adapter.prepare_load(client, keys) as load:
                 load.start(target, table)

@@ -1,10 +1,13 @@
-"""The router as a real process in front of real workers and a real store: answers, routing, failover."""
+"""The router as a real process in front of real workers and a real store: answers, routing, failover;
+and in process, its HTTP answers (http_server.py): JSON, OpenAI error bodies, server-sent events."""
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +22,7 @@ from engines.config import ModelConfig
 from engines.fingerprint import checkpoint_fingerprint
 from engines.generate import generate_greedy
 from engines.protocol import PrefillRequest, PrefillResponse, post_json
+from engines.router import RouterConfig, RouterServer
 from engines.tokenizer import ByteTokenizer
 from kvclient.client import KVClient
 from tests.engines.procs import REPO_ROOT, WorkerProc, start_decode, start_prefill
@@ -267,3 +271,58 @@ def test_decode_failure_after_streamed_tokens_ends_with_an_error_event_not_a_res
     assert streamed and expected.startswith(streamed) and len(streamed) < len(expected)
     attempts = json.loads(router.routed(events[0]["id"])["attempts"])
     assert [a["stage"] for a in attempts] == ["prefill", "decode"]  # no second decode: nothing restarted
+
+
+# ---- in process: the router's HTTP (http_server.py) -----------------------------------------------
+
+@pytest.fixture
+def router_server():
+    """A RouterServer in this process whose workers are all dead: everything that needs no worker."""
+    dead = (f"http://127.0.0.1:{free_port()}",)
+    config = RouterConfig(dead, dead, max_attempts=1, deadline_s=5, probe_timeout_s=0.2, model_name="m")
+    server = RouterServer(config, port=0)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    server.router.close()
+
+
+def call(server, method: str, path: str, body: dict | bytes | None = None) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request(method, path, body=json.dumps(body).encode() if isinstance(body, dict) else body)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def test_router_http_answers_json_with_openai_error_bodies(router_server):
+    status, headers, body = call(router_server, "GET", "/health")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert json.loads(body) == {"status": "ok", "prefill": list(router_server.router.config.prefill_urls),
+                                "decode": list(router_server.router.config.decode_urls)}
+    assert json.loads(call(router_server, "GET", "/v1/models")[2])["data"] == [{"id": "m", "object": "model"}]
+    for method, path, request, status, kind in [
+            ("GET", "/nowhere", None, 404, "not_found"), ("POST", "/v1/chat", {}, 404, "not_found"),
+            ("POST", "/v1/completions", b"{", 400, "invalid_request_error"),
+            ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}, 503, "worker_unavailable"),
+            ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True}, 503, "worker_unavailable")]:
+        got, headers, body = call(router_server, method, path, request)
+        assert (got, headers["Content-Type"], json.loads(body)["error"]["type"]) == (status, "application/json", kind), path
+    done = json.loads(call(router_server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 0})[2])
+    assert done["choices"][0]["finish_reason"] == "length" and done["usage"]["completion_tokens"] == 0
+
+
+def test_router_http_streams_server_sent_events(router_server):
+    """max_tokens=0 needs no worker, yet streams the whole shape: a chunk, the final chunk with usage, [DONE]."""
+    status, headers, body = call(router_server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 0, "stream": True})
+    assert status == 200 and headers["Content-Type"] == "text/event-stream" and headers["Connection"] == "close"
+    events = body.split(b"\n\n")
+    assert events[-1] == b"" and all(e.startswith(b"data: ") for e in events[:-1])
+    payloads = [e[len(b"data: "):] for e in events[:-1]]
+    assert payloads[-1] == b"[DONE]"
+    first, final = json.loads(payloads[0]), json.loads(payloads[-2])
+    assert first["choices"][0]["text"] == "" and final["choices"][0]["finish_reason"] == "length"
+    assert final["usage"]["prompt_tokens"] == len(TOKENIZER.encode("hi"))

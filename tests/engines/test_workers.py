@@ -1,8 +1,12 @@
-"""Prefill and decode workers as real processes around a real kvstore: identity, reuse, single flight, isolation."""
+"""Prefill and decode workers as real processes around a real kvstore: identity, reuse, single flight, isolation;
+and in process, the HTTP they serve (worker_common.py over http_server.py)."""
 from __future__ import annotations
 
 import http.client
+import json
+import os
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -15,9 +19,11 @@ from engines.checkpoint import load_checkpoint
 from engines.config import ModelConfig
 from engines.fingerprint import checkpoint_fingerprint
 from engines.generate import generate_greedy
+from engines.http_server import HTTPError
 from engines.protocol import (DecodeEvent, DecodeRequest, MatchRequest, MatchResponse, PrefillRequest,
-                              PrefillResponse, post_json, stream_ndjson, to_json)
+                              PrefillResponse, WorkerHealth, get_json, post_json, stream_ndjson, to_json)
 from engines.tokenizer import ByteTokenizer
+from engines.worker_common import JsonHTTPServer, Route
 from kvclient.client import KVClient
 from tests.engines.procs import start_decode, start_prefill
 from tests.engines.tiny import make_cache
@@ -248,3 +254,80 @@ def test_bad_requests_get_400(workers):
     with pytest.raises(urllib.error.HTTPError) as err:
         decode(workers["decode"], [1, 2, 3], first_token=-1)
     assert err.value.code == 400
+
+
+# ---- in process: the HTTP a worker serves (worker_common over http_server) ------------------------
+
+@pytest.fixture
+def json_server():
+    """A JsonHTTPServer with routes that answer JSON, stream NDJSON, refuse, fail or stream forever."""
+    stream_closed = threading.Event()
+
+    def count(req: MatchRequest):
+        for token in req.prompt_ids:
+            yield DecodeEvent(token=token)
+        yield DecodeEvent(done=True, finish_reason="length")
+
+    def forever(req: MatchRequest):
+        try:
+            while True:
+                yield DecodeEvent(token=1, text="x" * 1024)
+                time.sleep(0.005)
+        finally:
+            stream_closed.set()
+
+    def busy(req: MatchRequest):
+        raise HTTPError(503, "no free pages")
+
+    routes = {
+        "/match": Route(MatchRequest, lambda req: MatchResponse(len(req.prompt_ids), 7)),
+        "/count": Route(MatchRequest, count), "/forever": Route(MatchRequest, forever),
+        "/busy": Route(MatchRequest, busy), "/crash": Route(MatchRequest, lambda req: 1 // 0),
+    }
+    server = JsonHTTPServer("127.0.0.1", 0, lambda: WorkerHealth(role="test", queue_depth=2), routes)
+    server.stream_closed = stream_closed
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_worker_http_answers_json_ndjson_and_errors_with_their_status(json_server):
+    url = f"http://127.0.0.1:{json_server.port}"
+    assert get_json(url + "/health?verbose=1", WorkerHealth) == WorkerHealth(role="test", queue_depth=2)
+    assert post_json(url + "/match", MatchRequest([1, 2, 3]), MatchResponse) == MatchResponse(3, 7)
+    events = list(stream_ndjson(url + "/count", MatchRequest([5, 6])))
+    assert [e.token for e in events] == [5, 6, None] and events[-1].done
+    conn = http.client.HTTPConnection("127.0.0.1", json_server.port, timeout=10)
+    for method, path, body, status in [("GET", "/nowhere", None, 404), ("POST", "/nowhere", b"{}", 404),
+                                       ("POST", "/match", b"not json", 400), ("POST", "/match", b"{}", 400),
+                                       ("POST", "/busy", b'{"prompt_ids": []}', 503),
+                                       ("POST", "/crash", b'{"prompt_ids": []}', 500)]:
+        conn.request(method, path, body=body)  # one keep-alive connection: each answer is framed exactly
+        response = conn.getresponse()
+        assert (response.status, response.getheader("Content-Type")) == (status, "application/json"), path
+        assert "error" in json.loads(response.read())
+    conn.close()
+
+
+def test_worker_http_closes_a_stream_the_client_left(json_server):
+    conn = http.client.HTTPConnection("127.0.0.1", json_server.port, timeout=10)
+    conn.request("POST", "/forever", body=b'{"prompt_ids": [1]}')
+    response = conn.getresponse()
+    assert response.getheader("Content-Type") == "application/x-ndjson" and response.readline()
+    conn.close()
+    assert json_server.stream_closed.wait(10)  # the route's finally ran: what it held is released
+
+
+def test_worker_http_stops_on_sigterm():
+    server = JsonHTTPServer("127.0.0.1", 0, lambda: WorkerHealth(role="test"), {})
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    try:
+        server.serve_until_signal()  # returns once the signal stops it
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=1)

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from kvclient import KVClient
-from kvclient.transports import pooled, shm, ucx
+from kvclient.transports import shm, ucx
 from tests.conftest import make_fingerprint
 
 
@@ -28,16 +28,18 @@ def stall() -> None:
 def main(address: str, transport: str, op: str, n_blocks: int, block_bytes: int) -> None:
     client = KVClient(address, make_fingerprint(), tenant="stalled", transport=transport)
     keys = client.block_keys(list(range(n_blocks * 16)))
+    mover = type(client.transport)
     if op == "put-filled":
-        real_put = pooled.PoolControl.put
+        real_write = mover.write
 
-        def put(self, keys, payloads, checksums, durable, stats, fill):
-            return real_put(self, keys, payloads, checksums, durable, stats, lambda slots: (fill(slots), stall()))
+        def write(self, *args, **kwargs):
+            real_write(self, *args, **kwargs)
+            stall()
 
-        pooled.PoolControl.put = put
+        mover.write = write
         client.put(keys, [np.full(block_bytes, i % 251, np.uint8) for i in range(n_blocks)])
     elif op == "get-pinned":
-        pooled.destinations = lambda *a: stall()
+        mover.read = lambda *a, **k: stall()
         client.get(keys)
     elif op == "get-midway":
         seen = []

@@ -171,7 +171,7 @@ def test_malformed_requests_get_specific_status(server, fingerprint):
 def test_errors_map_back_to_types(server, fingerprint):
     with KVClient(server.address, fingerprint, tenant="t-types") as client:
         with pytest.raises(LeaseError):
-            client._call(client.stub.Commit, pb.CommitRequest(fingerprint_id=fingerprint.id, items=[pb.CommitItem(lease_id=987654, checksum=0)]))
+            client.control.commit(fingerprint.id, [987654], [0])
         with pytest.raises(KVStoreError):
             client.put(client.block_keys(tokens(1)), [])
 

@@ -9,16 +9,14 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
 from kvclient import KVClient
-from kvclient.errors import FingerprintMismatchError, InvalidRequestError, KVStoreError, TimeoutError_, UnavailableError, from_rpc_error
-from kvclient.local_control import MAX_IDLE_CONNECTIONS, LocalControlStub
-from kvclient.transports.base import TransferStats
+from kvclient.control import ClientIdentity, GrpcControl
+from kvclient.errors import FingerprintMismatchError, InvalidRequestError, KVStoreError, TimeoutError_, UnavailableError
+from kvclient.local_control import MAX_IDLE_CONNECTIONS, LocalControl
 from kvwire.types import PutOutcome
-from kvwire.v1 import kvstore_pb2 as pb
 from tests.conftest import make_fingerprint
 from tests.kvclient.transport_util import eventually, random_blocks, tokens
 from tests.kvstore.admin_util import auth_flags
@@ -34,12 +32,17 @@ def local_calls(port: int) -> float:
     return sum(v for (name, _), v in scrape(port).items() if name == "kvstore_local_control_requests_total")
 
 
-def status_of(call) -> tuple[grpc.StatusCode, str, str]:
-    """A failed call's code, details and error type, as KVClient sees them."""
-    with pytest.raises(grpc.RpcError) as err:
+def status_of(call) -> tuple[str, str, str]:
+    """A failed call's status, details and error type, as KVClient sees them."""
+    with pytest.raises(KVStoreError) as err:
         call()
-    exc = from_rpc_error(err.value)
-    return err.value.code(), err.value.details(), type(exc).__name__
+    return err.value.status, str(err.value), type(err.value).__name__
+
+
+def channels(srv, socket_path: str, metadata) -> tuple[GrpcControl, LocalControl]:
+    """The two control channels of one caller (metadata), side by side."""
+    over_grpc = GrpcControl(srv.address, metadata, timeout_s=10)
+    return over_grpc, LocalControl(socket_path, metadata, over_grpc, timeout_s=10)
 
 
 def test_same_host_client_uses_the_socket_with_results_identical_to_grpc(make_server, fingerprint):
@@ -56,10 +59,10 @@ def test_same_host_client_uses_the_socket_with_results_identical_to_grpc(make_se
         assert local.status(keys + local.block_keys(tokens(9))[-1:]) == remote.status(keys + remote.block_keys(tokens(9))[-1:])
         for client in (local, remote):
             assert all(np.array_equal(a, b) for a, b in zip(client.get(keys), blocks))
-        pins = [c.transport.control.pin([k.digest for k in keys], TransferStats()) for c in (local, remote)]
-        assert [s[:3] + s[4:5] for s in pins[0]] == [s[:3] + s[4:5] for s in pins[1]]  # same slots and checksums; pin ids and expiries differ
-        for client, slots in zip((local, remote), pins):
-            client.transport.control.release(slots)
+        pins = [c.pin(keys) for c in (local, remote)]
+        assert [s[:3] + s[4:5] for s in pins[0].slots] == [s[:3] + s[4:5] for s in pins[1].slots]  # same slots and checksums; pin ids and expiries differ
+        for pinned in pins:
+            pinned.release()
         # put: Reserve + Commit; lookup: 1; status: 1; get: Pin; pin: 1 -> 6 calls went local, none of remote's did
         assert local_calls(port) - before == 6
 
@@ -70,17 +73,19 @@ def test_errors_are_the_same_status_and_message_as_over_grpc(server, fingerprint
         assert local.stats()["client"]["control"] == "local"
         keys = local.block_keys(tokens(2, start=7_000))
         local.put(keys, random_blocks(2, BLOCK))
-        grpc_stub, local_stub, md = local.grpc_stub, local.stub, local._metadata
-        requests = {
-            "Lookup": pb.LookupRequest(fingerprint_id=local.fingerprint_id, keys=[b"short"]),  # malformed key length
-            "Pin": pb.PinRequest(fingerprint_id=other.id, keys=[k.digest for k in keys]),  # stored under another fingerprint
-            "Commit": pb.CommitRequest(fingerprint_id=local.fingerprint_id, items=[pb.CommitItem(lease_id=123456789)]),  # unknown lease
-            "Reserve": pb.ReserveRequest(fingerprint_id=b"\1" * 3),
+        grpc_channel, local_channel = channels(server, local.control.socket_path, ClientIdentity(local.client_id, "errs").metadata())
+        calls = {
+            "Lookup": lambda ch: ch.lookup(local.fingerprint_id, [b"short"]),  # malformed key length
+            "Pin": lambda ch: ch.pin(other.id, [k.digest for k in keys]),  # stored under another fingerprint
+            "Commit": lambda ch: ch.commit(local.fingerprint_id, [123456789], [0]),  # unknown lease
+            "Reserve": lambda ch: ch.reserve(b"\1" * 3, [], []),
         }
-        for name, request in requests.items():
-            over_grpc = status_of(lambda: getattr(grpc_stub, name)(request, metadata=md, timeout=10))
-            over_local = status_of(lambda: getattr(local_stub, name)(request, metadata=md, timeout=10))
+        for name, call in calls.items():
+            over_grpc = status_of(lambda: call(grpc_channel))
+            over_local = status_of(lambda: call(local_channel))
             assert over_local == over_grpc, name
+        local_channel.close()
+        grpc_channel.close()
         # and through the client API, as typed exceptions
         with pytest.raises(FingerprintMismatchError, match="fingerprint"):
             wrong_fp.get(keys[:1])
@@ -95,11 +100,14 @@ def test_missing_or_wrong_token_is_refused_as_over_grpc(make_server, tmp_path, f
         assert alice.stats()["client"]["control"] == "local"
         keys = alice.block_keys(tokens(1))
         assert alice.put(keys, random_blocks(1, BLOCK)) == [PutOutcome.STORED]
-        request = pb.LookupRequest(fingerprint_id=alice.fingerprint_id, keys=[k.digest for k in keys])
+        digests = [k.digest for k in keys]
         for md in ((), (("authorization", "Bearer not-a-token"),), (("authorization", "Bearer alice-secret"), ("kvstore-tenant", "bob"))):
-            over_grpc = status_of(lambda: alice.grpc_stub.Lookup(request, metadata=md, timeout=10))
-            over_local = status_of(lambda: alice.stub.Lookup(request, metadata=md, timeout=10))
-            assert over_local == over_grpc and over_grpc[0] in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+            grpc_channel, local_channel = channels(srv, alice.control.socket_path, md)
+            over_grpc = status_of(lambda: grpc_channel.lookup(alice.fingerprint_id, digests))
+            over_local = status_of(lambda: local_channel.lookup(alice.fingerprint_id, digests))
+            assert over_local == over_grpc and over_grpc[0] in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+            local_channel.close()
+            grpc_channel.close()
     # A client whose token is refused never gets as far as the socket: the DataPlane call over gRPC fails first.
     with KVClient(srv.address, fingerprint, token="not-a-token") as stranger:
         choice = stranger.transport_choice.as_dict()  # stats() itself would be refused
@@ -161,7 +169,7 @@ def test_opt_outs_fall_back_to_grpc_and_say_why(make_server, fingerprint, client
     with KVClient(srv.address, fingerprint, tenant="optout", **client_kwargs) as client:
         choice = client.stats()["client"]
         assert choice["control"] == "grpc" and reason in choice["control_fallback"]
-        assert not isinstance(client.stub, LocalControlStub)
+        assert not isinstance(client.control, LocalControl)
         keys = client.block_keys(tokens(3))
         assert client.put(keys, random_blocks(3, BLOCK)) == [PutOutcome.STORED] * 3
         assert client.lookup(keys) == 3 and len(client.get(keys)) == 3
@@ -191,7 +199,7 @@ def test_many_threads_share_one_client(server, fingerprint):
             t.join(60)
         assert not any(t.is_alive() for t in threads) and not errors, errors
         # a connection per call in flight, reused; after the burst only a few stay open (a server thread each)
-        assert 1 <= len(client.stub._pool._idle) <= MAX_IDLE_CONNECTIONS
+        assert 1 <= len(client.control._pool._idle) <= MAX_IDLE_CONNECTIONS
 
 
 def test_forked_child_opens_its_own_connections(server, fingerprint):
@@ -203,13 +211,13 @@ def test_forked_child_opens_its_own_connections(server, fingerprint):
         # ...and, after a get over shm, copy-helper and unpin threads that do not exist in a child
         assert all((got == want).all() for got, want in zip(client.get(keys[:2]), blocks))
         assert client.transport._helpers is not None
-        inherited = list(client.stub._pool._idle)
+        inherited = list(client.control._pool._idle)
         pid = os.fork()
         if pid == 0:  # no pytest here: report through the exit status, and never run the parent's teardown
             code = 1
             try:
                 ok = client.lookup(keys) == 2 and client.put(keys[2:], random_blocks(2, BLOCK, seed=5)) == [PutOutcome.STORED] * 2
-                ok = ok and client.lookup(keys) == 4 and not set(client.stub._pool._idle) & set(inherited)
+                ok = ok and client.lookup(keys) == 4 and not set(client.control._pool._idle) & set(inherited)
                 outs = [np.empty(BLOCK, dtype=np.uint8) for _ in blocks]  # the early copy from remembered slots, too
                 for got in (client.get(keys[:2]), client.get(keys[:2], out=outs)):
                     ok = ok and all((g == w).all() for g, w in zip(got, blocks))

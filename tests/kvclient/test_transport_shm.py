@@ -1,4 +1,4 @@
-"""shm specifics beyond the shared transport tests: one RPC a get, deferred unpins, the early copy."""
+"""shm specifics beyond the shared transport tests: one RPC a get, deferred unpins, the early copy, pins read in the pool."""
 from __future__ import annotations
 
 
@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 
 from kvclient import KVClient
-from kvclient.errors import BlockNotFoundError
-from kvclient.transports.base import TransferStats
-from kvwire.v1 import kvstore_pb2 as pb
+from kvclient.errors import BlockNotFoundError, ChecksumMismatchError
 from tests.conftest import make_fingerprint
-from tests.kvclient.transport_util import eventually, random_blocks, tokens
+from tests.kvclient.transport_util import eventually, map_pool, random_blocks, tokens
 from tests.serverproc import ServerProc
 
 BLOCK = 1 << 20
@@ -80,8 +78,8 @@ def test_early_copy_is_used_and_never_serves_a_deleted_or_rewritten_block(shm_se
 
 
 def slot_of(client: KVClient, key) -> int:
-    pin = client._call(client.stub.Pin, pb.PinRequest(fingerprint_id=client.fingerprint_id, keys=[key.digest]))
-    client._call(client.stub.Unpin, pb.UnpinRequest(pin_ids=[pin.pin_id]))
+    pin = client.control.pin(client.fingerprint_id, [key.digest])
+    client.control.unpin([pin.pin_id])
     return pin.offsets[0]
 
 
@@ -90,23 +88,49 @@ def test_prefix_pin_pins_the_leading_present_run_in_one_rpc(shm_server, fingerpr
         keys = client.block_keys(tokens(6, start=2000))
         blocks = random_blocks(6, BLOCK, seed=3)
         client.put(keys[:2] + keys[3:], blocks[:2] + blocks[3:])  # block 2 missing: the run ends there
-        control = client.transport.control
-        stats = TransferStats()
-        slots = control.pin([k.digest for k in keys], stats, prefix=True)
-        assert stats.control_rpcs == 1
-        assert [s.index for s in slots] == [0, 1]
-        pool = client.transport.pool
-        for slot, block in zip(slots, blocks):
-            assert np.array_equal(pool[slot.offset: slot.offset + slot.length], block)
+        pinned = client.pin(keys, prefix=True)
+        assert pinned.stats.control_rpcs == 1 and client.last_transfer is pinned.stats
+        assert [s.index for s in pinned.slots] == [0, 1] and pinned.keys == [k.digest for k in keys[:2]]
+        pool = pinned.pool_view
+        for slot, block in zip(pinned.slots, blocks):
+            assert np.array_equal(pool[slot.offset: slot.offset + slot.size_bytes], block)
         assert pins_held(shm_server, fingerprint) == 1
         with pytest.raises(BlockNotFoundError):  # without prefix it is all or nothing
-            control.pin([k.digest for k in keys], TransferStats())
-        control.release(slots, failed=True)
+            client.pin(keys)
+        pinned.release(failed=True)
         assert pins_held(shm_server, fingerprint) == 0
 
-        assert control.pin([k.digest for k in keys[2:]], TransferStats(), prefix=True) == []
+        assert len(client.pin(keys[2:], prefix=True)) == 0
         assert pins_held(shm_server, fingerprint) == 0  # nothing present, nothing pinned
 
     # The same digests asked for under another fingerprint (another dtype): never served, even in prefix mode.
     with KVClient(shm_server.address, make_fingerprint(dtype="bfloat16"), tenant="prefix-pin", transport="shm") as client:
-        assert client.transport.control.pin([k.digest for k in keys], TransferStats(), prefix=True) == []
+        assert client.pin(keys, prefix=True).slots == []
+
+
+def test_pinned_blocks_are_read_and_verified_in_the_pool_and_released_on_exit(shm_server, fingerprint):
+    with KVClient(shm_server.address, fingerprint, tenant="pin-verify", transport="shm") as client:
+        keys = client.block_keys(tokens(3, start=3000))
+        blocks = random_blocks(3, BLOCK, seed=4)
+        client.put(keys, blocks)
+        wait_no_pins(shm_server, fingerprint)
+        with client.pin(keys) as pinned:
+            assert pins_held(shm_server, fingerprint) == 1
+            for i, block in enumerate(blocks):
+                pinned.verify(i)
+                assert np.array_equal(pinned.block(i), block)
+            s = pinned.slots[2]
+            pool = map_pool(client.control.data_plane().shm_name)  # another mapping: the server's bytes themselves
+            pool[s.offset + 5] ^= 0xFF
+            with pytest.raises(ChecksumMismatchError, match=keys[2].hex()):
+                pinned.verify(2)
+            pool[s.offset + 5] ^= 0xFF
+        wait_no_pins(shm_server, fingerprint)  # released on exit, with the next Pin or after a quiet moment
+        with pytest.raises(ChecksumMismatchError):
+            with client.pin(keys) as pinned:
+                pool[pinned.slots[0].offset] ^= 0xFF
+                try:
+                    pinned.verify(0)
+                finally:
+                    pool[pinned.slots[0].offset] ^= 0xFF
+        assert pins_held(shm_server, fingerprint) == 0  # an error leaving the block drops the pin at once

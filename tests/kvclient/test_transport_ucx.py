@@ -10,11 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from kvclient import KVClient
+from kvclient import KVClient, SlotRef, TransferStats
 from kvclient.errors import BlockNotFoundError, InvalidRequestError, LeaseError, UnauthenticatedError
-from kvwire import ucx_wire as wire
-from kvclient.transports.pooled import SlotRef
 from kvclient.transports.ucx import UcxTransport
+from kvwire import ucx_wire as wire
 from kvwire.types import PutOutcome
 from tests.conftest import make_fingerprint
 from tests.kvclient.transport_util import HAVE_UCX, UCX_SERVER_ENV, eventually, random_blocks, tokens
@@ -145,33 +144,19 @@ def test_clients_in_one_process_share_the_worker_from_threads(ucx_server):
     assert errors == []
 
 
-class _BogusControl:
-    """Stands in for PoolControl: hands the transport a lease or pin the server never granted."""
-
-    def put(self, keys, payloads, checksums, durable, stats, fill):
-        fill([SlotRef(i, 0, len(p), handle=987_654_321 + i, checksum=0) for i, p in enumerate(payloads)])
-
-    def get(self, keys, outs, stats, drain, unpin=True):
-        drain([SlotRef(0, 0, 4096, handle=987_654_321, checksum=0)], [np.zeros(4096, np.uint8)])
-
-    def close(self) -> None:
-        pass
-
-
 def test_refusals_leave_the_transport_usable(ucx_server):
+    """The transport handed a lease or pin the server never granted (as a broken control half would)."""
     with client_for(ucx_server, "refused") as client:
-        transport, real_control = client.transport, client.transport.control
+        transport = client.transport
         payloads = [memoryview(b) for b in random_blocks(20, 64 << 10)]  # several shared messages to drain
-        transport.control = _BogusControl()
-        try:
-            with pytest.raises(LeaseError):
-                transport.put([b"k" * 16] * 20, payloads, [0] * 20, False, client.last_transfer)
-            assert transport._ep is not None, "a refused put is drained by the server; the endpoint stays in step"
-            with pytest.raises(LeaseError):
-                transport.get([b"k" * 16], None, client.last_transfer)
-            assert transport._ep is None, "a refused get leaves receives posted; the endpoint is dropped"
-        finally:
-            transport.control = real_control
+        leases = [SlotRef(i, 0, len(p), handle=987_654_321 + i, checksum=0) for i, p in enumerate(payloads)]
+        with pytest.raises(LeaseError):
+            transport.write([b"k" * 16] * 20, leases, payloads, TransferStats())
+        assert transport._ep is not None, "a refused put is drained by the server; the endpoint stays in step"
+        with pytest.raises(LeaseError):
+            transport.read([b"k" * 16], [SlotRef(0, 0, 4096, handle=987_654_321, checksum=0)], [np.zeros(4096, np.uint8)],
+                           TransferStats())
+        assert transport._ep is None, "a refused get leaves receives posted; the endpoint is dropped"
         keys = client.block_keys(tokens(3, start=7_000_000))
         blocks = random_blocks(3, 1 << 20, seed=5)
         assert client.put(keys, blocks) == [PutOutcome.STORED] * 3
@@ -182,7 +167,7 @@ def test_refusals_leave_the_transport_usable(ucx_server):
 def test_keyed_get_is_one_ucx_round_trip_and_refusals_drop_the_pin(ucx_server):
     """With output buffers the server pins inside the UCX request: no gRPC Pin, and no pin outlives the call."""
     with client_for(ucx_server, "keyed") as client:
-        assert client.transport._keyed
+        assert client.transport.keyed_get
         keys = client.block_keys(tokens(4, start=6_000_000))
         blocks = random_blocks(4, 1 << 20, seed=3)
         client.put(keys, blocks)
@@ -221,7 +206,7 @@ def test_token_server_binds_the_tenant_into_the_session_and_refuses_another(tmp_
     srv = ServerProc(tmp_path / "data", flags=auth_flags(tmp_path, host_memory="64MiB", persist_on_shutdown=False), env=UCX_SERVER_ENV).start()
     try:
         with KVClient(srv.address, make_fingerprint(), token="alice-secret", transport="ucx") as client:
-            assert client.transport.name == "ucx" and client.transport._keyed
+            assert client.transport.name == "ucx" and client.transport.keyed_get
             assert client.transport.tenant == "alice"
             keys = client.block_keys(tokens(2, start=3_000_000))
             blocks = random_blocks(2, 1 << 20, seed=6)
@@ -232,7 +217,7 @@ def test_token_server_binds_the_tenant_into_the_session_and_refuses_another(tmp_
             assert all(np.array_equal(a, b) for a, b in zip(outs, blocks))
             t = client.transport
             with pytest.raises(UnauthenticatedError, match="session token"):
-                UcxTransport(t.control, t.host, t.port, t.client_id, t.token, 5, tenant="bob")
+                UcxTransport(t.host, t.port, t.client_id, t.token, 5, tenant="bob")
     finally:
         srv.stop()
 

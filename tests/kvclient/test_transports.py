@@ -8,7 +8,6 @@ import torch
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError, ChecksumMismatchError, InvalidRequestError, UnavailableError
 from kvwire.types import BlockState, LeaseOutcome, PutOutcome
-from kvwire.v1 import kvstore_pb2 as pb
 from tests.kvclient.transport_util import TRANSPORTS, UCX_SERVER_ENV, eventually, map_pool, random_blocks, tokens
 from tests.serverproc import ServerProc
 
@@ -112,9 +111,9 @@ def test_corrupted_block_raises_and_releases_pin(dp_server, fingerprint, transpo
     with client_for(dp_server, fingerprint, transport, "corrupt") as client:
         keys = client.block_keys(tokens(2, start=50_000))
         client.put(keys, random_blocks(2, BLOCK))
-        pin = client._call(client.stub.Pin, pb.PinRequest(fingerprint_id=client.fingerprint_id, keys=[keys[1].digest]))
-        client._call(client.stub.Unpin, pb.UnpinRequest(pin_ids=[pin.pin_id]))
-        info = client._call(client.stub.DataPlane, pb.DataPlaneRequest())
+        pin = client.control.pin(client.fingerprint_id, [keys[1].digest])
+        client.control.unpin([pin.pin_id])
+        info = client.control.data_plane()
         pool = map_pool(info.shm_name)
         offset = pin.offsets[0]
         pool[offset + 100] ^= 0xFF

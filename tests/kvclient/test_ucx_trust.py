@@ -10,12 +10,10 @@ import grpc
 import numpy as np
 import pytest
 
-from kvclient import KVClient
+from kvclient import KVClient, SlotRef, TransferStats
 from kvclient.errors import LeaseError, UnauthenticatedError
-from kvclient.transports.base import TransferStats
-from kvclient.transports.pooled import SlotRef
 from kvclient.transports.ucx import UcxTransport
-from kvwire.types import PutOutcome
+from kvwire.types import LeaseOutcome, PutOutcome
 from kvwire.v1 import kvstore_pb2 as pb
 from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.conftest import make_fingerprint
@@ -56,26 +54,6 @@ def loopback(address: str) -> bool:
     return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
 
 
-class _NamedIds:
-    """UcxTransport's control seam, naming pin and lease ids the test chose instead of pinning or reserving:
-    what a hostile client's own control code would do."""
-
-    def __init__(self, fingerprint_id: bytes, handle: int, size: int) -> None:
-        self.fingerprint_id, self.handle, self.size = fingerprint_id, handle, size
-        self.received = np.zeros(size, np.uint8)
-
-    def get(self, keys, outs, stats, drain, unpin=True):
-        drain([SlotRef(0, 0, self.size, handle=self.handle, checksum=0)], [self.received])
-        return [self.received]
-
-    def put(self, keys, payloads, checksums, durable, stats, fill):
-        fill([SlotRef(0, 0, self.size, handle=self.handle, checksum=0)])
-        return [PutOutcome.STORED]
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture
 def auth_server(tmp_path):
     srv = ServerProc(tmp_path / "data", flags=auth_flags(tmp_path, host_memory="64MiB", persist_on_shutdown=False), env=UCX_SERVER_ENV)
@@ -90,9 +68,11 @@ def session_claiming(srv: ServerProc, token: str, client_id: str) -> pb.DataPlan
             pb.DataPlaneRequest(), metadata=(("authorization", f"Bearer {token}"), ("kvstore-client-id", client_id)), timeout=10)
 
 
-def ucx_as(info: pb.DataPlaneResponse, control: _NamedIds, client_id: str) -> UcxTransport:
+def ucx_as(info: pb.DataPlaneResponse, client_id: str) -> UcxTransport:
+    """A UCX session of its own, whose reads and writes name pin and lease ids the test chose instead of
+    pinning or reserving: what a hostile client's own control code would do."""
     host, _, port = info.ucx_listener.rpartition(":")
-    return UcxTransport(control, host, int(port), client_id, info.ucx_session_token, 10, tenant=info.ucx_session_tenant)
+    return UcxTransport(host, int(port), client_id, info.ucx_session_token, 10, tenant=info.ucx_session_tenant)
 
 
 def test_a_session_claiming_another_tenants_client_id_reaches_none_of_its_pins_or_leases(auth_server):
@@ -101,29 +81,29 @@ def test_a_session_claiming_another_tenants_client_id_reaches_none_of_its_pins_o
         keys = bob.block_keys(tokens(2, start=9_000_000))
         blocks = random_blocks(1, BLOCK, seed=11)
         assert bob.put(keys[:1], blocks) == [PutOutcome.STORED]
-        pin_id = bob.transport.control.pin([keys[0].digest], TransferStats())[0].handle
-        lease = bob._call(bob.stub.Reserve, pb.ReserveRequest(fingerprint_id=fp.id, blocks=[pb.BlockSpec(key=keys[1].digest, size_bytes=BLOCK)])).leases[0]
-        assert lease.outcome == pb.LEASE_GRANTED
+        pin_id = bob.pin(keys[:1]).pin_id  # held, never released: alice tries to read it
+        outcome, lease_id, *_ = bob.control.reserve(fp.id, [keys[1].digest], [BLOCK]).leases[0]
+        assert outcome == LeaseOutcome.GRANTED
 
         info = session_claiming(auth_server, "alice-secret", bob.client_id)
         assert info.ucx_session_tenant == "alice"  # the token's tenant, whatever client id was claimed
-        get = _NamedIds(fp.id, pin_id, BLOCK)
-        alice = ucx_as(info, get, bob.client_id)
+        received = np.zeros(BLOCK, np.uint8)
+        alice = ucx_as(info, bob.client_id)
         try:
             with pytest.raises(LeaseError) as refused:
-                alice.get([keys[0].digest], None, TransferStats())
-            assert not get.received.any(), "bob's bytes reached alice"
+                alice.read([keys[0].digest], [SlotRef(0, 0, BLOCK, handle=pin_id, checksum=0)], [received], TransferStats())
+            assert not received.any(), "bob's bytes reached alice"
             assert "bob" not in str(refused.value) and bob.client_id not in str(refused.value)
-            alice.control = _NamedIds(fp.id, lease.lease_id, BLOCK)
             with pytest.raises(LeaseError) as refused:
-                alice.put([keys[1].digest], [np.full(BLOCK, 0xAA, np.uint8)], [0], False, TransferStats())
+                alice.write([keys[1].digest], [SlotRef(0, 0, BLOCK, handle=lease_id, checksum=0)], [np.full(BLOCK, 0xAA, np.uint8)],
+                            TransferStats())
             assert "bob" not in str(refused.value) and bob.client_id not in str(refused.value)
         finally:
             alice.close()
 
         # Bob's pin and lease are untouched: his own data plane still serves the one and fills the other.
-        assert bob._call(bob.stub.Unpin, pb.UnpinRequest(pin_ids=[pin_id])).released == 1
-        assert bob._call(bob.stub.ReleaseLeases, pb.ReleaseLeasesRequest(lease_ids=[lease.lease_id])).released == 1
+        assert bob.control.unpin([pin_id]) == 1
+        assert bob.control.release([lease_id]) == 1
         assert np.array_equal(bob.get(keys[:1])[0], blocks[0])
 
 
@@ -131,7 +111,7 @@ def test_a_hello_naming_another_tenant_than_its_session_token_is_refused(auth_se
     info = session_claiming(auth_server, "alice-secret", "alice-1")
     with pytest.raises(UnauthenticatedError, match="session token") as refused:
         ucx_as(pb.DataPlaneResponse(ucx_listener=info.ucx_listener, ucx_session_token=info.ucx_session_token,
-                                    ucx_session_tenant="bob"), _NamedIds(b"", 0, 0), "alice-1")
+                                    ucx_session_tenant="bob"), "alice-1")
     assert "alice" not in str(refused.value)
 
 

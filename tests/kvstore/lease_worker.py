@@ -7,10 +7,9 @@ import time
 
 import numpy as np
 
-from kvclient import KVClient
+from kvclient import KVClient, SlotRef, TransferStats
 from kvwire.keys import Fingerprint
 from kvwire.types import BlockState, LeaseOutcome
-from kvwire.v1 import kvstore_pb2 as pb
 
 
 def block_for(seed: int, size: int) -> np.ndarray:
@@ -38,11 +37,11 @@ def race(client: KVClient, tokens: list[int]) -> dict:
 def hold_and_hang(client: KVClient, tokens: list[int], size: int) -> None:
     """Reserve space, write half the block, then hang until SIGKILLed."""
     key = client.block_keys(tokens)[0]
-    resp = client._call(client.stub.Reserve, pb.ReserveRequest(fingerprint_id=client.fingerprint_id, blocks=[pb.BlockSpec(key=key.digest, size_bytes=size)]))
-    lease = resp.leases[0]
-    assert lease.outcome == pb.LEASE_GRANTED
-    client._call(client.stub.Write, iter([pb.WriteChunk(lease_id=lease.lease_id, offset=0, data=b"\xab" * (size // 2))]))
-    print(json.dumps({"ready": True, "lease_id": lease.lease_id}), flush=True)
+    outcome, lease_id, offset, _, expires_unix_ms = client.control.reserve(client.fingerprint_id, [key.digest], [size]).leases[0]
+    assert outcome == LeaseOutcome.GRANTED
+    half = SlotRef(0, offset, size // 2, lease_id, 0, expires_unix_ms)
+    client.transport.write([key.digest], [half], [np.full(size // 2, 0xAB, np.uint8)], TransferStats())
+    print(json.dumps({"ready": True, "lease_id": lease_id}), flush=True)
     time.sleep(3600)
 
 

@@ -196,7 +196,7 @@ def test_an_idle_connection_is_closed_and_a_client_reconnects_without_noticing(m
             assert client.put(keys[rounds : rounds + 1], [bytes(1000)]) == [PutOutcome.STORED]
             assert client.lookup(keys) == rounds + 1
             time.sleep(0.8)  # outlasts the idle timeout: the server closes every pooled connection
-            pooled = list(client.stub._pool._idle)
+            pooled = list(client.control._pool._idle)
             assert pooled and all(peer_hung_up(conn) for conn in pooled)
         assert client.lookup(keys) == 3
 

@@ -14,7 +14,6 @@ import pytest
 from kvclient import KVClient
 from kvclient.errors import CapacityExhaustedError, NotDurableError
 from kvwire.types import PutOutcome
-from kvwire.v1 import kvstore_pb2 as pb
 
 KIB = 1 << 10
 
@@ -105,13 +104,12 @@ def test_durable_put_is_refused_while_every_ssd_block_is_pinned(make_server, fin
     with KVClient(server.address, fingerprint, transport="grpc") as client:
         keys = client.block_keys(list(range(4 * 16)))
         assert client.put(keys[:3], blocks[:3], durable=True) == [PutOutcome.STORED] * 3
-        pin = client._call(client.stub.Pin, pb.PinRequest(fingerprint_id=client.fingerprint_id,
-                                                          keys=[k.digest for k in keys[:3]], ttl_ms=60_000))
+        pin = client.control.pin(client.fingerprint_id, [k.digest for k in keys[:3]], ttl_ms=60_000)
         with pytest.raises(NotDurableError) as excinfo:
             client.put(keys[3:], blocks[3:], durable=True)
         assert_not_durable(excinfo, "pinned")
         assert client.contains(keys) == [True, True, True, False]
-        client._call(client.stub.Unpin, pb.UnpinRequest(pin_ids=[pin.pin_id]))
+        client.control.unpin([pin.pin_id])
         assert client.put(keys[3:], blocks[3:], durable=True) == [PutOutcome.STORED]  # LRU block makes room
     kill_and_restart(server)
     with KVClient(server.address, fingerprint, transport="grpc") as client:

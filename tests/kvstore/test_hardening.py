@@ -19,7 +19,7 @@ import pytest
 
 from kvclient import KVClient
 from kvclient.errors import InvalidRequestError, from_rpc_error
-from kvclient.local_control import LocalControlStub
+from tests.kvclient.local_stub import LocalControlStub
 from kvwire.types import PutOutcome
 from kvstore.store import checksum
 from kvwire.v1 import admin_pb2 as apb

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kvclient.local_control import LocalRpcError, LocalControlStub
+from tests.kvclient.local_stub import LocalControlStub, LocalRpcError
 from kvwire.local_wire import decode_response, encode_request, read_frame
 from kvwire.v1 import kvstore_pb2 as pb
 from kvwire.v1 import kvstore_pb2_grpc as pb_grpc

@@ -1,15 +1,21 @@
-"""/metrics over HTTP after a scripted workload: every counter matches the workload exactly."""
+"""/metrics: over HTTP after a scripted workload every counter matches the workload exactly; in process,
+every store event has one series and the names and labels dashboards read stay the same."""
 from __future__ import annotations
 
 import urllib.request
+from collections import Counter
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError
-from kvwire.types import PutOutcome
+from kvstore.counters import Direction, Event, Transport, request_error, transport_bytes
+from kvstore.metrics import EVENT_SERIES, StoreCollector
+from kvwire.errors import ERROR_TYPES
+from kvwire.types import PutOutcome, Tier
 from tests.kvstore.admin_util import admin_json, patterned_blocks
 from tests.serverproc import free_port
 
@@ -74,3 +80,111 @@ def test_metrics_match_a_scripted_workload(make_server, fingerprint, transport):
     assert value("kvstore_tier_used_bytes", tier="ssd") == bytes_in
     assert value("kvstore_tier_capacity_bytes", tier="host") == 32 << 20
     assert value("kvstore_blocks") == 12
+
+
+# ---- in process: the event table ------------------------------------------------------------------
+
+# What each store counter has always been exported as (family with _total, labels). Dashboards read these.
+EXPORTED_SERIES = {
+    "puts": ("kvstore_blocks_stored_total", {}),
+    "gets": ("kvstore_blocks_served_total", {}),
+    "hits_host": ("kvstore_hits_total", {"tier": "host"}),
+    "hits_ssd": ("kvstore_hits_total", {"tier": "ssd"}),
+    "misses": ("kvstore_misses_total", {}),
+    "bytes_in": ("kvstore_payload_bytes_total", {"direction": "in"}),
+    "bytes_out": ("kvstore_payload_bytes_total", {"direction": "out"}),
+    "lookup_blocks_hit": ("kvstore_lookup_blocks_total", {"result": "present"}),
+    "lookup_blocks_miss": ("kvstore_lookup_blocks_total", {"result": "absent"}),
+    "checksum_failures": ("kvstore_checksum_failures_total", {}),
+    "lease_grants": ("kvstore_lease_grants_total", {}),
+    "lease_waits": ("kvstore_lease_waits_total", {}),
+    "lease_waits_abandoned": ("kvstore_store_events_total", {"event": "lease_waits_abandoned"}),
+    "lease_expiries": ("kvstore_lease_expiries_total", {"kind": "write"}),
+    "pin_expiries": ("kvstore_lease_expiries_total", {"kind": "pin"}),
+    "lease_revocations": ("kvstore_lease_revocations_total", {"kind": "write"}),
+    "pin_revocations": ("kvstore_lease_revocations_total", {"kind": "pin"}),
+    "slots_quarantined": ("kvstore_store_events_total", {"event": "slots_quarantined"}),
+    "demotions": ("kvstore_demotions_total", {}),
+    "promotions": ("kvstore_promotions_total", {}),
+    "host_evictions": ("kvstore_tier_evictions_total", {"tier": "host"}),
+    "ssd_evictions": ("kvstore_tier_evictions_total", {"tier": "ssd"}),
+    "evictions": ("kvstore_evictions_total", {"reason": "capacity"}),
+    "admin_evictions": ("kvstore_evictions_total", {"reason": "admin"}),
+    "admin_deletes": ("kvstore_admin_deleted_blocks_total", {}),
+    "secure_deletes": ("kvstore_secure_deletes_total", {}),
+    "ucx_pins_staged_off_loop": ("kvstore_store_events_total", {"event": "ucx_pins_staged_off_loop"}),
+    "grpc_bytes_in": ("kvstore_transport_bytes_total", {"transport": "grpc", "direction": "in"}),
+    "grpc_bytes_out": ("kvstore_transport_bytes_total", {"transport": "grpc", "direction": "out"}),
+    "ucx_bytes_in": ("kvstore_transport_bytes_total", {"transport": "ucx", "direction": "in"}),
+    "ucx_bytes_out": ("kvstore_transport_bytes_total", {"transport": "ucx", "direction": "out"}),
+    **{f"errors_{code}": ("kvstore_request_errors_total", {"code": code}) for code in (
+        "invalid_argument", "failed_precondition", "not_found", "resource_exhausted", "data_loss", "unauthenticated",
+        "permission_denied", "unavailable", "aborted", "deadline_exceeded", "internal", "unknown")},
+}
+
+
+class StatsOnly:
+    """What StoreCollector reads of a Store: stats() and admitting."""
+
+    admitting = True
+
+    def __init__(self, counts: Counter, tiers=((Tier.HOST, 1 << 20, 4096, 1), (Tier.SSD, 1 << 30, 0, 0))) -> None:
+        self.counts, self.tiers = counts, list(tiers)
+
+    def stats(self) -> dict:
+        return {"tiers": self.tiers, "blocks": 1, "leases_held": 2, "pins_held": 3, "counters": dict(self.counts)}
+
+
+def collected(store: StatsOnly) -> dict[tuple[str, frozenset], float]:
+    registry = CollectorRegistry()
+    registry.register(StoreCollector(store))
+    text = generate_latest(registry).decode()
+    return {(s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_every_event_maps_to_one_series_of_its_family():
+    assert set(EVENT_SERIES) == set(Event)
+    for event, (family, labels) in EVENT_SERIES.items():
+        assert len(labels) == len(family.label_names), event
+    series = [(family.name, labels) for family, labels in EVENT_SERIES.values()]
+    assert len(set(series)) == len(series)  # no two events share a series
+
+
+def test_exported_names_and_labels_are_unchanged():
+    assert {e.value for e in Event} == set(EXPORTED_SERIES)
+    counts = Counter({event: i + 1 for i, event in enumerate(Event)})
+    m = collected(StatsOnly(counts))
+    for event in Event:
+        name, labels = EXPORTED_SERIES[event.value]
+        assert m[(name, frozenset(labels.items()))] == counts[event], event
+    counters = {key for key in m if key[0].endswith("_total")}
+    assert counters == {(name, frozenset(labels.items())) for name, labels in EXPORTED_SERIES.values()}
+    assert m[("kvstore_tier_used_bytes", frozenset({"tier": "host"}.items()))] == 4096
+    assert m[("kvstore_tier_capacity_bytes", frozenset({"tier": "ssd"}.items()))] == 1 << 30
+    assert (m[("kvstore_blocks", frozenset())], m[("kvstore_leases_held", frozenset())], m[("kvstore_pins_held", frozenset())]) == (1, 2, 3)
+    assert m[("kvstore_draining", frozenset())] == 0
+
+
+def test_string_keys_and_events_are_one_counter_and_untyped_names_still_show():
+    counts = Counter()
+    counts["puts"] += 2
+    counts[Event.PUTS] += 1
+    counts["errors_not_found"] += 1
+    counts["not_an_event_yet"] += 5
+    assert len(counts) == 3 and counts[Event.PUTS] == 3
+    m = collected(StatsOnly(counts, tiers=[(2, 10, 1, 1), (3, 20, 2, 2)]))  # tiers as proto numbers, too
+    assert m[("kvstore_blocks_stored_total", frozenset())] == 3
+    assert m[("kvstore_request_errors_total", frozenset({"code": "not_found"}.items()))] == 1
+    assert m[("kvstore_store_events_total", frozenset({"event": "not_an_event_yet"}.items()))] == 5
+    assert m[("kvstore_tier_blocks", frozenset({"tier": "ssd"}.items()))] == 2
+
+
+def test_labelled_events_come_from_typed_constructors():
+    assert transport_bytes(Transport.UCX, Direction.OUT) is Event.UCX_BYTES_OUT
+    assert transport_bytes("grpc", "in") is Event.GRPC_BYTES_IN
+    with pytest.raises(ValueError):
+        transport_bytes("shm", "in")  # shm moves bytes without the server
+    for cls in ERROR_TYPES.values():  # every status a domain error carries has its own event
+        assert request_error(cls.status) is not Event.ERRORS_UNKNOWN, cls
+        assert request_error(cls.status) == f"errors_{cls.status.lower()}"
+    assert request_error("NOT_A_STATUS") is Event.ERRORS_UNKNOWN

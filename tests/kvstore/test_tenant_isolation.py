@@ -14,7 +14,7 @@ import grpc
 import pytest
 import xxhash
 
-from kvclient.local_control import LocalControlStub
+from tests.kvclient.local_stub import LocalControlStub
 from kvwire.v1 import kvstore_pb2 as pb
 from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.kvstore.admin_util import ADMIN_TOKEN, admin_json, auth_flags, run_admin

@@ -10,7 +10,6 @@ import pytest
 
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError
-from kvclient.transports.base import TransferStats
 from kvwire.types import PutOutcome
 
 BLOCK = 64 << 10
@@ -84,11 +83,10 @@ def test_corrupt_lmdb_value_reads_as_miss_and_is_counted(make_server, fingerprin
     server.start()
     with KVClient(server.address, fingerprint, transport="shm") as client:
         # A prefix pin promotes from LMDB and stops at the corrupt block, keeping the run before it.
-        control = client.transport.control
-        slots = control.pin([k.digest for k in keys], TransferStats(), prefix=True)
-        assert [s.index for s in slots] == [0, 1]
-        assert_all_equal([client.transport.pool[s.offset: s.offset + s.length] for s in slots], blocks[:2])
-        control.release(slots, failed=True)
+        pinned = client.pin(keys, prefix=True)
+        assert [s.index for s in pinned.slots] == [0, 1]
+        assert_all_equal([pinned.pool_view[s.offset: s.offset + s.size_bytes] for s in pinned.slots], blocks[:2])
+        pinned.release(failed=True)
         assert client.stats()["counters"]["checksum_failures"] == 1
         assert not client.contains([keys[2]])[0]  # dropped, as a plain get would have
     server.stop()
@@ -106,21 +104,19 @@ def test_corrupt_lmdb_value_reads_as_miss_and_is_counted(make_server, fingerprin
 
 def test_read_pins_keep_blocks_from_eviction(make_server, fingerprint):
     """A pinned block stays in the host pool however much is written after it."""
-    from kvwire.v1 import kvstore_pb2 as pb
-
     server = make_server(**SMALL_HOST)
     with KVClient(server.address, fingerprint) as client:
         keys = client.block_keys(list(range(200 * 16)))
         blocks = blocks_for(200, seed=5)
         client.put(keys[:1], blocks[:1])
-        pin = client._call(client.stub.Pin, pb.PinRequest(fingerprint_id=client.fingerprint_id, keys=[keys[0].digest], ttl_ms=60_000))
+        pin = client.control.pin(client.fingerprint_id, [keys[0].digest], ttl_ms=60_000)
         slot = pin.offsets[0]
         for i in range(1, 200, 40):
             client.put(keys[i : i + 40], blocks[i : i + 40])
         time.sleep(0.3)
         status, _ = client.status(keys[:1])
         assert status[0].tier.name == "HOST"
-        again = client._call(client.stub.Pin, pb.PinRequest(fingerprint_id=client.fingerprint_id, keys=[keys[0].digest]))
+        again = client.control.pin(client.fingerprint_id, [keys[0].digest])
         assert again.offsets[0] == slot
-        client._call(client.stub.Unpin, pb.UnpinRequest(pin_ids=[pin.pin_id, again.pin_id]))
+        client.control.unpin([pin.pin_id, again.pin_id])
         assert client.stats()["pins_held"] == 0

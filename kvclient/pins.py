@@ -1,0 +1,159 @@
+"""Read pins on the client side: dropping them (at once after a failure, else with the next Pin) and
+PinnedBlocks, the handle `KVClient.pin` returns.
+
+A pin keeps blocks in their host-pool slots until it is dropped, so whoever holds one can read
+the slots straight out of the pool (shm) or have them sent (UCX). It refuses to own how the
+bytes move: PinnedBlocks says where the blocks are and checks them; the caller copies.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from kvclient.integrity import check_block, checksum_error
+from kvclient.transports.base import SlotRef, TransferStats
+
+
+class Unpins:
+    """Pins whose bytes are checked and in the caller's hands, waiting to be dropped.
+
+    The next Pin carries them (take(): PinRequest.release_pin_ids), which saves the Unpin
+    round trip on every get of a stream (a third of a 32 MiB shm get on a 2-core box). A
+    background thread sends an Unpin for any left after idle_s, so a client that stops
+    reading holds no pin for long; if that is lost too, the pin's TTL ends it.
+    send(pin_ids) is the Unpin call; it must not raise (the server reclaims pins at TTL anyway).
+    """
+
+    def __init__(self, send: Callable[[list[int]], None], idle_s: float = 0.05) -> None:
+        self._send = send
+        self._idle_s = idle_s
+        self._closed = False
+        self._last_add = 0.0
+        self._start_fresh()
+
+    def _start_fresh(self) -> None:
+        """Also in a child forked from the owner: its pins and its thread are the parent's, and a
+        parent thread may have held the lock at the fork."""
+        self._pid = os.getpid()
+        self._ids: list[int] = []
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def now(self, pin_id: int) -> None:
+        """Drop a pin at once: after a failure, its blocks were never handed over."""
+        if pin_id:
+            self._send([pin_id])
+
+    def later(self, pin_id: int) -> None:
+        if not pin_id:
+            return
+        if self._pid != os.getpid():
+            self._start_fresh()
+        with self._cv:
+            self._ids.append(pin_id)
+            self._last_add = time.monotonic()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kvclient-unpin", daemon=True)
+                self._thread.start()
+            if len(self._ids) == 1:
+                self._cv.notify()
+
+    def take(self) -> list[int]:
+        if self._pid != os.getpid():
+            self._start_fresh()
+        with self._cv:
+            ids, self._ids = self._ids, []
+            return ids
+
+    def _run(self) -> None:
+        with self._cv:
+            while not self._closed:
+                if not self._ids:
+                    self._cv.wait()
+                    continue
+                quiet_s = time.monotonic() - self._last_add
+                if quiet_s < self._idle_s:
+                    self._cv.wait(self._idle_s - quiet_s)
+                    continue
+                ids, self._ids = self._ids, []
+                self._cv.release()
+                try:
+                    self._send(ids)
+                finally:
+                    self._cv.acquire()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        ids = self.take()
+        if ids:
+            self._send(ids)
+
+
+class PinnedBlocks:
+    """Blocks pinned in the server's host pool by one Pin, in key order: where each sits and its checksum.
+
+    Use it as a context manager: leaving the block releases the pin (with the next Pin, as a
+    get's pin is released), at once if the block raised. Or call release() yourself, when the
+    reads outlive one block of code (an engine's layer-by-layer load). Nothing read from the
+    pool may be trusted before verify() (or verify_hashes(), for bytes hashed where they
+    landed, e.g. on a GPU) passed for it: a block's slot can be rewritten only once its pin is gone,
+    so a block that verified while pinned is the block that was committed.
+    """
+
+    def __init__(self, keys: list[bytes], slots: list[SlotRef], pool_view: np.ndarray | None, unpins: Unpins,
+                 stats: TransferStats) -> None:
+        self.keys = keys  # the pinned blocks' digests (a prefix pin: the leading run only)
+        self.slots = slots
+        self.pool_view = pool_view  # the client's mapping of the server's pool (shm), or None
+        self.stats = stats  # the Pin's time; what the caller's copies add is theirs to record
+        self.pin_id = slots[0].handle if slots else 0
+        self._unpins = unpins
+        self._released = False
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def block(self, i: int) -> np.ndarray:
+        """Block i's bytes where they sit in the pool (a view: no copy); needs a mapped pool."""
+        if self.pool_view is None:
+            raise ValueError("this client maps no pool (transport is not shm): read the blocks with get()")
+        s = self.slots[i]
+        return self.pool_view[s.offset : s.offset + s.size_bytes]
+
+    def verify(self, i: int) -> None:
+        """Hash block i in the pool; raises ChecksumMismatchError unless it matches. Thread-safe (xxh3 drops the GIL)."""
+        check_block(self.keys[i], self.block(i), self.slots[i].checksum)
+
+    def verify_hashes(self, hashes: Sequence[int] | np.ndarray) -> None:
+        """Check xxh3-64 digests computed where the blocks landed (e.g. by a GPU kernel), one per pinned block
+        in order (the first len(hashes) of them); raises ChecksumMismatchError naming the first that differs
+        and how many did."""
+        got = np.asarray(hashes, dtype=np.uint64)
+        expected = np.fromiter((s.checksum for s in self.slots[: len(got)]), dtype=np.uint64, count=len(got))
+        bad = np.flatnonzero(got != expected)
+        if len(bad):
+            raise checksum_error(self.keys[bad[0]], len(bad), len(got))
+
+    def release(self, failed: bool = False) -> None:
+        """Drop the pin: with the next Pin (or after a short quiet), or at once when failed. Idempotent."""
+        if self._released:
+            return
+        self._released = True
+        if failed:
+            self._unpins.now(self.pin_id)
+        else:
+            self._unpins.later(self.pin_id)
+
+    def __enter__(self) -> "PinnedBlocks":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release(failed=exc_type is not None)

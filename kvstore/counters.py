@@ -1,0 +1,108 @@
+"""The store's event counters: one closed set of names, so a counter cannot be misspelled or go unexported.
+
+Owns what the store counts: every key of `Store.counters` is an `Event`. The values are
+the counter names the server has always used (they appear in Stats' `counters` map, in
+`kvstore-admin stats` and in tests), and a StrEnum hashes and compares as its value, so
+`counters[Event.PUTS]` and `counters["puts"]` are one entry. It refuses metric names
+and labels: kvstore/metrics.py maps each Event to a Prometheus series, from one table.
+
+Labelled events (payload bytes by transport and direction, refused requests by status)
+are members too, one per label value, reached through `transport_bytes()` and
+`request_error()` rather than built from strings. Hot loops should name a member
+directly (`Event.GRPC_BYTES_OUT`) and add a batch's count once rather than per block.
+"""
+from __future__ import annotations
+
+import enum
+
+
+class Transport(enum.StrEnum):
+    """Ways payload bytes pass through the server process (shm moves them without it)."""
+
+    GRPC = "grpc"
+    UCX = "ucx"
+
+
+class Direction(enum.StrEnum):
+    IN = "in"  # into the store (a put)
+    OUT = "out"  # out of the store (a get)
+
+
+class Event(enum.StrEnum):
+    # Reads and writes, whatever the transport. Blocks, except the *_BYTES counts.
+    PUTS = "puts"  # blocks committed
+    GETS = "gets"  # blocks served (Get and Pin)
+    HITS_HOST = "hits_host"  # served, held by the host tier
+    HITS_SSD = "hits_ssd"  # served, held by the ssd tier only
+    MISSES = "misses"  # asked for by Get or Pin, not present
+    BYTES_IN = "bytes_in"  # payload bytes committed
+    BYTES_OUT = "bytes_out"  # payload bytes served
+    LOOKUP_BLOCKS_HIT = "lookup_blocks_hit"
+    LOOKUP_BLOCKS_MISS = "lookup_blocks_miss"
+    CHECKSUM_FAILURES = "checksum_failures"  # at commit, on an ssd read, or found at start
+
+    # Write leases and read pins (a pin is not a lease: docs/glossary.md).
+    LEASE_GRANTS = "lease_grants"
+    LEASE_WAITS = "lease_waits"  # Wait calls
+    LEASE_WAITS_ABANDONED = "lease_waits_abandoned"  # the caller left while waiting
+    LEASE_EXPIRIES = "lease_expiries"
+    PIN_EXPIRIES = "pin_expiries"
+    LEASE_REVOCATIONS = "lease_revocations"  # by an admin
+    PIN_REVOCATIONS = "pin_revocations"
+    SLOTS_QUARANTINED = "slots_quarantined"  # slots of leases that ended without Commit or Release
+
+    # Placement: copies moving between tiers, and blocks leaving the store.
+    DEMOTIONS = "demotions"  # host copy dropped after writing it to ssd
+    PROMOTIONS = "promotions"  # ssd copy read back into the host tier
+    HOST_EVICTIONS = "host_evictions"  # host copy dropped, the ssd copy already there
+    SSD_EVICTIONS = "ssd_evictions"  # ssd copy dropped
+    EVICTIONS = "evictions"  # block gone from the store for room
+    ADMIN_EVICTIONS = "admin_evictions"  # block gone by an admin's evict
+    ADMIN_DELETES = "admin_deletes"
+    SECURE_DELETES = "secure_deletes"  # secure delete runs, not blocks
+
+    # The UCX data plane.
+    UCX_PINS_STAGED_OFF_LOOP = "ucx_pins_staged_off_loop"  # pins that had to read ssd on a worker thread
+
+    # Payload bytes by transport and direction: transport_bytes().
+    GRPC_BYTES_IN = "grpc_bytes_in"
+    GRPC_BYTES_OUT = "grpc_bytes_out"
+    UCX_BYTES_IN = "ucx_bytes_in"
+    UCX_BYTES_OUT = "ucx_bytes_out"
+
+    # Requests refused by the store, by the status of the domain error (kvwire/errors.py): request_error().
+    ERRORS_INVALID_ARGUMENT = "errors_invalid_argument"
+    ERRORS_FAILED_PRECONDITION = "errors_failed_precondition"
+    ERRORS_NOT_FOUND = "errors_not_found"
+    ERRORS_RESOURCE_EXHAUSTED = "errors_resource_exhausted"
+    ERRORS_DATA_LOSS = "errors_data_loss"
+    ERRORS_UNAUTHENTICATED = "errors_unauthenticated"
+    ERRORS_PERMISSION_DENIED = "errors_permission_denied"
+    ERRORS_UNAVAILABLE = "errors_unavailable"
+    ERRORS_ABORTED = "errors_aborted"
+    ERRORS_DEADLINE_EXCEEDED = "errors_deadline_exceeded"
+    ERRORS_INTERNAL = "errors_internal"
+    ERRORS_UNKNOWN = "errors_unknown"  # a status outside the table: still counted, never dropped
+
+
+TRANSPORT_BYTES: dict[tuple[Transport, Direction], Event] = {
+    (Transport.GRPC, Direction.IN): Event.GRPC_BYTES_IN,
+    (Transport.GRPC, Direction.OUT): Event.GRPC_BYTES_OUT,
+    (Transport.UCX, Direction.IN): Event.UCX_BYTES_IN,
+    (Transport.UCX, Direction.OUT): Event.UCX_BYTES_OUT,
+}
+
+# status (gRPC's vocabulary, as kvwire.errors carries it) -> its event
+REQUEST_ERRORS: dict[str, Event] = {
+    event.value.removeprefix("errors_").upper(): event for event in Event if event.value.startswith("errors_")
+}
+
+
+def transport_bytes(transport: Transport | str, direction: Direction | str) -> Event:
+    """The event counting payload bytes one transport moved one way; ValueError for an unknown name."""
+    return TRANSPORT_BYTES[Transport(transport), Direction(direction)]
+
+
+def request_error(status: str) -> Event:
+    """The event counting requests refused with this status ("NOT_FOUND", ...)."""
+    return REQUEST_ERRORS.get(status, Event.ERRORS_UNKNOWN)

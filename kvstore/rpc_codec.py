@@ -1,0 +1,152 @@
+"""The KVStore service's protobuf messages to and from the request layer's calls, in one table.
+
+Both doors that speak these messages use it: the gRPC servicer (service.py) and the local
+control socket (local_control.py), so a call means the same whichever way it came. Each
+entry decodes a request, calls StoreAPI with the caller the door authenticated, and encodes
+the answer. Enums cross by value (kvwire.types carries the proto numbers). It owns no
+status mapping: an error raised here goes to the door's one table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+
+from kvwire.types import KeyStatus, LeaseInfo
+from kvstore.api import DataPlane, IsActive, StoreAPI
+from kvstore.store import Caller, StoreStats
+from kvwire.v1 import kvstore_pb2 as pb
+
+SERVICE = pb.DESCRIPTOR.services_by_name["KVStore"]
+GET_MESSAGE_BYTES = 32 << 20  # a streamed Get answers in messages of about this much payload
+
+Handler = Callable[[StoreAPI, Caller, Message, IsActive], Message]
+
+
+# ---- records -> messages ----------------------------------------------------------------
+
+def key_status(s: KeyStatus) -> pb.KeyStatus:
+    return pb.KeyStatus(key=s.key, state=s.state, tier=s.tier, size_bytes=s.size_bytes, lease_owner=s.lease_owner,
+                        lease_expires_unix_ms=s.lease_expires_unix_ms)
+
+
+def lease(info: LeaseInfo) -> pb.Lease:
+    msg = pb.Lease(key=info.key, outcome=info.outcome, lease_id=info.lease_id, owner=info.owner, expires_unix_ms=info.expires_unix_ms)
+    if info.slot is not None:
+        msg.slot.offset, msg.slot.length = info.slot.offset, info.slot.size_bytes
+    return msg
+
+
+def stats_response(s: StoreStats) -> pb.StatsResponse:
+    tiers = [pb.TierStats(tier=t.tier, capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes, blocks=t.blocks) for t in s.tiers]
+    return pb.StatsResponse(tiers=tiers, blocks=s.blocks, leases_held=s.leases_held, pins_held=s.pins_held, counters=dict(s.counters))
+
+
+def data_plane_response(d: DataPlane) -> pb.DataPlaneResponse:
+    return pb.DataPlaneResponse(shm_name=d.shm_name, shm_size=d.shm_size_bytes, host_id=d.host_id, max_block_bytes=d.max_block_bytes,
+                                local_control_socket=d.local_control_socket, ucx_listener=d.ucx_listener,
+                                ucx_session_token=d.ucx_session_token, ucx_session_tenant=d.ucx_session_tenant)
+
+
+# ---- unary calls ------------------------------------------------------------------------
+
+def _lookup(api: StoreAPI, caller: Caller, r: pb.LookupRequest, is_active: IsActive) -> pb.LookupResponse:
+    if r.prefix_only:
+        return pb.LookupResponse(prefix_length=api.prefix_length(caller, r.fingerprint_id, list(r.keys)))
+    statuses, prefix = api.lookup(caller, r.fingerprint_id, list(r.keys))
+    return pb.LookupResponse(statuses=[key_status(s) for s in statuses], prefix_length=prefix)
+
+
+def _acquire(api: StoreAPI, caller: Caller, r: pb.AcquireLeasesRequest, is_active: IsActive) -> pb.AcquireLeasesResponse:
+    return pb.AcquireLeasesResponse(leases=[lease(i) for i in api.acquire(caller, r.fingerprint_id, list(r.keys), r.ttl_ms)])
+
+
+def _renew(api: StoreAPI, caller: Caller, r: pb.RenewLeasesRequest, is_active: IsActive) -> pb.RenewLeasesResponse:
+    return pb.RenewLeasesResponse(expires_unix_ms=api.renew(caller, list(r.lease_ids), r.ttl_ms))
+
+
+def _release(api: StoreAPI, caller: Caller, r: pb.ReleaseLeasesRequest, is_active: IsActive) -> pb.ReleaseLeasesResponse:
+    return pb.ReleaseLeasesResponse(released=api.release(caller, list(r.lease_ids)))
+
+
+def _wait(api: StoreAPI, caller: Caller, r: pb.WaitRequest, is_active: IsActive) -> pb.WaitResponse:
+    return pb.WaitResponse(statuses=[key_status(s) for s in api.wait(caller, r.fingerprint_id, list(r.keys), r.timeout_ms, is_active)])
+
+
+def _reserve(api: StoreAPI, caller: Caller, r: pb.ReserveRequest, is_active: IsActive) -> pb.ReserveResponse:
+    infos = api.reserve(caller, r.fingerprint_id, [(b.key, b.size_bytes) for b in r.blocks], r.ttl_ms, r.durable)
+    return pb.ReserveResponse(leases=[lease(i) for i in infos])
+
+
+def _commit(api: StoreAPI, caller: Caller, r: pb.CommitRequest, is_active: IsActive) -> pb.CommitResponse:
+    return pb.CommitResponse(outcomes=api.commit(caller, r.fingerprint_id, [(i.lease_id, i.checksum) for i in r.items], r.durable))
+
+
+def _put(api: StoreAPI, caller: Caller, r: pb.PutRequest, is_active: IsActive) -> pb.PutResponse:
+    return pb.PutResponse(outcomes=api.put(caller, r.fingerprint_id, [(b.key, b.data, b.checksum) for b in r.blocks], r.durable))
+
+
+def _pin(api: StoreAPI, caller: Caller, r: pb.PinRequest, is_active: IsActive) -> pb.PinResponse:
+    info = api.pin(caller, r.fingerprint_id, list(r.keys), r.ttl_ms, r.prefix_only, list(r.release_pin_ids))
+    slots = info.slots
+    return pb.PinResponse(pin_id=info.pin_id, expires_unix_ms=info.expires_unix_ms, offsets=slots.offsets, lengths=slots.sizes,
+                          checksums=slots.checksums)
+
+
+def _unpin(api: StoreAPI, caller: Caller, r: pb.UnpinRequest, is_active: IsActive) -> pb.UnpinResponse:
+    return pb.UnpinResponse(released=api.unpin(caller, list(r.pin_ids)))
+
+
+def _delete(api: StoreAPI, caller: Caller, r: pb.DeleteRequest, is_active: IsActive) -> pb.DeleteResponse:
+    return pb.DeleteResponse(deleted=api.delete(caller, r.fingerprint_id, list(r.keys)))
+
+
+def _stats(api: StoreAPI, caller: Caller, r: pb.StatsRequest, is_active: IsActive) -> pb.StatsResponse:
+    return stats_response(api.stats(caller))
+
+
+def _data_plane(api: StoreAPI, caller: Caller, r: pb.DataPlaneRequest, is_active: IsActive) -> pb.DataPlaneResponse:
+    return data_plane_response(api.data_plane(caller))
+
+
+@dataclass(frozen=True)
+class Method:
+    service: str  # "kvstore.v1.KVStore"
+    name: str
+    request_class: type[Message]
+    call: Handler
+
+
+_HANDLERS: dict[str, Handler] = {
+    "Lookup": _lookup, "AcquireLeases": _acquire, "RenewLeases": _renew, "ReleaseLeases": _release, "Wait": _wait,
+    "Reserve": _reserve, "Commit": _commit, "Put": _put, "Pin": _pin, "Unpin": _unpin, "Delete": _delete,
+    "Stats": _stats, "DataPlane": _data_plane,
+}
+
+# Every unary-unary method of the service, by name; the streaming ones (Get, Write) are below.
+UNARY: dict[str, Method] = {
+    m.name: Method(SERVICE.full_name, m.name, GetMessageClass(m.input_type), _HANDLERS[m.name])
+    for m in SERVICE.methods if not m.client_streaming and not m.server_streaming
+}
+assert UNARY.keys() == _HANDLERS.keys(), "every unary method of the KVStore service has one handler"
+
+
+# ---- streaming calls (gRPC only) ----------------------------------------------------------
+
+def get(api: StoreAPI, caller: Caller, r: pb.GetRequest) -> Iterator[pb.GetResponse]:
+    """The blocks in request order, GET_MESSAGE_BYTES of payload or so a message."""
+    batch, batch_bytes = [], 0
+    for key, data, crc in api.get(caller, r.fingerprint_id, list(r.keys)):
+        batch.append(pb.InlineBlock(key=key, data=data, checksum=crc))
+        batch_bytes += len(data)
+        if batch_bytes >= GET_MESSAGE_BYTES:
+            yield pb.GetResponse(blocks=batch)
+            batch, batch_bytes = [], 0
+    if batch:
+        yield pb.GetResponse(blocks=batch)
+
+
+def write(api: StoreAPI, caller: Caller, chunks: Iterable[pb.WriteChunk]) -> pb.WriteSummary:
+    return pb.WriteSummary(bytes_written=api.write(caller, ((c.lease_id, c.offset, c.data) for c in chunks)))
