@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 from kvwire.errors import CapacityExhaustedError, FingerprintMismatchError, LeaseError
 from kvwire.types import BlockState, KeyStatus, LeaseOutcome, Slot, Tier
+from kvstore.counters import Event
 from kvstore.index import BlockIndex, BlockMeta, block_key, storage_key, tenant_tag
 from kvstore.tiers.base import Copy, Record
 
@@ -132,7 +133,7 @@ class BlockTable:
     def __init__(self, limits: Limits = Limits(), counters: Counter | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.index = BlockIndex()
         self.limits = limits
-        self.counters: Counter[str] = Counter() if counters is None else counters
+        self.counters: Counter[Event] = Counter() if counters is None else counters
         self.clock = clock
         self.leases: dict[int, WriteLease] = {}
         self._lease_at: dict[bytes, WriteLease] = {}  # storage key -> its lease
@@ -174,8 +175,8 @@ class BlockTable:
             if meta is None or meta.fingerprint_id != fingerprint_id:
                 break
             metas.append(meta)
-        self.counters["lookup_blocks_hit"] += len(metas)
-        self.counters["lookup_blocks_miss"] += len(keys) - len(metas)
+        self.counters[Event.LOOKUP_BLOCKS_HIT] += len(metas)
+        self.counters[Event.LOOKUP_BLOCKS_MISS] += len(keys) - len(metas)
         return metas
 
     def status(self, tenant: str, fingerprint_id: bytes, key: bytes) -> KeyStatus:
@@ -270,7 +271,7 @@ class BlockTable:
             self.leases[lease.lease_id] = lease
             self._lease_at[skey] = lease
             self.held_ids[caller.tenant] += 1
-            self.counters["lease_grants"] += 1
+            self.counters[Event.LEASE_GRANTS] += 1
         else:
             lease.expires_at = now + ttl_s
         return LeaseOutcome.GRANTED, lease
@@ -332,12 +333,12 @@ class BlockTable:
             # Still the tenant's until released: else reserving and letting leases lapse would park the whole pool.
             self.held_bytes[lease.tenant] += slot.size_bytes
             self.outbox.zero.append((LANDING_TIER, slot))  # now too: a secure delete scrubs free slots only
-            self.counters["slots_quarantined"] += 1
+            self.counters[Event.SLOTS_QUARANTINED] += 1
         else:
             self.outbox.release.append((LANDING_TIER, slot))
 
     def expire(self, lease: WriteLease) -> None:
-        self.counters["lease_expiries"] += 1
+        self.counters[Event.LEASE_EXPIRIES] += 1
         self.end_lease(lease, stale=True)
 
     def release(self, caller: Caller, lease_ids: Sequence[int]) -> int:
@@ -459,7 +460,7 @@ class BlockTable:
             self.outbox.release.append((tier, slot))
             self.held_bytes[tenant] -= slot.size_bytes
         for pin in [pin for pin in self.pins.values() if pin.expires_at <= now]:
-            self.counters["pin_expiries"] += 1
+            self.counters[Event.PIN_EXPIRIES] += 1
             self.drop_pin(pin)
 
     # ---- what an operator sees and does -----------------------------------------------
@@ -485,9 +486,9 @@ class BlockTable:
         for pin in pins:
             self.drop_pin(pin)
         if leases:
-            self.counters["lease_revocations"] += len(leases)
+            self.counters[Event.LEASE_REVOCATIONS] += len(leases)
         if pins:
-            self.counters["pin_revocations"] += len(pins)
+            self.counters[Event.PIN_REVOCATIONS] += len(pins)
         return len(leases), len(pins)
 
     def in_flight(self) -> int:

@@ -130,12 +130,3 @@ class EvictionPolicy:
                 chosen += cheapest
                 taken.update(cheapest)
         return chosen
-
-
-def __getattr__(name: str):
-    """BackgroundWorker lived here; it is kvstore.background's now (this keeps old imports working)."""
-    if name == "BackgroundWorker":
-        from kvstore.background import BackgroundWorker
-
-        return BackgroundWorker
-    raise AttributeError(name)

@@ -128,7 +128,7 @@ class StoreCollector:
     def collect(self) -> Iterator[Metric]:
         s = self._snapshot()
         families: dict[Family, CounterMetricFamily] = {}
-        counts = {**dict.fromkeys(Event, 0), **s["counters"]}  # every event shows from the start, at 0
+        counts = {**dict.fromkeys(Event, 0), **s.counters}  # every event shows from the start, at 0
         for counter, value in sorted(counts.items()):
             family, labels = series(counter)
             metric = families.get(family)
@@ -141,15 +141,15 @@ class StoreCollector:
             "used": GaugeMetricFamily("kvstore_tier_used_bytes", "Bytes a tier holds now (host: slot bytes; ssd: payload bytes)", labels=["tier"]),
             "blocks": GaugeMetricFamily("kvstore_tier_blocks", "Blocks with a copy in a tier", labels=["tier"]),
         }
-        for tier, capacity, used, blocks in s["tiers"]:
-            label = [Tier(tier).name.lower()]
-            gauges["capacity"].add_metric(label, capacity)
-            gauges["used"].add_metric(label, used)
-            gauges["blocks"].add_metric(label, blocks)
+        for t in s.tiers:
+            label = [Tier(t.tier).name.lower()]
+            gauges["capacity"].add_metric(label, t.capacity_bytes)
+            gauges["used"].add_metric(label, t.used_bytes)
+            gauges["blocks"].add_metric(label, t.blocks)
         yield from gauges.values()
-        yield GaugeMetricFamily("kvstore_blocks", "Blocks in the store", value=s["blocks"])
-        yield GaugeMetricFamily("kvstore_leases_held", "Write leases held now", value=s["leases_held"])
-        yield GaugeMetricFamily("kvstore_pins_held", "Read pins held now", value=s["pins_held"])
+        yield GaugeMetricFamily("kvstore_blocks", "Blocks in the store", value=s.blocks)
+        yield GaugeMetricFamily("kvstore_leases_held", "Write leases held now", value=s.leases_held)
+        yield GaugeMetricFamily("kvstore_pins_held", "Read pins held now", value=s.pins_held)
         yield GaugeMetricFamily("kvstore_draining", "1 while the server admits no writes", value=0 if self.store.admitting else 1)
 
 

@@ -27,6 +27,7 @@ import xxhash
 
 from kvwire.errors import BlockNotFoundError, CapacityExhaustedError, LeaseError, NotDurableError, SsdWriteError
 from kvwire.types import Slot, Tier as TierId
+from kvstore.counters import Event
 from kvstore.block_table import BlockTable, Caller, WriteLease
 from kvstore.eviction import EvictionPolicy, EvictReport
 from kvstore.index import BlockMeta
@@ -155,9 +156,9 @@ class Placement:
         if all_or_none and not all(room.fits):
             return room.fits
         for victim in room.victims:
-            self.counters["ssd_evictions"] += 1
+            self.counters[Event.SSD_EVICTIONS] += 1
             if table.drop_copy(victim, SSD):
-                self.counters["evictions"] += 1
+                self.counters[Event.EVICTIONS] += 1
         self.settle()  # the victims' room is back before the new records are allocated
         return room.fits
 
@@ -216,10 +217,10 @@ class Placement:
                         if not table.index.holds(meta) or meta.pins or HOST not in meta.copies:
                             continue
                         if SSD in meta.copies:
-                            self.counters["demotions" if meta in written else "host_evictions"] += 1
+                            self.counters[Event.DEMOTIONS if meta in written else Event.HOST_EVICTIONS] += 1
                         elif meta in droppable:
                             evicted += 1
-                            self.counters["evictions"] += 1
+                            self.counters[Event.EVICTIONS] += 1
                         else:
                             continue
                         dropped += 1
@@ -435,10 +436,10 @@ class Placement:
         if data is not None and len(data) == meta.size and checksum(data) == meta.checksum:
             return data
         with self.locked as table:
-            self.counters["misses"] += 1
+            self.counters[Event.MISSES] += 1
             if meta.deleted:
                 raise BlockNotFoundError(f"1 of 1 blocks not found: {meta.key.hex()} (deleted while it was read)")
-            self.counters["checksum_failures"] += 1
+            self.counters[Event.CHECKSUM_FAILURES] += 1
             log.warning("dropping corrupt block from ssd tier", extra={"key": meta.key.hex()})
             table.delete(meta)
         raise BlockNotFoundError(f"1 of 1 blocks not found: {meta.key.hex()} (failed its checksum on the ssd tier and was dropped)")
@@ -460,7 +461,7 @@ class Placement:
                     continue
                 if self._wants_host(meta) and table.index.holds(meta):
                     table.attach(meta, HOST, slot)
-                    self.counters["promotions"] += 1
+                    self.counters[Event.PROMOTIONS] += 1
                 else:
                     host.release(slot)
 
@@ -524,7 +525,7 @@ class Placement:
         victims = found.get("victims")
         if victims is None:
             return EvictReport()
-        self.counters["admin_evictions"] += moved.evicted
+        self.counters[Event.ADMIN_EVICTIONS] += moved.evicted
         return EvictReport(moved.evicted, len(victims.blocks) - moved.evicted, sum(m.size for m in victims.blocks), victims.skipped_pinned)
 
     def _evict_below(self, fraction: float) -> EvictReport:
@@ -534,8 +535,8 @@ class Placement:
                 victims = self.policy.to_watermark(table.index.in_lru_order(SSD), ssd.used_bytes, int(fraction * ssd.capacity_bytes),
                                                    lambda m: ssd.footprint(m.copies[SSD]))
                 gone = sum(table.drop_copy(meta, SSD) for meta in victims.blocks)
-                self.counters["ssd_evictions"] += len(victims.blocks)
-                self.counters["admin_evictions"] += gone
+                self.counters[Event.SSD_EVICTIONS] += len(victims.blocks)
+                self.counters[Event.ADMIN_EVICTIONS] += gone
                 erases = self._take_erases()
             self._erase(erases)
         return EvictReport(gone, len(victims.blocks) - gone, sum(m.size for m in victims.blocks), victims.skipped_pinned)
@@ -553,7 +554,7 @@ class Placement:
             meta.copies[SSD] = self.ssd.adopt(skey, record.size)
             self.table.index.add(meta)
         if damaged:
-            self.counters["checksum_failures"] += len(damaged)
+            self.counters[Event.CHECKSUM_FAILURES] += len(damaged)
             try:
                 self.ssd.delete_many(damaged)
             except SsdWriteError as err:  # a full disk must not keep the server from starting: the records stay unindexed

@@ -25,7 +25,7 @@ from kvstore.audit import AuditLog
 from kvstore.auth import Authenticator
 from kvstore.config import ServerConfig
 from kvstore.dataplane_ucx import UcxDataPlane
-from kvstore.eviction import BackgroundWorker
+from kvstore.background import BackgroundWorker
 from kvstore.local_control import LocalControlServer
 from kvstore.metrics import Metrics
 from kvstore.operations import Operations

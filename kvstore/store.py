@@ -33,6 +33,7 @@ from kvwire.errors import (
 )
 from kvwire.keys import FINGERPRINT_ID_BYTES, KEY_BYTES
 from kvwire.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutcome, Slot, Tier
+from kvstore.counters import Event
 from kvstore.block_table import BlockTable, BlockView, Caller, LeaseView, Limits, WriteLease
 from kvstore.config import ServerConfig
 from kvstore.eviction import EvictionPolicy, EvictReport
@@ -96,9 +97,6 @@ class TierStats:
     used_bytes: int  # host: slot bytes; ssd: payload bytes
     blocks: int  # blocks with a copy in the tier
 
-    def __iter__(self) -> Iterator:  # the older (tier, capacity, used, blocks) tuple
-        return iter((self.tier, self.capacity_bytes, self.used_bytes, self.blocks))
-
 
 @dataclass(frozen=True)
 class StoreStats:
@@ -107,9 +105,6 @@ class StoreStats:
     leases_held: int
     pins_held: int
     counters: dict[str, int]
-
-    def __getitem__(self, name: str):  # the older dict's keys
-        return getattr(self, name)
 
 
 class TenantUsage(NamedTuple):
@@ -145,7 +140,7 @@ class Store:
         self.cfg = cfg
         self.host = host if host is not None else HostPool(cfg.host_memory, cfg.max_block_bytes)
         self.ssd = ssd if ssd is not None else SsdTier(cfg.data_path / "ssd", cfg.ssd_capacity)
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[Event] = Counter()
         self._lock = threading.RLock()
         self._changed = _Changes(self._lock)
         limits = Limits(cfg.tenant_max_held_ids, int(cfg.tenant_held_fraction * self.host.capacity_bytes), cfg.stale_write_quarantine_s)
@@ -222,8 +217,8 @@ class Store:
                 break
             prefix += 1
         hits = sum(s.state == BlockState.PRESENT for s in statuses)
-        self.counters["lookup_blocks_hit"] += hits
-        self.counters["lookup_blocks_miss"] += len(statuses) - hits
+        self.counters[Event.LOOKUP_BLOCKS_HIT] += hits
+        self.counters[Event.LOOKUP_BLOCKS_MISS] += len(statuses) - hits
         return statuses, prefix
 
     def _statuses(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> list[KeyStatus]:
@@ -328,7 +323,7 @@ class Store:
         self._check_fp(fingerprint_id)
         self._check_keys(keys)
         deadline = time.monotonic() + min(max(timeout_ms, 0) / 1000, self.cfg.max_wait_s)
-        self.counters["lease_waits"] += 1
+        self.counters[Event.LEASE_WAITS] += 1
         while True:
             self.reap_expired()
             seen = self._changed.generation  # statuses are read a chunk at a time, outside one lock hold
@@ -337,7 +332,7 @@ class Store:
             if all(s.state != BlockState.PENDING for s in statuses) or remaining <= 0 or self.closed:
                 return statuses
             if is_active is not None and not is_active():
-                self.counters["lease_waits_abandoned"] += 1
+                self.counters[Event.LEASE_WAITS_ABANDONED] += 1
                 return statuses
             soonest = min((s.lease_expires_unix_ms for s in statuses if s.state == BlockState.PENDING), default=0)
             until_expiry = max(0.01, soonest / 1000 - time.time())
@@ -373,7 +368,7 @@ class Store:
                     raise FingerprintMismatchError(f"lease {lid} was taken under another fingerprint than this commit names")
                 table.writable_lease(caller, lid)
                 if checksum(self.host.read(lease, lease.slot)) != expected:
-                    self.counters["checksum_failures"] += 1
+                    self.counters[Event.CHECKSUM_FAILURES] += 1
                     # Never the slot's actual checksum: it would be an oracle for whatever the slot holds.
                     raise ChecksumMismatchError(f"block {lease.key.hex()}: the reserved slot's bytes do not match the committed checksum")
             fresh, present = self._new_blocks(table, leases, dict(items))
@@ -414,8 +409,8 @@ class Store:
             meta.copies[HOST] = table.commit_lease(lease)
             table.add(meta)
             outcomes.append(PutOutcome.STORED)
-            self.counters["puts"] += 1
-            self.counters["bytes_in"] += meta.size
+            self.counters[Event.PUTS] += 1
+            self.counters[Event.BYTES_IN] += meta.size
         return outcomes
 
     def put_inline(self, caller: Caller, fingerprint_id: bytes, blocks: Sequence[tuple[bytes, bytes, int]], durable: bool = False) -> list[PutOutcome]:
@@ -484,7 +479,7 @@ class Store:
             raise
         if missing:
             self._unpin(metas)
-            self.counters["misses"] += len(missing)
+            self.counters[Event.MISSES] += len(missing)
             raise BlockNotFoundError(f"{len(missing)} of {len(keys)} blocks not found: " + ", ".join(k.hex() for k in missing[:4]) + ("…" if len(missing) > 4 else ""))
         return metas
 
@@ -505,13 +500,13 @@ class Store:
                 slot = meta.copies.get(HOST)
                 if slot is not None:
                     data = bytes(self.host.read(meta, slot))
-                    self.counters["hits_host"] += 1
+                    self.counters[Event.HITS_HOST] += 1
                 else:
                     data = self.placement.read_below(meta)
-                    self.counters["hits_ssd"] += 1
+                    self.counters[Event.HITS_SSD] += 1
                     self.placement.promote([(meta, data)], make_room=False)
-                self.counters["gets"] += 1
-                self.counters["bytes_out"] += meta.size
+                self.counters[Event.GETS] += 1
+                self.counters[Event.BYTES_OUT] += meta.size
                 yield meta.key, data, meta.checksum
         finally:
             self._unpin(metas)
@@ -536,15 +531,15 @@ class Store:
             slots = [m.copies[HOST] for m in metas]
         if not metas:
             return PinInfo(0, PinnedSlots([], [], []), 0)
-        self.counters["hits_host"] += len(metas) - staged
+        self.counters[Event.HITS_HOST] += len(metas) - staged
         if staged:
-            self.counters["hits_ssd"] += staged
+            self.counters[Event.HITS_SSD] += staged
         with self._locked as table:
             metas = table.within_quota(caller, metas, prefix)
             pin = table.add_pin(caller, metas, ttl)
             expires = table.unix_ms(pin.expires_at)
-        self.counters["gets"] += len(metas)
-        self.counters["bytes_out"] += pin.size
+        self.counters[Event.GETS] += len(metas)
+        self.counters[Event.BYTES_OUT] += pin.size
         return PinInfo(pin.pin_id, PinnedSlots.of(metas, slots[: len(metas)]), expires)
 
     def needs_staging(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], prefix: bool = False) -> bool:
@@ -672,7 +667,7 @@ class Store:
             victims = [m for m in metas if m.pins == 0]
             for meta in victims:
                 table.delete(meta)
-            self.counters["admin_evictions"] += len(victims)
+            self.counters[Event.ADMIN_EVICTIONS] += len(victims)
         self.placement.erase_pending()
         return EvictReport(evicted=len(victims), bytes=sum(m.size for m in victims), skipped_pinned=len(metas) - len(victims))
 
@@ -689,7 +684,7 @@ class Store:
             for meta in metas:
                 table.delete(meta)
             leases, _ = table.revoke(lambda v: v.kind == "write" and match_lease(v))
-            self.counters["admin_deletes"] += len(metas)
+            self.counters[Event.ADMIN_DELETES] += len(metas)
         self.placement.erase_pending()
         return Deletion(len(metas), sum(m.size for m in metas), leases, tuple(metas))
 
@@ -703,7 +698,7 @@ class Store:
         and rewrite the ssd tier so no freed LMDB page keeps a deleted payload. (host bytes zeroed, ssd bytes rewritten)."""
         scrubbed = self.placement.scrub_host()
         rewritten = self.placement.rewrite_below()
-        self.counters["secure_deletes"] += 1
+        self.counters[Event.SECURE_DELETES] += 1
         return scrubbed, rewritten
 
     def lease_views(self) -> list[LeaseView]:

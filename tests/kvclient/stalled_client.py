@@ -11,6 +11,7 @@ It prints "STALLED" when it reaches that point, then sleeps until killed.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import numpy as np
@@ -20,8 +21,13 @@ from kvclient.transports import shm, ucx
 from tests.conftest import make_fingerprint
 
 
+_stalled = threading.Lock()
+
+
 def stall() -> None:
-    print("STALLED", flush=True)
+    """Say STALLED once (several copy threads may get here) and hang."""
+    if _stalled.acquire(blocking=False):
+        print("STALLED", flush=True)
     time.sleep(3600)
 
 

@@ -14,6 +14,7 @@ from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError
 from kvstore.counters import Direction, Event, Transport, request_error, transport_bytes
 from kvstore.metrics import EVENT_SERIES, StoreCollector
+from kvstore.store import StoreStats, TierStats
 from kvwire.errors import ERROR_TYPES
 from kvwire.types import PutOutcome, Tier
 from tests.kvstore.admin_util import admin_json, patterned_blocks
@@ -129,10 +130,10 @@ class StatsOnly:
     admitting = True
 
     def __init__(self, counts: Counter, tiers=((Tier.HOST, 1 << 20, 4096, 1), (Tier.SSD, 1 << 30, 0, 0))) -> None:
-        self.counts, self.tiers = counts, list(tiers)
+        self.counts, self.tiers = counts, [TierStats(*t) for t in tiers]
 
-    def stats(self) -> dict:
-        return {"tiers": self.tiers, "blocks": 1, "leases_held": 2, "pins_held": 3, "counters": dict(self.counts)}
+    def stats(self) -> StoreStats:
+        return StoreStats(tuple(self.tiers), blocks=1, leases_held=2, pins_held=3, counters=dict(self.counts))
 
 
 def collected(store: StatsOnly) -> dict[tuple[str, frozenset], float]:
