@@ -18,12 +18,12 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvwire.defaults import DEFAULT_ADDRESS
 from kvwire.errors import ERROR_TYPE_METADATA, KVStoreError, error_for
 from kvwire.v1 import admin_pb2 as apb
 from kvwire.v1 import admin_pb2_grpc as apb_grpc
 from kvwire.v1 import kvstore_pb2 as pb
 
-DEFAULT_SERVER = "127.0.0.1:7480"
 _TIERS = {"host": pb.TIER_HOST, "ssd": pb.TIER_SSD}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -156,7 +156,7 @@ def add_selector(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvstore-admin", description="Operate a kvstore server through its Admin service")
-    parser.add_argument("--server", default=os.environ.get("KVSTORE_SERVER", DEFAULT_SERVER), help="host:port (env KVSTORE_SERVER)")
+    parser.add_argument("--server", default=os.environ.get("KVSTORE_SERVER", DEFAULT_ADDRESS), help="host:port (env KVSTORE_SERVER)")
     parser.add_argument("--token", default=os.environ.get("KVSTORE_TOKEN"), help="admin bearer token (env KVSTORE_TOKEN)")
     parser.add_argument("--tls-ca", help="PEM root certificate: connect with TLS")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-DEFAULT_PORT = 7480
-DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+from kvwire.defaults import DEFAULT_ADDRESS as DEFAULT_LISTEN, LOCAL_CONTROL_MAX_CONNECTIONS
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
@@ -56,7 +55,7 @@ class ServerConfig:
     shm: bool = True
     local_control: bool = True  # serve same-host clients' unary calls on a Unix socket (kvstore/local_control.py)
     local_control_socket: str = ""  # its path; "" is <data_dir>/control.sock
-    local_control_max_connections: int = 256  # a server thread each; calls beyond go over gRPC
+    local_control_max_connections: int = LOCAL_CONTROL_MAX_CONNECTIONS  # a server thread each; calls beyond go over gRPC
     local_control_idle_s: float = 300.0  # a connection with no call for this long is closed (the client reconnects)
     local_control_read_s: float = 10.0  # a started frame must arrive within this; a stalled peer is dropped
     # Limits that keep one caller from holding the whole server (docs/security.md).

@@ -39,6 +39,7 @@ from typing import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
+from kvwire.defaults import LOCAL_CONTROL_MAX_CONNECTIONS
 from kvwire.errors import ERROR_TYPE_METADATA, InvalidRequestError, KVStoreError, PermissionDeniedError
 from kvwire.local_wire import (BUSY_ERROR_TYPE, IDLE_ERROR_TYPE, FrameError, Metadata, Request, decode_request, encode_response,
                                read_frame)
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 # sockaddr_un.sun_path is 108 bytes, NUL included.
 MAX_SOCKET_PATH_BYTES = 107
 REFUSED_PEER_READ_S = 2.0
-DEFAULT_MAX_CONNECTIONS = 256  # a thread each; a client keeps only a few idle (kvclient/local_control.py)
+DEFAULT_MAX_CONNECTIONS = LOCAL_CONTROL_MAX_CONNECTIONS  # a thread each; a client keeps only a few idle
 DEFAULT_IDLE_S = 300.0  # ServerConfig.local_control_idle_s
 DEFAULT_READ_S = 10.0  # ServerConfig.local_control_read_s
 _HUNG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from kvwire.defaults import SHM_DIR
 from kvwire.errors import CapacityExhaustedError
 from kvwire.types import Slot, Tier
 from kvstore.tiers.base import Buffer, BlockLabel
@@ -32,7 +33,6 @@ from kvstore.tiers.slab import SlabAllocator
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = Path("/dev/shm")
 _POOL_NAME = re.compile(r"kvstore-(\d+)-[0-9a-f]{8}")
 
 
