@@ -232,3 +232,20 @@ def test_duplicate_keys_are_refused_and_change_nothing(srv, stub):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     counters = admin_json(srv, "stats")
     assert counters["store"]["counters"].get("checksum_failures", 0) == 0, counters
+
+
+def test_clients_that_send_no_client_id_do_not_share_ownership(srv):
+    """Two connections with the same token and no client id are two owners: one's lease is PENDING to the other,
+    and the other cannot release it."""
+    token_only = (("authorization", "Bearer alice-secret"),)
+    first, second = grpc.insecure_channel(srv.address), grpc.insecure_channel(srv.address, options=[("grpc.use_local_subchannel_pool", 1)])
+    a, b = pb_grpc.KVStoreStub(first), pb_grpc.KVStoreStub(second)
+    k = key(8)
+    (held,) = a.AcquireLeases(pb.AcquireLeasesRequest(fingerprint_id=FP, keys=[k]), metadata=token_only, timeout=10).leases
+    assert held.outcome == pb.LEASE_GRANTED
+    (other,) = b.AcquireLeases(pb.AcquireLeasesRequest(fingerprint_id=FP, keys=[k]), metadata=token_only, timeout=10).leases
+    assert other.outcome == pb.LEASE_PENDING
+    assert b.ReleaseLeases(pb.ReleaseLeasesRequest(lease_ids=[held.lease_id]), metadata=token_only, timeout=10).released == 0
+    assert a.ReleaseLeases(pb.ReleaseLeasesRequest(lease_ids=[held.lease_id]), metadata=token_only, timeout=10).released == 1
+    first.close()
+    second.close()
