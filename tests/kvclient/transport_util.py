@@ -28,6 +28,12 @@ def random_blocks(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(n)]
 
 
+def assert_all_equal(got, want) -> None:
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert np.array_equal(a, b), f"block {i} differs"
+
+
 def tokens(n_blocks: int, start: int = 0, block_tokens: int = 16) -> list[int]:
     return list(range(start, start + n_blocks * block_tokens))
 

@@ -14,19 +14,9 @@ import pytest
 from kvclient import KVClient
 from kvclient.errors import CapacityExhaustedError, NotDurableError
 from kvwire.types import PutOutcome
+from tests.kvclient.transport_util import assert_all_equal, random_blocks as blocks_for
 
 KIB = 1 << 10
-
-
-def blocks_for(n: int, size: int, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(n)]
-
-
-def assert_all_equal(got, want):
-    assert len(got) == len(want)
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert np.array_equal(a, b), f"block {i} differs"
 
 
 def kill_and_restart(server) -> None:

@@ -11,6 +11,7 @@ import pytest
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError
 from kvwire.types import PutOutcome
+from tests.kvclient.transport_util import assert_all_equal
 
 BLOCK = 64 << 10
 SMALL_HOST = dict(host_memory="8MiB", max_block_bytes="1MiB", ssd_capacity="256MiB")
@@ -19,12 +20,6 @@ SMALL_HOST = dict(host_memory="8MiB", max_block_bytes="1MiB", ssd_capacity="256M
 def blocks_for(n: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, BLOCK, dtype=np.uint8) for _ in range(n)]
-
-
-def assert_all_equal(got, want):
-    assert len(got) == len(want)
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert np.array_equal(a, b), f"block {i} differs"
 
 
 def test_writing_past_host_capacity_demotes_to_lmdb_and_survives_restart(make_server, fingerprint):
