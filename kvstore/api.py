@@ -190,7 +190,7 @@ class StoreAPI:
         return DataPlane(
             shm_name=self.store.host.shm_name if self.cfg.shm else "",
             shm_size_bytes=self.store.host.capacity_bytes,
-            host_id=host_id(),
+            host_id=self.cfg.host_id or host_id(),
             max_block_bytes=self.cfg.max_block_bytes,
             local_control_socket=self.local_control_path,
             ucx_listener=f"{self.cfg.listen.rsplit(':', 1)[0]}:{ucx.port}" if ucx is not None else "",

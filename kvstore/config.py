@@ -67,6 +67,22 @@ class ServerConfig:
     tenant_max_held_ids: int = 65536  # leases plus pins one non-admin tenant may hold
     stale_write_quarantine_s: float = 30.0  # an expired lease's slot is not reused for this long
     shutdown_grace_s: float = 5.0  # SIGTERM: how long calls in progress may finish before the flush
+    # HBM tier (docs/hbm.md): off unless hbm_memory > 0 and CUDA is present.
+    hbm_memory: int = 0  # bytes of one device allocation on GPU `gpu`, carved like the host pool
+    gpu: int = 0  # CUDA device index of the HBM pool
+    hbm_promote_hits: int = 2  # reads within hbm_promote_window_s that make a host block hot
+    hbm_promote_window_s: float = 60.0
+    # Cluster (docs/cluster.md): off unless cluster_etcd names etcd endpoints.
+    cluster_etcd: str = ""  # HOST:PORT[,HOST:PORT...] of a real etcd cluster
+    cluster_name: str = "kvstore"  # etcd key prefix /kvstore/<cluster_name>/; nodes of one cluster share it
+    node_name: str = ""  # unique in the cluster; "" is the host name
+    advertise: str = ""  # HOST:PORT peers dial for this node's gRPC; "" is listen (must not be 0.0.0.0 then)
+    host_id: str = ""  # overrides the detected host identity (co-location); also KVSTORE_HOST_ID for clients
+    cluster_lease_ttl_s: float = 5.0  # membership lease; a silent node is gone from every view after this
+    cluster_strict_fence: bool = False  # a fenced node refuses local reads too (deletes must hold everywhere)
+    remote_fetch_deadline_ms: int = 1000  # a remote prefix fetch returns the leading run that landed by then
+    cluster_announce_wait_ms: int = 50  # a commit waits this long for its directory home's ack before answering
+    peer_tokens_file: str = ""  # TOML [[peers]] token entries; nodes present one to each other (peer role)
 
     def validate(self) -> "ServerConfig":
         if not 0 < self.low_watermark < self.high_watermark <= 1:
@@ -99,7 +115,7 @@ class ServerConfig:
         return Path(self.local_control_socket or self.data_path / "control.sock").absolute()
 
 
-_SIZE_FIELDS = {"host_memory", "ssd_capacity", "max_block_bytes"}
+_SIZE_FIELDS = {"host_memory", "ssd_capacity", "max_block_bytes", "hbm_memory"}
 
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:

@@ -5,11 +5,18 @@ compares it before mapping the server's shared-memory pool).
 """
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
+HOST_ID_ENV = "KVSTORE_HOST_ID"
+
 
 def host_id() -> str:
+    """KVSTORE_HOST_ID wins: processes in separate network namespaces of one box share a hostname and
+    boot id, yet must not map each other's shared memory or sockets (they stand for separate hosts)."""
+    if override := os.environ.get(HOST_ID_ENV, "").strip():
+        return override
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
