@@ -2,9 +2,10 @@
 
 The public names: KVClient, the namespace (Fingerprint, BlockKey, block_keys), the result types
 (PutOutcome, LeaseOutcome, BlockState, Tier, LeaseInfo, KeyStatus), what a pin or a transfer reports
-(PinnedBlocks, SlotRef, TransferStats) and the errors (kvclient.errors).
+(PinnedBlocks, SlotRef, TransferStats, HbmPool) and the errors (kvclient.errors).
 """
 from kvclient.errors import BlockNotFoundError, KVStoreError
+from kvclient.hbm import HbmPool
 from kvclient.pins import PinnedBlocks
 from kvclient.transports.base import SlotRef, TransferStats
 from kvwire.keys import BlockKey, Fingerprint, block_keys
@@ -12,7 +13,7 @@ from kvwire.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutc
 
 __all__ = ["BlockKey", "Fingerprint", "block_keys", "KVStoreError", "BlockNotFoundError", "KVClient",
            "BlockState", "KeyStatus", "LeaseInfo", "LeaseOutcome", "PutOutcome", "Tier",
-           "PinnedBlocks", "SlotRef", "TransferStats"]
+           "PinnedBlocks", "SlotRef", "TransferStats", "HbmPool"]
 
 
 def __getattr__(name: str):

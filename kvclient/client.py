@@ -28,8 +28,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from kvclient.connect import Connection, TransportChoice, connect
-from kvclient.control import ClientIdentity, ControlChannel
+from kvclient.control import ClientIdentity, ControlChannel, PinGrant
 from kvclient.errors import CapacityExhaustedError, InvalidRequestError, KVStoreError, PermissionDeniedError, TransferError
+from kvclient.hbm import HbmPool, open_hbm_pool
 from kvclient.lease_keeper import LeaseKeeper
 from kvclient.pins import PinnedBlocks, Unpins
 from kvclient.transports import device
@@ -38,7 +39,7 @@ from kvwire.defaults import DEFAULT_ADDRESS
 from kvwire.keys import BlockKey, Fingerprint, block_keys
 from kvwire.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutcome
 
-__all__ = ["KVClient", "PinnedBlocks", "SlotRef", "TransferStats", "DEFAULT_ADDRESS"]
+__all__ = ["KVClient", "HbmPool", "PinnedBlocks", "SlotRef", "TransferStats", "DEFAULT_ADDRESS"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class KVClient:
         self._unpins = Unpins(self._unpin_quietly)
         self._lock = threading.Lock()
         self._leases: dict[bytes, int] = {}
+        self._hbm: HbmPool | None = None
+        self._hbm_asked = False
         self.last_transfer = TransferStats()  # of the last put, get or pin
 
     # ---- what the client was assembled from (read-only) ---------------------------
@@ -90,6 +93,15 @@ class KVClient:
     @property
     def transport_choice(self) -> TransportChoice:
         return self._conn.choice
+
+    def hbm_pool(self) -> HbmPool | None:
+        """The server's HBM pool mapped into this process (CUDA IPC, same host), opened at the first call and
+        shared by every client of the process; None where there is none or it cannot be mapped here. Once
+        mapped, pin() says where each pinned block sits in it (PinnedBlocks.device_ptr)."""
+        if not self._hbm_asked:
+            self._hbm = open_hbm_pool(self._conn.data_plane)
+            self._hbm_asked = True
+        return self._hbm
 
     @property
     def control(self) -> ControlChannel:
@@ -305,7 +317,10 @@ class KVClient:
     def _pin_slots(self, keys: list[bytes], stats: TransferStats, lo: int = 0, prefix: bool = False) -> list[SlotRef]:
         """Pin keys (one call, carrying the deferred unpins); their slots, indexed from lo. With prefix, only
         the longest present leading run is pinned, and fewer slots than keys may come back."""
-        grant = self._timed(stats, self.control.pin, self.fingerprint_id, keys, self._unpins.take(), prefix)
+        return self._slots_of(self._timed(stats, self.control.pin, self.fingerprint_id, keys, self._unpins.take(), prefix),
+                              keys, stats, lo, prefix)
+
+    def _slots_of(self, grant: PinGrant, keys: list[bytes], stats: TransferStats, lo: int, prefix: bool) -> list[SlotRef]:
         n = len(grant.offsets)
         if not n == len(grant.sizes) == len(grant.checksums) or n > len(keys) or (n < len(keys) and not prefix):
             self._unpins.now(grant.pin_id)
@@ -322,13 +337,20 @@ class KVClient:
 
         All or nothing (BlockNotFoundError naming the missing keys), or with prefix=True the longest
         present leading run of keys, possibly none. Use the result as a context manager, or release() it;
-        check each block with verify() before trusting what was read.
+        check each block with verify() before trusting what was read. Blocks the server also holds in its
+        HBM tier say so (PinnedBlocks.tiers, hbm_offset), and once this process maps that pool
+        (hbm_pool()) device_ptr(i) is where to copy them from, device to device.
         """
         digests = _digests(keys)
         stats = TransferStats()
-        slots = self._pin_slots(digests, stats, prefix=prefix) if digests else []
+        if not digests:
+            return PinnedBlocks([], [], self.transport.pool_view(), self._unpins, stats)
+        grant = self._timed(stats, self.control.pin, self.fingerprint_id, digests, self._unpins.take(), prefix)
+        slots = self._slots_of(grant, digests, stats, 0, prefix)
         self.last_transfer = stats  # the caller's copies and checks add to it
-        return PinnedBlocks(digests[: len(slots)], slots, self.transport.pool_view(), self._unpins, stats)
+        hbm = self._hbm if self._hbm is not None and self._hbm.pool_id == grant.hbm_pool_id else None
+        return PinnedBlocks(digests[: len(slots)], slots, self.transport.pool_view(), self._unpins, stats,
+                            grant.tiers, grant.hbm_offsets, hbm)
 
     def delete(self, keys: Sequence[BlockKey]) -> int:
         return self.control.delete(self.fingerprint_id, _digests(keys))

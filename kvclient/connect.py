@@ -50,12 +50,14 @@ class TransportChoice:
 @dataclass(frozen=True)
 class Connection:
     """What a client talks through: its control channel, the gRPC channel beneath (streams and inline
-    payloads stay on it), the transport, and why these were chosen."""
+    payloads stay on it), the transport, why these were chosen, and the server's DataPlane answer
+    (None when it gave none)."""
 
     control: ControlChannel
     grpc: GrpcControl
     transport: Transport
     choice: TransportChoice
+    data_plane: DataPlaneInfo | None = None
 
     def close(self) -> None:
         self.transport.close()
@@ -163,4 +165,4 @@ def connect(address: str, identity: ClientIdentity, transport: str = "auto", loc
     choice = TransportChoice(transport, chosen, tuple(fallbacks), "local" if control else "grpc", why_not_local)
     log.debug("kvclient transport: %s (requested %s; fallbacks: %s); control: %s", chosen, transport,
               "; ".join(fallbacks) or "none", choice.control)
-    return Connection(control or grpc_control, grpc_control, mover, choice)
+    return Connection(control or grpc_control, grpc_control, mover, choice, info)

@@ -67,6 +67,10 @@ class DataPlaneInfo:
     ucx_session_tenant: str = ""
     max_block_bytes: int = 0
     local_control_socket: str = ""  # "" when the server serves no local control socket
+    hbm_device_uuid: str = ""  # the server's HBM tier (hbm_size 0: none), mapped by kvclient/hbm.py
+    hbm_ipc_handle: bytes = b""
+    hbm_size: int = 0
+    hbm_pool_id: int = 0
 
 
 # One key's answer to Reserve: (LeaseOutcome value, lease id, slot offset, slot size_bytes, expires_unix_ms); all but
@@ -90,6 +94,9 @@ class PinGrant:
     offsets: Sequence[int]
     sizes: Sequence[int]
     checksums: Sequence[int]
+    tiers: Sequence[int] = ()  # each block's fastest tier, when some block has an HBM copy; empty otherwise
+    hbm_offsets: Sequence[int] = ()  # their offsets in the HBM pool (0 where none)
+    hbm_pool_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,8 @@ class ProtoControl:
                                 prefix_only=prefix_only, ttl_ms=ttl_ms)
         resp = self.call("Pin", request, timeout_s)
         # [:] copies a packed column to a list in C, ~3x faster than iterating it (tuple(), zip) from Python
-        return PinGrant(resp.pin_id, resp.expires_unix_ms, tuple(resp.offsets[:]), tuple(resp.lengths[:]), tuple(resp.checksums[:]))
+        return PinGrant(resp.pin_id, resp.expires_unix_ms, tuple(resp.offsets[:]), tuple(resp.lengths[:]), tuple(resp.checksums[:]),
+                        tuple(resp.tiers[:]), tuple(resp.hbm_offsets[:]), resp.hbm_pool_id)
 
     def unpin(self, pin_ids, timeout_s=None):
         return self.call("Unpin", pb.UnpinRequest(pin_ids=list(pin_ids)), timeout_s).released
@@ -199,7 +207,7 @@ class ProtoControl:
     def data_plane(self, timeout_s=None):
         r = self.call("DataPlane", pb.DataPlaneRequest(), timeout_s)
         return DataPlaneInfo(r.host_id, r.shm_name, r.shm_size, r.ucx_listener, r.ucx_session_token, r.ucx_session_tenant,
-                             r.max_block_bytes, r.local_control_socket)
+                             r.max_block_bytes, r.local_control_socket, r.hbm_device_uuid, r.hbm_ipc_handle, r.hbm_size, r.hbm_pool_id)
 
     def close(self) -> None:
         pass

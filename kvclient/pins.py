@@ -2,8 +2,10 @@
 PinnedBlocks, the handle `KVClient.pin` returns.
 
 A pin keeps blocks in their host-pool slots until it is dropped, so whoever holds one can read
-the slots straight out of the pool (shm) or have them sent (UCX). It refuses to own how the
-bytes move: PinnedBlocks says where the blocks are and checks them; the caller copies.
+the slots straight out of the pool (shm) or have them sent (UCX). A block with a copy in the
+server's HBM tier is held there too, and a same-host GPU client that maps the HBM pool
+(kvclient/hbm.py) may copy it device to device instead. It refuses to own how the bytes move:
+PinnedBlocks says where the blocks are and checks them; the caller copies.
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from kvclient.hbm import HbmPool
 from kvclient.integrity import check_block, checksum_error
 from kvclient.transports.base import SlotRef, TransferStats
+from kvwire.types import Tier
 
 
 class Unpins:
@@ -109,17 +113,35 @@ class PinnedBlocks:
     """
 
     def __init__(self, keys: list[bytes], slots: list[SlotRef], pool_view: np.ndarray | None, unpins: Unpins,
-                 stats: TransferStats) -> None:
+                 stats: TransferStats, tiers: Sequence[int] = (), hbm_offsets: Sequence[int] = (),
+                 hbm: HbmPool | None = None) -> None:
         self.keys = keys  # the pinned blocks' digests (a prefix pin: the leading run only)
         self.slots = slots
         self.pool_view = pool_view  # the client's mapping of the server's pool (shm), or None
         self.stats = stats  # the Pin's time; what the caller's copies add is theirs to record
         self.pin_id = slots[0].handle if slots else 0
+        # Each block's fastest tier: HBM where the server also holds it in its HBM tier, else HOST.
+        self.tiers = [Tier(t) for t in tiers[: len(slots)]] if tiers else [Tier.HOST] * len(slots)
+        self._hbm_offsets = list(hbm_offsets[: len(slots)]) if tiers else []
+        self.hbm = hbm  # this process's mapping of that HBM pool (same host, CUDA), or None
         self._unpins = unpins
         self._released = False
 
     def __len__(self) -> int:
         return len(self.slots)
+
+    def hbm_offset(self, i: int) -> int | None:
+        """Block i's offset in the server's HBM pool, or None where it has no copy there."""
+        return self._hbm_offsets[i] if self.tiers[i] == Tier.HBM else None
+
+    def device_ptr(self, i: int) -> int | None:
+        """Block i's address in this process where it sits in the mapped HBM pool (on device self.hbm.device),
+        or None: no copy there, or no mapping here. Copy out of it device to device, then check what landed
+        (verify_hashes), as with any pinned block: the pin keeps the copy in place until it is released."""
+        offset = self.hbm_offset(i)
+        if offset is None or self.hbm is None:
+            return None
+        return self.hbm.base_ptr + offset
 
     def block(self, i: int) -> np.ndarray:
         """Block i's bytes where they sit in the pool (a view: no copy); needs a mapped pool."""

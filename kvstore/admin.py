@@ -24,7 +24,7 @@ from kvwire.v1 import admin_pb2 as apb
 from kvwire.v1 import admin_pb2_grpc as apb_grpc
 from kvwire.v1 import kvstore_pb2 as pb
 
-_TIERS = {"host": pb.TIER_HOST, "ssd": pb.TIER_SSD}
+_TIERS = {"hbm": pb.TIER_HBM, "host": pb.TIER_HOST, "ssd": pb.TIER_SSD}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -93,18 +93,24 @@ def render_stats(d: dict) -> str:
         (t["tier"].removeprefix("TIER_").lower(), human_bytes(t["capacity_bytes"]), human_bytes(t["used_bytes"]), f"{100 * t['used_bytes'] / max(t['capacity_bytes'], 1):.1f}%", t["blocks"])
         for t in s["tiers"]
     ]
-    hits = c.get("hits_host", 0) + c.get("hits_ssd", 0)
+    hits = c.get("hits_hbm", 0) + c.get("hits_host", 0) + c.get("hits_ssd", 0)
+    hbm = any(t["tier"] == "TIER_HBM" for t in s["tiers"]) or any(k.startswith("hbm_") and v for k, v in c.items())
     summary = [
         ("blocks", s["blocks"]),
         ("leases held", s["leases_held"]),
         ("pins held", s["pins_held"]),
-        ("get hit rate", f"{_rate(hits, c.get('misses', 0))} ({hits} hits: {c.get('hits_host', 0)} host, {c.get('hits_ssd', 0)} ssd; {c.get('misses', 0)} misses)"),
+        ("get hit rate", f"{_rate(hits, c.get('misses', 0))} ({hits} hits: " + (f"{c.get('hits_hbm', 0)} hbm, " if hbm else "")
+         + f"{c.get('hits_host', 0)} host, {c.get('hits_ssd', 0)} ssd; {c.get('misses', 0)} misses)"),
         ("lookup hit rate", _rate(c.get("lookup_blocks_hit", 0), c.get("lookup_blocks_miss", 0))),
         ("evictions", f"{c.get('evictions', 0)} capacity, {c.get('admin_evictions', 0)} admin"),
         ("demotions", c.get("demotions", 0)),
         ("checksum failures", c.get("checksum_failures", 0)),
         ("draining", "yes" if d["draining"] else "no"),
     ]
+    if hbm:
+        summary.insert(-2, ("hbm tier", f"{c.get('hbm_promotions', 0)} promoted, {c.get('hbm_evictions', 0)} dropped, "
+                                        f"{c.get('hbm_verify_failures', 0)} failed their check, {c.get('hbm_device_errors', 0)} device errors"
+                                        + ("" if any(t["tier"] == "TIER_HBM" for t in s["tiers"]) else " (tier lost)")))
     parts = [table(("TIER", "CAPACITY", "USED", "USE", "BLOCKS"), tiers), "", table(("", ""), summary).split("\n", 1)[1]]
     if d["tenants"]:
         parts += ["", table(("TENANT", "BLOCKS", "BYTES"), [(t["tenant"], t["blocks"], human_bytes(t["bytes"])) for t in d["tenants"]])]
@@ -113,7 +119,7 @@ def render_stats(d: dict) -> str:
 
 def render_blocks(d: dict) -> str:
     rows = [
-        (b["tenant"], b["fingerprint_id"][:12], b["key"], b["tier"].removeprefix("TIER_").lower() + ("+ssd" if b["on_ssd"] and b["tier"] == "TIER_HOST" else ""), human_bytes(b["size_bytes"]), b["pins"], f"{b['age_ms'] / 1000:.0f}s")
+        (b["tenant"], b["fingerprint_id"][:12], b["key"], b["tier"].removeprefix("TIER_").lower() + ("+ssd" if b["on_ssd"] and b["tier"] != "TIER_SSD" else ""), human_bytes(b["size_bytes"]), b["pins"], f"{b['age_ms'] / 1000:.0f}s")
         for b in d["blocks"]
     ]
     out = table(("TENANT", "FINGERPRINT", "KEY", "TIER", "SIZE", "PINS", "AGE"), rows)
@@ -169,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--page-token", default="")
     ev = sub.add_parser("evict", help="evict to a watermark, or every matching block; pinned blocks are never evicted")
     add_selector(ev)
-    ev.add_argument("--watermark", type=float, default=0.0, help="evict LRU blocks of --tier (default host) until used <= this fraction of capacity")
+    ev.add_argument("--watermark", type=float, default=0.0, help="evict LRU blocks of --tier (default host) until used <= this fraction of capacity "
+                    "(hbm: only the HBM copies go)")
     rm = sub.add_parser("delete", help="delete matching blocks (pinned ones too, once their readers finish)")
     add_selector(rm)
     rm.add_argument("--secure", action="store_true", help="also scrub the host pool and rewrite the ssd tier so no copy can be recovered")

@@ -79,6 +79,12 @@ class DataPlane:
     ucx_listener: str = ""  # host:port
     ucx_session_token: bytes = b""  # binds a UCX session to the caller's tenant and client id
     ucx_session_tenant: str = ""
+    # The HBM tier, for a same-host GPU client to map (kvstore/hbm_placement.py); hbm_size_bytes 0 when there is none.
+    hbm_device: int = 0  # the server's CUDA ordinal of the pool's GPU (the client finds its own by uuid)
+    hbm_device_uuid: str = ""
+    hbm_ipc_handle: bytes = b""  # a CUDA IPC memory handle of the whole pool; b"" when it cannot be shared
+    hbm_size_bytes: int = 0
+    hbm_pool_id: int = 0  # Pin answers name it, so offsets are never applied to another allocation's mapping
 
 
 class UcxSessions(Protocol):
@@ -166,6 +172,7 @@ class StoreAPI:
     def pin(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0, prefix: bool = False,
             release_pin_ids: Sequence[int] = ()) -> PinInfo:
         """Pin the blocks in the host pool for the caller to copy out; with prefix, the leading present run.
+        Blocks with an HBM copy are named there too (PinInfo.slots.tiers, hbm_offsets), for a device-to-device copy.
 
         release_pin_ids are dropped first, so the room they hold is free for this pin."""
         if release_pin_ids:
@@ -187,6 +194,7 @@ class StoreAPI:
 
     def data_plane(self, caller: Caller) -> DataPlane:
         ucx = self.ucx
+        hbm = self.store.hbm.export() if self.store.hbm is not None else None
         return DataPlane(
             shm_name=self.store.host.shm_name if self.cfg.shm else "",
             shm_size_bytes=self.store.host.capacity_bytes,
@@ -196,6 +204,8 @@ class StoreAPI:
             ucx_listener=f"{self.cfg.listen.rsplit(':', 1)[0]}:{ucx.port}" if ucx is not None else "",
             ucx_session_token=ucx.session_token(caller) if ucx is not None else b"",
             ucx_session_tenant=caller.tenant if ucx is not None else "",
+            **({} if hbm is None else dict(hbm_device=max(hbm.device_index, 0), hbm_device_uuid=hbm.device_uuid,
+                                          hbm_ipc_handle=hbm.ipc_handle, hbm_size_bytes=hbm.size_bytes, hbm_pool_id=hbm.pool_id)),
         )
 
     # ---- for a data plane that moves the bytes itself (UCX) ----------------------------

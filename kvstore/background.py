@@ -1,4 +1,5 @@
-"""The background worker: keeps the host tier under its watermarks and reaps expired leases and pins.
+"""The background worker: keeps the host tier under its watermarks, promotes hot blocks into the HBM tier,
+and reaps expired leases and pins.
 
 Demotion runs here, off the request path (placement.py does the moving, eviction.py picks
 the victims); a Reserve that finds the pool full makes its own room only when writes outpace
@@ -32,6 +33,7 @@ class BackgroundWorker:
             try:
                 self.store.reap_expired()
                 self.store.demote_cold()
+                self.store.promote_hot()
                 self._erase_pending()
             except Exception:  # keep serving; a failed pass is retried next tick
                 if self.store.closed:

@@ -72,6 +72,7 @@ class ServerConfig:
     gpu: int = 0  # CUDA device index of the HBM pool
     hbm_promote_hits: int = 2  # reads within hbm_promote_window_s that make a host block hot
     hbm_promote_window_s: float = 60.0
+    hbm_backend: str = "cuda"  # "host": host memory stands in for the GPU (the tier's logic without one; exports nothing)
     # Cluster (docs/cluster.md): off unless cluster_etcd names etcd endpoints.
     cluster_etcd: str = ""  # HOST:PORT[,HOST:PORT...] of a real etcd cluster
     cluster_name: str = "kvstore"  # etcd key prefix /kvstore/<cluster_name>/; nodes of one cluster share it
@@ -101,6 +102,10 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive")
         if self.stale_write_quarantine_s < 0:
             raise ValueError("stale_write_quarantine_s must not be negative")
+        if self.hbm_memory < 0 or self.gpu < 0 or self.hbm_promote_hits < 1 or self.hbm_promote_window_s <= 0:
+            raise ValueError("hbm_memory and gpu must not be negative, hbm_promote_hits at least 1, hbm_promote_window_s positive")
+        if self.hbm_backend not in ("cuda", "host"):
+            raise ValueError(f"hbm_backend must be cuda or host; got {self.hbm_backend!r}")
         if self.local_control_max_connections < 1:
             raise ValueError("local_control_max_connections must be at least 1 (turn the socket off with local_control = false)")
         return self

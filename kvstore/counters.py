@@ -34,6 +34,7 @@ class Event(enum.StrEnum):
     GETS = "gets"  # blocks served (Get and Pin)
     HITS_HOST = "hits_host"  # served, held by the host tier
     HITS_SSD = "hits_ssd"  # served, held by the ssd tier only
+    HITS_HBM = "hits_hbm"  # pinned with an HBM copy too (a same-host GPU client may copy it device to device)
     MISSES = "misses"  # asked for by Get or Pin, not present
     BYTES_IN = "bytes_in"  # payload bytes committed
     BYTES_OUT = "bytes_out"  # payload bytes served
@@ -60,6 +61,12 @@ class Event(enum.StrEnum):
     ADMIN_EVICTIONS = "admin_evictions"  # block gone by an admin's evict
     ADMIN_DELETES = "admin_deletes"
     SECURE_DELETES = "secure_deletes"  # secure delete runs, not blocks
+
+    # The HBM tier: a clean copy of hot host blocks (kvstore/hbm_placement.py).
+    HBM_PROMOTIONS = "hbm_promotions"  # host blocks copied into the HBM tier and verified there
+    HBM_EVICTIONS = "hbm_evictions"  # HBM copies dropped (room, an operator); the host copy stays
+    HBM_VERIFY_FAILURES = "hbm_verify_failures"  # copies that did not match their checksum where they landed
+    HBM_DEVICE_ERRORS = "hbm_device_errors"  # the HBM tier's GPU failed and the tier was dropped
 
     # The UCX data plane.
     UCX_PINS_STAGED_OFF_LOOP = "ucx_pins_staged_off_loop"  # pins that had to read ssd on a worker thread

@@ -61,6 +61,7 @@ LEASE_REVOCATIONS = Family("kvstore_lease_revocations", "Write leases and read p
 CHECKSUM_FAILURES = Family("kvstore_checksum_failures", "Blocks whose bytes failed their checksum (commit or ssd read)")
 DEMOTIONS = Family("kvstore_demotions", "Blocks written from the host tier to the ssd tier to free host memory")
 PROMOTIONS = Family("kvstore_promotions", "Blocks copied from the ssd tier back into the host tier")
+HBM_PROMOTIONS = Family("kvstore_hbm_promotions", "Hot blocks copied from the host tier into the HBM tier and verified there")
 EVICTIONS = Family("kvstore_evictions", "Blocks removed from the store, by reason", ("reason",))
 TIER_EVICTIONS = Family("kvstore_tier_evictions", "Copies dropped from one tier while another still holds the block", ("tier",))
 ADMIN_DELETED_BLOCKS = Family("kvstore_admin_deleted_blocks", "Blocks deleted by an admin")
@@ -76,6 +77,7 @@ EVENT_SERIES: dict[Event, tuple[Family, tuple[str, ...]]] = {
     Event.GETS: (BLOCKS_SERVED, ()),
     Event.HITS_HOST: (HITS, ("host",)),
     Event.HITS_SSD: (HITS, ("ssd",)),
+    Event.HITS_HBM: (HITS, ("hbm",)),
     Event.MISSES: (MISSES, ()),
     Event.BYTES_IN: (PAYLOAD_BYTES, ("in",)),
     Event.BYTES_OUT: (PAYLOAD_BYTES, ("out",)),
@@ -98,6 +100,10 @@ EVENT_SERIES: dict[Event, tuple[Family, tuple[str, ...]]] = {
     Event.ADMIN_EVICTIONS: (EVICTIONS, ("admin",)),
     Event.ADMIN_DELETES: (ADMIN_DELETED_BLOCKS, ()),
     Event.SECURE_DELETES: (SECURE_DELETES, ()),
+    Event.HBM_PROMOTIONS: (HBM_PROMOTIONS, ()),
+    Event.HBM_EVICTIONS: (TIER_EVICTIONS, ("hbm",)),
+    Event.HBM_VERIFY_FAILURES: (STORE_EVENTS, ("hbm_verify_failures",)),
+    Event.HBM_DEVICE_ERRORS: (STORE_EVENTS, ("hbm_device_errors",)),
     Event.UCX_PINS_STAGED_OFF_LOOP: (STORE_EVENTS, ("ucx_pins_staged_off_loop",)),
     **{event: (TRANSPORT_BYTES, (transport, direction)) for (transport, direction), event in counters.TRANSPORT_BYTES.items()},
     **{event: (REQUEST_ERRORS, (status.lower(),)) for status, event in counters.REQUEST_ERRORS.items()},
@@ -138,7 +144,7 @@ class StoreCollector:
         yield from families.values()
         gauges = {
             "capacity": GaugeMetricFamily("kvstore_tier_capacity_bytes", "Bytes a tier may hold", labels=["tier"]),
-            "used": GaugeMetricFamily("kvstore_tier_used_bytes", "Bytes a tier holds now (host: slot bytes; ssd: payload bytes)", labels=["tier"]),
+            "used": GaugeMetricFamily("kvstore_tier_used_bytes", "Bytes a tier holds now (host, hbm: slot bytes; ssd: payload bytes)", labels=["tier"]),
             "blocks": GaugeMetricFamily("kvstore_tier_blocks", "Blocks with a copy in a tier", labels=["tier"]),
         }
         for t in s.tiers:

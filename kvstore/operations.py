@@ -27,7 +27,7 @@ class Selector:
 
     tenant: str = ""
     fingerprint_id: bytes = b""
-    tier: int = Tier.UNSPECIFIED  # the fastest tier holding a copy
+    tier: int = Tier.UNSPECIFIED  # HBM, HOST: has a copy there; SSD: has no memory copy (on the ssd tier only)
     min_age_s: float = 0.0
     keys: frozenset[bytes] = frozenset()
 
@@ -39,7 +39,7 @@ class Selector:
         return (
             (not self.tenant or view.tenant == self.tenant)
             and (not self.fingerprint_id or view.fingerprint_id == self.fingerprint_id)
-            and (not self.tier or view.tier == self.tier)
+            and (not self.tier or (view.tier == self.tier if self.tier == Tier.SSD else self.tier in view.tiers))
             and (not self.min_age_s or view.age_s >= self.min_age_s)
             and (not self.keys or view.key in self.keys)
         )
@@ -104,13 +104,14 @@ class Operations:
 
         From the host tier a block is demoted (written to SSD first, as the background
         worker does); from the SSD tier its copy is dropped, and with it the block
-        unless a host copy remains.
+        unless a host copy remains; from the HBM tier only the copy is dropped (the
+        host copy stays and is served).
         """
         if not 0 <= fraction < 1:
             raise InvalidRequestError(f"watermark must be in [0, 1), got {fraction}")
-        if tier not in (Tier.UNSPECIFIED, Tier.HOST, Tier.SSD):
+        if tier not in (Tier.UNSPECIFIED, Tier.HBM, Tier.HOST, Tier.SSD):
             raise InvalidRequestError(f"cannot evict to a watermark on tier {_tier_name(tier)}")
-        return self.store.evict_to_watermark(Tier.SSD if tier == Tier.SSD else Tier.HOST, fraction)
+        return self.store.evict_to_watermark(Tier.HOST if tier == Tier.UNSPECIFIED else Tier(tier), fraction)
 
     def delete(self, sel: Selector, secure: bool = False) -> DeleteReport:
         """Delete matching blocks, pinned or not: readers keep their copy until they unpin.

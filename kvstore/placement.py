@@ -37,7 +37,7 @@ from kvstore.tiers.ssd import SsdTier
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-HOST, SSD = TierId.HOST, TierId.SSD
+HBM, HOST, SSD = TierId.HBM, TierId.HOST, TierId.SSD
 # The background demoter writes at most this much a transaction, letting go of the writer lock
 # between batches so durable commits need not wait for a whole watermark's worth of fsyncs.
 DEMOTE_BATCH_BYTES = 64 << 20
@@ -225,6 +225,9 @@ class Placement:
                             continue
                         dropped += 1
                         table.drop_copy(meta, HOST)
+                        if SSD not in meta.copies and HBM in meta.copies:  # the HBM tier keeps clean copies only
+                            self.counters[Event.HBM_EVICTIONS] += 1
+                            table.drop_copy(meta, HBM)
             self._erase_stale(stale)
         if failed is not None:
             raise failed

@@ -47,7 +47,9 @@ def stats_response(s: StoreStats) -> pb.StatsResponse:
 def data_plane_response(d: DataPlane) -> pb.DataPlaneResponse:
     return pb.DataPlaneResponse(shm_name=d.shm_name, shm_size=d.shm_size_bytes, host_id=d.host_id, max_block_bytes=d.max_block_bytes,
                                 local_control_socket=d.local_control_socket, ucx_listener=d.ucx_listener,
-                                ucx_session_token=d.ucx_session_token, ucx_session_tenant=d.ucx_session_tenant)
+                                ucx_session_token=d.ucx_session_token, ucx_session_tenant=d.ucx_session_tenant,
+                                hbm_device=d.hbm_device, hbm_device_uuid=d.hbm_device_uuid, hbm_ipc_handle=d.hbm_ipc_handle,
+                                hbm_size=d.hbm_size_bytes, hbm_pool_id=d.hbm_pool_id)
 
 
 # ---- unary calls ------------------------------------------------------------------------
@@ -92,7 +94,7 @@ def _pin(api: StoreAPI, caller: Caller, r: pb.PinRequest, is_active: IsActive) -
     info = api.pin(caller, r.fingerprint_id, list(r.keys), r.ttl_ms, r.prefix_only, list(r.release_pin_ids))
     slots = info.slots
     return pb.PinResponse(pin_id=info.pin_id, expires_unix_ms=info.expires_unix_ms, offsets=slots.offsets, lengths=slots.sizes,
-                          checksums=slots.checksums)
+                          checksums=slots.checksums, tiers=slots.tiers, hbm_offsets=slots.hbm_offsets, hbm_pool_id=info.hbm_pool_id)
 
 
 def _unpin(api: StoreAPI, caller: Caller, r: pb.UnpinRequest, is_active: IsActive) -> pb.UnpinResponse:

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 from kvwire.errors import (
@@ -37,8 +37,10 @@ from kvstore.counters import Event
 from kvstore.block_table import BlockTable, BlockView, Caller, LeaseView, Limits, WriteLease
 from kvstore.config import ServerConfig
 from kvstore.eviction import EvictionPolicy, EvictReport
+from kvstore.hbm_placement import HbmPlacement, PinPlacement, PromotionReport
 from kvstore.index import BlockIndex, BlockMeta, tenant_tag
 from kvstore.placement import Placement, checksum
+from kvstore.tiers.device import DeviceMemory
 from kvstore.tiers.host import HostPool
 from kvstore.tiers.ssd import SsdTier
 
@@ -46,7 +48,7 @@ __all__ = ["Caller", "PinInfo", "PinnedSlots", "Store", "StoreStats", "TierStats
 
 log = logging.getLogger(__name__)
 
-HOST, SSD = Tier.HOST, Tier.SSD
+HBM, HOST, SSD = Tier.HBM, Tier.HOST, Tier.SSD
 WAIT_POLL_S = 0.25  # how often a blocked Wait checks that its caller is still there
 # Keys handled per hold of the store lock: a request naming tens of thousands of keys takes
 # turns with everyone else's (a 1M-key Lookup once held it for 25 s).
@@ -69,11 +71,15 @@ class PinnedSlots:
     offsets: list[int]
     sizes: list[int]
     checksums: list[int]
+    # Where some blocks also have an HBM copy: each block's fastest tier and its HBM offset (0 elsewhere); empty otherwise.
+    tiers: list[int] = field(default_factory=list)
+    hbm_offsets: list[int] = field(default_factory=list)
 
     @classmethod
-    def of(cls, metas: Sequence[BlockMeta], slots: Sequence[Slot] | None = None) -> "PinnedSlots":
+    def of(cls, metas: Sequence[BlockMeta], slots: Sequence[Slot] | None = None, hbm: PinPlacement | None = None) -> "PinnedSlots":
         slots = [m.copies[HOST] for m in metas] if slots is None else slots
-        return cls([s.offset for s in slots], [s.size_bytes for s in slots], [m.checksum for m in metas])
+        placed = (hbm.tiers, hbm.hbm_offsets) if hbm is not None else ([], [])
+        return cls([s.offset for s in slots], [s.size_bytes for s in slots], [m.checksum for m in metas], *placed)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -84,6 +90,7 @@ class PinInfo:
     pin_id: int
     slots: PinnedSlots
     expires_unix_ms: int
+    hbm_pool_id: int = 0  # the HBM allocation slots.hbm_offsets point into (DataPlane's), when any does
 
     @property
     def expires_ms(self) -> int:  # the older name
@@ -135,8 +142,10 @@ class _Changes(threading.Condition):
 
 
 class Store:
-    def __init__(self, cfg: ServerConfig, host: HostPool | None = None, ssd: SsdTier | None = None) -> None:
-        """host and ssd: tiers built by the caller (an unshared pool in tests); by default from cfg."""
+    def __init__(self, cfg: ServerConfig, host: HostPool | None = None, ssd: SsdTier | None = None,
+                 hbm_device: DeviceMemory | None = None) -> None:
+        """host, ssd and the HBM tier's device memory: built by the caller (an unshared pool, a host stand-in for
+        the GPU in tests); by default from cfg (no HBM tier unless hbm_memory > 0 and a device is there)."""
         self.cfg = cfg
         self.host = host if host is not None else HostPool(cfg.host_memory, cfg.max_block_bytes)
         self.ssd = ssd if ssd is not None else SsdTier(cfg.data_path / "ssd", cfg.ssd_capacity)
@@ -148,6 +157,7 @@ class Store:
         self.policy = EvictionPolicy(cfg.high_watermark, cfg.low_watermark)
         self.placement = Placement(self._lock, self._changed, self.table, self.host, self.ssd, self.policy, self.counters)
         self._locked = self.placement.locked
+        self.hbm = HbmPlacement.open(cfg, self.placement, hbm_device)
         self.admitting = True
         self.closed = False
         self.placement.restore()
@@ -481,6 +491,8 @@ class Store:
             self._unpin(metas)
             self.counters[Event.MISSES] += len(missing)
             raise BlockNotFoundError(f"{len(missing)} of {len(keys)} blocks not found: " + ", ".join(k.hex() for k in missing[:4]) + ("…" if len(missing) > 4 else ""))
+        if self.hbm is not None:
+            self.hbm.note_reads(metas)
         return metas
 
     def _unpin(self, metas: Sequence[BlockMeta]) -> None:
@@ -531,16 +543,21 @@ class Store:
             slots = [m.copies[HOST] for m in metas]
         if not metas:
             return PinInfo(0, PinnedSlots([], [], []), 0)
-        self.counters[Event.HITS_HOST] += len(metas) - staged
-        if staged:
-            self.counters[Event.HITS_SSD] += staged
+        read = len(metas)
         with self._locked as table:
             metas = table.within_quota(caller, metas, prefix)
             pin = table.add_pin(caller, metas, ttl)
             expires = table.unix_ms(pin.expires_at)
+            hbm = self.hbm.pin_placement(table, metas) if self.hbm is not None else None
+        in_hbm = hbm.in_hbm if hbm is not None else 0
+        self.counters[Event.HITS_HOST] += read - staged - in_hbm
+        if staged:
+            self.counters[Event.HITS_SSD] += staged
+        if in_hbm:
+            self.counters[Event.HITS_HBM] += in_hbm
         self.counters[Event.GETS] += len(metas)
         self.counters[Event.BYTES_OUT] += pin.size
-        return PinInfo(pin.pin_id, PinnedSlots.of(metas, slots[: len(metas)]), expires)
+        return PinInfo(pin.pin_id, PinnedSlots.of(metas, slots[: len(metas)], hbm), expires, hbm.pool_id if hbm is not None else 0)
 
     def needs_staging(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], prefix: bool = False) -> bool:
         """Whether a pin of these keys would read the ssd tier (a block it would name has no host copy):
@@ -605,6 +622,10 @@ class Store:
         """Above the high watermark, demote LRU unpinned blocks until under the low one (placement.py)."""
         return self.placement.demote_cold()
 
+    def promote_hot(self) -> PromotionReport | None:
+        """Copy blocks read often lately into the HBM tier, if there is one (hbm_placement.py)."""
+        return self.hbm.promote_hot() if self.hbm is not None else None
+
     def reap_expired(self) -> None:
         if self.placement.stopped:
             return
@@ -640,11 +661,14 @@ class Store:
                 log.exception("closing the ssd tier failed")
             finally:
                 self.host.close()
+                if self.hbm is not None:
+                    self.hbm.close()
 
     def stats(self) -> StoreStats:
         self.reap_expired()
         with self._locked as table:
-            tiers = tuple(TierStats(t.tier, t.capacity_bytes, t.used_bytes, table.index.blocks_in(t.tier)) for t in (self.host, self.ssd))
+            hbm = (self.hbm.tier,) if self.hbm is not None and self.hbm.available else ()
+            tiers = tuple(TierStats(t.tier, t.capacity_bytes, t.used_bytes, table.index.blocks_in(t.tier)) for t in (*hbm, self.host, self.ssd))
             return StoreStats(tiers, len(table.index), len(table.leases), len(table.pins), dict(self.counters))
 
     # ---- admin: what kvstore/operations.py does, on the public side of the lock ----------
@@ -672,7 +696,10 @@ class Store:
         return EvictReport(evicted=len(victims), bytes=sum(m.size for m in victims), skipped_pinned=len(metas) - len(victims))
 
     def evict_to_watermark(self, tier: Tier, fraction: float) -> EvictReport:
-        """Evict LRU unpinned copies from one tier (HOST or SSD) until used <= fraction * capacity (placement.py)."""
+        """Evict LRU unpinned copies from one tier (HBM, HOST or SSD) until used <= fraction * capacity (placement.py;
+        from HBM only the copies go, hbm_placement.py)."""
+        if tier == HBM:
+            return self.hbm.evict_to_watermark(fraction) if self.hbm is not None else EvictReport()
         return self.placement.evict_to_watermark(tier, fraction)
 
     def delete_blocks(self, match: Callable[[BlockView], bool], match_lease: Callable[[LeaseView], bool]) -> Deletion:

@@ -1,0 +1,267 @@
+"""HBM placement: hot host blocks copied into the HBM tier, HBM copies dropped, and the tier dropped with its GPU.
+
+Owns how copies move between the host and HBM tiers, following placement.py's pattern: decide and
+pin under the store lock, move bytes without it (the upload to the device and its verification, on
+the device's own stream), then bookkeeping under the lock again. It refuses policy (promotion.py
+picks what is hot, eviction.py's room-making frees slots) and block state (block_table.py).
+
+The tier is an inclusive, clean cache: a copy here is made from the host copy and is never the only
+copy, so dropping one (to make room, by an operator, or all of them when the GPU fails) only ever
+costs a same-host GPU client a host-to-device copy instead of a device-to-device one. A block is
+attached here only after its bytes were hashed where they landed and matched its checksum.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from kvwire.types import Slot, Tier
+from kvstore.block_table import BlockTable
+from kvstore.config import ServerConfig
+from kvstore.counters import Event
+from kvstore.eviction import EvictReport
+from kvstore.index import BlockMeta
+from kvstore.placement import Placement
+from kvstore.promotion import Heat, PromotionPolicy
+from kvstore.tiers.device import DeviceError, DeviceMemory
+from kvstore.tiers.hbm import HbmTier, open_device
+
+log = logging.getLogger(__name__)
+
+HBM, HOST, SSD = Tier.HBM, Tier.HOST, Tier.SSD
+PRUNE_EVERY_FRACTION = 0.125  # the read history is pruned every window_s * this (a pass over all of it)
+
+
+@dataclass(frozen=True)
+class HbmExport:
+    """What DataPlane tells clients about the tier: enough for a same-host process to map it."""
+
+    device_index: int
+    device_uuid: str
+    ipc_handle: bytes  # b"" when the memory cannot be shared (a host stand-in)
+    size_bytes: int
+    pool_id: int
+
+
+@dataclass(frozen=True)
+class PinPlacement:
+    """Where a pin's blocks are fastest, as columns in pin order: Tier values, and HBM offsets (0 elsewhere)."""
+
+    tiers: list[int]
+    hbm_offsets: list[int]
+    pool_id: int
+
+    @property
+    def in_hbm(self) -> int:
+        return sum(t == HBM for t in self.tiers)
+
+
+@dataclass
+class PromotionReport:
+    """What one promotion pass did."""
+
+    promoted: int = 0
+    displaced: int = 0  # HBM copies dropped to make room
+    failed: int = 0  # uploads that did not verify
+    no_room: int = 0  # hot blocks left out: the tier is full of pinned or hotter copies
+
+
+class HbmPlacement:
+    def __init__(self, placement: Placement, tier: HbmTier, policy: PromotionPolicy) -> None:
+        self.placement, self.tier, self.policy = placement, tier, policy
+        self.table, self.counters = placement.table, placement.counters
+        placement.tiers[HBM] = tier  # the table's outbox hands freed HBM slots back through placement.settle
+        self.history = policy.history()
+        self._pending: dict[bytes, Heat] = {}  # hot blocks a pass had no time for: the next one takes them
+        self._pruned_at = time.monotonic()
+        self._dropped = False
+
+    @classmethod
+    def open(cls, cfg: ServerConfig, placement: Placement, device: DeviceMemory | None = None) -> "HbmPlacement | None":
+        """The HBM tier cfg asks for (hbm_memory > 0), on device or the one cfg names; None where it is off or
+        there is no device (logged once by open_device)."""
+        if device is None:
+            if cfg.hbm_memory <= 0:
+                return None
+            device = open_device(cfg.hbm_backend, cfg.gpu, cfg.hbm_memory)
+            if device is None:
+                return None
+        tier = HbmTier(device, cfg.max_block_bytes)
+        log.info("HBM tier: %d MiB on %s", tier.capacity_bytes >> 20,
+                 f"GPU {device.device_index} ({device.device_uuid})" if device.device_index >= 0 else "host memory (no GPU)")
+        return cls(placement, tier, PromotionPolicy(cfg.hbm_promote_hits, cfg.hbm_promote_window_s))
+
+    @property
+    def available(self) -> bool:
+        return self.tier.available
+
+    # ---- request threads ------------------------------------------------------------------
+
+    def note_reads(self, metas: Sequence[BlockMeta]) -> None:
+        """A Get or Pin read these blocks, in chain order. O(1): the worker folds it into the history."""
+        if self.tier.available:
+            self.history.note(metas)
+
+    def pin_placement(self, table: BlockTable, metas: Sequence[BlockMeta]) -> PinPlacement | None:
+        """Where pinned blocks have an HBM copy, or None when none has (the Pin's answer then stays as it was). Lock held.
+        A pinned block's HBM copy stays until it is unpinned: eviction skips pinned blocks."""
+        if not self.tier.available or not table.index.blocks_in(HBM):
+            return None
+        slots = [m.copies.get(HBM) for m in metas]
+        if not any(slots):
+            return None
+        return PinPlacement([HBM if s is not None else HOST for s in slots], [s.offset if s is not None else 0 for s in slots],
+                            self.tier.device.pool_id)
+
+    def export(self) -> HbmExport | None:
+        if not self.tier.available:
+            return None
+        device = self.tier.device
+        return HbmExport(device.device_index, device.device_uuid, device.ipc_handle(), self.tier.capacity_bytes, device.pool_id)
+
+    # ---- the background worker ------------------------------------------------------------
+
+    def promote_hot(self) -> PromotionReport:
+        """Copy blocks that became hot into the tier, shallowest first, displacing colder copies; one batch."""
+        report = PromotionReport()
+        if self.placement.stopped:
+            return report
+        if not self.tier.available:
+            self._drop_tier()
+            return report
+        now = time.monotonic()
+        for heat in self.history.fold():
+            self._pending[heat.meta.skey] = heat
+        if now - self._pruned_at >= self.policy.window_s * PRUNE_EVERY_FRACTION:
+            self._prune(now)
+        if not self._pending:
+            return report
+        with self.placement.locked as table:
+            if self.placement.stopped:
+                return report
+            chosen = self._choose(table, now, report)
+            metas = [m for m, _ in chosen]
+            table.pin_blocks(metas)  # the host copies stay put while they are read, and none is deleted under us
+            items = [(m, slot, self.placement.host.read(m, m.copies[HOST])) for m, slot in chosen]
+        verified: list[bool] | None = None
+        try:
+            verified = self.tier.write_verified(items)
+        except DeviceError:
+            pass  # the tier marked itself lost and logged why
+        finally:
+            with self.placement.locked as table:
+                table.unpin_blocks(metas)
+                self._settle(table, chosen, verified, report)
+        if verified is None:
+            self._drop_tier()
+        return report
+
+    def _choose(self, table: BlockTable, now: float, report: PromotionReport) -> list[tuple[BlockMeta, Slot]]:
+        """The pending hot blocks to promote this pass, each with its new HBM slot, room made. Lock held."""
+        def wanted(meta: BlockMeta) -> bool:
+            return table.index.holds(meta) and HOST in meta.copies and HBM not in meta.copies
+
+        ranked = self.policy.candidates(self._pending.values(), now, wanted)
+        taken = {id(h) for h in ranked}
+        for skey in [s for s, h in self._pending.items() if id(h) in taken or not wanted(h.meta) or not self.policy.is_hot(h, now)]:
+            del self._pending[skey]
+        chosen: list[tuple[BlockMeta, Slot]] = []
+        order: list[BlockMeta] | None = None  # the HBM copies in the order they give way, made once a pass if needed
+        for heat in ranked:
+            meta = heat.meta
+            slot = self.tier.alloc(meta.skey, meta.tenant, meta.size)
+            if slot is None:
+                order = self._room_order(table, now) if order is None else order
+                if self._make_room(table, heat, order, now, report):
+                    slot = self.tier.alloc(meta.skey, meta.tenant, meta.size)
+            if slot is None:
+                report.no_room += 1
+                continue
+            chosen.append((meta, slot))
+        return chosen
+
+    def _room_order(self, table: BlockTable, now: float) -> list[BlockMeta]:
+        """HBM copies in the order they give way: cold ones least recently used first, then hot ones deepest first."""
+        cold, hot = [], []
+        for meta in table.index.in_lru_order(HBM):
+            heat = self.history.get(meta)
+            if self.policy.is_hot(heat, now):
+                hot.append((heat.position, meta))
+            else:
+                cold.append(meta)
+        hot.sort(key=lambda pair: -pair[0])
+        return cold + [meta for _, meta in hot]
+
+    def _make_room(self, table: BlockTable, incoming: Heat, order: list[BlockMeta], now: float, report: PromotionReport) -> bool:
+        """Drop the fewest HBM copies the policy lets incoming displace to free a slot of its size. Lock held."""
+        history, policy = self.history, self.policy
+        displaceable = (m for m in order if HBM in m.copies and policy.may_displace(incoming, history.get(m), now))
+        victims = self.placement.policy.for_slots(displaceable, lambda m: m.copies[HBM].offset, [incoming.meta.size], self.tier.slots)
+        for victim in victims:
+            self._drop_copy(table, victim)
+        report.displaced += len(victims)
+        self.placement.settle()  # their slots are free before the caller allocates
+        return bool(victims)
+
+    def _settle(self, table: BlockTable, chosen: list[tuple[BlockMeta, Slot]], verified: list[bool] | None,
+                report: PromotionReport) -> None:
+        """Attach the copies that landed and verified to blocks still wanting one; give the other slots back. Lock held."""
+        for i, (meta, slot) in enumerate(chosen):
+            ok = verified is not None and verified[i]
+            if ok and table.index.holds(meta) and HOST in meta.copies and HBM not in meta.copies:
+                table.attach(meta, HBM, slot)
+                report.promoted += 1
+                continue
+            self.tier.release(slot)
+            if verified is not None and not verified[i]:
+                report.failed += 1
+                log.warning("a block copied into the HBM tier did not match its checksum there; it stays on the host tier",
+                            extra={"key": meta.key.hex()})
+        self.counters[Event.HBM_PROMOTIONS] += report.promoted
+        if report.failed:
+            self.counters[Event.HBM_VERIFY_FAILURES] += report.failed
+
+    def _prune(self, now: float) -> None:
+        """Forget blocks not read lately, and drop HBM copies left with nothing below them (their host copy
+        went with no ssd copy: an operator's evict of the ssd tier), so the tier stays a clean cache."""
+        self._pruned_at = now
+        self.history.prune(now, self.policy.window_s)
+        with self.placement.locked as table:
+            for meta in [m for m in table.index.in_lru_order(HBM) if HOST not in m.copies and SSD not in m.copies and not m.pins]:
+                self._drop_copy(table, meta)
+
+    def _drop_copy(self, table: BlockTable, meta: BlockMeta) -> None:
+        self.counters[Event.HBM_EVICTIONS] += 1
+        if table.drop_copy(meta, HBM):  # it was the last copy (an orphan): the block leaves the store
+            self.counters[Event.EVICTIONS] += 1
+
+    def _drop_tier(self) -> None:
+        """The device failed: forget every copy on it (nothing touches the device again). Once."""
+        if self._dropped:
+            return
+        self._dropped = True
+        self.counters[Event.HBM_DEVICE_ERRORS] += 1
+        with self.placement.locked as table:
+            metas = list(table.index.in_lru_order(HBM))
+            for meta in metas:
+                if table.drop_copy(meta, HBM):
+                    self.counters[Event.EVICTIONS] += 1
+        self._pending.clear()
+        log.error("HBM tier dropped with %d copies; clients read those blocks from the host tier", len(metas))
+
+    # ---- the operator -----------------------------------------------------------------------
+
+    def evict_to_watermark(self, fraction: float) -> EvictReport:
+        """Drop least recently used unpinned HBM copies until used <= fraction * capacity (their blocks stay)."""
+        tier = self.tier
+        with self.placement.locked as table:
+            victims = self.placement.policy.to_watermark(table.index.in_lru_order(HBM), tier.used_bytes,
+                                                         int(fraction * tier.capacity_bytes), lambda m: tier.footprint(m.copies[HBM]))
+            for meta in victims.blocks:
+                self._drop_copy(table, meta)
+        return EvictReport(0, len(victims.blocks), sum(m.size for m in victims.blocks), victims.skipped_pinned)
+
+    def close(self) -> None:
+        self.tier.close()
