@@ -2,7 +2,7 @@
 
     python bench/prefix_reuse.py                                  # CPU, small model, 1k/4k/8k
     python bench/prefix_reuse.py --quick                          # CPU smoke run
-    python bench/prefix_reuse.py --device cuda --model-size 1b    # the GPU target: 90% hit at 8k >= 5x
+    python bench/prefix_reuse.py --device cuda --model-size 1b    # the GPU target: host and HBM tiers vs resident
 
 For each context length and hit ratio, a fresh prompt's leading blocks are
 first published to a real kvstore server (untimed); then TTFT is timed as a
@@ -15,6 +15,14 @@ prompt with no store at all. Every timed run's first token is checked against
 recompute's (exact in float32; bf16 may differ in rare near-ties, so it is
 reported, not asserted). It measures in process, not over HTTP: the router and
 worker hops add the same milliseconds to both sides.
+
+The anchor is the resident prefix: its K/V already sits in the engine's own pages
+(a local prefix-cache hit, vLLM's automatic prefix caching) and only the rest is
+computed, timed in the same run. No store can do better, so each store-fed TTFT
+is also reported as a ratio to it. On a GPU the store-fed TTFT is measured per
+tier the prefix is served from: the host tier (a server without an HBM tier:
+DMA out of the shared host pool) and the HBM tier (a server with one, the prefix
+made hot and promoted before timing: device-to-device copies out of its pool).
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from engines.adapter import StoreAdapter  # noqa: E402
+from engines.adapter import StoreAdapter, loadable_blocks  # noqa: E402
 from engines.attention import SeqChunk  # noqa: E402
 from engines.checkpoint import load_checkpoint  # noqa: E402
 from engines.cuda_graphs import DEFAULT_MAX_TOKENS  # noqa: E402
@@ -42,9 +50,12 @@ from engines.generate import sample_next  # noqa: E402
 from engines.paged_cache import PagedKVCache  # noqa: E402
 from engines.presets import PRESETS, ensure_random_checkpoint  # noqa: E402
 from engines.tokenizer import NUM_BYTES, ByteTokenizer  # noqa: E402
+from kvwire.types import Tier  # noqa: E402
 from tests.serverproc import ServerProc  # noqa: E402
 
 HIT_RATIOS = (0.0, 0.5, 0.9, 1.0)
+TIERS = ("host", "hbm")
+PROMOTION_WAIT_S = 30.0
 DEFAULT_CONTEXTS = (1024, 4096, 8192)
 QUICK_CONTEXTS = (1024, 4096)
 
@@ -68,6 +79,7 @@ class Timing:
 
 @dataclass(frozen=True)
 class Row:
+    tier: str  # the tier the prefix was served from: host, or hbm
     context: int
     hit: float
     cached_tokens: int
@@ -88,8 +100,23 @@ class Row:
         return self.recompute_ms / self.ttft_ms
 
 
+@dataclass(frozen=True)
+class Anchor:
+    """One (context, hit) point against the resident prefix, measured in the same run."""
+
+    context: int
+    hit: float
+    recompute_ms: float
+    resident_ms: float
+    store_ms: dict[str, float]  # tier -> store-fed TTFT
+    resident_token_ok: bool
+
+    def ratio(self, tier: str) -> float:
+        return self.store_ms[tier] / self.resident_ms if tier in self.store_ms else float("nan")
+
+
 class Bench:
-    def __init__(self, args: argparse.Namespace, store_address: str, checkpoint: Path) -> None:
+    def __init__(self, args: argparse.Namespace, stores: dict[str, str], checkpoint: Path) -> None:
         self.device = torch.device(args.device)
         self.dtype = dtype_from_name(args.dtype)
         self.model = load_checkpoint(checkpoint, device=self.device, dtype=self.dtype)
@@ -100,7 +127,9 @@ class Bench:
         self.cache = PagedKVCache.for_model(config, pages, args.block_tokens, dtype=self.dtype, device=self.device)
         fingerprint = checkpoint_fingerprint(checkpoint, config, self.dtype, args.block_tokens,
                                              revision=f"bench-{args.model_size}-{dtype_name(self.dtype)}")
-        self.adapter = StoreAdapter.for_cache(store_address, fingerprint, self.cache, transport=args.transport)
+        # One server per tier the prefix is served from; the same fingerprint, cache and model.
+        self.adapters = {tier: StoreAdapter.for_cache(address, fingerprint, self.cache, transport=args.transport)
+                         for tier, address in stores.items()}
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -121,8 +150,24 @@ class Bench:
             self.cache.free("run")
 
     @torch.inference_mode()
+    def resident(self, prompt: list[int], num_blocks: int) -> tuple[float, int]:
+        """The anchor: the prefix a store load would bring (the same blocks) already in the pages (computed
+        untimed), then timed: the rest of the prompt and the first token, as a local prefix-cache hit costs."""
+        start = loadable_blocks(num_blocks, len(prompt), self.cache.block_tokens) * self.cache.block_tokens
+        table = self.cache.allocate("run", len(prompt))
+        try:
+            if start:
+                self.model(self.cache, [SeqChunk(prompt[:start], 0, table)], last_only=True)
+                self.sync()
+            t0 = time.perf_counter()
+            token = self.forward_first_token(prompt, start, table)
+            return time.perf_counter() - t0, token
+        finally:
+            self.cache.free("run")
+
+    @torch.inference_mode()
     def publish_prefix(self, prompt: list[int], num_blocks: int) -> None:
-        """Untimed: compute the prompt's first num_blocks blocks and put them in the store."""
+        """Untimed: compute the prompt's first num_blocks blocks and put them in every tier's store."""
         if num_blocks == 0:
             return
         prefix = prompt[: num_blocks * self.cache.block_tokens]
@@ -130,21 +175,41 @@ class Bench:
         try:
             self.model(self.cache, [SeqChunk(prefix, 0, table)], last_only=True)
             payload = self.cache.gather_blocks(table[:num_blocks]).cpu()
-            with self.adapter.session() as client:
-                self.adapter.upload(client, self.adapter.block_keys(prefix), payload)
+            for adapter in self.adapters.values():
+                with adapter.session() as client:
+                    adapter.upload(client, adapter.block_keys(prefix), payload)
         finally:
             self.cache.free("warm")
 
+    def promote(self, prompt: list[int], num_blocks: int) -> None:
+        """Untimed, on the HBM tier's server: read the prefix twice (the promotion policy's threshold) and wait
+        until every block a load would take sits in HBM."""
+        adapter = self.adapters["hbm"]
+        num_load = loadable_blocks(num_blocks, len(prompt), self.cache.block_tokens)
+        if num_load == 0:
+            return
+        with adapter.session() as client:
+            keys = adapter.block_keys(prompt)[:num_load]
+            deadline = time.monotonic() + PROMOTION_WAIT_S
+            while True:
+                with client.pin(keys) as pinned:
+                    if pinned.tiers.count(Tier.HBM) == num_load:
+                        return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{pinned.tiers.count(Tier.HBM)} of {num_load} blocks reached the HBM tier in {PROMOTION_WAIT_S} s")
+                time.sleep(0.05)
+
     @torch.inference_mode()
-    def reuse(self, prompt: list[int]) -> Timing:
+    def reuse(self, prompt: list[int], tier: str = "host") -> Timing:
         """Timed like a prefill worker: lookup, load the prefix, compute the rest, first token."""
+        adapter = self.adapters[tier]
         t0 = time.perf_counter()
         table = self.cache.allocate("run", len(prompt))
         try:
-            with self.adapter.session() as client:
-                keys = self.adapter.block_keys(prompt)
+            with adapter.session() as client:
+                keys = adapter.block_keys(prompt)
                 t_lookup = time.perf_counter()
-                with self.adapter.prepare_prefix_load(client, keys, len(prompt)) as load:
+                with adapter.prepare_prefix_load(client, keys, len(prompt)) as load:
                     t_prepared = time.perf_counter()
                     start = load.num_blocks * self.cache.block_tokens
                     load.start(self.cache, table)
@@ -162,7 +227,8 @@ class Bench:
             self.cache.free("run")
 
     def close(self) -> None:
-        self.adapter.close()
+        for adapter in self.adapters.values():
+            adapter.close()
 
 
 def make_prompt(context: int, seed: int) -> list[int]:
@@ -171,13 +237,15 @@ def make_prompt(context: int, seed: int) -> list[int]:
     return [ByteTokenizer().bos_id, *body]
 
 
-def run(bench: Bench, contexts: list[int], repeats: int) -> list[Row]:
-    rows = []
+def run(bench: Bench, contexts: list[int], repeats: int, hit_ratios: tuple[float, ...] = HIT_RATIOS) -> tuple[list[Row], list[Anchor]]:
+    rows, anchors = [], []
     bt = bench.cache.block_tokens
-    progress = tqdm(total=len(contexts) * (1 + len(HIT_RATIOS)) * repeats, desc="prefix reuse", unit="run")
+    tiers = list(bench.adapters)
+    progress = tqdm(total=len(contexts) * (1 + len(hit_ratios) * (1 + len(tiers))) * repeats, desc="prefix reuse", unit="run")
     warm = make_prompt(min(contexts), seed=0)
     bench.recompute(warm)  # first-call allocations, kernel selection and lazy init stay out of the numbers
-    bench.reuse(warm)
+    for tier in tiers:
+        bench.reuse(warm, tier)
     for context in contexts:
         recompute_runs, reference = [], None
         bench.recompute(make_prompt(context, seed=context))  # untimed: the allocator's first use of this size
@@ -186,26 +254,39 @@ def run(bench: Bench, contexts: list[int], repeats: int) -> list[Row]:
             recompute_runs.append(seconds)
             progress.update()
         recompute_ms = 1000 * statistics.median(recompute_runs)
-        for hit in HIT_RATIOS:
+        for hit in hit_ratios:
             prompt = make_prompt(context, seed=context)
             # Each (context, hit) gets its own salt block so no ratio reuses another's blocks.
             prompt[1] = int(hit * 100) % NUM_BYTES
             _, reference = bench.recompute(prompt)
             num_blocks = int(hit * context) // bt
             bench.publish_prefix(prompt, num_blocks)
-            bench.reuse(prompt)  # untimed: captures this chunk size's CUDA graphs, first use of its buffers
-            timings, ok = [], True
+            store_ms = {}
+            for tier in tiers:
+                if tier == "hbm":
+                    bench.promote(prompt, num_blocks)
+                bench.reuse(prompt, tier)  # untimed: captures this chunk size's CUDA graphs, first use of its buffers
+                timings, ok = [], True
+                for _ in range(repeats):
+                    timing = bench.reuse(prompt, tier)
+                    timings.append(timing)
+                    ok = ok and timing.token == reference
+                    progress.update()
+                rows.append(summarize(tier, context, hit, timings, recompute_ms, ok))
+                store_ms[tier] = rows[-1].ttft_ms
+            bench.resident(prompt, num_blocks)  # untimed, as every path gets one
+            resident_runs, resident_ok = [], True
             for _ in range(repeats):
-                timing = bench.reuse(prompt)
-                timings.append(timing)
-                ok = ok and timing.token == reference
+                seconds, token = bench.resident(prompt, num_blocks)
+                resident_runs.append(seconds)
+                resident_ok = resident_ok and token == reference
                 progress.update()
-            rows.append(summarize(context, hit, timings, recompute_ms, ok))
+            anchors.append(Anchor(context, hit, recompute_ms, 1000 * statistics.median(resident_runs), store_ms, resident_ok))
     progress.close()
-    return rows
+    return rows, anchors
 
 
-def summarize(context: int, hit: float, timings: list[Timing], recompute_ms: float, ok: bool) -> Row:
+def summarize(tier: str, context: int, hit: float, timings: list[Timing], recompute_ms: float, ok: bool) -> Row:
     """Medians, phase by phase: the phases need not add up to the median TTFT exactly."""
     def ms(field: str) -> float:
         return 1000 * statistics.median(getattr(t, field) for t in timings)
@@ -214,17 +295,17 @@ def summarize(context: int, hit: float, timings: list[Timing], recompute_ms: flo
     dma_ms = statistics.median(t.dma_ms for t in timings)
     moved_ms = dma_ms or ms("prepare_s") + ms("start_s")  # host: the fetch and the scatter
     gbps = timings[0].fetched_bytes / moved_ms / 1e6 if timings[0].fetched_bytes and moved_ms else 0.0
-    return Row(context, hit, context - computed, computed, ms("lookup_s"), ms("prepare_s"), ms("start_s"),
+    return Row(tier, context, hit, context - computed, computed, ms("lookup_s"), ms("prepare_s"), ms("start_s"),
                ms("compute_s"), ms("finish_s"), dma_ms, gbps, ms("total_s"), recompute_ms, ok)
 
 
 def format_table(rows: list[Row]) -> str:
-    header = f"{'context':>7} {'hit':>5} {'cached':>7} {'computed':>8} {'lookup':>7} {'prepare':>7} {'start':>6} " \
+    header = f"{'tier':>4} {'context':>7} {'hit':>5} {'cached':>7} {'computed':>8} {'lookup':>7} {'prepare':>7} {'start':>6} " \
              f"{'compute':>7} {'finish':>6} {'dma':>6} {'GB/s':>6} {'TTFT ms':>8} " \
              f"{'recompute':>9} {'speedup':>7} {'token':>5}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r.context:>7} {r.hit:>5.0%} {r.cached_tokens:>7} {r.computed_tokens:>8} {r.lookup_ms:>7.2f} "
+        lines.append(f"{r.tier:>4} {r.context:>7} {r.hit:>5.0%} {r.cached_tokens:>7} {r.computed_tokens:>8} {r.lookup_ms:>7.2f} "
                      f"{r.prepare_ms:>7.2f} {r.start_ms:>6.2f} {r.compute_ms:>7.2f} {r.finish_ms:>6.2f} "
                      f"{r.dma_ms:>6.2f} {r.fetch_gbps:>6.1f} {r.ttft_ms:>8.2f} {r.recompute_ms:>9.2f} "
                      f"{r.speedup:>6.1f}x {'ok' if r.first_token_ok else 'DIFF':>5}")
@@ -235,24 +316,45 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: Path, title: str) -> None:
+def format_anchor_table(anchors: list[Anchor], tiers: list[str]) -> str:
+    """Store-fed TTFT per tier against the resident prefix, all from this run: the ratios are the targets."""
+    header = f"{'context':>7} {'hit':>5} {'recompute':>9} " + " ".join(f"{t + ' TTFT':>9}" for t in tiers) + \
+             f" {'resident':>8} " + " ".join(f"{t + '/res':>8}" for t in tiers) + f" {'token':>5}"
+    lines = [header, "-" * len(header)]
+    for a in anchors:
+        lines.append(f"{a.context:>7} {a.hit:>5.0%} {a.recompute_ms:>9.2f} " + " ".join(f"{a.store_ms[t]:>9.2f}" for t in tiers) +
+                     f" {a.resident_ms:>8.2f} " + " ".join(f"{a.ratio(t):>8.2f}" for t in tiers) +
+                     f" {'ok' if a.resident_token_ok else 'DIFF':>5}")
+    lines.append("ms, medians. TTFT per tier the prefix was served from (host: DMA out of the shared host pool; hbm: device to "
+                 "device out of the server's HBM pool, the prefix promoted first); resident: the same prefix already in the "
+                 "engine's pages, only the rest computed (a local prefix-cache hit: the anchor); x/res: store-fed TTFT / resident")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], anchors: list[Anchor], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ttft_ax, tokens_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"host": "o-", "hbm": "s-."}
     for i, context in enumerate(sorted({r.context for r in rows})):
-        mine = [r for r in rows if r.context == context]
         color = f"C{i}"
-        hits = [100 * r.hit for r in mine]
-        ttft_ax.plot(hits, [r.ttft_ms for r in mine], "o-", color=color, label=f"{context} tokens")
+        for tier, style in styles.items():
+            mine = [r for r in rows if r.context == context and r.tier == tier]
+            if mine:
+                ttft_ax.plot([100 * r.hit for r in mine], [r.ttft_ms for r in mine], style, color=color,
+                             label=f"{context} tokens, {tier}")
+        mine = [r for r in rows if r.context == context and r.tier == rows[0].tier]
         ttft_ax.axhline(mine[0].recompute_ms, color=color, linestyle="--", linewidth=1)
-        tokens_ax.plot(hits, [r.computed_tokens for r in mine], "o-", color=color, label=f"{context} tokens")
+        resident = [a for a in anchors if a.context == context]
+        ttft_ax.plot([100 * a.hit for a in resident], [a.resident_ms for a in resident], ":", color=color, linewidth=1.5)
+        tokens_ax.plot([100 * r.hit for r in mine], [r.computed_tokens for r in mine], "o-", color=color, label=f"{context} tokens")
     ttft_ax.set(xlabel="prefix hit ratio (%)", ylabel="TTFT (ms, log)", yscale="log",
-                title="TTFT with reuse (solid) vs recompute (dashed)")
+                title="store-fed TTFT (host o-, hbm s-.), resident (:), recompute (--)")
     tokens_ax.set(xlabel="prefix hit ratio (%)", ylabel="prompt tokens computed", title="Tokens computed")
-    ttft_ax.legend()
+    ttft_ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -260,13 +362,17 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def store_flags(args: argparse.Namespace) -> dict:
-    """A host tier large enough for every published block, so nothing is demoted mid-run."""
+def store_flags(args: argparse.Namespace, tier: str = "host") -> dict:
+    """A host tier (and for the hbm server an HBM tier) large enough for every published block, so nothing
+    is demoted or displaced mid-run."""
     config = PRESETS[args.model_size]
     token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * \
         torch.empty((), dtype=dtype_from_name(args.dtype)).element_size()
-    needed_mib = int(sum(args.contexts) * sum(HIT_RATIOS) * token_bytes * 1.25) // (1 << 20) + 256
-    return {"host_memory": f"{needed_mib}MiB", "ssd_capacity": f"{2 * needed_mib}MiB", "lease_ttl_s": 30}
+    needed_mib = int(sum(args.contexts) * sum(args.hit_ratios) * token_bytes * 1.25) // (1 << 20) + 256
+    flags = {"host_memory": f"{needed_mib}MiB", "ssd_capacity": f"{2 * needed_mib}MiB", "lease_ttl_s": 30}
+    if tier == "hbm":
+        flags["hbm_memory"] = f"{max(needed_mib, 32)}MiB"
+    return flags
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -280,6 +386,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cuda-graph-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help="on CUDA, passes of up to this many tokens replay piecewise CUDA graphs (0: eager)")
     parser.add_argument("--transport", default="auto", help="kvclient transport (auto | grpc | shm | ucx)")
+    parser.add_argument("--tiers", default=None, help="tiers to serve the prefix from: host,hbm (default: both on cuda, host on cpu)")
+    parser.add_argument("--hit-ratios", default=None, help="comma-separated prefix-hit ratios (default 0,0.5,0.9,1)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="contexts 1k,4k, one run each: a smoke test")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="where the PNG and table go")
@@ -293,6 +401,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     default_contexts = QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS
     args.contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else list(default_contexts)
     args.repeats = args.repeats or (1 if args.quick else 3)
+    args.hit_ratios = tuple(float(h) for h in args.hit_ratios.split(",")) if args.hit_ratios else HIT_RATIOS
+    args.tiers = [t for t in (args.tiers or ("host,hbm" if cuda else "host")).split(",") if t]
+    if not set(args.tiers) <= set(TIERS) or not args.tiers:
+        parser.error(f"--tiers takes some of {', '.join(TIERS)}")
+    if "hbm" in args.tiers and not cuda:
+        parser.error("--tiers hbm needs --device cuda: the HBM tier is device memory")
     return args
 
 
@@ -303,23 +417,26 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = ensure_random_checkpoint((args.checkpoint_dir or args.out / "checkpoints") / f"{args.model_size}-{args.dtype}",
                                           args.model_size, dtype=dtype_from_name(args.dtype))
     with tempfile.TemporaryDirectory(prefix="kvstore-bench-") as tmp:
-        server = ServerProc(Path(tmp) / "data", flags=store_flags(args)).start()
+        servers = {tier: ServerProc(Path(tmp) / f"data-{tier}", flags=store_flags(args, tier)) for tier in args.tiers}
         try:
-            bench = Bench(args, server.address, checkpoint)
-            with bench.adapter.session() as client:
+            for server in servers.values():
+                server.start()
+            bench = Bench(args, {tier: server.address for tier, server in servers.items()}, checkpoint)
+            with bench.adapters[args.tiers[0]].session() as client:
                 transport = client.transport.name
-            rows = run(bench, args.contexts, args.repeats)
+            rows, anchors = run(bench, args.contexts, args.repeats, args.hit_ratios)
             bench.close()
         finally:
-            server.stop()
+            for server in servers.values():
+                server.stop()
     title = (f"prefix reuse: {args.model_size} model, {args.dtype}, {args.device}, "
              f"block {args.block_tokens} tokens, transport {transport}, median of {args.repeats}")
-    table = format_table(rows)
+    table = format_table(rows) + "\n\n" + format_anchor_table(anchors, args.tiers)
     print(f"\n{title}\n{table}")
     stem = f"prefix_reuse-{args.device}-{args.model_size}"
     (args.out / f"{stem}.txt").parent.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.txt").write_text(f"{title}\n{table}\n")
-    plot(rows, args.out / f"{stem}.png", title)
+    plot(rows, anchors, args.out / f"{stem}.png", title)
     print(f"saved {args.out / (stem + '.png')} and {stem}.txt")
     return 0
 

@@ -10,7 +10,8 @@ engine gathers pages into a payload before `upload` and scatters the payload
 `download` lands the blocks in GPU memory itself: over the shm transport it
 registers the client's mapping of the store's pool with CUDA once, so the copy
 is DMA straight out of the pool, with no host staging (store_dma.py, which also
-streams a pinned prefix into the pages layer by layer). It talks to the store
+streams a pinned prefix into the pages layer by layer, copying the blocks the store
+holds in its HBM tier device to device out of that pool). It talks to the store
 through kvclient's public API alone: KVClient, its pin(), and the errors.
 Another engine (vLLM's KV connector, SGLang's hierarchical cache) plugs in
 through the same calls; docs/engine-adapter.md states the contract.
@@ -153,10 +154,12 @@ class StoreAdapter:
 
     def _register_pool(self, client: KVClient) -> None:
         """Page-lock a new shm client's mapping of the pool for CUDA, once per client (it costs a
-        pass over the pool's pages). Without it, downloads to the GPU stage through pinned host memory."""
+        pass over the pool's pages). Without it, downloads to the GPU stage through pinned host memory.
+        Also map the store's HBM pool, if it has one on this host (once per process, whichever client asks)."""
         pool = client.transport.pool_view()  # a declared capability: the shm transport's mapping, else None
         if self.device.type != "cuda" or pool is None:
             return
+        client.hbm_pool()
         try:
             registered = RegisteredPool(pool)
         except RuntimeError:

@@ -21,6 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: unified addressing picks device to device, or peer to peer across GPUs
+
 
 @dataclass(frozen=True)
 class Copy2D:
@@ -111,11 +113,13 @@ def run_on_host(copies: Sequence[Copy2D], dst: np.ndarray, src: np.ndarray) -> N
         d[...] = s
 
 
-def run_on_cuda(copies: Sequence[Copy2D], dst_ptr: int, src_ptr: int, stream: torch.cuda.Stream) -> None:
-    """Enqueue the copies on stream; src_ptr is page-locked host memory (the registered pool)."""
+def run_on_cuda(copies: Sequence[Copy2D], dst_ptr: int, src_ptr: int, stream: torch.cuda.Stream, from_device: bool = False) -> None:
+    """Enqueue the copies on stream. src_ptr is page-locked host memory (the registered pool), or with
+    from_device device memory (the store's HBM pool as this process maps it: a device-to-device copy,
+    peer to peer when it sits on another GPU than the pages)."""
     from cupy.cuda import runtime
 
     handle = stream.cuda_stream
+    kind = MEMCPY_DEFAULT if from_device else runtime.memcpyHostToDevice
     for c in copies:
-        runtime.memcpy2DAsync(dst_ptr + c.dst, c.dst_pitch, src_ptr + c.src, c.src_pitch, c.width, c.height,
-                              runtime.memcpyHostToDevice, handle)
+        runtime.memcpy2DAsync(dst_ptr + c.dst, c.dst_pitch, src_ptr + c.src, c.src_pitch, c.width, c.height, kind, handle)

@@ -6,8 +6,10 @@ GPU path over shm: a client's mapping of the store's pool page-locked for CUDA o
 (RegisteredPool), so copies out of it are DMA, of blocks pinned with the client's public
 `pin` (kvclient.PinnedBlocks): a download in a few large copies (copy_from_pool), or a
 prefix streamed layer by layer into the pages (StreamedPrefixLoad, over layerwise.py's
-plan), each block checked where it landed before its pin is dropped. It refuses to own
-what is loaded and when: adapter.py decides that.
+plan), each block checked where it landed before its pin is dropped. Blocks the store
+also holds in its HBM tier are copied device to device out of its pool, which this
+process maps once (KVClient.hbm_pool), in the same layer-by-layer load as the rest. It
+refuses to own what is loaded and when: adapter.py decides that.
 """
 from __future__ import annotations
 
@@ -217,6 +219,13 @@ class StreamedPrefixLoad(PrefixLoad):
     attention reads; without the kernel, in the pool on worker threads. The pin
     is dropped only after that. It loads the first num_blocks pinned blocks (a
     prefix pin may hold more; they are released with the rest).
+
+    Blocks with a copy in the store's HBM tier, when this process maps that pool,
+    are copied device to device from it instead (a second plan per layer, on the
+    same stream): one load may mix both sources. Only where the kernel checks the
+    pages: the host-side check reads the host pool, which is not where those bytes
+    came from. A store that dies mid-copy leaves pages that fail that check (or a
+    CUDA error), never pages that pass it with other bytes.
     """
 
     def __init__(self, workers: DmaWorkers, registered: RegisteredPool, pinned: PinnedBlocks, num_blocks: int | None = None) -> None:
@@ -245,28 +254,53 @@ class StreamedPrefixLoad(PrefixLoad):
         t0 = time.perf_counter()
         self._cache, self._pages = cache, pages[: len(self._slots)]
         self._geometry = CacheGeometry.of(cache.kv)
-        self._plan = plan_layer_copies(self._geometry, self._pages, [s.offset for s in self._slots])
+        self._plans = self._plan_sources()
+        self._num_layers = self._geometry.num_layers
         self._stream = self._workers.copy_stream(cache.device)
         self._stream.wait_stream(torch.cuda.current_stream(cache.device))  # earlier passes may still read these pages
         self._began = torch.cuda.Event(enable_timing=True)
         self._began.record(self._stream)
-        self.stats.extra["copies"] = sum(len(c) for c in self._plan)
+        self.stats.extra["copies"] = sum(len(c) for plan, _, _ in self._plans for c in plan)
         self.stats.transfer_s += time.perf_counter() - t0
         self._enqueue_through(0)
         return self
 
+    def _plan_sources(self) -> list[tuple[list, int, bool]]:
+        """Per source, its layer plan, base address and whether it is device memory: the registered host pool,
+        and the store's HBM pool for blocks with a copy there (when mapped here and the pages are checked on the GPU)."""
+        pinned, slots, pages = self._pinned, self._slots, self._pages
+        in_hbm: list[int] = []
+        if pinned.hbm is not None and any(pinned.device_ptr(i) is not None for i in range(len(slots))) and self._checked_on_gpu():
+            in_hbm = [i for i in range(len(slots)) if pinned.device_ptr(i) is not None]
+        skip = set(in_hbm)
+        on_host = [i for i in range(len(slots)) if i not in skip]
+        self.stats.extra["hbm_blocks"] = len(in_hbm)
+        plans = []
+        if on_host:
+            plan = plan_layer_copies(self._geometry, [pages[i] for i in on_host], [slots[i].offset for i in on_host])
+            plans.append((plan, self._registered.host.data_ptr(), False))
+        if in_hbm:
+            plan = plan_layer_copies(self._geometry, [pages[i] for i in in_hbm], [pinned.hbm_offset(i) for i in in_hbm])
+            plans.append((plan, pinned.hbm.base_ptr, True))
+        return plans
+
+    def _checked_on_gpu(self) -> bool:
+        geometry = self._geometry
+        return supports(geometry.half_bytes, 2 * geometry.num_layers) and paged_kernel() is not None
+
     def _enqueue_through(self, layer: int) -> None:
         """Enqueue the copies of every layer up to `layer`; after the last, the checksum kernel."""
-        last = len(self._plan) - 1
+        last = self._num_layers - 1
         if not self._slots or len(self._landed) > min(layer, last):
             return
         t0 = time.perf_counter()
+        kv = self._cache.kv.data_ptr()
         while len(self._landed) <= min(layer, last):
-            run_on_cuda(self._plan[len(self._landed)], self._cache.kv.data_ptr(), self._registered.host.data_ptr(),
-                        self._stream)
+            for plan, base, from_device in self._plans:
+                run_on_cuda(plan[len(self._landed)], kv, base, self._stream, from_device)
             self._landed.append(torch.cuda.Event(enable_timing=True))
             self._landed[-1].record(self._stream)
-        if len(self._landed) == len(self._plan):
+        if len(self._landed) == self._num_layers:
             self._hash_in_pages()
         self.stats.transfer_s += time.perf_counter() - t0  # enqueueing; the DMA itself is dma_ms()
 
@@ -313,7 +347,7 @@ class StreamedPrefixLoad(PrefixLoad):
         if self._landed:
             self._enqueue_through(layer + COPY_LOOKAHEAD)
             torch.cuda.current_stream(self._cache.device).wait_event(self._landed[layer])
-            if layer == len(self._plan) - 1:
+            if layer == self._num_layers - 1:
                 self._start_checks()
 
     def dma_ms(self) -> float:
@@ -326,7 +360,7 @@ class StreamedPrefixLoad(PrefixLoad):
         self._done = True
         try:
             if self._landed:
-                self._enqueue_through(len(self._plan) - 1)  # a caller that skipped some layers' waits
+                self._enqueue_through(self._num_layers - 1)  # a caller that skipped some layers' waits
             self._start_checks()
             if self._checked is not None:
                 self._checked.result()

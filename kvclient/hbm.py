@@ -76,5 +76,5 @@ def _map(info: DataPlaneInfo) -> HbmPool:
     if device is None:
         raise LookupError(f"GPU {info.hbm_device_uuid} is not visible to this process (CUDA_VISIBLE_DEVICES?)")
     with cupy.cuda.Device(device):
-        base = runtime.ipcOpenMemHandle(info.hbm_ipc_handle, runtime.cudaIpcMemLazyEnablePeerAccess)
+        base = runtime.ipcOpenMemHandle(info.hbm_ipc_handle)  # cudaIpcMemLazyEnablePeerAccess: readable from other GPUs too
     return HbmPool(device, info.hbm_device_uuid, int(base), info.hbm_size, info.hbm_pool_id)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from kvstore.tiers.slab import slab_bytes_for
 from kvwire.defaults import DEFAULT_ADDRESS as DEFAULT_LISTEN, LOCAL_CONTROL_MAX_CONNECTIONS
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -104,6 +105,9 @@ class ServerConfig:
             raise ValueError("stale_write_quarantine_s must not be negative")
         if self.hbm_memory < 0 or self.gpu < 0 or self.hbm_promote_hits < 1 or self.hbm_promote_window_s <= 0:
             raise ValueError("hbm_memory and gpu must not be negative, hbm_promote_hits at least 1, hbm_promote_window_s positive")
+        slab_bytes = slab_bytes_for(self.max_block_bytes)  # the HBM tier is carved in slabs like the host pool
+        if 0 < self.hbm_memory < slab_bytes:
+            raise ValueError(f"hbm_memory must hold at least one slab of {slab_bytes} bytes (max_block_bytes rounded up to a power of two)")
         if self.hbm_backend not in ("cuda", "host"):
             raise ValueError(f"hbm_backend must be cuda or host; got {self.hbm_backend!r}")
         if self.local_control_max_connections < 1:

@@ -19,15 +19,11 @@ from typing import Sequence
 from kvwire.types import Slot, Tier
 from kvstore.tiers.base import Buffer, BlockLabel
 from kvstore.tiers.device import DeviceError, DeviceMemory, HostDeviceMemory
-from kvstore.tiers.slab import SlabAllocator
+from kvstore.tiers.slab import SlabAllocator, slab_bytes_for
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("cuda", "host")
-
-
-def slab_bytes_for(max_block_bytes: int) -> int:
-    return max(1 << 20, 1 << (max_block_bytes - 1).bit_length())
 
 
 class HbmWriteError(DeviceError):

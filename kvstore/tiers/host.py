@@ -29,7 +29,7 @@ from kvwire.defaults import SHM_DIR
 from kvwire.errors import CapacityExhaustedError
 from kvwire.types import Slot, Tier
 from kvstore.tiers.base import Buffer, BlockLabel
-from kvstore.tiers.slab import SlabAllocator
+from kvstore.tiers.slab import SlabAllocator, slab_bytes_for
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +57,13 @@ def sweep_stale_pools(shm_dir: Path = SHM_DIR) -> int:
     return removed
 
 
-def _slab_bytes_for(max_block_bytes: int) -> int:
-    return max(1 << 20, 1 << (max_block_bytes - 1).bit_length())
-
-
 class HostPool:
     """The host tier (a MemoryTier): copies are Slots of the pool, `view` is all of it."""
 
     tier = Tier.HOST
 
     def __init__(self, capacity_bytes: int, max_block_bytes: int, name: str | None = None, shared: bool = True) -> None:
-        slab_bytes = _slab_bytes_for(max_block_bytes)
+        slab_bytes = slab_bytes_for(max_block_bytes)
         self.allocator = SlabAllocator(capacity_bytes, slab_bytes)
         self.slots = self.allocator
         self.capacity_bytes = self.allocator.capacity_bytes

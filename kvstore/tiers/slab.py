@@ -18,6 +18,11 @@ def size_class(size: int) -> int:
     return max(MIN_SLOT_BYTES, 1 << (max(size, 1) - 1).bit_length())
 
 
+def slab_bytes_for(max_block_bytes: int) -> int:
+    """The slab size of a memory tier whose largest block is max_block_bytes: one such block's class, at least 1 MiB."""
+    return max(1 << 20, 1 << (max_block_bytes - 1).bit_length())
+
+
 @dataclass
 class _Slab:
     base: int
