@@ -269,18 +269,21 @@ class StreamedPrefixLoad(PrefixLoad):
         """Per source, its layer plan, base address and whether it is device memory: the registered host pool,
         and the store's HBM pool for blocks with a copy there (when mapped here and the pages are checked on the GPU)."""
         pinned, slots, pages = self._pinned, self._slots, self._pages
-        in_hbm: list[int] = []
-        if pinned.hbm is not None and any(pinned.device_ptr(i) is not None for i in range(len(slots))) and self._checked_on_gpu():
-            in_hbm = [i for i in range(len(slots)) if pinned.device_ptr(i) is not None]
-        skip = set(in_hbm)
-        on_host = [i for i in range(len(slots)) if i not in skip]
+        in_hbm = [i for i in pinned.in_hbm() if i < len(slots)] if pinned.hbm is not None else []
+        if in_hbm and not self._checked_on_gpu():
+            in_hbm = []
+        if len(in_hbm) == len(slots):
+            on_host = []
+        else:
+            skip = set(in_hbm)
+            on_host = [i for i in range(len(slots)) if i not in skip]
         self.stats.extra["hbm_blocks"] = len(in_hbm)
         plans = []
         if on_host:
             plan = plan_layer_copies(self._geometry, [pages[i] for i in on_host], [slots[i].offset for i in on_host])
             plans.append((plan, self._registered.host.data_ptr(), False))
         if in_hbm:
-            plan = plan_layer_copies(self._geometry, [pages[i] for i in in_hbm], [pinned.hbm_offset(i) for i in in_hbm])
+            plan = plan_layer_copies(self._geometry, [pages[i] for i in in_hbm], [pinned.hbm_offsets[i] for i in in_hbm])
             plans.append((plan, pinned.hbm.base_ptr, True))
         return plans
 

@@ -21,6 +21,8 @@ from kvclient.integrity import check_block, checksum_error
 from kvclient.transports.base import SlotRef, TransferStats
 from kvwire.types import Tier
 
+_TIERS = {t.value: t for t in Tier}
+
 
 class Unpins:
     """Pins whose bytes are checked and in the caller's hands, waiting to be dropped.
@@ -120,19 +122,32 @@ class PinnedBlocks:
         self.pool_view = pool_view  # the client's mapping of the server's pool (shm), or None
         self.stats = stats  # the Pin's time; what the caller's copies add is theirs to record
         self.pin_id = slots[0].handle if slots else 0
-        # Each block's fastest tier: HBM where the server also holds it in its HBM tier, else HOST.
-        self.tiers = [Tier(t) for t in tiers[: len(slots)]] if tiers else [Tier.HOST] * len(slots)
-        self._hbm_offsets = list(hbm_offsets[: len(slots)]) if tiers else []
+        # The Pin's columns as they came (a prefix of hundreds of blocks: no object per block until asked for).
+        self._tier_values = tiers[: len(slots)]
+        self.hbm_offsets = hbm_offsets[: len(slots)] if tiers else ()  # each block's offset in the HBM pool (0: none there)
         self.hbm = hbm  # this process's mapping of that HBM pool (same host, CUDA), or None
+        self._tiers: list[Tier] | None = None
         self._unpins = unpins
         self._released = False
 
     def __len__(self) -> int:
         return len(self.slots)
 
+    @property
+    def tiers(self) -> list[Tier]:
+        """Each block's fastest tier: HBM where the server also holds it in its HBM tier, else HOST."""
+        if self._tiers is None:
+            self._tiers = [_TIERS[t] for t in self._tier_values] if self._tier_values else [Tier.HOST] * len(self.slots)
+        return self._tiers
+
+    def in_hbm(self) -> list[int]:
+        """The indices of the blocks with a copy in the server's HBM tier."""
+        hbm = Tier.HBM.value
+        return [i for i, t in enumerate(self._tier_values) if t == hbm]
+
     def hbm_offset(self, i: int) -> int | None:
         """Block i's offset in the server's HBM pool, or None where it has no copy there."""
-        return self._hbm_offsets[i] if self.tiers[i] == Tier.HBM else None
+        return self.hbm_offsets[i] if self._tier_values and self._tier_values[i] == Tier.HBM.value else None
 
     def device_ptr(self, i: int) -> int | None:
         """Block i's address in this process where it sits in the mapped HBM pool (on device self.hbm.device),

@@ -160,13 +160,12 @@ class HbmPlacement:
 
     def _choose(self, table: BlockTable, now: float, report: PromotionReport) -> list[tuple[BlockMeta, Slot]]:
         """The pending hot blocks to promote this pass, each with its new HBM slot, room made. Lock held."""
-        def wanted(meta: BlockMeta) -> bool:
-            return table.index.holds(meta) and HOST in meta.copies and HBM not in meta.copies
-
-        ranked = self.policy.candidates(self._pending.values(), now, wanted)
+        # Blocks already in HBM (every read of a hot prefix names them again) leave first, before any ranking.
+        hot = [h for h in self._pending.values()
+               if HBM not in h.meta.copies and HOST in h.meta.copies and table.index.holds(h.meta) and self.policy.is_hot(h, now)]
+        ranked = self.policy.candidates(hot, now)
         taken = {id(h) for h in ranked}
-        for skey in [s for s, h in self._pending.items() if id(h) in taken or not wanted(h.meta) or not self.policy.is_hot(h, now)]:
-            del self._pending[skey]
+        self._pending = {h.meta.skey: h for h in hot if id(h) not in taken}  # hot, past this pass's batch: the next one's
         chosen: list[tuple[BlockMeta, Slot]] = []
         order: list[BlockMeta] | None = None  # the HBM copies in the order they give way, made once a pass if needed
         for heat in ranked:

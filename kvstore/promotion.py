@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from kvstore.index import BlockMeta
 
@@ -128,13 +128,10 @@ class PromotionPolicy:
             return True
         return resident.position > incoming.position
 
-    def candidates(self, heats: Iterable[Heat], now: float, wanted: Callable[[BlockMeta], bool]) -> list[Heat]:
-        """The hot ones of heats that wanted(meta) accepts (a host copy and no HBM copy yet), ranked, up to
-        batch_bytes of payload."""
+    def candidates(self, heats: Iterable[Heat], now: float) -> list[Heat]:
+        """The hot ones of heats (blocks with a host copy and no HBM copy yet), ranked, up to batch_bytes of payload."""
         chosen, total = [], 0
         for heat in self.ranked(heats, now):
-            if not wanted(heat.meta):
-                continue
             if chosen and total + heat.meta.size > self.batch_bytes:
                 break
             chosen.append(heat)

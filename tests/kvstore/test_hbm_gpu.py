@@ -118,11 +118,15 @@ def test_g1_hbm_round_trip_is_byte_exact_at_device_to_device_speed(hbm_server, f
             ipc_gbps = timed_copies(dst.data_ptr(), [pinned.device_ptr(i) for i in range(n)], size, pool.device)
             local = torch.empty(pool.size_bytes, dtype=torch.uint8, device=f"cuda:{pool.device}")
             local_gbps = timed_copies(dst.data_ptr(), [local.data_ptr() + pinned.hbm_offset(i) for i in range(n)], size, pool.device)
+            whole = torch.empty(pool.size_bytes, dtype=torch.uint8, device=f"cuda:{pool.device}")  # one copy of the whole pool
+            whole_ipc_gbps = timed_copies(whole.data_ptr(), [pool.base_ptr], pool.size_bytes, pool.device)
+            whole_local_gbps = timed_copies(whole.data_ptr(), [local.data_ptr()], pool.size_bytes, pool.device)
         stats = client.stats()
     print(f"\nG1: D2D out of the IPC-mapped HBM pool {ipc_gbps:.0f} GB/s, from an in-process allocation {local_gbps:.0f} GB/s "
-          f"({ipc_gbps / local_gbps:.2f}x); {n} x {size >> 20} MiB blocks")
-    assert ipc_gbps >= 0.8 * local_gbps
-    assert stats["counters"]["hbm_promotions"] >= n and stats["counters"]["hbm_verify_failures"] == 0
+          f"({ipc_gbps / local_gbps:.2f}x): {n} copies of {size >> 20} MiB; one {pool.size_bytes >> 20} MiB copy: "
+          f"{whole_ipc_gbps:.0f} vs {whole_local_gbps:.0f} GB/s ({whole_ipc_gbps / whole_local_gbps:.2f}x)")
+    assert ipc_gbps >= 0.8 * local_gbps and whole_ipc_gbps >= 0.8 * whole_local_gbps
+    assert stats["counters"]["hbm_promotions"] >= n and stats["counters"].get("hbm_verify_failures", 0) == 0
 
 
 def test_g2_hot_blocks_promote_and_a_dropped_hbm_copy_is_still_served_from_the_host(tmp_path, fingerprint):
@@ -157,7 +161,7 @@ def test_g2_hot_blocks_promote_and_a_dropped_hbm_copy_is_still_served_from_the_h
                 assert all(torch.equal(device_copy(pinned, i, pool.device).cpu(), torch.from_numpy(blocks[4 + i])) for i in range(4))
             assert all(np.array_equal(a, b) for a, b in zip(client.get(keys[:4]), blocks[:4]))  # from the host tier
             counters = client.stats()["counters"]
-            assert counters["hbm_evictions"] >= 4 and counters["evictions"] == 0
+            assert counters["hbm_evictions"] >= 4 and counters.get("evictions", 0) == 0
     finally:
         server.stop()
 

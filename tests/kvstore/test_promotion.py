@@ -52,7 +52,7 @@ def test_hot_blocks_go_shallowest_first_then_most_recent():
     assert history.get(chain_a[3]).position == 0
 
 
-def test_candidates_respect_what_is_wanted_and_the_batch():
+def test_candidates_are_ranked_up_to_the_batch():
     policy = PromotionPolicy(min_hits=2, window_s=60, batch_bytes=3 * 4096)
     history = policy.history()
     metas = [block(i) for i in range(6)]
@@ -60,7 +60,7 @@ def test_candidates_respect_what_is_wanted_and_the_batch():
         read(history, metas, at)
     touched = history.fold()
     assert [h.meta for h in touched] == metas  # each block once, however often it was read
-    chosen = policy.candidates(touched, now=3.0, wanted=lambda m: m is not metas[0])
+    chosen = policy.candidates(touched[1:], now=3.0)
     assert [h.meta for h in chosen] == metas[1:4]
 
 
