@@ -1,5 +1,6 @@
 """Generates the gRPC stubs from proto/ as part of every build (wheel or editable), and puts the
-CUDA sources of csrc/ into a wheel's engines package, which compiles them at run time (NVRTC)."""
+CUDA sources of csrc/ into a wheel's engines and kvstore packages, which compile them at run time
+(NVRTC): the engines check blocks in their pages, the server its HBM tier's copies."""
 import shutil
 import sys
 from pathlib import Path
@@ -15,10 +16,11 @@ class BuildWithProto(build_py):
 
         generate()
         super().run()
-        kernels = Path(self.build_lib) / "engines" / "csrc"
-        kernels.mkdir(parents=True, exist_ok=True)
-        for source in (Path(__file__).resolve().parent / "csrc").glob("*.cu"):
-            shutil.copy2(source, kernels / source.name)
+        for package in ("engines", "kvstore"):
+            kernels = Path(self.build_lib) / package / "csrc"
+            kernels.mkdir(parents=True, exist_ok=True)
+            for source in (Path(__file__).resolve().parent / "csrc").glob("*.cu"):
+                shutil.copy2(source, kernels / source.name)
 
 
 setup(cmdclass={"build_py": BuildWithProto})

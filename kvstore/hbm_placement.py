@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from itertools import islice
+from typing import Iterator, Sequence
 
 from kvwire.types import Slot, Tier
 from kvstore.block_table import BlockTable
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 HBM, HOST, SSD = Tier.HBM, Tier.HOST, Tier.SSD
 PRUNE_EVERY_FRACTION = 0.125  # the read history is pruned every window_s * this (a pass over all of it)
+BATCHES_PER_PASS = 8  # promotion batches per background tick (each takes the store lock twice, briefly)
+ROOM_SCAN_BLOCKS = 1024  # HBM copies a batch looks at, least recently read first, for ones it may displace
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class HbmPlacement:
         self.history = policy.history()
         self._pending: dict[bytes, Heat] = {}  # hot blocks a pass had no time for: the next one takes them
         self._pruned_at = time.monotonic()
+        self._ssd_evictions_seen = 0
         self._dropped = False
 
     @classmethod
@@ -124,7 +128,8 @@ class HbmPlacement:
     # ---- the background worker ------------------------------------------------------------
 
     def promote_hot(self) -> PromotionReport:
-        """Copy blocks that became hot into the tier, shallowest first, displacing colder copies; one batch."""
+        """Copy blocks that became hot into the tier, shallowest first, displacing colder copies: a few batches,
+        the store lock let go between them (and during every upload), so requests never wait on more than one."""
         report = PromotionReport()
         if self.placement.stopped:
             return report
@@ -132,19 +137,26 @@ class HbmPlacement:
             self._drop_tier()
             return report
         now = time.monotonic()
-        for heat in self.history.fold():
+        for heat in self.history.fold(skip_tier=HBM):
             self._pending[heat.meta.skey] = heat
         if now - self._pruned_at >= self.policy.window_s * PRUNE_EVERY_FRACTION:
             self._prune(now)
-        if not self._pending:
-            return report
+        for _ in range(BATCHES_PER_PASS):
+            if not self._pending or not self._promote_batch(now, report):
+                break
+        return report
+
+    def _promote_batch(self, now: float, report: PromotionReport) -> bool:
+        """Choose, upload and attach one batch; False when nothing more can move this pass."""
         with self.placement.locked as table:
             if self.placement.stopped:
-                return report
+                return False
             chosen = self._choose(table, now, report)
             metas = [m for m, _ in chosen]
             table.pin_blocks(metas)  # the host copies stay put while they are read, and none is deleted under us
             items = [(m, slot, self.placement.host.read(m, m.copies[HOST])) for m, slot in chosen]
+        if not chosen:
+            return False
         verified: list[bool] | None = None
         try:
             verified = self.tier.write_verified(items)
@@ -156,24 +168,29 @@ class HbmPlacement:
                 self._settle(table, chosen, verified, report)
         if verified is None:
             self._drop_tier()
-        return report
+            return False
+        return True
 
     def _choose(self, table: BlockTable, now: float, report: PromotionReport) -> list[tuple[BlockMeta, Slot]]:
-        """The pending hot blocks to promote this pass, each with its new HBM slot, room made. Lock held."""
-        # Blocks already in HBM (every read of a hot prefix names them again) leave first, before any ranking.
+        """The next batch of pending hot blocks, each with its new HBM slot, room made. Lock held."""
         hot = [h for h in self._pending.values()
                if HBM not in h.meta.copies and HOST in h.meta.copies and table.index.holds(h.meta) and self.policy.is_hot(h, now)]
         ranked = self.policy.candidates(hot, now)
         taken = {id(h) for h in ranked}
-        self._pending = {h.meta.skey: h for h in hot if id(h) not in taken}  # hot, past this pass's batch: the next one's
+        self._pending = {h.meta.skey: h for h in hot if id(h) not in taken}  # hot, past this batch: the next one's
         chosen: list[tuple[BlockMeta, Slot]] = []
-        order: list[BlockMeta] | None = None  # the HBM copies in the order they give way, made once a pass if needed
-        for heat in ranked:
+        victims: Iterator[BlockMeta] | None = None  # the HBM copies in the order they give way, made once a batch if needed
+        for heat in ranked:  # shallowest first: each may displace no more than the one before it
             meta = heat.meta
             slot = self.tier.alloc(meta.skey, meta.tenant, meta.size)
             if slot is None:
-                order = self._room_order(table, now) if order is None else order
-                if self._make_room(table, heat, order, now, report):
+                if victims is None:
+                    victims = self._victim_order(table, now)
+                victim = self._next_victim(victims, heat, now)
+                if victim is not None:
+                    self._drop_copy(table, victim)
+                    report.displaced += 1
+                    self.placement.settle()  # its slot is free before it is allocated again
                     slot = self.tier.alloc(meta.skey, meta.tenant, meta.size)
             if slot is None:
                 report.no_room += 1
@@ -181,28 +198,35 @@ class HbmPlacement:
             chosen.append((meta, slot))
         return chosen
 
-    def _room_order(self, table: BlockTable, now: float) -> list[BlockMeta]:
-        """HBM copies in the order they give way: cold ones least recently used first, then hot ones deepest first."""
-        cold, hot = [], []
-        for meta in table.index.in_lru_order(HBM):
-            heat = self.history.get(meta)
-            if self.policy.is_hot(heat, now):
-                hot.append((heat.position, meta))
+    def _victim_order(self, table: BlockTable, now: float) -> Iterator[BlockMeta]:
+        """The least recently read ROOM_SCAN_BLOCKS HBM copies, in the order they give way: those not read
+        within the window (least recently read first), then the others deepest first. Lock held; one pass
+        over that many copies whatever the tier's size."""
+        cold, recent = [], []
+        for meta in islice(table.index.in_lru_order(HBM), ROOM_SCAN_BLOCKS):
+            if self.policy.read_lately(meta, now):
+                heat = self.history.get(meta)
+                recent.append((heat.position if heat is not None else -1, meta))
             else:
                 cold.append(meta)
-        hot.sort(key=lambda pair: -pair[0])
-        return cold + [meta for _, meta in hot]
+        recent.sort(key=lambda pair: -pair[0])
+        return iter(cold + [meta for _, meta in recent])
 
-    def _make_room(self, table: BlockTable, incoming: Heat, order: list[BlockMeta], now: float, report: PromotionReport) -> bool:
-        """Drop the fewest HBM copies the policy lets incoming displace to free a slot of its size. Lock held."""
-        history, policy = self.history, self.policy
-        displaceable = (m for m in order if HBM in m.copies and policy.may_displace(incoming, history.get(m), now))
-        victims = self.placement.policy.for_slots(displaceable, lambda m: m.copies[HBM].offset, [incoming.meta.size], self.tier.slots)
-        for victim in victims:
-            self._drop_copy(table, victim)
-        report.displaced += len(victims)
-        self.placement.settle()  # their slots are free before the caller allocates
-        return bool(victims)
+    def _next_victim(self, victims: Iterator[BlockMeta], incoming: Heat, now: float) -> BlockMeta | None:
+        """The next HBM copy incoming may displace whose slot would hold it. Lock held.
+
+        One passed over (pinned, or read lately at a position no deeper than incoming's) stays passed
+        over for the rest of the batch, whose blocks sit no shallower. A slot of a smaller size class
+        is passed over too: block sizes are few, and a smaller block later in the batch finds its own."""
+        need = self.tier.room_for(incoming.meta.tenant, incoming.meta.size)
+        for meta in victims:
+            copy = meta.copies.get(HBM)
+            if copy is None or meta.pins or self.tier.footprint(copy) < need:
+                continue
+            heat = self.history.get(meta)
+            if self.policy.may_displace(incoming, meta, heat.position if heat is not None else None, now):
+                return meta
+        return None
 
     def _settle(self, table: BlockTable, chosen: list[tuple[BlockMeta, Slot]], verified: list[bool] | None,
                 report: PromotionReport) -> None:
@@ -223,10 +247,14 @@ class HbmPlacement:
             self.counters[Event.HBM_VERIFY_FAILURES] += report.failed
 
     def _prune(self, now: float) -> None:
-        """Forget blocks not read lately, and drop HBM copies left with nothing below them (their host copy
-        went with no ssd copy: an operator's evict of the ssd tier), so the tier stays a clean cache."""
+        """Forget blocks not read lately (but not where resident copies were promoted from). After copies left
+        the ssd tier (an operator's evict), drop HBM copies left with nothing below them: the tier stays clean."""
         self._pruned_at = now
-        self.history.prune(now, self.policy.window_s)
+        self.history.prune(now, self.policy.window_s, keep_tier=HBM)
+        ssd_evictions = self.counters[Event.SSD_EVICTIONS]
+        if ssd_evictions == self._ssd_evictions_seen:
+            return
+        self._ssd_evictions_seen = ssd_evictions
         with self.placement.locked as table:
             for meta in [m for m in table.index.in_lru_order(HBM) if HOST not in m.copies and SSD not in m.copies and not m.pins]:
                 self._drop_copy(table, meta)

@@ -14,7 +14,11 @@ Two signals, both cheap to keep:
   blocks are promoted shallow first, and an HBM copy gives way only to a shallower or hotter one.
 
 Request threads only append a read event (one deque append per Pin, whatever its length: a prefix
-Pin of 512 keys must stay cheap); the background worker folds events into the history.
+Pin of 512 keys must stay cheap); the background worker folds events into the history. Reads of
+blocks already in the HBM tier are not folded (a hot prefix names them on every load, and that
+Python loop holds the GIL against the server's request threads): a resident copy counts as hot
+while the block was read within the window (the index stamps every read, `last_access`), at
+the position it was promoted from.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 from kvstore.index import BlockMeta
+from kvwire.types import Tier
 
 # Unfolded read events kept at most: a stalled worker must not grow memory without bound.
 MAX_PENDING_READS = 1 << 16
@@ -58,8 +63,9 @@ class ReadHistory:
         if metas:
             self._events.append((time.monotonic() if now is None else now, metas))
 
-    def fold(self) -> list[Heat]:
-        """Fold the read events noted so far into the history; the blocks they read, each once.
+    def fold(self, skip_tier: Tier | None = None) -> list[Heat]:
+        """Fold the read events noted so far into the history, leaving out blocks with a copy in skip_tier;
+        the blocks they read, each once.
 
         Only these can have become hot since the last fold, so a promotion pass ranks them alone,
         not the whole history (hundreds of thousands of blocks on a busy server)."""
@@ -70,7 +76,8 @@ class ReadHistory:
             except IndexError:
                 break
             for position, meta in enumerate(metas):
-                touched[meta.skey] = self._record(meta, at, position)
+                if skip_tier is None or skip_tier not in meta.copies:
+                    touched[meta.skey] = self._record(meta, at, position)
         while len(self._heat) > self.max_blocks:
             self._heat.popitem(last=False)
         return list(touched.values())
@@ -86,9 +93,11 @@ class ReadHistory:
         self._heat.move_to_end(meta.skey)
         return heat
 
-    def prune(self, now: float, window_s: float) -> None:
-        """Forget blocks not read within window_s, and deleted ones."""
-        for skey in [s for s, h in self._heat.items() if now - h.last_read > window_s or h.meta.deleted]:
+    def prune(self, now: float, window_s: float, keep_tier: Tier | None = None) -> None:
+        """Forget blocks not read within window_s, and deleted ones; those with a copy in keep_tier stay
+        (their reads are no longer folded, and the position they were promoted from still counts)."""
+        for skey in [s for s, h in self._heat.items()
+                     if h.meta.deleted or (now - h.last_read > window_s and (keep_tier is None or keep_tier not in h.meta.copies))]:
             del self._heat[skey]
 
     def get(self, meta: BlockMeta) -> Heat | None:
@@ -108,7 +117,8 @@ class PromotionPolicy:
 
     min_hits: int = 2
     window_s: float = 60.0
-    batch_bytes: int = 256 << 20  # payload promoted per pass: the worker lets go of the lock between passes
+    batch_bytes: int = 64 << 20  # payload chosen per hold of the store lock: the worker lets go of it between batches
+    batch_blocks: int = 64  # and blocks: making room costs a little per block, under the lock
 
     def history(self) -> ReadHistory:
         return ReadHistory(self.min_hits)
@@ -120,19 +130,25 @@ class PromotionPolicy:
         """The hot blocks, shallowest first, and among equals the most recently read first."""
         return sorted((h for h in heats if self.is_hot(h, now)), key=lambda h: (h.position, -h.last_read))
 
-    def may_displace(self, incoming: Heat, resident: Heat | None, now: float) -> bool:
-        """Whether an HBM copy may be dropped to make room for incoming: it is cold, or deeper in its
-        prompts than incoming is. Equals never displace each other, so two hot sets larger than the
-        tier do not take turns copying themselves in."""
-        if not self.is_hot(resident, now):
+    def may_displace(self, incoming: Heat, resident: BlockMeta, resident_position: int | None, now: float) -> bool:
+        """Whether an HBM copy may be dropped to make room for incoming: its block was not read within the
+        window, or sits deeper in its prompts than incoming does (resident_position: where it was promoted
+        from; None when forgotten, and then it stays while read). Equals never displace each other, so two
+        hot sets larger than the tier do not take turns copying themselves in."""
+        if not self.read_lately(resident, now):
             return True
-        return resident.position > incoming.position
+        return resident_position is not None and resident_position > incoming.position
+
+    def read_lately(self, resident: BlockMeta, now: float) -> bool:
+        """Whether a resident copy's block was read within the window (the index stamps every read)."""
+        return now - resident.last_access <= self.window_s
 
     def candidates(self, heats: Iterable[Heat], now: float) -> list[Heat]:
-        """The hot ones of heats (blocks with a host copy and no HBM copy yet), ranked, up to batch_bytes of payload."""
+        """The hot ones of heats (blocks with a host copy and no HBM copy yet), ranked, one batch
+        (batch_blocks, batch_bytes of payload)."""
         chosen, total = [], 0
         for heat in self.ranked(heats, now):
-            if chosen and total + heat.meta.size > self.batch_bytes:
+            if chosen and (total + heat.meta.size > self.batch_bytes or len(chosen) == self.batch_blocks):
                 break
             chosen.append(heat)
             total += heat.meta.size

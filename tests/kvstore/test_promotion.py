@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kvstore.index import BlockMeta
 from kvstore.promotion import MAX_PENDING_READS, PromotionPolicy, ReadHistory
+from kvwire.types import Slot, Tier
 
 FP = b"f" * 16
 
@@ -53,7 +54,7 @@ def test_hot_blocks_go_shallowest_first_then_most_recent():
 
 
 def test_candidates_are_ranked_up_to_the_batch():
-    policy = PromotionPolicy(min_hits=2, window_s=60, batch_bytes=3 * 4096)
+    policy = PromotionPolicy(min_hits=2, window_s=60, batch_bytes=3 * 4096, batch_blocks=8)
     history = policy.history()
     metas = [block(i) for i in range(6)]
     for at in (1.0, 2.0):
@@ -61,23 +62,40 @@ def test_candidates_are_ranked_up_to_the_batch():
     touched = history.fold()
     assert [h.meta for h in touched] == metas  # each block once, however often it was read
     chosen = policy.candidates(touched[1:], now=3.0)
-    assert [h.meta for h in chosen] == metas[1:4]
+    assert [h.meta for h in chosen] == metas[1:4]  # three blocks' bytes
+    few = PromotionPolicy(min_hits=2, window_s=60, batch_blocks=2)
+    assert [h.meta for h in few.candidates(touched, now=3.0)] == metas[:2]  # a batch holds the store lock briefly
 
 
-def test_only_colder_or_deeper_copies_give_way():
+def test_only_copies_not_read_lately_or_deeper_ones_give_way():
     policy = PromotionPolicy(min_hits=2, window_s=60)
     history = policy.history()
-    shallow, deep, cold, incoming = block(1), block(2), block(3), block(4)
+    incoming = block(4)
     for at in (1.0, 2.0):
-        read(history, [shallow, incoming, deep], at)
-    read(history, [cold], at=2.0)
+        read(history, [block(0), incoming], at)  # incoming sits at position 1 of its prompt
     history.fold()
-    heat = history.get
-    assert policy.may_displace(heat(incoming), heat(cold), now=3.0)
-    assert policy.may_displace(heat(incoming), None, now=3.0)  # a copy nobody read lately
-    assert policy.may_displace(heat(incoming), heat(deep), now=3.0)
-    assert not policy.may_displace(heat(incoming), heat(shallow), now=3.0)
-    assert not policy.may_displace(heat(incoming), heat(incoming), now=3.0)  # equals never take turns
+    heat = history.get(incoming)
+    resident = block(1)
+    resident.last_access = 100.0  # read 50 s before now: within the window
+    assert policy.may_displace(heat, resident, resident_position=2, now=150.0)  # deeper
+    assert not policy.may_displace(heat, resident, resident_position=1, now=150.0)  # equals never take turns
+    assert not policy.may_displace(heat, resident, resident_position=0, now=150.0)
+    assert not policy.may_displace(heat, resident, resident_position=None, now=150.0)  # forgotten: stays while read
+    assert policy.may_displace(heat, resident, resident_position=0, now=161.0)  # not read within the window
+
+
+def test_reads_of_resident_blocks_are_not_folded_and_their_positions_are_kept():
+    policy = PromotionPolicy(min_hits=2, window_s=10)
+    history = policy.history()
+    resident, other = block(1), block(2)
+    read(history, [resident, other], at=1.0)
+    history.fold()
+    resident.copies[Tier.HBM] = Slot(0, 4096)
+    read(history, [other, resident], at=2.0)  # a hot prefix names its resident blocks on every load
+    assert [h.meta for h in history.fold(skip_tier=Tier.HBM)] == [other]
+    assert list(history.get(resident).reads) == [1.0] and history.get(resident).position == 0
+    history.prune(now=30.0, window_s=10, keep_tier=Tier.HBM)
+    assert [h.meta for h in history] == [resident]  # where it was promoted from still counts
 
 
 def test_history_forgets_old_and_deleted_blocks_and_a_new_block_under_an_old_key():
