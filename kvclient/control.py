@@ -68,7 +68,7 @@ class DataPlaneInfo:
     max_block_bytes: int = 0
     local_control_socket: str = ""  # "" when the server serves no local control socket
     hbm_device_uuid: str = ""  # the server's HBM tier (hbm_size 0: none), mapped by kvclient/hbm.py
-    hbm_ipc_handle: bytes = b""
+    hbm_handle_file: str = ""  # readable by the server's OS user only: where the pool's CUDA IPC handle is
     hbm_size: int = 0
     hbm_pool_id: int = 0
 
@@ -207,7 +207,7 @@ class ProtoControl:
     def data_plane(self, timeout_s=None):
         r = self.call("DataPlane", pb.DataPlaneRequest(), timeout_s)
         return DataPlaneInfo(r.host_id, r.shm_name, r.shm_size, r.ucx_listener, r.ucx_session_token, r.ucx_session_tenant,
-                             r.max_block_bytes, r.local_control_socket, r.hbm_device_uuid, r.hbm_ipc_handle, r.hbm_size, r.hbm_pool_id)
+                             r.max_block_bytes, r.local_control_socket, r.hbm_device_uuid, r.hbm_handle_file, r.hbm_size, r.hbm_pool_id)
 
     def close(self) -> None:
         pass

@@ -8,6 +8,10 @@ mapping costs a driver call), shared by every KVClient of the process, and never
 mapping lives as long as the process, and ends with it. It refuses to own what is copied: a
 PinnedBlocks says which blocks are where (pins.py), the engine copies and checks them.
 
+The handle is read from a file only the server's OS user can read (DataPlane names it): a CUDA IPC
+handle is not checked against anyone's identity when it is opened, so it is guarded as the shared
+host pool is, and a process of another user gets no mapping (and copies from the host tier).
+
 What a process sees through the mapping once the server has died is not promised by CUDA; the
 checksums the engine computes where the blocks landed are what stands between that and its pages.
 """
@@ -46,7 +50,7 @@ def open_hbm_pool(info: DataPlaneInfo | None) -> HbmPool | None:
     none to map (another host, no HBM tier, an unshared one) or it cannot be mapped here (no cupy, no
     such GPU visible, the driver refused), which is then logged once at debug level."""
     global _pid
-    if info is None or not info.hbm_ipc_handle or not info.hbm_size or info.host_id != host_id():
+    if info is None or not info.hbm_handle_file or not info.hbm_size or info.host_id != host_id():
         return None
     with _lock:
         if _pid != os.getpid():  # a forked child has none of its parent's CUDA state
@@ -72,9 +76,11 @@ def _map(info: DataPlaneInfo) -> HbmPool:
 
     from kvwire.deviceid import device_ordinal
 
+    with open(info.hbm_handle_file, "rb") as f:  # PermissionError for another user: no mapping
+        handle = f.read()
     device = device_ordinal(info.hbm_device_uuid)
     if device is None:
         raise LookupError(f"GPU {info.hbm_device_uuid} is not visible to this process (CUDA_VISIBLE_DEVICES?)")
     with cupy.cuda.Device(device):
-        base = runtime.ipcOpenMemHandle(info.hbm_ipc_handle)  # cudaIpcMemLazyEnablePeerAccess: readable from other GPUs too
+        base = runtime.ipcOpenMemHandle(handle)  # cudaIpcMemLazyEnablePeerAccess: readable from other GPUs too
     return HbmPool(device, info.hbm_device_uuid, int(base), info.hbm_size, info.hbm_pool_id)

@@ -82,7 +82,7 @@ class DataPlane:
     # The HBM tier, for a same-host GPU client to map (kvstore/hbm_placement.py); hbm_size_bytes 0 when there is none.
     hbm_device: int = 0  # the server's CUDA ordinal of the pool's GPU (the client finds its own by uuid)
     hbm_device_uuid: str = ""
-    hbm_ipc_handle: bytes = b""  # a CUDA IPC memory handle of the whole pool; b"" when it cannot be shared
+    hbm_handle_file: str = ""  # the file holding the pool's CUDA IPC handle (owner-only); "" when it is not shared
     hbm_size_bytes: int = 0
     hbm_pool_id: int = 0  # Pin answers name it, so offsets are never applied to another allocation's mapping
 
@@ -205,7 +205,8 @@ class StoreAPI:
             ucx_session_token=ucx.session_token(caller) if ucx is not None else b"",
             ucx_session_tenant=caller.tenant if ucx is not None else "",
             **({} if hbm is None else dict(hbm_device=max(hbm.device_index, 0), hbm_device_uuid=hbm.device_uuid,
-                                          hbm_ipc_handle=hbm.ipc_handle, hbm_size_bytes=hbm.size_bytes, hbm_pool_id=hbm.pool_id)),
+                                          hbm_handle_file=hbm.handle_file if self.cfg.shm else "",
+                                          hbm_size_bytes=hbm.size_bytes, hbm_pool_id=hbm.pool_id)),
         )
 
     # ---- for a data plane that moves the bytes itself (UCX) ----------------------------

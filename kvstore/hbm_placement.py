@@ -13,9 +13,11 @@ attached here only after its bytes were hashed where they landed and matched its
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 from typing import Iterator, Sequence
 
 from kvwire.types import Slot, Tier
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 
 HBM, HOST, SSD = Tier.HBM, Tier.HOST, Tier.SSD
 PRUNE_EVERY_FRACTION = 0.125  # the read history is pruned every window_s * this (a pass over all of it)
+HANDLE_FILE = "hbm.handle"  # in the data directory (owner-only), as the local control socket
 BATCHES_PER_PASS = 8  # promotion batches per background tick (each takes the store lock twice, briefly)
 ROOM_SCAN_BLOCKS = 1024  # HBM copies a batch looks at, least recently read first, for ones it may displace
 
@@ -43,7 +46,7 @@ class HbmExport:
 
     device_index: int
     device_uuid: str
-    ipc_handle: bytes  # b"" when the memory cannot be shared (a host stand-in)
+    handle_file: str  # the owner-only file holding the CUDA IPC handle; "" when the memory cannot be shared
     size_bytes: int
     pool_id: int
 
@@ -72,8 +75,10 @@ class PromotionReport:
 
 
 class HbmPlacement:
-    def __init__(self, placement: Placement, tier: HbmTier, policy: PromotionPolicy) -> None:
+    def __init__(self, placement: Placement, tier: HbmTier, policy: PromotionPolicy, handle_file: Path | None = None) -> None:
+        """handle_file: where to publish the device's IPC handle for same-host clients (owner-only), if it has one."""
         self.placement, self.tier, self.policy = placement, tier, policy
+        self.handle_file = self._publish_handle(handle_file) if handle_file is not None else None
         self.table, self.counters = placement.table, placement.counters
         placement.tiers[HBM] = tier  # the table's outbox hands freed HBM slots back through placement.settle
         self.history = policy.history()
@@ -95,7 +100,8 @@ class HbmPlacement:
         tier = HbmTier(device, cfg.max_block_bytes)
         log.info("HBM tier: %d MiB on %s", tier.capacity_bytes >> 20,
                  f"GPU {device.device_index} ({device.device_uuid})" if device.device_index >= 0 else "host memory (no GPU)")
-        return cls(placement, tier, PromotionPolicy(cfg.hbm_promote_hits, cfg.hbm_promote_window_s))
+        return cls(placement, tier, PromotionPolicy(cfg.hbm_promote_hits, cfg.hbm_promote_window_s),
+                   cfg.data_path.absolute() / HANDLE_FILE)
 
     @property
     def available(self) -> bool:
@@ -123,7 +129,20 @@ class HbmPlacement:
         if not self.tier.available:
             return None
         device = self.tier.device
-        return HbmExport(device.device_index, device.device_uuid, device.ipc_handle(), self.tier.capacity_bytes, device.pool_id)
+        return HbmExport(device.device_index, device.device_uuid, str(self.handle_file or ""), self.tier.capacity_bytes, device.pool_id)
+
+    def _publish_handle(self, path: Path) -> Path | None:
+        """Write the device's IPC handle to path, readable by this OS user alone: whoever opens the handle
+        maps every tenant's blocks, and CUDA checks no identity, so it is guarded like the shared host pool."""
+        handle = self.tier.device.ipc_handle()
+        if not handle:
+            return None
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)  # one a crashed server left, perhaps with looser permissions
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(handle)
+        return path
 
     # ---- the background worker ------------------------------------------------------------
 
@@ -276,6 +295,8 @@ class HbmPlacement:
                 if table.drop_copy(meta, HBM):
                     self.counters[Event.EVICTIONS] += 1
         self._pending.clear()
+        if self.handle_file is not None:
+            self.handle_file.unlink(missing_ok=True)
         log.error("HBM tier dropped with %d copies; clients read those blocks from the host tier", len(metas))
 
     # ---- the operator -----------------------------------------------------------------------
@@ -291,4 +312,6 @@ class HbmPlacement:
         return EvictReport(0, len(victims.blocks), sum(m.size for m in victims.blocks), victims.skipped_pinned)
 
     def close(self) -> None:
+        if self.handle_file is not None:
+            self.handle_file.unlink(missing_ok=True)
         self.tier.close()

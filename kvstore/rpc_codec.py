@@ -48,7 +48,7 @@ def data_plane_response(d: DataPlane) -> pb.DataPlaneResponse:
     return pb.DataPlaneResponse(shm_name=d.shm_name, shm_size=d.shm_size_bytes, host_id=d.host_id, max_block_bytes=d.max_block_bytes,
                                 local_control_socket=d.local_control_socket, ucx_listener=d.ucx_listener,
                                 ucx_session_token=d.ucx_session_token, ucx_session_tenant=d.ucx_session_tenant,
-                                hbm_device=d.hbm_device, hbm_device_uuid=d.hbm_device_uuid, hbm_ipc_handle=d.hbm_ipc_handle,
+                                hbm_device=d.hbm_device, hbm_device_uuid=d.hbm_device_uuid, hbm_handle_file=d.hbm_handle_file,
                                 hbm_size=d.hbm_size_bytes, hbm_pool_id=d.hbm_pool_id)
 
 

@@ -20,7 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvclient import KVClient
 from kvwire.types import PutOutcome, Tier
+from kvclient.control import DataPlaneInfo
+from kvclient.hbm import open_hbm_pool
+from kvstore.api import StoreAPI
 from kvstore.config import ServerConfig
+from kvwire.hostid import host_id
 from kvstore.store import Caller, Store
 from kvstore.tiers.device import DeviceError, HostDeviceMemory
 from kvstore.tiers.host import HostPool
@@ -274,6 +278,32 @@ def test_a_device_failing_while_a_slot_is_zeroed_does_not_fail_the_request(make_
     assert [d for _, d, _ in store.get(ALICE, FP, [key(1)])] == [payload(1)]
     with pytest.raises(DeviceError):
         device.download(0, 1)
+
+
+# ---- exporting the pool to same-host clients ------------------------------------------------------
+
+def test_the_ipc_handle_is_published_only_to_the_servers_os_user(make_store):
+    class Exported(HostDeviceMemory):
+        def ipc_handle(self) -> bytes:  # what a GPU's cudaIpcGetMemHandle gives: 64 opaque bytes
+            return bytes(range(64))
+
+    store = make_store(device=Exported(4 * MIB))
+    path = store.hbm.handle_file
+    assert path is not None and path.read_bytes() == bytes(range(64))
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent == store.cfg.data_path.absolute()
+    api = StoreAPI(store)
+    plane = api.data_plane(ALICE)
+    assert plane.hbm_handle_file == str(path) and plane.hbm_size_bytes == 4 * MIB and plane.hbm_pool_id == store.hbm.tier.device.pool_id
+    store.cfg.shm = False  # the operator's switch for publishing same-host memory
+    assert api.data_plane(ALICE).hbm_handle_file == "" and api.data_plane(ALICE).hbm_size_bytes == 4 * MIB
+    # A client that cannot read the file (another OS user; here: it is gone) maps nothing and copies from the host.
+    info = DataPlaneInfo(host_id(), hbm_device_uuid="GPU-none", hbm_handle_file=str(path.parent / "absent"), hbm_size=4 * MIB, hbm_pool_id=7)
+    assert open_hbm_pool(info) is None
+    put(store, range(2))
+    read(store, range(2), times=2)
+    store.hbm.tier.device.fail()
+    store.promote_hot()  # the upload fails: the tier is dropped, and its handle with it
+    assert not path.exists() and api.data_plane(ALICE).hbm_size_bytes == 0
 
 
 # ---- through real server processes -------------------------------------------------------------
