@@ -34,7 +34,7 @@ from kvwire.errors import (
 from kvwire.keys import FINGERPRINT_ID_BYTES, KEY_BYTES
 from kvwire.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutcome, Slot, Tier
 from kvstore.counters import Event
-from kvstore.block_table import BlockTable, BlockView, Caller, LeaseView, Limits, WriteLease
+from kvstore.block_table import BlockTable, BlockView, Caller, LeaseView, Limits, WriteLease, host_columns
 from kvstore.config import ServerConfig
 from kvstore.eviction import EvictionPolicy, EvictReport
 from kvstore.index import BlockIndex, BlockMeta, tenant_tag
@@ -74,6 +74,15 @@ class PinnedSlots:
     def of(cls, metas: Sequence[BlockMeta], slots: Sequence[Slot] | None = None) -> "PinnedSlots":
         slots = [m.copies[HOST] for m in metas] if slots is None else slots
         return cls([s.offset for s in slots], [s.size_bytes for s in slots], [m.checksum for m in metas])
+
+    @classmethod
+    def in_host(cls, metas: list[BlockMeta]) -> "PinnedSlots | None":
+        """The blocks' host copies; None when one has none (it is on the ssd tier only)."""
+        columns = host_columns(metas)
+        return None if columns is None else cls(*columns)
+
+    def head(self, n: int) -> "PinnedSlots":
+        return self if n == len(self) else PinnedSlots(self.offsets[:n], self.sizes[:n], self.checksums[:n])
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -171,7 +180,7 @@ class Store:
         """Well-formed, within the request limit, and each named once: a key named twice in one
         request would get one lease and two slots, and its second write would land in a freed slot."""
         self._check_count(len(keys), "keys")
-        if not all(n == KEY_BYTES for n in map(len, keys)):
+        if not set(map(len, keys)) <= {KEY_BYTES}:  # C-level loops: twice as fast as all() over a generator, for 512 keys
             for i, key in enumerate(keys):
                 if len(key) != KEY_BYTES:
                     raise InvalidRequestError(f"key #{i} must be {KEY_BYTES} bytes, got {len(key)}")
@@ -460,7 +469,7 @@ class Store:
             for chunk in _chunks(keys):
                 with self._locked as table:
                     if prefix:
-                        found = table.leading_present(caller.tenant, fingerprint_id, chunk)
+                        found = table.pin_leading(caller.tenant, fingerprint_id, chunk)  # and pin-counted and touched
                     else:
                         found = []
                         for key in chunk:
@@ -469,8 +478,8 @@ class Store:
                                 missing.append(key)
                             else:
                                 found.append(meta)
-                    table.pin_blocks(found)
-                    table.index.touch(found)
+                        table.pin_blocks(found)
+                        table.index.touch(found)
                 metas += found
                 if prefix and len(found) < len(chunk):
                     break
@@ -524,11 +533,10 @@ class Store:
         ttl = self._ttl(ttl_ms, self.cfg.pin_ttl_s)
         metas = self._resolve_for_read(caller, fingerprint_id, keys, prefix)
         staged = 0
-        try:
-            slots = [m.copies[HOST] for m in metas]  # pinned: a host copy, once there, stays until unpinned
-        except KeyError:
+        slots = PinnedSlots.in_host(metas)  # pinned: a host copy, once there, stays until unpinned
+        if slots is None:
             metas, staged = self.placement.stage(metas, prefix)
-            slots = [m.copies[HOST] for m in metas]
+            slots = PinnedSlots.of(metas)
         if not metas:
             return PinInfo(0, PinnedSlots([], [], []), 0)
         self.counters[Event.HITS_HOST] += len(metas) - staged
@@ -540,7 +548,7 @@ class Store:
             expires = table.unix_ms(pin.expires_at)
         self.counters[Event.GETS] += len(metas)
         self.counters[Event.BYTES_OUT] += pin.size
-        return PinInfo(pin.pin_id, PinnedSlots.of(metas, slots[: len(metas)]), expires)
+        return PinInfo(pin.pin_id, slots.head(len(metas)), expires)
 
     def needs_staging(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], prefix: bool = False) -> bool:
         """Whether a pin of these keys would read the ssd tier (a block it would name has no host copy):

@@ -1,0 +1,263 @@
+/* kvstore._native: the server's per-key Pin bookkeeping, beside its Python definition in kvstore/block_table.py.
+ *
+ *   pin_leading   BlockTable.pin_leading: leading_present, pin_blocks, then the index's touch
+ *   host_columns  block_table.host_columns: where pinned blocks' host copies sit, as three columns
+ *
+ * A prefix Pin of an 8k-token prompt walks 512 blocks: look each up, check its fingerprint, count
+ * the pin, touch it in the LRU, then read its slot. In Python that is ~0.3 us a block, most of a
+ * Pin's server time. Here the same steps run on BlockMeta's slots through their member
+ * descriptors (PyMember_GetOne/SetOne, what attribute access on a slots class does underneath)
+ * and OrderedDict.move_to_end, in the reference's order: every lookup before any change, every
+ * block pin-counted before any is touched. Like kvwire._native, a function answers NotImplemented
+ * for anything it does not expect (another class, a field of another type), before changing
+ * anything, and the caller runs the reference.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+#if PY_VERSION_HEX < 0x030C0000
+#include <structmember.h>
+#define Py_T_OBJECT_EX T_OBJECT_EX
+#define Py_READONLY READONLY
+#endif
+
+#define PIN_TABLE_ABI 1
+
+/* BlockMeta's fields, bound once (bind) to the class block_table passes. */
+static PyTypeObject *meta_type = NULL;
+static PyMemberDef *m_fingerprint_id, *m_pins, *m_last_access, *m_copies, *m_checksum;
+static PyObject *move_to_end = NULL;   /* OrderedDict.move_to_end, unbound */
+static PyTypeObject *odict_type = NULL;
+static PyObject *s_offset, *s_size_bytes, *s_move_to_end, *one;
+
+static PyMemberDef *slot_member(PyTypeObject *type, const char *name) {
+    PyObject *descr = PyDict_GetItemString(type->tp_dict, name);  /* borrowed */
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)) return NULL;
+    PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+    if (member->type != Py_T_OBJECT_EX || (member->flags & Py_READONLY)) return NULL;
+    return member;
+}
+
+/* bind(BlockMeta, OrderedDict) -> bool: whether BlockMeta is a slots class with the fields this code reads. */
+static PyObject *bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2 || !PyType_Check(args[0]) || !PyType_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "bind(BlockMeta, OrderedDict)");
+        return NULL;
+    }
+    PyTypeObject *type = (PyTypeObject *)args[0];
+    m_fingerprint_id = slot_member(type, "fingerprint_id");
+    m_pins = slot_member(type, "pins");
+    m_last_access = slot_member(type, "last_access");
+    m_copies = slot_member(type, "copies");
+    m_checksum = slot_member(type, "checksum");
+    PyObject *method = PyObject_GetAttr(args[1], s_move_to_end);
+    if (method == NULL) return NULL;
+    Py_XSETREF(move_to_end, method);
+    Py_XSETREF(odict_type, (PyTypeObject *)Py_NewRef(args[1]));
+    int ok = m_fingerprint_id && m_pins && m_last_access && m_copies && m_checksum;
+    Py_XSETREF(meta_type, ok ? (PyTypeObject *)Py_NewRef(type) : NULL);
+    return PyBool_FromLong(ok);
+}
+
+/* A field of a bound BlockMeta as a new reference; NULL (no error set) if the slot is empty. */
+static PyObject *field(PyObject *meta, PyMemberDef *member) {
+    PyObject *value = PyMember_GetOne((const char *)meta, member);
+    if (value == NULL) PyErr_Clear();
+    return value;
+}
+
+static int move_last(PyObject *lru, PyObject *tier, PyObject *skey) {
+    PyObject *order = PyObject_GetItem(lru, tier);  /* a defaultdict: as lru[tier] in Python */
+    if (order == NULL) return -1;
+    PyObject *done;
+    if (Py_IS_TYPE(order, odict_type)) {
+        PyObject *call[2] = {order, skey};
+        done = PyObject_Vectorcall(move_to_end, call, 2, NULL);
+    } else {
+        done = PyObject_CallMethodOneArg(order, s_move_to_end, skey);
+    }
+    Py_DECREF(order);
+    if (done == NULL) return -1;
+    Py_DECREF(done);
+    return 0;
+}
+
+/* pin_leading(blocks, lru, tag, keys, fingerprint_id, now) -> list[BlockMeta] | NotImplemented
+ *
+ * blocks: storage key -> BlockMeta (BlockIndex.blocks); lru: tier -> OrderedDict of storage keys;
+ * tag: the tenant's storage-key prefix. The blocks of the leading run of keys present under
+ * fingerprint_id, each pin-counted (pins += 1), then touched (last_access = now, moved to the
+ * end of each of its tiers' LRU). The caller counts the lookup hits and misses and pin_count. */
+static PyObject *pin_leading(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "pin_leading(blocks, lru, tag, keys, fingerprint_id, now)");
+        return NULL;
+    }
+    PyObject *blocks = args[0], *lru = args[1], *tag = args[2], *keys = args[3], *fingerprint_id = args[4], *now = args[5];
+    if (meta_type == NULL || !PyDict_CheckExact(blocks) || !PyDict_Check(lru) || !PyBytes_CheckExact(tag) ||
+        !(PyList_CheckExact(keys) || PyTuple_CheckExact(keys)) || !PyBytes_CheckExact(fingerprint_id) || !PyFloat_CheckExact(now))
+        Py_RETURN_NOTIMPLEMENTED;
+
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(keys), run = 0, tag_len = PyBytes_GET_SIZE(tag);
+    Py_ssize_t fp_len = PyBytes_GET_SIZE(fingerprint_id);
+    PyObject **metas = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
+    PyObject **skeys = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
+    PyObject *result = NULL;
+    if (metas == NULL || skeys == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* 1. Find the run, changing nothing. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PySequence_Fast_GET_ITEM(keys, i);
+        if (!PyBytes_CheckExact(key)) goto not_ours;
+        PyObject *skey = PyBytes_FromStringAndSize(NULL, tag_len + PyBytes_GET_SIZE(key));
+        if (skey == NULL) goto done;
+        memcpy(PyBytes_AS_STRING(skey), PyBytes_AS_STRING(tag), (size_t)tag_len);
+        memcpy(PyBytes_AS_STRING(skey) + tag_len, PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key));
+        skeys[run] = skey;  /* owned from here; released at done */
+        PyObject *meta = PyDict_GetItemWithError(blocks, skey);
+        if (meta == NULL) {
+            if (PyErr_Occurred()) goto done;
+            break;
+        }
+        if (!Py_IS_TYPE(meta, meta_type)) goto not_ours;
+        PyObject *fp = field(meta, m_fingerprint_id), *pins = field(meta, m_pins), *copies = field(meta, m_copies);
+        int expected = fp && pins && copies && PyBytes_CheckExact(fp) && PyLong_CheckExact(pins) && PyDict_CheckExact(copies);
+        int same_fp = expected && PyBytes_GET_SIZE(fp) == fp_len &&
+                      memcmp(PyBytes_AS_STRING(fp), PyBytes_AS_STRING(fingerprint_id), (size_t)fp_len) == 0;
+        Py_XDECREF(fp);
+        Py_XDECREF(pins);
+        Py_XDECREF(copies);
+        if (!expected) goto not_ours;
+        if (!same_fp) break;
+        metas[run++] = Py_NewRef(meta);
+    }
+    /* 2. Count the pins, then 3. touch, as pin_blocks then index.touch do. */
+    for (Py_ssize_t i = 0; i < run; i++) {
+        PyObject *pins = field(metas[i], m_pins);
+        PyObject *more = pins ? PyNumber_Add(pins, one) : NULL;
+        Py_XDECREF(pins);
+        if (more == NULL || PyMember_SetOne((char *)metas[i], m_pins, more) < 0) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "BlockMeta.pins changed under the store lock");
+            Py_XDECREF(more);
+            goto done;
+        }
+        Py_DECREF(more);
+    }
+    for (Py_ssize_t i = 0; i < run; i++) {
+        if (PyMember_SetOne((char *)metas[i], m_last_access, now) < 0) goto done;
+        PyObject *copies = field(metas[i], m_copies), *tier, *copy;
+        Py_ssize_t pos = 0;
+        if (copies == NULL) {
+            PyErr_SetString(PyExc_SystemError, "BlockMeta.copies changed under the store lock");
+            goto done;
+        }
+        while (PyDict_Next(copies, &pos, &tier, &copy)) {
+            if (move_last(lru, tier, skeys[i]) < 0) {
+                Py_DECREF(copies);
+                goto done;
+            }
+        }
+        Py_DECREF(copies);
+    }
+    result = PyList_New(run);
+    if (result != NULL)
+        for (Py_ssize_t i = 0; i < run; i++) PyList_SET_ITEM(result, i, Py_NewRef(metas[i]));
+    goto done;
+not_ours:
+    result = Py_NewRef(Py_NotImplemented);
+done:
+    if (metas != NULL)
+        for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(metas[i]);
+    if (skeys != NULL)
+        for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(skeys[i]);
+    PyMem_Free(metas);
+    PyMem_Free(skeys);
+    return result;
+}
+
+/* host_columns(metas, host_tier) -> (offsets, sizes, checksums) | None | NotImplemented
+ *
+ * Each block's host copy (a Slot: offset, size_bytes) and checksum, as three lists in order;
+ * None when some block has no host copy (it is on a lower tier only, and must be staged). */
+static PyObject *host_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "host_columns(metas, host_tier)");
+        return NULL;
+    }
+    PyObject *metas = args[0], *host = args[1];
+    if (meta_type == NULL || !PyList_CheckExact(metas)) Py_RETURN_NOTIMPLEMENTED;
+    Py_ssize_t n = PyList_GET_SIZE(metas);
+    PyObject *columns[3] = {PyList_New(n), PyList_New(n), PyList_New(n)}, *result = NULL;
+    if (columns[0] == NULL || columns[1] == NULL || columns[2] == NULL) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *meta = PyList_GET_ITEM(metas, i);
+        if (!Py_IS_TYPE(meta, meta_type)) goto not_ours;
+        PyObject *copies = field(meta, m_copies);
+        if (copies == NULL || !PyDict_CheckExact(copies)) {
+            Py_XDECREF(copies);
+            goto not_ours;
+        }
+        PyObject *slot = PyDict_GetItemWithError(copies, host);  /* borrowed, alive while copies is */
+        if (slot == NULL) {
+            Py_DECREF(copies);
+            if (PyErr_Occurred()) goto done;
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        PyObject *offset = PyObject_GetAttr(slot, s_offset);
+        PyObject *size = offset ? PyObject_GetAttr(slot, s_size_bytes) : NULL;
+        Py_DECREF(copies);
+        PyObject *checksum = size ? field(meta, m_checksum) : NULL;
+        if (checksum == NULL) {
+            Py_XDECREF(offset);
+            Py_XDECREF(size);
+            if (PyErr_Occurred()) goto done;
+            goto not_ours;
+        }
+        PyList_SET_ITEM(columns[0], i, offset);
+        PyList_SET_ITEM(columns[1], i, size);
+        PyList_SET_ITEM(columns[2], i, checksum);
+    }
+    result = PyTuple_Pack(3, columns[0], columns[1], columns[2]);
+    goto done;
+not_ours:
+    result = Py_NewRef(Py_NotImplemented);
+done:
+    for (int c = 0; c < 3; c++) Py_XDECREF(columns[c]);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL, "bind(BlockMeta, OrderedDict) -> bool"},
+    {"pin_leading", (PyCFunction)(void (*)(void))pin_leading, METH_FASTCALL,
+     "pin_leading(blocks, lru, tag, keys, fingerprint_id, now) -> list[BlockMeta] | NotImplemented"},
+    {"host_columns", (PyCFunction)(void (*)(void))host_columns, METH_FASTCALL,
+     "host_columns(metas, host_tier) -> (offsets, sizes, checksums) | None | NotImplemented"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "kvstore._native",
+    "The server's per-key Pin bookkeeping in C (csrc/kvstore_native); kvstore/block_table.py holds its definition.",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    s_offset = PyUnicode_InternFromString("offset");
+    s_size_bytes = PyUnicode_InternFromString("size_bytes");
+    s_move_to_end = PyUnicode_InternFromString("move_to_end");
+    one = PyLong_FromLong(1);
+    if (s_offset == NULL || s_size_bytes == NULL || s_move_to_end == NULL || one == NULL) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "ABI", PIN_TABLE_ABI) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
