@@ -42,7 +42,7 @@ class OptionalBuildExt(build_ext):
     def run(self) -> None:
         try:
             super().run()
-        except Exception as err:  # no compiler at all, or no Python headers
+        except Exception as err:  # no compiler at all, no Python headers, or nothing built to copy in place
             self._skip(err)
 
     def build_extension(self, ext: Extension) -> None:
@@ -53,7 +53,7 @@ class OptionalBuildExt(build_ext):
 
     @staticmethod
     def _skip(err: Exception, name: str = "the control path's C extensions") -> None:
-        print(f"WARNING: {name} not compiled ({err}); kvstore installs without it and runs the pure-Python "
+        print(f"WARNING: {name} not built ({err}); kvstore installs without it and runs the pure-Python "
               "reference instead (block keys, local socket frames, prefix Pins several times slower)", file=sys.stderr)
 
 
