@@ -46,9 +46,10 @@ if pin_table is not None and not pin_table.bind(BlockMeta, OrderedDict):
     pin_table, pin_table_status = None, "BlockMeta unknown to it"
 
 
-def host_columns(metas: list[BlockMeta]) -> tuple[list[int], list[int], list[int]] | None:
-    """Where pinned blocks' host copies sit (offsets, sizes) and their checksums, as columns in order; None
-    when one has no host copy (it is on a lower tier only and must be staged first). In C where built."""
+def host_columns(metas: list[BlockMeta]) -> tuple[list[int], list[int], list[int], int] | None:
+    """Where pinned blocks' host copies sit (offsets, sizes) and their checksums, as columns in order, and the
+    blocks' payload bytes; None when one has no host copy (it is on a lower tier only and must be staged
+    first). In C where built."""
     if pin_table is not None:
         columns = pin_table.host_columns(metas, Tier.HOST)
         if columns is not NotImplemented:
@@ -57,7 +58,7 @@ def host_columns(metas: list[BlockMeta]) -> tuple[list[int], list[int], list[int
         slots = [m.copies[Tier.HOST] for m in metas]
     except KeyError:
         return None
-    return [s.offset for s in slots], [s.size_bytes for s in slots], [m.checksum for m in metas]
+    return [s.offset for s in slots], [s.size_bytes for s in slots], [m.checksum for m in metas], sum(map(_size, metas))
 
 
 @dataclass(frozen=True)
@@ -276,6 +277,14 @@ class BlockTable:
         self.pin_count += len(metas)
 
     def unpin_blocks(self, metas: Sequence[BlockMeta]) -> None:
+        if pin_table is not None:  # the count in C (a prefix pin's 512 blocks), the freeing here
+            freed = pin_table.unpin_blocks(metas)
+            if freed is not NotImplemented:
+                for meta in freed:
+                    for tier in list(meta.copies):
+                        self._detach(meta, tier)
+                self.pin_count -= len(metas)
+                return
         for meta in metas:
             meta.pins -= 1
             if meta.deleted and meta.pins == 0:
@@ -415,9 +424,10 @@ class BlockTable:
 
     # ---- read pins --------------------------------------------------------------------
 
-    def add_pin(self, caller: Caller, metas: list[BlockMeta], ttl_s: float) -> ReadPin:
-        """A pin over blocks already pin-counted (pin_blocks); drop_pin uncounts them."""
-        pin = ReadPin(self._new_id(), caller.tenant, caller.client_id, metas, self.clock() + ttl_s, sum(map(_size, metas)))
+    def add_pin(self, caller: Caller, metas: list[BlockMeta], ttl_s: float, size_bytes: int | None = None) -> ReadPin:
+        """A pin over blocks already pin-counted (pin_blocks); drop_pin uncounts them. size_bytes: their sizes' sum, if known."""
+        size = sum(map(_size, metas)) if size_bytes is None else size_bytes
+        pin = ReadPin(self._new_id(), caller.tenant, caller.client_id, metas, self.clock() + ttl_s, size)
         self.pins[pin.pin_id] = pin
         self.held_ids[caller.tenant] += 1
         self.held_bytes[caller.tenant] += pin.size
@@ -467,11 +477,11 @@ class BlockTable:
             raise CapacityExhaustedError(
                 f"tenant {caller.tenant!r} would hold {held} bytes reserved or pinned; its limit is {limit} (tenant_held_fraction of the host pool): commit, release or unpin first")
 
-    def within_quota(self, caller: Caller, metas: list[BlockMeta], prefix: bool) -> list[BlockMeta]:
+    def within_quota(self, caller: Caller, metas: list[BlockMeta], prefix: bool, size_bytes: int | None = None) -> list[BlockMeta]:
         """The pin-counted blocks a new pin may hold under the caller's quota, the rest unpinned; a prefix
-        pin is cut short rather than refused (the engine recomputes the rest)."""
+        pin is cut short rather than refused (the engine recomputes the rest). size_bytes: their sizes' sum, if known."""
         try:
-            self.check_quota(caller, new_ids=1, new_bytes=sum(map(_size, metas)))
+            self.check_quota(caller, new_ids=1, new_bytes=sum(map(_size, metas)) if size_bytes is None else size_bytes)
             return metas
         except CapacityExhaustedError:
             if not prefix or caller.is_admin:

@@ -1,12 +1,14 @@
 /* kvstore._native: the server's per-key Pin bookkeeping, beside its Python definition in kvstore/block_table.py.
  *
  *   pin_leading   BlockTable.pin_leading: leading_present, pin_blocks, then the index's touch
- *   host_columns  block_table.host_columns: where pinned blocks' host copies sit, as three columns
+ *   unpin_blocks  BlockTable.unpin_blocks's count: every block unpinned, the deleted ones it freed named
+ *   host_columns  block_table.host_columns: where pinned blocks' host copies sit, as three columns, and their bytes
+ *   distinct_keys store._check_keys's rules (every key of its size, none twice), answering only "all hold"
  *
  * A prefix Pin of an 8k-token prompt walks 512 blocks: look each up, check its fingerprint, count
  * the pin, touch it in the LRU, then read its slot. In Python that is ~0.3 us a block, most of a
  * Pin's server time. Here the same steps run on BlockMeta's slots through their member
- * descriptors (PyMember_GetOne/SetOne, what attribute access on a slots class does underneath)
+ * descriptors (at the offsets they name, what attribute access on a slots class does underneath)
  * and OrderedDict.move_to_end, in the reference's order: every lookup before any change, every
  * block pin-counted before any is touched. Like kvwire._native, a function answers NotImplemented
  * for anything it does not expect (another class, a field of another type), before changing
@@ -26,7 +28,7 @@
 
 /* BlockMeta's fields, bound once (bind) to the class block_table passes. */
 static PyTypeObject *meta_type = NULL;
-static PyMemberDef *m_fingerprint_id, *m_pins, *m_last_access, *m_copies, *m_checksum;
+static PyMemberDef *m_fingerprint_id, *m_pins, *m_last_access, *m_copies, *m_checksum, *m_size, *m_deleted;
 static PyObject *move_to_end = NULL;   /* OrderedDict.move_to_end, unbound */
 static PyTypeObject *odict_type = NULL;
 static PyObject *s_offset, *s_size_bytes, *s_move_to_end, *one;
@@ -52,25 +54,32 @@ static PyObject *bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     m_last_access = slot_member(type, "last_access");
     m_copies = slot_member(type, "copies");
     m_checksum = slot_member(type, "checksum");
+    m_size = slot_member(type, "size");
+    m_deleted = slot_member(type, "deleted");
     PyObject *method = PyObject_GetAttr(args[1], s_move_to_end);
     if (method == NULL) return NULL;
     Py_XSETREF(move_to_end, method);
     Py_XSETREF(odict_type, (PyTypeObject *)Py_NewRef(args[1]));
-    int ok = m_fingerprint_id && m_pins && m_last_access && m_copies && m_checksum;
+    int ok = m_fingerprint_id && m_pins && m_last_access && m_copies && m_checksum && m_size && m_deleted;
     Py_XSETREF(meta_type, ok ? (PyTypeObject *)Py_NewRef(type) : NULL);
     return PyBool_FromLong(ok);
 }
 
-/* A field of a bound BlockMeta as a new reference; NULL (no error set) if the slot is empty. */
-static PyObject *field(PyObject *meta, PyMemberDef *member) {
-    PyObject *value = PyMember_GetOne((const char *)meta, member);
-    if (value == NULL) PyErr_Clear();
+/* A field of a bound BlockMeta as a new reference; NULL if the slot is empty. Read at the offset its
+ * member descriptor names, as PyMember_GetOne does (which costs as much again in checks, per field). */
+static inline PyObject *field(PyObject *meta, PyMemberDef *member) {
+    PyObject *value = *(PyObject **)((char *)meta + member->offset);
+    Py_XINCREF(value);
     return value;
 }
 
-static int move_last(PyObject *lru, PyObject *tier, PyObject *skey) {
-    PyObject *order = PyObject_GetItem(lru, tier);  /* a defaultdict: as lru[tier] in Python */
-    if (order == NULL) return -1;
+/* Set a field of a bound BlockMeta (a T_OBJECT_EX slot: no type to check), as PyMember_SetOne does. */
+static inline void set_field(PyObject *meta, PyMemberDef *member, PyObject *value) {
+    Py_XSETREF(*(PyObject **)((char *)meta + member->offset), Py_NewRef(value));
+}
+
+/* order.move_to_end(skey): one tier's LRU order. */
+static int move_last(PyObject *order, PyObject *skey) {
     PyObject *done;
     if (Py_IS_TYPE(order, odict_type)) {
         PyObject *call[2] = {order, skey};
@@ -78,7 +87,6 @@ static int move_last(PyObject *lru, PyObject *tier, PyObject *skey) {
     } else {
         done = PyObject_CallMethodOneArg(order, s_move_to_end, skey);
     }
-    Py_DECREF(order);
     if (done == NULL) return -1;
     Py_DECREF(done);
     return 0;
@@ -141,32 +149,46 @@ static PyObject *pin_leading(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyObject *pins = field(metas[i], m_pins);
         PyObject *more = pins ? PyNumber_Add(pins, one) : NULL;
         Py_XDECREF(pins);
-        if (more == NULL || PyMember_SetOne((char *)metas[i], m_pins, more) < 0) {
+        if (more == NULL) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "BlockMeta.pins changed under the store lock");
-            Py_XDECREF(more);
             goto done;
         }
+        set_field(metas[i], m_pins, more);
         Py_DECREF(more);
     }
+    PyObject *last_tier = NULL, *last_order = NULL;  /* blocks of one prefix sit in the same tiers: look each up once */
     for (Py_ssize_t i = 0; i < run; i++) {
-        if (PyMember_SetOne((char *)metas[i], m_last_access, now) < 0) goto done;
+        set_field(metas[i], m_last_access, now);
         PyObject *copies = field(metas[i], m_copies), *tier, *copy;
         Py_ssize_t pos = 0;
         if (copies == NULL) {
             PyErr_SetString(PyExc_SystemError, "BlockMeta.copies changed under the store lock");
-            goto done;
+            goto touched;
         }
         while (PyDict_Next(copies, &pos, &tier, &copy)) {
-            if (move_last(lru, tier, skeys[i]) < 0) {
+            if (tier != last_tier) {
+                Py_XDECREF(last_order);
+                last_order = PyObject_GetItem(lru, tier);  /* a defaultdict: as lru[tier] in Python */
+                last_tier = tier;
+                if (last_order == NULL) {
+                    Py_DECREF(copies);
+                    goto touched;
+                }
+            }
+            if (move_last(last_order, skeys[i]) < 0) {
                 Py_DECREF(copies);
-                goto done;
+                goto touched;
             }
         }
         Py_DECREF(copies);
     }
+    Py_XDECREF(last_order);
     result = PyList_New(run);
     if (result != NULL)
         for (Py_ssize_t i = 0; i < run; i++) PyList_SET_ITEM(result, i, Py_NewRef(metas[i]));
+    goto done;
+touched:
+    Py_XDECREF(last_order);
     goto done;
 not_ours:
     result = Py_NewRef(Py_NotImplemented);
@@ -180,10 +202,11 @@ done:
     return result;
 }
 
-/* host_columns(metas, host_tier) -> (offsets, sizes, checksums) | None | NotImplemented
+/* host_columns(metas, host_tier) -> (offsets, sizes, checksums, payload_bytes) | None | NotImplemented
  *
- * Each block's host copy (a Slot: offset, size_bytes) and checksum, as three lists in order;
- * None when some block has no host copy (it is on a lower tier only, and must be staged). */
+ * Each block's host copy (a Slot: offset, size_bytes) and checksum, as three lists in order, and
+ * the sum of the blocks' sizes; None when some block has no host copy (it is on a lower tier only,
+ * and must be staged). */
 static PyObject *host_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 2) {
@@ -193,7 +216,8 @@ static PyObject *host_columns(PyObject *self, PyObject *const *args, Py_ssize_t 
     PyObject *metas = args[0], *host = args[1];
     if (meta_type == NULL || !PyList_CheckExact(metas)) Py_RETURN_NOTIMPLEMENTED;
     Py_ssize_t n = PyList_GET_SIZE(metas);
-    PyObject *columns[3] = {PyList_New(n), PyList_New(n), PyList_New(n)}, *result = NULL;
+    PyObject *columns[3] = {PyList_New(n), PyList_New(n), PyList_New(n)}, *result = NULL, *total = NULL;
+    long long payload_bytes = 0;
     if (columns[0] == NULL || columns[1] == NULL || columns[2] == NULL) goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *meta = PyList_GET_ITEM(metas, i);
@@ -213,32 +237,117 @@ static PyObject *host_columns(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyObject *offset = PyObject_GetAttr(slot, s_offset);
         PyObject *size = offset ? PyObject_GetAttr(slot, s_size_bytes) : NULL;
         Py_DECREF(copies);
-        PyObject *checksum = size ? field(meta, m_checksum) : NULL;
-        if (checksum == NULL) {
+        PyObject *checksum = size ? field(meta, m_checksum) : NULL, *meta_size = checksum ? field(meta, m_size) : NULL;
+        long long block_bytes = meta_size && PyLong_CheckExact(meta_size) ? PyLong_AsLongLong(meta_size) : -1;
+        Py_XDECREF(meta_size);
+        if (checksum == NULL || block_bytes < 0) {
             Py_XDECREF(offset);
             Py_XDECREF(size);
-            if (PyErr_Occurred()) goto done;
+            Py_XDECREF(checksum);
+            if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_OverflowError)) goto done;
+            PyErr_Clear();
             goto not_ours;
         }
+        payload_bytes += block_bytes;
         PyList_SET_ITEM(columns[0], i, offset);
         PyList_SET_ITEM(columns[1], i, size);
         PyList_SET_ITEM(columns[2], i, checksum);
     }
-    result = PyTuple_Pack(3, columns[0], columns[1], columns[2]);
+    if ((total = PyLong_FromLongLong(payload_bytes)) != NULL) result = PyTuple_Pack(4, columns[0], columns[1], columns[2], total);
     goto done;
 not_ours:
     result = Py_NewRef(Py_NotImplemented);
 done:
     for (int c = 0; c < 3; c++) Py_XDECREF(columns[c]);
+    Py_XDECREF(total);
     return result;
 }
 
+/* unpin_blocks(metas) -> list[BlockMeta] | NotImplemented
+ *
+ * pins -= 1 for each block (a block named twice, twice); answers, in order, the deleted blocks
+ * whose last pin this was, for the caller to free their copies, as the reference loop does as
+ * it goes. Every block is checked before any is changed. */
+static PyObject *unpin_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "unpin_blocks(metas)");
+        return NULL;
+    }
+    PyObject *metas = args[0];
+    if (meta_type == NULL || !(PyList_CheckExact(metas) || PyTuple_CheckExact(metas))) Py_RETURN_NOTIMPLEMENTED;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(metas);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *meta = PySequence_Fast_GET_ITEM(metas, i);
+        if (!Py_IS_TYPE(meta, meta_type)) Py_RETURN_NOTIMPLEMENTED;
+        PyObject *pins = field(meta, m_pins), *deleted = field(meta, m_deleted);
+        int expected = pins && deleted && PyLong_CheckExact(pins) && PyBool_Check(deleted);
+        Py_XDECREF(pins);
+        Py_XDECREF(deleted);
+        if (!expected) Py_RETURN_NOTIMPLEMENTED;
+    }
+    PyObject *freed = PyList_New(0);
+    if (freed == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *meta = PySequence_Fast_GET_ITEM(metas, i);
+        PyObject *pins = field(meta, m_pins);
+        PyObject *fewer = pins ? PyNumber_Subtract(pins, one) : NULL;
+        Py_XDECREF(pins);
+        if (fewer == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "BlockMeta.pins changed under the store lock");
+            Py_DECREF(freed);
+            return NULL;
+        }
+        set_field(meta, m_pins, fewer);
+        long long left = PyLong_AsLongLong(fewer);
+        if (left == -1 && PyErr_Occurred()) PyErr_Clear();  /* beyond long long: not zero */
+        int last = left == 0;
+        Py_DECREF(fewer);
+        PyObject *deleted = field(meta, m_deleted);
+        int gone = deleted == Py_True;
+        Py_XDECREF(deleted);
+        if (last && gone && PyList_Append(freed, meta) < 0) {
+            Py_DECREF(freed);
+            return NULL;
+        }
+    }
+    return freed;
+}
+
+/* distinct_keys(keys, key_bytes) -> bool: whether keys (a list or tuple) are all bytes of key_bytes and no two
+ * equal, store._check_keys's two rules. False for anything else, for the caller to find and name what is wrong.
+ * The lengths in one C loop (a Python loop over len() cost 11 us for 512 keys), the duplicates by a set, as
+ * Python's set(keys) finds them. */
+static PyObject *distinct_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "distinct_keys(keys, key_bytes)");
+        return NULL;
+    }
+    PyObject *keys = args[0];
+    Py_ssize_t key_bytes = PyLong_AsSsize_t(args[1]);
+    if (key_bytes == -1 && PyErr_Occurred()) return NULL;
+    if (!(PyList_CheckExact(keys) || PyTuple_CheckExact(keys))) Py_RETURN_FALSE;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PySequence_Fast_GET_ITEM(keys, i);
+        if (!PyBytes_CheckExact(key) || PyBytes_GET_SIZE(key) != key_bytes) Py_RETURN_FALSE;
+    }
+    PyObject *seen = PySet_New(keys);
+    if (seen == NULL) return NULL;
+    Py_ssize_t distinct = PySet_GET_SIZE(seen);
+    Py_DECREF(seen);
+    return PyBool_FromLong(distinct == n);
+}
+
 static PyMethodDef methods[] = {
+    {"distinct_keys", (PyCFunction)(void (*)(void))distinct_keys, METH_FASTCALL, "distinct_keys(keys, key_bytes) -> bool"},
     {"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL, "bind(BlockMeta, OrderedDict) -> bool"},
     {"pin_leading", (PyCFunction)(void (*)(void))pin_leading, METH_FASTCALL,
      "pin_leading(blocks, lru, tag, keys, fingerprint_id, now) -> list[BlockMeta] | NotImplemented"},
     {"host_columns", (PyCFunction)(void (*)(void))host_columns, METH_FASTCALL,
-     "host_columns(metas, host_tier) -> (offsets, sizes, checksums) | None | NotImplemented"},
+     "host_columns(metas, host_tier) -> (offsets, sizes, checksums, payload_bytes) | None | NotImplemented"},
+    {"unpin_blocks", (PyCFunction)(void (*)(void))unpin_blocks, METH_FASTCALL, "unpin_blocks(metas) -> list[BlockMeta] | NotImplemented"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -95,9 +95,34 @@ def test_host_columns_are_the_references_and_none_without_a_host_copy(reference)
     on_host = [m for m in metas if Tier.HOST in m.copies]
     got = host_columns(on_host)
     assert got[0] == [m.copies[Tier.HOST].offset for m in on_host] and got[2] == [m.checksum for m in on_host]
-    assert host_columns(metas) is None and host_columns([]) == ([], [], [])
+    assert got[3] == sum(m.size for m in on_host)
+    assert host_columns(metas) is None and host_columns([]) == ([], [], [], 0)
     python_only()
     assert host_columns(on_host) == got and host_columns(metas) is None
+
+
+def test_unpin_blocks_frees_what_the_reference_frees(reference):
+    """Deleted blocks are freed (their copies released) when their last pin goes, in order; a block
+    named twice is unpinned twice."""
+    python_only, native_again = reference
+    ends = []
+    for use_native in (True, False):
+        (native_again if use_native else python_only)()
+        table = BlockTable(Limits())
+        metas = populate(table, 16, random.Random(6))
+        table.pin_blocks(metas + metas[:4])
+        for meta in metas[::3]:
+            table.delete(meta)
+        released_at_delete = list(table.outbox.release)
+        table.unpin_blocks(metas[2:12] + [metas[0], metas[0]])
+        ends.append(([m.pins for m in metas], list(table.outbox.release), list(table.outbox.erase), released_at_delete,
+                     table.pin_count, [sorted(m.copies) for m in metas]))
+    assert ends[0] == ends[1]
+    pins, released, _, released_at_delete, pin_count, copies = ends[0]
+    assert pins[:4] == [0, 2, 1, 1] and pins[12:] == [1, 1, 1, 1] and pin_count == sum(pins)
+    # Of the deleted blocks (0, 3, 6, 9, 12, 15), those whose last pin went (0, 6, 9) gave their copies back.
+    assert [i for i in range(16) if not copies[i]] == [0, 6, 9]
+    assert {tier for tier, _ in released[len(released_at_delete):]} == {Tier.HOST}  # their host slots (records went at delete)
 
 
 def test_what_the_native_code_does_not_know_is_left_to_python():
@@ -111,5 +136,15 @@ def test_what_the_native_code_does_not_know_is_left_to_python():
     assert [m.pins for m in metas] == [0, 1.0, 0, 0]
     assert pin_table.pin_leading(table.index.blocks, table.index.lru, tag, [bytearray(key(0))], FP, 1.0) is NotImplemented
     assert pin_table.host_columns([object()], Tier.HOST) is NotImplemented
+    assert pin_table.unpin_blocks([metas[0], metas[1]]) is NotImplemented and metas[0].pins == 0  # checked before any change
     assert table.pin_leading("alice", FP, [key(0), key(1)]) == metas[:2]  # the method itself falls back
     assert [m.pins for m in metas] == [1, 2.0, 0, 0]
+
+
+def test_distinct_keys_holds_only_when_both_of_check_keys_rules_hold():
+    distinct = block_table.pin_table.distinct_keys
+    keys = [key(i) for i in range(512)]
+    assert distinct(keys, 16) is True and distinct(tuple(keys), 16) is True and distinct([], 16) is True
+    assert distinct(keys + [key(7)], 16) is False  # named twice
+    assert distinct(keys[:3] + [b"x" * 15], 16) is False and distinct([b"x" * 17], 16) is False
+    assert distinct([bytearray(key(1))], 16) is False and distinct(iter(keys), 16) is False
