@@ -270,6 +270,29 @@ class BlockTable:
         self.index.touch(metas)
         return metas
 
+    def pin_found(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes], missing: list[bytes]) -> list[BlockMeta]:
+        """The blocks of keys, pin-counted and touched, the keys with none appended to missing (an all-or-nothing
+        Pin, and every get); a block under another fingerprint raises FingerprintMismatchError. In one pass in
+        C where built, leaving that error to the loop below, its definition."""
+        if pin_table is not None:
+            index = self.index
+            answer = pin_table.pin_found(index.blocks, index.lru, tenant_tag(tenant), keys, fingerprint_id, time.monotonic())
+            if answer is not NotImplemented:
+                metas, absent = answer
+                missing += absent
+                self.pin_count += len(metas)
+                return metas
+        metas = []
+        for key in keys:
+            meta = self.find(tenant, fingerprint_id, key, strict=True)
+            if meta is None:
+                missing.append(key)
+            else:
+                metas.append(meta)
+        self.pin_blocks(metas)
+        self.index.touch(metas)
+        return metas
+
     def pin_blocks(self, metas: list[BlockMeta]) -> None:
         """Count a read of each block: none is evicted, moved or freed until unpin_blocks."""
         for meta in metas:

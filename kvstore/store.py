@@ -462,17 +462,9 @@ class Store:
             for chunk in _chunks(keys):
                 with self._locked as table:
                     if prefix:
-                        found = table.pin_leading(caller.tenant, fingerprint_id, chunk)  # and pin-counted and touched
+                        found = table.pin_leading(caller.tenant, fingerprint_id, chunk)  # pin-counted and touched
                     else:
-                        found = []
-                        for key in chunk:
-                            meta = table.find(caller.tenant, fingerprint_id, key, strict=True)
-                            if meta is None:
-                                missing.append(key)
-                            else:
-                                found.append(meta)
-                        table.pin_blocks(found)
-                        table.index.touch(found)
+                        found = table.pin_found(caller.tenant, fingerprint_id, chunk, missing)  # likewise
                 metas += found
                 if prefix and len(found) < len(chunk):
                     break

@@ -1,6 +1,7 @@
 /* kvstore._native: the server's per-key Pin bookkeeping, beside its Python definition in kvstore/block_table.py.
  *
  *   pin_leading   BlockTable.pin_leading: leading_present, pin_blocks, then the index's touch
+ *   pin_found     BlockTable.pin_found: the same for an all-or-nothing Pin, the absent keys named
  *   unpin_blocks  BlockTable.unpin_blocks's count: every block unpinned, the deleted ones it freed named
  *   host_columns  block_table.host_columns: where pinned blocks' host copies sit, as three columns, and their bytes
  *   distinct_keys store._check_keys's rules (every key of its size, none twice), answering only "all hold"
@@ -92,16 +93,14 @@ static int move_last(PyObject *order, PyObject *skey) {
     return 0;
 }
 
-/* pin_leading(blocks, lru, tag, keys, fingerprint_id, now) -> list[BlockMeta] | NotImplemented
- *
- * blocks: storage key -> BlockMeta (BlockIndex.blocks); lru: tier -> OrderedDict of storage keys;
- * tag: the tenant's storage-key prefix. The blocks of the leading run of keys present under
- * fingerprint_id, each pin-counted (pins += 1), then touched (last_access = now, moved to the
- * end of each of its tiers' LRU). The caller counts the lookup hits and misses and pin_count. */
-static PyObject *pin_leading(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
+/* The blocks of keys, found, pin-counted (pins += 1) and touched (last_access = now, moved to the end of
+ * each of their tiers' LRU), in that order, as the reference's pin_blocks then index.touch. missing NULL:
+ * the leading run present under fingerprint_id (pin_leading). Else every present key's block, the absent
+ * keys appended to missing, and a block of another fingerprint leaves the call to the reference, which
+ * raises (pin_found). Nothing changes before every key has been looked up. */
+static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *missing) {
     if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "pin_leading(blocks, lru, tag, keys, fingerprint_id, now)");
+        PyErr_SetString(PyExc_TypeError, "(blocks, lru, tag, keys, fingerprint_id, now)");
         return NULL;
     }
     PyObject *blocks = args[0], *lru = args[1], *tag = args[2], *keys = args[3], *fingerprint_id = args[4], *now = args[5];
@@ -113,12 +112,12 @@ static PyObject *pin_leading(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_ssize_t fp_len = PyBytes_GET_SIZE(fingerprint_id);
     PyObject **metas = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
     PyObject **skeys = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
-    PyObject *result = NULL;
+    PyObject *result = NULL, *last_tier = NULL, *last_order = NULL;
     if (metas == NULL || skeys == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    /* 1. Find the run, changing nothing. */
+    /* 1. Find the blocks, changing nothing. */
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *key = PySequence_Fast_GET_ITEM(keys, i);
         if (!PyBytes_CheckExact(key)) goto not_ours;
@@ -126,12 +125,15 @@ static PyObject *pin_leading(PyObject *self, PyObject *const *args, Py_ssize_t n
         if (skey == NULL) goto done;
         memcpy(PyBytes_AS_STRING(skey), PyBytes_AS_STRING(tag), (size_t)tag_len);
         memcpy(PyBytes_AS_STRING(skey) + tag_len, PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key));
-        skeys[run] = skey;  /* owned from here; released at done */
         PyObject *meta = PyDict_GetItemWithError(blocks, skey);
         if (meta == NULL) {
+            Py_DECREF(skey);
             if (PyErr_Occurred()) goto done;
-            break;
+            if (missing == NULL) break;
+            if (PyList_Append(missing, key) < 0) goto done;
+            continue;
         }
+        skeys[run] = skey;  /* owned from here; released at done */
         if (!Py_IS_TYPE(meta, meta_type)) goto not_ours;
         PyObject *fp = field(meta, m_fingerprint_id), *pins = field(meta, m_pins), *copies = field(meta, m_copies);
         int expected = fp && pins && copies && PyBytes_CheckExact(fp) && PyLong_CheckExact(pins) && PyDict_CheckExact(copies);
@@ -140,11 +142,11 @@ static PyObject *pin_leading(PyObject *self, PyObject *const *args, Py_ssize_t n
         Py_XDECREF(fp);
         Py_XDECREF(pins);
         Py_XDECREF(copies);
-        if (!expected) goto not_ours;
+        if (!expected || (!same_fp && missing != NULL)) goto not_ours;  /* the reference raises FingerprintMismatchError */
         if (!same_fp) break;
         metas[run++] = Py_NewRef(meta);
     }
-    /* 2. Count the pins, then 3. touch, as pin_blocks then index.touch do. */
+    /* 2. Count the pins, then 3. touch. */
     for (Py_ssize_t i = 0; i < run; i++) {
         PyObject *pins = field(metas[i], m_pins);
         PyObject *more = pins ? PyNumber_Add(pins, one) : NULL;
@@ -156,49 +158,70 @@ static PyObject *pin_leading(PyObject *self, PyObject *const *args, Py_ssize_t n
         set_field(metas[i], m_pins, more);
         Py_DECREF(more);
     }
-    PyObject *last_tier = NULL, *last_order = NULL;  /* blocks of one prefix sit in the same tiers: look each up once */
     for (Py_ssize_t i = 0; i < run; i++) {
         set_field(metas[i], m_last_access, now);
         PyObject *copies = field(metas[i], m_copies), *tier, *copy;
         Py_ssize_t pos = 0;
         if (copies == NULL) {
             PyErr_SetString(PyExc_SystemError, "BlockMeta.copies changed under the store lock");
-            goto touched;
+            goto done;
         }
         while (PyDict_Next(copies, &pos, &tier, &copy)) {
-            if (tier != last_tier) {
-                Py_XDECREF(last_order);
-                last_order = PyObject_GetItem(lru, tier);  /* a defaultdict: as lru[tier] in Python */
-                last_tier = tier;
-                if (last_order == NULL) {
-                    Py_DECREF(copies);
-                    goto touched;
-                }
+            if (tier != last_tier) {  /* the blocks of one request sit in the same tiers: look each order up once */
+                Py_XSETREF(last_tier, Py_NewRef(tier));
+                Py_XSETREF(last_order, PyObject_GetItem(lru, tier));  /* a defaultdict: as lru[tier] in Python */
             }
-            if (move_last(last_order, skeys[i]) < 0) {
+            if (last_order == NULL || move_last(last_order, skeys[i]) < 0) {
                 Py_DECREF(copies);
-                goto touched;
+                goto done;
             }
         }
         Py_DECREF(copies);
     }
-    Py_XDECREF(last_order);
     result = PyList_New(run);
     if (result != NULL)
         for (Py_ssize_t i = 0; i < run; i++) PyList_SET_ITEM(result, i, Py_NewRef(metas[i]));
     goto done;
-touched:
-    Py_XDECREF(last_order);
-    goto done;
 not_ours:
     result = Py_NewRef(Py_NotImplemented);
 done:
+    Py_XDECREF(last_tier);
+    Py_XDECREF(last_order);
     if (metas != NULL)
         for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(metas[i]);
     if (skeys != NULL)
         for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(skeys[i]);
     PyMem_Free(metas);
     PyMem_Free(skeys);
+    return result;
+}
+
+/* pin_leading(blocks, lru, tag, keys, fingerprint_id, now) -> list[BlockMeta] | NotImplemented
+ *
+ * blocks: storage key -> BlockMeta (BlockIndex.blocks); lru: tier -> OrderedDict of storage keys;
+ * tag: the tenant's storage-key prefix. The blocks of the leading run of keys present under
+ * fingerprint_id, pin-counted and touched. The caller counts the lookup hits and misses and pin_count. */
+static PyObject *pin_leading(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return pin_run(args, nargs, NULL);
+}
+
+/* pin_found(blocks, lru, tag, keys, fingerprint_id, now) -> (list[BlockMeta], missing keys) | NotImplemented
+ *
+ * Every present key's block, pin-counted and touched, and the keys with none: an all-or-nothing Pin's
+ * (and a get's) lookups. A block stored under another fingerprint is the reference's to refuse. */
+static PyObject *pin_found(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    PyObject *missing = PyList_New(0);
+    if (missing == NULL) return NULL;
+    PyObject *found = pin_run(args, nargs, missing);
+    if (found == NULL || found == Py_NotImplemented) {
+        Py_DECREF(missing);
+        return found;
+    }
+    PyObject *result = PyTuple_Pack(2, found, missing);
+    Py_DECREF(found);
+    Py_DECREF(missing);
     return result;
 }
 
@@ -345,6 +368,8 @@ static PyMethodDef methods[] = {
     {"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL, "bind(BlockMeta, OrderedDict) -> bool"},
     {"pin_leading", (PyCFunction)(void (*)(void))pin_leading, METH_FASTCALL,
      "pin_leading(blocks, lru, tag, keys, fingerprint_id, now) -> list[BlockMeta] | NotImplemented"},
+    {"pin_found", (PyCFunction)(void (*)(void))pin_found, METH_FASTCALL,
+     "pin_found(blocks, lru, tag, keys, fingerprint_id, now) -> (list[BlockMeta], missing) | NotImplemented"},
     {"host_columns", (PyCFunction)(void (*)(void))host_columns, METH_FASTCALL,
      "host_columns(metas, host_tier) -> (offsets, sizes, checksums, payload_bytes) | None | NotImplemented"},
     {"unpin_blocks", (PyCFunction)(void (*)(void))unpin_blocks, METH_FASTCALL, "unpin_blocks(metas) -> list[BlockMeta] | NotImplemented"},

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from kvwire import native as native_selection
+from kvwire.errors import FingerprintMismatchError
 from kvwire.types import Slot, Tier
 from kvstore import block_table
 from kvstore.block_table import BlockTable, Caller, Limits, host_columns
@@ -148,3 +149,24 @@ def test_distinct_keys_holds_only_when_both_of_check_keys_rules_hold():
     assert distinct(keys + [key(7)], 16) is False  # named twice
     assert distinct(keys[:3] + [b"x" * 15], 16) is False and distinct([b"x" * 17], 16) is False
     assert distinct([bytearray(key(1))], 16) is False and distinct(iter(keys), 16) is False
+
+
+def test_pin_found_changes_what_the_reference_changes_and_refuses_alike(reference):
+    python_only, native_again = reference
+    ends = []
+    for use_native in (True, False):
+        (native_again if use_native else python_only)()
+        table = BlockTable(Limits())
+        metas = populate(table, 64, random.Random(8))
+        answers = []
+        for keys in ([key(i) for i in range(30)], [key(i) for i in (70, 3, 71, 5)], [key(99)], []):
+            missing: list[bytes] = [b"already"]
+            found = table.pin_found("alice", FP, keys, missing)
+            answers.append(([metas.index(m) for m in found], missing))
+        with pytest.raises(FingerprintMismatchError, match=key(40).hex()):
+            table.pin_found("alice", FP, [key(1), key(40), key(2)], [])
+        ends.append((answers, state(table, metas)))
+    assert ends[0] == ends[1]
+    answers, (pins, *_) = ends[0]
+    assert answers[1] == ([3, 5], [b"already", key(70), key(71)]) and answers[2] == ([], [b"already", key(99)])
+    assert pins[:6] == [1, 1, 1, 2, 1, 2]  # the refused call pinned nothing
