@@ -39,7 +39,7 @@ LANDING_TIER = Tier.HOST  # where a write lease reserves its slot: the memory cl
 PIN_TABLE_ABI = 1  # csrc/kvstore_native/pin_table.c PIN_TABLE_ABI
 _size = attrgetter("size")
 
-# pin_leading and host_columns in C (kvwire/native.py says when), bound to BlockMeta's fields.
+# The per-key Pin bookkeeping in C (kvwire/native.py says when), bound to BlockMeta's fields.
 pin_table, pin_table_status = load("kvstore._native", PIN_TABLE_ABI)
 if pin_table is not None and not pin_table.bind(BlockMeta, OrderedDict):
     log.warning("kvstore._native does not know this BlockMeta (not a slots class with the fields it reads): running Python")

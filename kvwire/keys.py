@@ -132,7 +132,7 @@ def block_keys(
     extra_keys, if given, has one entry per full block (e.g. a LoRA id or a
     multimodal input hash) and is folded into that block's hash.
 
-    Computed by kvwire._native (csrc/kvnative/keys.c) where it is built: ~15x faster for a
+    Computed by kvwire._native (csrc/kvnative/keys.c) where it is built: ~6x faster for a
     prompt of thousands of tokens; block_keys_reference is the definition, and the answer
     for any input the native code leaves to it.
     """

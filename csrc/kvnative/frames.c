@@ -119,6 +119,51 @@ not_ours:
     return NULL;
 }
 
+/* One frame: u32 body length | head | text | tail | metadata | payload, where a request's head is the method's
+ * u16 length and its tail the f64 timeout, and a response's head the code and the details' u32 length. */
+static PyObject *encode_frame(const unsigned char *head, Py_ssize_t head_len, const char *text, Py_ssize_t text_len,
+                              const unsigned char *tail, Py_ssize_t tail_len, PyObject *metadata, PyObject *payload_object,
+                              Py_ssize_t max_frame) {
+    Pair *pairs;
+    Py_ssize_t count, pairs_bytes;
+    int got = collect_pairs(metadata, &pairs, &count, &pairs_bytes);
+    if (got <= 0) {
+        if (got < 0) return NULL;
+        KVN_RETURN_NOT_IMPLEMENTED;
+    }
+    Py_buffer payload;
+    if (PyObject_GetBuffer(payload_object, &payload, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        PyMem_Free(pairs);
+        KVN_RETURN_NOT_IMPLEMENTED;
+    }
+    PyObject *frame = NULL;
+    Py_ssize_t body = head_len + text_len + tail_len + pairs_bytes + payload.len;
+    if (body > max_frame || (uint64_t)body > 0xFFFFFFFFu) {
+        frame = Py_NewRef(Py_NotImplemented);  /* the reference raises FrameError, with its message */
+    } else if ((frame = PyBytes_FromStringAndSize(NULL, 4 + body)) != NULL) {
+        unsigned char *p = (unsigned char *)PyBytes_AS_STRING(frame);
+        kvn_put_u32(p, (uint32_t)body);
+        memcpy(p + 4, head, (size_t)head_len);
+        p += 4 + head_len;
+        memcpy(p, text, (size_t)text_len);
+        if (tail_len) memcpy(p + text_len, tail, (size_t)tail_len);
+        p = put_pairs(p + text_len + tail_len, pairs, count);
+        memcpy(p, payload.buf, (size_t)payload.len);
+    }
+    PyBuffer_Release(&payload);
+    PyMem_Free(pairs);
+    return frame;
+}
+
+/* A str as UTF-8 of at most max_len bytes, or NULL (no error set): the reference's to encode or refuse. */
+static const char *utf8_of(PyObject *text, Py_ssize_t max_len, Py_ssize_t *len) {
+    if (!PyUnicode_CheckExact(text)) return NULL;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(text, len);
+    if (utf8 == NULL) PyErr_Clear();
+    return utf8 != NULL && *len <= max_len ? utf8 : NULL;
+}
+
 /* encode_request(method, timeout_s, metadata, payload, max_frame_bytes) -> bytes | NotImplemented */
 PyObject *kvn_encode_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
@@ -126,61 +171,26 @@ PyObject *kvn_encode_request(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_TypeError, "encode_request(method, timeout_s, metadata, payload, max_frame_bytes)");
         return NULL;
     }
-    PyObject *method = args[0], *timeout = args[1];
-    Py_ssize_t max_frame = PyLong_AsSsize_t(args[4]);
+    PyObject *timeout = args[1];
+    Py_ssize_t max_frame = PyLong_AsSsize_t(args[4]), method_len;
     if (max_frame == -1 && PyErr_Occurred()) return NULL;
-    if (!PyUnicode_CheckExact(method)) KVN_RETURN_NOT_IMPLEMENTED;
-    double timeout_s;
-    if (timeout == Py_None) {
-        timeout_s = -1.0;
-    } else if (PyFloat_CheckExact(timeout) || PyLong_CheckExact(timeout)) {
+    double timeout_s = -1.0;
+    if (timeout != Py_None) {
+        if (!(PyFloat_CheckExact(timeout) || PyLong_CheckExact(timeout))) KVN_RETURN_NOT_IMPLEMENTED;
         timeout_s = PyFloat_AsDouble(timeout);
         if (timeout_s == -1.0 && PyErr_Occurred()) {
             PyErr_Clear();
             KVN_RETURN_NOT_IMPLEMENTED;
         }
-    } else {
-        KVN_RETURN_NOT_IMPLEMENTED;
     }
-    Py_ssize_t method_len;
-    const char *method_utf8 = PyUnicode_AsUTF8AndSize(method, &method_len);
-    if (method_utf8 == NULL) {
-        PyErr_Clear();
-        KVN_RETURN_NOT_IMPLEMENTED;
-    }
-    if (method_len > 0xFFFF) KVN_RETURN_NOT_IMPLEMENTED;
-    Pair *pairs;
-    Py_ssize_t count, pairs_bytes;
-    int got = collect_pairs(args[2], &pairs, &count, &pairs_bytes);
-    if (got <= 0) {
-        if (got < 0) return NULL;
-        KVN_RETURN_NOT_IMPLEMENTED;
-    }
-    Py_buffer payload;
-    if (PyObject_GetBuffer(args[3], &payload, PyBUF_SIMPLE) < 0) {
-        PyErr_Clear();
-        PyMem_Free(pairs);
-        KVN_RETURN_NOT_IMPLEMENTED;
-    }
-    PyObject *frame = NULL;
-    Py_ssize_t body = 2 + method_len + 8 + pairs_bytes + payload.len;
-    if (body > max_frame || (uint64_t)body > 0xFFFFFFFFu) {
-        frame = Py_NewRef(Py_NotImplemented);  /* the reference raises FrameError, with its message */
-    } else if ((frame = PyBytes_FromStringAndSize(NULL, 4 + body)) != NULL) {
-        unsigned char *p = (unsigned char *)PyBytes_AS_STRING(frame);
-        kvn_put_u32(p, (uint32_t)body);
-        kvn_put_u16(p + 4, (uint32_t)method_len);
-        memcpy(p + 6, method_utf8, (size_t)method_len);
-        p += 6 + method_len;
-        uint64_t bits;
-        memcpy(&bits, &timeout_s, 8);
-        kvn_put_u64(p, bits);
-        p = put_pairs(p + 8, pairs, count);
-        memcpy(p, payload.buf, (size_t)payload.len);
-    }
-    PyBuffer_Release(&payload);
-    PyMem_Free(pairs);
-    return frame;
+    const char *method = utf8_of(args[0], 0xFFFF, &method_len);
+    if (method == NULL) KVN_RETURN_NOT_IMPLEMENTED;
+    unsigned char head[2], tail[8];
+    uint64_t bits;
+    memcpy(&bits, &timeout_s, 8);
+    kvn_put_u16(head, (uint32_t)method_len);
+    kvn_put_u64(tail, bits);
+    return encode_frame(head, 2, method, method_len, tail, 8, args[2], args[3], max_frame);
 }
 
 /* encode_response(code, details, trailing, payload, max_frame_bytes) -> bytes | NotImplemented */
@@ -192,116 +202,55 @@ PyObject *kvn_encode_response(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     long code = PyLong_AsLong(args[0]);
     if (code == -1 && PyErr_Occurred()) return NULL;
-    Py_ssize_t max_frame = PyLong_AsSsize_t(args[4]);
+    Py_ssize_t max_frame = PyLong_AsSsize_t(args[4]), details_len;
     if (max_frame == -1 && PyErr_Occurred()) return NULL;
-    if (code < 0 || code > 255 || !PyUnicode_CheckExact(args[1])) KVN_RETURN_NOT_IMPLEMENTED;
-    Py_ssize_t details_len;
-    const char *details = PyUnicode_AsUTF8AndSize(args[1], &details_len);
-    if (details == NULL) {
-        PyErr_Clear();
-        KVN_RETURN_NOT_IMPLEMENTED;
+    const char *details = utf8_of(args[1], 0xFFFFFFFF, &details_len);
+    if (code < 0 || code > 255 || details == NULL) KVN_RETURN_NOT_IMPLEMENTED;
+    unsigned char head[5] = {(unsigned char)code};
+    kvn_put_u32(head + 1, (uint32_t)details_len);
+    return encode_frame(head, 5, details, details_len, NULL, 0, args[2], args[3], max_frame);
+}
+
+/* A frame's body: its head (a request's method and timeout, a response's code and details), its metadata,
+ * and where the payload starts; NotImplemented for anything the strict parse refuses. */
+static PyObject *decode_frame(PyObject *const *args, Py_ssize_t nargs, int response) {
+    Py_buffer view;
+    KVN_ONE_BUFFER(response ? "decode_response(body)" : "decode_request(body)", &view);
+    const unsigned char *body = view.buf;
+    Py_ssize_t size = view.len, text_at = response ? 5 : 2, text_len, at;
+    PyObject *result = NULL, *text = NULL, *pairs = NULL;
+    if (size < text_at) goto not_ours;
+    text_len = response ? (Py_ssize_t)kvn_get_u32(body + 1) : (Py_ssize_t)kvn_get_u16(body);
+    at = text_at + text_len + (response ? 0 : 8);  /* a request's f64 timeout follows its method */
+    if (size < at || (text = PyUnicode_DecodeUTF8((const char *)body + text_at, text_len, NULL)) == NULL) goto not_ours;
+    if ((pairs = take_pairs(body, size, &at)) == NULL) goto not_ours;
+    if (response) {
+        result = Py_BuildValue("(iOOn)", (int)body[0], text, pairs, at);
+    } else {
+        uint64_t bits = kvn_get_u64(body + text_at + text_len);
+        double timeout_s;
+        memcpy(&timeout_s, &bits, 8);
+        result = Py_BuildValue("(OdOn)", text, timeout_s, pairs, at);
     }
-    if ((uint64_t)details_len > 0xFFFFFFFFu) KVN_RETURN_NOT_IMPLEMENTED;
-    Pair *pairs;
-    Py_ssize_t count, pairs_bytes;
-    int got = collect_pairs(args[2], &pairs, &count, &pairs_bytes);
-    if (got <= 0) {
-        if (got < 0) return NULL;
-        KVN_RETURN_NOT_IMPLEMENTED;
-    }
-    Py_buffer payload;
-    if (PyObject_GetBuffer(args[3], &payload, PyBUF_SIMPLE) < 0) {
-        PyErr_Clear();
-        PyMem_Free(pairs);
-        KVN_RETURN_NOT_IMPLEMENTED;
-    }
-    PyObject *frame = NULL;
-    Py_ssize_t body = 1 + 4 + details_len + pairs_bytes + payload.len;
-    if (body > max_frame || (uint64_t)body > 0xFFFFFFFFu) {
-        frame = Py_NewRef(Py_NotImplemented);
-    } else if ((frame = PyBytes_FromStringAndSize(NULL, 4 + body)) != NULL) {
-        unsigned char *p = (unsigned char *)PyBytes_AS_STRING(frame);
-        kvn_put_u32(p, (uint32_t)body);
-        p[4] = (unsigned char)code;
-        kvn_put_u32(p + 5, (uint32_t)details_len);
-        memcpy(p + 9, details, (size_t)details_len);
-        p = put_pairs(p + 9 + details_len, pairs, count);
-        memcpy(p, payload.buf, (size_t)payload.len);
-    }
-    PyBuffer_Release(&payload);
-    PyMem_Free(pairs);
-    return frame;
+    goto done;
+not_ours:
+    PyErr_Clear();
+    result = Py_NewRef(Py_NotImplemented);
+done:
+    Py_XDECREF(text);
+    Py_XDECREF(pairs);
+    PyBuffer_Release(&view);
+    return result;
 }
 
 /* decode_request(body) -> (method, timeout_s, metadata, payload_at) | NotImplemented; timeout_s < 0: none */
 PyObject *kvn_decode_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 1) {
-        PyErr_SetString(PyExc_TypeError, "decode_request(body)");
-        return NULL;
-    }
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        PyErr_Clear();
-        KVN_RETURN_NOT_IMPLEMENTED;
-    }
-    const unsigned char *body = view.buf;
-    Py_ssize_t size = view.len, at;
-    PyObject *result = NULL, *method = NULL, *pairs = NULL;
-    if (size < 2) goto not_ours;
-    Py_ssize_t method_len = kvn_get_u16(body);
-    if (size - 2 < method_len + 8) goto not_ours;
-    method = PyUnicode_DecodeUTF8((const char *)body + 2, method_len, NULL);
-    if (method == NULL) goto not_ours;
-    uint64_t bits = kvn_get_u64(body + 2 + method_len);
-    double timeout_s;
-    memcpy(&timeout_s, &bits, 8);
-    at = 10 + method_len;
-    pairs = take_pairs(body, size, &at);
-    if (pairs == NULL) goto not_ours;
-    result = Py_BuildValue("(OdOn)", method, timeout_s, pairs, at);
-    goto done;
-not_ours:
-    PyErr_Clear();
-    result = Py_NewRef(Py_NotImplemented);
-done:
-    Py_XDECREF(method);
-    Py_XDECREF(pairs);
-    PyBuffer_Release(&view);
-    return result;
+    return decode_frame(args, nargs, 0);
 }
 
 /* decode_response(body) -> (code, details, trailing, payload_at) | NotImplemented */
 PyObject *kvn_decode_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 1) {
-        PyErr_SetString(PyExc_TypeError, "decode_response(body)");
-        return NULL;
-    }
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        PyErr_Clear();
-        KVN_RETURN_NOT_IMPLEMENTED;
-    }
-    const unsigned char *body = view.buf;
-    Py_ssize_t size = view.len, at;
-    PyObject *result = NULL, *details = NULL, *pairs = NULL;
-    if (size < 5) goto not_ours;
-    Py_ssize_t details_len = (Py_ssize_t)kvn_get_u32(body + 1);
-    if (size - 5 < details_len) goto not_ours;
-    details = PyUnicode_DecodeUTF8((const char *)body + 5, details_len, NULL);
-    if (details == NULL) goto not_ours;
-    at = 5 + details_len;
-    pairs = take_pairs(body, size, &at);
-    if (pairs == NULL) goto not_ours;
-    result = Py_BuildValue("(iOOn)", (int)body[0], details, pairs, at);
-    goto done;
-not_ours:
-    PyErr_Clear();
-    result = Py_NewRef(Py_NotImplemented);
-done:
-    Py_XDECREF(details);
-    Py_XDECREF(pairs);
-    PyBuffer_Release(&view);
-    return result;
+    return decode_frame(args, nargs, 1);
 }

@@ -52,6 +52,27 @@ static inline uint64_t kvn_get_u64(const unsigned char *p) {
     return v;
 }
 
+/* A decoder's one argument as a buffer: 1, or 0 when it is none (the reference's to refuse), or -1 on a
+ * wrong call (an error set). */
+static inline int kvn_one_buffer(PyObject *const *args, Py_ssize_t nargs, const char *usage, Py_buffer *view) {
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    if (PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
+#define KVN_ONE_BUFFER(usage, view)                                 \
+    do {                                                            \
+        int got_ = kvn_one_buffer(args, nargs, usage, view);        \
+        if (got_ < 0) return NULL;                                  \
+        if (got_ == 0) KVN_RETURN_NOT_IMPLEMENTED;                  \
+    } while (0)
+
 /* The functions each file adds to the module. */
 PyObject *kvn_chain_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvn_encode_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs);

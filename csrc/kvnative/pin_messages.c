@@ -257,15 +257,8 @@ static const unsigned char *take_bytes(const unsigned char *p, const unsigned ch
 /* decode_pin_request(payload) -> (fingerprint_id, keys, ttl_ms, release_pin_ids, prefix_only) | NotImplemented */
 PyObject *kvn_decode_pin_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 1) {
-        PyErr_SetString(PyExc_TypeError, "decode_pin_request(payload)");
-        return NULL;
-    }
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        PyErr_Clear();
-        KVN_RETURN_NOT_IMPLEMENTED;
-    }
+    KVN_ONE_BUFFER("decode_pin_request(payload)", &view);
     const unsigned char *p = view.buf, *end = p + view.len;
     PyObject *fingerprint_id = PyBytes_FromStringAndSize(NULL, 0), *keys = PyList_New(0), *ids = PyList_New(0), *result = NULL;
     uint64_t ttl_ms = 0, prefix_only = 0;
@@ -359,15 +352,8 @@ static PyObject *packed_tuple(const unsigned char *p, const unsigned char *stop)
  * several fields, or unpacked, is legal protobuf that no server of ours sends: the reference reads it. */
 PyObject *kvn_decode_pin_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 1) {
-        PyErr_SetString(PyExc_TypeError, "decode_pin_response(payload)");
-        return NULL;
-    }
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        PyErr_Clear();
-        KVN_RETURN_NOT_IMPLEMENTED;
-    }
+    KVN_ONE_BUFFER("decode_pin_response(payload)", &view);
     const unsigned char *p = view.buf, *end = p + view.len;
     PyObject *columns[3] = {NULL, NULL, NULL}, *result = NULL;
     uint64_t pin_id = 0, expires = 0, len;

@@ -27,16 +27,23 @@ def compiled():
 
 
 @pytest.fixture
-def reference(monkeypatch):
-    """Run block_table's Python definition in this test."""
+def both_ways(monkeypatch):
+    """run(table, metas) on a fresh table of 64 blocks with the C code, then with block_table's Python
+    definition: the two (answer, end state) pairs, which must be equal."""
 
-    def python_only():
-        monkeypatch.setattr(block_table, "pin_table", None)
-
-    def native_again():
+    def run_both(run, seed: int) -> list:
+        ends = []
+        for use_native in (True, False):
+            if not use_native:
+                monkeypatch.setattr(block_table, "pin_table", None)
+            table = BlockTable(Limits())
+            metas = populate(table, 64, random.Random(seed))
+            ends.append((run(table, metas), state(table, metas)))
         monkeypatch.undo()
+        assert ends[0] == ends[1]
+        return ends[0]
 
-    return python_only, native_again
+    return run_both
 
 
 def key(i: int) -> bytes:
@@ -62,14 +69,8 @@ def state(table: BlockTable, metas: list[BlockMeta]):
     return ([m.pins for m in metas], {t: list(order) for t, order in table.index.lru.items()}, dict(table.counters), table.pin_count)
 
 
-def test_pin_leading_changes_what_the_reference_changes(reference):
-    python_only, native_again = reference
-    ends = []
-    for use_native in (True, False):
-        (native_again if use_native else python_only)()
-        assert (block_table.pin_table is not None) == use_native
-        table, rng = BlockTable(Limits()), random.Random(3)
-        metas = populate(table, 64, rng)
+def test_pin_leading_changes_what_the_reference_changes(both_ways):
+    def run(table, metas):
         answers = []
         for keys in ([key(i) for i in range(64)],  # stops at block 40, of another fingerprint
                      [key(i) for i in (5, 3, 9, 1)],
@@ -78,52 +79,46 @@ def test_pin_leading_changes_what_the_reference_changes(reference):
             before = [m.last_access for m in metas]
             found = table.pin_leading("alice", FP, keys)
             answers.append([metas.index(m) for m in found])
-            assert all(m.last_access > b for m, b in zip(found, before)) or not found
-        answers.append(table.pin_leading("bob", FP, [key(1)]))  # another tenant's key space
-        ends.append((answers, state(table, metas)))
-    assert ends[0] == ends[1]
-    answers, (pins, lru, counters, pin_count) = ends[0]
+            assert all(m.last_access > b for m, b in zip(found, before))
+        return answers + [table.pin_leading("bob", FP, [key(1)])]  # another tenant's key space
+
+    answers, (pins, lru, counters, pin_count) = both_ways(run, seed=3)
     assert answers[:3] == [list(range(40)), [5, 3, 9, 1], list(range(60, 64))] and answers[3:] == [[], [], [2, 2, 2], []]
     assert pin_count == sum(pins) == 40 + 4 + 4 + 3
+    assert counters["lookup_blocks_hit"] == 51 and counters["lookup_blocks_miss"] == (64 - 40) + 0 + (10 - 4) + 1 + 0 + 0 + 1
     touched_last = storage_key("alice", key(2))
     assert len(lru) == 2 and all((order[-1] == touched_last) == (order.count(touched_last) == 1) for order in lru.values())
 
 
-def test_host_columns_are_the_references_and_none_without_a_host_copy(reference):
-    python_only, native_again = reference
-    table = BlockTable(Limits())
-    metas = populate(table, 64, random.Random(4))
-    on_host = [m for m in metas if Tier.HOST in m.copies]
-    got = host_columns(on_host)
-    assert got[0] == [m.copies[Tier.HOST].offset for m in on_host] and got[2] == [m.checksum for m in on_host]
-    assert got[3] == sum(m.size for m in on_host)
-    assert host_columns(metas) is None and host_columns([]) == ([], [], [], 0)
-    python_only()
-    assert host_columns(on_host) == got and host_columns(metas) is None
+def test_host_columns_are_the_references_and_none_without_a_host_copy(both_ways):
+    def run(table, metas):
+        on_host = [m for m in metas if Tier.HOST in m.copies]
+        expected = ([m.copies[Tier.HOST].offset for m in on_host], [m.copies[Tier.HOST].size_bytes for m in on_host],
+                    [m.checksum for m in on_host], sum(m.size for m in on_host))
+        return host_columns(on_host), expected, host_columns(metas), host_columns([]), len(on_host)
+
+    (columns, expected, with_ssd_only, empty, on_host), _ = both_ways(run, seed=4)
+    assert columns == expected and 0 < on_host < 64
+    assert with_ssd_only is None and empty == ([], [], [], 0)
 
 
-def test_unpin_blocks_frees_what_the_reference_frees(reference):
+def test_unpin_blocks_frees_what_the_reference_frees(both_ways):
     """Deleted blocks are freed (their copies released) when their last pin goes, in order; a block
     named twice is unpinned twice."""
-    python_only, native_again = reference
-    ends = []
-    for use_native in (True, False):
-        (native_again if use_native else python_only)()
-        table = BlockTable(Limits())
-        metas = populate(table, 16, random.Random(6))
+
+    def run(table, metas):
         table.pin_blocks(metas + metas[:4])
-        for meta in metas[::3]:
+        for meta in metas[:16:3]:
             table.delete(meta)
-        released_at_delete = list(table.outbox.release)
+        released_at_delete = len(table.outbox.release)
         table.unpin_blocks(metas[2:12] + [metas[0], metas[0]])
-        ends.append(([m.pins for m in metas], list(table.outbox.release), list(table.outbox.erase), released_at_delete,
-                     table.pin_count, [sorted(m.copies) for m in metas]))
-    assert ends[0] == ends[1]
-    pins, released, _, released_at_delete, pin_count, copies = ends[0]
-    assert pins[:4] == [0, 2, 1, 1] and pins[12:] == [1, 1, 1, 1] and pin_count == sum(pins)
+        return table.outbox.release[released_at_delete:], list(table.outbox.erase), [sorted(m.copies) for m in metas]
+
+    (released, _, copies), (pins, *_, pin_count) = both_ways(run, seed=6)
+    assert pins[:4] == [0, 2, 1, 1] and pins[12:16] == [1, 1, 1, 1] and pin_count == sum(pins)
     # Of the deleted blocks (0, 3, 6, 9, 12, 15), those whose last pin went (0, 6, 9) gave their copies back.
     assert [i for i in range(16) if not copies[i]] == [0, 6, 9]
-    assert {tier for tier, _ in released[len(released_at_delete):]} == {Tier.HOST}  # their host slots (records went at delete)
+    assert {tier for tier, _ in released} == {Tier.HOST}  # their host slots (records went at delete)
 
 
 def test_what_the_native_code_does_not_know_is_left_to_python():
@@ -151,13 +146,8 @@ def test_distinct_keys_holds_only_when_both_of_check_keys_rules_hold():
     assert distinct([bytearray(key(1))], 16) is False and distinct(iter(keys), 16) is False
 
 
-def test_pin_found_changes_what_the_reference_changes_and_refuses_alike(reference):
-    python_only, native_again = reference
-    ends = []
-    for use_native in (True, False):
-        (native_again if use_native else python_only)()
-        table = BlockTable(Limits())
-        metas = populate(table, 64, random.Random(8))
+def test_pin_found_changes_what_the_reference_changes_and_refuses_alike(both_ways):
+    def run(table, metas):
         answers = []
         for keys in ([key(i) for i in range(30)], [key(i) for i in (70, 3, 71, 5)], [key(99)], []):
             missing: list[bytes] = [b"already"]
@@ -165,8 +155,8 @@ def test_pin_found_changes_what_the_reference_changes_and_refuses_alike(referenc
             answers.append(([metas.index(m) for m in found], missing))
         with pytest.raises(FingerprintMismatchError, match=key(40).hex()):
             table.pin_found("alice", FP, [key(1), key(40), key(2)], [])
-        ends.append((answers, state(table, metas)))
-    assert ends[0] == ends[1]
-    answers, (pins, *_) = ends[0]
+        return answers
+
+    answers, (pins, *_) = both_ways(run, seed=8)
     assert answers[1] == ([3, 5], [b"already", key(70), key(71)]) and answers[2] == ([], [b"already", key(99)])
     assert pins[:6] == [1, 1, 1, 2, 1, 2]  # the refused call pinned nothing
