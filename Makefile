@@ -14,9 +14,14 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+# The install compiles the control path's C (csrc/kvnative, csrc/kvstore_native; setup.py): a changed
+# source rebuilds it. A failed compile still installs, running pure Python, and says so here.
+NATIVE_SOURCES := setup.py $(wildcard csrc/kvnative/*.[ch] csrc/kvstore_native/*.c)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(NATIVE_SOURCES)
 	$(BIN)/pip install -q grpcio-tools
 	$(BIN)/pip install -q -e .
+	@$(BIN)/python -c "from kvwire.native import status; print('native control path (kvwire._native):', status)"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

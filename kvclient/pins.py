@@ -48,6 +48,7 @@ class Unpins:
         self._ids: list[int] = []
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._parked = False  # the thread waits for a first pin id, with no deadline: only then must later() wake it
 
     def now(self, pin_id: int) -> None:
         """Drop a pin at once: after a failure, its blocks were never handed over."""
@@ -65,7 +66,7 @@ class Unpins:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="kvclient-unpin", daemon=True)
                 self._thread.start()
-            if len(self._ids) == 1:
+            if self._parked:  # else it wakes at its deadline and waits out the rest of the quiet: no thread switch per pin
                 self._cv.notify()
 
     def take(self) -> list[int]:
@@ -79,7 +80,9 @@ class Unpins:
         with self._cv:
             while not self._closed:
                 if not self._ids:
+                    self._parked = True
                     self._cv.wait()
+                    self._parked = False
                     continue
                 quiet_s = time.monotonic() - self._last_add
                 if quiet_s < self._idle_s:

@@ -17,20 +17,48 @@ counted per tenant, so quotas are O(1) checks.
 """
 from __future__ import annotations
 
+import logging
 import secrets
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Callable, Sequence
 
 from kvwire.errors import CapacityExhaustedError, FingerprintMismatchError, LeaseError
+from kvwire.native import load
 from kvwire.types import BlockState, KeyStatus, LeaseOutcome, Slot, Tier
 from kvstore.counters import Event
 from kvstore.index import BlockIndex, BlockMeta, block_key, storage_key, tenant_tag
 from kvstore.tiers.base import Copy, Record
 
+log = logging.getLogger(__name__)
+
 ID_BITS = 62  # random lease and pin ids: guessing a live one is hopeless, and ownership is checked anyway
 LANDING_TIER = Tier.HOST  # where a write lease reserves its slot: the memory clients write into
+PIN_TABLE_ABI = 1  # csrc/kvstore_native/pin_table.c PIN_TABLE_ABI
+_size = attrgetter("size")
+
+# The per-key Pin bookkeeping in C (kvwire/native.py says when), bound to BlockMeta's fields.
+pin_table, pin_table_status = load("kvstore._native", PIN_TABLE_ABI)
+if pin_table is not None and not pin_table.bind(BlockMeta, OrderedDict):
+    log.warning("kvstore._native does not know this BlockMeta (not a slots class with the fields it reads): running Python")
+    pin_table, pin_table_status = None, "BlockMeta unknown to it"
+
+
+def host_columns(metas: list[BlockMeta]) -> tuple[list[int], list[int], list[int], int] | None:
+    """Where pinned blocks' host copies sit (offsets, sizes) and their checksums, as columns in order, and the
+    blocks' payload bytes; None when one has no host copy (it is on a lower tier only and must be staged
+    first). In C where built."""
+    if pin_table is not None:
+        columns = pin_table.host_columns(metas, Tier.HOST)
+        if columns is not NotImplemented:
+            return columns
+    try:
+        slots = [m.copies[Tier.HOST] for m in metas]
+    except KeyError:
+        return None
+    return [s.offset for s in slots], [s.size_bytes for s in slots], [m.checksum for m in metas], sum(map(_size, metas))
 
 
 @dataclass(frozen=True)
@@ -224,6 +252,47 @@ class BlockTable:
         self.outbox.changed = True
         return True
 
+    def pin_leading(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes]) -> list[BlockMeta]:
+        """leading_present, then pin_blocks and the index's touch of the blocks found: a prefix Pin's
+        per-key work, which for an 8k-token prompt is 512 keys. Done in one pass by kvstore._native
+        (csrc/kvstore_native/pin_table.c) where it is built, in the same order (every block pin-counted
+        before any is touched); this method's three calls are its definition."""
+        if pin_table is not None:
+            index = self.index
+            metas = pin_table.pin_leading(index.blocks, index.lru, tenant_tag(tenant), keys, fingerprint_id, time.monotonic())
+            if metas is not NotImplemented:
+                self.counters[Event.LOOKUP_BLOCKS_HIT] += len(metas)
+                self.counters[Event.LOOKUP_BLOCKS_MISS] += len(keys) - len(metas)
+                self.pin_count += len(metas)
+                return metas
+        metas = self.leading_present(tenant, fingerprint_id, keys)
+        self.pin_blocks(metas)
+        self.index.touch(metas)
+        return metas
+
+    def pin_found(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes], missing: list[bytes]) -> list[BlockMeta]:
+        """The blocks of keys, pin-counted and touched, the keys with none appended to missing (an all-or-nothing
+        Pin, and every get); a block under another fingerprint raises FingerprintMismatchError. In one pass in
+        C where built, leaving that error to the loop below, its definition."""
+        if pin_table is not None:
+            index = self.index
+            answer = pin_table.pin_found(index.blocks, index.lru, tenant_tag(tenant), keys, fingerprint_id, time.monotonic())
+            if answer is not NotImplemented:
+                metas, absent = answer
+                missing += absent
+                self.pin_count += len(metas)
+                return metas
+        metas = []
+        for key in keys:
+            meta = self.find(tenant, fingerprint_id, key, strict=True)
+            if meta is None:
+                missing.append(key)
+            else:
+                metas.append(meta)
+        self.pin_blocks(metas)
+        self.index.touch(metas)
+        return metas
+
     def pin_blocks(self, metas: list[BlockMeta]) -> None:
         """Count a read of each block: none is evicted, moved or freed until unpin_blocks."""
         for meta in metas:
@@ -231,6 +300,14 @@ class BlockTable:
         self.pin_count += len(metas)
 
     def unpin_blocks(self, metas: Sequence[BlockMeta]) -> None:
+        if pin_table is not None:  # the count in C (a prefix pin's 512 blocks), the freeing here
+            freed = pin_table.unpin_blocks(metas)
+            if freed is not NotImplemented:
+                for meta in freed:
+                    for tier in list(meta.copies):
+                        self._detach(meta, tier)
+                self.pin_count -= len(metas)
+                return
         for meta in metas:
             meta.pins -= 1
             if meta.deleted and meta.pins == 0:
@@ -370,9 +447,10 @@ class BlockTable:
 
     # ---- read pins --------------------------------------------------------------------
 
-    def add_pin(self, caller: Caller, metas: list[BlockMeta], ttl_s: float) -> ReadPin:
-        """A pin over blocks already pin-counted (pin_blocks); drop_pin uncounts them."""
-        pin = ReadPin(self._new_id(), caller.tenant, caller.client_id, metas, self.clock() + ttl_s, sum(m.size for m in metas))
+    def add_pin(self, caller: Caller, metas: list[BlockMeta], ttl_s: float, size_bytes: int | None = None) -> ReadPin:
+        """A pin over blocks already pin-counted (pin_blocks); drop_pin uncounts them. size_bytes: their sizes' sum, if known."""
+        size = sum(map(_size, metas)) if size_bytes is None else size_bytes
+        pin = ReadPin(self._new_id(), caller.tenant, caller.client_id, metas, self.clock() + ttl_s, size)
         self.pins[pin.pin_id] = pin
         self.held_ids[caller.tenant] += 1
         self.held_bytes[caller.tenant] += pin.size
@@ -422,11 +500,11 @@ class BlockTable:
             raise CapacityExhaustedError(
                 f"tenant {caller.tenant!r} would hold {held} bytes reserved or pinned; its limit is {limit} (tenant_held_fraction of the host pool): commit, release or unpin first")
 
-    def within_quota(self, caller: Caller, metas: list[BlockMeta], prefix: bool) -> list[BlockMeta]:
+    def within_quota(self, caller: Caller, metas: list[BlockMeta], prefix: bool, size_bytes: int | None = None) -> list[BlockMeta]:
         """The pin-counted blocks a new pin may hold under the caller's quota, the rest unpinned; a prefix
-        pin is cut short rather than refused (the engine recomputes the rest)."""
+        pin is cut short rather than refused (the engine recomputes the rest). size_bytes: their sizes' sum, if known."""
         try:
-            self.check_quota(caller, new_ids=1, new_bytes=sum(m.size for m in metas))
+            self.check_quota(caller, new_ids=1, new_bytes=sum(map(_size, metas)) if size_bytes is None else size_bytes)
             return metas
         except CapacityExhaustedError:
             if not prefix or caller.is_admin:

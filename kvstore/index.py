@@ -61,6 +61,7 @@ class BlockMeta:
 class BlockIndex:
     def __init__(self) -> None:
         self._blocks: dict[bytes, BlockMeta] = {}
+        self.get = self._blocks.get  # the dict's own: requests look up every key they name, without a Python frame each
         # tier -> storage keys of the blocks with a copy there, least recently used first
         self.lru: defaultdict[Tier, OrderedDict[bytes, None]] = defaultdict(OrderedDict)
 
@@ -70,8 +71,10 @@ class BlockIndex:
     def __iter__(self) -> Iterator[BlockMeta]:
         return iter(list(self._blocks.values()))
 
-    def get(self, skey: bytes) -> BlockMeta | None:
-        return self._blocks.get(skey)
+    @property
+    def blocks(self) -> dict[bytes, BlockMeta]:
+        """Storage key -> block, for the block table's compiled prefix walk (kvstore._native) to read; change it through add and remove."""
+        return self._blocks
 
     def holds(self, meta: BlockMeta) -> bool:
         return self._blocks.get(meta.skey) is meta

@@ -294,13 +294,13 @@ class LocalControlServer:
     def _call(self, method: codec.Method, request: Request, peer: str, conn: socket.socket) -> bytes:
         """The answer's payload; raises the error to answer instead."""
         try:
-            message = method.request_class.FromString(request.payload)
+            message = method.parse(request.payload)
         except DecodeError as err:
             log.debug("local control: cannot decode %s request: %s", method.name, err)
             raise InvalidRequestError(f"cannot decode {method.name} request: {err}") from None
         try:
             caller = self.auth.caller(request.metadata, peer)
-            return method.call(self.api, caller, message, Call(conn, request.timeout_s).is_active).SerializeToString()
+            return method.answer(self.api, caller, message, Call(conn, request.timeout_s).is_active)
         except Exception as err:
             raise self.api.refusal(method.name, err) from None
 

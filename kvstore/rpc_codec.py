@@ -9,20 +9,22 @@ status mapping: an error raised here goes to the door's one table.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
+from kvwire import pin_codec
 from kvwire.types import KeyStatus, LeaseInfo
 from kvstore.api import DataPlane, IsActive, StoreAPI
-from kvstore.store import Caller, StoreStats
+from kvstore.store import Caller, PinInfo, StoreStats
 from kvwire.v1 import kvstore_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["KVStore"]
 GET_MESSAGE_BYTES = 32 << 20  # a streamed Get answers in messages of about this much payload
 
 Handler = Callable[[StoreAPI, Caller, Message, IsActive], Message]
+BytesHandler = Callable[[StoreAPI, Caller, Any, IsActive], bytes]
 
 
 # ---- records -> messages ----------------------------------------------------------------
@@ -90,11 +92,23 @@ def _put(api: StoreAPI, caller: Caller, r: pb.PutRequest, is_active: IsActive) -
     return pb.PutResponse(outcomes=api.put(caller, r.fingerprint_id, [(b.key, b.data, b.checksum) for b in r.blocks], r.durable))
 
 
+def _pinned(api: StoreAPI, caller: Caller, r: pb.PinRequest | pin_codec.PinRequestFields) -> PinInfo:
+    return api.pin(caller, r.fingerprint_id, list(r.keys), r.ttl_ms, r.prefix_only, list(r.release_pin_ids))
+
+
 def _pin(api: StoreAPI, caller: Caller, r: pb.PinRequest, is_active: IsActive) -> pb.PinResponse:
-    info = api.pin(caller, r.fingerprint_id, list(r.keys), r.ttl_ms, r.prefix_only, list(r.release_pin_ids))
+    info = _pinned(api, caller, r)
     slots = info.slots
     return pb.PinResponse(pin_id=info.pin_id, expires_unix_ms=info.expires_unix_ms, offsets=slots.offsets, lengths=slots.sizes,
                           checksums=slots.checksums, tiers=slots.tiers, hbm_offsets=slots.hbm_offsets, hbm_pool_id=info.hbm_pool_id)
+
+
+def _pin_bytes(api: StoreAPI, caller: Caller, r: pin_codec.PinRequestFields, is_active: IsActive) -> bytes:
+    """Pin for the local socket: the request's fields and the answer's bytes without message objects (kvwire/pin_codec.py)."""
+    info = _pinned(api, caller, r)
+    slots = info.slots
+    return pin_codec.encode_response(info.pin_id, info.expires_unix_ms, slots.offsets, slots.sizes, slots.checksums,
+                                     slots.tiers, slots.hbm_offsets, info.hbm_pool_id)
 
 
 def _unpin(api: StoreAPI, caller: Caller, r: pb.UnpinRequest, is_active: IsActive) -> pb.UnpinResponse:
@@ -119,6 +133,18 @@ class Method:
     name: str
     request_class: type[Message]
     call: Handler
+    # The local socket's pair, on payload bytes: the request parsed (DecodeError if it does not), and the
+    # answer serialized. The message class's own, but for Pin, whose hundreds of keys and slots skip the
+    # message objects (kvwire/pin_codec.py).
+    parse: Callable[[bytes | memoryview], Any]
+    answer: BytesHandler
+
+
+def _serialized(call: Handler) -> BytesHandler:
+    return lambda api, caller, request, is_active: call(api, caller, request, is_active).SerializeToString()
+
+
+_WIRE: dict[str, tuple[Callable[[bytes | memoryview], Any], BytesHandler]] = {"Pin": (pin_codec.decode_request, _pin_bytes)}
 
 
 _HANDLERS: dict[str, Handler] = {
@@ -129,7 +155,8 @@ _HANDLERS: dict[str, Handler] = {
 
 # Every unary-unary method of the service, by name; the streaming ones (Get, Write) are below.
 UNARY: dict[str, Method] = {
-    m.name: Method(SERVICE.full_name, m.name, GetMessageClass(m.input_type), _HANDLERS[m.name])
+    m.name: Method(SERVICE.full_name, m.name, GetMessageClass(m.input_type), _HANDLERS[m.name],
+                   *_WIRE.get(m.name, (GetMessageClass(m.input_type).FromString, _serialized(_HANDLERS[m.name]))))
     for m in SERVICE.methods if not m.client_streaming and not m.server_streaming
 }
 assert UNARY.keys() == _HANDLERS.keys(), "every unary method of the KVStore service has one handler"

@@ -8,6 +8,10 @@ gRPC, and the client maps the answer as it maps a gRPC status. A frame is a u32 
     response: u8 status code | u32 n + details (UTF-8) | trailing metadata | response protobuf (empty unless OK)
     metadata: u16 pairs, each u16 n + key | u32 n + value (UTF-8, except "-bin" keys, which stay bytes as in gRPC)
 
+The envelope is encoded and decoded by kvwire._native (csrc/kvnative/frames.c) where it is built;
+the functions named *_reference are the definition, and the answer for anything the native code
+leaves to them (tests/kvwire/test_native.py holds the two to the same bytes).
+
 A connection carries one call at a time (request, then its response), so a read never
 holds bytes of the next frame. The server says why it closes a connection that sat
 idle, in a response frame of its own (IDLE_ERROR_TYPE) that answers no request: a
@@ -18,13 +22,13 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor
 
 from kvwire.defaults import MAX_MESSAGE_BYTES
+from kvwire.native import native
 from kvwire.v1 import kvstore_pb2 as pb
 
 Metadata = tuple[tuple[str, str | bytes], ...]
@@ -57,16 +61,19 @@ def unary_methods() -> list[MethodDescriptor]:
     return [m for m in SERVICE.methods if not m.client_streaming and not m.server_streaming]
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
+    """A decoded request frame. A tuple, not a frozen dataclass: built for every call, and a frozen
+    dataclass's __init__ cost as much as the native decode itself."""
+
     method: str
     timeout_s: float | None
     metadata: Metadata
     payload: memoryview  # a view of the frame: protobuf parses it without a copy
 
 
-@dataclass(frozen=True)
-class Response:
+class Response(NamedTuple):
+    """A decoded response frame (a tuple, as Request)."""
+
     code: grpc.StatusCode
     details: str
     trailing_metadata: Metadata
@@ -106,11 +113,45 @@ def _frame(parts: Sequence[bytes]) -> bytes:
 
 
 def encode_request(method: str, timeout_s: float | None, metadata: Iterable[tuple[str, str | bytes]], payload: bytes) -> bytes:
+    if native is not None:
+        frame = native.encode_request(method, timeout_s, metadata, payload, MAX_FRAME_BYTES)
+        if frame is not NotImplemented:
+            return frame
+    return encode_request_reference(method, timeout_s, metadata, payload)
+
+
+def decode_request(body: memoryview) -> Request:
+    if native is not None:
+        fields = native.decode_request(body)
+        if fields is not NotImplemented:
+            method, timeout_s, metadata, at = fields
+            return Request(method, None if timeout_s < 0 else timeout_s, metadata, body[at:])
+    return decode_request_reference(body)
+
+
+def encode_response(code: grpc.StatusCode, details: str, trailing_metadata: Iterable[tuple[str, str | bytes]], payload: bytes) -> bytes:
+    if native is not None:
+        frame = native.encode_response(code.value[0], details, trailing_metadata, payload, MAX_FRAME_BYTES)
+        if frame is not NotImplemented:
+            return frame
+    return encode_response_reference(code, details, trailing_metadata, payload)
+
+
+def decode_response(body: memoryview) -> Response:
+    if native is not None:
+        fields = native.decode_response(body)
+        if fields is not NotImplemented and fields[0] in _CODES:
+            code, details, trailing, at = fields
+            return Response(_CODES[code], details, trailing, body[at:])
+    return decode_response_reference(body)
+
+
+def encode_request_reference(method: str, timeout_s: float | None, metadata: Iterable[tuple[str, str | bytes]], payload: bytes) -> bytes:
     m = method.encode()
     return _frame([_U16.pack(len(m)), m, _F64.pack(-1.0 if timeout_s is None else timeout_s), *_encode_metadata(metadata), payload])
 
 
-def decode_request(body: memoryview) -> Request:
+def decode_request_reference(body: memoryview) -> Request:
     try:
         (n,) = _U16.unpack_from(body, 0)
         method = bytes(body[2 : 2 + n]).decode()
@@ -121,12 +162,12 @@ def decode_request(body: memoryview) -> Request:
     return Request(method, None if timeout_s < 0 else timeout_s, metadata, body[at:])
 
 
-def encode_response(code: grpc.StatusCode, details: str, trailing_metadata: Iterable[tuple[str, str | bytes]], payload: bytes) -> bytes:
+def encode_response_reference(code: grpc.StatusCode, details: str, trailing_metadata: Iterable[tuple[str, str | bytes]], payload: bytes) -> bytes:
     d = details.encode()
     return _frame([bytes((code.value[0],)), _LEN.pack(len(d)), d, *_encode_metadata(trailing_metadata), payload])
 
 
-def decode_response(body: memoryview) -> Response:
+def decode_response_reference(body: memoryview) -> Response:
     try:
         code = _CODES[body[0]]
         (n,) = _LEN.unpack_from(body, 1)

@@ -11,12 +11,14 @@ server dropping a pin once it has sent the slots (UCX), a copy started before th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
 from kvclient.errors import InvalidRequestError, TransferError
 from kvclient.transports import device
+from kvwire.native import native
 from kvwire.types import PutOutcome
 
 
@@ -43,6 +45,18 @@ class SlotRef(NamedTuple):
     handle: int = 0  # lease id (put) or pin id (get)
     checksum: int = 0
     expires_unix_ms: int = 0  # when the lease or pin ends (server wall clock)
+
+
+def slot_refs(first_index: int, offsets: Sequence[int], sizes: Sequence[int], handle: int, checksums: Sequence[int],
+              expires_unix_ms: int) -> list[SlotRef]:
+    """One SlotRef per block of a Pin's answer (its columns), indexed from first_index. Hundreds per Pin: built in C
+    where kvwire._native is (~10 us for 512); SlotRef._make over the zipped columns, the reference, costs ~0.15 ms."""
+    if native is not None:
+        rows = native.slot_rows(SlotRef, first_index, offsets, sizes, handle, checksums, expires_unix_ms)
+        if rows is not NotImplemented:
+            return rows
+    return list(map(SlotRef._make, zip(range(first_index, first_index + len(offsets)), offsets, sizes, repeat(handle), checksums,
+                                       repeat(expires_unix_ms))))
 
 
 def destinations(slots: Sequence[SlotRef], outs: Sequence[Any] | None, keys: Sequence[bytes]) -> list[Any]:

@@ -1,0 +1,39 @@
+/* kvwire._native: the module table. What each function does is in its file (kvnative.h lists them). */
+#include "kvnative.h"
+
+PyObject *kvn_str_digest = NULL;
+PyObject *kvn_empty_tuple = NULL;
+
+#define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))kvn_##name, METH_FASTCALL, doc}
+
+static PyMethodDef methods[] = {
+    FAST(chain_keys, "chain_keys(seed, tokens, block_tokens, extras, key_type) -> list | NotImplemented"),
+    FAST(encode_request, "encode_request(method, timeout_s, metadata, payload, max_frame_bytes) -> bytes | NotImplemented"),
+    FAST(decode_request, "decode_request(body) -> (method, timeout_s, metadata, payload_at) | NotImplemented"),
+    FAST(encode_response, "encode_response(code, details, trailing, payload, max_frame_bytes) -> bytes | NotImplemented"),
+    FAST(decode_response, "decode_response(body) -> (code, details, trailing, payload_at) | NotImplemented"),
+    FAST(encode_pin_request, "encode_pin_request(fingerprint_id, keys, ttl_ms, release_pin_ids, prefix_only) -> bytes | NotImplemented"),
+    FAST(decode_pin_request, "decode_pin_request(payload) -> (fingerprint_id, keys, ttl_ms, release_pin_ids, prefix_only) | NotImplemented"),
+    FAST(encode_pin_response, "encode_pin_response(pin_id, expires_unix_ms, offsets, lengths, checksums) -> bytes | NotImplemented"),
+    FAST(decode_pin_response, "decode_pin_response(payload) -> (pin_id, expires_unix_ms, offsets, lengths, checksums) | NotImplemented"),
+    FAST(slot_rows, "slot_rows(row_type, first_index, offsets, sizes, handle, checksums, expires_unix_ms) -> list | NotImplemented"),
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "kvwire._native",
+    "The control path's hot loops in C (csrc/kvnative); kvwire/native.py chooses between them and the Python references.",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    kvn_str_digest = PyUnicode_InternFromString("digest");
+    kvn_empty_tuple = PyTuple_New(0);
+    if (kvn_str_digest == NULL || kvn_empty_tuple == NULL) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "ABI", KVNATIVE_ABI) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

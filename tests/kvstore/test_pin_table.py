@@ -1,0 +1,162 @@
+"""kvstore._native (the prefix Pin's per-key bookkeeping in C) against block_table's Python definition:
+two tables given the same blocks and the same calls end in the same state, pin counts, LRU order,
+counters and answers alike."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvwire import native as native_selection
+from kvwire.errors import FingerprintMismatchError
+from kvwire.types import Slot, Tier
+from kvstore import block_table
+from kvstore.block_table import BlockTable, Caller, Limits, host_columns
+from kvstore.index import BlockMeta, storage_key
+from kvstore.tiers.base import Record
+
+FP, OTHER_FP = b"f" * 16, b"g" * 16
+ALICE = Caller("alice", "c1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    if native_selection.disabled():
+        pytest.skip(f"the native code is off here ({native_selection.status})")
+    assert block_table.pin_table is not None, f"kvstore._native is not in use: {block_table.pin_table_status}"
+
+
+@pytest.fixture
+def both_ways(monkeypatch):
+    """run(table, metas) on a fresh table of 64 blocks with the C code, then with block_table's Python
+    definition: the two (answer, end state) pairs, which must be equal."""
+
+    def run_both(run, seed: int) -> list:
+        ends = []
+        for use_native in (True, False):
+            if not use_native:
+                monkeypatch.setattr(block_table, "pin_table", None)
+            table = BlockTable(Limits())
+            metas = populate(table, 64, random.Random(seed))
+            ends.append((run(table, metas), state(table, metas)))
+        monkeypatch.undo()
+        assert ends[0] == ends[1]
+        return ends[0]
+
+    return run_both
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def populate(table: BlockTable, n: int, rng: random.Random) -> list[BlockMeta]:
+    metas = []
+    for i in range(n):
+        skey = storage_key("alice", key(i))
+        copies = {Tier.HOST: Slot(i * 8192, 4096 + i)}
+        if rng.random() < 0.3:
+            copies[Tier.SSD] = Record(skey, 4096 + i)
+        if rng.random() < 0.1:
+            copies = {Tier.SSD: Record(skey, 4096 + i)}
+        meta = BlockMeta(skey, "alice", OTHER_FP if i in (40, 41) else FP, 4096 + i, rng.getrandbits(64), copies=copies)
+        table.add(meta)
+        metas.append(meta)
+    return metas
+
+
+def state(table: BlockTable, metas: list[BlockMeta]):
+    return ([m.pins for m in metas], {t: list(order) for t, order in table.index.lru.items()}, dict(table.counters), table.pin_count)
+
+
+def test_pin_leading_changes_what_the_reference_changes(both_ways):
+    def run(table, metas):
+        answers = []
+        for keys in ([key(i) for i in range(64)],  # stops at block 40, of another fingerprint
+                     [key(i) for i in (5, 3, 9, 1)],
+                     [key(i) for i in range(60, 70)],  # the run reaches past the last block
+                     [key(100)], [], [key(2)] * 3):
+            before = [m.last_access for m in metas]
+            found = table.pin_leading("alice", FP, keys)
+            answers.append([metas.index(m) for m in found])
+            assert all(m.last_access > b for m, b in zip(found, before))
+        return answers + [table.pin_leading("bob", FP, [key(1)])]  # another tenant's key space
+
+    answers, (pins, lru, counters, pin_count) = both_ways(run, seed=3)
+    assert answers[:3] == [list(range(40)), [5, 3, 9, 1], list(range(60, 64))] and answers[3:] == [[], [], [2, 2, 2], []]
+    assert pin_count == sum(pins) == 40 + 4 + 4 + 3
+    assert counters["lookup_blocks_hit"] == 51 and counters["lookup_blocks_miss"] == (64 - 40) + 0 + (10 - 4) + 1 + 0 + 0 + 1
+    touched_last = storage_key("alice", key(2))
+    assert len(lru) == 2 and all((order[-1] == touched_last) == (order.count(touched_last) == 1) for order in lru.values())
+
+
+def test_host_columns_are_the_references_and_none_without_a_host_copy(both_ways):
+    def run(table, metas):
+        on_host = [m for m in metas if Tier.HOST in m.copies]
+        expected = ([m.copies[Tier.HOST].offset for m in on_host], [m.copies[Tier.HOST].size_bytes for m in on_host],
+                    [m.checksum for m in on_host], sum(m.size for m in on_host))
+        return host_columns(on_host), expected, host_columns(metas), host_columns([]), len(on_host)
+
+    (columns, expected, with_ssd_only, empty, on_host), _ = both_ways(run, seed=4)
+    assert columns == expected and 0 < on_host < 64
+    assert with_ssd_only is None and empty == ([], [], [], 0)
+
+
+def test_unpin_blocks_frees_what_the_reference_frees(both_ways):
+    """Deleted blocks are freed (their copies released) when their last pin goes, in order; a block
+    named twice is unpinned twice."""
+
+    def run(table, metas):
+        table.pin_blocks(metas + metas[:4])
+        for meta in metas[:16:3]:
+            table.delete(meta)
+        released_at_delete = len(table.outbox.release)
+        table.unpin_blocks(metas[2:12] + [metas[0], metas[0]])
+        return table.outbox.release[released_at_delete:], list(table.outbox.erase), [sorted(m.copies) for m in metas]
+
+    (released, _, copies), (pins, *_, pin_count) = both_ways(run, seed=6)
+    assert pins[:4] == [0, 2, 1, 1] and pins[12:16] == [1, 1, 1, 1] and pin_count == sum(pins)
+    # Of the deleted blocks (0, 3, 6, 9, 12, 15), those whose last pin went (0, 6, 9) gave their copies back.
+    assert [i for i in range(16) if not copies[i]] == [0, 6, 9]
+    assert {tier for tier, _ in released} == {Tier.HOST}  # their host slots (records went at delete)
+
+
+def test_what_the_native_code_does_not_know_is_left_to_python():
+    pin_table = block_table.pin_table
+    table = BlockTable(Limits())
+    metas = populate(table, 4, random.Random(5))
+    metas[1].pins = 1.0  # not an int: changing nothing, the C code hands the whole call back
+    assert pin_table.pin_leading(table.index.blocks, table.index.lru, b"x" * 8, [key(0)], FP, 1.0) == []  # no such tenant
+    tag = storage_key("alice", b"")
+    assert pin_table.pin_leading(table.index.blocks, table.index.lru, tag, [key(0), key(1)], FP, 1.0) is NotImplemented
+    assert [m.pins for m in metas] == [0, 1.0, 0, 0]
+    assert pin_table.pin_leading(table.index.blocks, table.index.lru, tag, [bytearray(key(0))], FP, 1.0) is NotImplemented
+    assert pin_table.host_columns([object()], Tier.HOST) is NotImplemented
+    assert pin_table.unpin_blocks([metas[0], metas[1]]) is NotImplemented and metas[0].pins == 0  # checked before any change
+    assert table.pin_leading("alice", FP, [key(0), key(1)]) == metas[:2]  # the method itself falls back
+    assert [m.pins for m in metas] == [1, 2.0, 0, 0]
+
+
+def test_distinct_keys_holds_only_when_both_of_check_keys_rules_hold():
+    distinct = block_table.pin_table.distinct_keys
+    keys = [key(i) for i in range(512)]
+    assert distinct(keys, 16) is True and distinct(tuple(keys), 16) is True and distinct([], 16) is True
+    assert distinct(keys + [key(7)], 16) is False  # named twice
+    assert distinct(keys[:3] + [b"x" * 15], 16) is False and distinct([b"x" * 17], 16) is False
+    assert distinct([bytearray(key(1))], 16) is False and distinct(iter(keys), 16) is False
+
+
+def test_pin_found_changes_what_the_reference_changes_and_refuses_alike(both_ways):
+    def run(table, metas):
+        answers = []
+        for keys in ([key(i) for i in range(30)], [key(i) for i in (70, 3, 71, 5)], [key(99)], []):
+            missing: list[bytes] = [b"already"]
+            found = table.pin_found("alice", FP, keys, missing)
+            answers.append(([metas.index(m) for m in found], missing))
+        with pytest.raises(FingerprintMismatchError, match=key(40).hex()):
+            table.pin_found("alice", FP, [key(1), key(40), key(2)], [])
+        return answers
+
+    answers, (pins, *_) = both_ways(run, seed=8)
+    assert answers[1] == ([3, 5], [b"already", key(70), key(71)]) and answers[2] == ([], [b"already", key(99)])
+    assert pins[:6] == [1, 1, 1, 2, 1, 2]  # the refused call pinned nothing
