@@ -38,6 +38,10 @@ COPY_LOOKAHEAD = 2  # layers whose copies are enqueued ahead of the layer about 
 # launch per layer), "copy_engines" (a pitched cudaMemcpy2DAsync per layer, K|V and run), or "auto":
 # the kernel where it builds and the pool is mapped, else the copy engines. Read by each DmaWorkers.
 HOST_COPY = os.environ.get("KVSTORE_HOST_COPY", "auto")
+# auto takes the copy engines for a pass computing more tokens than this: its compute hides their pace, and
+# the kernel's CTAs would share multiprocessors with it (8k prompt at 90% hit, 832 tokens computed, 1b model,
+# H200: the pass's compute took 12.2 ms beside the kernel against 10.1 ms with the prefix resident).
+KERNEL_MAX_COMPUTE_TOKENS = 64
 CUDA_HOST_REGISTER_PORTABLE, CUDA_HOST_REGISTER_MAPPED = 1, 2
 CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM = 91  # cudaDevAttrCanUseHostPointerForRegisteredMem
 
@@ -98,6 +102,22 @@ def _host_pointer_is_device_pointer() -> bool:
         return bool(runtime.deviceGetAttribute(CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM, torch.cuda.current_device()))
     except Exception:  # no cupy: no kernel either
         return False
+
+
+def choose_host_copy(mode: str, kernel_ready: bool, compute_tokens: int | None) -> str:
+    """How a load's host-pool blocks move: "kernel" or "copy_engines". mode is DmaWorkers.host_copy; kernel_ready,
+    whether the kernel built and can read the pool here; compute_tokens, what the pass beside the load computes
+    (None: unknown, e.g. a fetch with no pass). Raises where the kernel is demanded but cannot run."""
+    if mode == "copy_engines":
+        return mode
+    if mode == "kernel":
+        if not kernel_ready:
+            raise RuntimeError("host_copy='kernel', but the gather kernel cannot read this pool here "
+                               "(no kernel, an unmapped pool or an unaligned layout)")
+        return mode
+    if not kernel_ready or (compute_tokens is not None and compute_tokens > KERNEL_MAX_COMPUTE_TOKENS):
+        return "copy_engines"
+    return "kernel"
 
 
 class DmaWorkers:
@@ -255,8 +275,10 @@ class StreamedPrefixLoad(PrefixLoad):
     CUDA error), never pages that pass it with other bytes.
     """
 
-    def __init__(self, workers: DmaWorkers, registered: RegisteredPool, pinned: PinnedBlocks, num_blocks: int | None = None) -> None:
+    def __init__(self, workers: DmaWorkers, registered: RegisteredPool, pinned: PinnedBlocks, num_blocks: int | None = None,
+                 compute_tokens: int | None = None) -> None:
         self._workers, self._registered, self._pinned = workers, registered, pinned
+        self._compute_tokens = compute_tokens  # tokens the pass beside this load computes, if known (choose_host_copy)
         self._slots = pinned.slots[:num_blocks] if num_blocks is not None else pinned.slots
         self.stats = pinned.stats  # the client's last_transfer: the Pin, then the copies and checks here
         self._landed: list[torch.cuda.Event] = []
@@ -339,17 +361,13 @@ class StreamedPrefixLoad(PrefixLoad):
     def _host_source(self, pages: list[int], offsets: list[int]) -> "_LayerSource":
         """The gather kernel where asked for (or auto), built and able to read the pool; else the copy engines."""
         registered, workers = self._registered, self._workers
-        if workers.host_copy != "copy_engines" and registered.device_ptr is not None:
-            kernel = gather_kernel()
-            plan = plan_gather(self._geometry, pages, offsets, registered.host.numel(), registered.device_ptr,
-                               self._cache.kv.data_ptr()) if kernel is not None else None
-            if plan is not None:
-                table = kernel.upload(plan, self._cache.device, self._stream)
-                return _GatherSource(kernel.bind(plan, table, self._cache.kv.data_ptr(), registered.device_ptr, self._stream,
-                                                 workers.gather_ctas), 2 * plan.num_blocks * plan.part_bytes)
-        if workers.host_copy == "kernel":
-            raise RuntimeError("host_copy='kernel', but the gather kernel cannot read this pool here "
-                               "(no kernel, an unmapped pool or an unaligned layout)")
+        kernel = gather_kernel() if workers.host_copy != "copy_engines" and registered.device_ptr is not None else None
+        plan = plan_gather(self._geometry, pages, offsets, registered.host.numel(), registered.device_ptr,
+                           self._cache.kv.data_ptr()) if kernel is not None else None
+        if choose_host_copy(workers.host_copy, plan is not None, self._compute_tokens) == "kernel":
+            table = kernel.upload(plan, self._cache.device, self._stream)
+            return _GatherSource(kernel.bind(plan, table, self._cache.kv.data_ptr(), registered.device_ptr, self._stream,
+                                             workers.gather_ctas), 2 * plan.num_blocks * plan.part_bytes)
         return _CopySource(plan_layer_copies(self._geometry, pages, offsets), registered.host.data_ptr(), False)
 
     def _checked_on_gpu(self) -> bool:

@@ -9,6 +9,7 @@ import torch
 from engines.layerwise import CacheGeometry, run_on_host
 from engines.paged_cache import PagedKVCache
 from engines.paged_gather import layer_groups, plan_gather
+from engines.store_dma import KERNEL_MAX_COMPUTE_TOKENS, choose_host_copy
 
 
 def cache_bytes(cache: PagedKVCache) -> np.ndarray:
@@ -88,3 +89,14 @@ def test_layer_groups_keep_a_last_group_of_at_least_half_the_minimum():
     assert groups == [(0, 3), (3, 6), (6, 10)]
     groups = layer_groups(10, 5 << 20, 8 << 20)  # 2 a launch, nothing short
     assert groups == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+
+
+def test_auto_takes_the_kernel_only_where_the_copy_is_not_hidden_by_compute():
+    assert choose_host_copy("auto", True, None) == "kernel"  # a fetch with no pass beside it
+    assert choose_host_copy("auto", True, 16) == "kernel"  # a fully cached prompt computes its last block
+    assert choose_host_copy("auto", True, KERNEL_MAX_COMPUTE_TOKENS + 1) == "copy_engines"
+    assert choose_host_copy("auto", False, 16) == "copy_engines"  # no kernel here, or a layout it cannot move
+    assert choose_host_copy("copy_engines", True, 16) == "copy_engines"
+    assert choose_host_copy("kernel", True, 10_000) == "kernel"
+    with pytest.raises(RuntimeError, match="cannot read this pool"):
+        choose_host_copy("kernel", False, None)
