@@ -50,6 +50,7 @@ from engines.generate import sample_next  # noqa: E402
 from engines.paged_cache import PagedKVCache  # noqa: E402
 from engines.presets import PRESETS, ensure_random_checkpoint  # noqa: E402
 from engines.tokenizer import NUM_BYTES, ByteTokenizer  # noqa: E402
+from bench.h2d_fetch import TARGET as FETCH_TARGET, gbps, pinned_anchor_ms  # noqa: E402
 from kvwire.types import Tier  # noqa: E402
 from tests.serverproc import ServerProc  # noqa: E402
 
@@ -113,6 +114,23 @@ class Anchor:
 
     def ratio(self, tier: str) -> float:
         return self.store_ms[tier] / self.resident_ms if tier in self.store_ms else float("nan")
+
+
+@dataclass(frozen=True)
+class FetchRow:
+    """A context's host-tier fetch against pinned host-to-device bandwidth, both from this run."""
+
+    context: int
+    blocks: int
+    nbytes: int
+    in_pass_gbps: float  # the highest-hit host row's DMA, paced by the forward pass enqueueing it
+    fetch_gbps: float  # the same prefix loaded with no forward pass: every layer enqueued at once
+    anchor_gbps: float  # one cudaMemcpyAsync of nbytes from a pinned buffer
+    host_copy: str
+
+    @property
+    def ratio(self) -> float:
+        return self.fetch_gbps / self.anchor_gbps if self.anchor_gbps else float("nan")
 
 
 class Bench:
@@ -226,6 +244,26 @@ class Bench:
         finally:
             self.cache.free("run")
 
+    @torch.inference_mode()
+    def fetch_only(self, prompt: list[int], repeats: int) -> tuple[int, float, str]:
+        """The host tier's load of the prompt's loadable prefix with no forward pass: (blocks, median dma ms,
+        how the host blocks moved). Its GB/s is the fetch's own, not the pace of the pass enqueueing it."""
+        adapter = self.adapters["host"]
+        times, blocks, how = [], 0, ""
+        for r in range(repeats + 1):
+            table = self.cache.allocate("fetch", len(prompt))
+            try:
+                with adapter.session() as client:
+                    with adapter.prepare_prefix_load(client, adapter.block_keys(prompt), len(prompt)) as load:
+                        load.start(self.cache, table)
+                        load.finish()
+                blocks, how = load.num_blocks, load.stats.extra.get("host_copy", "")
+                if r:  # the first is a warm-up
+                    times.append(load.dma_ms())
+            finally:
+                self.cache.free("fetch")
+        return blocks, statistics.median(times), how
+
     def close(self) -> None:
         for adapter in self.adapters.values():
             adapter.close()
@@ -237,8 +275,9 @@ def make_prompt(context: int, seed: int) -> list[int]:
     return [ByteTokenizer().bos_id, *body]
 
 
-def run(bench: Bench, contexts: list[int], repeats: int, hit_ratios: tuple[float, ...] = HIT_RATIOS) -> tuple[list[Row], list[Anchor]]:
-    rows, anchors = [], []
+def run(bench: Bench, contexts: list[int], repeats: int, hit_ratios: tuple[float, ...] = HIT_RATIOS
+        ) -> tuple[list[Row], list[Anchor], list[FetchRow]]:
+    rows, anchors, fetches = [], [], []
     bt = bench.cache.block_tokens
     tiers = list(bench.adapters)
     progress = tqdm(total=len(contexts) * (1 + len(hit_ratios) * (1 + len(tiers))) * repeats, desc="prefix reuse", unit="run")
@@ -282,8 +321,36 @@ def run(bench: Bench, contexts: list[int], repeats: int, hit_ratios: tuple[float
                 resident_ok = resident_ok and token == reference
                 progress.update()
             anchors.append(Anchor(context, hit, recompute_ms, 1000 * statistics.median(resident_runs), store_ms, resident_ok))
+        if bench.device.type == "cuda" and "host" in tiers and hit_ratios and max(hit_ratios) > 0:
+            fetches.append(measure_fetch(bench, context, max(hit_ratios), rows, repeats))
     progress.close()
-    return rows, anchors
+    return rows, anchors, fetches
+
+
+def measure_fetch(bench: Bench, context: int, hit: float, rows: list[Row], repeats: int) -> FetchRow:
+    """The host tier's fetch of the highest-hit prompt (published above) and, right after, the pinned anchor."""
+    prompt = make_prompt(context, seed=context)
+    prompt[1] = int(hit * 100) % NUM_BYTES
+    blocks, fetch_ms, how = bench.fetch_only(prompt, max(repeats, 5))
+    nbytes = blocks * bench.cache.block_bytes
+    anchor_ms = pinned_anchor_ms(nbytes, max(repeats, 5), bench.device)
+    in_pass = next((r.fetch_gbps for r in rows if r.tier == "host" and r.context == context and r.hit == hit), 0.0)
+    return FetchRow(context, blocks, nbytes, in_pass, gbps(nbytes, fetch_ms), gbps(nbytes, anchor_ms), how)
+
+
+def format_fetch_table(fetches: list[FetchRow]) -> str:
+    """One line per context: the host-tier fetch against the same run's pinned host-to-device copy."""
+    header = f"{'context':>7} {'blocks':>6} {'MiB':>5} {'path':>12} {'in-pass GB/s':>12} {'fetch GB/s':>10} " \
+             f"{'pinned H2D GB/s':>15} {'ratio':>5}  target >= {FETCH_TARGET:.2f}"
+    lines = [header, "-" * len(header)]
+    for f in fetches:
+        lines.append(f"{f.context:>7} {f.blocks:>6} {f.nbytes / (1 << 20):>5.0f} {f.host_copy:>12} {f.in_pass_gbps:>12.1f} "
+                     f"{f.fetch_gbps:>10.1f} {f.anchor_gbps:>15.1f} {f.ratio:>5.2f}  {'PASS' if f.ratio >= FETCH_TARGET else 'MISS'}")
+    lines.append("host-tier fetch of the highest-hit prefix out of the shared host pool into the pages (GPU time, first move to "
+                 "last layer landed; medians): in-pass as the forward pass enqueues it layer by layer, fetch with every layer "
+                 "enqueued at once; pinned H2D: one cudaMemcpyAsync of the same bytes from a cudaHostAlloc buffer, this run; "
+                 "ratio = fetch / pinned H2D")
+    return "\n".join(lines)
 
 
 def summarize(tier: str, context: int, hit: float, timings: list[Timing], recompute_ms: float, ok: bool) -> Row:
@@ -424,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(args, {tier: server.address for tier, server in servers.items()}, checkpoint)
             with bench.adapters[args.tiers[0]].session() as client:
                 transport = client.transport.name
-            rows, anchors = run(bench, args.contexts, args.repeats, args.hit_ratios)
+            rows, anchors, fetches = run(bench, args.contexts, args.repeats, args.hit_ratios)
             bench.close()
         finally:
             for server in servers.values():
@@ -432,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"prefix reuse: {args.model_size} model, {args.dtype}, {args.device}, "
              f"block {args.block_tokens} tokens, transport {transport}, median of {args.repeats}")
     table = format_table(rows) + "\n\n" + format_anchor_table(anchors, args.tiers)
+    if fetches:
+        table += "\n\n" + format_fetch_table(fetches)
     print(f"\n{title}\n{table}")
     stem = f"prefix_reuse-{args.device}-{args.model_size}"
     (args.out / f"{stem}.txt").parent.mkdir(parents=True, exist_ok=True)

@@ -244,7 +244,8 @@ class StoreAdapter:
         num_load = loadable_blocks(len(pinned), num_tokens, self.fingerprint.block_tokens)
         if num_load == 0:
             pinned.release()  # the pin covers the surplus; released with the rest otherwise
-        return StreamedPrefixLoad(self._dma, registered, pinned, num_load)
+        return StreamedPrefixLoad(self._dma, registered, pinned, num_load,
+                                  compute_tokens=num_tokens - num_load * self.fingerprint.block_tokens)
 
     def download(self, client: KVClient, keys: Sequence[BlockKey]) -> torch.Tensor:
         """Blocks as one tensor [n, *block_shape] on the adapter's device (the cache's, for for_cache).

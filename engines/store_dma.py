@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from engines.block_checksum import paged_kernel, supports
-from engines.layerwise import CacheGeometry, plan_layer_copies, run_on_cuda
+from engines.layerwise import CacheGeometry, Copy2D, plan_layer_copies, run_on_cuda
+from engines.paged_gather import DEFAULT_CTAS, BoundGather, gather_kernel, layer_groups, plan_gather
 from engines.paged_cache import PagedKVCache
 from kvclient.client import KVClient, PinnedBlocks, SlotRef, TransferStats
 from kvclient.errors import CapacityExhaustedError, InvalidRequestError
@@ -33,6 +34,16 @@ from kvclient.errors import CapacityExhaustedError, InvalidRequestError
 COPY_GROUP_BYTES = 4 << 20
 CHECK_THREADS = min(16, os.cpu_count() or 1)
 COPY_LOOKAHEAD = 2  # layers whose copies are enqueued ahead of the layer about to run its attention
+# How host-pool blocks reach the pages: "kernel" (csrc/paged_gather.cu reading the mapped pool: one
+# launch per layer), "copy_engines" (a pitched cudaMemcpy2DAsync per layer, K|V and run), or "auto":
+# the kernel where it builds and the pool is mapped, else the copy engines. Read by each DmaWorkers.
+HOST_COPY = os.environ.get("KVSTORE_HOST_COPY", "auto")
+# auto takes the copy engines for a pass computing more tokens than this: its compute hides their pace, and
+# the kernel's CTAs would share multiprocessors with it (8k prompt at 90% hit, 832 tokens computed, 1b model,
+# H200: the pass's compute took 12.2 ms beside the kernel against 10.1 ms with the prefix resident).
+KERNEL_MAX_COMPUTE_TOKENS = 64
+CUDA_HOST_REGISTER_PORTABLE, CUDA_HOST_REGISTER_MAPPED = 1, 2
+CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM = 91  # cudaDevAttrCanUseHostPointerForRegisteredMem
 
 
 def plan_copies(slots: Sequence[SlotRef], block_bytes: int, group_bytes: int = COPY_GROUP_BYTES
@@ -64,25 +75,61 @@ def verify_in_pool(pinned: PinnedBlocks, members: Sequence[SlotRef]) -> None:
 
 
 class RegisteredPool:
-    """A client's mapping of the store's shared-memory pool, page-locked for CUDA so copies out of it are DMA."""
+    """A client's mapping of the store's shared-memory pool, page-locked for CUDA so copies out of it are DMA,
+    and mapped into the GPUs' address space so a kernel can read it (device_ptr; None where the device
+    cannot use the host address: then only the copy engines read it)."""
 
     def __init__(self, pool: np.ndarray) -> None:
         self.array = pool
         self.host = torch.from_numpy(pool)  # uint8, aliases the mapping
-        err = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), self.host.numel(), 0)
+        flags = CUDA_HOST_REGISTER_PORTABLE | CUDA_HOST_REGISTER_MAPPED
+        err = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), self.host.numel(), flags)
         if int(err) != 0:
             raise RuntimeError(f"cudaHostRegister of the {self.host.numel()}-byte pool failed: {err}")
+        self.device_ptr = self.host.data_ptr() if _host_pointer_is_device_pointer() else None
 
     def close(self) -> None:
         torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
         self.array = self.host = None
 
 
+def _host_pointer_is_device_pointer() -> bool:
+    """Whether a kernel may read registered host memory at its host address (true on 64-bit Linux with
+    unified addressing, every GPU the engines run on); cupy asks the device, as torch exposes no such call."""
+    try:
+        from cupy.cuda import runtime
+
+        return bool(runtime.deviceGetAttribute(CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM, torch.cuda.current_device()))
+    except Exception:  # no cupy: no kernel either
+        return False
+
+
+def choose_host_copy(mode: str, kernel_ready: bool, compute_tokens: int | None) -> str:
+    """How a load's host-pool blocks move: "kernel" or "copy_engines". mode is DmaWorkers.host_copy; kernel_ready,
+    whether the kernel built and can read the pool here; compute_tokens, what the pass beside the load computes
+    (None: unknown, e.g. a fetch with no pass). Raises where the kernel is demanded but cannot run."""
+    if mode == "copy_engines":
+        return mode
+    if mode == "kernel":
+        if not kernel_ready:
+            raise RuntimeError("host_copy='kernel', but the gather kernel cannot read this pool here "
+                               "(no kernel, an unmapped pool or an unaligned layout)")
+        return mode
+    if not kernel_ready or (compute_tokens is not None and compute_tokens > KERNEL_MAX_COMPUTE_TOKENS):
+        return "copy_engines"
+    return "kernel"
+
+
 class DmaWorkers:
     """An adapter's threads and streams for the GPU path, made at first use: checkers hash blocks in the
-    pool, the check starter waits for a load to land and fans its checks out, one copy stream per device."""
+    pool, the check starter waits for a load to land and fans its checks out, one copy stream per device.
+    host_copy picks how host-pool blocks move (HOST_COPY), gather_ctas the kernel's grid."""
 
-    def __init__(self) -> None:
+    def __init__(self, host_copy: str | None = None, gather_ctas: int = DEFAULT_CTAS) -> None:
+        self.host_copy = host_copy or HOST_COPY
+        if self.host_copy not in ("auto", "kernel", "copy_engines"):
+            raise ValueError(f"host_copy {self.host_copy!r}: auto, kernel or copy_engines")
+        self.gather_ctas = gather_ctas
         self._lock = threading.Lock()
         self._checkers: ThreadPoolExecutor | None = None
         self._check_starter: ThreadPoolExecutor | None = None
@@ -228,8 +275,10 @@ class StreamedPrefixLoad(PrefixLoad):
     CUDA error), never pages that pass it with other bytes.
     """
 
-    def __init__(self, workers: DmaWorkers, registered: RegisteredPool, pinned: PinnedBlocks, num_blocks: int | None = None) -> None:
+    def __init__(self, workers: DmaWorkers, registered: RegisteredPool, pinned: PinnedBlocks, num_blocks: int | None = None,
+                 compute_tokens: int | None = None) -> None:
         self._workers, self._registered, self._pinned = workers, registered, pinned
+        self._compute_tokens = compute_tokens  # tokens the pass beside this load computes, if known (choose_host_copy)
         self._slots = pinned.slots[:num_blocks] if num_blocks is not None else pinned.slots
         self.stats = pinned.stats  # the client's last_transfer: the Pin, then the copies and checks here
         self._landed: list[torch.cuda.Event] = []
@@ -254,20 +303,24 @@ class StreamedPrefixLoad(PrefixLoad):
         t0 = time.perf_counter()
         self._cache, self._pages = cache, pages[: len(self._slots)]
         self._geometry = CacheGeometry.of(cache.kv)
-        self._plans = self._plan_sources()
         self._num_layers = self._geometry.num_layers
         self._stream = self._workers.copy_stream(cache.device)
         self._stream.wait_stream(torch.cuda.current_stream(cache.device))  # earlier passes may still read these pages
-        self._began = torch.cuda.Event(enable_timing=True)
+        self._sources = self._plan_sources()
+        self._groups = self._layer_groups()
+        self._hash_offsets = self._upload_hash_offsets()
+        self._began = torch.cuda.Event(enable_timing=True)  # after the plan's own small uploads: dma_ms is the moves
         self._began.record(self._stream)
-        self.stats.extra["copies"] = sum(len(c) for plan, _, _ in self._plans for c in plan)
+        self.stats.extra["copies"] = sum(source.calls(self._groups) for source in self._sources)
+        self.stats.extra["host_copy"] = "+".join(source.kind for source in self._sources)
         self.stats.transfer_s += time.perf_counter() - t0
         self._enqueue_through(0)
         return self
 
-    def _plan_sources(self) -> list[tuple[list, int, bool]]:
-        """Per source, its layer plan, base address and whether it is device memory: the registered host pool,
-        and the store's HBM pool for blocks with a copy there (when mapped here and the pages are checked on the GPU)."""
+    def _plan_sources(self) -> list["_LayerSource"]:
+        """Per source, what moves its blocks layer by layer: the registered host pool (the gather kernel,
+        or the copy engines), and the store's HBM pool for blocks with a copy there (when mapped here and
+        the pages are checked on the GPU), device to device."""
         pinned, slots, pages = self._pinned, self._slots, self._pages
         in_hbm = [i for i in pinned.in_hbm() if i < len(slots)] if pinned.hbm is not None else []
         if in_hbm and not self._checked_on_gpu():
@@ -278,14 +331,44 @@ class StreamedPrefixLoad(PrefixLoad):
             skip = set(in_hbm)
             on_host = [i for i in range(len(slots)) if i not in skip]
         self.stats.extra["hbm_blocks"] = len(in_hbm)
-        plans = []
+        sources: list[_LayerSource] = []
         if on_host:
-            plan = plan_layer_copies(self._geometry, [pages[i] for i in on_host], [slots[i].offset for i in on_host])
-            plans.append((plan, self._registered.host.data_ptr(), False))
+            host_pages, host_offsets = [pages[i] for i in on_host], [slots[i].offset for i in on_host]
+            sources.append(self._host_source(host_pages, host_offsets))
         if in_hbm:
             plan = plan_layer_copies(self._geometry, [pages[i] for i in in_hbm], [pinned.hbm_offsets[i] for i in in_hbm])
-            plans.append((plan, pinned.hbm.base_ptr, True))
-        return plans
+            sources.append(_CopySource(plan, pinned.hbm.base_ptr, True))
+        return sources
+
+    def _layer_groups(self) -> list[tuple[int, int]]:
+        """Layer ranges moved (and waited for) together: one layer each, unless the kernel moves so few bytes
+        a layer that launching layer by layer would leave it waiting on the host (paged_gather.layer_groups)."""
+        gathered = [s for s in self._sources if isinstance(s, _GatherSource)]
+        if not gathered:
+            return [(layer, layer + 1) for layer in range(self._num_layers)]
+        return layer_groups(self._num_layers, gathered[0].layer_bytes)
+
+    def _upload_hash_offsets(self) -> torch.Tensor | None:
+        """The pages' offsets for the checksum kernel, copied now from page-locked memory on the copy stream:
+        built after the last layer, a pageable copy there could hold the host until every layer had landed."""
+        if not self._checked_on_gpu():
+            return None
+        geometry = self._geometry
+        host = torch.tensor([p * geometry.half_bytes for p in self._pages], dtype=torch.int64).pin_memory()
+        with torch.cuda.stream(self._stream):
+            return host.to(self._cache.device, non_blocking=True)
+
+    def _host_source(self, pages: list[int], offsets: list[int]) -> "_LayerSource":
+        """The gather kernel where asked for (or auto), built and able to read the pool; else the copy engines."""
+        registered, workers = self._registered, self._workers
+        kernel = gather_kernel() if workers.host_copy != "copy_engines" and registered.device_ptr is not None else None
+        plan = plan_gather(self._geometry, pages, offsets, registered.host.numel(), registered.device_ptr,
+                           self._cache.kv.data_ptr()) if kernel is not None else None
+        if choose_host_copy(workers.host_copy, plan is not None, self._compute_tokens) == "kernel":
+            table = kernel.upload(plan, self._cache.device, self._stream)
+            return _GatherSource(kernel.bind(plan, table, self._cache.kv.data_ptr(), registered.device_ptr, self._stream,
+                                             workers.gather_ctas), 2 * plan.num_blocks * plan.part_bytes)
+        return _CopySource(plan_layer_copies(self._geometry, pages, offsets), registered.host.data_ptr(), False)
 
     def _checked_on_gpu(self) -> bool:
         geometry = self._geometry
@@ -299,10 +382,12 @@ class StreamedPrefixLoad(PrefixLoad):
         t0 = time.perf_counter()
         kv = self._cache.kv.data_ptr()
         while len(self._landed) <= min(layer, last):
-            for plan, base, from_device in self._plans:
-                run_on_cuda(plan[len(self._landed)], kv, base, self._stream, from_device)
-            self._landed.append(torch.cuda.Event(enable_timing=True))
-            self._landed[-1].record(self._stream)
+            begin, end = next(g for g in self._groups if g[0] == len(self._landed))
+            for source in self._sources:
+                source.enqueue(begin, end, kv, self._stream)
+            landed = torch.cuda.Event(enable_timing=True)
+            landed.record(self._stream)
+            self._landed.extend([landed] * (end - begin))  # every layer of a group waits for the group
         if len(self._landed) == self._num_layers:
             self._hash_in_pages()
         self.stats.transfer_s += time.perf_counter() - t0  # enqueueing; the DMA itself is dma_ms()
@@ -310,12 +395,10 @@ class StreamedPrefixLoad(PrefixLoad):
     def _hash_in_pages(self) -> None:
         geometry, stream = self._geometry, self._stream
         kernel = paged_kernel() if supports(geometry.half_bytes, 2 * geometry.num_layers) else None
-        if kernel is None:
+        if kernel is None or self._hash_offsets is None:
             return
         with torch.cuda.stream(stream):
-            offsets = torch.tensor([p * geometry.half_bytes for p in self._pages], dtype=torch.int64)
-            offsets = offsets.to(self._cache.device, non_blocking=True)
-            self._hashes = kernel.launch(self._cache.kv.data_ptr(), offsets, geometry.num_pages * geometry.half_bytes,
+            self._hashes = kernel.launch(self._cache.kv.data_ptr(), self._hash_offsets, geometry.num_pages * geometry.half_bytes,
                                          geometry.half_bytes, 2 * geometry.num_layers, stream)
         self._hashed = torch.cuda.Event()
         self._hashed.record(stream)
@@ -383,3 +466,46 @@ class StreamedPrefixLoad(PrefixLoad):
         if self._checked is not None:
             self._checked.exception()
         self._pinned.release(failed=True)
+
+
+class _LayerSource:
+    """One source of a streamed load, enqueueing its moves a range of layers at a time."""
+
+    kind = ""
+
+    def calls(self, groups: list[tuple[int, int]]) -> int:
+        """Copy calls or kernel launches for the whole load."""
+        raise NotImplementedError
+
+    def enqueue(self, layer_begin: int, layer_end: int, kv_ptr: int, stream: torch.cuda.Stream) -> None:
+        raise NotImplementedError
+
+
+class _CopySource(_LayerSource):
+    """Pitched copies on the copy engines (layerwise.py): host to device, or device to device."""
+
+    def __init__(self, plan: list[list[Copy2D]], base: int, from_device: bool) -> None:
+        self.plan, self.base, self.from_device = plan, base, from_device
+        self.kind = "d2d" if from_device else "copy_engines"
+
+    def calls(self, groups: list[tuple[int, int]]) -> int:
+        return sum(len(copies) for copies in self.plan)
+
+    def enqueue(self, layer_begin: int, layer_end: int, kv_ptr: int, stream: torch.cuda.Stream) -> None:
+        for layer in range(layer_begin, layer_end):
+            run_on_cuda(self.plan[layer], kv_ptr, self.base, stream, self.from_device)
+
+
+class _GatherSource(_LayerSource):
+    """csrc/paged_gather.cu reading the mapped host pool: one launch per layer group, any pool layout."""
+
+    kind = "kernel"
+
+    def __init__(self, launch: BoundGather, layer_bytes: int) -> None:
+        self.launch, self.layer_bytes = launch, layer_bytes
+
+    def calls(self, groups: list[tuple[int, int]]) -> int:
+        return len(groups)
+
+    def enqueue(self, layer_begin: int, layer_end: int, kv_ptr: int, stream: torch.cuda.Stream) -> None:
+        self.launch(layer_begin, layer_end)  # bound to the pages and the copy stream at planning

@@ -109,7 +109,10 @@ def test_prefix_streams_layer_by_layer_into_pages_and_is_checked(server, tiny_ch
                 load.finish()
             assert torch.equal(target.gather_blocks(table[:full_blocks]), payload)
             assert int(logits.argmax(-1)[0]) == expected[0]
-            assert load.stats.extra["copies"] == 2 * TINY_CONFIG.num_hidden_layers  # one run: K and V per layer
+            if load.stats.extra["host_copy"] == "kernel":  # the gather kernel: a tiny model's layers in one launch
+                assert load.stats.extra["copies"] == 1
+            else:
+                assert load.stats.extra["copies"] == 2 * TINY_CONFIG.num_hidden_layers  # one run: K and V per layer
             assert load.dma_ms() > 0
             assert load.stats.extra["checked_on"] == "gpu"  # the XXH3 kernel, in the pages
             target.free("b")
