@@ -127,7 +127,6 @@ def test_g1_hbm_round_trip_is_byte_exact_at_device_to_device_speed(hbm_server, f
           f"{whole_ipc_gbps:.0f} vs {whole_local_gbps:.0f} GB/s ({whole_ipc_gbps / whole_local_gbps:.2f}x)")
     # Speeds are printed, not asserted (targets live in bench/): 256 copies of 1 MiB are bound by the host's
     # launch rate, which swung 0.76x-1.19x between runs; the one large copy is the mapping's own speed.
-    assert ipc_gbps > 0 and whole_ipc_gbps > 0
     assert stats["counters"]["hbm_promotions"] >= n and stats["counters"].get("hbm_verify_failures", 0) == 0
 
 
