@@ -61,6 +61,15 @@ class Event(enum.StrEnum):
     ADMIN_DELETES = "admin_deletes"
     SECURE_DELETES = "secure_deletes"  # secure delete runs, not blocks
 
+    # Cluster mode: membership (kvstore/cluster/membership.py) and cluster-wide deletes (tombstones.py).
+    CLUSTER_JOINS = "cluster_joins"  # registrations, first and after a fence (each a new incarnation)
+    CLUSTER_FENCES = "cluster_fences"  # self-fences: keepalives unacknowledged too long, lease lost, key taken
+    CLUSTER_VIEW_CHANGES = "cluster_view_changes"  # membership changes seen on the watch
+    CLUSTER_KEEPALIVE_FAILURES = "cluster_keepalive_failures"  # keepalives that got no answer in their deadline
+    TOMBSTONES_ISSUED = "tombstones_issued"
+    TOMBSTONES_APPLIED = "tombstones_applied"
+    CLUSTER_SSD_WIPES = "cluster_ssd_wipes"  # ssd tier dropped because the tombstones it missed were trimmed
+
     # The UCX data plane.
     UCX_PINS_STAGED_OFF_LOOP = "ucx_pins_staged_off_loop"  # pins that had to read ssd on a worker thread
 

@@ -67,6 +67,7 @@ ADMIN_DELETED_BLOCKS = Family("kvstore_admin_deleted_blocks", "Blocks deleted by
 SECURE_DELETES = Family("kvstore_secure_deletes", "Secure deletions run (host scrub plus ssd rewrite)")
 TRANSPORT_BYTES = Family("kvstore_transport_bytes", "Payload bytes moved, by transport and direction", ("transport", "direction"))
 REQUEST_ERRORS = Family("kvstore_request_errors", "Requests refused by the store, by gRPC status code", ("code",))
+CLUSTER_EVENTS = Family("kvstore_cluster_events", "Cluster membership and cluster-wide delete events, by name", ("event",))
 STORE_EVENTS = Family("kvstore_store_events", "Other store events, by name", ("event",))
 
 # Every store event -> its family and label values: the one table. tests/kvstore/test_metrics.py checks
@@ -99,6 +100,9 @@ EVENT_SERIES: dict[Event, tuple[Family, tuple[str, ...]]] = {
     Event.ADMIN_DELETES: (ADMIN_DELETED_BLOCKS, ()),
     Event.SECURE_DELETES: (SECURE_DELETES, ()),
     Event.UCX_PINS_STAGED_OFF_LOOP: (STORE_EVENTS, ("ucx_pins_staged_off_loop",)),
+    **{event: (CLUSTER_EVENTS, (event.value.removeprefix("cluster_"),)) for event in (
+        Event.CLUSTER_JOINS, Event.CLUSTER_FENCES, Event.CLUSTER_VIEW_CHANGES, Event.CLUSTER_KEEPALIVE_FAILURES,
+        Event.TOMBSTONES_ISSUED, Event.TOMBSTONES_APPLIED, Event.CLUSTER_SSD_WIPES)},
     **{event: (TRANSPORT_BYTES, (transport, direction)) for (transport, direction), event in counters.TRANSPORT_BYTES.items()},
     **{event: (REQUEST_ERRORS, (status.lower(),)) for status, event in counters.REQUEST_ERRORS.items()},
     Event.ERRORS_UNKNOWN: (REQUEST_ERRORS, ("unknown",)),

@@ -322,6 +322,11 @@ class EtcdClient:
         except LeaseNotFoundError:
             pass
 
+    def lease_time_to_live(self, lease_id: int, deadline_s: float | None = None) -> int:
+        """Seconds the lease has left; -1 when it is gone."""
+        r = self._call(etcdrpc.LeaseStub, "LeaseTimeToLive", etcdrpc.LeaseTimeToLiveRequest(ID=lease_id), deadline_s)
+        return r.TTL
+
     # ---- cluster ----------------------------------------------------------------------------
 
     def status(self, endpoint: str, deadline_s: float | None = None) -> Status:
