@@ -31,7 +31,7 @@ from kvstore.counters import Event
 from kvstore.block_table import BlockTable, Caller, WriteLease
 from kvstore.eviction import EvictionPolicy, EvictReport
 from kvstore.index import BlockMeta
-from kvstore.tiers.base import Copy, MemoryTier, Tier
+from kvstore.tiers.base import Buffer, Copy, MemoryTier, Tier
 from kvstore.tiers.ssd import SsdTier
 
 log = logging.getLogger(__name__)
@@ -502,6 +502,39 @@ class Placement:
             table.unpin_blocks(metas[stuck:])
         kept = set(metas[:stuck])
         return metas[:stuck], sum(m in kept for m, _ in read)
+
+    def adopt(self, items: Sequence[tuple[BlockMeta, Buffer]]) -> int:
+        """Blocks copied from a peer (checked by the caller) become local blocks: host slots (room made by
+        demotion, as a promotion's), bytes written outside the lock into slots nobody can see yet, then
+        indexed. How many leading items are now present (adopted here, or committed meanwhile by someone
+        else, whose copy then stands); the run ends at one that found no room."""
+        host = self.host
+        with self.locked as table:
+            slots = [None if table.index.get(m.skey) is not None else self._host_slot_for(table, m) for m, _ in items]
+            short = [m.size for (m, _), s in zip(items, slots) if s is None and table.index.get(m.skey) is None]
+        if short:
+            self.make_room(short)
+            with self.locked as table:
+                slots = [s if s is not None or table.index.get(m.skey) is not None else self._host_slot_for(table, m)
+                         for (m, _), s in zip(items, slots)]
+        host.write([(m, s, data) for (m, data), s in zip(items, slots) if s is not None])
+        present, leading = 0, True
+        with self.locked as table:
+            for (meta, _), slot in zip(items, slots):
+                existing = table.index.get(meta.skey)
+                if existing is not None:
+                    if slot is not None:
+                        host.release(slot)
+                    ok = existing.fingerprint_id == meta.fingerprint_id
+                elif slot is not None:
+                    meta.copies[HOST] = slot
+                    table.add(meta)
+                    ok = True
+                else:
+                    ok = False
+                leading = leading and ok
+                present += leading
+        return present
 
     # ---- the operator's evict ----------------------------------------------------------
 

@@ -1,0 +1,227 @@
+"""The remote tier: blocks held by other nodes, found through the directory and copied in as local blocks.
+
+Owns the read path's cluster half (design/cluster.md §3.5): Locate at each key's homes (one call per
+home, all at once, the union of D1's and D2's answers), choosing a holder per run of keys, fetching
+under one deadline, checking every block against its checksum before it lands, and the lazy repair of
+a directory entry whose holder answered not-found. It is the store's RemoteSource (store.py): the store
+asks, this answers, and fetched blocks enter through Store.adopt, so they are ordinary local blocks
+from then on (announced as held here, evicted and demoted as any other). It refuses the wire
+(peers.py) and directory bookkeeping (directory.py).
+
+Data path: gRPC Fetch (a server stream of ~4 MiB messages). The UCX data plane is not used between
+peers yet: its server side would need a peer-role session (the hello binds one tenant today) and a
+storage-key get; see docs/cluster.md.
+
+Guarantees to a reader: never partial data (a block lands whole and checked, or not at all); a fetch
+ends by remote_fetch_deadline_ms with the leading run that landed; a peer's failure is a miss here,
+never an error, and its breaker keeps the next reader from waiting on it again.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from kvwire.errors import KVStoreError
+from kvstore.cluster.announcer import active_ring
+from kvstore.counters import Event
+from kvstore.cluster.directory import DirectoryShard, HolderId, Located, Rendezvous
+from kvstore.cluster.peers import Peers
+from kvstore.cluster.view import ClusterView
+from kvstore.index import tenant_tag
+from kvstore.placement import checksum
+
+if TYPE_CHECKING:
+    from kvstore.store import Store
+
+log = logging.getLogger(__name__)
+
+LOCATE_TIMEOUT_S = 0.5  # a Lookup waits at most this long for the directory; a slow home is a miss
+REPAIR_TIMEOUT_S = 1.0
+
+
+class RemoteTier:
+    def __init__(self, me: str, store: "Store", identity: Callable[[], tuple[int, ClusterView]], peers: Peers,
+                 shard: DirectoryShard, counters: Counter, fetch_deadline_s: float) -> None:
+        self.me = me
+        self.store = store
+        self.identity = identity
+        self.peers = peers
+        self.shard = shard
+        self.counters = counters
+        self.fetch_deadline_s = fetch_deadline_s
+        self._ring: tuple[int, Rendezvous] = (-1, Rendezvous(()))
+        self._repairs = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvstore-repair")
+
+    def close(self) -> None:
+        self._repairs.shutdown(wait=False, cancel_futures=True)
+
+    def _homes(self, view: ClusterView) -> Rendezvous:
+        revision, ring = self._ring
+        if revision != view.revision:
+            ring = active_ring(view)
+            self._ring = (view.revision, ring)
+        return ring
+
+    # ---- locate ---------------------------------------------------------------------------
+
+    def _locate(self, skeys: list[bytes], fingerprint_id: bytes, timeout_s: float) -> list[Located | None]:
+        """Where each key's block is: the union of its homes' answers, live holders other than this node
+        whose breakers are closed; None where nobody (reachable) has it."""
+        found: list[Located | None] = [None] * len(skeys)
+        incarnation, view = self.identity()
+        if incarnation == 0 or not skeys:
+            return found
+        asks = self._homes(view).homes_by_node(skeys)
+
+        def usable(holder: HolderId) -> bool:
+            return holder[0] != self.me and view.is_live(*holder) and self.peers.usable(holder[0])
+
+        def merge(positions: list[int], answer: list[tuple[int, Located]]) -> None:
+            for j, where in answer:
+                i = positions[j]
+                holders = tuple(h for h in where.holders if usable(h))
+                if not holders:
+                    continue
+                known = found[i]
+                if known is None:
+                    found[i] = Located(where.size, where.checksum, holders)
+                elif (known.size, known.checksum) == (where.size, where.checksum):
+                    found[i] = Located(known.size, known.checksum, known.holders + tuple(h for h in holders if h not in known.holders))
+
+        local = asks.pop(self.me, None)
+        if local is not None:
+            merge(local, self.shard.locate(fingerprint_id, [skeys[i] for i in local], view.is_live))
+        if asks:
+            answers = self.peers.locate_many(fingerprint_id, {name: [skeys[i] for i in pos] for name, pos in asks.items()}, timeout_s)
+            for name, answer in answers.items():
+                if isinstance(answer, KVStoreError):
+                    self.counters[Event.REMOTE_LOCATE_ERRORS] += 1
+                    log.debug("locate at %s failed: %s", name, answer)
+                else:
+                    merge(asks[name], answer)
+        return found
+
+    def locate(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes]) -> list[int]:
+        """RemoteSource.locate: each key's size where a live peer holds it (under this tenant's storage key), else 0."""
+        tag = tenant_tag(tenant)
+        found = self._locate([tag + k for k in keys], fingerprint_id, LOCATE_TIMEOUT_S)
+        hits = sum(f is not None for f in found)
+        self.counters[Event.REMOTE_LOCATE_FOUND] += hits
+        self.counters[Event.REMOTE_LOCATE_ABSENT] += len(keys) - hits
+        return [f.size if f is not None else 0 for f in found]
+
+    # ---- fetch ------------------------------------------------------------------------------
+
+    def fetch(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes], prefix: bool) -> None:
+        """RemoteSource.fetch: copy the keys' blocks in from their holders, by the fetch deadline.
+
+        With prefix, the leading run the peers hold; else all of them or (leaving what landed, which is
+        harmless: whole, checked blocks) the caller's read reports the miss. A run of keys goes to one
+        holder (the one holding the longest run from where the fetch stands), so a chain stays one stream.
+        """
+        started = time.monotonic()
+        deadline = started + self.fetch_deadline_s
+        tag = tenant_tag(tenant)
+        skeys = [tag + k for k in keys]
+        found = self._locate(skeys, fingerprint_id, min(LOCATE_TIMEOUT_S, self.fetch_deadline_s))
+        wanted = next((i for i, f in enumerate(found) if f is None), len(found))
+        if wanted < len(found) and not prefix:
+            self.counters[Event.REMOTE_FETCHES_SHORT] += 1
+            return
+        excluded: dict[int, set[HolderId]] = {}
+        pos = 0
+        while pos < wanted and time.monotonic() < deadline:
+            holders = [h for h in found[pos].holders if h not in excluded.get(pos, ()) and self.peers.usable(h[0])]
+            if not holders:
+                break
+            random.shuffle(holders)  # spread readers over copies; the longest run still wins
+            runs = {h: self._run(found, pos, wanted, h) for h in holders}
+            holder = max(holders, key=runs.__getitem__)
+            end = pos + runs[holder]
+            got, why = self._fetch_run(holder, tenant, fingerprint_id, keys[pos:end], skeys[pos:end], found[pos:end], deadline)
+            pos += got
+            if pos == end:
+                continue
+            if why == "no_room":
+                break
+            if why == "missing":
+                self._repair(holder, skeys[pos])
+                excluded.setdefault(pos, set()).add(holder)
+            else:  # an error or a corrupt block: nothing more from that holder in this fetch
+                for i in range(pos, end):
+                    excluded.setdefault(i, set()).add(holder)
+        self.counters[Event.REMOTE_FETCHES_SHORT if pos < len(keys) else Event.REMOTE_FETCHES_COMPLETE] += 1
+        log.debug("remote fetch: %d of %d blocks in %.1f ms", pos, len(keys), (time.monotonic() - started) * 1000)
+
+    @staticmethod
+    def _run(found: list[Located | None], pos: int, end: int, holder: HolderId) -> int:
+        n = pos
+        while n < end and holder in found[n].holders:
+            n += 1
+        return n - pos
+
+    def _fetch_run(self, holder: HolderId, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes], skeys: list[bytes],
+                   found: Sequence[Located], deadline: float) -> tuple[int, str]:
+        """Fetch one run from one holder, adopting each message's blocks as it lands; (blocks adopted, why it
+        stopped early: "missing" | "corrupt" | "error" | "no_room" | "")."""
+        adopted, why = 0, ""
+        stream = None
+        try:
+            stream = self.peers.fetch(holder[0], fingerprint_id, skeys, max(0.001, deadline - time.monotonic()))
+            for message in stream:
+                good = []
+                for block in message:
+                    i = adopted + len(good)
+                    if block.missing:
+                        why = "missing"
+                        break
+                    where = found[i] if i < len(found) else None
+                    if (where is None or block.skey != skeys[i] or len(block.data) != where.size or block.checksum != where.checksum
+                            or checksum(block.data) != block.checksum):
+                        self.counters[Event.REMOTE_CHECKSUM_FAILURES] += 1
+                        log.warning("block %s from node %s failed its checksum; not used", skeys[min(i, len(skeys) - 1)][8:].hex(), holder[0])
+                        why = "corrupt"
+                        break
+                    good.append((keys[i], block.data, block.checksum))
+                if good:
+                    landed = self.store.adopt(tenant, fingerprint_id, good)
+                    adopted += landed
+                    self.counters[Event.REMOTE_FETCH_BLOCKS] += landed
+                    self.counters[Event.REMOTE_FETCH_BYTES] += sum(len(data) for _, data, _ in good[:landed])
+                    if landed < len(good):
+                        why = "no_room"
+                if why:
+                    break
+        except KVStoreError as err:
+            why = "error"
+            self.counters[Event.REMOTE_FETCH_FAILURES] += 1
+            log.debug("fetch from %s stopped after %d blocks: %s", holder[0], adopted, err)
+        finally:
+            if stream is not None:
+                stream.close()
+        if why == "missing":
+            self.counters[Event.REMOTE_FETCH_NOT_FOUND] += 1
+        return adopted, why
+
+    # ---- lazy repair ------------------------------------------------------------------------
+
+    def _repair(self, holder: HolderId, skey: bytes) -> None:
+        """The holder answered not-found: tell the key's homes, off the reader's path."""
+        _, view = self.identity()
+        homes = self._homes(view).homes_by_node([skey])
+        for home in homes:
+            self._repairs.submit(self._repair_at, home, holder, skey)
+
+    def _repair_at(self, home: str, holder: HolderId, skey: bytes) -> None:
+        try:
+            if home == self.me:
+                self.counters[Event.DIRECTORY_REPAIRS] += self.shard.repair(holder, [skey])
+            else:
+                self.peers.repair(home, holder, [skey], REPAIR_TIMEOUT_S)
+            self.counters[Event.DIRECTORY_REPAIRS_SENT] += 1
+        except KVStoreError as err:
+            log.debug("repair at %s failed: %s", home, err)
