@@ -45,6 +45,8 @@ class ClusterProcs:
     size: int = 2
     flags: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)  # extra environment for every node
+    node_flags: dict[int, dict] = field(default_factory=dict)  # flags for one node, over `flags`
+    node_env: dict[int, dict] = field(default_factory=dict)  # environment for one node, over `env`
     nodes: list[ServerProc] = field(default_factory=list)
 
     @staticmethod
@@ -79,8 +81,10 @@ class ClusterProcs:
             "ucx": False,
             "shutdown_grace_s": 1,
             **self.flags,
+            **self.node_flags.get(i, {}),
         }
-        return ServerProc(self.base / self.node_name(i), flags=flags, env={"KVSTORE_HOST_ID": self.host_id(i), **self.env})
+        env = {"KVSTORE_HOST_ID": self.host_id(i), **self.env, **self.node_env.get(i, {})}
+        return ServerProc(self.base / self.node_name(i), flags=flags, env=env)
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -131,3 +135,7 @@ class ClusterProcs:
 
     def log(self, i: int) -> str:
         return self.nodes[i].log()
+
+    def incarnations(self, i: int = 0) -> dict[str, int]:
+        """Every member's incarnation as node i sees it."""
+        return {m.name: m.incarnation for m in self.cluster_status(i).nodes[0].members}

@@ -49,8 +49,9 @@ def active_ring(view: ClusterView) -> Rendezvous:
 
 class Announcer:
     def __init__(self, me: str, shard: DirectoryShard, peers: Peers, identity: Callable[[], tuple[int, ClusterView]],
-                 snapshot: Callable[[], list[BlockRef]], counters: Counter, timeout_s: float = 1.0) -> None:
-        """identity(): this node's incarnation (0: fenced or not joined) and view; snapshot(): every block it holds."""
+                 snapshot: Callable[[], list[BlockRef]], counters: Counter, timeout_s: float = 1.0, drop_removed: bool = False) -> None:
+        """identity(): this node's incarnation (0: fenced or not joined) and view; snapshot(): every block it holds.
+        drop_removed: a fault for tests only (stale directory entries): removals are never announced."""
         self.me = me
         self.shard = shard
         self.peers = peers
@@ -58,6 +59,7 @@ class Announcer:
         self.snapshot = snapshot
         self.counters = counters
         self.timeout_s = timeout_s
+        self.drop_removed = drop_removed
         self._events: deque[tuple[int, bytes, Block | None]] = deque()
         self._recorded = 0  # events appended so far (written under the store lock only)
         self._delivered = 0  # events every home they concern has acknowledged or been given up on
@@ -157,6 +159,8 @@ class Announcer:
         homes = self._ring.homes([skey for skey, _ in batch])
         names = self._ring.names
         for (skey, block), row in zip(batch, homes.tolist()):
+            if block is None and self.drop_removed:
+                continue
             ref = ref_of(block) if block is not None else None
             for h in row:
                 name = names[h]

@@ -18,7 +18,9 @@ It refuses request logic (store.py, api.py) and wire encoding (peer_service.py, 
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import threading
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -47,6 +49,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
+# A fault for tests only, read only when set: this node never announces removals, so the directory keeps
+# stale entries for blocks it dropped (tests/kvstore/cluster/test_node_failures.py).
+DROP_REMOVED_ENV = "KVSTORE_TEST_DROP_REMOVED_ANNOUNCES"
 STATUS_TIMEOUT_S = 1.0
 
 
@@ -74,10 +79,14 @@ class ClusterNode:
         self.membership: Membership | None = None
         self.tombstones = Tombstones(self.etcd, cfg.cluster_name, self.name, cfg.data_path, self._apply_tombstone, self._wipe,
                                      lease_id=lambda: self.membership.lease_id if self.membership else 0, counters=self.counters)
+        drop_removed = os.environ.get(DROP_REMOVED_ENV) == "1"
+        if drop_removed:
+            log.warning("%s=1: this node announces no removals (a test fault; never set it in production)", DROP_REMOVED_ENV)
         self.announcer = Announcer(self.name, self.shard, self.peers, self.identity, self._catalog, self.counters,
-                                   timeout_s=max(0.2, cfg.cluster_announce_wait_ms / 1000))
+                                   timeout_s=max(0.2, cfg.cluster_announce_wait_ms / 1000), drop_removed=drop_removed)
         self.remote = RemoteTier(self.name, store, self.identity, self.peers, self.shard, self.counters,
                                  cfg.remote_fetch_deadline_ms / 1000)
+        self._deleting = threading.Lock()
         self.servicer = PeerServicer(self.name, self, auth, self.shard, store, self.peers, self.counters, self.status)
         self.servicer.add_to(grpc_server)
 
@@ -183,12 +192,13 @@ class ClusterNode:
             return self.ops.delete(sel, secure), False, []
         if sel.empty:
             raise InvalidRequestError("delete needs a selector (fingerprint, tenant, keys, tier, age)")
-        try:
-            revision = self.tombstones.issue(Tombstone(tenant=sel.tenant, fingerprint_id=sel.fingerprint_id,
-                                                       keys=tuple(sorted(sel.keys)), secure=secure, issued_by=self.name))
-        except EtcdError as err:
-            raise UnavailableError(f"the cluster-wide delete could not be recorded in etcd: {err}") from None
-        report = self.ops.delete(sel, secure)  # here at once, for the counts; the watch applies it again (a no-op)
+        with self._deleting:  # the watch's apply of this tombstone waits, so the counts below are this node's
+            try:
+                revision = self.tombstones.issue(Tombstone(tenant=sel.tenant, fingerprint_id=sel.fingerprint_id,
+                                                           keys=tuple(sorted(sel.keys)), secure=secure, issued_by=self.name))
+            except EtcdError as err:
+                raise UnavailableError(f"the cluster-wide delete could not be recorded in etcd: {err}") from None
+            report = self.ops.delete(sel, secure)  # here at once; the watch applies it again (a no-op)
         try:
             late = self.tombstones.wait_acks(revision, self.cfg.cluster_lease_ttl_s + 1)
         except EtcdError as err:
@@ -196,7 +206,8 @@ class ClusterNode:
         return report, True, late
 
     def _apply_tombstone(self, t: Tombstone) -> None:
-        self.ops.delete(Selector(tenant=t.tenant, fingerprint_id=t.fingerprint_id, keys=frozenset(t.keys)), t.secure)
+        with self._deleting:
+            self.ops.delete(Selector(tenant=t.tenant, fingerprint_id=t.fingerprint_id, keys=frozenset(t.keys)), t.secure)
 
     def _wipe(self) -> None:
         """Tombstones this node never applied were trimmed: keep none of its blocks (it cannot know which went)."""
