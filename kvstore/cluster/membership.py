@@ -142,7 +142,7 @@ class Membership:
         self.before_join = before_join
         self.counters: Counter = Counter() if counters is None else counters
         self.clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a wait_view predicate may read .incarnation or .view()
         self._changed = threading.Condition(self._lock)
         self._view = ClusterView()
         self._leases: dict[str, int] = {}  # member name -> its lease id, for status
