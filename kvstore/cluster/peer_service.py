@@ -237,8 +237,9 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
 def cluster_status(name: str, membership, shard: DirectoryShard, peers: Peers, counters: Counter,
                    tombstones_revision: int) -> ppb.ClusterStatus:
     """One node's ClusterStatus message: membership (a MembershipStatus, None before start), shard, breakers, counters."""
+    counts = _copy(counters)
     status = ppb.ClusterStatus(node=name, directory_entries=len(shard), directory_holders=shard.holders, peers=peers.breakers(),
-                               counters={str(k): int(v) for k, v in _copy(counters).items() if str(k).startswith(_CLUSTER_PREFIXES)},
+                               counters={str(e): int(counts.get(e, 0)) for e in _CLUSTER_EVENTS},
                                tombstones_applied_revision=tombstones_revision)
     if membership is not None:
         status.cluster, status.state, status.fenced = membership.cluster, membership.state, membership.fenced
@@ -250,7 +251,7 @@ def cluster_status(name: str, membership, shard: DirectoryShard, peers: Peers, c
     return status
 
 
-_CLUSTER_PREFIXES = ("cluster_", "tombstones_", "remote_", "peer_", "directory_")
+_CLUSTER_EVENTS = tuple(e for e in Event if e.value.startswith(("cluster_", "tombstones_", "remote_", "peer_", "directory_")))
 
 
 def _copy(counters: Counter) -> dict:

@@ -6,6 +6,10 @@ visible cluster-wide when the put returns; peers and tenants cannot use each oth
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import grpc
 import numpy as np
 import pytest
@@ -16,8 +20,7 @@ from kvwire.v1 import kvstore_pb2 as pb
 from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 from kvwire.v1 import peer_pb2 as ppb
 from kvwire.v1 import peer_pb2_grpc as ppb_grpc
-from kvwire.v1 import admin_pb2 as apb
-from tests.clusterproc import PEER_TOKEN, TENANT_TOKENS, ClusterProcs
+from tests.clusterproc import ADMIN_TOKEN, PEER_TOKEN, TENANT_TOKENS, ClusterProcs
 
 pytestmark = pytest.mark.etcd
 
@@ -125,4 +128,9 @@ def test_admin_cluster_reports_every_node(pair, fingerprint) -> None:
         assert {m.host_id for m in node.members} == {"test-host-n0", "test-host-n1"}
     # With two nodes every key has both as homes: each shard holds all five of A's blocks.
     assert [nodes[n].directory_entries for n in ("n0", "n1")] == [5, 5]
-    assert apb.ClusterResponse.FromString(response.SerializeToString()) == response
+    # The operator's view of the same: `kvstore-admin cluster`, as a table and as JSON.
+    admin = [sys.executable, "-m", "kvstore.admin", "--server", pair.nodes[0].address, "--token", ADMIN_TOKEN]
+    text = subprocess.run([*admin, "cluster"], capture_output=True, text=True, check=True, timeout=30).stdout
+    assert "DIR ENTRIES" in text and "test-host-n1" in text and "BREAKER" in text
+    doc = json.loads(subprocess.run([*admin, "--json", "cluster"], capture_output=True, text=True, check=True, timeout=30).stdout)
+    assert [n["node"] for n in doc["nodes"]] == ["n0", "n1"] and doc["nodes"][1]["counters"]["peer_served_blocks"] == 0
