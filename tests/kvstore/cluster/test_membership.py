@@ -146,6 +146,7 @@ def test_members_fence_before_their_lease_can_expire_when_etcd_is_gone_and_rejoi
         time.sleep(0.5)
         member = etcd.members[0]
         member.pause() if outage == "pause" else member.kill()
+        time.sleep(0.1)  # SIGSTOP lands asynchronously
         down = time.monotonic()
         deadline = down + ttl + 1
         while len(fenced_at) < len(ms) and time.monotonic() < deadline:
