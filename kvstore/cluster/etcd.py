@@ -57,6 +57,10 @@ class EtcdUnavailableError(EtcdError):
     """No endpoint answered within the deadline, or the one that answered has no raft leader."""
 
 
+class EtcdClosedError(EtcdUnavailableError):
+    """This client was closed; its watches end quietly."""
+
+
 class CompactedError(EtcdError):
     """The revision asked for was compacted away; only the present state can be read."""
 
@@ -176,7 +180,7 @@ class EtcdClient:
     def _channel(self, endpoint: str) -> grpc.Channel:
         with self._lock:
             if self._closed:
-                raise EtcdUnavailableError("etcd client is closed")
+                raise EtcdClosedError("etcd client is closed")
             ch = self._channels.get(endpoint)
             if ch is None:
                 ch = self._channels[endpoint] = grpc.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
@@ -437,9 +441,7 @@ class Watch:
             except grpc.RpcError as err:
                 if not self._stopped.is_set():
                     log.info("etcd watch on %r via %s lost: %s", self.prefix, endpoint, _error(err, endpoint))
-            except EtcdError as err:  # the client was closed under us
-                if not self._stopped.is_set():
-                    self._fail(err)
+            except EtcdClosedError:  # the owner closed the client: nothing to report to
                 return
             finally:
                 self.connected.clear()
