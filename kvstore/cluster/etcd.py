@@ -196,15 +196,32 @@ class EtcdClient:
             if self.endpoints[self._current] == endpoint:
                 self._current = (self._current + 1) % len(self.endpoints)
 
-    def _call(self, stub: type, method: str, request, deadline_s: float | None = None):
+    def _attempts(self, deadline_s: float | None) -> Iterator[tuple[str, float, bool]]:
+        """(endpoint, timeout, wait_for_ready) for each try of one call, until its deadline.
+
+        The first round goes to each endpoint once and fails fast on one gRPC already knows is down,
+        so a dead member costs nothing. Later rounds wait for a connection (in slices, when there are
+        several endpoints): right after etcd returns, channels are still backing off, and a call
+        that only failed fast would report etcd down while it is up.
+        """
         deadline = time.monotonic() + (self.deadline_s if deadline_s is None else deadline_s)
+        first = True
+        while True:
+            for endpoint in self._endpoint_order():
+                left = deadline - time.monotonic()
+                if left <= 0.005:
+                    return
+                if first:
+                    yield endpoint, left, False
+                else:
+                    yield endpoint, left if len(self.endpoints) == 1 else min(left, 0.25), True
+            first = False
+
+    def _call(self, stub: type, method: str, request, deadline_s: float | None = None):
         last: EtcdError | None = None
-        for endpoint in self._endpoint_order():
-            left = deadline - time.monotonic()
-            if left <= 0.005:
-                break
+        for endpoint, timeout, wait in self._attempts(deadline_s):
             try:
-                response = getattr(stub(self._channel(endpoint)), method)(request, timeout=left)
+                response = getattr(stub(self._channel(endpoint)), method)(request, timeout=timeout, wait_for_ready=wait)
             except grpc.RpcError as err:
                 last = _error(err, endpoint)
                 if not isinstance(last, EtcdUnavailableError):
@@ -291,14 +308,10 @@ class EtcdClient:
     def lease_keepalive(self, lease_id: int, deadline_s: float | None = None) -> int:
         """One keepalive, answered or failed within the deadline: the lease's TTL (s) as etcd reset it.
         LeaseNotFoundError when the lease is gone."""
-        timeout = self.deadline_s if deadline_s is None else deadline_s
-        deadline = time.monotonic() + timeout
         last: EtcdError | None = None
-        for endpoint in self._endpoint_order():
-            left = deadline - time.monotonic()
-            if left <= 0.005:
-                break
-            stream = etcdrpc.LeaseStub(self._channel(endpoint)).LeaseKeepAlive(iter([etcdrpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=left)
+        for endpoint, timeout, wait in self._attempts(deadline_s):
+            request = iter([etcdrpc.LeaseKeepAliveRequest(ID=lease_id)])
+            stream = etcdrpc.LeaseStub(self._channel(endpoint)).LeaseKeepAlive(request, timeout=timeout, wait_for_ready=wait)
             try:
                 response = next(stream)
             except StopIteration:
