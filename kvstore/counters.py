@@ -100,6 +100,7 @@ class Event(enum.StrEnum):
     DIRECTORY_BATCHES_SENT = "directory_batches_sent"  # announce batches this node's homes acknowledged
     DIRECTORY_RESYNCS_SENT = "directory_resyncs_sent"  # full resyncs this node sent (a join, a new or restarted home, a gap)
     DIRECTORY_ANNOUNCE_FAILURES = "directory_announce_failures"  # announce batches that failed (kept and retried)
+    DIRECTORY_COMMIT_WAITS_EXPIRED = "directory_commit_waits_expired"  # commits answered before their homes acknowledged
     DIRECTORY_REHOMED = "directory_rehomed"  # keys announced to a new home after a view change
 
     # The UCX data plane.

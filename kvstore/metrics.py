@@ -134,7 +134,7 @@ EVENT_SERIES: dict[Event, tuple[Family, tuple[str, ...]]] = {
     **{event: (DIRECTORY_EVENTS, (event.value.removeprefix("directory_"),)) for event in (
         Event.DIRECTORY_LOCATES, Event.DIRECTORY_ANNOUNCES, Event.DIRECTORY_RESYNCS, Event.DIRECTORY_RESYNCS_REQUESTED,
         Event.DIRECTORY_REPAIRS, Event.DIRECTORY_REPAIRS_SENT, Event.DIRECTORY_BATCHES_SENT, Event.DIRECTORY_RESYNCS_SENT,
-        Event.DIRECTORY_ANNOUNCE_FAILURES, Event.DIRECTORY_REHOMED)},
+        Event.DIRECTORY_ANNOUNCE_FAILURES, Event.DIRECTORY_REHOMED, Event.DIRECTORY_COMMIT_WAITS_EXPIRED)},
     **{event: (TRANSPORT_BYTES, (transport, direction)) for (transport, direction), event in counters.TRANSPORT_BYTES.items()},
     **{event: (REQUEST_ERRORS, (status.lower(),)) for status, event in counters.REQUEST_ERRORS.items()},
     Event.ERRORS_UNKNOWN: (REQUEST_ERRORS, ("unknown",)),

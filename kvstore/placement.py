@@ -503,11 +503,12 @@ class Placement:
         kept = set(metas[:stuck])
         return metas[:stuck], sum(m in kept for m, _ in read)
 
-    def adopt(self, items: Sequence[tuple[BlockMeta, Buffer]]) -> int:
+    def adopt(self, items: Sequence[tuple[BlockMeta, Buffer]], still_wanted: Callable[[], bool]) -> int:
         """Blocks copied from a peer (checked by the caller) become local blocks: host slots (room made by
         demotion, as a promotion's), bytes written outside the lock into slots nobody can see yet, then
-        indexed. How many leading items are now present (adopted here, or committed meanwhile by someone
-        else, whose copy then stands); the run ends at one that found no room."""
+        indexed if still_wanted() (asked under the lock). How many leading items are now present (adopted
+        here, or committed meanwhile by someone else, whose copy then stands); the run ends at one that
+        found no room."""
         host = self.host
         with self.locked as table:
             slots = [None if table.index.get(m.skey) is not None else self._host_slot_for(table, m) for m, _ in items]
@@ -520,6 +521,11 @@ class Placement:
         host.write([(m, s, data) for (m, data), s in zip(items, slots) if s is not None])
         present, leading = 0, True
         with self.locked as table:
+            if not still_wanted():
+                for slot in slots:
+                    if slot is not None:
+                        host.release(slot)
+                return 0
             for (meta, _), slot in zip(items, slots):
                 existing = table.index.get(meta.skey)
                 if existing is not None:

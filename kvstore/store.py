@@ -163,6 +163,7 @@ class Store:
         self.admitting = True
         self.closed = False
         self.remote: RemoteSource | None = None  # cluster mode: peers' blocks, staged in as local copies
+        self.deletions = 0  # operator deletes so far: a peer's copy fetched across one is not adopted (adopt's `since`)
         self.placement.restore()
 
     @property
@@ -667,11 +668,13 @@ class Store:
                 break
         return self._stream(metas)
 
-    def adopt(self, tenant: str, fingerprint_id: bytes, blocks: Sequence[tuple[bytes, bytes | memoryview, int]]) -> int:
+    def adopt(self, tenant: str, fingerprint_id: bytes, blocks: Sequence[tuple[bytes, bytes | memoryview, int]], since: int) -> int:
         """Blocks a peer sent, (key, payload, checksum) already checked by the caller, become the tenant's local
-        blocks (placement.adopt); how many leading ones are now present. Never over a block that exists here."""
+        blocks (placement.adopt); how many leading ones are now present. Never over a block that exists here, and
+        none if an operator's delete ran since `since` (self.deletions when the fetch began): the peer may not have
+        applied that delete yet, and its copy must not bring a deleted block back here."""
         metas = [(BlockMeta(storage_key(tenant, key), tenant, fingerprint_id, len(data), crc), data) for key, data, crc in blocks]
-        return self.placement.adopt(metas)
+        return self.placement.adopt(metas, lambda: self.deletions == since)
 
     def catalog(self) -> list[tuple[bytes, bytes, int, int]]:
         """(storage key, fingerprint id, size, checksum) of every block here: what a resync announces."""
@@ -773,6 +776,7 @@ class Store:
         matching write leases: a written-but-uncommitted block matches too, and revoking its lease frees
         (and zeroes) its slot, so the writer's later Commit fails and the deleted data cannot come back."""
         with self._locked as table:
+            self.deletions += 1
             metas = self._matching(table, match)
             for meta in metas:
                 table.delete(meta)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Collection, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import xxhash
@@ -39,13 +39,17 @@ class BlockRef:
     checksum: int
 
 
-@dataclass(frozen=True, slots=True)
-class Located:
-    """Where a key's block is, as the directory knows it: live holders only."""
+class Located(NamedTuple):
+    """Where a key's block is, as the directory knows it: live holders only. (A tuple: a 512-key Locate makes hundreds.)"""
 
     size: int
     checksum: int
     holders: tuple[HolderId, ...]
+
+
+def live_holders(view) -> frozenset[HolderId]:
+    """The (name, incarnation) of every member of a ClusterView: what a holder must be to count."""
+    return frozenset((name, m.incarnation) for name, m in view.members.items())
 
 
 # ---- rendezvous hashing ------------------------------------------------------------------
@@ -97,17 +101,15 @@ class Rendezvous:
         return order[:, : -count - 1 : -1]
 
     def homes_by_node(self, skeys: Sequence[bytes], count: int = HOMES) -> dict[str, list[int]]:
-        """node name -> positions of the keys it is a home for (each key under each of its homes)."""
+        """node name -> positions of the keys it is a home for, in order (each key under each of its homes)."""
         out: dict[str, list[int]] = {}
         if not skeys or not self.names:
             return out
         homes = self.homes(skeys, count)
-        for col in range(homes.shape[1]):
-            column = homes[:, col]
-            for node in np.unique(column):
-                out.setdefault(self.names[node], []).extend(np.flatnonzero(column == node).tolist())
-        for positions in out.values():
-            positions.sort()
+        for node, name in enumerate(self.names):
+            positions = np.flatnonzero((homes == node).any(axis=1))
+            if positions.size:
+                out[name] = positions.tolist()
         return out
 
     def is_home(self, name: str, skeys: Sequence[bytes], count: int = HOMES) -> np.ndarray:
@@ -124,7 +126,7 @@ class _Entry:
     fingerprint_id: bytes
     size: int
     checksum: int
-    holders: list[HolderId]
+    holders: tuple[HolderId, ...]  # replaced, never changed in place: a Locate hands it out as is
 
 
 @dataclass(frozen=True)
@@ -180,15 +182,15 @@ class DirectoryShard:
         for ref in stored:
             entry = entries.get(ref.skey)
             if entry is None:
-                entries[ref.skey] = _Entry(ref.fingerprint_id, ref.size, ref.checksum, [holder])
+                entries[ref.skey] = _Entry(ref.fingerprint_id, ref.size, ref.checksum, (holder,))
             elif (entry.fingerprint_id, entry.size, entry.checksum) != (ref.fingerprint_id, ref.size, ref.checksum):
                 # Another block under the same storage key (stored under another fingerprint): the latest claim wins alone.
                 for other in entry.holders:
-                    if other != holder:
-                        self._by_holder.get(other, set()).discard(ref.skey)
-                entries[ref.skey] = _Entry(ref.fingerprint_id, ref.size, ref.checksum, [holder])
+                    if other != holder and (theirs := self._by_holder.get(other)) is not None:
+                        theirs.discard(ref.skey)
+                entries[ref.skey] = _Entry(ref.fingerprint_id, ref.size, ref.checksum, (holder,))
             elif holder not in entry.holders:
-                entry.holders.append(holder)
+                entry.holders += (holder,)
             mine.add(ref.skey)
         for skey in removed:
             self._remove(holder, skey)  # drops the holder's set once it empties
@@ -199,7 +201,7 @@ class DirectoryShard:
         entry = self._entries.get(skey)
         if entry is None or holder not in entry.holders:
             return False
-        entry.holders.remove(holder)
+        entry.holders = tuple(h for h in entry.holders if h != holder)
         if not entry.holders:
             del self._entries[skey]
         mine = self._by_holder.get(holder)
@@ -213,14 +215,15 @@ class DirectoryShard:
         for skey in self._by_holder.pop(holder, ()):
             entry = self._entries.get(skey)
             if entry is not None and holder in entry.holders:
-                entry.holders.remove(holder)
+                entry.holders = tuple(h for h in entry.holders if h != holder)
                 if not entry.holders:
                     del self._entries[skey]
 
     # ---- reads --------------------------------------------------------------------------
 
-    def locate(self, fingerprint_id: bytes, skeys: Sequence[bytes], is_live: Callable[[str, int], bool]) -> list[tuple[int, Located]]:
-        """(position, where) for each key with a live holder under this fingerprint; dead holders are pruned on the way."""
+    def locate(self, fingerprint_id: bytes, skeys: Sequence[bytes], live: Collection[HolderId]) -> list[tuple[int, Located]]:
+        """(position, where) for each key with a live holder under this fingerprint; dead holders are pruned on the way.
+        live: the holder ids that count (live_holders(view))."""
         out: list[tuple[int, Located]] = []
         dead: list[tuple[HolderId, bytes]] = []
         with self._lock:
@@ -229,21 +232,23 @@ class DirectoryShard:
                 entry = get(skey)
                 if entry is None or entry.fingerprint_id != fingerprint_id:
                     continue
-                live = tuple(h for h in entry.holders if is_live(*h))
-                if len(live) < len(entry.holders):
-                    dead += [(h, skey) for h in entry.holders if h not in live]
-                if live:
-                    out.append((i, Located(entry.size, entry.checksum, live)))
+                holders = entry.holders
+                if not all(h in live for h in holders):
+                    dead += [(h, skey) for h in holders if h not in live]
+                    holders = tuple(h for h in holders if h in live)
+                    if not holders:
+                        continue
+                out.append((i, Located(entry.size, entry.checksum, holders)))
             for holder, skey in dead:
                 self._remove(holder, skey)
         return out
 
     # ---- view changes -----------------------------------------------------------------------
 
-    def forget_dead(self, is_live: Callable[[str, int], bool]) -> int:
+    def forget_dead(self, live: Collection[HolderId]) -> int:
         """Drop every entry of holder incarnations no longer live (after a view change); how many holders went."""
         with self._lock:
-            gone = [h for h in {*self._by_holder, *self._expected} if not is_live(*h)]
+            gone = [h for h in {*self._by_holder, *self._expected} if h not in live]
             for holder in gone:
                 self._drop_holder(holder)
                 self._expected.pop(holder, None)

@@ -28,7 +28,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from kvwire.errors import FencedError, InvalidRequestError, UnavailableError
 from kvwire.hostid import host_id
 from kvstore.cluster.announcer import Announcer
-from kvstore.cluster.directory import BlockRef, DirectoryShard
+from kvstore.cluster.directory import BlockRef, DirectoryShard, live_holders
 from kvstore.cluster.etcd import EtcdClient, EtcdError
 from kvstore.cluster.membership import Membership, MemberSpec
 from kvstore.cluster.peer_service import PeerServicer, cluster_status
@@ -37,6 +37,7 @@ from kvstore.cluster.remote_tier import RemoteTier
 from kvstore.cluster.tombstones import Tombstone, Tombstones
 from kvstore.cluster.view import ClusterView
 from kvstore.config import ServerConfig
+from kvstore.counters import Event
 from kvstore.operations import DeleteReport, Operations, Selector
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 # stale entries for blocks it dropped (tests/kvstore/cluster/test_node_failures.py).
 DROP_REMOVED_ENV = "KVSTORE_TEST_DROP_REMOVED_ANNOUNCES"
 STATUS_TIMEOUT_S = 1.0
+DELETE_ANNOUNCE_WAIT_S = 1.0  # a tombstone's apply waits this long at most for its removals to reach their homes
 
 
 def advertise_address(cfg: ServerConfig, bound_address: str) -> str:
@@ -159,7 +161,7 @@ class ClusterNode:
 
     def _on_view(self, view: ClusterView) -> None:
         self.peers.on_view(view)
-        self.shard.forget_dead(view.is_live)
+        self.shard.forget_dead(live_holders(view))
         ring = self.remote._homes(view)
         self.shard.keep_homed(lambda skeys: ring.is_home(self.name, skeys))
         self.announcer.wake()
@@ -182,6 +184,7 @@ class ClusterNode:
 
     def after_commit(self) -> None:
         if not self.announcer.flush(self.cfg.cluster_announce_wait_ms / 1000):
+            self.counters[Event.DIRECTORY_COMMIT_WAITS_EXPIRED] += 1
             log.debug("commit answered before its directory homes acknowledged it (cluster_announce_wait_ms)")
 
     # ---- cluster-wide deletes -----------------------------------------------------------------------
@@ -199,6 +202,7 @@ class ClusterNode:
             except EtcdError as err:
                 raise UnavailableError(f"the cluster-wide delete could not be recorded in etcd: {err}") from None
             report = self.ops.delete(sel, secure)  # here at once; the watch applies it again (a no-op)
+        self.announcer.flush(DELETE_ANNOUNCE_WAIT_S)
         try:
             late = self.tombstones.wait_acks(revision, self.cfg.cluster_lease_ttl_s + 1)
         except EtcdError as err:
@@ -206,8 +210,11 @@ class ClusterNode:
         return report, True, late
 
     def _apply_tombstone(self, t: Tombstone) -> None:
+        """Delete here, and have the removals announced before the apply counts as done (the ack follows it), so
+        when an operator's delete returns, no directory still names this node for what it deleted (bounded)."""
         with self._deleting:
             self.ops.delete(Selector(tenant=t.tenant, fingerprint_id=t.fingerprint_id, keys=frozenset(t.keys)), t.secure)
+        self.announcer.flush(DELETE_ANNOUNCE_WAIT_S)
 
     def _wipe(self) -> None:
         """Tombstones this node never applied were trimmed: keep none of its blocks (it cannot know which went)."""

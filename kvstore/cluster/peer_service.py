@@ -26,7 +26,7 @@ import grpc
 from kvwire.errors import FencedError, KVStoreError, PermissionDeniedError, StaleViewError
 from kvstore.auth import Authenticator
 from kvstore.counters import Event
-from kvstore.cluster.directory import BlockRef, DirectoryShard
+from kvstore.cluster.directory import BlockRef, DirectoryShard, live_holders
 from kvstore.cluster.peers import Peers
 from kvstore.cluster.view import ClusterView
 from kvstore.service import abort
@@ -136,29 +136,30 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
 
     @_peer_call
     def Locate(self, request: ppb.LocateRequest, context) -> ppb.LocateResponse:
-        view = self.membership.view()
-        found = self.shard.locate(request.fingerprint_id, request.skeys, view.is_live)
+        found = self.shard.locate(request.fingerprint_id, request.skeys, live_holders(self.membership.view()))
         self.counters[Event.DIRECTORY_LOCATES] += 1
-        index: dict[tuple[str, int], int] = {}
-        holders: list[ppb.Holder] = []
-        response = ppb.LocateResponse()
+        bits: dict[tuple[str, int], int] = {}
+        masks: dict[tuple, int] = {}  # holder tuple -> its mask: most keys share one or two holder sets
+        positions, sizes, checksums, holder_masks = [], [], [], []
         for i, where in found:
-            mask = 0
-            for holder in where.holders:
-                bit = index.get(holder)
-                if bit is None:
-                    if len(holders) == 64:
-                        continue  # a hint only: more holders than a mask names are left out
-                    bit = index[holder] = len(holders)
-                    holders.append(ppb.Holder(node=holder[0], incarnation=holder[1]))
-                mask |= 1 << bit
+            mask = masks.get(where.holders)
+            if mask is None:
+                mask = 0
+                for holder in where.holders:
+                    bit = bits.get(holder)
+                    if bit is None:
+                        if len(bits) == 64:
+                            continue  # a hint only: more holders than a mask names are left out
+                        bit = bits[holder] = len(bits)
+                    mask |= 1 << bit
+                masks[where.holders] = mask
             if mask:
-                response.found.append(i)
-                response.sizes.append(where.size)
-                response.checksums.append(where.checksum)
-                response.holder_masks.append(mask)
-        response.holders.extend(holders)
-        return response
+                positions.append(i)
+                sizes.append(where.size)
+                checksums.append(where.checksum)
+                holder_masks.append(mask)
+        holders = [ppb.Holder(node=name, incarnation=inc) for (name, inc) in bits]
+        return ppb.LocateResponse(holders=holders, found=positions, sizes=sizes, checksums=checksums, holder_masks=holder_masks)
 
     @_peer_call
     def Announce(self, request: ppb.AnnounceRequest, context) -> ppb.AnnounceResponse:

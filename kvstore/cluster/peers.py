@@ -126,9 +126,13 @@ def block_refs(refs: Sequence[BlockRef]) -> list[ppb.BlockRef]:
 
 def located(response: ppb.LocateResponse) -> list[tuple[int, Located]]:
     holders = [(h.node, h.incarnation) for h in response.holders]
+    sets: dict[int, tuple] = {}
     out = []
-    for i, size, checksum, mask in zip(response.found, response.sizes, response.checksums, response.holder_masks):
-        out.append((i, Located(size, checksum, tuple(h for bit, h in enumerate(holders) if mask >> bit & 1))))
+    for i, size, checksum, mask in zip(response.found[:], response.sizes[:], response.checksums[:], response.holder_masks[:]):
+        named = sets.get(mask)
+        if named is None:
+            named = sets[mask] = tuple(h for bit, h in enumerate(holders) if mask >> bit & 1)
+        out.append((i, Located(size, checksum, named)))
     return out
 
 

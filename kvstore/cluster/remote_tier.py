@@ -25,10 +25,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Sequence
 
+import numpy as np
+
 from kvwire.errors import KVStoreError
 from kvstore.cluster.announcer import active_ring
 from kvstore.counters import Event
-from kvstore.cluster.directory import DirectoryShard, HolderId, Located, Rendezvous
+from kvstore.cluster.directory import DirectoryShard, HolderId, Located, Rendezvous, live_holders
 from kvstore.cluster.peers import Peers
 from kvstore.cluster.view import ClusterView
 from kvstore.index import tenant_tag
@@ -40,6 +42,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOCATE_TIMEOUT_S = 0.5  # a Lookup waits at most this long for the directory; a slow home is a miss
+# For this long after a membership change a reader asks both homes of every key and takes the union: keys
+# whose homes moved are being re-announced to their new homes (usually within milliseconds). Otherwise it asks
+# one home per key (itself where it is one), and the other only where the first call failed.
+SETTLE_S = 3.0
 REPAIR_TIMEOUT_S = 1.0
 
 
@@ -54,6 +60,7 @@ class RemoteTier:
         self.counters = counters
         self.fetch_deadline_s = fetch_deadline_s
         self._ring: tuple[int, Rendezvous] = (-1, Rendezvous(()))
+        self._ring_changed = 0.0  # monotonic time of the last membership change seen
         self._repairs = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvstore-repair")
 
     def close(self) -> None:
@@ -64,7 +71,25 @@ class RemoteTier:
         if revision != view.revision:
             ring = active_ring(view)
             self._ring = (view.revision, ring)
+            self._ring_changed = time.monotonic()
         return ring
+
+    def _asks(self, view: ClusterView, skeys: list[bytes]) -> tuple[dict[str, list[int]], dict[int, str]]:
+        """Which home to ask about which keys (name -> positions), and for each position its other home, asked
+        only if the first fails. One home per key: this node where it is one, else the key's first home; both
+        (no fallback needed) while the view settles."""
+        ring = self._homes(view)
+        homes = ring.homes(skeys)
+        if homes.shape[1] < 2 or time.monotonic() - self._ring_changed < SETTLE_S:
+            return ring.homes_by_node(skeys), {}
+        names = ring.names
+        me = names.index(self.me) if self.me in names else -1
+        mine = (homes == me).any(axis=1)
+        first = np.where(mine, me, homes[:, 0])
+        other = np.where(homes[:, 0] == first, homes[:, 1], homes[:, 0])
+        asks = {names[k]: np.flatnonzero(first == k).tolist() for k in np.unique(first).tolist()}
+        fallback = {i: names[k] for i, k in enumerate(other.tolist()) if not mine[i]}
+        return asks, fallback
 
     # ---- locate ---------------------------------------------------------------------------
 
@@ -75,34 +100,43 @@ class RemoteTier:
         incarnation, view = self.identity()
         if incarnation == 0 or not skeys:
             return found
-        asks = self._homes(view).homes_by_node(skeys)
-
-        def usable(holder: HolderId) -> bool:
-            return holder[0] != self.me and view.is_live(*holder) and self.peers.usable(holder[0])
+        asks, fallback = self._asks(view, skeys)
+        live = live_holders(view)
+        usable: dict[tuple, tuple] = {}  # a holder set as answered -> the holders in it worth calling
 
         def merge(positions: list[int], answer: list[tuple[int, Located]]) -> None:
             for j, where in answer:
-                i = positions[j]
-                holders = tuple(h for h in where.holders if usable(h))
+                holders = usable.get(where.holders)
+                if holders is None:
+                    holders = usable[where.holders] = tuple(h for h in where.holders if h[0] != self.me and h in live
+                                                            and self.peers.usable(h[0]))
                 if not holders:
                     continue
+                i = positions[j]
                 known = found[i]
                 if known is None:
-                    found[i] = Located(where.size, where.checksum, holders)
-                elif (known.size, known.checksum) == (where.size, where.checksum):
+                    found[i] = where if holders is where.holders else Located(where.size, where.checksum, holders)
+                elif (known.size, known.checksum) == (where.size, where.checksum) and known.holders != holders:
                     found[i] = Located(known.size, known.checksum, known.holders + tuple(h for h in holders if h not in known.holders))
 
         local = asks.pop(self.me, None)
         if local is not None:
-            merge(local, self.shard.locate(fingerprint_id, [skeys[i] for i in local], view.is_live))
-        if asks:
-            answers = self.peers.locate_many(fingerprint_id, {name: [skeys[i] for i in pos] for name, pos in asks.items()}, timeout_s)
+            merge(local, self.shard.locate(fingerprint_id, [skeys[i] for i in local], live))
+        deadline = time.monotonic() + timeout_s
+        while asks:
+            answers = self.peers.locate_many(fingerprint_id, {name: [skeys[i] for i in pos] for name, pos in asks.items()},
+                                             max(0.001, deadline - time.monotonic()))
+            retry: dict[str, list[int]] = {}
             for name, answer in answers.items():
                 if isinstance(answer, KVStoreError):
                     self.counters[Event.REMOTE_LOCATE_ERRORS] += 1
                     log.debug("locate at %s failed: %s", name, answer)
+                    for i in asks[name]:
+                        if (home := fallback.pop(i, None)) is not None and home != name:
+                            retry.setdefault(home, []).append(i)
                 else:
                     merge(asks[name], answer)
+            asks = retry if time.monotonic() < deadline else {}
         return found
 
     def locate(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes]) -> list[int]:
@@ -125,6 +159,7 @@ class RemoteTier:
         """
         started = time.monotonic()
         deadline = started + self.fetch_deadline_s
+        since = self.store.deletions
         tag = tenant_tag(tenant)
         skeys = [tag + k for k in keys]
         found = self._locate(skeys, fingerprint_id, min(LOCATE_TIMEOUT_S, self.fetch_deadline_s))
@@ -142,7 +177,7 @@ class RemoteTier:
             runs = {h: self._run(found, pos, wanted, h) for h in holders}
             holder = max(holders, key=runs.__getitem__)
             end = pos + runs[holder]
-            got, why = self._fetch_run(holder, tenant, fingerprint_id, keys[pos:end], skeys[pos:end], found[pos:end], deadline)
+            got, why = self._fetch_run(holder, tenant, fingerprint_id, keys[pos:end], skeys[pos:end], found[pos:end], deadline, since)
             pos += got
             if pos == end:
                 continue
@@ -165,7 +200,7 @@ class RemoteTier:
         return n - pos
 
     def _fetch_run(self, holder: HolderId, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes], skeys: list[bytes],
-                   found: Sequence[Located], deadline: float) -> tuple[int, str]:
+                   found: Sequence[Located], deadline: float, since: int) -> tuple[int, str]:
         """Fetch one run from one holder, adopting each message's blocks as it lands; (blocks adopted, why it
         stopped early: "missing" | "corrupt" | "error" | "no_room" | "")."""
         adopted, why = 0, ""
@@ -188,7 +223,7 @@ class RemoteTier:
                         break
                     good.append((keys[i], block.data, block.checksum))
                 if good:
-                    landed = self.store.adopt(tenant, fingerprint_id, good)
+                    landed = self.store.adopt(tenant, fingerprint_id, good, since)
                     adopted += landed
                     self.counters[Event.REMOTE_FETCH_BLOCKS] += landed
                     self.counters[Event.REMOTE_FETCH_BYTES] += sum(len(data) for _, data, _ in good[:landed])

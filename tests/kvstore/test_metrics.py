@@ -141,7 +141,7 @@ EXPORTED_SERIES = {
     "peer_calls_short_circuited": ("kvstore_peer_breaker_events_total", {"event": "short_circuited"}),
     **{f"directory_{name}": ("kvstore_directory_events_total", {"event": name}) for name in (
         "locates", "announces", "resyncs", "resyncs_requested", "repairs", "repairs_sent", "batches_sent", "resyncs_sent",
-        "announce_failures", "rehomed")},
+        "announce_failures", "rehomed", "commit_waits_expired")},
     "grpc_bytes_in": ("kvstore_transport_bytes_total", {"transport": "grpc", "direction": "in"}),
     "grpc_bytes_out": ("kvstore_transport_bytes_total", {"transport": "grpc", "direction": "out"}),
     "ucx_bytes_in": ("kvstore_transport_bytes_total", {"transport": "ucx", "direction": "in"}),

@@ -71,9 +71,8 @@ def test_small_rings() -> None:
     assert not Rendezvous(["a", "b"]).is_home("c", keys).any()
 
 
-def live(*holders: tuple[str, int]):
-    alive = set(holders)
-    return lambda name, inc: (name, inc) in alive
+def live(*holders: tuple[str, int]) -> frozenset:
+    return frozenset(holders)
 
 
 def test_announces_apply_in_sequence_and_a_gap_asks_for_resync() -> None:

@@ -291,3 +291,20 @@ def test_admin_delete_is_applied_on_every_node(etcd, cluster_name, tmp_path, fin
             assert other.lookup(keys) == 6  # another tenant's blocks of the same chain stay
             local = cluster.delete(1, apb.BlockSelector(tier=2))  # by tier: this node's copies only
             assert not local.cluster_wide
+
+
+def test_a_dead_directory_home_does_not_hide_blocks(etcd, cluster_name, tmp_path, fingerprint) -> None:
+    """Three nodes: a reader asks one home per key; when that home is dead (still in the view), it asks the
+    key's other home, so every block A holds is still found, before the view has dropped the dead one."""
+    from kvstore.cluster.remote_tier import SETTLE_S
+
+    with ClusterProcs(tmp_path, etcd, cluster_name, size=3) as cluster:
+        started = time.monotonic()
+        with cluster.client(0, fingerprint) as a, cluster.client(1, fingerprint) as b:
+            keys = a.block_keys(np.arange(16 * 64))
+            a.put(keys, blocks(64, 1024))
+            time.sleep(max(0.0, SETTLE_S + 0.2 - (time.monotonic() - started)))  # past the settle window: one home a key
+            cluster.nodes[2].proc.send_signal(signal.SIGKILL)
+            assert b.lookup(keys) == 64
+            assert cluster.counters(1)["remote_locate_errors"] >= 1  # C was asked, failed, and its keys went to A
+            assert len(b.get(keys)) == 64
