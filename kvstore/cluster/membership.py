@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 FENCE_MARGIN_S = 0.5  # fence this long before etcd could expire the lease
 KEEPALIVE_MAX_INTERVAL_S = 1.0
 KEEPALIVE_RETRY_S = 0.05  # after a failed keepalive: the next endpoint, at once
-REJOIN_BACKOFF_S = (0.2, 1.0)  # first and longest wait between rejoin attempts
+REJOIN_BACKOFF_S = (0.2, 0.5)  # first and longest wait between rejoin attempts
 RECORD_VERSION = 1
 
 

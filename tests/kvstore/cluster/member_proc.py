@@ -81,14 +81,16 @@ def main() -> None:
 class MemberProc:
     """The test side: starts main() in a subprocess and collects its events."""
 
-    def __init__(self, etcd: str, cluster: str, name: str, host_id: str = "", ttl_s: float = 2.0, state_dir: Path | None = None) -> None:
+    def __init__(self, etcd: str, cluster: str, name: str, host_id: str = "", ttl_s: float = 2.0, state_dir: Path | None = None,
+                 wrap=lambda argv: argv) -> None:
+        """wrap: turns the command line into the one to run (a network namespace's `ip netns exec ...`)."""
         argv = [sys.executable, "-m", "tests.kvstore.cluster.member_proc", "--etcd", etcd, "--cluster", cluster,
                 "--name", name, "--host-id", host_id or f"host-{name}", "--ttl", str(ttl_s)]
         if state_dir is not None:
             argv += ["--state-dir", str(state_dir)]
         root = Path(__file__).resolve().parents[3]
         env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
+        self.proc = subprocess.Popen(wrap(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
         self.events: list[dict] = []
         self._cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()

@@ -12,6 +12,7 @@ from kvstore.cluster.membership import FENCE_MARGIN_S, Membership, MemberSpec, N
 from kvstore.cluster.view import ClusterView, MemberState
 from kvstore.counters import Event
 from tests.kvstore.cluster.member_proc import MemberProc
+from tests.netns import Bridge, netns_available
 
 pytestmark = pytest.mark.etcd
 
@@ -124,6 +125,40 @@ def test_a_stopped_member_is_expelled_within_ttl_plus_1s_then_fences_and_rejoins
         assert not a.view().is_live("zombie", old)
     finally:
         proc.stop()
+
+
+def test_a_member_partitioned_from_everyone_fences_within_the_ttl_and_rejoins_after_the_heal(make_etcd, cluster_name):
+    """Silent drops (connects time out, as on a dead link), not a stopped process: the member's own clock fences it."""
+    reason = netns_available()
+    if reason:
+        pytest.skip(reason)
+    ttl = 2.0
+    with Bridge() as bridge:
+        ns = bridge.add("p")
+        etcd = make_etcd(host=bridge.root_address)
+        client = EtcdClient(etcd.endpoints)
+        a = Membership(client, cluster_name, MemberSpec("a", "127.0.0.1:1", "host-a"), ttl)
+        a.start()
+        proc = MemberProc(etcd.endpoints, cluster_name, "p", ttl_s=ttl, wrap=ns.command)
+        try:
+            old = proc.wait_for("joined", 10)["incarnation"]
+            assert a.wait_view(lambda v: v.incarnation_of("p") == old, 2)
+            bridge.isolate("p")
+            cut = time.monotonic()
+            fenced = proc.wait_for("fenced", ttl + 1)
+            assert fenced["t"] - cut <= ttl - FENCE_MARGIN_S + 0.2
+            assert a.wait_view(lambda v: "p" not in v.members, ttl + 1.5)
+            assert time.monotonic() - cut <= ttl + 1.0
+            time.sleep(0.5)
+            bridge.heal()
+            healed = time.monotonic()
+            rejoined = proc.wait_for("joined", 5, after=1)
+            assert rejoined["incarnation"] > old
+            assert a.wait_view(lambda v: v.incarnation_of("p") == rejoined["incarnation"], 5 - (time.monotonic() - healed))
+        finally:
+            proc.stop()
+            a.close()
+            client.close()
 
 
 @pytest.mark.parametrize("outage", ["pause", "kill"])
