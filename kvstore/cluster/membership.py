@@ -152,6 +152,7 @@ class Membership:
         self._state = MemberState.ACTIVE
         self._incarnation = 0
         self._last_incarnation = 0  # the one a rejoin may take over
+        self._unsettled_leases: set[int] = set()  # granted by us, revoke failed: a record under one is ours
         self._lease_id = 0
         self._lease_ttl_s = 0.0
         self._fence_at = 0.0
@@ -215,21 +216,22 @@ class Membership:
             raise MembershipError("membership already started")
         self._started = True
         deadline = self.clock() + timeout_s
-        while True:
-            try:
-                if self._watch is None:
-                    self._resync_view()
-                if self.before_join is not None:
-                    self.before_join()
-                incarnation = self._join(takeover_any_of_this_host=True)
-                break
-            except EtcdUnavailableError:
-                if self.clock() >= deadline:
-                    self._stop.set()
-                    if self._watch is not None:
-                        self._watch.cancel()
-                    raise
-                time.sleep(REJOIN_BACKOFF_S[0])
+        try:
+            while True:
+                try:
+                    if self._watch is None:
+                        self._resync_view()
+                    if self.before_join is not None:
+                        self.before_join()
+                    incarnation = self._join(takeover_any_of_this_host=True)
+                    break
+                except EtcdUnavailableError:
+                    if self.clock() >= deadline:
+                        raise
+                    time.sleep(REJOIN_BACKOFF_S[0])
+        except BaseException:
+            self.close()
+            raise
         self._keeper = threading.Thread(target=self._keep, name=f"kvstore-membership-{self.me.name}", daemon=True)
         self._keeper.start()
         self._joined(incarnation)
@@ -291,7 +293,8 @@ class Membership:
                     continue  # it expired between the compare and the read
                 holder = decode_member(self.me.name, existing)
                 ours = holder.host_id == self.me.host_id and (
-                    takeover_any_of_this_host or existing.create_revision == self._last_incarnation)
+                    takeover_any_of_this_host or existing.create_revision == self._last_incarnation
+                    or existing.lease in self._unsettled_leases)
                 if not ours:
                     raise NodeNameInUseError(self.me.name, holder.host_id)
                 log.info("member %s: taking over its previous record (incarnation %d)", self.me.name, existing.create_revision)
@@ -300,21 +303,32 @@ class Membership:
             else:
                 raise EtcdUnavailableError(f"member key {self.key!r} kept changing under the join")
         except BaseException:
-            try:
-                self.etcd.lease_revoke(lease.id)
-            except EtcdError:
-                pass
+            self._revoke_granted(lease.id)
             raise
         with self._lock:
-            self._incarnation = self._last_incarnation = result.revision
-            self._lease_id = lease.id
-            self._lease_ttl_s = float(lease.ttl_s)
-            self._fence_at = sent + lease.ttl_s - FENCE_MARGIN_S
-            self._last_ack_sent = sent
-            self.counters[Event.CLUSTER_JOINS] += 1
-            self._changed.notify_all()
+            left = self._left  # leave() or close() ran while we were registering
+            if not left:
+                self._incarnation = self._last_incarnation = result.revision
+                self._lease_id = lease.id
+                self._lease_ttl_s = float(lease.ttl_s)
+                self._fence_at = sent + lease.ttl_s - FENCE_MARGIN_S
+                self._last_ack_sent = sent
+                self.counters[Event.CLUSTER_JOINS] += 1
+                self._changed.notify_all()
+        if left:
+            self._revoke_granted(lease.id)
+            raise MembershipError(f"member {self.me.name} left while joining")
         log.info("member %s joined cluster %s as incarnation %d (lease ttl %ds)", self.me.name, self.layout.cluster, result.revision, lease.ttl_s)
         return result.revision
+
+    def _revoke_granted(self, lease_id: int) -> None:
+        """Revoke a lease this join granted but will not use; if etcd does not answer, remember it, so a
+        record found under it later (a create whose answer was lost) is known to be ours."""
+        try:
+            self.etcd.lease_revoke(lease_id)
+            self._unsettled_leases.discard(lease_id)
+        except EtcdError:
+            self._unsettled_leases.add(lease_id)
 
     def _joined(self, incarnation: int) -> None:
         with self._lock:
@@ -396,14 +410,13 @@ class Membership:
         except NodeNameInUseError as err:
             log.error("member %s cannot rejoin: %s", self.me.name, err)
             return False
+        except MembershipError:  # left meanwhile
+            return False
         except EtcdError as err:
             log.info("member %s: rejoin failed: %s", self.me.name, err)
             return False
         except Exception:
             log.exception("member %s: before_join failed; not rejoining yet", self.me.name)
-            return False
-        if self._left:
-            self.leave()
             return False
         self._joined(incarnation)
         return True

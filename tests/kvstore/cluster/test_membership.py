@@ -78,6 +78,21 @@ def test_incarnations_strictly_increase_across_rejoin_and_restart(members, etcd,
     assert a.view().incarnation_of("n1") == b3.incarnation and not b3.fenced
 
 
+def test_two_processes_given_one_name_do_not_take_it_from_each_other(members):
+    first = members.one("n0")
+    before = first.incarnation
+    second = members.one("n0")  # same host id: to etcd this is a fast restart, so it takes the name over
+    assert second.incarnation > before
+    deadline = time.monotonic() + 2
+    while not first.fenced and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.fenced and first.counters[Event.CLUSTER_FENCES] == 1
+    time.sleep(1.5)  # the first keeps trying to rejoin: it may take back only its own incarnation
+    assert first.fenced and first.incarnation == 0
+    assert not second.fenced and second.view().incarnation_of("n0") == second.incarnation
+    assert second.counters[Event.CLUSTER_FENCES] == 0
+
+
 def test_graceful_leave_is_seen_by_the_others_within_a_second(members):
     a, b, c = members(3)
     assert a.wait_view(sees({"n0", "n1", "n2"}), 2)
