@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     leases.add_argument("ids", nargs="*", type=int, help="lease or pin ids to revoke")
     leases.add_argument("--tenant", default="")
     leases.add_argument("--owner", default="", help="client id")
-    sub.add_parser("cluster", help="cluster mode: members, incarnations, states, directory shard sizes, breakers, per-peer bytes")
+    cl = sub.add_parser("cluster", help="cluster mode: members, incarnations, states, directory shard sizes, breakers, per-peer bytes")
+    cl.add_argument("--local", action="store_true", help="this node only (asks no peer)")
     drain = sub.add_parser("drain", help="stop admitting writes, let readers finish, flush to ssd, exit (in cluster mode: leave at once)")
     drain.add_argument("--reader-timeout", type=parse_duration, default=30.0, help="how long to wait for readers (default 30s)")
     drain.add_argument("--wait", action="store_true", help="return only once the server has stopped answering")
@@ -221,7 +222,7 @@ def _run(args: argparse.Namespace, stub: apb_grpc.AdminStub, call: Callable) -> 
     if args.command == "delete":
         return call(stub.DeleteBlocks, apb.DeleteBlocksRequest(selector=selector(args), secure=args.secure)), render_counts
     if args.command == "cluster":
-        return call(stub.Cluster, apb.ClusterRequest()), render_cluster
+        return call(stub.Cluster, apb.ClusterRequest(local_only=args.local)), render_cluster
     if args.command == "leases" and args.action == "revoke":
         return call(stub.RevokeLeases, apb.RevokeLeasesRequest(ids=args.ids, owner=args.owner, tenant=args.tenant)), render_counts
     if args.command == "leases":

@@ -109,7 +109,7 @@ class AdminServicer(apb_grpc.AdminServicer):
     def Cluster(self, request, context, caller: Caller):
         if self.cluster is None:
             raise InvalidRequestError("this server does not run in cluster mode (no cluster_etcd)")
-        nodes, unreachable = self.cluster.statuses()
+        nodes, unreachable = ([self.cluster.status()], []) if request.local_only else self.cluster.statuses()
         return apb.ClusterResponse(nodes=nodes, unreachable=unreachable)
 
     @_admin

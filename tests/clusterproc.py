@@ -1,5 +1,8 @@
 """A kvstore cluster for tests: N real `kvstore serve` processes on loopback, joined through a real etcd.
 
+With a tests/netns.py Bridge each node runs in a network namespace of its own instead (for partitions);
+etcd must then listen on the bridge's root address (EtcdCluster(host=bridge.root_address)).
+
 Each node is a host of its own as far as co-location goes (distinct host_id and KVSTORE_HOST_ID), with
 its own data dir and a real token file: tenant tokens for clients, a peer token the nodes present to
 each other. The harness reads node state only through the nodes' public doors (KVStore, Admin).
@@ -19,6 +22,7 @@ from kvwire.v1 import admin_pb2 as apb
 from kvwire.v1 import admin_pb2_grpc as apb_grpc
 from kvwire.v1 import kvstore_pb2 as pb
 from tests.etcdproc import EtcdCluster
+from tests.netns import Bridge, Namespace
 from tests.serverproc import ServerProc
 
 TENANT_TOKENS = {"alpha": "tok-alpha", "beta": "tok-beta"}
@@ -47,7 +51,9 @@ class ClusterProcs:
     env: dict = field(default_factory=dict)  # extra environment for every node
     node_flags: dict[int, dict] = field(default_factory=dict)  # flags for one node, over `flags`
     node_env: dict[int, dict] = field(default_factory=dict)  # environment for one node, over `env`
+    bridge: Bridge | None = None  # when set, node i runs in a network namespace of its own on this bridge
     nodes: list[ServerProc] = field(default_factory=list)
+    namespaces: list[Namespace] = field(default_factory=list)
 
     @staticmethod
     def node_name(i: int) -> str:
@@ -84,7 +90,16 @@ class ClusterProcs:
             **self.node_flags.get(i, {}),
         }
         env = {"KVSTORE_HOST_ID": self.host_id(i), **self.env, **self.node_env.get(i, {})}
-        return ServerProc(self.base / self.node_name(i), flags=flags, env=env)
+        if self.bridge is None:
+            return ServerProc(self.base / self.node_name(i), flags=flags, env=env)
+        ns = self.bridge.add(self.node_name(i))
+        self.namespaces.append(ns)
+        env = {"UCX_NET_DEVICES": ns.leg, "UCX_TLS": "tcp,self", **env}
+        return ServerProc(self.base / self.node_name(i), flags=flags, env=env, host=ns.address, wrap=ns.command([]))
+
+    def namespace(self, i: int) -> Namespace:
+        """Node i's network namespace (with a bridge only)."""
+        return self.namespaces[i]
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -109,8 +124,8 @@ class ClusterProcs:
             stub = apb_grpc.AdminStub(channel)
             return getattr(stub, method)(request, metadata=(("authorization", f"Bearer {ADMIN_TOKEN}"),), timeout=timeout_s)
 
-    def cluster_status(self, i: int) -> apb.ClusterResponse:
-        return self._admin(i, "Cluster", apb.ClusterRequest())
+    def cluster_status(self, i: int, local_only: bool = False) -> apb.ClusterResponse:
+        return self._admin(i, "Cluster", apb.ClusterRequest(local_only=local_only))
 
     def counters(self, i: int) -> dict[str, int]:
         return dict(self._admin(i, "Stats", pb.StatsRequest()).store.counters)
@@ -126,7 +141,7 @@ class ClusterProcs:
         deadline = time.monotonic() + timeout_s
         for i in nodes if nodes is not None else range(len(self.nodes)):
             while True:
-                me = self.cluster_status(i).nodes[0]
+                me = self.cluster_status(i, local_only=True).nodes[0]
                 if len(me.members) == n and not me.fenced:
                     break
                 if time.monotonic() > deadline:
@@ -138,4 +153,4 @@ class ClusterProcs:
 
     def incarnations(self, i: int = 0) -> dict[str, int]:
         """Every member's incarnation as node i sees it."""
-        return {m.name: m.incarnation for m in self.cluster_status(i).nodes[0].members}
+        return {m.name: m.incarnation for m in self.cluster_status(i, local_only=True).nodes[0].members}

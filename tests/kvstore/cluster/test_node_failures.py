@@ -4,8 +4,12 @@ drain, cluster-wide deletes, and host identity (a client never maps another node
 """
 from __future__ import annotations
 
+import json
 import mmap
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,10 +25,12 @@ from kvwire.v1 import admin_pb2_grpc as apb_grpc
 from kvwire.v1 import peer_pb2 as ppb
 from kvwire.v1 import peer_pb2_grpc as ppb_grpc
 from tests.clusterproc import ADMIN_TOKEN, PEER_TOKEN, TENANT_TOKENS, ClusterProcs
+from tests.netns import Bridge, netns_available
 
 pytestmark = pytest.mark.etcd
 
 MiB = 1 << 20
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def blocks(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
@@ -308,3 +314,87 @@ def test_a_dead_directory_home_does_not_hide_blocks(etcd, cluster_name, tmp_path
             assert b.lookup(keys) == 64
             assert cluster.counters(1)["remote_locate_errors"] >= 1  # C was asked, failed, and its keys went to A
             assert len(b.get(keys)) == 64
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
+def test_a_partitioned_node_fences_keeps_its_local_clients_and_comes_back(make_etcd, cluster_name, tmp_path, fingerprint, strict) -> None:
+    """Node A cut off from its peers and from etcd (network namespaces, silent drops): A fences within the lease
+    TTL; the others drop A within TTL + 1 s; A's own clients are still served (refused in strict mode); after the
+    heal A rejoins with a new incarnation and its blocks are found from the other nodes within 5 s."""
+    reason = netns_available()
+    if reason:
+        pytest.skip(reason)
+    ttl = 2.0
+    with Bridge() as bridge:
+        etcd = make_etcd(host=bridge.root_address)
+        node_flags = {0: {"cluster_strict_fence": strict}}
+        with ClusterProcs(tmp_path, etcd, cluster_name, size=3, bridge=bridge, node_flags=node_flags) as cluster:
+            with cluster.client(0, fingerprint) as a, cluster.client(1, fingerprint) as b:
+                keys = a.block_keys(np.arange(16 * 6))
+                a.put(keys, blocks(6, 8192, seed=5))
+                assert b.lookup(keys) == 6
+                old = cluster.incarnations(1)["n0"]
+                ns = cluster.namespace(0)
+                reader = subprocess.Popen(ns.command([sys.executable, "-m", "tests.kvstore.cluster.ns_reader", "--address", cluster.nodes[0].address,
+                                                      "--token", TENANT_TOKENS["alpha"], "--admin-token", ADMIN_TOKEN, "--blocks", "6",
+                                                      "--size", "8192", "--seed", "5"]),
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                          env={**os.environ, "PYTHONPATH": str(ROOT), "KVSTORE_HOST_ID": cluster.host_id(0)})
+                cut_at = time.monotonic()
+                bridge.isolate("n0")
+                cluster.wait_members(2, timeout_s=ttl + 3, nodes=[1, 2])
+                dropped_after = time.monotonic() - cut_at
+                out, err = reader.communicate(timeout=30)
+                seen = json.loads(out.strip().splitlines()[-1])
+                assert seen["fenced_at"] is not None, err
+                assert seen["fenced_at"] - cut_at <= ttl
+                assert dropped_after <= ttl + 1
+                assert seen["transport"] == "shm"  # a client of A's own host
+                if strict:
+                    assert seen["lookup"] == "FencedError" and seen["get"] == "FencedError"  # an UnavailableError
+                else:
+                    assert seen["lookup"] == 6 and seen["get"] is True
+                healed_at = time.monotonic()
+                bridge.heal()
+                cluster.wait_members(3, timeout_s=10)
+                assert cluster.incarnations(1)["n0"] > old
+                while b.lookup(keys) != 6:
+                    assert time.monotonic() - healed_at < 5, "A's blocks not findable again within 5 s of the heal"
+                    time.sleep(0.05)
+                assert len(b.get(keys)) == 6
+
+
+def test_a_stopped_holder_is_dropped_then_rejoins_as_a_new_incarnation(etcd, cluster_name, tmp_path, fingerprint) -> None:
+    """SIGSTOP past the lease TTL: the holder is gone from every view within TTL + 1 s and readers fall back at
+    once; on SIGCONT it fences, rejoins with a new incarnation, and a call carrying its old incarnation is refused."""
+    ttl = 2.0
+    with ClusterProcs(tmp_path, etcd, cluster_name, size=3) as cluster:
+        with cluster.client(0, fingerprint) as a, cluster.client(1, fingerprint) as b:
+            keys = a.block_keys(np.arange(16 * 4))
+            a.put(keys, blocks(4, 4096))
+            old = cluster.incarnations(1)
+            holder = cluster.nodes[0].proc
+            holder.send_signal(signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            try:
+                cluster.wait_members(2, timeout_s=ttl + 2, nodes=[1, 2])
+                assert time.monotonic() - stopped_at <= ttl + 1
+                started = time.monotonic()
+                assert b.lookup(keys) == 0  # nothing is attributed to the stopped holder any more
+                with pytest.raises(BlockNotFoundError):
+                    b.get(keys)
+                assert time.monotonic() - started < 1.0
+            finally:
+                holder.send_signal(signal.SIGCONT)
+            cluster.wait_members(3, timeout_s=10)
+            new = cluster.incarnations(1)
+            assert new["n0"] > old["n0"] and cluster.counters(0)["cluster_fences"] >= 1
+            deadline = time.monotonic() + 5
+            while b.lookup(keys) != 4:  # the new incarnation resynced its blocks to their homes
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            env = ppb.Envelope(sender="n0", sender_incarnation=old["n0"], sender_view_revision=1, target_incarnation=new["n1"])
+            with pytest.raises(grpc.RpcError) as err:
+                _peer_call(cluster.nodes[1].address, "Locate", ppb.LocateRequest(envelope=env, fingerprint_id=fingerprint.id, skeys=[b"s" * 24]))
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert cluster.counters(1)["peer_rejected_zombie"] >= 1
