@@ -150,20 +150,24 @@ class Tombstones:
         return revision
 
     def wait_acks(self, revision: int, timeout_s: float) -> list[str]:
-        """Wait until every live member has applied tombstones up to `revision`; the names of those that have
-        not by the timeout (a partitioned member stays live until its lease expires, so a timeout of the lease
-        TTL always ends with the answer). Raises EtcdUnavailableError only if etcd never answered."""
+        """Wait until every live member has applied tombstones up to `revision`; returns the members that have
+        not: those still live at the timeout, and those that left the cluster during the wait without applying
+        it (a partitioned member is expelled when its lease expires, so with a timeout past the lease TTL the
+        call returns once that happens, naming it; it replays the delete before it rejoins).
+        Raises EtcdUnavailableError only if etcd never answered."""
         deadline = time.monotonic() + timeout_s
+        seen: set[str] = set()  # every member live at some point of the wait
         late: list[str] | None = None
         while True:
             try:
                 members, _ = self.etcd.get_prefix(self.layout.members)
                 acks, _ = self.etcd.get_prefix(self.layout.acks)
                 acked = {Layout.name_of(kv.key, self.layout.acks): _int(kv.value) for kv in acks}
-                late = sorted(name for name in (Layout.name_of(kv.key, self.layout.members) for kv in members)
-                              if acked.get(name, 0) < revision)
-                if not late:
-                    return []
+                live = {Layout.name_of(kv.key, self.layout.members) for kv in members}
+                seen |= live
+                late = sorted(name for name in seen if acked.get(name, 0) < revision)
+                if not any(name in live for name in late):
+                    return late  # nobody who could still apply it is left to wait for
             except EtcdUnavailableError:
                 if time.monotonic() >= deadline and late is None:
                     raise
