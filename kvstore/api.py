@@ -85,8 +85,8 @@ class ClusterGate(Protocol):
     """What cluster mode adds to requests (kvstore/cluster/node.py): reads refused while fenced in strict mode,
     and a commit answered once its directory homes know the blocks (bounded by cluster_announce_wait_ms)."""
 
-    def before_read(self) -> None:
-        """Raises FencedError while this node may not serve reads."""
+    def before_read(self, caller: Caller) -> None:
+        """Raises FencedError while this node may not serve this caller's reads."""
 
     def after_commit(self) -> None:
         """Returns once this node's commits so far are announced to their homes, or the wait bound passed."""
@@ -114,9 +114,9 @@ class StoreAPI:
 
     # ---- lookup and leases ----------------------------------------------------------
 
-    def _before_read(self) -> None:
+    def _before_read(self, caller: Caller) -> None:
         if self.cluster is not None:
-            self.cluster.before_read()
+            self.cluster.before_read(caller)
 
     def _after_commit(self, outcomes: list[PutOutcome]) -> list[PutOutcome]:
         if self.cluster is not None and PutOutcome.STORED in outcomes:
@@ -125,11 +125,11 @@ class StoreAPI:
 
     def lookup(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> tuple[list[KeyStatus], int]:
         """Each key's status and how many leading keys are present."""
-        self._before_read()
+        self._before_read(caller)
         return self.store.lookup(caller, fingerprint_id, keys)
 
     def prefix_length(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> int:
-        self._before_read()
+        self._before_read(caller)
         return self.store.prefix_length(caller, fingerprint_id, keys)
 
     def acquire(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0) -> list[LeaseInfo]:
@@ -178,7 +178,7 @@ class StoreAPI:
 
     def get(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> Iterator[tuple[bytes, bytes, int]]:
         """(key, payload, checksum) in request order; BlockNotFoundError before the first if any is missing."""
-        self._before_read()
+        self._before_read(caller)
         return self._counted(self.store.get(caller, fingerprint_id, keys))
 
     def _counted(self, blocks: Iterator[tuple[bytes, bytes, int]]) -> Iterator[tuple[bytes, bytes, int]]:
@@ -192,7 +192,7 @@ class StoreAPI:
         """Pin the blocks in the host pool for the caller to copy out; with prefix, the leading present run.
 
         release_pin_ids are dropped first, so the room they hold is free for this pin."""
-        self._before_read()
+        self._before_read(caller)
         if release_pin_ids:
             self.store.unpin(caller, release_pin_ids)
         return self.store.pin(caller, fingerprint_id, keys, ttl_ms, prefix)
@@ -236,7 +236,7 @@ class StoreAPI:
 
     def pin_for_send(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> PinInfo:
         """A pin that lives while one transfer sends the blocks; the data plane unpins once the sends are done."""
-        self._before_read()
+        self._before_read(caller)
         return self.store.pin(caller, fingerprint_id, keys)
 
     def pinned_slots(self, caller: Caller, pin_id: int) -> PinnedSlots:

@@ -76,6 +76,7 @@ class Event(enum.StrEnum):
     REMOTE_LOCATE_ERRORS = "remote_locate_errors"  # Locate calls to a home that failed (its keys count as absent)
     REMOTE_FETCH_BLOCKS = "remote_fetch_blocks"  # blocks fetched from peers, checked and stored here
     REMOTE_FETCH_BYTES = "remote_fetch_bytes"
+    REMOTE_FETCH_UCX_BLOCKS = "remote_fetch_ucx_blocks"  # of remote_fetch_blocks, those that came over UCX (else gRPC)
     REMOTE_FETCHES_COMPLETE = "remote_fetches_complete"  # fetches that got every block asked for
     REMOTE_FETCHES_SHORT = "remote_fetches_short"  # fetches that ended early (a miss, the deadline, a failure)
     REMOTE_FETCH_FAILURES = "remote_fetch_failures"  # fetch calls broken by the peer or the network

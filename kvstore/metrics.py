@@ -71,6 +71,7 @@ CLUSTER_EVENTS = Family("kvstore_cluster_events", "Cluster membership and cluste
 REMOTE_LOCATE_KEYS = Family("kvstore_remote_locate_keys", "Keys missing here looked up at their directory homes, by answer", ("result",))
 REMOTE_FETCH_BLOCKS = Family("kvstore_remote_fetch_blocks", "Blocks fetched from peers, checked and stored here")
 REMOTE_FETCH_BYTES = Family("kvstore_remote_fetch_bytes", "Payload bytes fetched from peers")
+REMOTE_FETCH_UCX_BLOCKS = Family("kvstore_remote_fetch_ucx_blocks", "Blocks fetched from peers over UCX (the rest came over gRPC)")
 REMOTE_FETCHES = Family("kvstore_remote_fetches", "Fetches from peers, by outcome", ("outcome",))
 REMOTE_FETCH_ERRORS = Family("kvstore_remote_fetch_errors", "Remote reads that went wrong, by reason", ("reason",))
 PEER_SERVED_BLOCKS = Family("kvstore_peer_served_blocks", "Blocks this node sent to peers")
@@ -117,6 +118,7 @@ EVENT_SERIES: dict[Event, tuple[Family, tuple[str, ...]]] = {
     Event.REMOTE_LOCATE_ABSENT: (REMOTE_LOCATE_KEYS, ("absent",)),
     Event.REMOTE_FETCH_BLOCKS: (REMOTE_FETCH_BLOCKS, ()),
     Event.REMOTE_FETCH_BYTES: (REMOTE_FETCH_BYTES, ()),
+    Event.REMOTE_FETCH_UCX_BLOCKS: (REMOTE_FETCH_UCX_BLOCKS, ()),
     Event.REMOTE_FETCHES_COMPLETE: (REMOTE_FETCHES, ("complete",)),
     Event.REMOTE_FETCHES_SHORT: (REMOTE_FETCHES, ("short",)),
     Event.REMOTE_LOCATE_ERRORS: (REMOTE_FETCH_ERRORS, ("locate",)),

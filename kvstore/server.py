@@ -119,7 +119,7 @@ class KVStoreServer:
         self.worker.start()
         self.metrics.start()
         if self.cluster is not None:  # joins once peers can reach this node's gRPC port
-            self.cluster.start(self.ucx.port if self.ucx is not None else 0)
+            self.cluster.start(self.ucx)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("kvstore.v1.KVStore", health_pb2.HealthCheckResponse.SERVING)
         log.info(

@@ -27,6 +27,9 @@ from tests.serverproc import ServerProc
 
 TENANT_TOKENS = {"alpha": "tok-alpha", "beta": "tok-beta"}
 ADMIN_TOKEN = "tok-admin"
+# Node flags per data path between nodes: gRPC Fetch only, or the UCX data plane (which on loopback must be
+# allowed to listen on every interface) with gRPC as its fallback.
+DATA_PATHS = {"grpc": {"ucx": False}, "ucx": {"ucx": True, "ucx_all_interfaces": True}}
 PEER_TOKEN = "tok-peer-secret"
 
 

@@ -31,10 +31,11 @@ from kvstore.cluster.announcer import Announcer
 from kvstore.cluster.directory import BlockRef, DirectoryShard, live_holders
 from kvstore.cluster.etcd import EtcdClient, EtcdError
 from kvstore.cluster.membership import Membership, MemberSpec
-from kvstore.cluster.peer_service import PeerServicer, cluster_status
+from kvstore.cluster.peer_service import PEER_CLIENT_PREFIX, PeerServicer, cluster_status
 from kvstore.cluster.peers import Peers
 from kvstore.cluster.remote_tier import RemoteTier
 from kvstore.cluster.tombstones import Tombstone, Tombstones
+from kvstore.cluster.ucx_fetch import UcxFetcher
 from kvstore.cluster.view import ClusterView
 from kvstore.config import ServerConfig
 from kvstore.counters import Event
@@ -43,9 +44,9 @@ from kvstore.operations import DeleteReport, Operations, Selector
 if TYPE_CHECKING:
     import grpc
 
-    from kvstore.api import StoreAPI
+    from kvstore.api import StoreAPI, UcxSessions
     from kvstore.auth import Authenticator
-    from kvstore.store import Store
+    from kvstore.store import Caller, Store
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,9 @@ class ClusterNode:
             log.warning("%s=1: this node announces no removals (a test fault; never set it in production)", DROP_REMOVED_ENV)
         self.announcer = Announcer(self.name, self.shard, self.peers, self.identity, self._catalog, self.counters,
                                    timeout_s=max(0.2, cfg.cluster_announce_wait_ms / 1000), drop_removed=drop_removed)
+        ucx = UcxFetcher(self.peers) if cfg.ucx and UcxFetcher.available() else None
         self.remote = RemoteTier(self.name, store, self.identity, self.peers, self.shard, self.counters,
-                                 cfg.remote_fetch_deadline_ms / 1000)
+                                 cfg.remote_fetch_deadline_ms / 1000, ucx)
         self._deleting = threading.Lock()
         self.servicer = PeerServicer(self.name, self, auth, self.shard, store, self.peers, self.counters, self.status)
         self.servicer.add_to(grpc_server)
@@ -119,9 +121,13 @@ class ClusterNode:
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
-    def start(self, ucx_port: int = 0) -> "ClusterNode":
-        """Join the cluster (replaying tombstones first) and start announcing; the gRPC server is already serving."""
+    def start(self, ucx: "UcxSessions | None" = None) -> "ClusterNode":
+        """Join the cluster (replaying tombstones first) and start announcing; the gRPC server (and the UCX data
+        plane, if any, which peers then read from) is already serving."""
         host = self.address.rsplit(":", 1)[0]
+        ucx_port = ucx.port if ucx is not None else 0
+        if ucx is not None:
+            self.servicer.ucx, self.servicer.ucx_listener = ucx, f"{host}:{ucx_port}"
         spec = MemberSpec(self.name, self.address, self.cfg.host_id or host_id(), f"{host}:{ucx_port}" if ucx_port else "",
                           {"host": self.store.host.capacity_bytes, "ssd": self.cfg.ssd_capacity})
         membership = Membership(self.etcd, self.cfg.cluster_name, spec, self.cfg.cluster_lease_ttl_s,
@@ -178,8 +184,12 @@ class ClusterNode:
 
     # ---- the request layer's ClusterGate ---------------------------------------------------------
 
-    def before_read(self) -> None:
-        if self.cfg.cluster_strict_fence and self.fenced:
+    def before_read(self, caller: Caller) -> None:
+        if not self.fenced:
+            return
+        if caller.client_id.startswith(PEER_CLIENT_PREFIX):  # a peer's UCX session: a fenced node serves no peer
+            raise FencedError(f"node {self.name} is fenced from the cluster and serves no peer until it rejoins")
+        if self.cfg.cluster_strict_fence:
             raise FencedError(f"node {self.name} is fenced from the cluster and, in strict mode, serves no reads until it rejoins")
 
     def after_commit(self) -> None:

@@ -24,19 +24,21 @@ from typing import Callable, Iterator, Protocol
 import grpc
 
 from kvwire.errors import FencedError, KVStoreError, PermissionDeniedError, StaleViewError
-from kvstore.auth import Authenticator
+from kvstore.api import UcxSessions
+from kvstore.auth import Authenticator, check_tenant
 from kvstore.counters import Event
 from kvstore.cluster.directory import BlockRef, DirectoryShard, live_holders
 from kvstore.cluster.peers import Peers
 from kvstore.cluster.view import ClusterView
 from kvstore.service import abort
-from kvstore.store import Store
+from kvstore.store import Caller, Store
 from kvwire.v1 import peer_pb2 as ppb
 from kvwire.v1 import peer_pb2_grpc as ppb_grpc
 
 log = logging.getLogger(__name__)
 
 VIEW_CATCH_UP_S = 1.0
+PEER_CLIENT_PREFIX = "peer:"  # client ids of UCX sessions issued to peers: a fenced node refuses them (node.before_read)
 FETCH_MESSAGE_BYTES = 4 << 20  # a Fetch answers in messages of about this much payload: a deadline keeps what landed
 SERVICE_NAME = ppb.DESCRIPTOR.services_by_name["PeerService"].full_name
 
@@ -104,6 +106,8 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
         self.peers = peers
         self.counters = counters
         self.status = status
+        self.ucx: UcxSessions | None = None  # the server's UCX data plane, once started (node.start)
+        self.ucx_listener = ""  # host:port peers dial for it
 
     def add_to(self, server: grpc.Server) -> None:
         ppb_grpc.add_PeerServiceServicer_to_server(self, server)
@@ -229,6 +233,17 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
             self.counters[Event.PEER_SERVED_BLOCKS] += served
             self.counters[Event.PEER_SERVED_BYTES] += sent
             self.peers.count_served(request.envelope.sender, sent)
+
+    @_peer_call
+    def UcxSession(self, request: ppb.UcxSessionRequest, context) -> ppb.UcxSessionResponse:
+        """A session on this node's UCX data plane bound to the tenant the peer reads for (check_tenant: the same
+        names a token may carry), under a peer client id: a peer acts for every tenant, as Fetch's storage keys do."""
+        if self.ucx is None:
+            return ppb.UcxSessionResponse()
+        env = request.envelope
+        client_id = f"{PEER_CLIENT_PREFIX}{env.sender}:{env.sender_incarnation}"
+        token = self.ucx.session_token(Caller(tenant=check_tenant(request.tenant), client_id=client_id))
+        return ppb.UcxSessionResponse(listener=self.ucx_listener, token=token, client_id=client_id)
 
     @_peer_call
     def Status(self, request: ppb.PeerStatusRequest, context) -> ppb.ClusterStatus:

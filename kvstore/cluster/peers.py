@@ -290,6 +290,16 @@ class Peers:
         except grpc.RpcError as err:
             raise self._failed(peer, err) from None
 
+    def ucx_session(self, name: str, tenant: str, timeout_s: float) -> tuple[str, bytes, str]:
+        """(listener, token, client id) of a session on the peer's UCX data plane for tenant's blocks; listener "" without one."""
+        peer, env = self._begin(name)
+        try:
+            answer = peer.stub.UcxSession(ppb.UcxSessionRequest(envelope=env, tenant=tenant), timeout=timeout_s, metadata=self.metadata)
+            peer.breaker.succeeded()
+            return answer.listener, answer.token, answer.client_id
+        except grpc.RpcError as err:
+            raise self._failed(peer, err) from None
+
     def status(self, name: str, timeout_s: float) -> ppb.ClusterStatus:
         peer, env = self._begin(name)
         try:

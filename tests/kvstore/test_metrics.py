@@ -125,6 +125,7 @@ EXPORTED_SERIES = {
     "remote_locate_absent": ("kvstore_remote_locate_keys_total", {"result": "absent"}),
     "remote_fetch_blocks": ("kvstore_remote_fetch_blocks_total", {}),
     "remote_fetch_bytes": ("kvstore_remote_fetch_bytes_total", {}),
+    "remote_fetch_ucx_blocks": ("kvstore_remote_fetch_ucx_blocks_total", {}),
     "remote_fetches_complete": ("kvstore_remote_fetches_total", {"outcome": "complete"}),
     "remote_fetches_short": ("kvstore_remote_fetches_total", {"outcome": "short"}),
     "remote_locate_errors": ("kvstore_remote_fetch_errors_total", {"reason": "locate"}),

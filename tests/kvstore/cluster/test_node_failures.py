@@ -24,7 +24,7 @@ from kvwire.v1 import admin_pb2 as apb
 from kvwire.v1 import admin_pb2_grpc as apb_grpc
 from kvwire.v1 import peer_pb2 as ppb
 from kvwire.v1 import peer_pb2_grpc as ppb_grpc
-from tests.clusterproc import ADMIN_TOKEN, PEER_TOKEN, TENANT_TOKENS, ClusterProcs
+from tests.clusterproc import ADMIN_TOKEN, DATA_PATHS, PEER_TOKEN, TENANT_TOKENS, ClusterProcs
 from tests.netns import Bridge, netns_available
 
 pytestmark = pytest.mark.etcd
@@ -52,10 +52,10 @@ def assert_no_leaked_slots(cluster: ClusterProcs, i: int, slot_bytes: int) -> No
     assert used == held * slot_bytes
 
 
-@pytest.mark.parametrize("read", ["pin", "get"])
-def test_holder_killed_during_a_large_remote_read(etcd, cluster_name, tmp_path, fingerprint, read) -> None:
+@pytest.mark.parametrize("read,path", [("pin", "grpc"), ("get", "grpc"), ("pin", "ucx"), ("get", "ucx")])
+def test_holder_killed_during_a_large_remote_read(etcd, cluster_name, tmp_path, fingerprint, read, path) -> None:
     """Complete verified data or a clean shorter prefix / miss within 1.5 s of the kill; nothing leaked on the reader."""
-    flags = {"host_memory": "512MiB", "remote_fetch_deadline_ms": 5000}
+    flags = {"host_memory": "512MiB", "remote_fetch_deadline_ms": 5000, **DATA_PATHS[path]}
     with ClusterProcs(tmp_path, etcd, cluster_name, size=2, flags=flags) as cluster:
         with cluster.client(0, fingerprint) as a, cluster.client(1, fingerprint, timeout_s=20) as b:
             keys = a.block_keys(np.arange(16 * 32))
@@ -131,11 +131,13 @@ def _quietly(call) -> None:
         pass
 
 
-def test_stale_directory_entry_is_repaired_and_reads_a_shorter_prefix(etcd, cluster_name, tmp_path, fingerprint) -> None:
+@pytest.mark.parametrize("path", sorted(DATA_PATHS))
+def test_stale_directory_entry_is_repaired_and_reads_a_shorter_prefix(etcd, cluster_name, tmp_path, fingerprint, path) -> None:
     """A's removals are never announced (a test fault): B's directory answer is stale, the fetch finds the holder
-    without the block, the entry is repaired, and the engine sees a shorter prefix and no error."""
+    without the block (over UCX the holder refuses the chunk, and gRPC Fetch says where its run ends), the entry
+    is repaired, and the engine sees a shorter prefix and no error."""
     env = {0: {"KVSTORE_TEST_DROP_REMOVED_ANNOUNCES": "1"}}
-    with ClusterProcs(tmp_path, etcd, cluster_name, size=2, node_env=env) as cluster:
+    with ClusterProcs(tmp_path, etcd, cluster_name, size=2, node_env=env, flags=DATA_PATHS[path]) as cluster:
         assert "announces no removals" in cluster.log(0)
         with cluster.client(0, fingerprint) as a, cluster.client(1, fingerprint) as b:
             keys = a.block_keys(np.arange(16 * 8))
@@ -156,8 +158,9 @@ def test_stale_directory_entry_is_repaired_and_reads_a_shorter_prefix(etcd, clus
         assert repairs >= 1
 
 
-def test_corrupt_bytes_at_rest_on_the_holder_are_never_returned(etcd, cluster_name, tmp_path, fingerprint) -> None:
-    with ClusterProcs(tmp_path, etcd, cluster_name, size=2) as cluster:
+@pytest.mark.parametrize("path", sorted(DATA_PATHS))
+def test_corrupt_bytes_at_rest_on_the_holder_are_never_returned(etcd, cluster_name, tmp_path, fingerprint, path) -> None:
+    with ClusterProcs(tmp_path, etcd, cluster_name, size=2, flags=DATA_PATHS[path]) as cluster:
         with cluster.client(0, fingerprint) as a, cluster.client(1, fingerprint) as b:
             keys = a.block_keys(np.arange(16 * 8))
             data = blocks(8, 64 << 10)

@@ -20,7 +20,7 @@ from kvwire.v1 import kvstore_pb2 as pb
 from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 from kvwire.v1 import peer_pb2 as ppb
 from kvwire.v1 import peer_pb2_grpc as ppb_grpc
-from tests.clusterproc import ADMIN_TOKEN, PEER_TOKEN, TENANT_TOKENS, ClusterProcs
+from tests.clusterproc import ADMIN_TOKEN, DATA_PATHS, PEER_TOKEN, TENANT_TOKENS, ClusterProcs
 
 pytestmark = pytest.mark.etcd
 
@@ -36,8 +36,10 @@ def blocks(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(n)]
 
 
-def test_put_on_a_read_on_b_first_remote_then_host(pair, fingerprint) -> None:
-    with pair.client(0, fingerprint) as a, pair.client(1, fingerprint) as b:
+@pytest.mark.parametrize("path", sorted(DATA_PATHS))
+def test_put_on_a_read_on_b_first_remote_then_host(etcd, cluster_name, tmp_path, fingerprint, path) -> None:
+    with ClusterProcs(tmp_path, etcd, cluster_name, size=2, flags=DATA_PATHS[path]) as pair, \
+            pair.client(0, fingerprint) as a, pair.client(1, fingerprint) as b:
         keys = a.block_keys(np.arange(16 * 8))
         data = blocks(8, 64 << 10)
         a.put(keys, data)
@@ -48,11 +50,13 @@ def test_put_on_a_read_on_b_first_remote_then_host(pair, fingerprint) -> None:
         assert [bytes(memoryview(g)) for g in got] == [d.tobytes() for d in data]
         assert [s.tier for s in b.status(keys)[0]] == [Tier.HOST] * 8
         assert b.get(keys)[3].tobytes() == data[3].tobytes()  # now a local hit: nothing more fetched
-    assert pair.counters(1)["remote_fetch_blocks"] == 8
-    assert pair.counters(0)["peer_served_blocks"] == 8
-    # B holds a copy now and announced it: A's directory view names both holders (A answers Locate as a home).
-    status = pair.cluster_status(0)
-    assert {n.node for n in status.nodes} == {"n0", "n1"} and not status.unreachable
+        counters = pair.counters(1)
+        assert counters["remote_fetch_blocks"] == 8
+        assert counters.get("remote_fetch_ucx_blocks", 0) == (8 if path == "ucx" else 0)
+        if path == "grpc":
+            assert pair.counters(0)["peer_served_blocks"] == 8
+        status = pair.cluster_status(0)
+        assert {n.node for n in status.nodes} == {"n0", "n1"} and not status.unreachable
 
 
 def test_prefix_pin_acquire_and_prefix_lookup_fall_through(pair, fingerprint) -> None:
