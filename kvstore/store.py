@@ -370,7 +370,8 @@ class Store:
 
     def wait(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], timeout_ms: int,
              is_active: Callable[[], bool] | None = None) -> list[KeyStatus]:
-        """Block until no key is PENDING (committed, or its lease released or expired) or timeout.
+        """Block until no key is PENDING (committed, or its lease released or expired) or timeout; in cluster
+        mode the answer's MISSING keys a peer holds are PRESENT, tier REMOTE, as in lookup.
 
         The wait is bounded by max_wait_s whatever the caller asks, and ends early once
         is_active() says the caller has gone (checked at least every WAIT_POLL_S), so an
@@ -386,7 +387,7 @@ class Store:
             statuses = self._statuses(caller, fingerprint_id, keys)
             remaining = deadline - time.monotonic()
             if all(s.state != BlockState.PENDING for s in statuses) or remaining <= 0 or self.closed:
-                return statuses
+                return self._with_remote(caller, fingerprint_id, statuses) if self.remote is not None else statuses
             if is_active is not None and not is_active():
                 self.counters[Event.LEASE_WAITS_ABANDONED] += 1
                 return statuses

@@ -142,3 +142,11 @@ def test_admin_cluster_reports_every_node(pair, fingerprint) -> None:
     assert "DIR ENTRIES" in text and "test-host-n1" in text and "BREAKER" in text
     doc = json.loads(subprocess.run([*admin, "--json", "cluster"], capture_output=True, text=True, check=True, timeout=30).stdout)
     assert [n["node"] for n in doc["nodes"]] == ["n0", "n1"] and doc["nodes"][1]["counters"]["peer_served_blocks"] == 0
+
+
+def test_wait_answers_remote_blocks_as_present(pair, fingerprint) -> None:
+    """An engine that finds its prefix with Wait (the bundled decode worker) sees a peer's blocks too."""
+    with pair.client(0, fingerprint) as a, pair.client(1, fingerprint) as b:
+        keys = a.block_keys(np.arange(16 * 4))
+        a.put(keys[:3], blocks(3, 4096))
+        assert b.wait(keys, timeout_s=1) == [BlockState.PRESENT] * 3 + [BlockState.MISSING]
