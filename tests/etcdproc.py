@@ -152,7 +152,7 @@ class EtcdCluster:
     def __init__(self, base_dir: Path, members: int = 1, host: str = "127.0.0.1") -> None:
         shm = Path("/dev/shm")
         parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(base_dir)
-        self.root = Path(tempfile.mkdtemp(prefix="kvstore-etcd-", dir=parent))
+        self.root = Path(tempfile.mkdtemp(prefix="kvetcd-", dir=parent))
         self.log_dir = Path(base_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.token = self.root.name
