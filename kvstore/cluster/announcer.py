@@ -108,7 +108,13 @@ class Announcer:
 
     @property
     def queued(self) -> int:
-        return len(self._events) + sum(map(len, list(self._queues.values())))
+        """Changes not yet acknowledged by their homes (read from another thread: a torn read is retried)."""
+        for _ in range(5):
+            try:
+                return len(self._events) + sum(map(len, list(self._queues.values())))
+            except RuntimeError:
+                continue
+        return len(self._events)
 
     # ---- the thread -------------------------------------------------------------------------
 

@@ -71,6 +71,8 @@ class UcxFetcher:
         session = self._sessions.get(key)
         if session is not None:
             return session
+        for old in [k for k in self._sessions if k[0] == holder[0] and k[1] != holder[1]]:
+            self._sessions.pop(old).endpoint.abort()  # the holder restarted: its old incarnation's endpoints are dead
         listener, token, client_id = self.peers.ucx_session(holder[0], tenant, min(SESSION_TIMEOUT_S, max(0.001, deadline - time.monotonic())))
         if not listener:
             raise UnavailableError(f"node {holder[0]} runs no UCX data plane")
