@@ -261,7 +261,7 @@ class Bench:
                 flags["ucx_all_interfaces"] = True
                 env = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "lo"}
             else:
-                bridge = stack.enter_context(Bridge())
+                bridge = stack.enter_context(Bridge(net=100 + os.getpid() % 150))  # not the tests' 10.77: both may run at once
                 etcd_host, env, self.b_side = bridge.root_address, {}, "B's namespace"
                 self.topology = "3 nodes in network namespaces on a veth bridge"
             etcd = stack.enter_context(EtcdCluster(base / "etcd", members=1, host=etcd_host))
