@@ -52,7 +52,7 @@ class Namespace:
 class Bridge:
     """A bridge at 10.<net>.0.1/24 in the root namespace and one namespace per named node."""
 
-    net: int = 77
+    net: int = field(default_factory=lambda: 20 + os.getpid() % 80)  # 10.<net>.0.0/24: two runs at once use two subnets
     tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}")
     nodes: dict[str, Namespace] = field(default_factory=dict)
     _cuts: set[tuple[str, str]] = field(default_factory=set)
