@@ -677,6 +677,20 @@ class Store:
         metas = [(BlockMeta(storage_key(tenant, key), tenant, fingerprint_id, len(data), crc), data) for key, data, crc in blocks]
         return self.placement.adopt(metas, lambda: self.deletions == since)
 
+    def reserve_copies(self, tenant: str, fingerprint_id: bytes, blocks: Sequence[tuple[bytes, int, int]]) -> tuple[list[BlockMeta], list[Slot | None]]:
+        """Host slots a peer's blocks (key, size, checksum) are about to be received into, straight from the
+        network; (their metas, their slots: None where the block is here already or found no room). Pass both
+        to settle_copies, whatever happens."""
+        metas = [BlockMeta(storage_key(tenant, key), tenant, fingerprint_id, size, crc) for key, size, crc in blocks]
+        return metas, self.placement.reserve_copies(metas)
+
+    def settle_copies(self, reserved: tuple[list[BlockMeta], list[Slot | None]], landed: int, since: int) -> int:
+        """The first `landed` reserved copies (received whole and checked by the caller) become local blocks (as in
+        adopt, `since` guards against an operator's delete meanwhile); the other slots are released. How many
+        leading blocks are now present."""
+        metas, slots = reserved
+        return self.placement.settle_copies(metas, slots, landed, lambda: self.deletions == since)
+
     def catalog(self) -> list[tuple[bytes, bytes, int, int]]:
         """(storage key, fingerprint id, size, checksum) of every block here: what a resync announces."""
         with self._locked as table:

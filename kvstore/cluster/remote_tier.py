@@ -33,6 +33,10 @@ from kvstore.counters import Event
 from kvstore.cluster.directory import DirectoryShard, HolderId, Located, Rendezvous, live_holders
 from kvstore.cluster.peers import Peers
 from kvstore.cluster.ucx_fetch import CHUNK_BYTES as UCX_CHUNK_BYTES, UcxFetcher
+
+# Blocks at least this large are received straight into reserved pool slots, one message each; smaller ones
+# land packed in staging buffers (a message per block costs tens of microseconds whatever its size).
+UCX_DIRECT_MIN_BYTES = 256 << 10
 from kvstore.cluster.view import ClusterView
 from kvstore.index import tenant_tag
 from kvstore.placement import checksum
@@ -250,21 +254,56 @@ class RemoteTier:
             while end < len(keys) and (end == adopted or total + found[end].size <= UCX_CHUNK_BYTES):
                 total += found[end].size
                 end += 1
+            chunk = (adopted, end)
             try:
-                views, crcs = self.ucx.get(holder, tenant, fingerprint_id, list(keys[adopted:end]), [f.size for f in found[adopted:end]], deadline)
+                direct = None
+                if min(f.size for f in found[adopted:end]) >= UCX_DIRECT_MIN_BYTES:
+                    direct = self._ucx_into_pool(holder, tenant, fingerprint_id, keys, skeys, found, chunk, deadline, since)
+                if direct is not None:
+                    landed, why = direct
+                else:
+                    views, crcs = self.ucx.get(holder, tenant, fingerprint_id, list(keys[adopted:end]), [f.size for f in found[adopted:end]], deadline)
+                    landed, why = self._land(holder, tenant, fingerprint_id, keys, skeys, found, adopted,
+                                             list(zip(skeys[adopted:end], views, crcs)), since)
             except KVStoreError as err:
                 refused = getattr(err, "refused_by_holder", False)
                 if not refused:
                     self.counters[Event.REMOTE_FETCH_FAILURES] += 1
                 log.debug("UCX fetch from %s stopped after %d blocks: %s", holder[0], adopted, err)
                 return adopted, "refused" if refused else "error"
-            landed, why = self._land(holder, tenant, fingerprint_id, keys, skeys, found, adopted,
-                                     list(zip(skeys[adopted:end], views, crcs)), since)
             self.counters[Event.REMOTE_FETCH_UCX_BLOCKS] += landed
             adopted += landed
             if why:
                 return adopted, why
         return adopted, "" if adopted == len(keys) else "error"
+
+    def _ucx_into_pool(self, holder: HolderId, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes], skeys: list[bytes],
+                       found: Sequence[Located], chunk: tuple[int, int], deadline: float, since: int) -> tuple[int, str] | None:
+        """One chunk of large blocks received straight into reserved slots of the host pool (no staging buffer, no
+        copy), checked there, then indexed; slots of blocks that did not land whole and checked are released.
+        None (nothing asked) when not every block got a slot: one is here already, or there is no room."""
+        lo, hi = chunk
+        reserved = self.store.reserve_copies(tenant, fingerprint_id, [(keys[i], found[i].size, found[i].checksum) for i in range(lo, hi)])
+        slots, landed, why = reserved[1], 0, ""
+        if any(slot is None for slot in slots):
+            self.store.settle_copies(reserved, 0, since)  # releases what was reserved
+            return None
+        try:
+            pool = self.store.host.view
+            into = [pool[s.offset : s.offset + s.size_bytes] for s in slots]
+            _, crcs = self.ucx.get(holder, tenant, fingerprint_id, list(keys[lo:hi]), [f.size for f in found[lo:hi]], deadline, into)
+            for i, (view, crc) in enumerate(zip(into, crcs), lo):
+                if crc != found[i].checksum or checksum(view) != crc:
+                    self.counters[Event.REMOTE_CHECKSUM_FAILURES] += 1
+                    log.warning("block %s from node %s failed its checksum; not used", skeys[i][8:].hex(), holder[0])
+                    why = "corrupt"
+                    break
+                landed += 1
+        finally:
+            present = self.store.settle_copies(reserved, landed, since)
+        self.counters[Event.REMOTE_FETCH_BLOCKS] += present
+        self.counters[Event.REMOTE_FETCH_BYTES] += sum(f.size for f in found[lo : lo + present])
+        return present, why or ("no_room" if present < hi - lo else "")
 
     def _run_grpc(self, holder: HolderId, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes], skeys: list[bytes],
                   found: Sequence[Located], deadline: float, since: int) -> tuple[int, str]:

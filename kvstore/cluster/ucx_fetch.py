@@ -97,21 +97,24 @@ class UcxFetcher:
             session.endpoint.abort()
 
     def get(self, holder: HolderId, tenant: str, fingerprint_id: bytes, keys: list[bytes], sizes: list[int],
-            deadline: float) -> tuple[list[memoryview], list[int]]:
+            deadline: float, into: list[Any] | None = None) -> tuple[list[memoryview], list[int]]:
         """The blocks of keys (all of them: the holder pins all or refuses) and the holder's checksums, unchecked.
 
+        into: a buffer per block to receive it in place (slots of this node's pool: one message a block, no
+        staging); else they land in staging buffers, small blocks packed into shared messages.
         Raises the holder's refusal as its own error type (BlockNotFoundError when one is missing: nothing
         moved), TransferError or UnavailableError for anything else (the holder is then read over gRPC a while)."""
         worker = Worker.get()
         n = len(keys)
+        group_bytes = 0 if into is not None else wire.GROUP_BYTES
         body = b"".join([fingerprint_id, *keys])
-        head = np.array([wire.OP_GET_KEYS, n, wire.GROUP_BYTES, len(body), *sizes, *map(len, keys)], dtype=np.uint64)
+        head = np.array([wire.OP_GET_KEYS, n, group_bytes, len(body), *sizes, *map(len, keys)], dtype=np.uint64)
         if wire.keyed_get_inline(n, len(body)):
             request = [np.frombuffer(head.tobytes() + body, dtype=np.uint8)]
         else:
             request = [head[: wire.HEADER_WORDS], head[wire.HEADER_WORDS :], np.frombuffer(body, dtype=np.uint8)]
-        groups = wire.message_groups(sizes, wire.GROUP_BYTES)
-        buffers = [np.empty(sum(sizes[g.start : g.stop]), dtype=np.uint8) for g in groups]
+        groups = wire.message_groups(sizes, group_bytes)
+        buffers = into if into is not None else [np.empty(sum(sizes[g.start : g.stop]), dtype=np.uint8) for g in groups]
         reply = np.empty(wire.HEADER_WORDS + n, dtype=np.uint64)
         if not worker.lock.acquire(timeout=max(0.001, deadline - time.monotonic())):
             raise TransferError("the UCX worker stayed busy until the fetch deadline")

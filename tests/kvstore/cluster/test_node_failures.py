@@ -141,7 +141,7 @@ def test_stale_directory_entry_is_repaired_and_reads_a_shorter_prefix(etcd, clus
         assert "announces no removals" in cluster.log(0)
         with cluster.client(0, fingerprint) as a, cluster.client(1, fingerprint) as b:
             keys = a.block_keys(np.arange(16 * 8))
-            data = blocks(8, 16 << 10)
+            data = blocks(8, 256 << 10)  # large enough that UCX receives them straight into pool slots
             a.put(keys, data)
             assert a.delete(keys[4:]) == 4  # gone from A; the directory is not told
             assert b.lookup(keys) == 8  # stale: the homes still name A for all eight
@@ -156,6 +156,7 @@ def test_stale_directory_entry_is_repaired_and_reads_a_shorter_prefix(etcd, clus
             assert b.lookup(keys) == 4  # keys[4] is no longer attributed to A
         repairs = sum(cluster.counters(i).get("directory_repairs", 0) for i in (0, 1))
         assert repairs >= 1
+        assert_no_leaked_slots(cluster, 1, 256 << 10)  # slots reserved for the refused chunk went back
 
 
 @pytest.mark.parametrize("path", sorted(DATA_PATHS))
@@ -163,7 +164,7 @@ def test_corrupt_bytes_at_rest_on_the_holder_are_never_returned(etcd, cluster_na
     with ClusterProcs(tmp_path, etcd, cluster_name, size=2, flags=DATA_PATHS[path]) as cluster:
         with cluster.client(0, fingerprint) as a, cluster.client(1, fingerprint) as b:
             keys = a.block_keys(np.arange(16 * 8))
-            data = blocks(8, 64 << 10)
+            data = blocks(8, 256 << 10)  # large enough that UCX receives them straight into pool slots
             a.put(keys, data)
             grant = a.control.pin(fingerprint.id, [k.digest for k in keys])
             a.control.unpin([grant.pin_id])
@@ -178,6 +179,7 @@ def test_corrupt_bytes_at_rest_on_the_holder_are_never_returned(etcd, cluster_na
             assert [bytes(memoryview(g)) for g in got] == [d.tobytes() for d in data[:2]]
         assert cluster.counters(1)["remote_checksum_failures"] >= 2
         assert cluster.counters(1)["remote_fetch_blocks"] == 2
+        assert_no_leaked_slots(cluster, 1, 256 << 10)  # the corrupt block's slot (and those after it) went back
 
 
 def test_a_client_never_maps_another_nodes_pool_or_socket(etcd, cluster_name, tmp_path, fingerprint, monkeypatch) -> None:
