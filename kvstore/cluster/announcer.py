@@ -136,10 +136,13 @@ class Announcer:
         if incarnation != self._incarnation or view.revision != self._view_revision:
             self._rehome(incarnation, view)
         last = self._drain()
-        if self._resync:
-            self._send_resyncs(incarnation)
+        # Batches first: they are what a commit waits for. A home owed a resync gets no batch (its resync, taken
+        # after this drain, covers the keys), and while the view settles readers ask both homes of a key anyway;
+        # so a slow resync to a home that just joined does not hold every commit back.
         self._send_batches(incarnation)
         self._delivered_upto(last)
+        if self._resync:
+            self._send_resyncs(incarnation)
 
     def _delivered_upto(self, last: int | None) -> None:
         if last is None:
