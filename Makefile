@@ -8,7 +8,7 @@ export UCX_TLS ?= tcp,self,sm
 export UCX_NET_DEVICES ?= lo
 export UCX_WARN_UNUSED_ENV_VARS ?= n
 
-.PHONY: serve test soak install install-test proto bench clean
+.PHONY: serve test soak install install-test proto etcd bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,11 +27,15 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(NATIVE_SOURCES)
 $(VENV)/.installed-test: $(VENV)/.installed
 	# CPU build of torch first, so nothing below can pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,engines,ucx]'
+	$(BIN)/pip install -q -e '.[test,engines,ucx,cluster]'
 	touch $@
 
 install: $(VENV)/.installed proto
-install-test: $(VENV)/.installed-test proto
+# The cluster tests start their own etcd servers: the binary must be on PATH.
+install-test: $(VENV)/.installed-test proto etcd
+
+etcd:
+	bash tools/ensure_etcd.sh
 
 proto: $(BIN)/python
 	$(BIN)/python tools/gen_proto.py

@@ -26,7 +26,7 @@ from engines.protocol import MatchRequest, MatchResponse, PrefillRequest, Prefil
 from engines.worker_common import Counters, InFlight, Route
 from engines.worker_engine import WorkerEngine, run_worker
 from kvwire.keys import BlockKey
-from kvwire.types import PutOutcome
+from kvwire.types import BlockState, KeyStatus, PutOutcome, Tier
 
 
 class RecentBlocks:
@@ -57,6 +57,19 @@ class RecentBlocks:
             return len(keys)
 
 
+def store_run(statuses: Sequence[KeyStatus]) -> tuple[int, int]:
+    """Of the leading run of present keys: how many sit on the store node's own tiers, how many are REMOTE."""
+    local = remote = 0
+    for status in statuses:
+        if status.state != BlockState.PRESENT:
+            break
+        if status.tier == Tier.REMOTE:
+            remote += 1
+        else:
+            local += 1
+    return local, remote
+
+
 class PrefillWorker:
     def __init__(self, engine: WorkerEngine, recent_blocks: int = 65536) -> None:
         self.engine = engine
@@ -69,8 +82,20 @@ class PrefillWorker:
         return {"/prefill": Route(PrefillRequest, self.prefill), "/match": Route(MatchRequest, self.match)}
 
     def match(self, req: MatchRequest) -> MatchResponse:
-        keys = self.engine.adapter.block_keys(self.engine.check_prompt(req.prompt_ids))
-        return MatchResponse(matched_blocks=self.recent.leading(keys), total_blocks=len(keys))
+        """The warm prefix here, and the store's leading run by tier: the router's locality score.
+
+        One Lookup on this worker's store node; in cluster mode that node asks the cluster directory
+        for what it lacks, so a prefix another node holds comes back REMOTE.
+        """
+        adapter = self.engine.adapter
+        keys = adapter.block_keys(self.engine.check_prompt(req.prompt_ids))
+        local = remote = 0
+        if keys:
+            with adapter.session() as client:
+                statuses, _ = client.status(keys)
+            local, remote = store_run(statuses)
+        return MatchResponse(matched_blocks=self.recent.leading(keys), total_blocks=len(keys),
+                             local_blocks=local, remote_blocks=remote)
 
     def prefill(self, req: PrefillRequest) -> PrefillResponse:
         prompt = self.engine.check_prompt(req.prompt_ids)

@@ -8,7 +8,7 @@ Endpoints
 ---------
 prefill worker
     POST /prefill   PrefillRequest  -> PrefillResponse
-    POST /match     MatchRequest    -> MatchResponse   (leading blocks warm in this worker)
+    POST /match     MatchRequest    -> MatchResponse   (leading blocks warm in this worker, and where its store has them)
     GET  /health                    -> WorkerHealth
 decode worker
     POST /decode    DecodeRequest   -> stream of NDJSON lines, each a DecodeEvent
@@ -48,8 +48,19 @@ class MatchRequest:
 
 @dataclass(frozen=True)
 class MatchResponse:
+    """How much of a prompt's leading run this worker would not compute, and what loading it would cost.
+
+    matched_blocks counts the worker's own warm prefix (its engine cache). local_blocks and
+    remote_blocks split the leading run the worker's kvstore node reports present (Lookup's
+    KeyStatus tier): on that node's own tiers, or REMOTE, held by a peer node of the cluster,
+    so a load first copies it across the network. A worker whose store is not in cluster mode
+    reports no REMOTE blocks; an older worker reports neither count (both 0).
+    """
+
     matched_blocks: int
     total_blocks: int
+    local_blocks: int = 0
+    remote_blocks: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The router: an OpenAI-style HTTP front end that sends each request to one prefill and one decode worker.
 
-It owns worker choice (routing_policy.py ranks, this module probes and calls)
-and failure handling: a worker that fails before the client has seen a token is
-replaced by the next in the ranking, within the request's budget (attempts per
-stage and one deadline). Once a token has reached the client, a failure ends
+It owns worker choice (routing_policy.py ranks, this module probes and calls:
+each prefill worker's /health, and its /match, which says how much of the prompt
+is warm in that worker and where its kvstore node has the rest, on its own tiers
+or REMOTE at a peer node in cluster mode) and failure handling: a worker that
+fails before the client has seen a token is replaced by the next in the ranking,
+within the request's budget (attempts per stage and one deadline). Once a token has reached the client, a failure ends
 the stream with an error event instead: restarting would repeat output the
 client already has. It refuses to own KV bytes (workers move them through
 kvstore) and the JSON shapes of the client API (completions.py).

@@ -139,7 +139,31 @@ def render_leases(d: dict) -> str:
 
 
 def render_counts(d: dict) -> str:
-    return table(("", ""), [(k.replace("_", " "), human_bytes(v) if k.endswith("bytes") else v) for k, v in d.items()]).split("\n", 1)[1]
+    def shown(k: str, v: Any) -> Any:
+        if isinstance(v, list):
+            return ", ".join(map(str, v)) or "-"
+        return human_bytes(v) if k.endswith("bytes") else v
+
+    return table(("", ""), [(k.replace("_", " "), shown(k, v)) for k, v in d.items()]).split("\n", 1)[1]
+
+
+def render_cluster(d: dict) -> str:
+    """Every node's view of the cluster: one row a node, its members, then each node's peers (breakers, bytes)."""
+    nodes = d["nodes"]
+    rows = [(n["node"], n["incarnation"], n["state"], "yes" if n["fenced"] else "no", n["view_revision"], n["directory_entries"],
+             n["directory_holders"], n["counters"].get("remote_fetch_blocks", 0), n["counters"].get("peer_served_blocks", 0))
+            for n in nodes]
+    parts = [table(("NODE", "INCARNATION", "STATE", "FENCED", "VIEW REV", "DIR ENTRIES", "DIR HOLDERS", "FETCHED", "SERVED"), rows)]
+    if d["unreachable"]:
+        parts.append("unreachable: " + ", ".join(d["unreachable"]))
+    if nodes:
+        members = [(m["name"], m["incarnation"], m["state"], m["grpc_address"], m["host_id"]) for m in nodes[0]["members"]]
+        parts += ["", f"members as {nodes[0]['node']} sees them:", table(("MEMBER", "INCARNATION", "STATE", "ADDRESS", "HOST ID"), members)]
+    peers = [(n["node"], p["peer"], p["state"], p["failures"], human_bytes(p["bytes_fetched"]), human_bytes(p["bytes_served"]))
+             for n in nodes for p in n["peers"]]
+    if peers:
+        parts += ["", table(("NODE", "PEER", "BREAKER", "FAILURES", "FETCHED FROM", "SERVED TO"), peers)]
+    return "\n".join(parts)
 
 
 def selector(args: argparse.Namespace) -> apb.BlockSelector:
@@ -177,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_selector(ev)
     ev.add_argument("--watermark", type=float, default=0.0, help="evict LRU blocks of --tier (default host) until used <= this fraction of capacity "
                     "(hbm: only the HBM copies go)")
-    rm = sub.add_parser("delete", help="delete matching blocks (pinned ones too, once their readers finish)")
+    rm = sub.add_parser("delete", help="delete matching blocks (pinned ones too, once their readers finish); in cluster mode "
+                                       "a tenant, fingerprint or chain delete applies on every node and names those not yet confirmed")
     add_selector(rm)
     rm.add_argument("--secure", action="store_true", help="also scrub the host pool and rewrite the ssd tier so no copy can be recovered")
     leases = sub.add_parser("leases", help="list or revoke write leases and read pins")
@@ -185,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     leases.add_argument("ids", nargs="*", type=int, help="lease or pin ids to revoke")
     leases.add_argument("--tenant", default="")
     leases.add_argument("--owner", default="", help="client id")
-    drain = sub.add_parser("drain", help="stop admitting writes, let readers finish, flush to ssd, exit")
+    cl = sub.add_parser("cluster", help="cluster mode: members, incarnations, states, directory shard sizes, breakers, per-peer bytes")
+    cl.add_argument("--local", action="store_true", help="this node only (asks no peer)")
+    drain = sub.add_parser("drain", help="stop admitting writes, let readers finish, flush to ssd, exit (in cluster mode: leave at once)")
     drain.add_argument("--reader-timeout", type=parse_duration, default=30.0, help="how long to wait for readers (default 30s)")
     drain.add_argument("--wait", action="store_true", help="return only once the server has stopped answering")
     return parser
@@ -201,6 +228,8 @@ def _run(args: argparse.Namespace, stub: apb_grpc.AdminStub, call: Callable) -> 
         return call(stub.Evict, apb.EvictRequest(selector=selector(args), watermark=args.watermark, tier=tier)), render_counts
     if args.command == "delete":
         return call(stub.DeleteBlocks, apb.DeleteBlocksRequest(selector=selector(args), secure=args.secure)), render_counts
+    if args.command == "cluster":
+        return call(stub.Cluster, apb.ClusterRequest(local_only=args.local)), render_cluster
     if args.command == "leases" and args.action == "revoke":
         return call(stub.RevokeLeases, apb.RevokeLeasesRequest(ids=args.ids, owner=args.owner, tenant=args.tenant)), render_counts
     if args.command == "leases":

@@ -10,6 +10,7 @@ import functools
 import time
 from typing import Callable
 
+from kvwire.errors import InvalidRequestError
 from kvstore.api import StoreAPI
 from kvstore.audit import AuditLog
 from kvstore.auth import Authenticator
@@ -56,6 +57,7 @@ class AdminServicer(apb_grpc.AdminServicer):
         self.auth = auth
         self.audit = audit
         self.drain = drain
+        self.cluster = None  # a ClusterNode in cluster mode (kvstore/cluster/node.py): deletes go cluster-wide
 
     @_admin
     def Stats(self, request, context, caller: Caller):
@@ -85,16 +87,30 @@ class AdminServicer(apb_grpc.AdminServicer):
 
     @_admin
     def DeleteBlocks(self, request, context, caller: Caller):
-        report: DeleteReport = self.ops.delete(selector(request.selector), request.secure)
+        cluster_wide, late = False, []
+        if self.cluster is not None:
+            report, cluster_wide, late = self.cluster.delete(selector(request.selector), request.secure)
+        else:
+            report: DeleteReport = self.ops.delete(selector(request.selector), request.secure)
         action = "delete_secure" if request.secure else "delete"
-        self.audit.record(caller, action, _described(request.selector), deleted=report.deleted, bytes=report.bytes, pending_pinned=report.pending_pinned)
+        self.audit.record(caller, action, _described(request.selector), deleted=report.deleted, bytes=report.bytes, pending_pinned=report.pending_pinned,
+                          **({"cluster_wide": True, "unconfirmed_nodes": late} if cluster_wide else {}))
         return apb.DeleteBlocksResponse(
             deleted=report.deleted,
             bytes=report.bytes,
             pending_pinned=report.pending_pinned,
             scrubbed_host_bytes=report.scrubbed_host_bytes,
             ssd_bytes_rewritten=report.ssd_bytes_rewritten,
+            cluster_wide=cluster_wide,
+            unconfirmed_nodes=late,
         )
+
+    @_admin
+    def Cluster(self, request, context, caller: Caller):
+        if self.cluster is None:
+            raise InvalidRequestError("this server does not run in cluster mode (no cluster_etcd)")
+        nodes, unreachable = ([self.cluster.status()], []) if request.local_only else self.cluster.statuses()
+        return apb.ClusterResponse(nodes=nodes, unreachable=unreachable)
 
     @_admin
     def ListLeases(self, request, context, caller: Caller):

@@ -87,6 +87,17 @@ class DataPlane:
     hbm_pool_id: int = 0  # Pin answers name it, so offsets are never applied to another allocation's mapping
 
 
+class ClusterGate(Protocol):
+    """What cluster mode adds to requests (kvstore/cluster/node.py): reads refused while fenced in strict mode,
+    and a commit answered once its directory homes know the blocks (bounded by cluster_announce_wait_ms)."""
+
+    def before_read(self, caller: Caller) -> None:
+        """Raises FencedError while this node may not serve this caller's reads."""
+
+    def after_commit(self) -> None:
+        """Returns once this node's commits so far are announced to their homes, or the wait bound passed."""
+
+
 class UcxSessions(Protocol):
     """What the request layer needs of a running UCX data plane to advertise it."""
 
@@ -104,15 +115,27 @@ class StoreAPI:
         # Set by the server once each door is up, before gRPC answers DataPlane.
         self.local_control_path = ""
         self.ucx: UcxSessions | None = None
+        self.cluster: ClusterGate | None = None  # set by cluster mode before the doors open
         self._traceback_due = Throttle(TRACEBACK_EVERY_S)
 
     # ---- lookup and leases ----------------------------------------------------------
 
+    def _before_read(self, caller: Caller) -> None:
+        if self.cluster is not None:
+            self.cluster.before_read(caller)
+
+    def _after_commit(self, outcomes: list[PutOutcome]) -> list[PutOutcome]:
+        if self.cluster is not None and PutOutcome.STORED in outcomes:
+            self.cluster.after_commit()
+        return outcomes
+
     def lookup(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> tuple[list[KeyStatus], int]:
         """Each key's status and how many leading keys are present."""
+        self._before_read(caller)
         return self.store.lookup(caller, fingerprint_id, keys)
 
     def prefix_length(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> int:
+        self._before_read(caller)
         return self.store.prefix_length(caller, fingerprint_id, keys)
 
     def acquire(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0) -> list[LeaseInfo]:
@@ -148,19 +171,20 @@ class StoreAPI:
         return written
 
     def commit(self, caller: Caller, fingerprint_id: bytes, items: Sequence[tuple[int, int]], durable: bool = False) -> list[PutOutcome]:
-        """items: (lease_id, checksum)."""
-        return self.store.commit(caller, fingerprint_id, items, durable)
+        """items: (lease_id, checksum). In cluster mode answered once the new blocks are announced (ClusterGate)."""
+        return self._after_commit(self.store.commit(caller, fingerprint_id, items, durable))
 
     def put(self, caller: Caller, fingerprint_id: bytes, blocks: Sequence[tuple[bytes, bytes, int]], durable: bool = False) -> list[PutOutcome]:
         """blocks: (key, data, checksum), stored whole in one call."""
         outcomes = self.store.put_inline(caller, fingerprint_id, blocks, durable)
         self.count_bytes(INLINE, Direction.IN, sum(len(data) for _, data, _ in blocks))
-        return outcomes
+        return self._after_commit(outcomes)
 
     # ---- reads ------------------------------------------------------------------------
 
     def get(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> Iterator[tuple[bytes, bytes, int]]:
         """(key, payload, checksum) in request order; BlockNotFoundError before the first if any is missing."""
+        self._before_read(caller)
         return self._counted(self.store.get(caller, fingerprint_id, keys))
 
     def _counted(self, blocks: Iterator[tuple[bytes, bytes, int]]) -> Iterator[tuple[bytes, bytes, int]]:
@@ -175,6 +199,7 @@ class StoreAPI:
         Blocks with an HBM copy are named there too (PinInfo.slots.tiers, hbm_offsets), for a device-to-device copy.
 
         release_pin_ids are dropped first, so the room they hold is free for this pin."""
+        self._before_read(caller)
         if release_pin_ids:
             self.store.unpin(caller, release_pin_ids)
         return self.store.pin(caller, fingerprint_id, keys, ttl_ms, prefix)
@@ -222,6 +247,7 @@ class StoreAPI:
 
     def pin_for_send(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> PinInfo:
         """A pin that lives while one transfer sends the blocks; the data plane unpins once the sends are done."""
+        self._before_read(caller)
         return self.store.pin(caller, fingerprint_id, keys)
 
     def pinned_slots(self, caller: Caller, pin_id: int) -> PinnedSlots:

@@ -68,6 +68,49 @@ class Event(enum.StrEnum):
     HBM_VERIFY_FAILURES = "hbm_verify_failures"  # copies that did not match their checksum where they landed
     HBM_DEVICE_ERRORS = "hbm_device_errors"  # the HBM tier's GPU failed and the tier was dropped
 
+    # Cluster mode: membership (kvstore/cluster/membership.py) and cluster-wide deletes (tombstones.py).
+    CLUSTER_JOINS = "cluster_joins"  # registrations, first and after a fence (each a new incarnation)
+    CLUSTER_FENCES = "cluster_fences"  # self-fences: keepalives unacknowledged too long, lease lost, key taken
+    CLUSTER_VIEW_CHANGES = "cluster_view_changes"  # membership changes seen on the watch
+    CLUSTER_KEEPALIVE_FAILURES = "cluster_keepalive_failures"  # keepalives that got no answer in their deadline
+    TOMBSTONES_ISSUED = "tombstones_issued"
+    TOMBSTONES_APPLIED = "tombstones_applied"
+    CLUSTER_SSD_WIPES = "cluster_ssd_wipes"  # ssd tier dropped because the tombstones it missed were trimmed
+
+    # Cluster mode: the remote tier (reads here of peers' blocks; kvstore/cluster/remote_tier.py). Blocks, except bytes.
+    REMOTE_LOCATE_FOUND = "remote_locate_found"  # keys missing here that a live peer holds
+    REMOTE_LOCATE_ABSENT = "remote_locate_absent"  # keys missing here and at every peer the directory names
+    REMOTE_LOCATE_ERRORS = "remote_locate_errors"  # Locate calls to a home that failed (its keys count as absent)
+    REMOTE_FETCH_BLOCKS = "remote_fetch_blocks"  # blocks fetched from peers, checked and stored here
+    REMOTE_FETCH_BYTES = "remote_fetch_bytes"
+    REMOTE_FETCH_UCX_BLOCKS = "remote_fetch_ucx_blocks"  # of remote_fetch_blocks, those that came over UCX (else gRPC)
+    REMOTE_FETCHES_COMPLETE = "remote_fetches_complete"  # fetches that got every block asked for
+    REMOTE_FETCHES_SHORT = "remote_fetches_short"  # fetches that ended early (a miss, the deadline, a failure)
+    REMOTE_FETCH_FAILURES = "remote_fetch_failures"  # fetch calls broken by the peer or the network
+    REMOTE_FETCH_NOT_FOUND = "remote_fetch_not_found"  # a holder the directory named had not got the block
+    REMOTE_CHECKSUM_FAILURES = "remote_checksum_failures"  # blocks from peers that failed their checksum (not used)
+
+    # Cluster mode: peer calls (peers.py, peer_service.py) and this node's directory shard (directory.py, announcer.py).
+    PEER_SERVED_BLOCKS = "peer_served_blocks"  # blocks this node sent to peers
+    PEER_SERVED_BYTES = "peer_served_bytes"
+    PEER_SERVED_NOT_FOUND = "peer_served_not_found"  # fetches that named a block this node has not got
+    PEER_REJECTED_FENCED = "peer_rejected_fenced"  # peer calls refused while this node was fenced
+    PEER_REJECTED_STALE_VIEW = "peer_rejected_stale_view"  # calls naming another incarnation of this node
+    PEER_REJECTED_ZOMBIE = "peer_rejected_zombie"  # calls from a sender incarnation that is not live
+    PEER_BREAKER_OPENS = "peer_breaker_opens"  # a peer's circuit breaker opened (one timeout or 3 errors)
+    PEER_CALLS_SHORT_CIRCUITED = "peer_calls_short_circuited"  # calls not made: the peer's breaker was open
+    DIRECTORY_LOCATES = "directory_locates"  # Locate calls this node answered as a home
+    DIRECTORY_ANNOUNCES = "directory_announces"  # announce batches applied here
+    DIRECTORY_RESYNCS = "directory_resyncs"  # holder resyncs applied here
+    DIRECTORY_RESYNCS_REQUESTED = "directory_resyncs_requested"  # batches refused for a gap: the holder resyncs
+    DIRECTORY_REPAIRS = "directory_repairs"  # entries dropped here because their holder answered not-found
+    DIRECTORY_REPAIRS_SENT = "directory_repairs_sent"  # such repairs this node sent to homes
+    DIRECTORY_BATCHES_SENT = "directory_batches_sent"  # announce batches this node's homes acknowledged
+    DIRECTORY_RESYNCS_SENT = "directory_resyncs_sent"  # full resyncs this node sent (a join, a new or restarted home, a gap)
+    DIRECTORY_ANNOUNCE_FAILURES = "directory_announce_failures"  # announce batches that failed (kept and retried)
+    DIRECTORY_COMMIT_WAITS_EXPIRED = "directory_commit_waits_expired"  # commits answered before their homes acknowledged
+    DIRECTORY_REHOMED = "directory_rehomed"  # keys announced to a new home after a view change
+
     # The UCX data plane.
     UCX_PINS_STAGED_OFF_LOOP = "ucx_pins_staged_off_loop"  # pins that had to read ssd on a worker thread
 

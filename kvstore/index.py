@@ -11,7 +11,7 @@ import functools
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import xxhash
 
@@ -64,6 +64,9 @@ class BlockIndex:
         self.get = self._blocks.get  # the dict's own: requests look up every key they name, without a Python frame each
         # tier -> storage keys of the blocks with a copy there, least recently used first
         self.lru: defaultdict[Tier, OrderedDict[bytes, None]] = defaultdict(OrderedDict)
+        # Told of every block that enters (its meta) or leaves (None) the index, under the store lock, so it must
+        # only take note: cluster mode announces them to the directory (kvstore/cluster/announcer.py).
+        self.listener: Callable[[bytes, BlockMeta | None], None] | None = None
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -83,12 +86,16 @@ class BlockIndex:
         self._blocks[meta.skey] = meta
         for tier in meta.copies:
             self.lru[tier][meta.skey] = None
+        if self.listener is not None:
+            self.listener(meta.skey, meta)
 
     def remove(self, meta: BlockMeta) -> None:
         if self._blocks.get(meta.skey) is meta:
             del self._blocks[meta.skey]
             for tier in meta.copies:
                 self.lru[tier].pop(meta.skey, None)
+            if self.listener is not None:
+                self.listener(meta.skey, None)
 
     def touch(self, metas: list[BlockMeta]) -> None:
         now, lru = time.monotonic(), self.lru

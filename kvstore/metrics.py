@@ -68,6 +68,18 @@ ADMIN_DELETED_BLOCKS = Family("kvstore_admin_deleted_blocks", "Blocks deleted by
 SECURE_DELETES = Family("kvstore_secure_deletes", "Secure deletions run (host scrub plus ssd rewrite)")
 TRANSPORT_BYTES = Family("kvstore_transport_bytes", "Payload bytes moved, by transport and direction", ("transport", "direction"))
 REQUEST_ERRORS = Family("kvstore_request_errors", "Requests refused by the store, by gRPC status code", ("code",))
+CLUSTER_EVENTS = Family("kvstore_cluster_events", "Cluster membership and cluster-wide delete events, by name", ("event",))
+REMOTE_LOCATE_KEYS = Family("kvstore_remote_locate_keys", "Keys missing here looked up at their directory homes, by answer", ("result",))
+REMOTE_FETCH_BLOCKS = Family("kvstore_remote_fetch_blocks", "Blocks fetched from peers, checked and stored here")
+REMOTE_FETCH_BYTES = Family("kvstore_remote_fetch_bytes", "Payload bytes fetched from peers")
+REMOTE_FETCH_UCX_BLOCKS = Family("kvstore_remote_fetch_ucx_blocks", "Blocks fetched from peers over UCX (the rest came over gRPC)")
+REMOTE_FETCHES = Family("kvstore_remote_fetches", "Fetches from peers, by outcome", ("outcome",))
+REMOTE_FETCH_ERRORS = Family("kvstore_remote_fetch_errors", "Remote reads that went wrong, by reason", ("reason",))
+PEER_SERVED_BLOCKS = Family("kvstore_peer_served_blocks", "Blocks this node sent to peers")
+PEER_SERVED_BYTES = Family("kvstore_peer_served_bytes", "Payload bytes this node sent to peers")
+PEER_REJECTED = Family("kvstore_peer_rejected", "Peer calls refused by the fencing rules, by reason", ("reason",))
+PEER_BREAKER_EVENTS = Family("kvstore_peer_breaker_events", "Circuit breaker events over all peers", ("event",))
+DIRECTORY_EVENTS = Family("kvstore_directory_events", "Directory events (this node as a home, and as a holder), by name", ("event",))
 STORE_EVENTS = Family("kvstore_store_events", "Other store events, by name", ("event",))
 
 # Every store event -> its family and label values: the one table. tests/kvstore/test_metrics.py checks
@@ -105,6 +117,32 @@ EVENT_SERIES: dict[Event, tuple[Family, tuple[str, ...]]] = {
     Event.HBM_VERIFY_FAILURES: (STORE_EVENTS, ("hbm_verify_failures",)),
     Event.HBM_DEVICE_ERRORS: (STORE_EVENTS, ("hbm_device_errors",)),
     Event.UCX_PINS_STAGED_OFF_LOOP: (STORE_EVENTS, ("ucx_pins_staged_off_loop",)),
+    **{event: (CLUSTER_EVENTS, (event.value.removeprefix("cluster_"),)) for event in (
+        Event.CLUSTER_JOINS, Event.CLUSTER_FENCES, Event.CLUSTER_VIEW_CHANGES, Event.CLUSTER_KEEPALIVE_FAILURES,
+        Event.TOMBSTONES_ISSUED, Event.TOMBSTONES_APPLIED, Event.CLUSTER_SSD_WIPES)},
+    Event.REMOTE_LOCATE_FOUND: (REMOTE_LOCATE_KEYS, ("found",)),
+    Event.REMOTE_LOCATE_ABSENT: (REMOTE_LOCATE_KEYS, ("absent",)),
+    Event.REMOTE_FETCH_BLOCKS: (REMOTE_FETCH_BLOCKS, ()),
+    Event.REMOTE_FETCH_BYTES: (REMOTE_FETCH_BYTES, ()),
+    Event.REMOTE_FETCH_UCX_BLOCKS: (REMOTE_FETCH_UCX_BLOCKS, ()),
+    Event.REMOTE_FETCHES_COMPLETE: (REMOTE_FETCHES, ("complete",)),
+    Event.REMOTE_FETCHES_SHORT: (REMOTE_FETCHES, ("short",)),
+    Event.REMOTE_LOCATE_ERRORS: (REMOTE_FETCH_ERRORS, ("locate",)),
+    Event.REMOTE_FETCH_FAILURES: (REMOTE_FETCH_ERRORS, ("transfer",)),
+    Event.REMOTE_FETCH_NOT_FOUND: (REMOTE_FETCH_ERRORS, ("not_found",)),
+    Event.REMOTE_CHECKSUM_FAILURES: (REMOTE_FETCH_ERRORS, ("checksum",)),
+    Event.PEER_SERVED_BLOCKS: (PEER_SERVED_BLOCKS, ()),
+    Event.PEER_SERVED_BYTES: (PEER_SERVED_BYTES, ()),
+    Event.PEER_SERVED_NOT_FOUND: (DIRECTORY_EVENTS, ("served_not_found",)),
+    Event.PEER_REJECTED_FENCED: (PEER_REJECTED, ("fenced",)),
+    Event.PEER_REJECTED_STALE_VIEW: (PEER_REJECTED, ("stale_view",)),
+    Event.PEER_REJECTED_ZOMBIE: (PEER_REJECTED, ("zombie",)),
+    Event.PEER_BREAKER_OPENS: (PEER_BREAKER_EVENTS, ("opened",)),
+    Event.PEER_CALLS_SHORT_CIRCUITED: (PEER_BREAKER_EVENTS, ("short_circuited",)),
+    **{event: (DIRECTORY_EVENTS, (event.value.removeprefix("directory_"),)) for event in (
+        Event.DIRECTORY_LOCATES, Event.DIRECTORY_ANNOUNCES, Event.DIRECTORY_RESYNCS, Event.DIRECTORY_RESYNCS_REQUESTED,
+        Event.DIRECTORY_REPAIRS, Event.DIRECTORY_REPAIRS_SENT, Event.DIRECTORY_BATCHES_SENT, Event.DIRECTORY_RESYNCS_SENT,
+        Event.DIRECTORY_ANNOUNCE_FAILURES, Event.DIRECTORY_REHOMED, Event.DIRECTORY_COMMIT_WAITS_EXPIRED)},
     **{event: (TRANSPORT_BYTES, (transport, direction)) for (transport, direction), event in counters.TRANSPORT_BYTES.items()},
     **{event: (REQUEST_ERRORS, (status.lower(),)) for status, event in counters.REQUEST_ERRORS.items()},
     Event.ERRORS_UNKNOWN: (REQUEST_ERRORS, ("unknown",)),

@@ -31,7 +31,7 @@ from kvstore.counters import Event
 from kvstore.block_table import BlockTable, Caller, WriteLease
 from kvstore.eviction import EvictionPolicy, EvictReport
 from kvstore.index import BlockMeta
-from kvstore.tiers.base import Copy, MemoryTier, Tier
+from kvstore.tiers.base import Buffer, Copy, MemoryTier, Tier
 from kvstore.tiers.ssd import SsdTier
 
 log = logging.getLogger(__name__)
@@ -505,6 +505,49 @@ class Placement:
             table.unpin_blocks(metas[stuck:])
         kept = set(metas[:stuck])
         return metas[:stuck], sum(m in kept for m, _ in read)
+
+    def reserve_copies(self, metas: Sequence[BlockMeta]) -> list[Slot | None]:
+        """Host slots for blocks about to arrive from a peer (room made by demotion, as a promotion's), visible to
+        nobody until settle_copies; None for one present here already or that finds no room."""
+        with self.locked as table:
+            slots = [None if table.index.get(m.skey) is not None else self._host_slot_for(table, m) for m in metas]
+            short = [m.size for m, s in zip(metas, slots) if s is None and table.index.get(m.skey) is None]
+        if short:
+            self.make_room(short)
+            with self.locked as table:
+                slots = [s if s is not None or table.index.get(m.skey) is not None else self._host_slot_for(table, m)
+                         for m, s in zip(metas, slots)]
+        return slots
+
+    def settle_copies(self, metas: Sequence[BlockMeta], slots: Sequence[Slot | None], landed: int, still_wanted: Callable[[], bool]) -> int:
+        """The first `landed` reserved copies (bytes written and checked) become local blocks if still_wanted()
+        (asked under the lock); every other slot is released (zeroed). How many leading metas are now present
+        (indexed here, or committed meanwhile by someone else, whose copy then stands); the run ends at one
+        that did not land or found no room."""
+        present, leading = 0, True
+        with self.locked as table:
+            wanted = still_wanted()
+            for i, (meta, slot) in enumerate(zip(metas, slots)):
+                existing = table.index.get(meta.skey)
+                if i < landed and wanted and existing is None and slot is not None:
+                    meta.copies[HOST] = slot
+                    table.add(meta)
+                    ok = True
+                else:
+                    if slot is not None:
+                        self.host.release(slot)
+                    ok = i < landed and wanted and existing is not None and existing.fingerprint_id == meta.fingerprint_id
+                leading = leading and ok
+                present += leading
+        return present
+
+    def adopt(self, items: Sequence[tuple[BlockMeta, Buffer]], still_wanted: Callable[[], bool]) -> int:
+        """Blocks copied from a peer (checked by the caller) become local blocks: reserve_copies, the bytes written
+        outside the lock into slots nobody can see yet, settle_copies."""
+        metas = [m for m, _ in items]
+        slots = self.reserve_copies(metas)
+        self.host.write([(m, s, data) for (m, data), s in zip(items, slots) if s is not None])
+        return self.settle_copies(metas, slots, len(items), still_wanted)
 
     # ---- the operator's evict ----------------------------------------------------------
 

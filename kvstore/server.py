@@ -57,7 +57,7 @@ def make_data_dir_private(data_path: Path) -> None:
 class KVStoreServer:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
-        self.auth = Authenticator.from_file(cfg.insecure_no_auth, cfg.tokens_file)
+        self.auth = Authenticator.from_file(cfg.insecure_no_auth, cfg.tokens_file, cfg.peer_tokens_file)
         make_data_dir_private(cfg.data_path)
         self.store = Store(cfg)
         self.worker = BackgroundWorker(self.store)
@@ -73,9 +73,18 @@ class KVStoreServer:
         apb_grpc.add_AdminServicer_to_server(self.admin, self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        names = (pb.DESCRIPTOR.services_by_name["KVStore"].full_name, apb.DESCRIPTOR.services_by_name["Admin"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, self.grpc)
+        names = [pb.DESCRIPTOR.services_by_name["KVStore"].full_name, apb.DESCRIPTOR.services_by_name["Admin"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME]
         self.port = self._bind()
+        self.cluster = None  # cluster mode (docs/cluster.md): the node's peer service shares this gRPC port
+        if cfg.cluster_etcd:
+            from kvstore.cluster.node import ClusterNode
+            from kvstore.cluster.peer_service import SERVICE_NAME as PEER_SERVICE
+
+            self.cluster = ClusterNode(cfg, self.store, self.api, self.ops, self.auth, self.grpc, self.address)
+            self.admin.cluster = self.cluster
+            self.metrics.registry.register(self.cluster.collector())
+            names.append(PEER_SERVICE)
+        reflection.enable_server_reflection(names, self.grpc)
         self._stopped = threading.Event()
         self._exit = threading.Event()
         self.ucx: UcxDataPlane | None = None
@@ -109,6 +118,8 @@ class KVStoreServer:
         self.grpc.start()
         self.worker.start()
         self.metrics.start()
+        if self.cluster is not None:  # joins once peers can reach this node's gRPC port
+            self.cluster.start(self.ucx)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("kvstore.v1.KVStore", health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -132,6 +143,8 @@ class KVStoreServer:
         deadline = time.monotonic() + grace_s + CANCEL_WAIT_S
         self.health.enter_graceful_shutdown()
         self.store.admitting = False
+        if self.cluster is not None:  # leave at once: peers stop sending here within a watch event
+            self.cluster.leave()
         stopped = self.grpc.stop(grace_s)
         if self.local is not None:  # drains alongside gRPC, within the same grace period
             self.local.stop(grace_s)
@@ -139,6 +152,8 @@ class KVStoreServer:
             log.warning("gRPC has not stopped %.1f s after shutdown began (calls left open); flushing anyway", grace_s + CANCEL_WAIT_S)
         if self.ucx is not None:
             self.ucx.stop()
+        if self.cluster is not None:
+            self.cluster.close()
         self.metrics.stop()
         self.worker.stop()
         self.store.close()
@@ -159,7 +174,10 @@ class KVStoreServer:
         self.stop()
 
     def drain(self, wait_s: float) -> apb.DrainResponse:
-        """Admit no writes, give readers and lease holders up to wait_s to finish, flush the host tier, then exit."""
+        """Leave the cluster (in cluster mode), admit no writes, give readers and lease holders up to wait_s to finish,
+        flush the host tier, then exit."""
+        if self.cluster is not None:
+            self.cluster.leave()
         self.store.admitting = False
         self.health.enter_graceful_shutdown()
         left = self.ops.wait_quiet(wait_s)

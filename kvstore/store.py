@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 from kvwire.errors import (
     BlockNotFoundError,
@@ -38,13 +38,13 @@ from kvstore.block_table import BlockTable, BlockView, Caller, LeaseView, Limits
 from kvstore.config import ServerConfig
 from kvstore.eviction import EvictionPolicy, EvictReport
 from kvstore.hbm_placement import HbmPlacement, PinPlacement, PromotionReport
-from kvstore.index import BlockIndex, BlockMeta, tenant_tag
+from kvstore.index import BlockIndex, BlockMeta, storage_key, tenant_tag
 from kvstore.placement import Placement, checksum
 from kvstore.tiers.device import DeviceMemory
 from kvstore.tiers.host import HostPool
 from kvstore.tiers.ssd import SsdTier
 
-__all__ = ["Caller", "PinInfo", "PinnedSlots", "Store", "StoreStats", "TierStats", "checksum"]
+__all__ = ["Caller", "PinInfo", "PinnedSlots", "RemoteSource", "Store", "StoreStats", "TierStats", "checksum"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,18 @@ class Deletion:
     blocks: tuple[BlockMeta, ...]
 
 
+class RemoteSource(Protocol):
+    """Where blocks missing here may be found in cluster mode (kvstore/cluster/remote_tier.py): a staging
+    source beside the ssd tier. Both calls are bounded by the cluster's deadlines and never raise for a
+    peer's failure: a block a peer cannot give is a miss, which costs the engine a recompute, not an error."""
+
+    def locate(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes]) -> list[int]:
+        """Each key's size where a live peer holds it under this tenant and fingerprint, else 0."""
+
+    def fetch(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes], prefix: bool) -> None:
+        """Copy what peers hold of keys (with prefix, their leading run) into this store (Store.adopt), checked."""
+
+
 class _Changes(threading.Condition):
     """The store's condition, counting notifications: a waiter that read state without the
     lock can tell whether anything changed before it sleeps."""
@@ -160,6 +172,8 @@ class Store:
         self.hbm = HbmPlacement.open(cfg, self.placement, hbm_device)
         self.admitting = True
         self.closed = False
+        self.remote: RemoteSource | None = None  # cluster mode: peers' blocks, staged in as local copies
+        self.deletions = 0  # operator deletes so far: a peer's copy fetched across one is not adopted (adopt's `since`)
         self.placement.restore()
 
     @property
@@ -223,6 +237,8 @@ class Store:
         self._check_fp(fingerprint_id)
         self._check_keys(keys)
         statuses = self._statuses(caller, fingerprint_id, keys)
+        if self.remote is not None:
+            statuses = self._with_remote(caller, fingerprint_id, statuses)
         prefix = 0
         for s in statuses:
             if s.state != BlockState.PRESENT:
@@ -240,8 +256,19 @@ class Store:
                 statuses += [table.status(caller.tenant, fingerprint_id, k) for k in chunk]
         return statuses
 
+    def _with_remote(self, caller: Caller, fingerprint_id: bytes, statuses: list[KeyStatus]) -> list[KeyStatus]:
+        """Missing keys a live peer holds are PRESENT, tier REMOTE (a Pin or Get here fetches them)."""
+        missing = [i for i, s in enumerate(statuses) if s.state == BlockState.MISSING]
+        if not missing:
+            return statuses
+        sizes = self.remote.locate(caller.tenant, fingerprint_id, [statuses[i].key for i in missing])
+        for i, size in zip(missing, sizes):
+            if size:
+                statuses[i] = KeyStatus(statuses[i].key, BlockState.PRESENT, Tier.REMOTE, size)
+        return statuses
+
     def prefix_length(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> int:
-        """How many leading keys are present, looking no further than the first that is not."""
+        """How many leading keys are present, looking no further than the first that is not (here, then at peers)."""
         self._check_fp(fingerprint_id)
         self._check_keys(keys)
         present = 0
@@ -251,6 +278,9 @@ class Store:
             present += found
             if found < len(chunk):
                 break
+        if self.remote is not None and present < len(keys):
+            sizes = self.remote.locate(caller.tenant, fingerprint_id, keys[present:])
+            present += next((i for i, size in enumerate(sizes) if not size), len(sizes))
         return present
 
     @staticmethod
@@ -266,12 +296,38 @@ class Store:
         self._check_keys(keys)
         self._check_admitting()
         ttl_s, out = self._ttl(ttl_ms), []
+        elsewhere = self._held_by_peers(caller, fingerprint_id, keys) if self.remote is not None else set()
         for chunk in _chunks(keys):  # outcomes are per key: other requests may run between chunks
             with self._locked as table:
                 for key in chunk:
+                    if key in elsewhere:  # the engine fetches it (Pin, Get) instead of computing it
+                        out.append(LeaseInfo(key, LeaseOutcome.ALREADY_PRESENT))
+                        continue
                     outcome, lease = table.lease_for(caller, fingerprint_id, key, ttl_s)
                     out.append(self._lease_info(table, key, outcome, lease))
         return out
+
+    def _missing(self, caller: Caller, keys: Sequence[bytes]) -> list[bytes]:
+        """The keys with no block of the caller's here at all (under any fingerprint)."""
+        tag, missing = tenant_tag(caller.tenant), []
+        for chunk in _chunks(keys):
+            with self._locked as table:
+                find = table.index.get
+                missing += [key for key in chunk if find(tag + key) is None]
+        return missing
+
+    def _held_by_peers(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> set[bytes]:
+        missing = self._missing(caller, keys)
+        if not missing:
+            return set()
+        return {key for key, size in zip(missing, self.remote.locate(caller.tenant, fingerprint_id, missing)) if size}
+
+    def _fetch_missing(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], prefix: bool) -> None:
+        """Cluster mode, before a read: copy in from peers what is missing here (with prefix, the leading run
+        of the missing keys they hold), so the read then finds local blocks. What cannot be had stays missing."""
+        missing = self._missing(caller, keys)
+        if missing:
+            self.remote.fetch(caller.tenant, fingerprint_id, missing, prefix)
 
     def reserve(self, caller: Caller, fingerprint_id: bytes, specs: Sequence[tuple[bytes, int]], ttl_ms: int = 0,
                 durable: bool = False) -> list[LeaseInfo]:
@@ -326,7 +382,8 @@ class Store:
 
     def wait(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], timeout_ms: int,
              is_active: Callable[[], bool] | None = None) -> list[KeyStatus]:
-        """Block until no key is PENDING (committed, or its lease released or expired) or timeout.
+        """Block until no key is PENDING (committed, or its lease released or expired) or timeout; in cluster
+        mode the answer's MISSING keys a peer holds are PRESENT, tier REMOTE, as in lookup.
 
         The wait is bounded by max_wait_s whatever the caller asks, and ends early once
         is_active() says the caller has gone (checked at least every WAIT_POLL_S), so an
@@ -342,7 +399,7 @@ class Store:
             statuses = self._statuses(caller, fingerprint_id, keys)
             remaining = deadline - time.monotonic()
             if all(s.state != BlockState.PENDING for s in statuses) or remaining <= 0 or self.closed:
-                return statuses
+                return self._with_remote(caller, fingerprint_id, statuses) if self.remote is not None else statuses
             if is_active is not None and not is_active():
                 self.counters[Event.LEASE_WAITS_ABANDONED] += 1
                 return statuses
@@ -498,6 +555,8 @@ class Store:
         """Yields (key, payload, checksum) in order; raises BlockNotFoundError before yielding if any is missing."""
         self._check_fp(fingerprint_id)
         self._check_keys(keys)
+        if self.remote is not None:
+            self._fetch_missing(caller, fingerprint_id, keys, prefix=False)
         return self._stream(self._resolve_for_read(caller, fingerprint_id, keys))
 
     def _stream(self, metas: list[BlockMeta]) -> Iterator[tuple[bytes, bytes, int]]:
@@ -528,6 +587,8 @@ class Store:
         self._check_fp(fingerprint_id)
         self._check_keys(keys)
         ttl = self._ttl(ttl_ms, self.cfg.pin_ttl_s)
+        if self.remote is not None:
+            self._fetch_missing(caller, fingerprint_id, keys, prefix)
         metas = self._resolve_for_read(caller, fingerprint_id, keys, prefix)
         staged = 0
         columns = host_columns(metas)  # pinned: a host copy, once there, stays until unpinned
@@ -556,9 +617,9 @@ class Store:
         return PinInfo(pin.pin_id, PinnedSlots(offsets[:n], sizes[:n], checksums[:n], *placed), expires, hbm.pool_id if hbm is not None else 0)
 
     def needs_staging(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], prefix: bool = False) -> bool:
-        """Whether a pin of these keys would read the ssd tier (a block it would name has no host copy):
-        a caller on an event loop then pins from a worker thread. Cheap, and only advice: a block may
-        move between this answer and the pin."""
+        """Whether a pin of these keys would read the ssd tier (a block it would name has no host copy) or,
+        in cluster mode, ask peers (one is missing): a caller on an event loop then pins from a worker
+        thread. Cheap, and only advice: a block may move between this answer and the pin."""
         self._check_fp(fingerprint_id)
         self._check_keys(keys)
         tag = tenant_tag(caller.tenant)  # the UCX data plane asks for every keyed get: no per-key call
@@ -567,6 +628,8 @@ class Store:
                 find = table.index.get
                 for key in chunk:
                     meta = find(tag + key)
+                    if meta is None and self.remote is not None:
+                        return True
                     if meta is None or meta.fingerprint_id != fingerprint_id:
                         if prefix:
                             return False  # the pin's run ends here
@@ -597,6 +660,54 @@ class Store:
             for lease in leases:
                 table.hold(lease, hold_s or self.cfg.lease_ttl_s)
             return [lease.slot for lease in leases]
+
+    # ---- peers: blocks by storage key, for the cluster's remote tier ----------------------------
+
+    def read_stored(self, fingerprint_id: bytes, skeys: Sequence[bytes]) -> Iterator[tuple[bytes, bytes, int]]:
+        """For a peer node: the leading run of these storage keys' blocks under fingerprint_id, streamed as
+        get does (pinned until sent). A peer acts for every tenant; the storage key names the tenant."""
+        metas: list[BlockMeta] = []
+        for chunk in _chunks(skeys):
+            with self._locked as table:
+                find, found = table.index.get, []
+                for skey in chunk:
+                    meta = find(skey)
+                    if meta is None or meta.fingerprint_id != fingerprint_id:
+                        break
+                    found.append(meta)
+                table.pin_blocks(found)
+                table.index.touch(found)
+            metas += found
+            if len(found) < len(chunk):
+                break
+        return self._stream(metas)
+
+    def adopt(self, tenant: str, fingerprint_id: bytes, blocks: Sequence[tuple[bytes, bytes | memoryview, int]], since: int) -> int:
+        """Blocks a peer sent, (key, payload, checksum) already checked by the caller, become the tenant's local
+        blocks (placement.adopt); how many leading ones are now present. Never over a block that exists here, and
+        none if an operator's delete ran since `since` (self.deletions when the fetch began): the peer may not have
+        applied that delete yet, and its copy must not bring a deleted block back here."""
+        metas = [(BlockMeta(storage_key(tenant, key), tenant, fingerprint_id, len(data), crc), data) for key, data, crc in blocks]
+        return self.placement.adopt(metas, lambda: self.deletions == since)
+
+    def reserve_copies(self, tenant: str, fingerprint_id: bytes, blocks: Sequence[tuple[bytes, int, int]]) -> tuple[list[BlockMeta], list[Slot | None]]:
+        """Host slots a peer's blocks (key, size, checksum) are about to be received into, straight from the
+        network; (their metas, their slots: None where the block is here already or found no room). Pass both
+        to settle_copies, whatever happens."""
+        metas = [BlockMeta(storage_key(tenant, key), tenant, fingerprint_id, size, crc) for key, size, crc in blocks]
+        return metas, self.placement.reserve_copies(metas)
+
+    def settle_copies(self, reserved: tuple[list[BlockMeta], list[Slot | None]], landed: int, since: int) -> int:
+        """The first `landed` reserved copies (received whole and checked by the caller) become local blocks (as in
+        adopt, `since` guards against an operator's delete meanwhile); the other slots are released. How many
+        leading blocks are now present."""
+        metas, slots = reserved
+        return self.placement.settle_copies(metas, slots, landed, lambda: self.deletions == since)
+
+    def catalog(self) -> list[tuple[bytes, bytes, int, int]]:
+        """(storage key, fingerprint id, size, checksum) of every block here: what a resync announces."""
+        with self._locked as table:
+            return [(m.skey, m.fingerprint_id, m.size, m.checksum) for m in table.index]
 
     # ---- deletion -----------------------------------------------------------------
 
@@ -703,6 +814,7 @@ class Store:
         matching write leases: a written-but-uncommitted block matches too, and revoking its lease frees
         (and zeroes) its slot, so the writer's later Commit fails and the deleted data cannot come back."""
         with self._locked as table:
+            self.deletions += 1
             metas = self._matching(table, match)
             for meta in metas:
                 table.delete(meta)

@@ -71,6 +71,17 @@ class UnavailableError(KVStoreError):
     status = "UNAVAILABLE"
 
 
+class FencedError(UnavailableError):
+    """Cluster mode: this node lost its membership lease (partitioned from etcd) and serves no peer, or in
+    strict mode no reader either, until it has rejoined."""
+
+
+class StaleViewError(KVStoreError):
+    """Cluster mode: a peer call named an incarnation of this node that is not the current one; refresh the view."""
+
+    status = "FAILED_PRECONDITION"
+
+
 class TransferError(KVStoreError):
     """A data-plane transfer failed or was interrupted; no partial data was returned."""
 
@@ -98,6 +109,8 @@ ERROR_TYPES: dict[str, type[KVStoreError]] = {
         UnauthenticatedError,
         PermissionDeniedError,
         UnavailableError,
+        FencedError,
+        StaleViewError,
         TransferError,
         TimeoutError_,
     )

@@ -28,14 +28,16 @@ class ServerProc:
     port: int = 0
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    host: str = "127.0.0.1"  # the address it listens on (a network namespace's, with wrap)
+    wrap: list[str] = field(default_factory=list)  # argv prefix, e.g. ["ip", "netns", "exec", NAME] (which execs: pid stays the server's)
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 30) -> "ServerProc":
         self.port = self.port or free_port()
-        args = [sys.executable, "-m", "kvstore.cli", "serve", "--listen", self.address, "--data-dir", str(self.data_dir)]
+        args = [*self.wrap, sys.executable, "-m", "kvstore.cli", "serve", "--listen", self.address, "--data-dir", str(self.data_dir)]
         for k, v in {"insecure_no_auth": True, **self.flags}.items():
             flag = "--" + k.replace("_", "-")
             if v is True:

@@ -84,6 +84,7 @@ def test_the_store_core_knows_no_transport() -> None:
 # The wire adapters: the only modules outside the contract that speak generated protobuf.
 WIRE_ADAPTERS = {
     "kvstore/service.py", "kvstore/admin_service.py", "kvstore/local_control.py", "kvstore/server.py", "kvstore/admin.py", "kvstore/rpc_codec.py",
+    "kvstore/cluster/peers.py", "kvstore/cluster/peer_service.py",  # PeerService's two halves: client and server
     "kvclient/control.py", "kvclient/local_control.py", "kvclient/transports/grpc_inline.py",
 }
 

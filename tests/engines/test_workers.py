@@ -220,7 +220,7 @@ def test_waiter_computes_when_the_lease_holder_gives_up(workers, lease_client, t
     assert worker.health().extra["waited_requests_total"] == waited_before + 1
 
 
-def test_match_counts_leading_blocks_warm_in_this_worker(workers):
+def test_match_counts_leading_blocks_warm_in_this_worker_and_in_its_store(workers):
     ids = prompt("match", 170)  # 10 full blocks
     prefill(workers["prefill"], ids)
     diverged = ids[:6 * BLOCK] + prompt("elsewhere", 70)
@@ -228,9 +228,10 @@ def test_match_counts_leading_blocks_warm_in_this_worker(workers):
     def match(worker, query):
         return post_json(worker.url + "/match", MatchRequest(query), MatchResponse)
 
-    assert match(workers["prefill"], ids) == MatchResponse(10, 10)
-    assert match(workers["prefill"], diverged) == MatchResponse(6, len(diverged) // BLOCK)
-    assert match(workers["prefill2"], ids).matched_blocks == 0
+    assert match(workers["prefill"], ids) == MatchResponse(10, 10, local_blocks=10, remote_blocks=0)
+    assert match(workers["prefill"], diverged) == MatchResponse(6, len(diverged) // BLOCK, local_blocks=6, remote_blocks=0)
+    # Cold in the other worker's engine, but its store (the same one, on this host) has the whole run.
+    assert match(workers["prefill2"], ids) == MatchResponse(0, 10, local_blocks=10, remote_blocks=0)
 
 
 def test_sampling_is_seeded_and_eos_stops(workers):

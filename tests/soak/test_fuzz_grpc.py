@@ -99,6 +99,7 @@ class World:
             "ListLeases": apb.ListLeasesRequest(tenant="alice"),
             "RevokeLeases": apb.RevokeLeasesRequest(tenant="matrix-nobody"),
             "Drain": apb.DrainRequest(timeout_ms=1),
+            "Cluster": apb.ClusterRequest(local_only=True),  # INVALID_ARGUMENT here: cluster mode is off
         }.items()}
 
     def valid_for(self, method: Method) -> bytes:

@@ -1,0 +1,275 @@
+"""One server's cluster parts, wired together: what `kvstore serve --cluster-etcd ...` adds to a node.
+
+Owns construction and lifecycle: the etcd client, Membership, Tombstones, this node's directory
+shard, the Announcer, the peer channels, the remote tier (installed as the store's RemoteSource),
+the peer service (on the server's gRPC port), and what membership events mean for serving:
+
+- fence: the peer service refuses every call (its admission reads `fenced`), the directory shard is
+  dropped (what it knew may be stale by the time this node rejoins), nothing is announced, the remote
+  tier finds nothing; local clients are still served unless cluster_strict_fence, which refuses reads;
+- (re)join: tombstones are replayed first (Membership's before_join), then every home gets a full resync;
+- view change: channels of departed members close, the shard forgets dead holders and keys homed elsewhere;
+- drain or SIGTERM: leave at once (the lease is revoked), so peers drop this node within a watch event.
+
+Admin deletes by tenant, fingerprint or chain become tombstones that every node applies (delete());
+selectors by tier or age stay local, since they mean this node's copies.
+It refuses request logic (store.py, api.py) and wire encoding (peer_service.py, peers.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from kvwire.errors import FencedError, InvalidRequestError, UnavailableError
+from kvwire.hostid import host_id
+from kvstore.cluster.announcer import Announcer
+from kvstore.cluster.directory import BlockRef, DirectoryShard, live_holders
+from kvstore.cluster.etcd import EtcdClient, EtcdError
+from kvstore.cluster.membership import Membership, MemberSpec
+from kvstore.cluster.peer_service import PEER_CLIENT_PREFIX, PeerServicer, cluster_status
+from kvstore.cluster.peers import Peers
+from kvstore.cluster.remote_tier import RemoteTier
+from kvstore.cluster.tombstones import Tombstone, Tombstones
+from kvstore.cluster.ucx_fetch import UcxFetcher
+from kvstore.cluster.view import ClusterView
+from kvstore.config import ServerConfig
+from kvstore.counters import Event
+from kvstore.operations import DeleteReport, Operations, Selector
+
+if TYPE_CHECKING:
+    import grpc
+
+    from kvstore.api import StoreAPI, UcxSessions
+    from kvstore.auth import Authenticator
+    from kvstore.store import Caller, Store
+
+log = logging.getLogger(__name__)
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
+# A fault for tests only, read only when set: this node never announces removals, so the directory keeps
+# stale entries for blocks it dropped (tests/kvstore/cluster/test_node_failures.py).
+DROP_REMOVED_ENV = "KVSTORE_TEST_DROP_REMOVED_ANNOUNCES"
+STATUS_TIMEOUT_S = 1.0
+DELETE_ANNOUNCE_WAIT_S = 1.0  # a tombstone's apply waits this long at most for its removals to reach their homes
+
+
+def advertise_address(cfg: ServerConfig, bound_address: str) -> str:
+    """What peers dial: cfg.advertise, else the address the server bound (which must then name one host)."""
+    address = cfg.advertise or bound_address
+    if address.rsplit(":", 1)[0] in WILDCARD_HOSTS:
+        raise ValueError(f"cluster mode needs --advertise HOST:PORT that peers can dial (listen {cfg.listen} names no one host)")
+    return address
+
+
+class ClusterNode:
+    def __init__(self, cfg: ServerConfig, store: "Store", api: "StoreAPI", ops: Operations, auth: "Authenticator",
+                 grpc_server: "grpc.Server", bound_address: str) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.api = api
+        self.ops = ops
+        self.name = cfg.node_name or socket.gethostname()
+        self.address = advertise_address(cfg, bound_address)
+        self.counters = store.counters
+        self.etcd = EtcdClient(cfg.cluster_etcd)
+        self.shard = DirectoryShard()
+        self.peers = Peers(self.name, self.identity, auth.peer_token, self.counters)
+        self.membership: Membership | None = None
+        self.tombstones = Tombstones(self.etcd, cfg.cluster_name, self.name, cfg.data_path, self._apply_tombstone, self._wipe,
+                                     lease_id=lambda: self.membership.lease_id if self.membership else 0, counters=self.counters)
+        drop_removed = os.environ.get(DROP_REMOVED_ENV) == "1"
+        if drop_removed:
+            log.warning("%s=1: this node announces no removals (a test fault; never set it in production)", DROP_REMOVED_ENV)
+        self.announcer = Announcer(self.name, self.shard, self.peers, self.identity, self._catalog, self.counters,
+                                   timeout_s=max(0.2, cfg.cluster_announce_wait_ms / 1000), drop_removed=drop_removed)
+        ucx = UcxFetcher(self.peers) if cfg.ucx and UcxFetcher.available() else None
+        self.remote = RemoteTier(self.name, store, self.identity, self.peers, self.shard, self.counters,
+                                 cfg.remote_fetch_deadline_ms / 1000, ucx)
+        self._deleting = threading.Lock()
+        self.servicer = PeerServicer(self.name, self, auth, self.shard, store, self.peers, self.counters, self.status)
+        self.servicer.add_to(grpc_server)
+
+    # ---- what the other parts read (the servicer's MembershipView too) ---------------------------
+
+    def identity(self) -> tuple[int, ClusterView]:
+        membership = self.membership
+        if membership is None:
+            return 0, ClusterView()
+        return membership.incarnation, membership.view()
+
+    @property
+    def incarnation(self) -> int:
+        return self.membership.incarnation if self.membership is not None else 0
+
+    @property
+    def fenced(self) -> bool:
+        return self.membership is None or self.membership.fenced
+
+    def view(self) -> ClusterView:
+        return self.membership.view() if self.membership is not None else ClusterView()
+
+    def wait_view(self, predicate, timeout_s: float) -> bool:
+        return self.membership is not None and self.membership.wait_view(predicate, timeout_s)
+
+    def _catalog(self) -> list[BlockRef]:
+        return [BlockRef(*row) for row in self.store.catalog()]
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def start(self, ucx: "UcxSessions | None" = None) -> "ClusterNode":
+        """Join the cluster (replaying tombstones first) and start announcing; the gRPC server (and the UCX data
+        plane, if any, which peers then read from) is already serving."""
+        host = self.address.rsplit(":", 1)[0]
+        ucx_port = ucx.port if ucx is not None else 0
+        if ucx is not None:
+            self.servicer.ucx, self.servicer.ucx_listener = ucx, f"{host}:{ucx_port}"
+        spec = MemberSpec(self.name, self.address, self.cfg.host_id or host_id(), f"{host}:{ucx_port}" if ucx_port else "",
+                          {"host": self.store.host.capacity_bytes, "ssd": self.cfg.ssd_capacity})
+        membership = Membership(self.etcd, self.cfg.cluster_name, spec, self.cfg.cluster_lease_ttl_s,
+                                before_join=self.tombstones.replay, counters=self.counters)
+        membership.subscribe(self._on_view)
+        membership.on_fence(self._on_fence)
+        membership.on_join(self._on_join)
+        self.membership = membership
+        self.store.index.listener = self.announcer.record
+        self.announcer.start()
+        self.store.remote = self.remote
+        self.api.cluster = self
+        membership.start()
+        self.tombstones.start()
+        log.info("cluster %s: node %s joined as incarnation %d, advertising %s", self.cfg.cluster_name, self.name,
+                 membership.incarnation, self.address)
+        return self
+
+    def leave(self) -> None:
+        """Leave the cluster at once (drain, shutdown): the lease is revoked, peers drop this node within a watch event."""
+        self.store.remote = None
+        if self.membership is not None:
+            self.membership.leave()
+
+    def close(self) -> None:
+        self.store.remote = None
+        self.store.index.listener = None
+        self.announcer.close()
+        self.tombstones.close()
+        if self.membership is not None:
+            self.membership.close()
+        self.remote.close()
+        self.peers.close()
+        self.etcd.close()
+
+    # ---- membership events -----------------------------------------------------------------------
+
+    def _on_view(self, view: ClusterView) -> None:
+        self.peers.on_view(view)
+        self.shard.forget_dead(live_holders(view))
+        ring = self.remote._homes(view)
+        self.shard.keep_homed(lambda skeys: ring.is_home(self.name, skeys))
+        self.announcer.wake()
+
+    def _on_fence(self) -> None:
+        log.warning("cluster: node %s fenced; serving no peer%s until it rejoins", self.name,
+                    " and no reader" if self.cfg.cluster_strict_fence else "")
+        self.shard.clear()
+        self.announcer.wake()
+
+    def _on_join(self, incarnation: int) -> None:
+        self.tombstones.ack()
+        self.announcer.wake()
+
+    # ---- the request layer's ClusterGate ---------------------------------------------------------
+
+    def before_read(self, caller: Caller) -> None:
+        if not self.fenced:
+            return
+        if caller.client_id.startswith(PEER_CLIENT_PREFIX):  # a peer's UCX session: a fenced node serves no peer
+            raise FencedError(f"node {self.name} is fenced from the cluster and serves no peer until it rejoins")
+        if self.cfg.cluster_strict_fence:
+            raise FencedError(f"node {self.name} is fenced from the cluster and, in strict mode, serves no reads until it rejoins")
+
+    def after_commit(self) -> None:
+        if not self.announcer.flush(self.cfg.cluster_announce_wait_ms / 1000):
+            self.counters[Event.DIRECTORY_COMMIT_WAITS_EXPIRED] += 1
+            log.debug("commit answered before its directory homes acknowledged it (cluster_announce_wait_ms)")
+
+    # ---- cluster-wide deletes -----------------------------------------------------------------------
+
+    def delete(self, sel: Selector, secure: bool) -> tuple[DeleteReport, bool, list[str]]:
+        """An operator's delete: (this node's report, whether it went cluster-wide, live nodes that had not applied it)."""
+        if sel.tier or sel.min_age_s:  # this node's copies by tier or age: nothing a tombstone can name
+            return self.ops.delete(sel, secure), False, []
+        if sel.empty:
+            raise InvalidRequestError("delete needs a selector (fingerprint, tenant, keys, tier, age)")
+        with self._deleting:  # the watch's apply of this tombstone waits, so the counts below are this node's
+            try:
+                revision = self.tombstones.issue(Tombstone(tenant=sel.tenant, fingerprint_id=sel.fingerprint_id,
+                                                           keys=tuple(sorted(sel.keys)), secure=secure, issued_by=self.name))
+            except EtcdError as err:
+                raise UnavailableError(f"the cluster-wide delete could not be recorded in etcd: {err}") from None
+            report = self.ops.delete(sel, secure)  # here at once; the watch applies it again (a no-op)
+        self.announcer.flush(DELETE_ANNOUNCE_WAIT_S)
+        try:
+            late = self.tombstones.wait_acks(revision, self.cfg.cluster_lease_ttl_s + 1)
+        except EtcdError as err:
+            raise UnavailableError(f"the delete is recorded, but its confirmations could not be read from etcd: {err}") from None
+        return report, True, late
+
+    def _apply_tombstone(self, t: Tombstone) -> None:
+        """Delete here, and have the removals announced before the apply counts as done (the ack follows it), so
+        when an operator's delete returns, no directory still names this node for what it deleted (bounded)."""
+        with self._deleting:
+            self.ops.delete(Selector(tenant=t.tenant, fingerprint_id=t.fingerprint_id, keys=frozenset(t.keys)), t.secure)
+        self.announcer.flush(DELETE_ANNOUNCE_WAIT_S)
+
+    def _wipe(self) -> None:
+        """Tombstones this node never applied were trimmed: keep none of its blocks (it cannot know which went)."""
+        deletion = self.store.delete_blocks(lambda view: True, lambda lease: True)
+        log.warning("cluster: node %s missed trimmed tombstones; dropped all %d of its blocks", self.name, deletion.deleted)
+
+    # ---- operators ---------------------------------------------------------------------------------
+
+    def status(self):
+        """This node's ClusterStatus message (peer_service.cluster_status)."""
+        membership = self.membership.status(lease_ttls=False) if self.membership is not None else None
+        return cluster_status(self.name, membership, self.shard, self.peers, self.counters, self.tombstones.applied_revision)
+
+    def statuses(self) -> tuple[list, list[str]]:
+        """This node's status and every live peer's; the names of peers that did not answer."""
+        out, unreachable = [self.status()], []
+        for member in self.view().peers_of(self.name):
+            try:
+                out.append(self.peers.status(member.name, STATUS_TIMEOUT_S))
+            except Exception as err:
+                log.debug("status of %s: %s", member.name, err)
+                unreachable.append(member.name)
+        return out, unreachable
+
+    def collector(self) -> "ClusterCollector":
+        return ClusterCollector(self)
+
+
+class ClusterCollector:
+    """Cluster gauges for /metrics (the counters are store events, exported with the rest)."""
+
+    def __init__(self, node: ClusterNode) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.node
+        incarnation, view = node.identity()
+        yield GaugeMetricFamily("kvstore_cluster_members", "Members in this node's view", value=len(view.members))
+        yield GaugeMetricFamily("kvstore_cluster_view_revision", "etcd revision of the last membership change seen", value=view.revision)
+        yield GaugeMetricFamily("kvstore_cluster_incarnation", "This node's incarnation (0 while fenced)", value=incarnation)
+        yield GaugeMetricFamily("kvstore_cluster_fenced", "1 while this node is fenced (not a live member)", value=1 if node.fenced else 0)
+        yield GaugeMetricFamily("kvstore_directory_entries", "Keys this node is directory home for", value=len(node.shard))
+        yield GaugeMetricFamily("kvstore_directory_announce_queue", "Block changes not yet acknowledged by their homes",
+                                value=node.announcer.queued)
+        breakers = GaugeMetricFamily("kvstore_peer_breaker_open", "1 while a peer's circuit breaker is open", labels=["peer"])
+        for info in node.peers.breakers():
+            breakers.add_metric([info.peer], 0 if info.state == "closed" else 1)
+        yield breakers

@@ -1,0 +1,279 @@
+"""The server half of PeerService: what one node answers other nodes, behind the peer credential and the envelope check.
+
+Owns admission of node-to-node calls (the peer-role token, then the fencing rules below) and the
+four answers: Locate and Announce/Resync from this node's directory shard, Fetch from its store by
+storage key, Status from the node. It refuses policy: what a shard keeps is directory.py's, what a
+store holds is the store's.
+
+Fencing, in order (design/cluster.md §3.3):
+  - this node is fenced (its lease may be gone): UNAVAILABLE, since what it knows may be stale;
+  - the call names another incarnation of this node: FAILED_PRECONDITION (the caller's view is old);
+  - the sender is not live under the incarnation it claims: if this node's view has seen everything
+    the sender's had (view revision) or a newer incarnation of it, the call is a zombie's (a fenced or
+    restarted node's queued call) and is refused, counted; else wait up to VIEW_CATCH_UP_S for the
+    watch to catch up, then decide.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections import Counter
+from typing import Callable, Iterator, Protocol
+
+import grpc
+
+from kvwire.errors import FencedError, KVStoreError, PermissionDeniedError, StaleViewError
+from kvstore.api import UcxSessions
+from kvstore.auth import Authenticator, check_tenant
+from kvstore.counters import Event
+from kvstore.cluster.directory import BlockRef, DirectoryShard, live_holders
+from kvstore.cluster.peers import Peers
+from kvstore.cluster.view import ClusterView
+from kvstore.service import abort
+from kvstore.store import Caller, Store
+from kvwire.v1 import peer_pb2 as ppb
+from kvwire.v1 import peer_pb2_grpc as ppb_grpc
+
+log = logging.getLogger(__name__)
+
+VIEW_CATCH_UP_S = 1.0
+PEER_CLIENT_PREFIX = "peer:"  # client ids of UCX sessions issued to peers: a fenced node refuses them (node.before_read)
+FETCH_MESSAGE_BYTES = 4 << 20  # a Fetch answers in messages of about this much payload: a deadline keeps what landed
+SERVICE_NAME = ppb.DESCRIPTOR.services_by_name["PeerService"].full_name
+
+
+class MembershipView(Protocol):
+    """What admission needs of membership.py's Membership."""
+
+    @property
+    def incarnation(self) -> int: ...
+
+    @property
+    def fenced(self) -> bool: ...
+
+    def view(self) -> ClusterView: ...
+
+    def wait_view(self, predicate: Callable[[ClusterView], bool], timeout_s: float) -> bool: ...
+
+
+def _peer_call(method: Callable) -> Callable:
+    """Authenticate the peer, admit its envelope (the first chunk's, for a stream), answer; errors to status once."""
+    name = method.__name__
+
+    def refuse(self: "PeerServicer", context: grpc.ServicerContext, err: Exception):
+        if not isinstance(err, KVStoreError):
+            log.error("peer call %s failed unexpectedly", name, exc_info=err)
+            err = KVStoreError(f"internal error in {name}; the server log has details")
+        abort(context, err)
+
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def streaming(self: "PeerServicer", request, context):
+            try:
+                self.auth.require_peer(context.invocation_metadata())
+                self.admit(request.envelope)
+                yield from method(self, request, context)
+            except grpc.RpcError:
+                raise
+            except Exception as err:
+                refuse(self, context, err)
+
+        return streaming
+
+    @functools.wraps(method)
+    def unary(self: "PeerServicer", request, context):
+        try:
+            self.auth.require_peer(context.invocation_metadata())
+            self.admit(request.envelope)
+            return method(self, request, context)
+        except grpc.RpcError:
+            raise
+        except Exception as err:
+            refuse(self, context, err)
+
+    return unary
+
+
+class PeerServicer(ppb_grpc.PeerServiceServicer):
+    def __init__(self, me: str, membership: MembershipView, auth: Authenticator, shard: DirectoryShard, store: Store,
+                 peers: Peers, counters: Counter, status: Callable[[], ppb.ClusterStatus]) -> None:
+        self.me = me
+        self.membership = membership
+        self.auth = auth
+        self.shard = shard
+        self.store = store
+        self.peers = peers
+        self.counters = counters
+        self.status = status
+        self.ucx: UcxSessions | None = None  # the server's UCX data plane, once started (node.start)
+        self.ucx_listener = ""  # host:port peers dial for it
+
+    def add_to(self, server: grpc.Server) -> None:
+        ppb_grpc.add_PeerServiceServicer_to_server(self, server)
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    def admit(self, env: ppb.Envelope) -> None:
+        membership = self.membership
+        mine = membership.incarnation
+        if membership.fenced or mine == 0:
+            self.counters[Event.PEER_REJECTED_FENCED] += 1
+            raise FencedError(f"node {self.me} is fenced (not a live member) and serves no peer until it rejoins")
+        if env.target_incarnation != mine:
+            self.counters[Event.PEER_REJECTED_STALE_VIEW] += 1
+            raise StaleViewError(f"the call names incarnation {env.target_incarnation} of node {self.me}; it is {mine} now")
+        if membership.view().is_live(env.sender, env.sender_incarnation):
+            return
+
+        def settled(view: ClusterView) -> bool:
+            return view.is_live(env.sender, env.sender_incarnation) or view.revision >= env.sender_view_revision \
+                or view.incarnation_of(env.sender) > env.sender_incarnation
+
+        if not settled(membership.view()):
+            membership.wait_view(settled, VIEW_CATCH_UP_S)
+        if not membership.view().is_live(env.sender, env.sender_incarnation):
+            self.counters[Event.PEER_REJECTED_ZOMBIE] += 1
+            raise PermissionDeniedError(f"node {env.sender} incarnation {env.sender_incarnation} is not a live member (a zombie call)")
+
+    # ---- directory ----------------------------------------------------------------------------
+
+    @_peer_call
+    def Locate(self, request: ppb.LocateRequest, context) -> ppb.LocateResponse:
+        found = self.shard.locate(request.fingerprint_id, request.skeys, live_holders(self.membership.view()))
+        self.counters[Event.DIRECTORY_LOCATES] += 1
+        bits: dict[tuple[str, int], int] = {}
+        masks: dict[tuple, int] = {}  # holder tuple -> its mask: most keys share one or two holder sets
+        positions, sizes, checksums, holder_masks = [], [], [], []
+        for i, where in found:
+            mask = masks.get(where.holders)
+            if mask is None:
+                mask = 0
+                for holder in where.holders:
+                    bit = bits.get(holder)
+                    if bit is None:
+                        if len(bits) == 64:
+                            continue  # a hint only: more holders than a mask names are left out
+                        bit = bits[holder] = len(bits)
+                    mask |= 1 << bit
+                masks[where.holders] = mask
+            if mask:
+                positions.append(i)
+                sizes.append(where.size)
+                checksums.append(where.checksum)
+                holder_masks.append(mask)
+        holders = [ppb.Holder(node=name, incarnation=inc) for (name, inc) in bits]
+        return ppb.LocateResponse(holders=holders, found=positions, sizes=sizes, checksums=checksums, holder_masks=holder_masks)
+
+    @_peer_call
+    def Announce(self, request: ppb.AnnounceRequest, context) -> ppb.AnnounceResponse:
+        env = request.envelope
+        if request.repair_holder:  # a reader's lazy repair, not the holder's own numbered batch
+            repaired = self.shard.repair((request.repair_holder, request.repair_incarnation), request.removed)
+            self.counters[Event.DIRECTORY_REPAIRS] += repaired
+            return ppb.AnnounceResponse()
+        stored = [BlockRef(r.skey, r.fingerprint_id, r.size_bytes, r.checksum) for r in request.stored]
+        result = self.shard.announce((env.sender, env.sender_incarnation), request.sequence, stored, request.removed)
+        if result.applied:
+            self.counters[Event.DIRECTORY_ANNOUNCES] += 1
+        else:
+            self.counters[Event.DIRECTORY_RESYNCS_REQUESTED] += 1
+        return ppb.AnnounceResponse(resync_needed=not result.applied, expected_sequence=result.expected_sequence)
+
+    def Resync(self, request_iterator, context) -> ppb.ResyncResponse:
+        """Client-streaming: the envelope of the first chunk is admitted, then the whole set replaces the holder's."""
+        try:
+            self.auth.require_peer(context.invocation_metadata())
+            chunks = iter(request_iterator)
+            first = next(chunks, None)
+            if first is None:
+                return ppb.ResyncResponse()
+            self.admit(first.envelope)
+            env = first.envelope
+            blocks = [BlockRef(r.skey, r.fingerprint_id, r.size_bytes, r.checksum) for r in first.blocks]
+            for chunk in chunks:
+                blocks += [BlockRef(r.skey, r.fingerprint_id, r.size_bytes, r.checksum) for r in chunk.blocks]
+            entries = self.shard.resync((env.sender, env.sender_incarnation), first.next_sequence, blocks)
+            self.counters[Event.DIRECTORY_RESYNCS] += 1
+            return ppb.ResyncResponse(entries=entries)
+        except grpc.RpcError:
+            raise
+        except KVStoreError as err:
+            abort(context, err)
+        except Exception as err:
+            log.error("peer call Resync failed unexpectedly", exc_info=err)
+            abort(context, KVStoreError("internal error in Resync; the server log has details"))
+
+    # ---- data -------------------------------------------------------------------------------
+
+    @_peer_call
+    def Fetch(self, request: ppb.FetchRequest, context) -> Iterator[ppb.FetchResponse]:
+        """The blocks of the leading run this node holds, in order, then a `missing` marker where the run ended early."""
+        skeys = list(request.skeys)
+        sent = served = 0
+        message, message_bytes, in_message = ppb.FetchResponse(), 0, 0
+        blocks = self.store.read_stored(request.fingerprint_id, skeys)
+        try:
+            for _, data, checksum in blocks:
+                message.blocks.append(ppb.FetchedBlock(skey=skeys[served + in_message], data=data, checksum=checksum))
+                in_message += 1
+                message_bytes += len(data)
+                if message_bytes >= FETCH_MESSAGE_BYTES:
+                    yield message
+                    sent, served = sent + message_bytes, served + in_message
+                    message, message_bytes, in_message = ppb.FetchResponse(), 0, 0
+            if served + in_message < len(skeys):
+                message.blocks.append(ppb.FetchedBlock(skey=skeys[served + in_message], missing=True))
+                self.counters[Event.PEER_SERVED_NOT_FOUND] += 1
+            if message.blocks:
+                yield message
+                sent, served = sent + message_bytes, served + in_message
+        finally:  # the pins go now, and what was sent is counted, also when the reader went away midway
+            blocks.close()
+            self.counters[Event.PEER_SERVED_BLOCKS] += served
+            self.counters[Event.PEER_SERVED_BYTES] += sent
+            self.peers.count_served(request.envelope.sender, sent)
+
+    @_peer_call
+    def UcxSession(self, request: ppb.UcxSessionRequest, context) -> ppb.UcxSessionResponse:
+        """A session on this node's UCX data plane bound to the tenant the peer reads for (check_tenant: the same
+        names a token may carry), under a peer client id: a peer acts for every tenant, as Fetch's storage keys do."""
+        if self.ucx is None:
+            return ppb.UcxSessionResponse()
+        env = request.envelope
+        client_id = f"{PEER_CLIENT_PREFIX}{env.sender}:{env.sender_incarnation}"
+        token = self.ucx.session_token(Caller(tenant=check_tenant(request.tenant), client_id=client_id))
+        return ppb.UcxSessionResponse(listener=self.ucx_listener, token=token, client_id=client_id)
+
+    @_peer_call
+    def Status(self, request: ppb.PeerStatusRequest, context) -> ppb.ClusterStatus:
+        return self.status()
+
+
+def cluster_status(name: str, membership, shard: DirectoryShard, peers: Peers, counters: Counter,
+                   tombstones_revision: int) -> ppb.ClusterStatus:
+    """One node's ClusterStatus message: membership (a MembershipStatus, None before start), shard, breakers, counters."""
+    counts = _copy(counters)
+    status = ppb.ClusterStatus(node=name, directory_entries=len(shard), directory_holders=shard.holders, peers=peers.breakers(),
+                               counters={str(e): int(counts.get(e, 0)) for e in _CLUSTER_EVENTS},
+                               tombstones_applied_revision=tombstones_revision)
+    if membership is not None:
+        status.cluster, status.state, status.fenced = membership.cluster, membership.state, membership.fenced
+        status.incarnation, status.view_revision, status.fence_in_s = membership.incarnation, membership.view_revision, membership.fence_in_s
+        status.members.extend(ppb.MemberInfo(name=m.name, incarnation=m.incarnation, grpc_address=m.grpc_address, host_id=m.host_id,
+                                             state=m.state) for m in membership.members)
+    else:
+        status.state, status.fenced = "joining", True
+    return status
+
+
+_CLUSTER_EVENTS = tuple(e for e in Event if e.value.startswith(("cluster_", "tombstones_", "remote_", "peer_", "directory_")))
+
+
+def _copy(counters: Counter) -> dict:
+    for _ in range(5):  # counters are bumped by other threads without a lock: retry a torn copy
+        try:
+            return dict(counters)
+        except RuntimeError:
+            continue
+    return {}

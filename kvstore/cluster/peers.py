@@ -1,0 +1,332 @@
+"""Calls to other nodes: one gRPC channel per peer, a deadline on every call, and a circuit breaker per peer.
+
+Owns the client half of PeerService (peer.proto): the envelope every call carries, the peer-role
+token, turning answers into directory records and failures into kvwire errors, and who is worth
+calling at all. It refuses to decide what to call (announcer.py, remote_tier.py do).
+
+Why a breaker: a peer that stops answering without closing its connections (SIGSTOP, a silent
+partition) makes every call to it wait out its whole deadline. One timeout, or three errors in a
+row, opens the peer's breaker for OPEN_S; calls to it then fail at once, so readers move on to
+another holder or a miss in microseconds instead of a deadline each (Mooncake#2039, #2704). After
+OPEN_S one probe call is let through; its success closes the breaker.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import grpc
+
+from kvwire.defaults import AUTH_METADATA, MAX_MESSAGE_BYTES
+from kvwire.errors import ERROR_TYPE_METADATA, KVStoreError, UnavailableError, error_for
+from kvstore.counters import Event
+from kvstore.cluster.directory import AnnounceResult, BlockRef, HolderId, Located
+from kvstore.cluster.view import ClusterView, Member
+from kvwire.v1 import peer_pb2 as ppb
+from kvwire.v1 import peer_pb2_grpc as ppb_grpc
+
+log = logging.getLogger(__name__)
+
+OPEN_S = 5.0  # an open breaker refuses calls this long, then lets one probe through
+ERRORS_TO_OPEN = 3  # consecutive errors that open a breaker (one timeout opens it at once)
+RESYNC_CHUNK_BLOCKS = 4096
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # A peer that died is found by the calls' deadlines; reconnect fast once it is back.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+# Answers that say the peer is fine and the question was the problem: they never count against it.
+_NOT_THE_PEERS_FAULT = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
+                        grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class Breaker:
+    """closed -> (one timeout, or ERRORS_TO_OPEN errors in a row) -> open for OPEN_S -> half_open: one probe -> closed or open."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.failures = 0
+        self.opened_at: float | None = None
+        self._probing = False
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "open" if self.clock() - self.opened_at < OPEN_S or self._probing else "half_open"
+
+    def allow(self) -> bool:
+        """Whether a call may go out now; in half_open, True once (the probe)."""
+        with self._lock:
+            if self.opened_at is None:
+                return True
+            if self.clock() - self.opened_at < OPEN_S or self._probing:
+                return False
+            self._probing = True
+            return True
+
+    def would_allow(self) -> bool:
+        """allow() without taking the probe: is the peer worth naming to a reader?"""
+        with self._lock:
+            return self.opened_at is None or (self.clock() - self.opened_at >= OPEN_S and not self._probing)
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self.failures, self.opened_at, self._probing = 0, None, False
+
+    def failed(self, timeout: bool) -> bool:
+        """Record a failure; True when it opened (or re-opened) the breaker."""
+        with self._lock:
+            self.failures += 1
+            if timeout or self.failures >= ERRORS_TO_OPEN or self._probing:
+                self.opened_at, self._probing = self.clock(), False
+                return True
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """One block of a Fetch answer; missing: the holder has not got it (the stream ends there)."""
+
+    skey: bytes
+    data: bytes
+    checksum: int
+    missing: bool = False
+
+
+@dataclass
+class _Peer:
+    member: Member
+    channel: grpc.Channel
+    stub: ppb_grpc.PeerServiceStub
+    breaker: Breaker
+    bytes_fetched: int = 0
+
+
+def _error(err: grpc.RpcError) -> KVStoreError:
+    type_name = dict(err.trailing_metadata() or ()).get(ERROR_TYPE_METADATA, "")
+    return error_for(err.code().name, type_name, err.details() or "")
+
+
+def envelope(sender: str, incarnation: int, view: ClusterView, target: Member) -> ppb.Envelope:
+    return ppb.Envelope(sender=sender, sender_incarnation=incarnation, sender_view_revision=view.revision,
+                        target_incarnation=target.incarnation)
+
+
+def block_refs(refs: Sequence[BlockRef]) -> list[ppb.BlockRef]:
+    return [ppb.BlockRef(skey=r.skey, fingerprint_id=r.fingerprint_id, size_bytes=r.size, checksum=r.checksum) for r in refs]
+
+
+def located(response: ppb.LocateResponse) -> list[tuple[int, Located]]:
+    holders = [(h.node, h.incarnation) for h in response.holders]
+    sets: dict[int, tuple] = {}
+    out = []
+    for i, size, checksum, mask in zip(response.found[:], response.sizes[:], response.checksums[:], response.holder_masks[:]):
+        named = sets.get(mask)
+        if named is None:
+            named = sets[mask] = tuple(h for bit, h in enumerate(holders) if mask >> bit & 1)
+        out.append((i, Located(size, checksum, named)))
+    return out
+
+
+class Peers:
+    """Channels and breakers for every other live member; calls carry this node's envelope and peer token."""
+
+    def __init__(self, me: str, identity: Callable[[], tuple[int, ClusterView]], token: str, counters: Counter) -> None:
+        """identity(): (this node's incarnation, 0 while not joined or fenced; its current view)."""
+        self.me = me
+        self.identity = identity
+        self.metadata = ((AUTH_METADATA, f"Bearer {token}"),) if token else ()
+        self.counters = counters
+        self._peers: dict[str, _Peer] = {}
+        self._served: Counter[str] = Counter()  # payload bytes this node's peer service sent each peer
+        self._lock = threading.Lock()
+
+    # ---- who -------------------------------------------------------------------------------
+
+    def _peer(self, name: str, view: ClusterView) -> _Peer:
+        member = view.members.get(name)
+        if member is None:
+            raise UnavailableError(f"node {name} is not a member of the cluster now")
+        with self._lock:
+            peer = self._peers.get(name)
+            if peer is not None and peer.member.grpc_address != member.grpc_address:
+                peer.channel.close()
+                peer = None
+            if peer is None:
+                channel = grpc.insecure_channel(member.grpc_address, options=CHANNEL_OPTIONS)
+                peer = self._peers[name] = _Peer(member, channel, ppb_grpc.PeerServiceStub(channel), Breaker())
+            elif peer.member.incarnation != member.incarnation:
+                peer.breaker = Breaker()  # a new incarnation starts with a clean record
+            peer.member = member
+            return peer
+
+    def usable(self, name: str) -> bool:
+        """Worth naming as a holder: a member whose breaker is not open."""
+        peer = self._peers.get(name)
+        return peer is None or peer.breaker.would_allow()
+
+    def on_view(self, view: ClusterView) -> None:
+        """Close the channels of members that left."""
+        with self._lock:
+            for name in [n for n in self._peers if n not in view.members]:
+                self._peers.pop(name).channel.close()
+
+    def _begin(self, name: str) -> tuple[_Peer, ppb.Envelope]:
+        incarnation, view = self.identity()
+        if incarnation == 0:
+            raise UnavailableError("this node is not a live member of the cluster (fenced or not joined)")
+        peer = self._peer(name, view)
+        if not peer.breaker.allow():
+            self.counters[Event.PEER_CALLS_SHORT_CIRCUITED] += 1
+            raise UnavailableError(f"node {name}'s circuit breaker is open")
+        return peer, envelope(self.me, incarnation, view, peer.member)
+
+    def _failed(self, peer: _Peer, err: grpc.RpcError, landed: bool = False) -> KVStoreError:
+        """Book a failed call on the peer's breaker (unless the peer answered fine); the domain error to raise.
+        landed: bytes had arrived, so a deadline is ours running out, not the peer going silent."""
+        code = err.code()
+        if code not in _NOT_THE_PEERS_FAULT:
+            timeout = code == grpc.StatusCode.DEADLINE_EXCEEDED and not landed
+            if peer.breaker.failed(timeout):
+                self.counters[Event.PEER_BREAKER_OPENS] += 1
+                log.info("circuit breaker for node %s opened (%s)", peer.member.name, code.name)
+        else:
+            peer.breaker.succeeded()
+        return _error(err)
+
+    # ---- calls -----------------------------------------------------------------------------
+
+    def locate_many(self, fingerprint_id: bytes, asks: dict[str, list[bytes]], timeout_s: float) -> dict[str, list[tuple[int, Located]] | KVStoreError]:
+        """Locate at several homes at once (futures, no threads); each answer or the error it failed with."""
+        pending: dict[str, tuple[_Peer, Any]] = {}
+        out: dict[str, list[tuple[int, Located]] | KVStoreError] = {}
+        for name, skeys in asks.items():
+            try:
+                peer, env = self._begin(name)
+            except KVStoreError as err:
+                out[name] = err
+                continue
+            request = ppb.LocateRequest(envelope=env, fingerprint_id=fingerprint_id, skeys=skeys)
+            pending[name] = (peer, peer.stub.Locate.future(request, timeout=timeout_s, metadata=self.metadata))
+        for name, (peer, future) in pending.items():
+            try:
+                out[name] = located(future.result())
+                peer.breaker.succeeded()
+            except grpc.RpcError as err:
+                out[name] = self._failed(peer, err)
+        return out
+
+    def fetch(self, name: str, fingerprint_id: bytes, skeys: Sequence[bytes], timeout_s: float) -> Iterator[list[Fetched]]:
+        """The holder's blocks of skeys, a message at a time, in order; raises the call's error when it breaks
+        (after yielding what arrived). The generator's close cancels the call."""
+        peer, env = self._begin(name)
+        call = peer.stub.Fetch(ppb.FetchRequest(envelope=env, fingerprint_id=fingerprint_id, skeys=skeys),
+                               timeout=timeout_s, metadata=self.metadata)
+        landed = False
+        try:
+            for response in call:
+                landed = True
+                blocks = [Fetched(b.skey, b.data, b.checksum, b.missing) for b in response.blocks]
+                peer.bytes_fetched += sum(len(b.data) for b in blocks)
+                yield blocks
+            peer.breaker.succeeded()
+        except grpc.RpcError as err:
+            raise self._failed(peer, err, landed) from None
+        finally:
+            call.cancel()
+
+    def announce_many(self, batches: dict[str, tuple[int, Sequence[BlockRef], Sequence[bytes]]], timeout_s: float) -> dict[str, AnnounceResult | KVStoreError]:
+        """Send each home its numbered batch (sequence, stored, removed) at once; each answer or the error."""
+        pending: dict[str, tuple[_Peer, Any]] = {}
+        out: dict[str, AnnounceResult | KVStoreError] = {}
+        for name, (sequence, stored, removed) in batches.items():
+            try:
+                peer, env = self._begin(name)
+            except KVStoreError as err:
+                out[name] = err
+                continue
+            request = ppb.AnnounceRequest(envelope=env, sequence=sequence, stored=block_refs(stored), removed=list(removed))
+            pending[name] = (peer, peer.stub.Announce.future(request, timeout=timeout_s, metadata=self.metadata))
+        for name, (peer, future) in pending.items():
+            try:
+                answer = future.result()
+                peer.breaker.succeeded()
+                out[name] = AnnounceResult(not answer.resync_needed, answer.expected_sequence)
+            except grpc.RpcError as err:
+                out[name] = self._failed(peer, err)
+        return out
+
+    def repair(self, home: str, holder: HolderId, skeys: Sequence[bytes], timeout_s: float) -> None:
+        """Tell a home that holder answered not-found for skeys (lazy repair); best effort, errors raised."""
+        peer, env = self._begin(home)
+        request = ppb.AnnounceRequest(envelope=env, removed=list(skeys), repair_holder=holder[0], repair_incarnation=holder[1])
+        try:
+            peer.stub.Announce(request, timeout=timeout_s, metadata=self.metadata)
+            peer.breaker.succeeded()
+        except grpc.RpcError as err:
+            raise self._failed(peer, err) from None
+
+    def resync(self, home: str, next_sequence: int, blocks: Sequence[BlockRef], timeout_s: float) -> int:
+        """Replace what home has from this holder incarnation with blocks (streamed in chunks); entries it now holds."""
+        peer, env = self._begin(home)
+
+        def chunks() -> Iterator[ppb.ResyncChunk]:
+            yield ppb.ResyncChunk(envelope=env, next_sequence=next_sequence, blocks=block_refs(blocks[:RESYNC_CHUNK_BLOCKS]))
+            for start in range(RESYNC_CHUNK_BLOCKS, len(blocks), RESYNC_CHUNK_BLOCKS):
+                yield ppb.ResyncChunk(blocks=block_refs(blocks[start : start + RESYNC_CHUNK_BLOCKS]))
+
+        try:
+            answer = peer.stub.Resync(chunks(), timeout=timeout_s, metadata=self.metadata)
+            peer.breaker.succeeded()
+            return answer.entries
+        except grpc.RpcError as err:
+            raise self._failed(peer, err) from None
+
+    def ucx_session(self, name: str, tenant: str, timeout_s: float) -> tuple[str, bytes, str]:
+        """(listener, token, client id) of a session on the peer's UCX data plane for tenant's blocks; listener "" without one."""
+        peer, env = self._begin(name)
+        try:
+            answer = peer.stub.UcxSession(ppb.UcxSessionRequest(envelope=env, tenant=tenant), timeout=timeout_s, metadata=self.metadata)
+            peer.breaker.succeeded()
+            return answer.listener, answer.token, answer.client_id
+        except grpc.RpcError as err:
+            raise self._failed(peer, err) from None
+
+    def status(self, name: str, timeout_s: float) -> ppb.ClusterStatus:
+        peer, env = self._begin(name)
+        try:
+            answer = peer.stub.Status(ppb.PeerStatusRequest(envelope=env), timeout=timeout_s, metadata=self.metadata)
+            peer.breaker.succeeded()
+            return answer
+        except grpc.RpcError as err:
+            raise self._failed(peer, err) from None
+
+    # ---- operators ---------------------------------------------------------------------------
+
+    def count_served(self, name: str, nbytes: int) -> None:
+        self._served[name] += nbytes
+
+    def breakers(self) -> list[ppb.BreakerInfo]:
+        """Every peer this node has called or served: its breaker and the payload bytes each way."""
+        with self._lock:
+            peers = dict(self._peers)
+        out = []
+        for name in sorted({*peers, *self._served}):
+            peer = peers.get(name)
+            out.append(ppb.BreakerInfo(peer=name, state=peer.breaker.state if peer else "closed", failures=peer.breaker.failures if peer else 0,
+                                       bytes_fetched=peer.bytes_fetched if peer else 0, bytes_served=self._served[name]))
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            for peer in self._peers.values():
+                peer.channel.close()
+            self._peers.clear()
