@@ -1,0 +1,110 @@
+"""The worker half: moves whole blocks between vLLM's paged KV cache and kvstore.
+
+A stored block is one key's every layer, back to back: [num_layers, *one layer's block], each
+layer's block being vLLM's own bytes for that page (on CPU: [kv_heads, block_tokens, 2*head_dim],
+K transposed within the block, then V). Nothing is reinterpreted, so whatever vLLM's kernels
+wrote is what the next reader of the same fingerprint gets. Loads happen in `start_load_kv`,
+before the forward that reads them (the scheduler asks for synchronous loads); blocks pinned by
+the scheduler are copied out of the store's pool and checked there, others are fetched with
+get(), which checks them where they land. A block that fails (checksum, eviction, store down) is
+reported to vLLM, which recomputes from it. Saves happen in `wait_for_save`, after the forward
+wrote the pages. It refuses to decide what to load or save: the scheduler half does.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Sequence
+
+import torch
+
+from connectors.vllm.fingerprint import check_layer_caches
+from connectors.vllm.metadata import KVStoreConnectorMetadata, LoadSpec, SaveSpec
+from connectors.vllm.session import StoreSession
+from kvclient.client import KVClient, PinnedBlocks
+from kvclient.errors import InvalidRequestError
+from kvwire.types import PutOutcome
+
+log = logging.getLogger(__name__)
+
+
+class WorkerSide:
+    def __init__(self, session: StoreSession, layer_names: Sequence[str]) -> None:
+        self.session = session
+        self.layer_names = list(layer_names)
+        self.layers: list[torch.Tensor] = []
+        self.block_shape: tuple[int, ...] = ()
+        self._failed_block_ids: set[int] = set()
+
+    def register(self, kv_caches: Mapping[str, torch.Tensor], backends: Mapping[str, str]) -> None:
+        self.block_shape = check_layer_caches(self.session.fingerprint, self.layer_names, kv_caches, backends)
+        self.layers = [kv_caches[name] for name in self.layer_names]
+
+    @property
+    def payload_shape(self) -> tuple[int, ...]:
+        return (len(self.layers), *self.block_shape)
+
+    # ---- loads ---------------------------------------------------------------------------
+
+    def start_load(self, meta: KVStoreConnectorMetadata) -> None:
+        for spec in meta.loads:
+            self._load(spec)
+
+    def _load(self, spec: LoadSpec) -> None:
+        pinned = self.session.take_pin(spec.pin_ref) if spec.pin_ref else None
+        staging = torch.empty((len(spec.keys), *self.payload_shape), dtype=self.layers[0].dtype)
+
+        def read(client: KVClient) -> bool:
+            if pinned is not None and pinned.pool_view is not None:
+                _copy_pinned(pinned, spec.pin_offset, staging)
+            else:
+                client.get(spec.keys, out=list(staging.unbind(0)))
+            return True
+
+        loaded = self.session.call("load", read, False)
+        if pinned is not None:
+            pinned.release(failed=not loaded)
+        if not loaded:
+            self._failed_block_ids.update(spec.block_ids)
+            self.session.stats.blocks_load_failed += len(spec.keys)
+            return
+        pages = torch.tensor(spec.block_ids, dtype=torch.long, device=self.layers[0].device)
+        for layer, cache in enumerate(self.layers):
+            cache.index_copy_(0, pages, staging[:, layer].to(cache.device))
+        self.session.stats.blocks_loaded += len(spec.keys)
+
+    def failed_block_ids(self) -> set[int]:
+        failed, self._failed_block_ids = self._failed_block_ids, set()
+        return failed
+
+    # ---- saves ---------------------------------------------------------------------------
+
+    def save(self, meta: KVStoreConnectorMetadata) -> None:
+        for spec in meta.saves:
+            self._save(spec)
+
+    def _save(self, spec: SaveSpec) -> None:
+        pages = torch.tensor(spec.block_ids, dtype=torch.long, device=self.layers[0].device)
+        payload = torch.stack([cache.index_select(0, pages) for cache in self.layers], dim=1).cpu()
+        outcomes = self.session.call("save", lambda c: c.put(spec.keys, list(payload.unbind(0))), None)
+        if outcomes is None:
+            return
+        stored = sum(1 for o in outcomes if o == PutOutcome.STORED)
+        self.session.stats.blocks_saved += stored
+        self.session.stats.blocks_save_skipped += len(outcomes) - stored
+
+
+def _copy_pinned(pinned: PinnedBlocks, first: int, staging: torch.Tensor) -> None:
+    """Copy pinned blocks [first, first + len(staging)) out of the store's pool, checking each in the pool.
+
+    The pin keeps the slot from being rewritten, so a block that verifies while pinned is the
+    committed block, and what was copied from it is too.
+    """
+    rows = staging.view(len(staging), -1).view(torch.uint8).numpy()
+    if len(pinned) < first + len(rows):
+        raise InvalidRequestError(f"pin holds {len(pinned)} blocks, load needs {first + len(rows)}")
+    for j, row in enumerate(rows):
+        block = pinned.block(first + j)
+        if block.size != row.size:
+            raise InvalidRequestError(f"stored block is {block.size} bytes, this cache's is {row.size}")
+        row[:] = block
+        pinned.verify(first + j)
