@@ -53,6 +53,11 @@ class KVStoreConnector(KVConnectorBase_V1):
         if parallel.world_size > 1:
             raise UnsupportedConfigError(f"kvstore connector runs with one rank (tensor x pipeline parallel = {parallel.world_size}): "
                                          "the lease-holding scheduler and the saving worker must share a process")
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            # A cache, not a hand-off: a block that fails its checksum or vanished is computed again,
+            # never a failed request. vLLM reads this right after building the scheduler's connector.
+            log.info("kvstore connector: kv_load_failure_policy %r -> 'recompute'", self._kv_transfer_config.kv_load_failure_policy)
+            self._kv_transfer_config.kv_load_failure_policy = "recompute"
         settings = ConnectorSettings.from_extra_config(self._kv_transfer_config.kv_connector_extra_config)
         self.fingerprint = vllm_fingerprint(vllm_config, kv_cache_config, settings)
         self.session = session_for(settings, self.fingerprint)

@@ -3,9 +3,12 @@
 For each new request it leases the prompt's missing full blocks (one Acquire over all its keys;
 GRANTED means this engine computes and saves the block, PENDING means another request is
 computing it, ALREADY_PRESENT that it is stored). Pending blocks before the request's first
-lease are waited for, as the bundled engines do (docs/engine-adapter.md, `claim`), but without
+lease (and not in vLLM's own prefix cache) are waited for, as the bundled engines do
+(docs/engine-adapter.md, `claim`), but without
 blocking vLLM: `get_num_new_matched_tokens` answers None ("ask again next step") until they land,
-their holder vanishes (its lease is then acquired again) or `wait_timeout_s` runs out. Then it
+their holder vanishes (its lease is then acquired again) or `wait_timeout_s` runs out. The store
+sees one owner per engine (its client), so two requests of this engine wanting the same block
+are told apart here: the first owns it, the second waits for it like any other. Then it
 pins the loadable leading run (so nothing is evicted before the worker reads it) and promises
 those tokens. Each step it tells the worker which pages to load and which of its leased
 blocks were completed by that step and must be saved. It never touches KV bytes.
@@ -74,6 +77,7 @@ class SchedulerSide:
         self._loads: list[LoadSpec] = []
         self._waited_this_step = False
         self._kv_cache_manager: "KVCacheManager | None" = None
+        self._owners: dict[bytes, str] = {}  # block key digest -> the request of this engine computing it
 
     def bind(self, kv_cache_manager: "KVCacheManager") -> None:
         self._kv_cache_manager = kv_cache_manager
@@ -89,7 +93,7 @@ class SchedulerSide:
             claim = RequestClaim(request, keys, time.monotonic() + self.session.settings.wait_timeout_s)
             self._claims[request.request_id] = claim
             self.session.stats.requests_looked_up += 1
-        if not claim.settled and not self._advance(claim):
+        if not claim.settled and not self._advance(claim, num_computed_tokens // self.block_tokens):
             return None, False
         claim.local_tokens = num_computed_tokens
         tokens = loadable_blocks(claim.num_pinned, request.num_prompt_tokens, self.block_tokens) * self.block_tokens
@@ -98,8 +102,11 @@ class SchedulerSide:
         self.session.stats.tokens_matched += tokens - num_computed_tokens
         return tokens - num_computed_tokens, False
 
-    def _advance(self, claim: RequestClaim) -> bool:
-        """One round of leasing (and a short wait); True once the claim is settled."""
+    def _advance(self, claim: RequestClaim, local_blocks: int) -> bool:
+        """One round of leasing (and a short wait); True once the claim is settled.
+
+        Blocks [0, local_blocks) are in vLLM's own prefix cache: never waited for, but saved
+        from there when this request owns them."""
         ask = [i for i in range(len(claim.keys)) if i not in claim.present and i not in claim.granted]
         if ask:
             infos = self.session.call("acquire", lambda c: c.acquire([claim.keys[i] for i in ask], self.session.settings.lease_ttl_s), None)
@@ -112,9 +119,11 @@ class SchedulerSide:
                 if info.outcome == LeaseOutcome.ALREADY_PRESENT:
                     claim.present.add(i)
                 elif info.outcome == LeaseOutcome.GRANTED:
-                    claim.granted.add(i)
+                    owner = self._owners.setdefault(claim.keys[i].digest, claim.request.request_id)
+                    if owner == claim.request.request_id:
+                        claim.granted.add(i)
         head = min(claim.granted, default=len(claim.keys))
-        pending = [claim.keys[i] for i in range(head) if i not in claim.present]
+        pending = [claim.keys[i] for i in range(local_blocks, head) if i not in claim.present]
         if pending and time.monotonic() < claim.deadline:
             if not claim.waited:
                 claim.waited = True
@@ -175,6 +184,8 @@ class SchedulerSide:
             block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
             meta.saves.append(SaveSpec(req_id, [claim.keys[i] for i in ready], [block_ids[i] for i in ready]))
             claim.granted.difference_update(ready)
+            for i in ready:
+                self._owners.pop(claim.keys[i].digest, None)
             if not claim.granted:
                 self._stop_keeper(claim)
         return meta
@@ -189,6 +200,8 @@ class SchedulerSide:
         self._drop_pin(claim)
         if claim.granted:  # leased, never computed (aborted, or cut short): let waiters take over at once
             unsaved = [claim.keys[i] for i in sorted(claim.granted)]
+            for key in unsaved:
+                self._owners.pop(key.digest, None)
             self.session.call("release", lambda c: c.release(unsaved), 0)
 
     def _stop_keeper(self, claim: RequestClaim) -> None:

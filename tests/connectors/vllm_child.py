@@ -3,18 +3,23 @@
     python tests/connectors/vllm_child.py SCENARIO.json REPORT.json
 
 The scenario names a checkpoint, a dtype, the kvstore address (null: vLLM without the connector)
-and batches of prompts (token ids), each batch one `LLM.generate` call; optionally a PID to
-SIGKILL (the store) after a given batch. The report has, per request, the greedy tokens, their
-logprobs, vLLM's num_cached_tokens and the time to the first token, and the connector's counters.
+and batches of prompts (token ids), each batch one `LLM.generate` call. With a control
+directory it pauses before each batch whose index is in `pause_before`:
+it writes `paused-<i>` there and waits for `go-<i>`, so a test can line processes up or kill
+and restart the store between batches. The report has, per request, the greedy tokens, their
+logprobs and vLLM's num_cached_tokens, each batch's wall time, and the connector's counters.
 It runs vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the counters are readable here.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
+from pathlib import Path
+
+PAUSE_POLL_S = 0.05
+PAUSE_TIMEOUT_S = 300
 
 
 def run(scenario: dict) -> dict:
@@ -33,6 +38,7 @@ def run(scenario: dict) -> dict:
               kv_transfer_config=kv_transfer, seed=0)
     report: dict = {"startup_s": time.perf_counter() - started, "batches": []}
     for index, batch in enumerate(scenario["batches"]):
+        pause(scenario, index)
         prompts = [TokensPrompt(prompt_token_ids=p["prompt"]) for p in batch]
         params = [SamplingParams(max_tokens=p.get("max_tokens", 8), temperature=0.0, logprobs=1, detokenize=False) for p in batch]
         t0 = time.perf_counter()
@@ -43,11 +49,8 @@ def run(scenario: dict) -> dict:
             "logprobs": [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)],
             "num_cached_tokens": o.num_cached_tokens,
             "finish_reason": o.outputs[0].finish_reason,
-            "ttft_s": _ttft(o),
             "wall_s": wall_s,
         } for o in outputs])
-        if scenario.get("kill_pid_after_batch") == index:
-            os.kill(scenario["kill_pid"], signal.SIGKILL)
     if kv_transfer is not None:
         from connectors.vllm.session import sessions
 
@@ -55,12 +58,16 @@ def run(scenario: dict) -> dict:
     return report
 
 
-def _ttft(output) -> float | None:
-    metrics = getattr(output, "metrics", None)
-    first, arrival = getattr(metrics, "first_token_ts", None), getattr(metrics, "arrival_time", None)
-    if first and arrival:
-        return first - arrival
-    return None
+def pause(scenario: dict, index: int) -> None:
+    if index not in scenario.get("pause_before", []):
+        return
+    control = Path(scenario["control_dir"])
+    (control / f"paused-{index}").touch()
+    deadline = time.monotonic() + PAUSE_TIMEOUT_S
+    while not (control / f"go-{index}").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nobody said go-{index} in {control}")
+        time.sleep(PAUSE_POLL_S)
 
 
 def main() -> None:
