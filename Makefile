@@ -8,7 +8,7 @@ export UCX_TLS ?= tcp,self,sm
 export UCX_NET_DEVICES ?= lo
 export UCX_WARN_UNUSED_ENV_VARS ?= n
 
-.PHONY: serve test soak install install-test proto bench clean vllm-env test-vllm
+.PHONY: serve test soak install install-test proto bench clean vllm-env lmcache-env test-vllm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,11 +50,18 @@ vllm-env: .venv-vllm/.installed
 	PY=$(PY) bash tools/vllm_env.sh .venv-vllm
 	touch $@
 
-test-vllm: install-test vllm-env
-	$(BIN)/python -m pytest -q -ra -m vllm tests/connectors
+# LMCache in its own environment too (it pins numpy<=2.2.6 and protobuf<7), with an installed copy
+# of the project whose stubs match its protobuf: rebuilt when connectors/ or the contract changes.
+lmcache-env: .venv-lmcache/.installed
+.venv-lmcache/.installed: tools/lmcache_env.sh pyproject.toml $(shell find connectors kvclient kvwire -name '*.py' -not -path 'kvwire/v1/*' 2>/dev/null)
+	PY=$(PY) bash tools/lmcache_env.sh .venv-lmcache
+	touch $@
+
+test-vllm: install-test vllm-env lmcache-env
+	$(BIN)/python -m pytest -q -ra -m "vllm or lmcache" tests/connectors
 
 bench: install-test
 	$(BIN)/python bench/throughput.py
 
 clean:
-	rm -rf $(VENV) .venv-vllm kvwire/v1 $(DATA_DIR)
+	rm -rf $(VENV) .venv-vllm .venv-lmcache kvwire/v1 $(DATA_DIR)

@@ -10,7 +10,7 @@
 # without extras, so it adds no torch variant either.
 set -euo pipefail
 PY=${PY:-python3}
-VENV=${1:-.venv-vllm}
+VENV=$(realpath -m "${1:-.venv-vllm}")
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 VLLM_VERSION=${VLLM_VERSION:-0.32.0}
 start=$(date +%s)

@@ -24,7 +24,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from connectors.vllm.fingerprint import UnsupportedConfigError, vllm_fingerprint
 from connectors.vllm.metadata import KVStoreConnectorMetadata
 from connectors.vllm.scheduler import SchedulerSide
-from connectors.vllm.session import session_for
+from connectors.session import session_for
 from connectors.vllm.settings import ConnectorSettings
 from connectors.vllm.worker import WorkerSide
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from connectors.vllm.metadata import KVStoreConnectorMetadata, LoadSpec, SaveSpec
-from connectors.vllm.session import StoreSession
+from connectors.session import StoreSession
 from engines.adapter import leading_present, loadable_blocks
 from kvwire.keys import BlockKey, block_keys
 from kvwire.types import BlockState, LeaseOutcome

@@ -19,7 +19,7 @@ import torch
 
 from connectors.vllm.fingerprint import check_layer_caches
 from connectors.vllm.metadata import KVStoreConnectorMetadata, LoadSpec, SaveSpec
-from connectors.vllm.session import StoreSession
+from connectors.session import StoreSession
 from kvclient.client import KVClient, PinnedBlocks
 from kvclient.errors import InvalidRequestError
 from kvwire.types import PutOutcome

@@ -52,7 +52,7 @@ def run(scenario: dict) -> dict:
             "wall_s": wall_s,
         } for o in outputs])
     if kv_transfer is not None:
-        from connectors.vllm.session import sessions
+        from connectors.session import sessions
 
         report["sessions"] = [{"fingerprint": s.fingerprint.canonical().decode(), "stats": s.stats.as_dict()} for s in sessions()]
     return report

@@ -1,9 +1,9 @@
 """StoreSession: one process's connection to kvstore for one fingerprint, and what survives an outage.
 
-The scheduler half of the connector takes write leases and pins; the worker half writes and
-reads the blocks. The store knows a lease's owner by client id, so both halves must speak
-through the same KVClient: in vLLM's single-rank executors they live in one process, and
-`session_for` hands both the same session. The session connects lazily and treats any failed
+Shared by the connectors. vLLM's has two halves: the scheduler's takes write leases and pins,
+the worker's writes and reads the blocks. The store knows a lease's owner by client id, so both
+halves must speak through the same KVClient: in vLLM's single-rank executors they live in one
+process, and `session_for` hands both the same session. The session connects lazily and treats any failed
 call as an outage: it drops the client, answers "no store" for `retry_after_s`, then connects
 again, so vLLM keeps serving (computing instead) while kvstore is down or restarting, and picks
 it up again when it is back. Pins taken by the scheduler wait here, by id, for the worker's read.
@@ -15,15 +15,25 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Hashable, Protocol, TypeVar
 
-from connectors.vllm.settings import ConnectorSettings
 from kvclient.client import KVClient, PinnedBlocks
-from kvclient.errors import BlockNotFoundError, ChecksumMismatchError, InvalidRequestError
+from kvclient.errors import BlockNotFoundError, ChecksumMismatchError, InvalidRequestError, LeaseError
 from kvwire.keys import Fingerprint
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class StoreSettings(Protocol):
+    """Where the store is and how to reach it: the fields a connector's settings must have."""
+
+    address: str
+    tenant: str | None
+    token: str | None
+    transport: str
+    timeout_s: float  # per store call
+    retry_after_s: float  # after a failed call the store is left alone this long
 
 
 class StoreUnavailable(Exception):
@@ -50,7 +60,7 @@ class ConnectorStats:
 
 
 class StoreSession:
-    def __init__(self, settings: ConnectorSettings, fingerprint: Fingerprint) -> None:
+    def __init__(self, settings: StoreSettings, fingerprint: Fingerprint) -> None:
         self.settings = settings
         self.fingerprint = fingerprint
         self.stats = ConnectorStats()
@@ -79,14 +89,15 @@ class StoreSession:
     def call(self, what: str, fn: Callable[[KVClient], T], default: T) -> T:
         """fn(client), or default when the store is down or the call fails.
 
-        A missing, corrupt or mis-sized block is an answer (the caller computes those tokens); any other
+        A missing, corrupt or mis-sized block, or a lease lost to another writer, is an answer (the caller
+        computes those tokens or skips that write); any other
         failure is an outage: the client is dropped and the store left alone for retry_after_s.
         """
         try:
             return fn(self.client())
         except StoreUnavailable:
             return default
-        except (BlockNotFoundError, ChecksumMismatchError, InvalidRequestError) as err:
+        except (BlockNotFoundError, ChecksumMismatchError, InvalidRequestError, LeaseError) as err:
             log.info("kvstore %s: %s", what, err)
             return default
         except Exception as err:  # noqa: BLE001 - vLLM must keep serving whatever the store does
@@ -141,11 +152,11 @@ def _close_quietly(client: KVClient) -> None:
         pass
 
 
-_SESSIONS: dict[tuple[ConnectorSettings, bytes], StoreSession] = {}
+_SESSIONS: dict[tuple[Hashable, bytes], StoreSession] = {}
 _SESSIONS_LOCK = threading.Lock()
 
 
-def session_for(settings: ConnectorSettings, fingerprint: Fingerprint) -> StoreSession:
+def session_for(settings: StoreSettings, fingerprint: Fingerprint) -> StoreSession:
     """The process's session for these settings and fingerprint: the same object for both halves."""
     with _SESSIONS_LOCK:
         key = (settings, fingerprint.id)
