@@ -54,8 +54,11 @@ class ConnectorStats:
     blocks_save_skipped: int = 0  # already present or leased elsewhere when written
     store_errors: int = 0
     reconnects: int = 0
+    lookup_s: float = 0.0  # the scheduler's store time: leases, waits, pins
+    load_s: float = 0.0  # the worker's: reading blocks and writing them into the pages
+    save_s: float = 0.0  # the worker's: gathering pages and writing blocks
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
@@ -65,6 +68,7 @@ class StoreSession:
         self.fingerprint = fingerprint
         self.stats = ConnectorStats()
         self._client: KVClient | None = None
+        self.client_id: str | None = None  # kept across reconnects: the store's leases are this id's
         self._down_until = 0.0
         self._lock = threading.Lock()
         self._pins: dict[int, PinnedBlocks] = {}
@@ -79,7 +83,8 @@ class StoreSession:
             try:
                 self._client = KVClient(self.settings.address, self.fingerprint, tenant=self.settings.tenant,
                                         token=self.settings.token, transport=self.settings.transport,
-                                        timeout_s=self.settings.timeout_s)
+                                        timeout_s=self.settings.timeout_s, client_id=self.client_id)
+                self.client_id = self._client.client_id
             except Exception as err:  # noqa: BLE001 - any connect failure is an outage to ride out
                 self._mark_down_locked(err)
                 raise StoreUnavailable(str(err)) from err
@@ -104,6 +109,17 @@ class StoreSession:
             log.warning("kvstore %s failed, computing without the store for %.0f s: %s", what, self.settings.retry_after_s, err)
             self.mark_down(err)
             return default
+
+    def adopt_client_id(self, client_id: str) -> None:
+        """Speak as client_id from now on: a vLLM worker in its own process writes the blocks its
+        scheduler leased, and the store grants a lease's slot only to the lease's owner."""
+        with self._lock:
+            if client_id == self.client_id:
+                return
+            self.client_id = client_id
+            client, self._client = self._client, None
+        if client is not None:
+            _close_quietly(client)
 
     def mark_down(self, err: BaseException) -> None:
         with self._lock:

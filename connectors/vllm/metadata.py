@@ -1,7 +1,8 @@
 """What the scheduler half tells the worker half each step: which blocks to load into which pages, and which to save.
 
-Plain data (keys, vLLM block ids, a pin reference), so it survives vLLM's pickling between
-processes; a pin reference the worker cannot resolve there just means it reads with get().
+Plain data (keys, vLLM block ids, a pin reference, the leaseholder's client id), so it survives
+vLLM's pickling to a worker process (its multiprocessing executor); a pin reference the worker
+cannot resolve there just means it reads with get().
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class SaveSpec:
     req_id: str
     keys: list[BlockKey]  # blocks computed by the end of this step, under this engine's write leases
     block_ids: list[int]
+    lease_owner: str  # the scheduler's client id: the worker writes as it (it may be another process)
 
 
 @dataclass

@@ -78,6 +78,8 @@ class SchedulerSide:
         self._waited_this_step = False
         self._kv_cache_manager: "KVCacheManager | None" = None
         self._owners: dict[bytes, str] = {}  # block key digest -> the request of this engine computing it
+        self._saved_last_step: list[BlockKey] = []
+        self._pins_last_step: list[int] = []
 
     def bind(self, kv_cache_manager: "KVCacheManager") -> None:
         self._kv_cache_manager = kv_cache_manager
@@ -85,6 +87,13 @@ class SchedulerSide:
     # ---- get_num_new_matched_tokens ---------------------------------------------------
 
     def matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        t0 = time.perf_counter()
+        try:
+            return self._matched_tokens(request, num_computed_tokens)
+        finally:
+            self.session.stats.lookup_s += time.perf_counter() - t0
+
+    def _matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         claim = self._claims.get(request.request_id)
         if claim is None:
             keys = prompt_keys(self.session, request)
@@ -168,7 +177,9 @@ class SchedulerSide:
         claim.pin_ref = 0  # the worker releases it after reading
 
     def build_meta(self, scheduler_output: "SchedulerOutput") -> KVStoreConnectorMetadata:
+        self._settle_last_step()
         meta = KVStoreConnectorMetadata(loads=self._loads)
+        self._pins_last_step = [load.pin_ref for load in self._loads if load.pin_ref]
         self._loads = []
         self._waited_this_step = False
         for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
@@ -182,13 +193,32 @@ class SchedulerSide:
                 continue
             assert self._kv_cache_manager is not None
             block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
-            meta.saves.append(SaveSpec(req_id, [claim.keys[i] for i in ready], [block_ids[i] for i in ready]))
+            saved = [claim.keys[i] for i in ready]
+            meta.saves.append(SaveSpec(req_id, saved, [block_ids[i] for i in ready], self.session.client_id or ""))
+            self._saved_last_step.extend(saved)
             claim.granted.difference_update(ready)
-            for i in ready:
-                self._owners.pop(claim.keys[i].digest, None)
-            if not claim.granted:
-                self._stop_keeper(claim)
+            for key in saved:
+                self._owners.pop(key.digest, None)
+            self._stop_keeper(claim)
+            if claim.granted:  # renew only what is still to be written: a committed lease cannot be renewed
+                remaining = [claim.keys[i] for i in sorted(claim.granted)]
+                claim.keeper = self.session.call("keep leases", lambda c: c.keep_leases(remaining, self.session.settings.lease_ttl_s), None)
         return meta
+
+    def _settle_last_step(self) -> None:
+        """The worker has run the last step: drop what it left behind.
+
+        Releasing the keys it was told to save forgets their leases here (the worker committed
+        them, possibly from its own process) or, where its write failed, hands them to waiters at
+        once. A pin it did not take (it runs in another process and read with get()) is dropped."""
+        saved, self._saved_last_step = self._saved_last_step, []
+        if saved:
+            self.session.call("release", lambda c: c.release(saved), 0)
+        pins, self._pins_last_step = self._pins_last_step, []
+        for pin_ref in pins:
+            pinned = self.session.take_pin(pin_ref)
+            if pinned is not None:
+                pinned.release()
 
     # ---- request_finished --------------------------------------------------------------
 

@@ -13,6 +13,7 @@ wrote the pages. It refuses to decide what to load or save: the scheduler half d
 from __future__ import annotations
 
 import logging
+import time
 from typing import Mapping, Sequence
 
 import torch
@@ -46,8 +47,10 @@ class WorkerSide:
     # ---- loads ---------------------------------------------------------------------------
 
     def start_load(self, meta: KVStoreConnectorMetadata) -> None:
+        t0 = time.perf_counter()
         for spec in meta.loads:
             self._load(spec)
+        self.session.stats.load_s += time.perf_counter() - t0
 
     def _load(self, spec: LoadSpec) -> None:
         pinned = self.session.take_pin(spec.pin_ref) if spec.pin_ref else None
@@ -79,12 +82,15 @@ class WorkerSide:
     # ---- saves ---------------------------------------------------------------------------
 
     def save(self, meta: KVStoreConnectorMetadata) -> None:
+        t0 = time.perf_counter()
         for spec in meta.saves:
             self._save(spec)
+        self.session.stats.save_s += time.perf_counter() - t0
 
     def _save(self, spec: SaveSpec) -> None:
         pages = torch.tensor(spec.block_ids, dtype=torch.long, device=self.layers[0].device)
         payload = torch.stack([cache.index_select(0, pages) for cache in self.layers], dim=1).cpu()
+        self.session.adopt_client_id(spec.lease_owner)  # a no-op when the scheduler shares this process
         outcomes = self.session.call("save", lambda c: c.put(spec.keys, list(payload.unbind(0))), None)
         if outcomes is None:
             return

@@ -24,6 +24,7 @@ SHARED = tokens(3 * BLOCK_TOKENS, seed=1)  # the prefix process A computes and B
 CORRUPTED = tokens(2 * BLOCK_TOKENS, seed=2)  # the prefix whose stored bytes are damaged
 CONCURRENT = tokens(4 * BLOCK_TOKENS, seed=3)  # the prefix four requests in two processes want at once
 OUTAGE = tokens(2 * BLOCK_TOKENS, seed=4)
+SERVED = tokens(4 * BLOCK_TOKENS, seed=5)  # shared by two vLLMs each running as `vllm serve` does
 
 
 def prompt(prefix: list[int], seed: int) -> list[int]:
@@ -36,6 +37,7 @@ READERS = {
     "corrupted": prompt(CORRUPTED, 1),
     **{f"concurrent{i}": prompt(CONCURRENT, 10 + i) for i in range(4)},
     **{f"outage{i}": prompt(OUTAGE, 20 + i) for i in range(4)},
+    "served": prompt(SERVED, 1),
 }
 
 
@@ -89,6 +91,16 @@ def test_second_process_computes_only_the_uncached_tokens(workdir, checkpoint, s
     assert stats(report)["blocks_loaded"] == 3
     assert stats(report)["blocks_saved"] == 0
     assert_same_answer(result, cold["shared"])
+
+
+def test_reuse_when_scheduler_and_worker_are_separate_processes(workdir, checkpoint, store, cold):
+    """vLLM's default multiprocessing puts the engine core and the worker in two processes: the
+    worker writes the blocks its scheduler leased (as the leaseholder's client id), and reads with get()."""
+    mp = dict(checkpoint=checkpoint, store=store.address, multiprocessing=True)
+    run_vllm(workdir, "served-writer", **mp, batches=[[job(prompt(SERVED, 0))]])
+    (result,) = requests(run_vllm(workdir, "served-reader", **mp, batches=[[job(READERS["served"])]]))
+    assert result["num_cached_tokens"] == len(SERVED)
+    assert_same_answer(result, cold["served"])
 
 
 def test_corrupted_block_is_detected_and_recomputed(workdir, checkpoint, store, writer, cold):

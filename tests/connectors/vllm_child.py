@@ -55,6 +55,7 @@ def run(scenario: dict) -> dict:
         from connectors.session import sessions
 
         report["sessions"] = [{"fingerprint": s.fingerprint.canonical().decode(), "stats": s.stats.as_dict()} for s in sessions()]
+        # (empty under VLLM_ENABLE_V1_MULTIPROCESSING=1: the connector lives in the engine's own processes)
     return report
 
 

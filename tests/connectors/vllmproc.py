@@ -73,7 +73,10 @@ class VllmProc:
         self.control_dir.mkdir(parents=True, exist_ok=True)
         spec = self.workdir / f"{self.name}.json"
         spec.write_text(json.dumps({"control_dir": str(self.control_dir), **self.scenario}))
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+        # In-process engine by default, so the report can read the connector's counters; "multiprocessing"
+        # runs vLLM as `vllm serve` does: engine core and worker each in a process of their own.
+        multiprocessing = "1" if self.scenario.get("multiprocessing") else "0"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": multiprocessing, "VLLM_CPU_KVCACHE_SPACE": "1"}
         log = open(self.workdir / f"{self.name}.log", "wb")
         self.proc = subprocess.Popen([str(vllm_python()), str(CHILD), str(spec), str(self.report_path)], stdout=log,
                                      stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True)
