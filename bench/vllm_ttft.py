@@ -67,6 +67,7 @@ def main() -> None:
     args = parse_args()
     if args.quick:
         args.tokens, args.prompts = 1024, 3
+    args.ratios = sorted(set(args.ratios))
     missing = vllm_missing()
     if missing:
         raise SystemExit(missing)
