@@ -66,7 +66,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(self.session)
         else:
-            self._worker = WorkerSide(self.session, kv_cache_config.kv_cache_groups[0].layer_names)
+            self._worker = WorkerSide(self.session, kv_cache_config.kv_cache_groups[0].layer_names, settings.layout == "canonical")
         log.info("kvstore connector (%s) for %s at %s, fingerprint %s", role.name.lower(), self.fingerprint.model,
                  settings.address, self.fingerprint.id_hex)
 

@@ -6,7 +6,9 @@ cache spec, its block size, how the attention backend lays a block out in memory
 the backend's name and vLLM's KV cache layout), and the tensor-parallel rank and size. Both
 halves of the connector compute it from the same config; the worker then checks it against the
 cache tensors it is given (`check_layer_caches`), so a layout this module failed to predict is
-an error at start-up, never a wrong block read. It never talks to a store.
+an error at start-up, never a wrong block read. With the `canonical` layout option the blocks are
+the bundled engines' (layout.py converts), and so is the fingerprint's layout name. It never
+talks to a store.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
+from connectors.vllm.layout import CANONICAL_BACKENDS
 from connectors.vllm.settings import ConnectorSettings
 from engines.fingerprint import checkpoint_revision
+from engines.paged_cache import KV_LAYOUT
 from kvwire.keys import Fingerprint
 
 if TYPE_CHECKING:
@@ -81,8 +85,15 @@ def vllm_fingerprint(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig"
         raise UnsupportedConfigError(f"kvstore connector stores models with one attention KV cache group; this one has {kinds}")
     spec = groups[0].kv_cache_spec
     parallel = vllm_config.parallel_config
-    layout = kv_cache_config.kv_cache_layout or vllm_config.cache_config.kv_cache_layout
-    model = settings.model_name or Path(vllm_config.model_config.model).name
+    cache_layout = kv_cache_config.kv_cache_layout or vllm_config.cache_config.kv_cache_layout
+    backend = attention_backend_name(vllm_config, spec.head_size, spec.dtype)
+    kv_layout = layout_name(current_platform.device_type, backend, cache_layout, type(spec).__name__)
+    if settings.layout == "canonical":
+        if (backend, cache_layout) not in CANONICAL_BACKENDS:
+            raise UnsupportedConfigError(f"layout 'canonical' converts pages of {sorted(CANONICAL_BACKENDS)} only, "
+                                         f"not {backend}/{cache_layout}")
+        kv_layout = KV_LAYOUT  # the bundled engines' blocks: same bytes for the same checkpoint and block size
+    model = settings.model_name or Path(vllm_config.model_config.model).resolve().name  # as the bundled engines name it
     return Fingerprint(
         model=model,
         revision=model_revision(vllm_config, settings),
@@ -91,8 +102,7 @@ def vllm_fingerprint(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig"
         head_dim=spec.head_size,
         block_tokens=spec.block_size,
         dtype=dtype_name(spec.dtype),
-        kv_layout=layout_name(current_platform.device_type, attention_backend_name(vllm_config, spec.head_size, spec.dtype),
-                              layout, type(spec).__name__),
+        kv_layout=kv_layout,
         tp_rank=tp_rank,
         tp_size=parallel.tensor_parallel_size,
     )
@@ -113,7 +123,7 @@ def check_layer_caches(fingerprint: Fingerprint, layer_names: Sequence[str], kv_
     caches = [kv_caches[n] for n in layer_names]
     block_shape = tuple(caches[0].shape[1:])
     elements = 2 * fingerprint.num_kv_heads * fingerprint.block_tokens * fingerprint.head_dim
-    backend = fingerprint.kv_layout.split("/")[2]
+    backend = fingerprint.kv_layout.split("/")[2] if fingerprint.kv_layout.startswith(LAYOUT_PREFIX + "/") else None
     for name, cache in zip(layer_names, caches):
         problems = []
         if tuple(cache.shape[1:]) != block_shape or not cache.is_contiguous():
@@ -122,7 +132,7 @@ def check_layer_caches(fingerprint: Fingerprint, layer_names: Sequence[str], kv_
             problems.append(f"dtype {cache.dtype}")
         if cache[0].numel() != elements:
             problems.append(f"{cache[0].numel()} elements a block, not {elements}")
-        if backends.get(name, backend) != backend:
+        if backend is not None and backends.get(name, backend) != backend:
             problems.append(f"backend {backends[name]}, not {backend}")
         if problems:
             raise UnsupportedConfigError(f"layer {name}: {', '.join(problems)} does not match fingerprint {fingerprint.kv_layout}")

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from kvwire.defaults import DEFAULT_ADDRESS
 
 TOKEN_ENV = "KVSTORE_TOKEN"
+LAYOUTS = ("vllm", "canonical")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class ConnectorSettings:
     wait_timeout_s: float = 30.0  # longest a request waits for blocks another engine is computing
     model_name: str | None = None  # default: the checkpoint directory's name
     revision: str | None = None  # default: vLLM's --revision, else a content hash of a local checkpoint
+    layout: str = "vllm"  # "vllm": pages as vLLM keeps them; "canonical": the bundled engines' layout (shared with them)
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "ConnectorSettings":
@@ -38,6 +40,8 @@ class ConnectorSettings:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {k: float(v) if fields[k].type == "float" else v for k, v in extra.items()}
         settings = cls(**values)
+        if settings.layout not in LAYOUTS:
+            raise ValueError(f"kvstore connector: layout {settings.layout!r} is not one of {LAYOUTS}")
         if settings.token is None and os.environ.get(TOKEN_ENV):
             settings = dataclasses.replace(settings, token=os.environ[TOKEN_ENV])
         return settings

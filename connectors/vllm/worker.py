@@ -3,7 +3,8 @@
 A stored block is one key's every layer, back to back: [num_layers, *one layer's block], each
 layer's block being vLLM's own bytes for that page (on CPU: [kv_heads, block_tokens, 2*head_dim],
 K transposed within the block, then V). Nothing is reinterpreted, so whatever vLLM's kernels
-wrote is what the next reader of the same fingerprint gets. Loads happen in `start_load_kv`,
+wrote is what the next reader of the same fingerprint gets. With the `canonical` layout the
+block is converted to and from the bundled engines' layout instead (layout.py), so they share it. Loads happen in `start_load_kv`,
 before the forward that reads them (the scheduler asks for synchronous loads); blocks pinned by
 the scheduler are copied out of the store's pool and checked there, others are fetched with
 get(), which checks them where they land. A block that fails (checksum, eviction, store down) is
@@ -18,7 +19,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from connectors.vllm.fingerprint import check_layer_caches
+from connectors.vllm.fingerprint import UnsupportedConfigError, check_layer_caches
+from connectors.vllm.layout import canonical_block_shape, canonical_to_cpu_pages, cpu_pages_to_canonical
 from connectors.vllm.metadata import KVStoreConnectorMetadata, LoadSpec, SaveSpec
 from connectors.session import StoreSession
 from kvclient.client import KVClient, PinnedBlocks
@@ -29,8 +31,9 @@ log = logging.getLogger(__name__)
 
 
 class WorkerSide:
-    def __init__(self, session: StoreSession, layer_names: Sequence[str]) -> None:
+    def __init__(self, session: StoreSession, layer_names: Sequence[str], canonical: bool = False) -> None:
         self.session = session
+        self.canonical = canonical  # store blocks in the bundled engines' layout, converting pages on the way
         self.layer_names = list(layer_names)
         self.layers: list[torch.Tensor] = []
         self.block_shape: tuple[int, ...] = ()
@@ -39,9 +42,16 @@ class WorkerSide:
     def register(self, kv_caches: Mapping[str, torch.Tensor], backends: Mapping[str, str]) -> None:
         self.block_shape = check_layer_caches(self.session.fingerprint, self.layer_names, kv_caches, backends)
         self.layers = [kv_caches[name] for name in self.layer_names]
+        fp = self.session.fingerprint
+        if self.canonical and self.block_shape != (fp.num_kv_heads, fp.block_tokens, 2 * fp.head_dim):
+            raise UnsupportedConfigError(f"layout 'canonical' needs [kv_heads, block_tokens, 2 * head_dim] pages, got {self.block_shape}")
 
     @property
     def payload_shape(self) -> tuple[int, ...]:
+        """One stored block: the layers' pages back to back, or the canonical block."""
+        fp = self.session.fingerprint
+        if self.canonical:
+            return canonical_block_shape(len(self.layers), fp.num_kv_heads, fp.block_tokens, fp.head_dim)
         return (len(self.layers), *self.block_shape)
 
     # ---- loads ---------------------------------------------------------------------------
@@ -70,6 +80,8 @@ class WorkerSide:
             self._failed_block_ids.update(spec.block_ids)
             self.session.stats.blocks_load_failed += len(spec.keys)
             return
+        if self.canonical:
+            staging = canonical_to_cpu_pages(staging)
         pages = torch.tensor(spec.block_ids, dtype=torch.long, device=self.layers[0].device)
         for layer, cache in enumerate(self.layers):
             cache.index_copy_(0, pages, staging[:, layer].to(cache.device))
@@ -90,6 +102,8 @@ class WorkerSide:
     def _save(self, spec: SaveSpec) -> None:
         pages = torch.tensor(spec.block_ids, dtype=torch.long, device=self.layers[0].device)
         payload = torch.stack([cache.index_select(0, pages) for cache in self.layers], dim=1).cpu()
+        if self.canonical:
+            payload = cpu_pages_to_canonical(payload)
         self.session.adopt_client_id(spec.lease_owner)  # a no-op when the scheduler shares this process
         outcomes = self.session.call("save", lambda c: c.put(spec.keys, list(payload.unbind(0))), None)
         if outcomes is None:
