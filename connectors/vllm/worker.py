@@ -8,7 +8,8 @@ block is converted to and from the bundled engines' layout instead (layout.py), 
 before the forward that reads them (the scheduler asks for synchronous loads); blocks pinned by
 the scheduler are copied out of the store's pool and checked there, others are fetched with
 get(), which checks them where they land. A block that fails (checksum, eviction, store down) is
-reported to vLLM, which recomputes from it. Saves happen in `wait_for_save`, after the forward
+reported to vLLM, which recomputes from it; one that failed its checksum in the store's pool is
+also deleted there, so it is leased and written again rather than failing every reader. Saves happen in `wait_for_save`, after the forward
 wrote the pages. It refuses to decide what to load or save: the scheduler half does.
 """
 from __future__ import annotations
@@ -24,10 +25,11 @@ from connectors.vllm.layout import canonical_block_shape, canonical_to_cpu_pages
 from connectors.vllm.metadata import KVStoreConnectorMetadata, LoadSpec, SaveSpec
 from connectors.session import StoreSession
 from kvclient.client import KVClient, PinnedBlocks
-from kvclient.errors import InvalidRequestError
+from kvclient.errors import ChecksumMismatchError, InvalidRequestError
 from kvwire.types import PutOutcome
 
 log = logging.getLogger(__name__)
+FAILED = -1  # a load that raised (store down, block gone, wrong size): nothing read, nothing to blame on one block
 
 
 class WorkerSide:
@@ -63,29 +65,37 @@ class WorkerSide:
         self.session.stats.load_s += time.perf_counter() - t0
 
     def _load(self, spec: LoadSpec) -> None:
+        """Load spec's blocks into their pages; report the ones that could not be (from the first bad one on)."""
         pinned = self.session.take_pin(spec.pin_ref) if spec.pin_ref else None
         staging = torch.empty((len(spec.keys), *self.payload_shape), dtype=self.layers[0].dtype)
 
-        def read(client: KVClient) -> bool:
+        def read(client: KVClient) -> int:
             if pinned is not None and pinned.pool_view is not None:
-                _copy_pinned(pinned, spec.pin_offset, staging)
-            else:
-                client.get(spec.keys, out=list(staging.unbind(0)))
-            return True
+                return _copy_pinned(pinned, spec.pin_offset, staging)
+            client.get(spec.keys, out=list(staging.unbind(0)))
+            return len(spec.keys)
 
-        loaded = self.session.call("load", read, False)
+        good = self.session.call("load", read, FAILED)
         if pinned is not None:
-            pinned.release(failed=not loaded)
-        if not loaded:
-            self._failed_block_ids.update(spec.block_ids)
-            self.session.stats.blocks_load_failed += len(spec.keys)
+            pinned.release(failed=good < len(spec.keys))
+        if good < len(spec.keys):
+            if good != FAILED:
+                # Block `good` failed its checksum where it sits in the store: delete it, so the next
+                # engine to miss it leases and writes it again instead of every reader failing on it.
+                bad = spec.keys[good]
+                self.session.call("delete", lambda c: c.delete([bad]), 0)
+            good = max(good, 0)
+            self._failed_block_ids.update(spec.block_ids[good:])
+            self.session.stats.blocks_load_failed += len(spec.keys) - good
+        if good == 0:
             return
+        blocks = staging[:good]
         if self.canonical:
-            staging = canonical_to_cpu_pages(staging)
-        pages = torch.tensor(spec.block_ids, dtype=torch.long, device=self.layers[0].device)
+            blocks = canonical_to_cpu_pages(blocks)
+        pages = torch.tensor(spec.block_ids[:good], dtype=torch.long, device=self.layers[0].device)
         for layer, cache in enumerate(self.layers):
-            cache.index_copy_(0, pages, staging[:, layer].to(cache.device))
-        self.session.stats.blocks_loaded += len(spec.keys)
+            cache.index_copy_(0, pages, blocks[:, layer].to(cache.device))
+        self.session.stats.blocks_loaded += good
 
     def failed_block_ids(self) -> set[int]:
         failed, self._failed_block_ids = self._failed_block_ids, set()
@@ -113,8 +123,9 @@ class WorkerSide:
         self.session.stats.blocks_save_skipped += len(outcomes) - stored
 
 
-def _copy_pinned(pinned: PinnedBlocks, first: int, staging: torch.Tensor) -> None:
-    """Copy pinned blocks [first, first + len(staging)) out of the store's pool, checking each in the pool.
+def _copy_pinned(pinned: PinnedBlocks, first: int, staging: torch.Tensor) -> int:
+    """Copy pinned blocks [first, first + len(staging)) out of the store's pool, checking each in the pool;
+    returns how many leading blocks copied and checked (all, or up to the first that failed its checksum).
 
     The pin keeps the slot from being rewritten, so a block that verifies while pinned is the
     committed block, and what was copied from it is too.
@@ -127,4 +138,9 @@ def _copy_pinned(pinned: PinnedBlocks, first: int, staging: torch.Tensor) -> Non
         if block.size != row.size:
             raise InvalidRequestError(f"stored block is {block.size} bytes, this cache's is {row.size}")
         row[:] = block
-        pinned.verify(first + j)
+        try:
+            pinned.verify(first + j)
+        except ChecksumMismatchError as err:
+            log.warning("kvstore block failed its checksum in the store's pool; vLLM recomputes from it: %s", err)
+            return j
+    return len(rows)
