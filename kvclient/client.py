@@ -64,10 +64,15 @@ class KVClient:
         timeout_s: float = 30.0,
         tls_ca: str | None = None,
         local_control: bool = True,
+        client_id: str | None = None,
     ) -> None:
+        """client_id: whom the store counts this client as for leases and pins, within the token's tenant.
+        Default: a fresh id. An engine whose decisions and writes run in different processes (vLLM's
+        scheduler leases a block, its worker writes it) gives the writer the leaseholder's id; an id is
+        not a credential (the tenant comes from the token), so this grants nothing the tenant lacked."""
         if fingerprint is None:
             raise InvalidRequestError("KVClient needs a Fingerprint: blocks are only shared between compatible engines")
-        identity = ClientIdentity.new(tenant, token)
+        identity = ClientIdentity.new(tenant, token) if client_id is None else ClientIdentity(client_id, tenant, token)
         self._conn: Connection = connect(address, identity, transport, local_control, timeout_s, tls_ca)
         self.address = address
         self.fingerprint = fingerprint

@@ -12,16 +12,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("kvwire", "kvclient", "kvstore", "engines")
+PACKAGES = ("kvwire", "kvclient", "kvstore", "engines", "connectors")
 
 # package -> top-level packages it must never import
 FORBIDDEN = {
-    "kvwire": {"kvclient", "kvstore", "engines"},
-    "kvclient": {"kvstore", "engines"},
-    "kvstore": {"kvclient", "engines"},
-    "engines": {"kvstore"},
+    "kvwire": {"kvclient", "kvstore", "engines", "connectors"},
+    "kvclient": {"kvstore", "engines", "connectors"},
+    "kvstore": {"kvclient", "engines", "connectors"},
+    "engines": {"kvstore", "connectors"},
+    "connectors": {"kvstore"},  # other engines' adapters (vLLM, LMCache): clients of the store like engines
 }
-# What engines may use of the client: its public API, never a transport's internals.
+# What engines and connectors may use of the client: its public API, never a transport's internals.
 ENGINES_MAY_IMPORT = {"kvclient", "kvclient.client", "kvclient.errors"}
 # The store core: policy and mechanism, no transport types at all.
 CORE = ("kvstore/store.py", "kvstore/index.py", "kvstore/leases.py", "kvstore/block_table.py", "kvstore/placement.py",
@@ -59,10 +60,11 @@ def test_packages_import_only_downwards(package: str) -> None:
     assert not broken, "\n".join(broken)
 
 
-def test_engines_use_only_the_public_client_api() -> None:
+@pytest.mark.parametrize("package", ("engines", "connectors"))
+def test_engines_use_only_the_public_client_api(package: str) -> None:
     broken = [
         f"{rel(path)} imports {name}"
-        for path in sources("engines")
+        for path in sources(package)
         for name in sorted(imported_modules(path))
         if name.startswith("kvclient") and name not in ENGINES_MAY_IMPORT and not any(name.startswith(m + ".") and m != "kvclient" for m in ENGINES_MAY_IMPORT)
     ]
@@ -92,7 +94,7 @@ WIRE_ADAPTERS = {
 def test_only_wire_adapters_import_generated_code() -> None:
     broken = [
         f"{rel(path)} imports {name}"
-        for package in ("kvclient", "kvstore", "engines")
+        for package in ("kvclient", "kvstore", "engines", "connectors")
         for path in sources(package)
         if rel(path) not in WIRE_ADAPTERS
         for name in sorted(imported_modules(path))

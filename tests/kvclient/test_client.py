@@ -192,6 +192,18 @@ def test_acquire_then_put_and_release(server, fingerprint):
         assert [l.outcome for l in b.acquire(keys)] == [LeaseOutcome.ALREADY_PRESENT, LeaseOutcome.GRANTED]
 
 
+def test_a_writer_given_the_leaseholders_client_id_writes_the_leased_block(server, fingerprint):
+    """vLLM's scheduler leases, its worker (another process) writes: the writer speaks as the leaseholder."""
+    with KVClient(server.address, fingerprint, tenant="t-id") as scheduler, \
+            KVClient(server.address, fingerprint, tenant="t-id") as stranger, \
+            KVClient(server.address, fingerprint, tenant="t-id", client_id=scheduler.client_id) as worker:
+        keys = scheduler.block_keys(tokens(2, start=125_000))
+        assert [l.outcome for l in scheduler.acquire(keys)] == [LeaseOutcome.GRANTED] * 2
+        assert worker.client_id == scheduler.client_id
+        assert stranger.put(keys, random_blocks(2)) == [PutOutcome.PENDING_ELSEWHERE] * 2
+        assert worker.put(keys, random_blocks(2)) == [PutOutcome.STORED] * 2
+
+
 def test_kept_leases_outlive_their_ttl_and_lapse_once_no_longer_kept(server, fingerprint):
     with KVClient(server.address, fingerprint, tenant="t-keep") as a, KVClient(server.address, fingerprint, tenant="t-keep") as b:
         kept, unkept = a.block_keys(tokens(2, start=130_000)), a.block_keys(tokens(1, start=140_000))
