@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvwire.v1 import kvstore_pb2 as pb
 from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
@@ -58,3 +60,9 @@ def unpin(server: ServerProc, pin_ids: list[int], metadata=()) -> None:
     channel, stub = kv_stub(server)
     with channel:
         stub.Unpin(pb.UnpinRequest(pin_ids=pin_ids), metadata=(("kvstore-client-id", "pinner"), *metadata))
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    """A server's /metrics as {(sample name, labels): value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples}

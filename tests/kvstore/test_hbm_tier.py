@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 import xxhash
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvclient import KVClient
 from kvwire.types import PutOutcome, Tier
@@ -28,7 +26,7 @@ from kvwire.hostid import host_id
 from kvstore.store import Caller, Store
 from kvstore.tiers.device import DeviceError, HostDeviceMemory
 from kvstore.tiers.host import HostPool
-from tests.kvstore.admin_util import admin_json, run_admin
+from tests.kvstore.admin_util import admin_json, run_admin, scrape
 from tests.serverproc import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -316,11 +314,6 @@ def wait_for(predicate, timeout_s: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
-
-
-def scrape(port: int) -> dict[tuple[str, frozenset], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 @pytest.mark.parametrize("transport", ["shm", "grpc"])

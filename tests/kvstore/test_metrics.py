@@ -2,7 +2,6 @@
 every store event has one series and the names and labels dashboards read stay the same."""
 from __future__ import annotations
 
-import urllib.request
 from collections import Counter
 
 import numpy as np
@@ -17,13 +16,8 @@ from kvstore.metrics import EVENT_SERIES, StoreCollector
 from kvstore.store import StoreStats, TierStats
 from kvwire.errors import ERROR_TYPES
 from kvwire.types import PutOutcome, Tier
-from tests.kvstore.admin_util import admin_json, patterned_blocks
+from tests.kvstore.admin_util import admin_json, patterned_blocks, scrape
 from tests.serverproc import free_port
-
-
-def scrape(port: int) -> dict[tuple[str, frozenset], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 @pytest.mark.parametrize("transport", ["grpc", "shm"])
