@@ -278,7 +278,7 @@ class DirectoryShard:
                 holders = entry.holders
                 kept = alive.get(id(holders))
                 if kept is None:
-                    kept = alive[id(holders)] = holders if all(h in live for h in holders) else tuple(h for h in holders if h in live)
+                    kept = alive[id(holders)] = holders if all(h in live for h in holders) else self._set(tuple(h for h in holders if h in live))
                 if kept is not holders:
                     dead.append(skeys[i])
                     if not kept:
