@@ -67,8 +67,16 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> _S31)
 
 
+SKEY_BYTES = 24  # a storage key: 8-byte tenant tag + 16-byte block key (kvstore/index.py)
+
+
 def key_words(skeys: Sequence[bytes]) -> np.ndarray:
-    """One uint64 per storage key: its tenant tag's first 8 bytes xor its block key's last 8 (both are hashes already)."""
+    """One uint64 per storage key: its tenant tag's first 8 bytes xor its block key's last 8 (both are hashes already).
+    Storage keys of the usual length are joined once and read as three words each (a third of the slicing's cost)."""
+    joined = b"".join(skeys)
+    if len(joined) == SKEY_BYTES * len(skeys) and all(len(s) == SKEY_BYTES for s in skeys):
+        words = np.frombuffer(joined, dtype="<u8").reshape(-1, 3)
+        return words[:, 0] ^ words[:, 2]
     heads = np.frombuffer(b"".join(s[:8] for s in skeys), dtype="<u8")
     tails = np.frombuffer(b"".join(s[-8:] for s in skeys), dtype="<u8")
     return heads ^ tails
@@ -102,14 +110,15 @@ class Rendezvous:
 
     def homes_by_node(self, skeys: Sequence[bytes], count: int = HOMES) -> dict[str, list[int]]:
         """node name -> positions of the keys it is a home for, in order (each key under each of its homes)."""
-        out: dict[str, list[int]] = {}
         if not skeys or not self.names:
-            return out
-        homes = self.homes(skeys, count)
-        for node, name in enumerate(self.names):
-            positions = np.flatnonzero((homes == node).any(axis=1))
-            if positions.size:
-                out[name] = positions.tolist()
+            return {}
+        return self.by_node(self.homes(skeys, count))
+
+    def by_node(self, homes: np.ndarray) -> dict[str, list[int]]:
+        """homes_by_node from homes() already computed: node name -> positions of the keys it is a home for."""
+        out: dict[str, list[int]] = {}
+        for node in np.unique(homes).tolist():
+            out[self.names[node]] = np.flatnonzero((homes == node).any(axis=1)).tolist()
         return out
 
     def is_home(self, name: str, skeys: Sequence[bytes], count: int = HOMES) -> np.ndarray:
@@ -126,7 +135,7 @@ class _Entry:
     fingerprint_id: bytes
     size: int
     checksum: int
-    holders: tuple[HolderId, ...]  # replaced, never changed in place: a Locate hands it out as is
+    holders: tuple[HolderId, ...]  # interned (DirectoryShard._set), replaced, never changed in place: a Locate hands it out as is
 
 
 @dataclass(frozen=True)
@@ -135,14 +144,32 @@ class AnnounceResult:
     expected_sequence: int  # what the home wants next from this holder incarnation (after a refusal: resync)
 
 
+class Locations(NamedTuple):
+    """A Locate's answer as columns over the keys found (a 512-key Locate is 512 rows: no object per row).
+    holders[i] is the same tuple object for every row with the same holder set."""
+
+    positions: list[int]
+    sizes: list[int]
+    checksums: list[int]
+    holders: list[tuple[HolderId, ...]]
+
+    def rows(self) -> list[tuple[int, Located]]:
+        return [(i, Located(size, crc, holders)) for i, size, crc, holders in zip(*self)]
+
+
 class DirectoryShard:
-    """The entries of the keys this node is home for. Thread-safe: gRPC threads announce and locate concurrently."""
+    """The entries of the keys this node is home for. Thread-safe: gRPC threads announce and locate concurrently.
+
+    Holder tuples are interned: every entry with the same holders shares one tuple, so a Locate checks each
+    holder set against the live view once per call, not once per key (it was 1.4 us a key, most of a 512-key
+    Locate's time on the home)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[bytes, _Entry] = {}
         self._by_holder: dict[HolderId, set[bytes]] = {}
         self._expected: dict[HolderId, int] = {}  # next sequence number wanted from each holder incarnation
+        self._sets: dict[tuple[HolderId, ...], tuple[HolderId, ...]] = {}  # interned holder tuples
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -150,6 +177,13 @@ class DirectoryShard:
     @property
     def holders(self) -> int:
         return len(self._by_holder)
+
+    def _set(self, holders: tuple[HolderId, ...]) -> tuple[HolderId, ...]:
+        return self._sets.setdefault(holders, holders)
+
+    def _forget_sets(self) -> None:
+        """Drop interned holder tuples no entry uses (after dead holders went: their incarnations never come back)."""
+        self._sets = {e.holders: e.holders for e in self._entries.values()}
 
     # ---- changes from holders -----------------------------------------------------------
 
@@ -179,18 +213,19 @@ class DirectoryShard:
     def _apply(self, holder: HolderId, stored: Iterable[BlockRef], removed: Iterable[bytes]) -> None:
         entries = self._entries
         mine = self._by_holder.setdefault(holder, set())
+        alone = self._set((holder,))
         for ref in stored:
             entry = entries.get(ref.skey)
             if entry is None:
-                entries[ref.skey] = _Entry(ref.fingerprint_id, ref.size, ref.checksum, (holder,))
+                entries[ref.skey] = _Entry(ref.fingerprint_id, ref.size, ref.checksum, alone)
             elif (entry.fingerprint_id, entry.size, entry.checksum) != (ref.fingerprint_id, ref.size, ref.checksum):
                 # Another block under the same storage key (stored under another fingerprint): the latest claim wins alone.
                 for other in entry.holders:
                     if other != holder and (theirs := self._by_holder.get(other)) is not None:
                         theirs.discard(ref.skey)
-                entries[ref.skey] = _Entry(ref.fingerprint_id, ref.size, ref.checksum, (holder,))
+                entries[ref.skey] = _Entry(ref.fingerprint_id, ref.size, ref.checksum, alone)
             elif holder not in entry.holders:
-                entry.holders += (holder,)
+                entry.holders = self._set(entry.holders + (holder,))
             mine.add(ref.skey)
         for skey in removed:
             self._remove(holder, skey)  # drops the holder's set once it empties
@@ -201,7 +236,7 @@ class DirectoryShard:
         entry = self._entries.get(skey)
         if entry is None or holder not in entry.holders:
             return False
-        entry.holders = tuple(h for h in entry.holders if h != holder)
+        entry.holders = self._set(tuple(h for h in entry.holders if h != holder))
         if not entry.holders:
             del self._entries[skey]
         mine = self._by_holder.get(holder)
@@ -215,33 +250,48 @@ class DirectoryShard:
         for skey in self._by_holder.pop(holder, ()):
             entry = self._entries.get(skey)
             if entry is not None and holder in entry.holders:
-                entry.holders = tuple(h for h in entry.holders if h != holder)
+                entry.holders = self._set(tuple(h for h in entry.holders if h != holder))
                 if not entry.holders:
                     del self._entries[skey]
 
     # ---- reads --------------------------------------------------------------------------
 
     def locate(self, fingerprint_id: bytes, skeys: Sequence[bytes], live: Collection[HolderId]) -> list[tuple[int, Located]]:
-        """(position, where) for each key with a live holder under this fingerprint; dead holders are pruned on the way.
+        """(position, where) for each key with a live holder under this fingerprint (locate_columns, as rows)."""
+        return self.locate_columns(fingerprint_id, skeys, live).rows()
+
+    def locate_columns(self, fingerprint_id: bytes, skeys: Sequence[bytes], live: Collection[HolderId]) -> Locations:
+        """Each key with a live holder under this fingerprint, as columns; dead holders are pruned on the way.
         live: the holder ids that count (live_holders(view))."""
-        out: list[tuple[int, Located]] = []
-        dead: list[tuple[HolderId, bytes]] = []
+        positions: list[int] = []
+        sizes: list[int] = []
+        checksums: list[int] = []
+        holder_sets: list[tuple[HolderId, ...]] = []
+        dead: list[bytes] = []
+        # id(interned holder tuple) -> its live part (the same tuple when all live). Ids are safe as keys here:
+        # under the lock every tuple seen stays referenced by its entry until the loop ends.
+        alive: dict[int, tuple[HolderId, ...]] = {}
         with self._lock:
-            get = self._entries.get
-            for i, skey in enumerate(skeys):
-                entry = get(skey)
+            for i, entry in enumerate(map(self._entries.get, skeys)):
                 if entry is None or entry.fingerprint_id != fingerprint_id:
                     continue
                 holders = entry.holders
-                if not all(h in live for h in holders):
-                    dead += [(h, skey) for h in holders if h not in live]
-                    holders = tuple(h for h in holders if h in live)
-                    if not holders:
+                kept = alive.get(id(holders))
+                if kept is None:
+                    kept = alive[id(holders)] = holders if all(h in live for h in holders) else self._set(tuple(h for h in holders if h in live))
+                if kept is not holders:
+                    dead.append(skeys[i])
+                    if not kept:
                         continue
-                out.append((i, Located(entry.size, entry.checksum, holders)))
-            for holder, skey in dead:
-                self._remove(holder, skey)
-        return out
+                positions.append(i)
+                sizes.append(entry.size)
+                checksums.append(entry.checksum)
+                holder_sets.append(kept)
+            for skey in dead:
+                entry = self._entries.get(skey)  # (gone already when a request named the key twice)
+                for holder in [h for h in entry.holders if h not in live] if entry is not None else ():
+                    self._remove(holder, skey)
+        return Locations(positions, sizes, checksums, holder_sets)
 
     # ---- view changes -----------------------------------------------------------------------
 
@@ -252,6 +302,8 @@ class DirectoryShard:
             for holder in gone:
                 self._drop_holder(holder)
                 self._expected.pop(holder, None)
+            if gone:
+                self._forget_sets()
             return len(gone)
 
     def keep_homed(self, is_home: Callable[[list[bytes]], np.ndarray]) -> int:
@@ -273,6 +325,8 @@ class DirectoryShard:
                         if not mine:
                             del self._by_holder[holder]
                 dropped += 1
+            if dropped:
+                self._forget_sets()
             return dropped
 
     def clear(self) -> None:
@@ -281,3 +335,4 @@ class DirectoryShard:
             self._entries.clear()
             self._by_holder.clear()
             self._expected.clear()
+            self._sets.clear()

@@ -27,7 +27,7 @@ from kvwire.errors import FencedError, KVStoreError, PermissionDeniedError, Stal
 from kvstore.api import UcxSessions
 from kvstore.auth import Authenticator, check_tenant
 from kvstore.counters import Event
-from kvstore.cluster.directory import BlockRef, DirectoryShard, live_holders
+from kvstore.cluster.directory import BlockRef, DirectoryShard, Locations, live_holders
 from kvstore.cluster.peers import Peers
 from kvstore.cluster.view import ClusterView
 from kvstore.service import abort
@@ -140,30 +140,9 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
 
     @_peer_call
     def Locate(self, request: ppb.LocateRequest, context) -> ppb.LocateResponse:
-        found = self.shard.locate(request.fingerprint_id, request.skeys, live_holders(self.membership.view()))
+        found = self.shard.locate_columns(request.fingerprint_id, request.skeys, live_holders(self.membership.view()))
         self.counters[Event.DIRECTORY_LOCATES] += 1
-        bits: dict[tuple[str, int], int] = {}
-        masks: dict[tuple, int] = {}  # holder tuple -> its mask: most keys share one or two holder sets
-        positions, sizes, checksums, holder_masks = [], [], [], []
-        for i, where in found:
-            mask = masks.get(where.holders)
-            if mask is None:
-                mask = 0
-                for holder in where.holders:
-                    bit = bits.get(holder)
-                    if bit is None:
-                        if len(bits) == 64:
-                            continue  # a hint only: more holders than a mask names are left out
-                        bit = bits[holder] = len(bits)
-                    mask |= 1 << bit
-                masks[where.holders] = mask
-            if mask:
-                positions.append(i)
-                sizes.append(where.size)
-                checksums.append(where.checksum)
-                holder_masks.append(mask)
-        holders = [ppb.Holder(node=name, incarnation=inc) for (name, inc) in bits]
-        return ppb.LocateResponse(holders=holders, found=positions, sizes=sizes, checksums=checksums, holder_masks=holder_masks)
+        return locate_response(found)
 
     @_peer_call
     def Announce(self, request: ppb.AnnounceRequest, context) -> ppb.AnnounceResponse:
@@ -248,6 +227,37 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
     @_peer_call
     def Status(self, request: ppb.PeerStatusRequest, context) -> ppb.ClusterStatus:
         return self.status()
+
+
+def locate_response(found: Locations) -> ppb.LocateResponse:
+    """A shard's answer as the wire's columns: holders named once, each key's as a bit mask over them."""
+    bits: dict[tuple[str, int], int] = {}
+    masks: dict[int, tuple[tuple, int]] = {}  # id(holder tuple) -> (it, its mask): the shard shares one per holder set
+    holder_masks = []
+    for holders in found.holders:
+        known = masks.get(id(holders))
+        if known is None or known[0] is not holders:
+            mask = 0
+            for holder in holders:
+                bit = bits.get(holder)
+                if bit is None:
+                    if len(bits) == 64:
+                        continue  # a hint only: more holders than a mask names are left out
+                    bit = bits[holder] = len(bits)
+                mask |= 1 << bit
+            known = masks[id(holders)] = (holders, mask)
+        holder_masks.append(known[1])
+    response = ppb.LocateResponse(holders=[ppb.Holder(node=name, incarnation=inc) for (name, inc) in bits])
+    if all(holder_masks):
+        response.found.extend(found.positions)
+        response.sizes.extend(found.sizes)
+        response.checksums.extend(found.checksums)
+        response.holder_masks.extend(holder_masks)
+    else:  # keys whose every holder fell past the 64 named: left out
+        rows = [row for row in zip(found.positions, found.sizes, found.checksums, holder_masks) if row[3]]
+        for column, values in zip((response.found, response.sizes, response.checksums, response.holder_masks), zip(*rows)):
+            column.extend(values)
+    return response
 
 
 def cluster_status(name: str, membership, shard: DirectoryShard, peers: Peers, counters: Counter,

@@ -23,14 +23,14 @@ import random
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from kvwire.errors import KVStoreError
 from kvstore.cluster.announcer import active_ring
 from kvstore.counters import Event
-from kvstore.cluster.directory import DirectoryShard, HolderId, Located, Rendezvous, live_holders
+from kvstore.cluster.directory import DirectoryShard, HolderId, Located, Locations, Rendezvous, live_holders
 from kvstore.cluster.peers import Peers
 from kvstore.cluster.ucx_fetch import CHUNK_BYTES as UCX_CHUNK_BYTES, UcxFetcher
 
@@ -52,6 +52,21 @@ LOCATE_TIMEOUT_S = 0.5  # a Lookup waits at most this long for the directory; a 
 # one home per key (itself where it is one), and the other only where the first call failed.
 SETTLE_S = 3.0
 REPAIR_TIMEOUT_S = 1.0
+
+
+class _Found(NamedTuple):
+    """A locate's answer, one row per key asked: size, checksum, usable holders (None: nobody reachable has it)."""
+
+    sizes: list[int]
+    checksums: list[int]
+    holders: list[tuple[HolderId, ...] | None]
+
+    @classmethod
+    def empty(cls, n: int) -> "_Found":
+        return cls([0] * n, [0] * n, [None] * n)
+
+    def rows(self) -> list[Located | None]:
+        return [Located(size, crc, holders) if holders is not None else None for size, crc, holders in zip(*self)]
 
 
 class RemoteTier:
@@ -83,57 +98,62 @@ class RemoteTier:
             self._ring_changed = time.monotonic()
         return ring
 
-    def _asks(self, view: ClusterView, skeys: list[bytes]) -> tuple[dict[str, list[int]], dict[int, str]]:
-        """Which home to ask about which keys (name -> positions), and for each position its other home, asked
-        only if the first fails. One home per key: this node where it is one, else the key's first home; both
-        (no fallback needed) while the view settles."""
+    def _asks(self, view: ClusterView, skeys: list[bytes]) -> tuple[dict[str, list[int]], Callable[[int], str | None]]:
+        """Which home to ask about which keys (name -> positions), and for a position the other home to ask if the
+        first fails (None: none). One home per key: this node where it is one, else the key's first home; both (no
+        fallback needed) while the view settles. The homes are computed once, for both."""
         ring = self._homes(view)
         homes = ring.homes(skeys)
-        if homes.shape[1] < 2 or time.monotonic() - self._ring_changed < SETTLE_S:
-            return ring.homes_by_node(skeys), {}
         names = ring.names
+        if homes.shape[1] < 2 or time.monotonic() - self._ring_changed < SETTLE_S:
+            return (ring.by_node(homes) if len(skeys) else {}), lambda i: None
         me = names.index(self.me) if self.me in names else -1
         mine = (homes == me).any(axis=1)
         first = np.where(mine, me, homes[:, 0])
+        if not mine.any() and (first == first[0]).all():  # one home answers all (a 2-node cluster's remote keys)
+            asks = {names[int(first[0])]: list(range(len(skeys)))}
+        else:
+            asks = {names[k]: np.flatnonzero(first == k).tolist() for k in np.unique(first).tolist()}
         other = np.where(homes[:, 0] == first, homes[:, 1], homes[:, 0])
-        asks = {names[k]: np.flatnonzero(first == k).tolist() for k in np.unique(first).tolist()}
-        fallback = {i: names[k] for i, k in enumerate(other.tolist()) if not mine[i]}
-        return asks, fallback
+        return asks, lambda i: None if mine[i] else names[other[i]]
 
     # ---- locate ---------------------------------------------------------------------------
 
-    def _locate(self, skeys: list[bytes], fingerprint_id: bytes, timeout_s: float) -> list[Located | None]:
+    def _locate(self, skeys: list[bytes], fingerprint_id: bytes, timeout_s: float) -> _Found:
         """Where each key's block is: the union of its homes' answers, live holders other than this node
-        whose breakers are closed; None where nobody (reachable) has it."""
-        found: list[Located | None] = [None] * len(skeys)
+        whose breakers are closed; columns, holders None where nobody (reachable) has it."""
+        found = _Found.empty(len(skeys))
         incarnation, view = self.identity()
         if incarnation == 0 or not skeys:
             return found
         asks, fallback = self._asks(view, skeys)
         live = live_holders(view)
-        usable: dict[tuple, tuple] = {}  # a holder set as answered -> the holders in it worth calling
+        usable: dict[int, tuple[tuple, tuple]] = {}  # id(a holder set as answered) -> (it, the holders in it worth calling)
+        sizes, checksums, held = found
 
-        def merge(positions: list[int], answer: list[tuple[int, Located]]) -> None:
-            for j, where in answer:
-                holders = usable.get(where.holders)
-                if holders is None:
-                    holders = usable[where.holders] = tuple(h for h in where.holders if h[0] != self.me and h in live
-                                                            and self.peers.usable(h[0]))
+        def merge(positions: list[int], answer: Locations) -> None:
+            for j, size, crc, answered in zip(answer.positions, answer.sizes, answer.checksums, answer.holders):
+                known = usable.get(id(answered))
+                if known is None or known[0] is not answered:
+                    known = usable[id(answered)] = (answered, tuple(h for h in answered if h[0] != self.me and h in live
+                                                                     and self.peers.usable(h[0])))
+                holders = known[1]
                 if not holders:
                     continue
                 i = positions[j]
-                known = found[i]
-                if known is None:
-                    found[i] = where if holders is where.holders else Located(where.size, where.checksum, holders)
-                elif (known.size, known.checksum) == (where.size, where.checksum) and known.holders != holders:
-                    found[i] = Located(known.size, known.checksum, known.holders + tuple(h for h in holders if h not in known.holders))
+                was = held[i]
+                if was is None:
+                    sizes[i], checksums[i], held[i] = size, crc, holders
+                elif (sizes[i], checksums[i]) == (size, crc) and was != holders:
+                    held[i] = was + tuple(h for h in holders if h not in was)
 
         local = asks.pop(self.me, None)
         if local is not None:
-            merge(local, self.shard.locate(fingerprint_id, [skeys[i] for i in local], live))
+            merge(local, self.shard.locate_columns(fingerprint_id, [skeys[i] for i in local] if len(local) < len(skeys) else skeys, live))
         deadline = time.monotonic() + timeout_s
         while asks:
-            answers = self.peers.locate_many(fingerprint_id, {name: [skeys[i] for i in pos] for name, pos in asks.items()},
+            answers = self.peers.locate_many(fingerprint_id, {name: [skeys[i] for i in pos] if len(pos) < len(skeys) else skeys
+                                                              for name, pos in asks.items()},
                                              max(0.001, deadline - time.monotonic()))
             retry: dict[str, list[int]] = {}
             for name, answer in answers.items():
@@ -141,21 +161,22 @@ class RemoteTier:
                     self.counters[Event.REMOTE_LOCATE_ERRORS] += 1
                     log.debug("locate at %s failed: %s", name, answer)
                     for i in asks[name]:
-                        if (home := fallback.pop(i, None)) is not None and home != name:
+                        if (home := fallback(i)) is not None and home != name:
                             retry.setdefault(home, []).append(i)
                 else:
                     merge(asks[name], answer)
+            fallback = lambda i: None  # noqa: E731  (each key's other home is asked once)
             asks = retry if time.monotonic() < deadline else {}
         return found
 
     def locate(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes]) -> list[int]:
         """RemoteSource.locate: each key's size where a live peer holds it (under this tenant's storage key), else 0."""
         tag = tenant_tag(tenant)
-        found = self._locate([tag + k for k in keys], fingerprint_id, LOCATE_TIMEOUT_S)
-        hits = sum(f is not None for f in found)
+        sizes, _, held = self._locate([tag + k for k in keys], fingerprint_id, LOCATE_TIMEOUT_S)
+        hits = len(held) - held.count(None)
         self.counters[Event.REMOTE_LOCATE_FOUND] += hits
         self.counters[Event.REMOTE_LOCATE_ABSENT] += len(keys) - hits
-        return [f.size if f is not None else 0 for f in found]
+        return sizes
 
     # ---- fetch ------------------------------------------------------------------------------
 
@@ -171,7 +192,7 @@ class RemoteTier:
         since = self.store.deletions
         tag = tenant_tag(tenant)
         skeys = [tag + k for k in keys]
-        found = self._locate(skeys, fingerprint_id, min(LOCATE_TIMEOUT_S, self.fetch_deadline_s))
+        found = self._locate(skeys, fingerprint_id, min(LOCATE_TIMEOUT_S, self.fetch_deadline_s)).rows()
         wanted = next((i for i, f in enumerate(found) if f is None), len(found))
         if wanted < len(found) and not prefix:
             self.counters[Event.REMOTE_FETCHES_SHORT] += 1

@@ -131,3 +131,25 @@ def test_view_changes_drop_dead_holders_and_keys_homed_elsewhere() -> None:
     assert dropped == int((~mine).sum()) and len(shard) == int(mine.sum())
     shard.clear()
     assert len(shard) == 0
+
+
+def test_locate_columns_share_holder_sets_and_agree_with_the_per_key_answer() -> None:
+    """The columns a Locate is answered from: one holder tuple object per holder set (a home checks each set
+    against the view once a call), rows equal to a per-key reading of the shard, dead holders pruned once
+    even when a request names a key twice."""
+    shard = DirectoryShard()
+    keys = skeys(40, seed=5)
+    shard.announce(("A", 1), 1, [ref(k) for k in keys[:30]], [])
+    shard.announce(("B", 2), 1, [ref(k) for k in keys[10:20]], [])
+    shard.announce(("C", 3), 1, [ref(k) for k in keys[15:25]], [])
+    asked = keys[::-1] + keys[12:14]  # unknown keys in between, two named twice
+    found = shard.locate_columns(FP, asked, live(("A", 1), ("B", 2)))
+    per_key = []
+    for i, k in enumerate(asked):
+        holders = tuple(h for h, lo, hi in ((("A", 1), 0, 30), (("B", 2), 10, 20)) if lo <= keys.index(k) < hi)
+        if holders:
+            per_key.append((i, 100, 700, holders))
+    assert list(zip(*found)) == per_key
+    assert len({id(h) for h in found.holders}) == len(set(found.holders)) == 2
+    assert shard.holders == 2  # C's claims went with the call that found it dead
+    assert shard.locate(FP, asked[10:11], live(("A", 1))) == [(0, found.rows()[0][1])]

@@ -70,11 +70,16 @@ def test_prefix_pin_acquire_and_prefix_lookup_fall_through(pair, fingerprint) ->
         assert [l.outcome for l in leases[:6]] == [LeaseOutcome.ALREADY_PRESENT] * 6  # the engine fetches, not computes
         assert [l.outcome for l in leases[6:]] == [LeaseOutcome.GRANTED] * 6
         b.release(keys[6:])
+        before = pair.counters(1)
         with b.pin(keys, prefix=True) as pinned:
             assert len(pinned) == 6  # 2 local, 4 fetched from A, then the run ends
+        after = pair.counters(1)
+        # B resolves locally first (2 of 12), undoes that, fetches, then pins: the pin is counted once, as before.
+        assert [after.get(k, 0) - before.get(k, 0) for k in ("lookup_blocks_hit", "lookup_blocks_miss")] == [6, 6]
         assert [bytes(memoryview(g)) for g in b.get(keys[:6])] == [d.tobytes() for d in data[:6]]
         with pytest.raises(BlockNotFoundError):
             b.get(keys[5:8])  # all or nothing: keys[6:] exist nowhere
+        assert pair.counters(1).get("misses", 0) - after.get("misses", 0) == 2
     counters = pair.counters(1)
     assert counters["remote_fetch_blocks"] == 4
 
