@@ -17,7 +17,6 @@ It refuses request logic (store.py, api.py) and wire encoding (peer_service.py, 
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import socket
@@ -57,19 +56,6 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 DROP_REMOVED_ENV = "KVSTORE_TEST_DROP_REMOVED_ANNOUNCES"
 STATUS_TIMEOUT_S = 1.0
 DELETE_ANNOUNCE_WAIT_S = 1.0  # a tombstone's apply waits this long at most for its removals to reach their homes
-
-
-def settle_heap() -> None:
-    """Move everything alive once the node has started (modules, gRPC, UCX, the restored index) out of the
-    garbage collector's sight (gc.freeze), after one full collection so no garbage is frozen with it.
-
-    Why: a cluster node's requests allocate per key (a 512-key Lookup of remote blocks makes thousands of
-    objects), so gen-2 collections come every few dozen of them, and each walked the whole heap: ~10 ms on
-    this 2-core box with just the server's imports, which was most of the fully remote lookup's p99. Frozen
-    objects are still freed by reference counting; only cycles among them would stay, and start-up makes none
-    that die."""
-    gc.collect()
-    gc.freeze()
 
 
 def advertise_address(cfg: ServerConfig, bound_address: str) -> str:
@@ -156,7 +142,6 @@ class ClusterNode:
         self.api.cluster = self
         membership.start()
         self.tombstones.start()
-        settle_heap()
         log.info("cluster %s: node %s joined as incarnation %d, advertising %s", self.cfg.cluster_name, self.name,
                  membership.incarnation, self.address)
         return self
