@@ -18,7 +18,7 @@ from engines.tokenizer import ByteTokenizer
 from tests.clusterproc import TENANT_TOKENS, ClusterProcs, write_token_files
 from tests.engines.procs import WorkerProc, start_decode, start_prefill
 from tests.engines.test_router import RouterProc, expected_tokens, prompt_text
-from tests.etcdproc import EtcdCluster, ensure_etcd
+from tests.etcdproc import EtcdCluster, need_etcd
 from tests.serverproc import ServerProc
 
 pytestmark = pytest.mark.etcd
@@ -30,9 +30,7 @@ COLD_HOST = "test-host-cold"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> ClusterProcs:
-    reason = ensure_etcd()
-    if reason:
-        pytest.skip(reason)
+    need_etcd()
     base = tmp_path_factory.mktemp("engines-cluster")
     with EtcdCluster(base / "etcd", members=1) as etcd:
         with ClusterProcs(base / "nodes", etcd, "engines", size=2, flags={"host_memory": "128MiB"}) as nodes:

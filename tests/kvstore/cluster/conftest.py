@@ -2,7 +2,7 @@
 
 `etcd` is one shared single-member server for tests that leave etcd alone (each test gets its own
 cluster name, so their keys never meet); `make_etcd` starts a private one (1 or 3 members) for tests
-that pause, kill or restart etcd. Both skip, naming the reason, only when no etcd binary can be had.
+that pause, kill or restart etcd. Both skip, naming the reason, only when no etcd binary can be had (and fail instead under CI).
 """
 from __future__ import annotations
 
@@ -10,20 +10,14 @@ import itertools
 
 import pytest
 
-from tests.etcdproc import EtcdCluster, ensure_etcd
+from tests.etcdproc import EtcdCluster, need_etcd
 
 _names = itertools.count()
 
 
-def _need_etcd() -> None:
-    reason = ensure_etcd()
-    if reason:
-        pytest.skip(reason)
-
-
 @pytest.fixture(scope="session")
 def etcd(tmp_path_factory) -> EtcdCluster:
-    _need_etcd()
+    need_etcd()
     cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"), members=1).start()
     yield cluster
     cluster.stop()
@@ -32,7 +26,7 @@ def etcd(tmp_path_factory) -> EtcdCluster:
 @pytest.fixture
 def make_etcd(tmp_path):
     """make_etcd(members=1, host="127.0.0.1") -> a started EtcdCluster, stopped at teardown."""
-    _need_etcd()
+    need_etcd()
     started: list[EtcdCluster] = []
 
     def start(members: int = 1, host: str = "127.0.0.1") -> EtcdCluster:
