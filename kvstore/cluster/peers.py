@@ -280,6 +280,13 @@ class Peers:
         finally:
             call.cancel()
 
+    def note_fetched(self, name: str, size_bytes: int) -> None:
+        """Bytes fetched from a peer outside the gRPC Fetch (the UCX data path), so per-peer bytes count both."""
+        with self._lock:
+            peer = self._peers.get(name)
+        if peer is not None:
+            peer.bytes_fetched += size_bytes
+
     def announce_many(self, batches: dict[str, tuple[int, Sequence[BlockRef], Sequence[bytes]]], timeout_s: float) -> dict[str, AnnounceResult | KVStoreError]:
         """Send each home its numbered batch (sequence, stored, removed) at once; each answer or the error."""
         calls = []

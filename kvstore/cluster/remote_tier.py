@@ -293,6 +293,7 @@ class RemoteTier:
                 log.debug("UCX fetch from %s stopped after %d blocks: %s", holder[0], adopted, err)
                 return adopted, "refused" if refused else "error"
             self.counters[Event.REMOTE_FETCH_UCX_BLOCKS] += landed
+            self.peers.note_fetched(holder[0], sum(f.size for f in found[adopted : adopted + landed]))
             adopted += landed
             if why:
                 return adopted, why

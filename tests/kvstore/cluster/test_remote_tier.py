@@ -57,6 +57,9 @@ def test_put_on_a_read_on_b_first_remote_then_host(etcd, cluster_name, tmp_path,
             assert pair.counters(0)["peer_served_blocks"] == 8
         status = pair.cluster_status(0)
         assert {n.node for n in status.nodes} == {"n0", "n1"} and not status.unreachable
+        (b_status,) = [n for n in status.nodes if n.node == "n1"]
+        (from_a,) = [p for p in b_status.peers if p.peer == "n0"]
+        assert from_a.bytes_fetched == 8 * (64 << 10)  # per-peer bytes count the UCX path too
 
 
 def test_prefix_pin_acquire_and_prefix_lookup_fall_through(pair, fingerprint) -> None:
