@@ -39,6 +39,23 @@ def ensure_etcd() -> str:
     return f"no etcd server binary and tools/ensure_etcd.sh could not install one: {(done.stderr or done.stdout).strip()[-300:]}"
 
 
+def etcd_version() -> tuple[int, int, int]:
+    """The etcd server binary's version, (0, 0, 0) when it cannot be read."""
+    binary = etcd_binary()
+    if binary is None:
+        return (0, 0, 0)
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    m = re.search(r"etcd Version: (\d+)\.(\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else (0, 0, 0)
+
+
+def revokes_from_stale_leader(version: tuple[int, int, int]) -> bool:
+    """Whether this etcd has etcd-io/etcd#15247: an old leader paused past a lease's TTL revokes it on resume
+    (its proposal is forwarded to the new leader), though keepalives reached the new leader all along.
+    Fixed by #15248 in 3.4.25 and 3.5.8; Debian's etcd-server is 3.4.23."""
+    return version < (3, 4, 25) or (3, 5, 0) <= version < (3, 5, 8)
+
+
 def need_etcd() -> None:
     """For tests: skip without etcd, naming why; under CI (CI set), fail instead, because `make test`
     installs etcd there and a cluster suite that skips itself would prove nothing."""

@@ -50,6 +50,10 @@ FENCE_MARGIN_S = 0.5  # fence this long before etcd could expire the lease
 KEEPALIVE_MAX_INTERVAL_S = 1.0
 KEEPALIVE_RETRY_S = 0.05  # after a failed keepalive: the next endpoint, at once
 REJOIN_BACKOFF_S = (0.2, 0.5)  # first and longest wait between rejoin attempts
+# Before each rejoin attempt. A same-host restart takes our name over as delete-then-create (etcd allows
+# no put and delete of one key in a txn); a fenced member rejoining inside that gap took the name back,
+# and the two then replaced each other once more (seen in CI as two fences for one takeover).
+REJOIN_SETTLE_S = 0.3
 RECORD_VERSION = 1
 
 
@@ -361,6 +365,8 @@ class Membership:
             with self._lock:
                 incarnation, lease, fence_at = self._incarnation, self._lease_id, self._fence_at
             if incarnation == 0:
+                if self._stop.wait(REJOIN_SETTLE_S):
+                    break
                 if self._rejoin():
                     next_send, backoff = self.clock() + interval, REJOIN_BACKOFF_S[0]
                 else:
