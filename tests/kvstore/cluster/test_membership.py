@@ -13,7 +13,7 @@ from kvstore.cluster.view import ClusterView, MemberState
 from kvstore.counters import Event
 from tests.etcdproc import etcd_version, revokes_from_stale_leader
 from tests.kvstore.cluster.member_proc import MemberProc
-from tests.netns import Bridge, netns_available
+from tests.netns import Bridge, need_netns
 
 pytestmark = pytest.mark.etcd
 
@@ -145,9 +145,7 @@ def test_a_stopped_member_is_expelled_within_ttl_plus_1s_then_fences_and_rejoins
 
 def test_a_member_partitioned_from_everyone_fences_within_the_ttl_and_rejoins_after_the_heal(make_etcd, cluster_name):
     """Silent drops (connects time out, as on a dead link), not a stopped process: the member's own clock fences it."""
-    reason = netns_available()
-    if reason:
-        pytest.skip(reason)
+    need_netns()
     ttl = 2.0
     with Bridge() as bridge:
         ns = bridge.add("p")

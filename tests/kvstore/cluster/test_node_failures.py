@@ -25,7 +25,7 @@ from kvwire.v1 import admin_pb2_grpc as apb_grpc
 from kvwire.v1 import peer_pb2 as ppb
 from kvwire.v1 import peer_pb2_grpc as ppb_grpc
 from tests.clusterproc import ADMIN_TOKEN, DATA_PATHS, PEER_TOKEN, TENANT_TOKENS, ClusterProcs
-from tests.netns import Bridge, netns_available
+from tests.netns import Bridge, need_netns
 
 pytestmark = pytest.mark.etcd
 
@@ -326,9 +326,7 @@ def test_a_partitioned_node_fences_keeps_its_local_clients_and_comes_back(make_e
     """Node A cut off from its peers and from etcd (network namespaces, silent drops): A fences within the lease
     TTL; the others drop A within TTL + 1 s; A's own clients are still served (refused in strict mode); after the
     heal A rejoins with a new incarnation and its blocks are found from the other nodes within 5 s."""
-    reason = netns_available()
-    if reason:
-        pytest.skip(reason)
+    need_netns()
     ttl = 2.0
     with Bridge() as bridge:
         etcd = make_etcd(host=bridge.root_address)
