@@ -26,6 +26,7 @@ from engines.block_checksum import paged_kernel, supports
 from engines.layerwise import CacheGeometry, Copy2D, plan_layer_copies, run_on_cuda
 from engines.paged_gather import DEFAULT_CTAS, BoundGather, gather_kernel, layer_groups, plan_gather
 from engines.paged_cache import PagedKVCache
+from engines.pinned_uploads import PinnedUploads
 from kvclient.client import KVClient, PinnedBlocks, SlotRef, TransferStats
 from kvclient.errors import CapacityExhaustedError, InvalidRequestError
 
@@ -134,6 +135,7 @@ class DmaWorkers:
         self._checkers: ThreadPoolExecutor | None = None
         self._check_starter: ThreadPoolExecutor | None = None
         self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.uploads = PinnedUploads()  # the loads' small tables, through reused page-locked buffers
 
     def checkers(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -353,10 +355,8 @@ class StreamedPrefixLoad(PrefixLoad):
         built after the last layer, a pageable copy there could hold the host until every layer had landed."""
         if not self._checked_on_gpu():
             return None
-        geometry = self._geometry
-        host = torch.tensor([p * geometry.half_bytes for p in self._pages], dtype=torch.int64).pin_memory()
-        with torch.cuda.stream(self._stream):
-            return host.to(self._cache.device, non_blocking=True)
+        offsets = np.asarray(self._pages, dtype=np.int64) * self._geometry.half_bytes
+        return self._workers.uploads.upload(offsets, self._cache.device, self._stream)
 
     def _host_source(self, pages: list[int], offsets: list[int]) -> "_LayerSource":
         """The gather kernel where asked for (or auto), built and able to read the pool; else the copy engines."""
@@ -365,7 +365,7 @@ class StreamedPrefixLoad(PrefixLoad):
         plan = plan_gather(self._geometry, pages, offsets, registered.host.numel(), registered.device_ptr,
                            self._cache.kv.data_ptr()) if kernel is not None else None
         if choose_host_copy(workers.host_copy, plan is not None, self._compute_tokens) == "kernel":
-            table = kernel.upload(plan, self._cache.device, self._stream)
+            table = kernel.upload(plan, self._cache.device, self._stream, workers.uploads)
             return _GatherSource(kernel.bind(plan, table, self._cache.kv.data_ptr(), registered.device_ptr, self._stream,
                                              workers.gather_ctas), 2 * plan.num_blocks * plan.part_bytes)
         return _CopySource(plan_layer_copies(self._geometry, pages, offsets), registered.host.data_ptr(), False)

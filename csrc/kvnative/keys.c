@@ -66,6 +66,13 @@ PyObject *kvn_chain_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs
             PyObject *item = items[i];
             int overflow = 0;
             if (!PyLong_CheckExact(item)) goto not_implemented;  /* bool, numpy scalars, floats: numpy decides */
+#if PY_VERSION_HEX >= 0x030C0000
+            /* token ids fit one digit: read it inline (half this loop's time for 8k tokens on 3.12) */
+            if (PyUnstable_Long_IsCompact((PyLongObject *)item)) {
+                kvn_put_u64(owned + 8 * i, (uint64_t)(long long)PyUnstable_Long_CompactValue((PyLongObject *)item));
+                continue;
+            }
+#endif
             long long v = PyLong_AsLongLongAndOverflow(item, &overflow);
             if (overflow) goto not_implemented;
             if (v == -1 && PyErr_Occurred()) goto done;
