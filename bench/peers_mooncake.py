@@ -13,7 +13,6 @@ That path is set for Mooncake's processes only; nothing else in the run sees it.
 """
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import os
@@ -89,11 +88,9 @@ def build_cuda_stub(out_dir: Path, symbols: Sequence[str]) -> Path:
 
 
 def has_cuda_driver() -> bool:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-        return True
-    except OSError:
-        return False
+    """Asked of a fresh process: in this one a libcuda.so.1 loaded earlier (a stand-in, say) would answer by soname."""
+    probe = "import ctypes, sys\ntry:\n    ctypes.CDLL('libcuda.so.1')\nexcept OSError:\n    sys.exit(1)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
 
 def mooncake_env(work_dir: Path) -> dict[str, str]:
