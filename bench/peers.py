@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,8 +31,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(1, str(BENCH_DIR.parent))
 
-from peers_common import CONTAINS_BLOCK_BYTES, CONTAINS_KEYS, KIB, MIB, LoopShape, PeerAbsent, contains_ms, metric  # noqa: E402
-from throughput import UCX_SERVER_ENV, memcpy_reference, run_transport, tcp_reference  # noqa: E402
+from peers_common import CONTAINS_BLOCK_BYTES, CONTAINS_KEYS, LoopShape, PeerAbsent, contains_ms, metric  # noqa: E402
+from throughput import KIB, MIB, UCX_SERVER_ENV, memcpy_reference, run_transport, tcp_reference  # noqa: E402
 
 PEER_NAMES = ("redis", "mooncake-embedded", "mooncake-standalone")
 
@@ -61,24 +60,24 @@ class Target:
 
 
 PATHS = (
-    PathRow("gRPC get 1MiB", "kvstore-grpc get 1MiB", ("redis-tcp get 1MiB", "redis-unix get 1MiB", "mooncake-standalone get 1MiB"), "tcp recv 1MiB"),
-    PathRow("gRPC put 1MiB", "kvstore-grpc put 1MiB", ("redis-tcp put 1MiB", "redis-unix put 1MiB", "mooncake-standalone put 1MiB"), "tcp recv 1MiB"),
-    PathRow("shm get 64KiB", "kvstore-shm get 64KiB", ("mooncake-embedded get 64KiB", "redis-unix get 64KiB"), "memcpy copy 64KiB"),
-    PathRow("shm get 1MiB", "kvstore-shm get 1MiB", ("mooncake-embedded get 1MiB", "redis-unix get 1MiB"), "memcpy copy 1MiB"),
-    PathRow("shm put 1MiB", "kvstore-shm put 1MiB", ("mooncake-embedded put 1MiB", "redis-unix put 1MiB"), "memcpy copy 1MiB"),
-    PathRow("UCX get 64KiB", "kvstore-ucx get 64KiB", ("mooncake-standalone get 64KiB", "redis-tcp get 64KiB"), "tcp recv 64KiB"),
-    PathRow("shm get 1MiB x4 clients", "kvstore-shm-x4 get 1MiB", (), "memcpy copy 1MiB"),
+    PathRow("gRPC get 1 MiB", "kvstore-grpc get 1 MiB", ("redis-tcp get 1 MiB", "redis-unix get 1 MiB", "mooncake-standalone get 1 MiB"), "tcp recv 1 MiB"),
+    PathRow("gRPC put 1 MiB", "kvstore-grpc put 1 MiB", ("redis-tcp put 1 MiB", "redis-unix put 1 MiB", "mooncake-standalone put 1 MiB"), "tcp recv 1 MiB"),
+    PathRow("shm get 64 KiB", "kvstore-shm get 64 KiB", ("mooncake-embedded get 64 KiB", "redis-unix get 64 KiB"), "memcpy copy 64 KiB"),
+    PathRow("shm get 1 MiB", "kvstore-shm get 1 MiB", ("mooncake-embedded get 1 MiB", "redis-unix get 1 MiB"), "memcpy copy 1 MiB"),
+    PathRow("shm put 1 MiB", "kvstore-shm put 1 MiB", ("mooncake-embedded put 1 MiB", "redis-unix put 1 MiB"), "memcpy copy 1 MiB"),
+    PathRow("UCX get 64 KiB", "kvstore-ucx get 64 KiB", ("mooncake-standalone get 64 KiB", "redis-tcp get 64 KiB"), "tcp recv 64 KiB"),
+    PathRow("shm get 1MiB x4 clients", "kvstore-shm-x4 get 1 MiB", (), "memcpy copy 1 MiB"),
     PathRow("contains 1024 keys (ms)", "kvstore contains",
             ("mooncake-embedded contains", "mooncake-standalone contains", "redis-tcp contains", "redis-unix contains"), None, True),
 )
 
 TARGETS = (
-    Target("gRPC get 1MiB >= 1.0x Redis TCP", "kvstore-grpc get 1MiB", ("redis-tcp get 1MiB",), 1.0),
-    Target("gRPC put 1MiB >= 1.0x Redis TCP", "kvstore-grpc put 1MiB", ("redis-tcp put 1MiB",), 1.0),
-    Target("shm get 1MiB >= 0.90x memcpy", "kvstore-shm get 1MiB", ("memcpy copy 1MiB",), 0.90),
-    Target("shm get 64KiB >= 2x Mooncake embedded", "kvstore-shm get 64KiB", ("mooncake-embedded get 64KiB",), 2.0),
-    Target("shm put 1MiB >= 1.0x Mooncake embedded", "kvstore-shm put 1MiB", ("mooncake-embedded put 1MiB",), 1.0),
-    Target("UCX get 64KiB >= 1.2x Mooncake standalone", "kvstore-ucx get 64KiB", ("mooncake-standalone get 64KiB",), 1.2),
+    Target("gRPC get 1MiB >= 1.0x Redis TCP", "kvstore-grpc get 1 MiB", ("redis-tcp get 1 MiB",), 1.0),
+    Target("gRPC put 1MiB >= 1.0x Redis TCP", "kvstore-grpc put 1 MiB", ("redis-tcp put 1 MiB",), 1.0),
+    Target("shm get 1MiB >= 0.90x memcpy", "kvstore-shm get 1 MiB", ("memcpy copy 1 MiB",), 0.90),
+    Target("shm get 64KiB >= 2x Mooncake embedded", "kvstore-shm get 64 KiB", ("mooncake-embedded get 64 KiB",), 2.0),
+    Target("shm put 1MiB >= 1.0x Mooncake embedded", "kvstore-shm put 1 MiB", ("mooncake-embedded put 1 MiB",), 1.0),
+    Target("UCX get 64KiB >= 1.2x Mooncake standalone", "kvstore-ucx get 64 KiB", ("mooncake-standalone get 64 KiB",), 1.2),
     Target("contains 1024 keys <= 1.0x Mooncake batch_is_exist", "kvstore contains",
            ("mooncake-embedded contains", "mooncake-standalone contains"), 1.0, True),
 )

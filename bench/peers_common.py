@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-KIB, MIB = 1 << 10, 1 << 20
+from throughput import KIB, blocks_for, size_label  # bench/ is on sys.path wherever this module is imported
+
 CONTAINS_KEYS = 1024
 CONTAINS_BLOCK_BYTES = 4 * KIB
 
@@ -40,19 +41,9 @@ class LoopShape:
         return {"working_set": self.working_set, "call_bytes": self.call_bytes, "passes": self.passes}
 
 
-def size_label(n: int) -> str:
-    return f"{n // MIB}MiB" if n >= MIB else f"{n // KIB}KiB"
-
-
 def metric(system: str, op: str, size: int | None = None) -> str:
-    """One measured number's name, e.g. 'redis-tcp get 1MiB' (GB/s) or 'redis-tcp contains' (ms per 1024 keys)."""
+    """One measured number's name, e.g. 'redis-tcp get 1 MiB' (GB/s) or 'redis-tcp contains' (ms per 1024 keys)."""
     return f"{system} {op}" if size is None else f"{system} {op} {size_label(size)}"
-
-
-def working_blocks(block_bytes: int, shape: LoopShape, seed: int) -> list[np.ndarray]:
-    from throughput import blocks_for  # bench/ is on sys.path whenever this module is imported
-
-    return blocks_for(block_bytes, shape.working_set, seed)
 
 
 RegisterFn = Callable[[Sequence[np.ndarray]], Callable[[], None]]  # registers whole buffers, returns the undo
@@ -67,7 +58,7 @@ def put_get_gbps(system: str, put: PutFn, get: GetFn, remove: Callable[[Sequence
     Sources and destinations are each one contiguous array, so a system that wants its buffers registered
     (Mooncake's zero-copy calls) registers two regions, outside the timed loops.
     """
-    blocks = working_blocks(block_bytes, shape, seed=block_bytes & 0xFFFF)
+    blocks = blocks_for(block_bytes, shape.working_set, seed=block_bytes & 0xFFFF)
     out_region = np.ones(len(blocks) * block_bytes, np.uint8)
     outs = [out_region[i * block_bytes : (i + 1) * block_bytes] for i in range(len(blocks))]
     unregister = register([blocks[0].base if blocks[0].base is not None else blocks[0], out_region]) if register else None

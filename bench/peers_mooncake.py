@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
@@ -43,12 +43,6 @@ def mooncake_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise PeerAbsent("mooncake-transfer-engine not installed (tools/peers_env.sh installs it)")
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def mooncake_version() -> str:
-    from importlib.metadata import version
-
-    return version("mooncake-transfer-engine")
 
 
 def native_files(package_dir: Path) -> list[Path]:
@@ -230,7 +224,7 @@ class MooncakeAdapter:
     def __init__(self, store) -> None:
         self.store = store
 
-    def register(self, regions) -> "callable":
+    def register(self, regions) -> Callable[[], None]:
         for region in regions:
             if self.store.register_buffer(region.ctypes.data, region.nbytes) != 0:
                 raise RuntimeError("register_buffer failed")

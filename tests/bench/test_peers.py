@@ -19,7 +19,8 @@ sys.path.insert(0, str(BENCH_DIR))
 import peers  # noqa: E402
 import peers_mooncake  # noqa: E402
 import peers_redis  # noqa: E402
-from peers_common import KIB, MIB, LoopShape, PeerAbsent  # noqa: E402
+from peers_common import LoopShape, PeerAbsent  # noqa: E402
+from throughput import KIB, MIB  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +75,7 @@ def test_redis_round_trip_through_the_adapter_is_byte_exact(tmp_path):
             adapter.remove(keys)
             assert adapter.contains(keys) == [False] * len(keys)
         values = server.measure_round(0, (64 * KIB,), LoopShape(2 * MIB, MIB, 1), contains_calls=2)
-        assert {"redis-tcp get 64KiB", "redis-unix put 64KiB", "redis-tcp contains"} <= values.keys()
+        assert {"redis-tcp get 64 KiB", "redis-unix put 64 KiB", "redis-tcp contains"} <= values.keys()
     finally:
         server.stop()
     assert server.proc.poll() is not None
@@ -89,7 +90,7 @@ def test_mooncake_round_moves_the_bytes(tmp_path, layout):
         values = peer.measure_round(0, (64 * KIB,), LoopShape(2 * MIB, MIB, 1), contains_calls=2)  # bytes are compared inside
     finally:
         peer.stop()
-    assert {f"mooncake-{layout} put 64KiB", f"mooncake-{layout} get 64KiB", f"mooncake-{layout} contains"} == values.keys()
+    assert {f"mooncake-{layout} put 64 KiB", f"mooncake-{layout} get 64 KiB", f"mooncake-{layout} contains"} == values.keys()
     assert all(v > 0 for v in values.values())
     assert all(p.poll() is not None for p in [peer.worker])
 
