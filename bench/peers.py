@@ -226,7 +226,7 @@ def print_targets(rounds: list[dict[str, float]]) -> None:
     for target in TARGETS:
         r = median_ratio(rounds, target.kvstore, target.against, target.lower_is_better)
         if r is None:
-            verdict = "n/a (not measured)"
+            verdict = "n/a (not measured; see absent below)"
         else:
             met = r <= target.ratio if target.lower_is_better else r >= target.ratio
             verdict = f"{r:6.2f}x  {'PASS' if met else 'MISS'}"
@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contains-calls", type=int, default=30, help="timed contains calls per round (median)")
     parser.add_argument("--peers", default=",".join(PEER_NAMES), help=f"comma list of {', '.join(PEER_NAMES)}")
     opts = parser.parse_args(argv)
+    unknown = set(opts.peers.split(",")) - set(PEER_NAMES) - {""}
+    if unknown:
+        parser.error(f"unknown peers {sorted(unknown)}; choose from {', '.join(PEER_NAMES)}")
     rounds = opts.rounds or (3 if opts.quick else 5)
     shape = LoopShape((opts.working_set_mib or (32 if opts.quick else 64)) * MIB, opts.call_mib * MIB, opts.passes or (3 if opts.quick else 5))
 
@@ -261,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in [p for p in opts.peers.split(",") if p]:
                 try:
                     peers[name] = start_peer(name, work_dir, shape)
-                except PeerAbsent as e:
-                    absent[name] = str(e)
+                except Exception as e:  # whatever stops a peer here makes it absent, with the reason, never the run
+                    absent[name] = str(e) if isinstance(e, PeerAbsent) else f"{type(e).__name__}: {e}"
             print(f"working set {shape.working_set >> 20} MiB per client and block size, {shape.call_bytes >> 20} MiB per call, "
                   f"{shape.passes} get passes; {rounds} rounds")
             for name, text in peer_versions(peers).items():

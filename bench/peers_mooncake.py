@@ -141,6 +141,14 @@ class MooncakePeer:
         return f"mooncake-{self.layout}"
 
     def start(self, timeout_s: float = 60) -> "MooncakePeer":
+        """Master, then (standalone) the store process, then the measuring worker; all stopped again if any fails."""
+        try:
+            return self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> "MooncakePeer":
         from tests.serverproc import free_port
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
