@@ -8,7 +8,7 @@ export UCX_TLS ?= tcp,self,sm
 export UCX_NET_DEVICES ?= lo
 export UCX_WARN_UNUSED_ENV_VARS ?= n
 
-.PHONY: serve test soak install install-test proto etcd bench clean vllm-env lmcache-env test-vllm
+.PHONY: serve test soak install install-test proto etcd bench bench-peers peers-env clean vllm-env lmcache-env test-vllm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -72,6 +72,17 @@ test-vllm: install-test vllm-env lmcache-env
 
 bench: install-test
 	$(BIN)/python bench/throughput.py
+
+# kvstore beside Redis and Mooncake Store on this host (bench/peers.py; docs/benchmarks.md). The peers are
+# benchmark dependencies only: Debian packages (root) and the `bench` extra, installed by tools/peers_env.sh.
+PEERS_ARGS ?=
+peers-env: $(VENV)/.installed-peers
+$(VENV)/.installed-peers: $(VENV)/.installed-test tools/peers_env.sh pyproject.toml
+	bash tools/peers_env.sh $(VENV)
+	touch $@
+
+bench-peers: peers-env proto
+	$(BIN)/python bench/peers.py $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-vllm .venv-lmcache kvwire/v1 $(DATA_DIR)
