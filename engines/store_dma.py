@@ -43,6 +43,9 @@ HOST_COPY = os.environ.get("KVSTORE_HOST_COPY", "auto")
 # the kernel's CTAs would share multiprocessors with it (8k prompt at 90% hit, 832 tokens computed, 1b model,
 # H200: the pass's compute took 12.2 ms beside the kernel against 10.1 ms with the prefix resident).
 KERNEL_MAX_COMPUTE_TOKENS = 64
+# The same kernel reading the store's HBM pool: device memory answers in far less time than PCIe, so more
+# CTAs keep more of its bandwidth busy (the pass beside it computes at most KERNEL_MAX_COMPUTE_TOKENS).
+HBM_GATHER_CTAS = int(os.environ.get("KVSTORE_HBM_GATHER_CTAS", "128"))
 CUDA_HOST_REGISTER_PORTABLE, CUDA_HOST_REGISTER_MAPPED = 1, 2
 CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM = 91  # cudaDevAttrCanUseHostPointerForRegisteredMem
 
@@ -126,11 +129,11 @@ class DmaWorkers:
     pool, the check starter waits for a load to land and fans its checks out, one copy stream per device.
     host_copy picks how host-pool blocks move (HOST_COPY), gather_ctas the kernel's grid."""
 
-    def __init__(self, host_copy: str | None = None, gather_ctas: int = DEFAULT_CTAS) -> None:
+    def __init__(self, host_copy: str | None = None, gather_ctas: int = DEFAULT_CTAS, hbm_gather_ctas: int = HBM_GATHER_CTAS) -> None:
         self.host_copy = host_copy or HOST_COPY
         if self.host_copy not in ("auto", "kernel", "copy_engines"):
             raise ValueError(f"host_copy {self.host_copy!r}: auto, kernel or copy_engines")
-        self.gather_ctas = gather_ctas
+        self.gather_ctas, self.hbm_gather_ctas = gather_ctas, hbm_gather_ctas
         self._lock = threading.Lock()
         self._checkers: ThreadPoolExecutor | None = None
         self._check_starter: ThreadPoolExecutor | None = None
@@ -338,8 +341,7 @@ class StreamedPrefixLoad(PrefixLoad):
             host_pages, host_offsets = [pages[i] for i in on_host], [slots[i].offset for i in on_host]
             sources.append(self._host_source(host_pages, host_offsets))
         if in_hbm:
-            plan = plan_layer_copies(self._geometry, [pages[i] for i in in_hbm], [pinned.hbm_offsets[i] for i in in_hbm])
-            sources.append(_CopySource(plan, pinned.hbm.base_ptr, True))
+            sources.append(self._hbm_source([pages[i] for i in in_hbm], [pinned.hbm_offsets[i] for i in in_hbm]))
         return sources
 
     def _layer_groups(self) -> list[tuple[int, int]]:
@@ -369,6 +371,21 @@ class StreamedPrefixLoad(PrefixLoad):
             return _GatherSource(kernel.bind(plan, table, self._cache.kv.data_ptr(), registered.device_ptr, self._stream,
                                              workers.gather_ctas), 2 * plan.num_blocks * plan.part_bytes)
         return _CopySource(plan_layer_copies(self._geometry, pages, offsets), registered.host.data_ptr(), False)
+
+    def _hbm_source(self, pages: list[int], offsets: list[int]) -> "_LayerSource":
+        """Device to device out of the store's HBM pool: the gather kernel where it builds and the pool sits on
+        the pages' GPU, chosen as for the host pool; else pitched copies on the copy engines. A layer's rows
+        are one page's K or V (16 KiB for a 1b model), and the copy engines moved those at ~90 GB/s (8k
+        prefix, H200), slower than the forward pass they feed; the kernel reads device memory at its pace."""
+        hbm, workers, kv_ptr = self._pinned.hbm, self._workers, self._cache.kv.data_ptr()
+        same_gpu = hbm.device == self._cache.device.index
+        kernel = gather_kernel() if workers.host_copy != "copy_engines" and same_gpu else None
+        plan = plan_gather(self._geometry, pages, offsets, hbm.size_bytes, hbm.base_ptr, kv_ptr) if kernel is not None else None
+        if plan is not None and choose_host_copy(workers.host_copy, True, self._compute_tokens) == "kernel":
+            table = kernel.upload(plan, self._cache.device, self._stream, workers.uploads)
+            launch = kernel.bind(plan, table, kv_ptr, hbm.base_ptr, self._stream, workers.hbm_gather_ctas)
+            return _GatherSource(launch, 2 * plan.num_blocks * plan.part_bytes, kind="d2d_kernel")
+        return _CopySource(plan_layer_copies(self._geometry, pages, offsets), hbm.base_ptr, True)
 
     def _checked_on_gpu(self) -> bool:
         geometry = self._geometry
@@ -499,10 +516,8 @@ class _CopySource(_LayerSource):
 class _GatherSource(_LayerSource):
     """csrc/paged_gather.cu reading the mapped host pool: one launch per layer group, any pool layout."""
 
-    kind = "kernel"
-
-    def __init__(self, launch: BoundGather, layer_bytes: int) -> None:
-        self.launch, self.layer_bytes = launch, layer_bytes
+    def __init__(self, launch: BoundGather, layer_bytes: int, kind: str = "kernel") -> None:
+        self.launch, self.layer_bytes, self.kind = launch, layer_bytes, kind
 
     def calls(self, groups: list[tuple[int, int]]) -> int:
         return len(groups)

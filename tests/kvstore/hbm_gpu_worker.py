@@ -100,7 +100,7 @@ def load(address: str, num_blocks: int, when: str) -> dict:
         got = cache.gather_blocks(pages[: load.num_blocks]).cpu()
         equal = load.num_blocks == num_blocks and torch.equal(got, payload(num_blocks))
         return {"outcome": "loaded", "equal": equal, "blocks": load.num_blocks, "hbm_blocks": load.stats.extra.get("hbm_blocks"),
-                "checked_on": load.stats.extra.get("checked_on")}
+                "checked_on": load.stats.extra.get("checked_on"), "host_copy": load.stats.extra.get("host_copy")}
 
 
 def main(argv: list[str]) -> None:

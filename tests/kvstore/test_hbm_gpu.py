@@ -12,6 +12,7 @@ or pages that are byte-exact, never other bytes; after a restart it loads again.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -167,10 +168,11 @@ def test_g2_hot_blocks_promote_and_a_dropped_hbm_copy_is_still_served_from_the_h
         server.stop()
 
 
-def load_in_worker(address: str, n: int) -> list[dict]:
+def load_in_worker(address: str, n: int, host_copy: str = "auto") -> list[dict]:
     """An engine process's load of the n-block prefix, the server left alone: its JSON lines."""
     proc = subprocess.Popen([sys.executable, "-m", "tests.kvstore.hbm_gpu_worker", "load", address, str(n), "before"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "KVSTORE_HOST_COPY": host_copy})
     out, err = proc.communicate("go\n", timeout=120)
     assert proc.returncode == 0, err[-2000:]
     return [json.loads(line) for line in out.strip().splitlines()]
@@ -200,7 +202,9 @@ def test_other_processes_map_the_pool_and_copy_blocks_out(hbm_server):
         assert got["digests"] == got["checksums"]  # what each process copied out is what was committed
 
 
-def test_an_engine_load_mixes_blocks_from_hbm_and_from_the_host_pool(tmp_path):
+@pytest.mark.parametrize("host_copy, moved_by", [("auto", "kernel+d2d_kernel"), ("copy_engines", "copy_engines+d2d")])
+def test_an_engine_load_mixes_blocks_from_hbm_and_from_the_host_pool(tmp_path, host_copy, moved_by):
+    """Both ways each source can move: the gather kernel reading the host pool and the HBM pool, or the copy engines."""
     from tests.serverproc import ServerProc
 
     n = 32
@@ -209,10 +213,11 @@ def test_an_engine_load_mixes_blocks_from_hbm_and_from_the_host_pool(tmp_path):
         keys = put_engine_blocks(server.address, n)
         with KVClient(server.address, worker.fingerprint(), transport="shm") as client:
             make_hot(client, keys[: n // 2], n // 2)  # the prefix's first half is hot; the second was read once
-        lines = load_in_worker(server.address, n)
+        lines = load_in_worker(server.address, n, host_copy)
         assert lines[0]["stage"] == "pinned" and lines[0]["in_hbm"] == n // 2
         result = lines[-1]
-        assert result == {**result, "outcome": "loaded", "equal": True, "blocks": n, "hbm_blocks": n // 2, "checked_on": "gpu"}
+        assert result == {**result, "outcome": "loaded", "equal": True, "blocks": n, "hbm_blocks": n // 2, "checked_on": "gpu",
+                          "host_copy": moved_by}
     finally:
         server.stop()
 
