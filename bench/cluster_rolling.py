@@ -96,7 +96,7 @@ def plot(result: RollingResult, path: Path) -> None:
     if result.baseline:
         ax.axhline(90 * result.baseline, color="C3", linestyle="--", linewidth=1, label="90% of before (target)")
     for i, (start, back) in enumerate(result.restarts):
-        ax.axvspan(start, back, color=("0.8", "0.88")[i % 2], label="node n0, n1, n2 restarting" if i == 0 else None)
+        ax.axvspan(start, back, color=("0.75", "0.85")[i % 2], alpha=0.6, label="node n0, n1, n2 restarting" if i == 0 else None)
         ax.text((start + back) / 2, 101, f"n{i} away {back - start:.1f} s", ha="center", va="bottom", fontsize=8)
     counts = ax.twinx()
     counts.bar([offset + BIN_S / 2 for offset, _, _ in result.bins], [n for _, _, n in result.bins], width=BIN_S * 0.8,
