@@ -518,6 +518,8 @@ class Bench:
             for agent in agents:
                 agent.close()
         one, three = statistics.median(alone) / 1e9, statistics.median(together) / 1e9
+        self.notes.append("aggregate get: a round's 3 x 32 MiB over the span from the first client's start to the last "
+                          "one's end (medians of rounds); ratio = that / one client reading alone (3.00x would be linear)")
         self.rows.append(Row(f"aggregate get, 3 nodes x 1 client on its host (32 x 1 MiB local to its node; {os.cpu_count()} cores)",
                              f"{three:.2f} GB/s", f"1 node, 1 client {one:.2f} GB/s", f"{three / one:.2f}x"))
 

@@ -166,6 +166,10 @@ class Deployment:
                 child.wait_ready(deadline)
         return self
 
+    def describe(self) -> list[str]:
+        """What an operator needs beyond the router's URL, printed once everything is up."""
+        return []
+
     def watch(self, poll_s: float = 0.5) -> str:
         """Block until a child dies and return its name; a signal interrupts the wait."""
         while True:
@@ -218,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         deployment.start(args.start_timeout_s)
+        for line in deployment.describe():
+            print(line, flush=True)
         print(f"router: {deployment.router_url}", flush=True)
         print(f"try: curl -s {deployment.router_url}/v1/completions -H 'Content-Type: application/json' "
               f"-d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)

@@ -145,6 +145,14 @@ class ClusterDeployment(Deployment):
         }))
         return node
 
+    def describe(self) -> list[str]:
+        lines = [f"etcd: {self.etcd_endpoint}"]
+        lines += [f"node {n.name}: {n.address} host_id={n.host_id} metrics={n.metrics_url} config={n.directory / 'kvstore.toml'}"
+                  for n in self.members]
+        lines.append(f"tokens (tenant {TENANT!r}, admin): {self.members[0].directory / 'tokens.toml'}; e.g. "
+                     f"kvstore-admin --server {self.members[0].address} --token <admin token> cluster")
+        return lines
+
     # ---- readiness and the one operation -------------------------------------------------------
 
     def member_ready(self, node: Node) -> Callable[[], bool]:
