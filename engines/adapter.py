@@ -32,7 +32,7 @@ from engines.paged_cache import KV_LAYOUT, PagedKVCache
 from engines.store_dma import (COPY_GROUP_BYTES, DmaWorkers, PrefixLoad, RegisteredPool, StreamedPrefixLoad, copy_from_pool,
                                plan_copies)
 from kvclient.client import KVClient
-from kvclient.errors import BlockNotFoundError, KVStoreError, UnavailableError
+from kvclient.errors import BlockNotFoundError, ChecksumMismatchError, TimeoutError_, TransferError, UnavailableError
 from kvwire.keys import BlockKey, Fingerprint, block_keys
 from kvwire.types import BlockState, LeaseOutcome, PutOutcome
 
@@ -40,6 +40,9 @@ __all__ = ["StoreAdapter", "ClaimPlan", "PrefixLoad", "StreamedPrefixLoad", "Inc
            "leading_present", "loadable_blocks", "plan_copies", "COPY_GROUP_BYTES"]
 
 log = logging.getLogger(__name__)
+
+# What a client that lost its server (down, restarted, hung) raises; the store's own answers are other types.
+BROKEN_CLIENT_ERRORS = (UnavailableError, TimeoutError_, TransferError, ChecksumMismatchError)
 
 
 class IncompatibleFingerprintError(ValueError):
@@ -132,10 +135,11 @@ class StoreAdapter:
         concurrent requests of one worker must not share a client, or both would be granted
         the same lease and both would compute the block.
 
-        A client that a store error escapes from is closed, not pooled again: after a store
-        restart its shared-memory mapping is the old server's pool (its reads fail their
-        checksums, its writes fail the server's), so the next request connects anew. Raises
-        UnavailableError while the store cannot be reached; callers then compute without it.
+        A client that a connection or integrity error escapes from is closed, not pooled again:
+        after a store restart its shared-memory mapping is the old server's pool (its reads fail
+        their checksums, its writes fail the server's), so the next request connects anew. Errors
+        the store answered with (a miss, a lease) leave the client pooled. Raises UnavailableError
+        while the store cannot be reached; callers then compute without it.
         """
         with self._lock:
             client = self._idle.pop() if self._idle else None
@@ -143,7 +147,7 @@ class StoreAdapter:
             client = self._connect()
         try:
             yield client
-        except KVStoreError:
+        except BROKEN_CLIENT_ERRORS:
             self._discard(client)
             raise
         except BaseException:
