@@ -20,6 +20,12 @@ output says so. Every row is a median over rounds that interleave the thing and 
 - dead node: node C SIGKILLed; time until neither A's nor B's Admin.Cluster lists it (target: lease TTL + 1 s).
 - local hits: Lookup and Pin p50 and shm get GB/s of blocks the node holds, cluster mode on vs off; and
   what a small put pays for being announced to its directory homes before it returns.
+- aggregate get: three clients, one on each node's host (agent processes), each reading blocks its own node
+  holds, all at once; anchor: one of them alone. The scaling ratio is their joint GB/s over the lone one's.
+- rolling restart under engine load (bench/cluster_rolling.py, skipped with --no-rolling): the deployment
+  `python -m engines.deploy --nodes 3` makes, each store restarted in turn while three clients send
+  completions through the router: failed completions, and how soon the cross-node remote-hit ratio is
+  back to 90% of what it was before; its curve is saved as bench/out/cluster_rolling_restart.png.
 
 Process layout: the clients "on a node's host" live in this process (their KVSTORE_HOST_ID is the
 node's, so they map its pool and use its local socket, which namespaces do not separate); the UCX
@@ -85,12 +91,20 @@ class AgentOps:
         self.client = KVClient(address, make_fingerprint(), token=token, transport="ucx")
         return {"transport": self.client.stats()["client"]["transport"]}
 
+    def local_client(self, address: str, token: str) -> dict:
+        """A client on the node's host (the agent's KVSTORE_HOST_ID is the node's): shm and the local socket."""
+        from kvclient import KVClient
+
+        self.client = KVClient(address, make_fingerprint(), token=token)
+        return {"transport": self.client.stats()["client"]["transport"]}
+
     def get(self, start: int, count: int, block: int) -> dict:
         outs = self.outs.setdefault((count, block), [np.empty(block, np.uint8) for _ in range(count)])
         keys = block_keys(self.client, start, count)
+        began = time.monotonic()  # one clock for every process: spans of concurrent agents can be joined
         t0 = time.perf_counter()
         self.client.get(keys, out=outs)
-        return {"s": time.perf_counter() - t0, "digest": digest(outs)}
+        return {"s": time.perf_counter() - t0, "digest": digest(outs), "began": began, "ended": time.monotonic()}
 
     def tcp_listen(self, host: str) -> dict:
         """Serve one connection: each 8-byte request n is answered with n bytes, sent a block at a time."""
@@ -154,8 +168,14 @@ class Agent:
                                      env={**os.environ, **env})
 
     def __call__(self, op: str, **args) -> dict:
+        self.send(op, **args)
+        return self.answer(op)
+
+    def send(self, op: str, **args) -> None:
         self.proc.stdin.write(json.dumps({"op": op, "args": args}) + "\n")
         self.proc.stdin.flush()
+
+    def answer(self, op: str) -> dict:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"agent {self.name} exited (log: {self.log.name})")
@@ -294,7 +314,10 @@ class Bench:
             self.remote_lookup()
             self.visibility()
             self.local_hits(base)
+            self.aggregate_get(base)
             self.dead_node()
+        if not self.args.no_rolling:
+            self.rolling_restart()
 
     # ---- measurements --------------------------------------------------------------------------
 
@@ -462,6 +485,63 @@ class Bench:
                              f"cluster off {ms(med[('off', 'put')])}", f"+{extra * 1000:.2f} ms",
                              verdict(extra <= 0.002, "announce <= +2 ms, design T7")))
 
+    def aggregate_get(self, base: Path) -> None:
+        """Aggregate get throughput of three nodes, each read by a client on its host (an agent process: no shared
+        GIL) reading 32 x 1 MiB its own node holds, all at once; anchor: one of them reading alone, in the same
+        rounds. Scaling = (3 clients' bytes / span from the first start to the last end) / (1 client's bytes /
+        its time). On a box with fewer cores than the 3 clients and 3 servers need, it measures the box."""
+        from tests.clusterproc import TENANT_TOKENS
+
+        n, size, rounds = 32, MiB, 5 if self.quick else 15
+        agents, starts = [], []
+        for i in range(3):
+            agent = Agent(f"local-{i}", [], {"KVSTORE_HOST_ID": self.cluster.host_id(i)}, base)
+            agents.append(agent)
+            transport = agent("local_client", address=self.cluster.nodes[i].address, token=TENANT_TOKENS["alpha"])["transport"]
+            if transport != "shm":
+                raise RuntimeError(f"the client on node {i}'s host got {transport}, not shm")
+            with client_on(self.cluster.host_id(i), self.cluster.nodes[i].address) as writer:
+                start = self.chain(n)
+                writer.put(block_keys(writer, start, n), payload(n, size, seed=300 + i))
+                starts.append(start)
+        try:
+            alone, together = [], []
+            for r in range(rounds + 1):  # round 0 warms every path and is not counted
+                solo = agents[r % 3]("get", start=starts[r % 3], count=n, block=size)
+                for i, agent in enumerate(agents):
+                    agent.send("get", start=starts[i], count=n, block=size)
+                spans = [agent.answer("get") for agent in agents]
+                if r:
+                    alone.append(n * size / solo["s"])
+                    together.append(3 * n * size / (max(a["ended"] for a in spans) - min(a["began"] for a in spans)))
+        finally:
+            for agent in agents:
+                agent.close()
+        one, three = statistics.median(alone) / 1e9, statistics.median(together) / 1e9
+        self.notes.append("aggregate get: a round's 3 x 32 MiB over the span from the first client's start to the last "
+                          "one's end (medians of rounds); ratio = that / one client reading alone (3.00x would be linear)")
+        self.rows.append(Row(f"aggregate get, 3 nodes x 1 client on its host (32 x 1 MiB local to its node; {os.cpu_count()} cores)",
+                             f"{three:.2f} GB/s", f"1 node, 1 client {one:.2f} GB/s", f"{three / one:.2f}x"))
+
+    def rolling_restart(self) -> None:
+        """engines.deploy --nodes 3 under engine load, each store restarted in turn (bench/cluster_rolling.py)."""
+        from bench.cluster_rolling import plot, run
+
+        result = run(self.quick)
+        path = ROOT / "bench" / "out" / "cluster_rolling_restart.png"
+        plot(result, path)
+        self.notes.append(f"rolling restart curve: {path}")
+        pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+        self.rows += [
+            Row("rolling restart, 3 nodes under engine load (3 clients, loopback): completions failed",
+                f"{result.failed} of {result.completions}", "", "", verdict(result.failed == 0, "0 failed")),
+            Row("  remote-hit ratio (cross-node P/D, decode's fetched share): after the last restart",
+                "-" if result.recovered_s is None else f"back in {result.recovered_s:.0f} s",
+                f"before {pct(result.baseline)}; lowest during {pct(result.lowest)}", "",
+                verdict(result.recovered_s is not None and result.recovered_s <= 30, ">= 90% of before within 30 s")),
+            Row("  a node away (SIGTERM until every node sees it back): worst of 3", f"{max(result.away_s):.1f} s"),
+        ]
+
     def dead_node(self) -> None:
         """SIGKILL node C; how long until no survivor's view (Admin.Cluster, each node's local answer) lists it."""
         kills = 1 if self.quick else 3
@@ -498,6 +578,8 @@ class Bench:
         widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
         for row in table:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        for note in self.notes:
+            print(note)
         misses = [r.name.strip() for r in self.rows if r.verdict.startswith("MISS")]
         print(f"targets: {sum(r.verdict.startswith('PASS') for r in self.rows)} PASS, {len(misses)} MISS")
 
@@ -510,6 +592,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer rounds: under 2 minutes")
     ap.add_argument("--loopback", action="store_true", help="loopback nodes even where namespaces could be made")
     ap.add_argument("--ttl", type=float, default=5.0, help="the nodes' cluster_lease_ttl_s (the server's default: 5)")
+    ap.add_argument("--no-rolling", action="store_true", help="skip the rolling restart under engine load (about a minute)")
     bench = Bench(ap.parse_args())
     started = time.monotonic()
     bench.run()

@@ -30,4 +30,5 @@ completions.py     the OpenAI /v1/completions subset
 routing_policy.py  cache locality and load, scored
 router.py          the HTTP front end: choice, retries, streaming
 deploy.py          one command for a local store + prefill + decode + router
+deploy_cluster.py  the same with --nodes N: etcd, N cluster nodes, a prefill and a decode worker per node
 """

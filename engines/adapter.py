@@ -18,6 +18,7 @@ through the same calls; docs/engine-adapter.md states the contract.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from contextlib import contextmanager
@@ -31,12 +32,17 @@ from engines.paged_cache import KV_LAYOUT, PagedKVCache
 from engines.store_dma import (COPY_GROUP_BYTES, DmaWorkers, PrefixLoad, RegisteredPool, StreamedPrefixLoad, copy_from_pool,
                                plan_copies)
 from kvclient.client import KVClient
-from kvclient.errors import BlockNotFoundError
+from kvclient.errors import BlockNotFoundError, ChecksumMismatchError, TimeoutError_, TransferError, UnavailableError
 from kvwire.keys import BlockKey, Fingerprint, block_keys
 from kvwire.types import BlockState, LeaseOutcome, PutOutcome
 
 __all__ = ["StoreAdapter", "ClaimPlan", "PrefixLoad", "StreamedPrefixLoad", "IncompatibleFingerprintError", "check_compatible",
            "leading_present", "loadable_blocks", "plan_copies", "COPY_GROUP_BYTES"]
+
+log = logging.getLogger(__name__)
+
+# What a client that lost its server (down, restarted, hung) raises; the store's own answers are other types.
+BROKEN_CLIENT_ERRORS = (UnavailableError, TimeoutError_, TransferError, ChecksumMismatchError)
 
 
 class IncompatibleFingerprintError(ValueError):
@@ -127,19 +133,59 @@ class StoreAdapter:
     def session(self) -> Iterator[KVClient]:
         """A client for one request. The store tells lease owners apart by client id, so two
         concurrent requests of one worker must not share a client, or both would be granted
-        the same lease and both would compute the block."""
+        the same lease and both would compute the block.
+
+        A client that a connection or integrity error escapes from is closed, not pooled again:
+        after a store restart its shared-memory mapping is the old server's pool (its reads fail
+        their checksums, its writes fail the server's), so the next request connects anew. Errors
+        the store answered with (a miss, a lease) leave the client pooled. Raises UnavailableError
+        while the store cannot be reached; callers then compute without it.
+        """
         with self._lock:
             client = self._idle.pop() if self._idle else None
         if client is None:
-            client = KVClient(self.address, **self._client_args)
-            self._register_pool(client)
-            with self._lock:
-                self._all.append(client)
+            client = self._connect()
         try:
             yield client
-        finally:
-            with self._lock:
-                self._idle.append(client)
+        except BROKEN_CLIENT_ERRORS:
+            self._discard(client)
+            raise
+        except BaseException:
+            self._give_back(client)
+            raise
+        self._give_back(client)
+
+    def _connect(self) -> KVClient:
+        client = KVClient(self.address, **self._client_args)
+        # A client made while the store was down could not learn its data plane and would stay on gRPC for life.
+        unreachable = [f for f in client.transport_choice.fallbacks if f.startswith("dataplane:")]
+        if unreachable:
+            client.close()
+            raise UnavailableError(f"store {self.address} did not answer: {unreachable[0]}")
+        self._register_pool(client)
+        with self._lock:
+            self._all.append(client)
+        return client
+
+    def _give_back(self, client: KVClient) -> None:
+        with self._lock:
+            self._idle.append(client)
+
+    def _discard(self, client: KVClient) -> None:
+        with self._lock:
+            if client in self._all:
+                self._all.remove(client)
+            registered = self._registered.pop(id(client), None)
+        if registered is not None:
+            registered.close()
+        try:
+            client.close()
+        except Exception as err:  # closing a connection to a dead store may fail; nothing is lost
+            log.debug("closing a failed store client: %r", err)
+
+    def no_load(self) -> PrefixLoad:
+        """An empty prefix load: what a request computes from when the store cannot be reached."""
+        return PrefixLoad(torch.empty((0, *self.block_shape), dtype=self.dtype, device=self.device))
 
     def close(self) -> None:
         with self._lock:

@@ -27,6 +27,7 @@ from engines.http_server import HTTPError
 from engines.protocol import DecodeEvent, DecodeRequest, WorkerHealth
 from engines.worker_common import Counters, InFlight, Route
 from engines.worker_engine import WorkerEngine, run_worker
+from kvclient.errors import KVStoreError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ class DecodeWorker:
     def __init__(self, engine: WorkerEngine) -> None:
         self.engine = engine
         self.in_flight = InFlight()
-        self.counters = Counters("requests_total", "computed_tokens_total", "fetched_tokens_total", "generated_tokens_total")
+        self.counters = Counters("requests_total", "computed_tokens_total", "fetched_tokens_total", "generated_tokens_total",
+                                 "store_failures_total")
 
     def routes(self) -> dict[str, Route]:
         return {"/decode": Route(DecodeRequest, self.decode)}
@@ -47,10 +49,15 @@ class DecodeWorker:
             raise HTTPError(400, f"first_token {req.first_token} outside vocabulary")
         adapter = self.engine.adapter
         keys = adapter.block_keys(prompt)
-        with adapter.session() as client:
-            num_present = adapter.available_prefix(client, keys, self.engine.wait_timeout_s)
-            # Pinned (GPU) or fetched (host) now; it lands in pages once the stream starts.
-            load = adapter.prepare_load(client, keys[:num_present])
+        try:
+            with adapter.session() as client:
+                num_present = adapter.available_prefix(client, keys, self.engine.wait_timeout_s)
+                # Pinned (GPU) or fetched (host) now; it lands in pages once the stream starts.
+                load = adapter.prepare_load(client, keys[:num_present])
+        except KVStoreError as err:  # the store is a cache: down or restarting, the prompt is computed instead
+            log.warning("store unreachable for decode %s; computing the prompt: %s", req.request_id, err)
+            self.counters.add(store_failures_total=1)
+            load = adapter.no_load()
         return self._generate(req, prompt, load)
 
     def _generate(self, req: DecodeRequest, prompt: list[int], load: PrefixLoad) -> Iterator[DecodeEvent]:

@@ -1,6 +1,7 @@
 """One command for a small local deployment: a kvstore server, one prefill worker, one decode worker, one router.
 
     python -m engines.deploy --checkpoint ./ckpt --make-random-checkpoint tiny
+    python -m engines.deploy --nodes 3 --checkpoint ./ckpt --make-random-checkpoint tiny   # a cluster (deploy_cluster.py)
 
 Each part is its own process, started with the same command a real deployment
 would use (printed as it starts), so this module owns only their order, their
@@ -8,11 +9,13 @@ ports and their shutdown: it prints the router's URL once every part answers
 its health check, and on Ctrl-C or SIGTERM stops them in reverse order. If any
 part dies, the rest are stopped and the command exits non-zero: a half
 deployment that answers health checks but cannot serve is worse than none.
-It refuses to be a cluster manager: one host, no restarts.
+It refuses to be a cluster manager: one host, and no restarts but the one a
+caller asks for (ClusterDeployment.restart_store).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import socket
@@ -52,12 +55,15 @@ class Child:
     args: list[str]
     ready: Callable[[], bool]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # over this process's environment
     proc: subprocess.Popen | None = None
 
     def launch(self) -> "Child":
-        print(f"starting {self.name}: {shlex.join(self.args)}  (log: {self.log_path})", flush=True)
+        shown = " ".join(f"{k}={v}" for k, v in self.env.items() if "TOKEN" not in k)  # tokens stay out of logs
+        print(f"starting {self.name}: {shown + ' ' if shown else ''}{shlex.join(self.args)}  (log: {self.log_path})", flush=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **self.env} if self.env else None,
                                          start_new_session=True, preexec_fn=_die_with_parent)
         return self
 
@@ -93,14 +99,14 @@ class Child:
         return self.proc.returncode
 
 
-def _http_ready(url: str) -> Callable[[], bool]:
+def http_ready(url: str) -> Callable[[], bool]:
     def check() -> bool:
         with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
             return response.status == 200
     return check
 
 
-def _grpc_ready(address: str) -> Callable[[], bool]:
+def grpc_ready(address: str) -> Callable[[], bool]:
     def check() -> bool:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -128,37 +134,41 @@ class Deployment:
     def router_url(self) -> str:
         return f"http://{self.host}:{self.router_port}"
 
-    def plan(self) -> list[Child]:
+    def stages(self) -> list[list[Child]]:
+        """Started in order, each stage at once: the store, then both workers (model loading dominates), then the router."""
         py, logs = sys.executable, self.work_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         store = f"{self.host}:{free_port()}"
         prefill, decode = f"http://{self.host}:{free_port()}", f"http://{self.host}:{free_port()}"
-
-        def worker(role: str, url: str) -> Child:
-            args = [py, "-m", f"engines.{role}", "--store", store, "--checkpoint", str(self.checkpoint),
-                    "--host", self.host, "--port", url.rsplit(":", 1)[1], *self.worker_args]
-            return Child(role, args, _http_ready(url), logs / f"{role}.log")
-
         return [
-            Child("store", [py, "-m", "kvstore.cli", "serve", "--listen", store, "--data-dir", str(self.work_dir / "store"),
-                            "--host-memory", self.host_memory, "--insecure-no-auth"],
-                  _grpc_ready(store), logs / "store.log"),
-            worker("prefill", prefill),
-            worker("decode", decode),
-            Child("router", [py, "-m", "engines.router", "--host", self.host, "--port", str(self.router_port),
-                             "--prefill", prefill, "--decode", decode],
-                  _http_ready(self.router_url), logs / "router.log"),
+            [Child("store", [py, "-m", "kvstore.cli", "serve", "--listen", store, "--data-dir", str(self.work_dir / "store"),
+                             "--host-memory", self.host_memory, "--insecure-no-auth"],
+                   grpc_ready(store), logs / "store.log")],
+            [self.worker("prefill", "prefill", store, prefill), self.worker("decode", "decode", store, decode)],
+            [self.router([prefill], [decode])],
         ]
 
+    def worker(self, name: str, role: str, store: str, url: str, env: dict[str, str] | None = None) -> Child:
+        args = [sys.executable, "-m", f"engines.{role}", "--store", store, "--checkpoint", str(self.checkpoint),
+                "--host", self.host, "--port", url.rsplit(":", 1)[1], *self.worker_args]
+        return Child(name, args, http_ready(url), self.work_dir / "logs" / f"{name}.log", env or {})
+
+    def router(self, prefill: list[str], decode: list[str]) -> Child:
+        return Child("router", [sys.executable, "-m", "engines.router", "--host", self.host, "--port", str(self.router_port),
+                                "--prefill", ",".join(prefill), "--decode", ",".join(decode)],
+                     http_ready(self.router_url), self.work_dir / "logs" / "router.log")
+
     def start(self, timeout_s: float = 120) -> "Deployment":
-        """Store first, then both workers at once (model loading dominates), then the router."""
-        store, prefill, decode, router = self.plan()
         deadline = time.monotonic() + timeout_s
-        for stage in ([store], [prefill, decode], [router]):
+        for stage in self.stages():
             self.children.extend(child.launch() for child in stage)
             for child in stage:
                 child.wait_ready(deadline)
         return self
+
+    def describe(self) -> list[str]:
+        """What an operator needs beyond the router's URL, printed once everything is up."""
+        return []
 
     def watch(self, poll_s: float = 0.5) -> str:
         """Block until a child dies and return its name; a signal interrupts the wait."""
@@ -185,15 +195,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-memory", default="1GiB", help="kvstore host tier size")
     parser.add_argument("--worker-args", default="", help="extra flags for both workers, e.g. '--dtype float32'")
     parser.add_argument("--start-timeout-s", type=float, default=300)
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="kvstore nodes; more than 1 starts etcd and a cluster, with a prefill and a decode worker per node")
     args = parser.parse_args(argv)
+    if args.nodes < 1:
+        parser.error("--nodes must be at least 1")
 
     if args.make_random_checkpoint:
         ensure_random_checkpoint(args.checkpoint, args.make_random_checkpoint)
     if not (args.checkpoint / "config.json").exists():
         parser.error(f"{args.checkpoint} has no config.json (pass --make-random-checkpoint tiny to create one)")
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="kvstore-deploy-"))
-    deployment = Deployment(args.checkpoint.resolve(), work_dir, args.host, args.port, args.host_memory,
-                            shlex.split(args.worker_args))
+    kind, extra = Deployment, {}
+    if args.nodes > 1:
+        from engines.deploy_cluster import ClusterDeployment
+
+        kind, extra = ClusterDeployment, {"nodes": args.nodes}
+    deployment = kind(args.checkpoint.resolve(), work_dir, args.host, args.port, args.host_memory,
+                      shlex.split(args.worker_args), **extra)
 
     def on_signal(signum: int, _frame) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -203,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         deployment.start(args.start_timeout_s)
+        for line in deployment.describe():
+            print(line, flush=True)
         print(f"router: {deployment.router_url}", flush=True)
         print(f"try: curl -s {deployment.router_url}/v1/completions -H 'Content-Type: application/json' "
               f"-d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)

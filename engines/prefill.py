@@ -14,19 +14,23 @@ Endpoints (engines/protocol.py): POST /prefill, POST /match, GET /health.
 from __future__ import annotations
 
 import argparse
+import logging
 import threading
 from collections import OrderedDict
 from typing import Sequence
 
 import torch
 
-from engines.adapter import loadable_blocks
+from engines.adapter import ClaimPlan, PrefixLoad, loadable_blocks
 from engines.generate import sample_next
 from engines.protocol import MatchRequest, MatchResponse, PrefillRequest, PrefillResponse, WorkerHealth
 from engines.worker_common import Counters, InFlight, Route
 from engines.worker_engine import WorkerEngine, run_worker
+from kvclient.errors import KVStoreError
 from kvwire.keys import BlockKey
 from kvwire.types import BlockState, KeyStatus, PutOutcome, Tier
+
+log = logging.getLogger(__name__)
 
 
 class RecentBlocks:
@@ -76,7 +80,7 @@ class PrefillWorker:
         self.recent = RecentBlocks(recent_blocks)
         self.in_flight = InFlight()
         self.counters = Counters("requests_total", "computed_tokens_total", "cached_tokens_total",
-                                 "published_blocks_total", "waited_requests_total")
+                                 "published_blocks_total", "waited_requests_total", "store_failures_total")
 
     def routes(self) -> dict[str, Route]:
         return {"/prefill": Route(PrefillRequest, self.prefill), "/match": Route(MatchRequest, self.match)}
@@ -85,15 +89,20 @@ class PrefillWorker:
         """The warm prefix here, and the store's leading run by tier: the router's locality score.
 
         One Lookup on this worker's store node; in cluster mode that node asks the cluster directory
-        for what it lacks, so a prefix another node holds comes back REMOTE.
+        for what it lacks, so a prefix another node holds comes back REMOTE. A store that cannot be
+        reached has nothing to offer: its run is 0, and the worker still serves (by computing).
         """
         adapter = self.engine.adapter
         keys = adapter.block_keys(self.engine.check_prompt(req.prompt_ids))
         local = remote = 0
         if keys:
-            with adapter.session() as client:
-                statuses, _ = client.status(keys)
-            local, remote = store_run(statuses)
+            try:
+                with adapter.session() as client:
+                    statuses, _ = client.status(keys)
+                local, remote = store_run(statuses)
+            except KVStoreError as err:
+                log.warning("store unreachable for /match: %s", err)
+                self.counters.add(store_failures_total=1)
         return MatchResponse(matched_blocks=self.recent.leading(keys), total_blocks=len(keys),
                              local_blocks=local, remote_blocks=remote)
 
@@ -107,22 +116,32 @@ class PrefillWorker:
 
     @torch.inference_mode()
     def _prefill(self, request_id: str, prompt: list[int]) -> PrefillResponse:
+        """Claim, load, compute, publish. The store is a cache: while it cannot be reached (down, restarting)
+        the prompt is computed whole and nothing is published, so the request is served all the same."""
         engine, adapter = self.engine, self.engine.adapter
         keys = adapter.block_keys(prompt)
-        with adapter.session() as client:
-            plan = adapter.claim(client, keys, engine.wait_timeout_s)
-            owned_keys = [keys[i] for i in plan.owned]
-            try:
-                num_load = loadable_blocks(plan.num_present, len(prompt), engine.block_tokens)
-                # Renewed while we compute, so a prompt slower than the lease TTL is still computed once.
-                with client.keep_leases(owned_keys, adapter.lease_ttl_s):
-                    with adapter.prepare_load(client, keys[:num_load]) as load:
-                        with engine.pages(len(prompt)) as (_, table), engine.lock:
-                            logits, start = engine.forward_after_prefix(prompt, table, load)
-                            publish = engine.cache.gather_blocks([table[i] for i in plan.owned])
-                    outcomes = adapter.upload(client, owned_keys, publish)
-            finally:
-                client.release(owned_keys)  # whatever was not uploaded, so waiters take over at once
+        plan, computed, outcomes = ClaimPlan(0, ()), None, []
+        try:
+            with adapter.session() as client:
+                plan = adapter.claim(client, keys, engine.wait_timeout_s)
+                owned_keys = [keys[i] for i in plan.owned]
+                try:
+                    num_load = loadable_blocks(plan.num_present, len(prompt), engine.block_tokens)
+                    # Renewed while we compute, so a prompt slower than the lease TTL is still computed once.
+                    with client.keep_leases(owned_keys, adapter.lease_ttl_s):
+                        with adapter.prepare_load(client, keys[:num_load]) as load:
+                            computed, publish = self._compute(prompt, load, plan.owned)
+                        outcomes = adapter.upload(client, owned_keys, publish)
+                finally:
+                    client.release(owned_keys)  # whatever was not uploaded, so waiters take over at once
+        except KVStoreError as err:
+            log.warning("store unreachable during prefill %s; %s: %s", request_id,
+                        "not published" if computed else "computing it whole", err)
+            self.counters.add(store_failures_total=1)
+            if computed is None:
+                plan = ClaimPlan(0, ())
+                computed, _ = self._compute(prompt, adapter.no_load(), ())
+        logits, start = computed
         stored = sum(o in (PutOutcome.STORED, PutOutcome.ALREADY_PRESENT) for o in outcomes)
         self.recent.add(keys)
         self.counters.add(requests_total=1, computed_tokens_total=len(prompt) - start, cached_tokens_total=start,
@@ -135,6 +154,14 @@ class PrefillWorker:
             first_token=int(sample_next(logits)[0]),
             num_published_blocks=plan.num_present + stored,
         )
+
+    def _compute(self, prompt: list[int], load: PrefixLoad, owned: Sequence[int]) -> tuple[tuple[torch.Tensor, int], torch.Tensor]:
+        """(last logits, tokens loaded) and the owned blocks' payload to publish."""
+        engine = self.engine
+        with engine.pages(len(prompt)) as (_, table), engine.lock:
+            logits, start = engine.forward_after_prefix(prompt, table, load)
+            publish = engine.cache.gather_blocks([table[i] for i in owned])
+        return (logits, start), publish
 
     def health(self) -> WorkerHealth:
         return self.engine.health("prefill", self.in_flight, self.counters)

@@ -79,12 +79,14 @@ class Trace:
     decode_url: str | None = None
     started: float = field(default_factory=time.monotonic)
     first_token_s: float | None = None
+    fetched_tokens: int = 0  # prompt tokens the decode worker loaded from kvstore rather than computing
 
     def fields(self, outcome: str, result: CompletionResult) -> dict:
         return {
             "request_id": self.request_id, "outcome": outcome,
             "prefill": self.prefill_url, "decode": self.decode_url,
             "prompt_tokens": len(result.request.prompt_ids), "cached_tokens": result.cached_tokens,
+            "fetched_tokens": self.fetched_tokens,
             "completion_tokens": len(result.token_ids),
             "ttft_ms": None if self.first_token_s is None else round(1000 * self.first_token_s, 1),
             "total_ms": round(1000 * (time.monotonic() - self.started), 1),
@@ -244,6 +246,7 @@ class Router:
                     result.text += delta
                     emit(delta, result)
                 if event.done:
+                    trace.fetched_tokens = event.num_fetched_tokens
                     tail = text.finish()
                     result.text += tail
                     if tail:

@@ -12,6 +12,7 @@ from engines.generate import generate_greedy
 from kvwire.keys import block_keys
 from kvclient.client import SlotRef
 from tests.engines.tiny import TINY_CONFIG, make_cache
+from tests.serverproc import free_port
 
 BLOCK = 16
 
@@ -145,3 +146,26 @@ def test_prefix_load_takes_the_cached_run_and_leaves_the_last_block_to_compute(a
             assert load.num_blocks == 3  # all four cached, but the last token's block is computed
         with adapter.prepare_prefix_load(client, keys, len(ids) + 1) as load:
             assert load.num_blocks == 4
+
+
+def test_a_client_a_store_error_escapes_from_is_closed_not_pooled_again(adapter, tiny_model):
+    """After a store restart a pooled client still maps the old server's pool: one error, and it is replaced."""
+    from kvclient.errors import BlockNotFoundError, ChecksumMismatchError, UnavailableError
+
+    with adapter.session() as client:
+        kept = client
+    with pytest.raises(ValueError), adapter.session() as client:
+        assert client is kept  # pooled
+        raise ValueError("not the store's fault")
+    with pytest.raises(BlockNotFoundError), adapter.session() as client:
+        assert client is kept  # still pooled after an error of the caller's own
+        client.get(adapter.block_keys(list(range(BLOCK))))
+    with pytest.raises(ChecksumMismatchError), adapter.session() as client:
+        assert client is kept  # a miss is the store's answer: still pooled
+        raise ChecksumMismatchError("what a read through the old server's pool raises after a restart")
+    with adapter.session() as client:
+        assert client is not kept
+    with pytest.raises(UnavailableError, match="did not answer"):  # a store that cannot be reached lends no client
+        with StoreAdapter(f"127.0.0.1:{free_port()}", adapter.fingerprint, adapter.block_shape, adapter.dtype).session():
+            pass
+    assert adapter.no_load().num_blocks == 0
