@@ -34,11 +34,13 @@ from kvstore.cluster.membership import Membership, MemberSpec
 from kvstore.cluster.peer_service import PEER_CLIENT_PREFIX, PeerServicer, cluster_status
 from kvstore.cluster.peers import Peers
 from kvstore.cluster.remote_tier import RemoteTier
+from kvstore.cluster.replicator import Replicator
 from kvstore.cluster.tombstones import Tombstone, Tombstones
 from kvstore.cluster.ucx_fetch import UcxFetcher
 from kvstore.cluster.view import ClusterView
 from kvstore.config import ServerConfig
 from kvstore.counters import Event
+from kvstore.index import Origin
 from kvstore.operations import DeleteReport, Operations, Selector
 
 if TYPE_CHECKING:
@@ -90,9 +92,22 @@ class ClusterNode:
         ucx = UcxFetcher(self.peers) if cfg.ucx and UcxFetcher.available() else None
         self.remote = RemoteTier(self.name, store, self.identity, self.peers, self.shard, self.counters,
                                  cfg.remote_fetch_deadline_ms / 1000, ucx)
+        self.replicator = Replicator(self.name, store, self.peers, self.remote, self.identity, self.announcer.flush, self.counters,
+                                     cfg.cluster_copy_rate_mb_s * 1e6)
         self._deleting = threading.Lock()
         self.servicer = PeerServicer(self.name, self, auth, self.shard, store, self.peers, self.counters, self.status)
+        self.servicer.replicator = self.replicator
         self.servicer.add_to(grpc_server)
+
+    # ---- the copy primitive ------------------------------------------------------------------------
+
+    def request_copies(self, target_node: str, storage_keys: list[bytes], source_node: str | None = None,
+                       origin: Origin = Origin.REPLICA, capped: bool = True) -> int:
+        """Have target_node take copies of these blocks from source_node (default: this node), over its remote-tier
+        read path (checked before visible, then announced as held); how many of them it holds afterwards. Blocking;
+        paced by this node's copy rate cap (or the source's) when capped; never raises for a peer's failure.
+        origin tells the target's eviction what they are (replicator.py)."""
+        return self.replicator.request_copies(target_node, storage_keys, source_node, origin, capped)
 
     # ---- what the other parts read (the servicer's MembershipView too) ---------------------------
 
