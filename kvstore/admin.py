@@ -151,9 +151,13 @@ def render_cluster(d: dict) -> str:
     """Every node's view of the cluster: one row a node, its members, then each node's peers (breakers, bytes)."""
     nodes = d["nodes"]
     rows = [(n["node"], n["incarnation"], n["state"], "yes" if n["fenced"] else "no", n["view_revision"], n["directory_entries"],
-             n["directory_holders"], n["counters"].get("remote_fetch_blocks", 0), n["counters"].get("peer_served_blocks", 0))
+             n["directory_holders"], n["counters"].get("remote_fetch_blocks", 0), n["counters"].get("peer_served_blocks", 0),
+             f"{human_bytes(n.get('free_bytes', 0))} of {human_bytes(n.get('capacity_bytes', 0))}",
+             f"{n.get('replication_lag_p50_ms', 0):.1f} / {n.get('replication_lag_p99_ms', 0):.1f} ms", n.get("replication_pending", 0),
+             f"{n['counters'].get('cluster_copies_sent', 0)} / {n['counters'].get('cluster_copies_taken', 0)}")
             for n in nodes]
-    parts = [table(("NODE", "INCARNATION", "STATE", "FENCED", "VIEW REV", "DIR ENTRIES", "DIR HOLDERS", "FETCHED", "SERVED"), rows)]
+    parts = [table(("NODE", "INCARNATION", "STATE", "FENCED", "VIEW REV", "DIR ENTRIES", "DIR HOLDERS", "FETCHED", "SERVED", "FREE",
+                    "REPLICA LAG P50/P99", "UNPUSHED", "COPIES SENT/TAKEN"), rows)]
     if d["unreachable"]:
         parts.append("unreachable: " + ", ".join(d["unreachable"]))
     if nodes:

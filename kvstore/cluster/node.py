@@ -17,13 +17,14 @@ It refuses request logic (store.py, api.py) and wire encoding (peer_service.py, 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
 import threading
 from typing import TYPE_CHECKING, Iterator
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from kvwire.errors import FencedError, InvalidRequestError, UnavailableError
 from kvwire.hostid import host_id
@@ -34,6 +35,7 @@ from kvstore.cluster.membership import Membership, MemberSpec
 from kvstore.cluster.peer_service import PEER_CLIENT_PREFIX, PeerServicer, cluster_status
 from kvstore.cluster.peers import Peers
 from kvstore.cluster.remote_tier import RemoteTier
+from kvstore.cluster.replicas import LAG_BUCKETS_S, Replicas
 from kvstore.cluster.replicator import Replicator
 from kvstore.cluster.tombstones import Tombstone, Tombstones
 from kvstore.cluster.ucx_fetch import UcxFetcher
@@ -97,6 +99,7 @@ class ClusterNode:
         self._deleting = threading.Lock()
         self.servicer = PeerServicer(self.name, self, auth, self.shard, store, self.peers, self.counters, self.status)
         self.servicer.replicator = self.replicator
+        self.replicas = Replicas(self.name, cfg.cluster_replicas, self.replicator, self.identity, self.counters)
         self.servicer.add_to(grpc_server)
 
     # ---- the copy primitive ------------------------------------------------------------------------
@@ -151,8 +154,10 @@ class ClusterNode:
         membership.on_fence(self._on_fence)
         membership.on_join(self._on_join)
         self.membership = membership
-        self.store.index.listener = self.announcer.record
+        self.store.index.listener = self._on_index
+        self.store.policy.by_rank = True  # read-through copies and replicated blocks are evicted before sole copies
         self.announcer.start()
+        self.replicas.start()
         self.store.remote = self.remote
         self.api.cluster = self
         membership.start()
@@ -170,6 +175,7 @@ class ClusterNode:
     def close(self) -> None:
         self.store.remote = None
         self.store.index.listener = None
+        self.replicas.close()
         self.announcer.close()
         self.tombstones.close()
         if self.membership is not None:
@@ -180,12 +186,21 @@ class ClusterNode:
 
     # ---- membership events -----------------------------------------------------------------------
 
+    def _on_index(self, skey: bytes, meta) -> None:
+        """The store index's listener (store lock held: each only takes note): announces, and replica pushes."""
+        self.announcer.record(skey, meta)
+        if meta is not None:
+            self.replicas.note(meta)
+
     def _on_view(self, view: ClusterView) -> None:
         self.peers.on_view(view)
-        self.shard.forget_dead(live_holders(view))
+        live = live_holders(view)
+        lost = self.shard.losing(live)
+        self.shard.forget_dead(live)
         ring = self.remote._homes(view)
         self.shard.keep_homed(lambda skeys: ring.is_home(self.name, skeys))
         self.announcer.wake()
+        self.replicas.repair(view, lost)
 
     def _on_fence(self) -> None:
         log.warning("cluster: node %s fenced; serving no peer%s until it rejoins", self.name,
@@ -251,7 +266,17 @@ class ClusterNode:
     def status(self):
         """This node's ClusterStatus message (peer_service.cluster_status)."""
         membership = self.membership.status(lease_ttls=False) if self.membership is not None else None
-        return cluster_status(self.name, membership, self.shard, self.peers, self.counters, self.tombstones.applied_revision)
+        status = cluster_status(self.name, membership, self.shard, self.peers, self.counters, self.tombstones.applied_revision)
+        status.capacity_bytes, status.free_bytes = self.capacity()
+        lags = self.replicas.lags
+        status.replication_lag_p50_ms, status.replication_lag_p99_ms = lags.quantile(0.5) * 1000, lags.quantile(0.99) * 1000
+        status.replication_pending = self.replicas.pending
+        return status
+
+    def capacity(self) -> tuple[int, int]:
+        """(capacity, free bytes) of the tier whose overflow loses blocks: the ssd tier, or the host pool without one."""
+        tier = self.store.ssd if self.store.ssd.capacity_bytes > 0 else self.store.host
+        return tier.capacity_bytes, max(0, tier.capacity_bytes - tier.used_bytes)
 
     def statuses(self) -> tuple[list, list[str]]:
         """This node's status and every live peer's; the names of peers that did not answer."""
@@ -284,6 +309,12 @@ class ClusterCollector:
         yield GaugeMetricFamily("kvstore_directory_entries", "Keys this node is directory home for", value=len(node.shard))
         yield GaugeMetricFamily("kvstore_directory_announce_queue", "Block changes not yet acknowledged by their homes",
                                 value=node.announcer.queued)
+        lags = node.replicas.lags
+        buckets = [(str(le), float(n)) for le, n in zip(LAG_BUCKETS_S, itertools.accumulate(lags.buckets))]
+        yield HistogramMetricFamily("kvstore_replication_lag_seconds", "Commit here to its replica announced by the replica node",
+                                    buckets=[*buckets, ("+Inf", float(lags.count))], sum_value=lags.sum)
+        yield GaugeMetricFamily("kvstore_replication_pending", "Blocks committed here not yet pushed to their replica nodes",
+                                value=node.replicas.pending)
         breakers = GaugeMetricFamily("kvstore_peer_breaker_open", "1 while a peer's circuit breaker is open", labels=["peer"])
         for info in node.peers.breakers():
             breakers.add_metric([info.peer], 0 if info.state == "closed" else 1)

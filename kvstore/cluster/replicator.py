@@ -143,16 +143,19 @@ class Replicator:
         self.identity = identity
         self.settle = settle
         self.counters = counters
-        self.rate = RateCap(rate_bytes_s)
+        # Groups sent under the cap are at most a quarter second of it, so the cap holds over short windows too.
+        self.capped_group_bytes = int(min(GROUP_MAX_BYTES, max(1 << 20, rate_bytes_s / 4)))
+        self.rate = RateCap(rate_bytes_s, self.capped_group_bytes)
         self._sending = threading.BoundedSemaphore(MAX_INFLIGHT)
         self._taking = threading.BoundedSemaphore(MAX_INFLIGHT)
 
     # ---- the sender ------------------------------------------------------------------------
 
-    def groups_of(self, skeys: Sequence[bytes]) -> list[CopyGroup]:
+    def groups_of(self, skeys: Sequence[bytes], capped: bool = True) -> list[CopyGroup]:
         """This node's blocks among skeys as copy groups (absent ones left out)."""
         described = self.store.describe(skeys)
-        return group_blocks([(skey, *d) for skey, d in zip(skeys, described) if d is not None])
+        return group_blocks([(skey, *d) for skey, d in zip(skeys, described) if d is not None],
+                            self.capped_group_bytes if capped else GROUP_MAX_BYTES)
 
     def request_copies(self, target: str, skeys: Sequence[bytes], source: str | None = None, origin: Origin = Origin.REPLICA,
                        capped: bool = True) -> int:
@@ -169,7 +172,7 @@ class Replicator:
                 self.counters[Event.CLUSTER_COPY_FAILURES] += 1
                 log.debug("asking %s to copy %d blocks to %s failed: %s", source, len(skeys), target, err)
                 return 0
-        return sum(self.send(target, self.groups_of(skeys), origin, capped))
+        return sum(self.send(target, self.groups_of(skeys, capped), origin, capped))
 
     def send(self, target: str, groups: Sequence[CopyGroup], origin: Origin, capped: bool = True) -> list[int]:
         """Ask target to take each group from this node, one call a group (at most MAX_INFLIGHT out at once, paced by

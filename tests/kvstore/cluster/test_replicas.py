@@ -1,0 +1,85 @@
+"""cluster_replicas = 2 with real nodes and a real etcd: commit pushes, their lag, and repair after a node is killed (C15)."""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from kvwire.types import Tier
+from tests.clusterproc import DATA_PATHS, ClusterProcs
+
+pytestmark = pytest.mark.etcd
+
+LOCAL = (Tier.HOST, Tier.SSD)
+
+
+def blocks(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(n)]
+
+
+def status(cluster: ClusterProcs, i: int):
+    return cluster.cluster_status(i, local_only=True).nodes[0]
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> float:
+    """Poll until predicate() holds; the time it took."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_r2_node_killed_after_the_lag_loses_nothing_and_repair_restores_two_copies(etcd, cluster_name, tmp_path, fingerprint) -> None:
+    cap_mb_s = 4.0
+    flags = {"cluster_replicas": 2, "cluster_copy_rate_mb_s": cap_mb_s, **DATA_PATHS["ucx"]}
+    prefixes, per_prefix, size = 24, 4, 64 << 10
+    with ClusterProcs(tmp_path, etcd, cluster_name, size=3, flags=flags) as c:
+        fp_keys, data = [], []
+        clients = [c.client(0, fingerprint) for _ in range(4)]
+        try:
+            for p in range(prefixes):
+                fp_keys.append(clients[0].block_keys(np.arange(16 * per_prefix) + p * 100_000))
+                data.append(blocks(per_prefix, size, seed=p))
+
+            def writer(w: int) -> None:  # four writers at once: the pushes run under load
+                for p in range(w, prefixes, 4):
+                    clients[w].put(fp_keys[p], data[p])
+
+            threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            for client in clients:
+                client.close()
+        total = prefixes * per_prefix
+        wait_for(lambda: status(c, 0).replication_pending == 0 and c.counters(0).get("cluster_copies_sent", 0) == total, 10,
+                 "every committed block pushed to its replica node")
+        a = status(c, 0)
+        assert 0 < a.replication_lag_p50_ms <= a.replication_lag_p99_ms < 5000
+        assert c.counters(1).get("cluster_copies_taken", 0) + c.counters(2).get("cluster_copies_taken", 0) == total
+        assert c.counters(0).get("cluster_copy_failures", 0) == 0
+        c.nodes[0].proc.send_signal(signal.SIGKILL)
+        c.nodes[0].proc.wait()
+        c.wait_members(2, nodes=[1, 2])
+        dropped = time.monotonic()
+        with c.client(1, fingerprint) as b, c.client(2, fingerprint) as cc:
+            def restored() -> bool:  # a Lookup does not fetch: tier HOST or SSD means a copy on that node itself
+                return all(s.tier in LOCAL for client in (b, cc) for keys in fp_keys for s in client.status(keys)[0])
+
+            took = wait_for(restored, 10, "two copies of every block again on the two nodes left")
+            sent = [c.counters(i).get("cluster_copy_bytes_sent", 0) for i in (1, 2)]
+            assert sum(sent) == total * size  # each block once, from the node left holding it to the other
+            for node_sent in sent:  # each node's repair stayed under its rate cap (plus one burst of 1 MiB)
+                assert node_sent <= cap_mb_s * 1e6 * (time.monotonic() - dropped + 0.25) + (1 << 20), (node_sent, took)
+            assert sum(c.counters(i).get("cluster_repair_keys", 0) for i in (1, 2)) == total  # each key repaired by one home
+            for client in (b, cc):  # 0 blocks lost: every one readable from each node left, byte-exact
+                for keys, want in zip(fp_keys, data):
+                    assert [bytes(memoryview(g)) for g in client.get(keys)] == [d.tobytes() for d in want]
