@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     drain = sub.add_parser("drain", help="stop admitting writes, let readers finish, flush to ssd, exit (in cluster mode: leave at once)")
     drain.add_argument("--reader-timeout", type=parse_duration, default=30.0, help="how long to wait for readers (default 30s)")
     drain.add_argument("--wait", action="store_true", help="return only once the server has stopped answering")
+    drain.add_argument("--handoff", action="store_true", help="cluster mode: move the blocks no other node holds to peers first, then leave")
     return parser
 
 
@@ -238,7 +239,7 @@ def _run(args: argparse.Namespace, stub: apb_grpc.AdminStub, call: Callable) -> 
         return call(stub.RevokeLeases, apb.RevokeLeasesRequest(ids=args.ids, owner=args.owner, tenant=args.tenant)), render_counts
     if args.command == "leases":
         return call(stub.ListLeases, apb.ListLeasesRequest(tenant=args.tenant, owner=args.owner)), render_leases
-    return call(stub.Drain, apb.DrainRequest(timeout_ms=int(args.reader_timeout * 1000))), render_counts
+    return call(stub.Drain, apb.DrainRequest(timeout_ms=int(args.reader_timeout * 1000), handoff=args.handoff)), render_counts
 
 
 def _wait_gone(channel: grpc.Channel, timeout_s: float) -> None:

@@ -31,6 +31,7 @@ from kvwire.hostid import host_id
 from kvstore.cluster.announcer import Announcer
 from kvstore.cluster.directory import BlockRef, DirectoryShard, live_holders
 from kvstore.cluster.etcd import EtcdClient, EtcdError
+from kvstore.cluster.handoff import hand_off
 from kvstore.cluster.membership import Membership, MemberSpec
 from kvstore.cluster.peer_service import PEER_CLIENT_PREFIX, PeerServicer, cluster_status
 from kvstore.cluster.peers import Peers
@@ -165,6 +166,13 @@ class ClusterNode:
         log.info("cluster %s: node %s joined as incarnation %d, advertising %s", self.cfg.cluster_name, self.name,
                  membership.incarnation, self.address)
         return self
+
+    def handoff(self) -> tuple[int, int]:
+        """drain --handoff: mark this node draining and move the blocks no other node holds to peers (handoff.py);
+        (blocks peers took, sole copies none took). The caller leaves afterwards."""
+        if self.membership is None or self.fenced:
+            return 0, 0
+        return hand_off(self.name, self.store, self.membership, self.remote, self.replicator, self.counters, self.identity)
 
     def leave(self) -> None:
         """Leave the cluster at once (drain, shutdown): the lease is revoked, peers drop this node within a watch event."""

@@ -353,6 +353,10 @@ class RemoteTier:
             self.counters[Event.REMOTE_FETCH_NOT_FOUND] += 1
         return adopted, why
 
+    def held_elsewhere(self, fingerprint_id: bytes, skeys: list[bytes]) -> list[bool]:
+        """Whether a live, reachable peer holds each key, as the directory answers (drain --handoff's question)."""
+        return [h is not None for h in self._locate(skeys, fingerprint_id, LOCATE_TIMEOUT_S).holders]
+
     # ---- the copy primitive's receiving half ----------------------------------------------------
 
     def copy_from(self, holder: HolderId, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes], sizes: Sequence[int],

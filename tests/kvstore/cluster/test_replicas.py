@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kvwire.types import Tier
+from kvwire.v1 import admin_pb2 as apb
 from tests.clusterproc import DATA_PATHS, ClusterProcs
 
 pytestmark = pytest.mark.etcd
@@ -81,5 +82,29 @@ def test_r2_node_killed_after_the_lag_loses_nothing_and_repair_restores_two_copi
                 assert node_sent <= cap_mb_s * 1e6 * (time.monotonic() - dropped + 0.25) + (1 << 20), (node_sent, took)
             assert sum(c.counters(i).get("cluster_repair_keys", 0) for i in (1, 2)) == total  # each key repaired by one home
             for client in (b, cc):  # 0 blocks lost: every one readable from each node left, byte-exact
+                for keys, want in zip(fp_keys, data):
+                    assert [bytes(memoryview(g)) for g in client.get(keys)] == [d.tobytes() for d in want]
+
+
+def test_drain_with_handoff_moves_sole_copies_then_leaves_and_loses_none(etcd, cluster_name, tmp_path, fingerprint) -> None:
+    prefixes, per_prefix, size = 12, 4, 64 << 10
+    with ClusterProcs(tmp_path, etcd, cluster_name, size=3, flags=DATA_PATHS["ucx"]) as c:
+        with c.client(0, fingerprint) as a, c.client(1, fingerprint) as b:
+            fp_keys = [a.block_keys(np.arange(16 * per_prefix) + p * 100_000) for p in range(prefixes)]
+            data = [blocks(per_prefix, size, seed=p) for p in range(prefixes)]
+            for keys, want in zip(fp_keys, data):
+                a.put(keys, want)
+            b.get(fp_keys[0])  # a read-through copy on B: that prefix is not a sole copy on A any more
+        sole = (prefixes - 1) * per_prefix
+        drained = c._admin(0, "Drain", apb.DrainRequest(timeout_ms=2000, handoff=True), timeout_s=30)
+        returned = time.monotonic()
+        assert (drained.handed_off, drained.handoff_failed) == (sole, 0)
+        # Peers dropped A when it left (before the answer): within a second of it, both see two members.
+        c.wait_members(2, timeout_s=1.0, nodes=[1, 2])
+        assert time.monotonic() - returned < 1.0
+        assert c.counters(1).get("cluster_copies_taken", 0) + c.counters(2).get("cluster_copies_taken", 0) == sole
+        c.nodes[0].proc.wait(timeout=30)  # the drained server exits
+        with c.client(1, fingerprint) as b, c.client(2, fingerprint) as cc:
+            for client in (b, cc):  # 0 sole copies lost: every block readable from the nodes left, byte-exact
                 for keys, want in zip(fp_keys, data):
                     assert [bytes(memoryview(g)) for g in client.get(keys)] == [d.tobytes() for d in want]
