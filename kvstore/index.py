@@ -81,6 +81,7 @@ class BlockIndex:
         # Told of every block that enters (its meta) or leaves (None) the index, under the store lock, so it must
         # only take note: cluster mode announces them to the directory (kvstore/cluster/announcer.py).
         self.listener: Callable[[bytes, BlockMeta | None], None] | None = None
+        self.bytes = 0  # payload bytes of the blocks here, each counted once whatever its tiers (cluster mode's fullness)
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -97,6 +98,8 @@ class BlockIndex:
         return self._blocks.get(meta.skey) is meta
 
     def add(self, meta: BlockMeta) -> None:
+        old = self._blocks.get(meta.skey)
+        self.bytes += meta.size - (old.size if old is not None else 0)
         self._blocks[meta.skey] = meta
         for tier in meta.copies:
             self.lru[tier][meta.skey] = None
@@ -106,6 +109,7 @@ class BlockIndex:
     def remove(self, meta: BlockMeta) -> None:
         if self._blocks.get(meta.skey) is meta:
             del self._blocks[meta.skey]
+            self.bytes -= meta.size
             for tier in meta.copies:
                 self.lru[tier].pop(meta.skey, None)
             if self.listener is not None:

@@ -38,6 +38,7 @@ from kvstore.cluster.peers import Peers
 from kvstore.cluster.remote_tier import RemoteTier
 from kvstore.cluster.replicas import LAG_BUCKETS_S, Replicas
 from kvstore.cluster.replicator import Replicator
+from kvstore.cluster.spill import Spiller, node_room
 from kvstore.cluster.tombstones import Tombstone, Tombstones
 from kvstore.cluster.ucx_fetch import UcxFetcher
 from kvstore.cluster.view import ClusterView
@@ -101,6 +102,8 @@ class ClusterNode:
         self.servicer = PeerServicer(self.name, self, auth, self.shard, store, self.peers, self.counters, self.status)
         self.servicer.replicator = self.replicator
         self.replicas = Replicas(self.name, cfg.cluster_replicas, self.replicator, self.identity, self.counters)
+        self.spiller = Spiller(self.name, store, self.replicator, self.peers.status, self.identity, self.counters,
+                               cfg.high_watermark, cfg.low_watermark)
         self.servicer.add_to(grpc_server)
 
     # ---- the copy primitive ------------------------------------------------------------------------
@@ -159,6 +162,7 @@ class ClusterNode:
         self.store.policy.by_rank = True  # read-through copies and replicated blocks are evicted before sole copies
         self.announcer.start()
         self.replicas.start()
+        self.spiller.start()
         self.store.remote = self.remote
         self.api.cluster = self
         membership.start()
@@ -183,6 +187,7 @@ class ClusterNode:
     def close(self) -> None:
         self.store.remote = None
         self.store.index.listener = None
+        self.spiller.close()
         self.replicas.close()
         self.announcer.close()
         self.tombstones.close()
@@ -282,9 +287,8 @@ class ClusterNode:
         return status
 
     def capacity(self) -> tuple[int, int]:
-        """(capacity, free bytes) of the tier whose overflow loses blocks: the ssd tier, or the host pool without one."""
-        tier = self.store.ssd if self.store.ssd.capacity_bytes > 0 else self.store.host
-        return tier.capacity_bytes, max(0, tier.capacity_bytes - tier.used_bytes)
+        """(capacity, free bytes) as spill sees them (spill.py node_room)."""
+        return node_room(self.store)
 
     def statuses(self) -> tuple[list, list[str]]:
         """This node's status and every live peer's; the names of peers that did not answer."""

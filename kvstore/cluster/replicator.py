@@ -143,8 +143,9 @@ class Replicator:
         self.identity = identity
         self.settle = settle
         self.counters = counters
-        # Groups sent under the cap are at most a quarter second of it, so the cap holds over short windows too.
-        self.capped_group_bytes = int(min(GROUP_MAX_BYTES, max(1 << 20, rate_bytes_s / 4)))
+        # Groups sent under the cap are about 1/16 s of it (4 MB at 64 MB/s): the cap holds over short windows too, and
+        # a holder's pins for one group (a peer's read pins like a client's, against the tenant's held quota) stay small.
+        self.capped_group_bytes = int(min(GROUP_MAX_BYTES, max(1 << 20, rate_bytes_s / 16)))
         self.rate = RateCap(rate_bytes_s, self.capped_group_bytes)
         self._sending = threading.BoundedSemaphore(MAX_INFLIGHT)
         self._taking = threading.BoundedSemaphore(MAX_INFLIGHT)

@@ -1,7 +1,13 @@
-"""The pure parts of copies between nodes, in process: copy groups, the rate cap, eviction ranks."""
+"""The pure parts of copies between nodes, in process: copy groups, the rate cap, eviction ranks, target choices."""
 from __future__ import annotations
 
+import random
+from collections import Counter
+
+from kvstore.cluster.replicas import replica_targets
 from kvstore.cluster.replicator import GROUP_MAX_KEYS, RateCap, group_blocks
+from kvstore.cluster.spill import PeerRoom, choose_target
+from kvstore.cluster.view import ClusterView, Member, MemberState
 from kvstore.eviction import keep_rank, ranked
 from kvstore.index import BlockMeta, Origin
 
@@ -58,3 +64,33 @@ def test_eviction_takes_read_through_copies_then_blocks_held_elsewhere_then_sole
     lru = [meta(Origin.LOCAL, name=b"sole1"), meta(Origin.REPLICA, name=b"rep1"), meta(Origin.COPY, name=b"copy1"),
            meta(Origin.SPILL, name=b"sole2"), meta(Origin.LOCAL, True, name=b"rep2"), meta(Origin.COPY, name=b"copy2")]
     assert [m.skey for m in ranked(lru)] == [b"copy1", b"copy2", b"rep1", b"rep2", b"sole1", b"sole2"]
+
+
+def test_spill_target_capacity_weighted_power_of_two_choices() -> None:
+    rng = random.Random(7)
+    # No room (past the high watermark with the run): never chosen; none left: None.
+    full = PeerRoom("full", 100, 12)
+    assert choose_target([full], 5, 0.9, rng) is None
+    assert choose_target([full, PeerRoom("ok", 100, 50)], 5, 0.9, rng) == "ok"
+    # Two with room: the larger free fraction wins, whatever the draw.
+    assert {choose_target([PeerRoom("a", 100, 90), PeerRoom("b", 100, 20)], 1, 0.9, rng) for _ in range(200)} == {"a"}
+    # Three: the fullest loses to either other, so it is never chosen.
+    three = [PeerRoom("x", 100, 80), PeerRoom("y", 100, 60), PeerRoom("z", 100, 40)]
+    picks = Counter(choose_target(three, 1, 0.9, rng) for _ in range(3000))
+    assert picks["z"] == 0 and picks["x"] > picks["y"] > 0
+    # Equal free fractions: draws go by capacity, so a node twice as big is chosen about twice as often.
+    picks = Counter(choose_target([PeerRoom("big", 200, 100), PeerRoom("small", 100, 50)], 1, 0.9, rng) for _ in range(3000))
+    assert 0.6 < picks["big"] / 3000 < 0.73
+
+
+def test_replica_targets_skip_this_node_draining_members_and_holders() -> None:
+    members = {n: Member(n, i + 1, f"h:{i}", n, state=MemberState.DRAINING if n == "d" else MemberState.ACTIVE)
+               for i, n in enumerate(["a", "b", "c", "d", "e"])}
+    view = ClusterView(7, members)
+    for i in range(50):
+        skey = bytes([i]) * 24
+        two = replica_targets(view, "a", skey, 2)
+        assert len(two) == 2 and not {"a", "d"} & set(two)
+        assert replica_targets(view, "a", skey, 1) == two[:1]  # the same ranking: the first is the first of two
+        assert replica_targets(view, "", skey, 1, exclude=two[:1]) != two[:1]
+    assert replica_targets(ClusterView(1, {"a": members["a"]}), "a", b"k" * 24, 1) == []

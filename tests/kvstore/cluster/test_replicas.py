@@ -108,3 +108,36 @@ def test_drain_with_handoff_moves_sole_copies_then_leaves_and_loses_none(etcd, c
             for client in (b, cc):  # 0 sole copies lost: every block readable from the nodes left, byte-exact
                 for keys, want in zip(fp_keys, data):
                     assert [bytes(memoryview(g)) for g in client.get(keys)] == [d.tobytes() for d in want]
+
+
+def test_one_writer_with_small_tiers_spills_instead_of_evicting_and_stays_balanced(etcd, cluster_name, tmp_path, fingerprint) -> None:
+    flags = {"host_memory": "32MiB", "ssd_capacity": "32MiB", "max_block_bytes": "1MiB", **DATA_PATHS["ucx"]}
+    puts, per_put, size = 72, 4, 256 << 10  # 72 MiB from one writer on A: past A's 32 MiB, under the three nodes' 96
+    with ClusterProcs(tmp_path, etcd, cluster_name, size=3, flags=flags) as c:
+        fp_keys, data = [], []
+        with c.client(0, fingerprint) as a:
+            for p in range(puts):
+                keys = a.block_keys(np.arange(16 * per_put) + p * 100_000)
+                want = blocks(per_put, size, seed=p)
+                a.put(keys, want)
+                fp_keys.append(keys)
+                data.append(want)
+                time.sleep(0.04)  # ~20 MB/s: under the copy rate cap (64 MB/s), as a writer that leaves spill time
+
+        def used(i: int) -> float:
+            s = status(c, i)
+            return (s.capacity_bytes - s.free_bytes) / s.capacity_bytes
+
+        wait_for(lambda: used(0) <= 0.9, 10, "A back under its high watermark")
+        assert c.counters(0).get("cluster_spilled", 0) > 0
+        assert c.counters(1).get("cluster_copies_taken", 0) + c.counters(2).get("cluster_copies_taken", 0) >= c.counters(0)["cluster_spilled"]
+        assert [c.counters(i).get("cluster_sole_copies_evicted", 0) for i in range(3)] == [0, 0, 0]
+        fill = [used(i) for i in range(3)]
+        assert max(fill) / min(fill) <= 1.5, fill
+        stored = sum(c.store_stats(i).blocks for i in range(3))
+        assert stored >= puts * per_put  # nothing lost (spilled copies are moves: a block is on one node or more)
+        with c.client(1, fingerprint) as b, c.client(2, fingerprint) as cc:
+            for keys in fp_keys:  # every prefix found somewhere, whole
+                assert b.status(keys)[1] == per_put
+            for p in range(0, puts, 9):  # and a sample read back byte-exact
+                assert [bytes(memoryview(g)) for g in cc.get(fp_keys[p])] == [d.tobytes() for d in data[p]]
