@@ -9,6 +9,7 @@ Reserve and promotion, durable commits and the operator's evict.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -26,12 +27,17 @@ def keep_rank(meta: BlockMeta) -> int:
     return 2
 
 
-def ranked(lru: Iterable[BlockMeta]) -> Iterator[BlockMeta]:
+RANK_WINDOW = 4096  # blocks at the cold end reordered by rank; past them, plain LRU order
+
+
+def ranked(lru: Iterable[BlockMeta], window: int = RANK_WINDOW) -> Iterator[BlockMeta]:
     """lru reordered for eviction in cluster mode: read-through copies first, then blocks held elsewhere too, then
-    sole copies, each in least recently used order (design/cluster.md §3.10). The copies are yielded as they are
-    met; the others only once the whole order has been walked."""
+    sole copies, each in least recently used order (design/cluster.md §3.10), over the `window` least recently used
+    blocks; the rest follow in LRU order. The window bounds the walk under the store lock (a whole LRU order of 100k
+    blocks would be tens of milliseconds per room-making) while the cold end, where victims come from, is ranked."""
     later: tuple[list[BlockMeta], list[BlockMeta]] = ([], [])
-    for meta in lru:
+    rest = iter(lru)
+    for meta in itertools.islice(rest, window):
         rank = keep_rank(meta)
         if rank == 0:
             yield meta
@@ -39,6 +45,7 @@ def ranked(lru: Iterable[BlockMeta]) -> Iterator[BlockMeta]:
             later[rank - 1].append(meta)
     yield from later[0]
     yield from later[1]
+    yield from rest
 
 
 @dataclass(frozen=True)

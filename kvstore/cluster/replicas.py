@@ -84,6 +84,8 @@ class Replicas:
         self.lags = LagStats()
         self._pending: deque[tuple[float, BlockMeta]] = deque()
         self._pending_bytes = 0
+        self._in_flight = 0
+        self._counting = threading.Lock()  # _pending_bytes: added to under the store lock, taken off by the thread
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvstore-replicas", daemon=True)
@@ -94,8 +96,6 @@ class Replicas:
     def pending(self) -> int:
         """Blocks committed here not yet pushed (or given up on)."""
         return len(self._pending) + self._in_flight
-
-    _in_flight = 0
 
     def start(self) -> "Replicas":
         if self.replicas > 1:
@@ -115,10 +115,11 @@ class Replicas:
         """A block entered the index (store lock held: appends only). Local commits are queued for their push."""
         if self.replicas <= 1 or meta.origin != Origin.LOCAL:
             return
-        if self._pending_bytes + meta.size > MAX_PENDING_BYTES:
-            self.counters[Event.CLUSTER_REPLICA_PUSHES_DROPPED] += 1
-            return
-        self._pending_bytes += meta.size
+        with self._counting:
+            if self._pending_bytes + meta.size > MAX_PENDING_BYTES:
+                self.counters[Event.CLUSTER_REPLICA_PUSHES_DROPPED] += 1
+                return
+            self._pending_bytes += meta.size
         self._pending.append((time.monotonic(), meta))
         self._wake.set()
 
@@ -138,7 +139,8 @@ class Replicas:
         if not taken:
             return
         self._in_flight = len(taken)
-        self._pending_bytes -= sum(m.size for _, m in taken)
+        with self._counting:
+            self._pending_bytes -= sum(m.size for _, m in taken)
         try:
             committed = {m.skey: t for t, m in taken}
             incarnation, view = self.identity()

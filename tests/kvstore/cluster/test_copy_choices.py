@@ -64,6 +64,8 @@ def test_eviction_takes_read_through_copies_then_blocks_held_elsewhere_then_sole
     lru = [meta(Origin.LOCAL, name=b"sole1"), meta(Origin.REPLICA, name=b"rep1"), meta(Origin.COPY, name=b"copy1"),
            meta(Origin.SPILL, name=b"sole2"), meta(Origin.LOCAL, True, name=b"rep2"), meta(Origin.COPY, name=b"copy2")]
     assert [m.skey for m in ranked(lru)] == [b"copy1", b"copy2", b"rep1", b"rep2", b"sole1", b"sole2"]
+    # Only the coldest `window` blocks are ranked; the rest follow in LRU order.
+    assert [m.skey for m in ranked(lru, window=3)] == [b"copy1", b"rep1", b"sole1", b"sole2", b"rep2", b"copy2"]
 
 
 def test_spill_target_capacity_weighted_power_of_two_choices() -> None:
