@@ -180,6 +180,12 @@ class Store:
     def index(self) -> BlockIndex:
         return self.table.index
 
+    @property
+    def changes(self) -> int:
+        """Holds of the store lock that changed the table, so far: blocks added under one hold (one commit's batch)
+        are told to the index's listener under one value (cluster mode's replicas push a commit batch together)."""
+        return self._changed.generation
+
     # ---- validation ---------------------------------------------------------------
 
     @staticmethod
