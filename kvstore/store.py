@@ -782,13 +782,14 @@ class Store:
         self.placement.erase_pending()
         return dropped
 
-    def sole_copies(self, tier: Tier, limit_bytes: int) -> list[BlockMeta]:
+    def sole_copies(self, tier: Tier, limit_bytes: int, scan: int = 16384) -> list[BlockMeta]:
         """Unpinned blocks with a copy in tier that no other node is known to hold (eviction.keep_rank 2), least
-        recently used first, up to limit_bytes: what a full node spills to peers before it would drop them."""
+        recently used first, up to limit_bytes, among the `scan` least recently used (the walk holds the store lock):
+        what a full node spills to peers before it would drop them."""
         out, total = [], 0
         with self._locked as table:
-            for meta in table.index.in_lru_order(tier):
-                if total >= limit_bytes:
+            for n, meta in enumerate(table.index.in_lru_order(tier)):
+                if total >= limit_bytes or n >= scan:
                     break
                 if meta.pins == 0 and keep_rank(meta) == 2:
                     out.append(meta)
