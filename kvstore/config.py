@@ -85,6 +85,8 @@ class ServerConfig:
     remote_fetch_deadline_ms: int = 1000  # a remote prefix fetch returns the leading run that landed by then
     cluster_announce_wait_ms: int = 50  # a commit waits this long for its directory home's ack before answering
     peer_tokens_file: str = ""  # TOML [[peers]] token entries; nodes present one to each other (peer role)
+    cluster_replicas: int = 1  # copies of each commit batch: R-1 are pushed to other nodes; the directory repairs below R
+    cluster_copy_rate_mb_s: float = 64.0  # per node: repair, spill and requested copies send at most this (MB/s)
 
     def validate(self) -> "ServerConfig":
         if not 0 < self.low_watermark < self.high_watermark <= 1:
@@ -95,7 +97,9 @@ class ServerConfig:
             raise ValueError("lease_ttl_s and pin_ttl_s must be positive")
         if not 0 < self.tenant_held_fraction <= 1:
             raise ValueError("tenant_held_fraction must be in (0, 1]")
-        for name in ("max_keys_per_request", "max_waits_per_tenant", "tenant_max_held_ids"):
+        if self.cluster_copy_rate_mb_s <= 0:
+            raise ValueError("cluster_copy_rate_mb_s must be positive")
+        for name in ("max_keys_per_request", "max_waits_per_tenant", "tenant_max_held_ids", "cluster_replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("max_wait_s", "max_lease_ttl_s", "local_control_idle_s", "local_control_read_s", "shutdown_grace_s"):
