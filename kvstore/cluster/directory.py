@@ -58,7 +58,7 @@ _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser, element-wise (uint64 arithmetic wraps, as the hash wants)."""
     x = x ^ (x >> _S30)
     x = x * _M1
@@ -102,7 +102,7 @@ class Rendezvous:
         count = min(count, len(self.names))
         if not skeys or count == 0:
             return np.zeros((len(skeys), count), dtype=np.intp)
-        scores = _mix64(key_words(skeys)[:, None] ^ self._salts[None, :])
+        scores = mix64(key_words(skeys)[:, None] ^ self._salts[None, :])
         if count == 1:
             return np.argmax(scores, axis=1)[:, None]
         order = np.argsort(scores, axis=1, kind="stable")

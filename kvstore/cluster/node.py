@@ -21,7 +21,8 @@ import logging
 import os
 import socket
 import threading
-from typing import TYPE_CHECKING, Iterator
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, ContextManager, Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -30,11 +31,13 @@ from kvwire.hostid import host_id
 from kvstore.cluster.announcer import Announcer
 from kvstore.cluster.directory import BlockRef, DirectoryShard, live_holders
 from kvstore.cluster.etcd import EtcdClient, EtcdError
+from kvstore.cluster.hot import HotSpread, push_not_built
 from kvstore.cluster.membership import Membership, MemberSpec
 from kvstore.cluster.peer_service import PEER_CLIENT_PREFIX, PeerServicer, cluster_status
 from kvstore.cluster.peers import Peers
 from kvstore.cluster.remote_tier import RemoteTier
 from kvstore.cluster.tombstones import Tombstone, Tombstones
+from kvstore.cluster.transfer_cap import PeerTransfers, Served
 from kvstore.cluster.ucx_fetch import UcxFetcher
 from kvstore.cluster.view import ClusterView
 from kvstore.config import ServerConfig
@@ -56,6 +59,10 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 DROP_REMOVED_ENV = "KVSTORE_TEST_DROP_REMOVED_ANNOUNCES"
 STATUS_TIMEOUT_S = 1.0
 DELETE_ANNOUNCE_WAIT_S = 1.0  # a tombstone's apply waits this long at most for its removals to reach their homes
+
+
+def _not_served_to_a_peer(blocks: int, nbytes: int) -> None:
+    """A client's send: no peer traffic to count."""
 
 
 def advertise_address(cfg: ServerConfig, bound_address: str) -> str:
@@ -88,10 +95,14 @@ class ClusterNode:
         self.announcer = Announcer(self.name, self.shard, self.peers, self.identity, self._catalog, self.counters,
                                    timeout_s=max(0.2, cfg.cluster_announce_wait_ms / 1000), drop_removed=drop_removed)
         ucx = UcxFetcher(self.peers) if cfg.ucx and UcxFetcher.available() else None
+        self.hot = HotSpread(self.shard, lambda: self.remote.ring(self.view()), self.counters, cfg.hot_threshold, cfg.hot_replicas,
+                             push_not_built)
         self.remote = RemoteTier(self.name, store, self.identity, self.peers, self.shard, self.counters,
-                                 cfg.remote_fetch_deadline_ms / 1000, ucx)
+                                 cfg.remote_fetch_deadline_ms / 1000, ucx, hot=self.hot)
+        self.transfers = PeerTransfers(self.name, cfg.peer_max_inflight, self.counters, self.peers.count_served)
         self._deleting = threading.Lock()
-        self.servicer = PeerServicer(self.name, self, auth, self.shard, store, self.peers, self.counters, self.status)
+        self.servicer = PeerServicer(self.name, self, auth, self.shard, self.hot, store, self.peers, self.transfers,
+                                     self.counters, self.status)
         self.servicer.add_to(grpc_server)
 
     # ---- what the other parts read (the servicer's MembershipView too) ---------------------------
@@ -160,6 +171,7 @@ class ClusterNode:
         if self.membership is not None:
             self.membership.close()
         self.remote.close()
+        self.hot.close()
         self.peers.close()
         self.etcd.close()
 
@@ -167,8 +179,10 @@ class ClusterNode:
 
     def _on_view(self, view: ClusterView) -> None:
         self.peers.on_view(view)
-        self.shard.forget_dead(live_holders(view))
-        ring = self.remote._homes(view)
+        live = live_holders(view)
+        self.shard.forget_dead(live)
+        self.hot.forget(live)
+        ring = self.remote.ring(view)
         self.shard.keep_homed(lambda skeys: ring.is_home(self.name, skeys))
         self.announcer.wake()
 
@@ -191,6 +205,13 @@ class ClusterNode:
             raise FencedError(f"node {self.name} is fenced from the cluster and serves no peer until it rejoins")
         if self.cfg.cluster_strict_fence:
             raise FencedError(f"node {self.name} is fenced from the cluster and, in strict mode, serves no reads until it rejoins")
+
+    def peer_send(self, caller: Caller) -> ContextManager[Served]:
+        """A peer's UCX get holds one of this node's peer transfer slots (peer_max_inflight), like a gRPC Fetch."""
+        if not caller.client_id.startswith(PEER_CLIENT_PREFIX):
+            return nullcontext(_not_served_to_a_peer)
+        peer = caller.client_id.removeprefix(PEER_CLIENT_PREFIX).rsplit(":", 1)[0]  # peer:<node>:<incarnation>
+        return self.transfers.slot(peer)
 
     def after_commit(self) -> None:
         if not self.announcer.flush(self.cfg.cluster_announce_wait_ms / 1000):

@@ -1,0 +1,186 @@
+"""Hot keys at a directory home: spreading readers over holders by load, and more copies of keys that stay hot.
+
+Owns what a home adds to its shard's Locate answers (design/cluster.md §3.10):
+  - **holder order by load.** The home keeps, per holder incarnation, a decayed count of the bytes it has
+    pointed readers at (the first holder it names for each key found). Every answer lists holders least
+    loaded first, and a reader takes the first unless its own view of that peer (in-flight transfers,
+    latency: holder_load.py) says the other of its two choices is better. Why the home: a reader knows only
+    its own traffic, so readers of a hot prefix arriving one after another would each pick the writer (or a
+    coin flip), and the writer would serve nearly every copy; the home sees every reader of the key, so the
+    second reader is sent to the first reader's copy, the third to the second's, and so on.
+  - **demand per key.** A decayed count-min sketch (sketch.py) of Locates per key. A key whose count passes
+    hot_threshold while fewer than hot_replicas live nodes hold it is pushed: a holder (the least loaded)
+    is asked, through `push`, to copy the request's run of such keys to the next nodes in the key's HRW
+    order, up to hot_replicas holders. Each key is pushed at most once per PUSH_QUIET_S, off the
+    Locate's path (a thread of its own).
+It refuses the shard's bookkeeping (directory.py) and the push's transport (the caller's `push`).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Collection, Sequence
+
+from kvstore.cluster.directory import DirectoryShard, HolderId, Locations, Rendezvous, key_words
+from kvstore.cluster.sketch import DecayedCountMin
+from kvstore.counters import Event
+
+log = logging.getLogger(__name__)
+
+HALF_LIFE_S = 10.0  # demand and load both fade by half in this long
+PUSH_QUIET_S = 10.0  # a key pushed is not pushed again for this long (the copies take a moment to be announced)
+
+
+@dataclass(frozen=True)
+class HotPush:
+    """Ask `target` to take copies of `skeys` (a run of one fingerprint's keys, in order) from `source`."""
+
+    target: str
+    source: HolderId
+    fingerprint_id: bytes
+    skeys: tuple[bytes, ...]
+    size_bytes: int
+
+
+def push_not_built(push: HotPush) -> None:
+    """The push for hot keys, until nodes can ask each other to take copies: it logs what it would ask, and does nothing."""
+    log.info("hot keys: would ask node %s to copy %d blocks (%d bytes) from node %s (no copy primitive yet)",
+             push.target, len(push.skeys), push.size_bytes, push.source[0])
+
+
+class HolderLoad:
+    """Decayed bytes a home has pointed readers at, per holder incarnation."""
+
+    def __init__(self, half_life_s: float = HALF_LIFE_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.half_life_s = half_life_s
+        self.clock = clock
+        self._load: dict[HolderId, tuple[float, float]] = {}  # holder -> (bytes, when)
+        self._lock = threading.Lock()
+
+    def _now_value(self, holder: HolderId, now: float) -> float:
+        value, when = self._load.get(holder, (0.0, now))
+        return value * 0.5 ** ((now - when) / self.half_life_s)
+
+    def add(self, holder: HolderId, nbytes: float) -> None:
+        now = self.clock()
+        with self._lock:
+            self._load[holder] = (self._now_value(holder, now) + nbytes, now)
+
+    def of(self, holder: HolderId) -> float:
+        with self._lock:
+            return self._now_value(holder, self.clock())
+
+    def rank(self, holders: Collection[HolderId]) -> list[HolderId]:
+        """holders, least loaded first (ties by name: every home breaks them alike)."""
+        now = self.clock()
+        with self._lock:
+            return sorted(holders, key=lambda h: (self._now_value(h, now), h))
+
+    def forget(self, live: Collection[HolderId]) -> None:
+        with self._lock:
+            self._load = {h: v for h, v in self._load.items() if h in live}
+
+
+class HotSpread:
+    """A home's Locate answers, ordered by holder load, with demand counted and hot keys pushed."""
+
+    def __init__(self, shard: DirectoryShard, ring: Callable[[], Rendezvous], counters: Counter, threshold: float,
+                 replicas: int, push: Callable[[HotPush], None] = push_not_built, clock: Callable[[], float] = time.monotonic) -> None:
+        """ring(): the rendezvous over the active members (the order of a key's next copies). threshold <= 0 or
+        replicas <= 1: no pushes (holders are still ordered by load)."""
+        self.shard = shard
+        self.ring = ring
+        self.counters = counters
+        self.threshold = threshold
+        self.replicas = replicas
+        self.push = push
+        self.clock = clock
+        self.load = HolderLoad(clock=clock)
+        self.demand = DecayedCountMin(HALF_LIFE_S, clock=clock)
+        self._pushed: dict[bytes, float] = {}  # skey -> when it was last pushed
+        self._lock = threading.Lock()
+        self._pushes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-hot-push")
+
+    def close(self) -> None:
+        self._pushes.shutdown(wait=False, cancel_futures=True)
+
+    def answer(self, fingerprint_id: bytes, skeys: Sequence[bytes], live: Collection[HolderId]) -> tuple[Locations, list[HolderId]]:
+        """The shard's answer with each holder set least loaded first, and every holder named, in that order (the
+        wire lists holders once: locate_response keeps this order). Counts demand, may start pushes."""
+        found = self.shard.locate_columns(fingerprint_id, skeys, live)
+        if not found.positions:
+            return found, []
+        by_set: dict[int, tuple[tuple[HolderId, ...], int]] = {}  # id(set) -> (set, bytes of its rows)
+        for holders, size in zip(found.holders, found.sizes):
+            known = by_set.get(id(holders))
+            by_set[id(holders)] = (holders, size + (known[1] if known else 0))
+        order = self.load.rank({h for holders, _ in by_set.values() for h in holders})
+        rank = {h: i for i, h in enumerate(order)}
+        ordered: dict[int, tuple[HolderId, ...]] = {}
+        for key, (holders, nbytes) in by_set.items():
+            ordered[key] = tuple(sorted(holders, key=rank.__getitem__))
+            self.load.add(ordered[key][0], nbytes)  # the reader takes the first, unless it knows better
+        answer = Locations(found.positions, found.sizes, found.checksums, [ordered[id(h)] for h in found.holders])
+        if self.threshold > 0 and self.replicas > 1:
+            self._count(fingerprint_id, skeys, answer)
+        return answer, order
+
+    def _count(self, fingerprint_id: bytes, skeys: Sequence[bytes], found: Locations) -> None:
+        asked = [skeys[i] for i in found.positions]
+        counts = self.demand.add(key_words(asked))
+        hot = [j for j, count in enumerate(counts) if count >= self.threshold and len(found.holders[j]) < self.replicas]
+        if not hot:
+            return
+        now = self.clock()
+        with self._lock:
+            hot = [j for j in hot if now - self._pushed.get(asked[j], -PUSH_QUIET_S) >= PUSH_QUIET_S]
+            for j in hot:
+                self._pushed[asked[j]] = now
+            if len(self._pushed) > 65536:
+                self._pushed = {k: t for k, t in self._pushed.items() if now - t < PUSH_QUIET_S}
+        for run in _runs(hot, found.holders):
+            self._plan(fingerprint_id, [asked[j] for j in run], found.holders[run[0]], sum(found.sizes[j] for j in run))
+
+    def _plan(self, fingerprint_id: bytes, skeys: list[bytes], holders: tuple[HolderId, ...], nbytes: int) -> None:
+        """Pushes for one run of hot keys that share their holders: the next HRW nodes of its first key that hold
+        none of it, up to `replicas` holders in all, each copying from the least loaded holder."""
+        ring = self.ring()
+        if len(ring) == 0:
+            return
+        holding = {name for name, _ in holders}
+        nodes = [ring.names[i] for i in ring.homes(skeys[:1], count=len(ring))[0].tolist()]
+        targets = [n for n in nodes if n not in holding][: max(0, self.replicas - len(holders))]
+        for target in targets:
+            source = self.load.rank(holders)[0]
+            self.load.add(source, nbytes)
+            push = HotPush(target, source, fingerprint_id, tuple(skeys), nbytes)
+            self.counters[Event.DIRECTORY_HOT_PUSHES] += 1
+            try:
+                self._pushes.submit(self._send, push)
+            except RuntimeError:  # closed
+                return
+
+    def _send(self, push: HotPush) -> None:
+        try:
+            self.push(push)
+        except Exception as err:  # a push is an optimisation: readers still fetch from the holders there are
+            self.counters[Event.DIRECTORY_HOT_PUSH_FAILURES] += 1
+            log.debug("hot push of %d blocks to %s failed: %s", len(push.skeys), push.target, err)
+
+    def forget(self, live: Collection[HolderId]) -> None:
+        self.load.forget(live)
+
+
+def _runs(positions: list[int], holders: list[tuple[HolderId, ...]]) -> list[list[int]]:
+    """positions split into runs of consecutive positions with the same holder set."""
+    runs: list[list[int]] = []
+    for j in positions:
+        if runs and runs[-1][-1] == j - 1 and holders[runs[-1][-1]] == holders[j]:
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+    return runs
