@@ -18,6 +18,7 @@ It refuses the shard's bookkeeping (directory.py) and the push's transport (the 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -31,6 +32,7 @@ from kvstore.counters import Event
 
 log = logging.getLogger(__name__)
 
+LOAD_BUCKET = 1.25  # loads within this factor of each other rank as equal (decay makes exact ties rare)
 HALF_LIFE_S = 10.0  # demand and load both fade by half in this long
 PUSH_QUIET_S = 10.0  # a key pushed is not pushed again for this long (the copies take a moment to be announced)
 
@@ -74,11 +76,15 @@ class HolderLoad:
         with self._lock:
             return self._now_value(holder, self.clock())
 
-    def rank(self, holders: Collection[HolderId]) -> list[HolderId]:
-        """holders, least loaded first (ties by name: every home breaks them alike)."""
+    def rank(self, holders: Sequence[HolderId], newest: Callable[[HolderId], int] | None = None) -> list[HolderId]:
+        """holders, least loaded first. Loads within LOAD_BUCKET of each other count as equal: then the newest copy
+        first (newest(h): higher is newer; by default the position in holders, which a shard keeps in announce order),
+        as a new copy has served nobody yet, while the first holder of a key usually served its first readers
+        before this home heard of them (a home sees only the Locates it answers)."""
         now = self.clock()
+        position = newest or {h: i for i, h in enumerate(holders)}.__getitem__
         with self._lock:
-            return sorted(holders, key=lambda h: (self._now_value(h, now), h))
+            return sorted(holders, key=lambda h: (_bucket(self._now_value(h, now)), -position(h), h))
 
     def forget(self, live: Collection[HolderId]) -> None:
         with self._lock:
@@ -118,7 +124,11 @@ class HotSpread:
         for holders, size in zip(found.holders, found.sizes):
             known = by_set.get(id(holders))
             by_set[id(holders)] = (holders, size + (known[1] if known else 0))
-        order = self.load.rank({h for holders, _ in by_set.values() for h in holders})
+        newest: dict[HolderId, int] = {}  # the latest position each holder has in a set (sets keep announce order)
+        for holders, _ in by_set.values():
+            for i, h in enumerate(holders):
+                newest[h] = max(i, newest.get(h, -1))
+        order = self.load.rank(list(newest), newest.__getitem__)
         rank = {h: i for i, h in enumerate(order)}
         ordered: dict[int, tuple[HolderId, ...]] = {}
         for key, (holders, nbytes) in by_set.items():
@@ -173,6 +183,10 @@ class HotSpread:
 
     def forget(self, live: Collection[HolderId]) -> None:
         self.load.forget(live)
+
+
+def _bucket(load: float) -> int:
+    return int(math.log1p(load) / math.log(LOAD_BUCKET))
 
 
 def _runs(positions: list[int], holders: list[tuple[HolderId, ...]]) -> list[list[int]]:

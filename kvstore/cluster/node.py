@@ -98,7 +98,7 @@ class ClusterNode:
         self.hot = HotSpread(self.shard, lambda: self.remote.ring(self.view()), self.counters, cfg.hot_threshold, cfg.hot_replicas,
                              push_not_built)
         self.remote = RemoteTier(self.name, store, self.identity, self.peers, self.shard, self.counters,
-                                 cfg.remote_fetch_deadline_ms / 1000, ucx, hot=self.hot)
+                                 cfg.remote_fetch_deadline_ms / 1000, ucx, hot=self.hot, adopted=self.announcer.wake)
         self.transfers = PeerTransfers(self.name, cfg.peer_max_inflight, self.counters, self.peers.count_served)
         self._deleting = threading.Lock()
         self.servicer = PeerServicer(self.name, self, auth, self.shard, self.hot, store, self.peers, self.transfers,

@@ -77,15 +77,17 @@ class _Found(NamedTuple):
 class RemoteTier:
     def __init__(self, me: str, store: "Store", identity: Callable[[], tuple[int, ClusterView]], peers: Peers,
                  shard: DirectoryShard, counters: Counter, fetch_deadline_s: float, ucx: UcxFetcher | None = None,
-                 hot: HotSpread | None = None) -> None:
+                 hot: HotSpread | None = None, adopted: Callable[[], None] = lambda: None) -> None:
         """ucx: the fast data path to holders that run a UCX data plane (None: gRPC Fetch only). hot: this node's
-        shard as a home answers it (holders ordered by load, demand counted); None: the bare shard."""
+        shard as a home answers it (holders ordered by load, demand counted); None: the bare shard. adopted(): called
+        once a fetch stored blocks here (the announcer's wake: a read-through copy is named to the next reader sooner)."""
         self.me = me
         self.store = store
         self.identity = identity
         self.peers = peers
         self.shard = shard
         self.hot = hot
+        self.adopted = adopted
         self.load = ReaderLoad()
         self.counters = counters
         self.fetch_deadline_s = fetch_deadline_s
@@ -247,6 +249,8 @@ class RemoteTier:
             else:  # an error or a corrupt block: nothing more from that holder in this fetch
                 for i in range(pos, end):
                     excluded.setdefault(i, set()).add(holder)
+        if pos:
+            self.adopted()
         self.counters[Event.REMOTE_FETCHES_SHORT if pos < len(keys) else Event.REMOTE_FETCHES_COMPLETE] += 1
         log.debug("remote fetch: %d of %d blocks in %.1f ms", pos, len(keys), (time.monotonic() - started) * 1000)
 
