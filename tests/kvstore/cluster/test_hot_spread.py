@@ -115,7 +115,7 @@ def test_a_holder_past_peer_max_inflight_refuses_and_the_reader_takes_another_ho
     """peer_max_inflight = 1 and n1's slot held by a transfer that does not move: n2's reads of prefixes n0 and n1
     both hold are refused by n1 (RESOURCE_EXHAUSTED, over gRPC Fetch or the UCX peer get), land whole from n0,
     and count against no breaker; once n1's slot is free, n1 serves again."""
-    flags = {**DATA_PATHS[path], "peer_max_inflight": 1}
+    flags = {**DATA_PATHS[path], "peer_max_inflight": 1, "remote_fetch_deadline_ms": 5000}  # (a loaded box: no deadline misses)
     with ClusterProcs(tmp_path, etcd, cluster_name, size=3, flags=flags) as cluster, \
             cluster.client(0, fingerprint) as a, cluster.client(1, fingerprint) as b, cluster.client(2, fingerprint) as c:
         stall_keys = a.block_keys(np.arange(16 * 16) + 10**6)
