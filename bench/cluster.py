@@ -23,6 +23,9 @@ output says so. Every row is a median over rounds that interleave the thing and 
   C copies B's copy instead of A's; every node's repeat read must fetch nothing. Anchor: all from A (3x).
 - local hits: Lookup and Pin p50 and shm get GB/s of blocks the node holds, cluster mode on vs off; and
   what a small put pays for being announced to its directory homes before it returns.
+- replication lag (cluster_replicas = 2): a writer on A's host puts at a fixed 100 MB/s; per pushed batch,
+  commit on A to the replica node's answer (it answers once its directory homes know it holds the copy),
+  as A's cluster status reports it. A pair of its own on loopback, beside the three nodes.
 
 Process layout: the clients "on a node's host" live in this process (their KVSTORE_HOST_ID is the
 node's, so they map its pool and use its local socket, which namespaces do not separate); the UCX
@@ -299,6 +302,7 @@ class Bench:
             self.local_hits(base)
             self.hot_prefix()
             self.dead_node()
+            self.replication_lag(base, etcd)
 
     # ---- measurements --------------------------------------------------------------------------
 
@@ -531,6 +535,38 @@ class Bench:
         worst = max(gone)
         self.rows.append(Row(f"dead node (SIGKILL) gone from every view, lease TTL {ttl:g} s: worst of {kills}", f"{worst:.2f} s",
                              f"TTL + 1 s = {ttl + 1:g} s", f"{worst / (ttl + 1):.2f}x", verdict(worst <= ttl + 1, "<= TTL + 1 s")))
+
+    def replication_lag(self, base: Path, etcd) -> None:
+        """A pair with cluster_replicas = 2 on loopback: puts on A at a fixed rate, then A's replication lag p50/p99."""
+        from tests.clusterproc import ClusterProcs
+
+        rate, put_bytes = 100e6, 4 * MiB
+        seconds = 3 if self.quick else 8
+        flags = {"host_memory": "1GiB", "ssd_capacity": "2GiB", "cluster_lease_ttl_s": self.args.ttl, "ucx": True,
+                 "ucx_all_interfaces": True, "cluster_replicas": 2}
+        env = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "lo"}
+        with ClusterProcs(base / "replicas", etcd, CLUSTER + "-replicas", size=2, flags=flags, env=env) as pair, \
+                client_on(pair.host_id(0), pair.nodes[0].address) as writer:
+            puts = int(seconds * rate / put_bytes)
+            data = payload(4, MiB, seed=7)
+            start = time.perf_counter()
+            for i in range(puts):
+                due = start + i * put_bytes / rate
+                if (wait := due - time.perf_counter()) > 0:
+                    time.sleep(wait)
+                writer.put(block_keys(writer, self.chain(4), 4), data)
+            achieved = puts * put_bytes / (time.perf_counter() - start)
+            deadline = time.monotonic() + 30
+            while pair.cluster_status(0, local_only=True).nodes[0].replication_pending and time.monotonic() < deadline:
+                time.sleep(0.05)
+            a = pair.cluster_status(0, local_only=True).nodes[0]
+            taken = pair.counters(1).get("cluster_copies_taken", 0)
+        p99 = a.replication_lag_p99_ms / 1000
+        self.rows += [
+            Row(f"replication lag, R = 2, writes at {rate / 1e6:.0f} MB/s (loopback pair): p50", ms(a.replication_lag_p50_ms / 1000),
+                f"writes {achieved / 1e6:.0f} MB/s; replica took {taken}/{puts * 4} blocks"),
+            Row("replication lag: p99", ms(p99), "commit on A -> replica announced by B", "", verdict(p99 <= 1.0, "<= 1 s, design T9")),
+        ]
 
     # ---- output --------------------------------------------------------------------------------
 

@@ -151,9 +151,13 @@ def render_cluster(d: dict) -> str:
     """Every node's view of the cluster: one row a node, its members, then each node's peers (breakers, bytes)."""
     nodes = d["nodes"]
     rows = [(n["node"], n["incarnation"], n["state"], "yes" if n["fenced"] else "no", n["view_revision"], n["directory_entries"],
-             n["directory_holders"], n["counters"].get("remote_fetch_blocks", 0), n["counters"].get("peer_served_blocks", 0))
+             n["directory_holders"], n["counters"].get("remote_fetch_blocks", 0), n["counters"].get("peer_served_blocks", 0),
+             f"{human_bytes(n.get('free_bytes', 0))} of {human_bytes(n.get('capacity_bytes', 0))}",
+             f"{n.get('replication_lag_p50_ms', 0):.1f} / {n.get('replication_lag_p99_ms', 0):.1f} ms", n.get("replication_pending", 0),
+             f"{n['counters'].get('cluster_copies_sent', 0)} / {n['counters'].get('cluster_copies_taken', 0)}")
             for n in nodes]
-    parts = [table(("NODE", "INCARNATION", "STATE", "FENCED", "VIEW REV", "DIR ENTRIES", "DIR HOLDERS", "FETCHED", "SERVED"), rows)]
+    parts = [table(("NODE", "INCARNATION", "STATE", "FENCED", "VIEW REV", "DIR ENTRIES", "DIR HOLDERS", "FETCHED", "SERVED", "FREE",
+                    "REPLICA LAG P50/P99", "UNPUSHED", "COPIES SENT/TAKEN"), rows)]
     if d["unreachable"]:
         parts.append("unreachable: " + ", ".join(d["unreachable"]))
     if nodes:
@@ -215,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     drain = sub.add_parser("drain", help="stop admitting writes, let readers finish, flush to ssd, exit (in cluster mode: leave at once)")
     drain.add_argument("--reader-timeout", type=parse_duration, default=30.0, help="how long to wait for readers (default 30s)")
     drain.add_argument("--wait", action="store_true", help="return only once the server has stopped answering")
+    drain.add_argument("--handoff", action="store_true", help="cluster mode: move the blocks no other node holds to peers first, then leave")
     return parser
 
 
@@ -234,7 +239,7 @@ def _run(args: argparse.Namespace, stub: apb_grpc.AdminStub, call: Callable) -> 
         return call(stub.RevokeLeases, apb.RevokeLeasesRequest(ids=args.ids, owner=args.owner, tenant=args.tenant)), render_counts
     if args.command == "leases":
         return call(stub.ListLeases, apb.ListLeasesRequest(tenant=args.tenant, owner=args.owner)), render_leases
-    return call(stub.Drain, apb.DrainRequest(timeout_ms=int(args.reader_timeout * 1000))), render_counts
+    return call(stub.Drain, apb.DrainRequest(timeout_ms=int(args.reader_timeout * 1000), handoff=args.handoff)), render_counts
 
 
 def _wait_gone(channel: grpc.Channel, timeout_s: float) -> None:

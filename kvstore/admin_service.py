@@ -50,7 +50,7 @@ def _described(sel: apb.BlockSelector) -> dict:
 
 class AdminServicer(apb_grpc.AdminServicer):
     def __init__(self, api: StoreAPI, ops: Operations, auth: Authenticator, audit: AuditLog,
-                 drain: Callable[[float], apb.DrainResponse]) -> None:
+                 drain: Callable[[float, bool], apb.DrainResponse]) -> None:
         self.api = api
         self.ops = ops
         self.store = ops.store
@@ -130,8 +130,10 @@ class AdminServicer(apb_grpc.AdminServicer):
     @_admin
     def Drain(self, request, context, caller: Caller):
         started = time.monotonic()
-        self.audit.record(caller, "drain", {"timeout_ms": request.timeout_ms})
-        response = self.drain(request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_DRAIN_WAIT_S)
+        self.audit.record(caller, "drain", {"timeout_ms": request.timeout_ms, **({"handoff": True} if request.handoff else {})})
+        if request.handoff and self.cluster is None:
+            raise InvalidRequestError("drain --handoff needs cluster mode (cluster_etcd): there is no peer to hand blocks to")
+        response = self.drain(request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_DRAIN_WAIT_S, request.handoff)
         response.waited_ms = int((time.monotonic() - started) * 1000)
         self.audit.record(caller, "drained", {}, flushed_blocks=response.flushed_blocks, readers_left=response.readers_left)
         return response

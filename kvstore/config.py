@@ -88,6 +88,8 @@ class ServerConfig:
     peer_max_inflight: int = 8  # transfers this node sends peers at once; past it a peer is told to ask another holder
     hot_threshold: float = 32.0  # a key Located this often (decayed, half-life 10 s) at its home is pushed to more nodes; 0: never
     hot_replicas: int = 3  # a hot key is pushed until this many nodes hold it (its next HRW nodes)
+    cluster_replicas: int = 1  # copies of each commit batch: R-1 are pushed to other nodes; the directory repairs below R
+    cluster_copy_rate_mb_s: float = 64.0  # per node: repair, spill and requested copies send at most this (MB/s)
 
     def validate(self) -> "ServerConfig":
         if not 0 < self.low_watermark < self.high_watermark <= 1:
@@ -98,7 +100,9 @@ class ServerConfig:
             raise ValueError("lease_ttl_s and pin_ttl_s must be positive")
         if not 0 < self.tenant_held_fraction <= 1:
             raise ValueError("tenant_held_fraction must be in (0, 1]")
-        for name in ("max_keys_per_request", "max_waits_per_tenant", "tenant_max_held_ids"):
+        if self.cluster_copy_rate_mb_s <= 0:
+            raise ValueError("cluster_copy_rate_mb_s must be positive")
+        for name in ("max_keys_per_request", "max_waits_per_tenant", "tenant_max_held_ids", "cluster_replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("max_wait_s", "max_lease_ttl_s", "local_control_idle_s", "local_control_read_s", "shutdown_grace_s"):

@@ -77,6 +77,18 @@ class Event(enum.StrEnum):
     TOMBSTONES_APPLIED = "tombstones_applied"
     CLUSTER_SSD_WIPES = "cluster_ssd_wipes"  # ssd tier dropped because the tombstones it missed were trimmed
 
+    # Cluster mode: copies between nodes (kvstore/cluster/replicator.py: replicas, repair, spill, handoff). Blocks, except bytes.
+    CLUSTER_COPIES_TAKEN = "cluster_copies_taken"  # blocks this node copied in because a peer asked it to
+    CLUSTER_COPY_BYTES_TAKEN = "cluster_copy_bytes_taken"
+    CLUSTER_COPIES_SENT = "cluster_copies_sent"  # blocks peers took from this node on its request
+    CLUSTER_COPY_BYTES_SENT = "cluster_copy_bytes_sent"
+    CLUSTER_COPY_FAILURES = "cluster_copy_failures"  # copy requests to a peer that failed (an error, a fence, a deadline)
+    CLUSTER_REPLICA_PUSHES_DROPPED = "cluster_replica_pushes_dropped"  # committed blocks not pushed: the queue was full
+    CLUSTER_REPAIR_KEYS = "cluster_repair_keys"  # keys this home had copied again after a holder left (below R)
+    CLUSTER_SPILLED = "cluster_spilled"  # sole copies moved to a peer with room instead of evicted
+    CLUSTER_HANDED_OFF = "cluster_handed_off"  # sole copies moved to peers by drain --handoff
+    CLUSTER_SOLE_COPIES_EVICTED = "cluster_sole_copies_evicted"  # blocks no other node held, evicted for room (lost)
+
     # Cluster mode: the remote tier (reads here of peers' blocks; kvstore/cluster/remote_tier.py). Blocks, except bytes.
     REMOTE_LOCATE_FOUND = "remote_locate_found"  # keys missing here that a live peer holds
     REMOTE_LOCATE_ABSENT = "remote_locate_absent"  # keys missing here and at every peer the directory names

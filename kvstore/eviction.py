@@ -9,11 +9,43 @@ Reserve and promotion, durable commits and the operator's evict.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
-from kvstore.index import BlockMeta
+from kvstore.index import BlockMeta, Origin
 from kvstore.tiers.base import SlotMap
+
+
+def keep_rank(meta: BlockMeta) -> int:
+    """How much losing this node's copy would cost (cluster mode): 0 a read-through copy (its holder keeps the
+    original), 1 a block another node holds too (a replica, or one whose replica was pushed), 2 a sole copy."""
+    if meta.origin == Origin.COPY:
+        return 0
+    if meta.elsewhere or meta.origin == Origin.REPLICA:
+        return 1
+    return 2
+
+
+RANK_WINDOW = 4096  # blocks at the cold end reordered by rank; past them, plain LRU order
+
+
+def ranked(lru: Iterable[BlockMeta], window: int = RANK_WINDOW) -> Iterator[BlockMeta]:
+    """lru reordered for eviction in cluster mode: read-through copies first, then blocks held elsewhere too, then
+    sole copies, each in least recently used order (design/cluster.md §3.10), over the `window` least recently used
+    blocks; the rest follow in LRU order. The window bounds the walk under the store lock (a whole LRU order of 100k
+    blocks would be tens of milliseconds per room-making) while the cold end, where victims come from, is ranked."""
+    later: tuple[list[BlockMeta], list[BlockMeta]] = ([], [])
+    rest = iter(lru)
+    for meta in itertools.islice(rest, window):
+        rank = keep_rank(meta)
+        if rank == 0:
+            yield meta
+        else:
+            later[rank - 1].append(meta)
+    yield from later[0]
+    yield from later[1]
+    yield from rest
 
 
 @dataclass(frozen=True)
@@ -43,6 +75,13 @@ class EvictionPolicy:
     def __init__(self, high_watermark: float, low_watermark: float) -> None:
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
+        # Cluster mode: victims in keep_rank order (copies, then blocks held elsewhere, then sole copies). Off alone:
+        # every block is a sole copy there, and the ranked walk reads the whole LRU order instead of its cold end.
+        self.by_rank = False
+
+    def order(self, lru: Iterable[BlockMeta]) -> Iterable[BlockMeta]:
+        """The order victims are taken from: LRU, or ranked() in cluster mode."""
+        return ranked(lru) if self.by_rank else lru
 
     def demotion_target(self, used_bytes: int, capacity_bytes: int) -> int | None:
         """Above the high watermark, the bytes to demote down to (the low one); None below it.

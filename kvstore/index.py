@@ -7,6 +7,7 @@ tenants can never address each other's blocks, whatever keys they send.
 """
 from __future__ import annotations
 
+import enum
 import functools
 import time
 from collections import OrderedDict, defaultdict
@@ -35,6 +36,17 @@ def block_key(skey: bytes) -> bytes:
     return skey[TENANT_TAG_BYTES:]
 
 
+class Origin(enum.IntEnum):
+    """How a block came to be here, for eviction (eviction.keep_rank): a node's own commits are LOCAL; the others
+    are copies of a peer's block (cluster mode, kvstore/cluster/replicator.py), taken for a reason."""
+
+    LOCAL = 0  # committed here
+    COPY = 1  # a read-through copy: a reader here fetched it; its holder keeps the original
+    REPLICA = 2  # pushed here as the R-th copy of a commit (cluster_replicas) or a repair
+    SPILL = 3  # moved here from a full peer: the only copy
+    HANDOFF = 4  # moved here from a peer that left (drain --handoff): the only copy
+
+
 @dataclass(eq=False, slots=True)  # identity, not value: a block deleted and put again is a new block
 class BlockMeta:
     skey: bytes
@@ -47,6 +59,8 @@ class BlockMeta:
     deleted: bool = False
     last_access: float = field(default_factory=time.monotonic)
     created: float = field(default_factory=time.time)
+    origin: Origin = Origin.LOCAL
+    elsewhere: bool = False  # another node is known to hold it too (a replica was pushed): evicted before sole copies
 
     @property
     def key(self) -> bytes:
@@ -67,6 +81,7 @@ class BlockIndex:
         # Told of every block that enters (its meta) or leaves (None) the index, under the store lock, so it must
         # only take note: cluster mode announces them to the directory (kvstore/cluster/announcer.py).
         self.listener: Callable[[bytes, BlockMeta | None], None] | None = None
+        self.bytes = 0  # payload bytes of the blocks here, each counted once whatever its tiers (cluster mode's fullness)
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -83,6 +98,8 @@ class BlockIndex:
         return self._blocks.get(meta.skey) is meta
 
     def add(self, meta: BlockMeta) -> None:
+        old = self._blocks.get(meta.skey)
+        self.bytes += meta.size - (old.size if old is not None else 0)
         self._blocks[meta.skey] = meta
         for tier in meta.copies:
             self.lru[tier][meta.skey] = None
@@ -92,6 +109,7 @@ class BlockIndex:
     def remove(self, meta: BlockMeta) -> None:
         if self._blocks.get(meta.skey) is meta:
             del self._blocks[meta.skey]
+            self.bytes -= meta.size
             for tier in meta.copies:
                 self.lru[tier].pop(meta.skey, None)
             if self.listener is not None:

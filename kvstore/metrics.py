@@ -69,6 +69,8 @@ SECURE_DELETES = Family("kvstore_secure_deletes", "Secure deletions run (host sc
 TRANSPORT_BYTES = Family("kvstore_transport_bytes", "Payload bytes moved, by transport and direction", ("transport", "direction"))
 REQUEST_ERRORS = Family("kvstore_request_errors", "Requests refused by the store, by gRPC status code", ("code",))
 CLUSTER_EVENTS = Family("kvstore_cluster_events", "Cluster membership and cluster-wide delete events, by name", ("event",))
+CLUSTER_COPIES = Family("kvstore_cluster_copies", "Copies between nodes (replicas, repair, spill, handoff) and sole copies lost, by event",
+                        ("event",))
 REMOTE_LOCATE_KEYS = Family("kvstore_remote_locate_keys", "Keys missing here looked up at their directory homes, by answer", ("result",))
 REMOTE_FETCH_BLOCKS = Family("kvstore_remote_fetch_blocks", "Blocks fetched from peers, checked and stored here")
 REMOTE_FETCH_BYTES = Family("kvstore_remote_fetch_bytes", "Payload bytes fetched from peers")
@@ -120,6 +122,10 @@ EVENT_SERIES: dict[Event, tuple[Family, tuple[str, ...]]] = {
     **{event: (CLUSTER_EVENTS, (event.value.removeprefix("cluster_"),)) for event in (
         Event.CLUSTER_JOINS, Event.CLUSTER_FENCES, Event.CLUSTER_VIEW_CHANGES, Event.CLUSTER_KEEPALIVE_FAILURES,
         Event.TOMBSTONES_ISSUED, Event.TOMBSTONES_APPLIED, Event.CLUSTER_SSD_WIPES)},
+    **{event: (CLUSTER_COPIES, (event.value.removeprefix("cluster_"),)) for event in (
+        Event.CLUSTER_COPIES_TAKEN, Event.CLUSTER_COPY_BYTES_TAKEN, Event.CLUSTER_COPIES_SENT, Event.CLUSTER_COPY_BYTES_SENT,
+        Event.CLUSTER_COPY_FAILURES, Event.CLUSTER_REPLICA_PUSHES_DROPPED, Event.CLUSTER_REPAIR_KEYS, Event.CLUSTER_SPILLED,
+        Event.CLUSTER_HANDED_OFF, Event.CLUSTER_SOLE_COPIES_EVICTED)},
     Event.REMOTE_LOCATE_FOUND: (REMOTE_LOCATE_KEYS, ("found",)),
     Event.REMOTE_LOCATE_ABSENT: (REMOTE_LOCATE_KEYS, ("absent",)),
     Event.REMOTE_FETCH_BLOCKS: (REMOTE_FETCH_BLOCKS, ()),

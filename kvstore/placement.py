@@ -29,7 +29,7 @@ from kvwire.errors import BlockNotFoundError, CapacityExhaustedError, LeaseError
 from kvwire.types import Slot, Tier as TierId
 from kvstore.counters import Event
 from kvstore.block_table import BlockTable, Caller, WriteLease
-from kvstore.eviction import EvictionPolicy, EvictReport
+from kvstore.eviction import EvictionPolicy, EvictReport, keep_rank
 from kvstore.index import BlockMeta
 from kvstore.tiers.base import Buffer, Copy, MemoryTier, Tier
 from kvstore.tiers.ssd import SsdTier
@@ -151,16 +151,22 @@ class Placement:
         their room (none if all_or_none and not all fit). Lock held."""
         ssd = self.ssd
         needs = [ssd.room_for(m.tenant, m.size) for m in blocks]
-        room = self.policy.room(table.index.in_lru_order(SSD), ssd.capacity_bytes - ssd.used_bytes, needs,
+        room = self.policy.room(self.policy.order(table.index.in_lru_order(SSD)), ssd.capacity_bytes - ssd.used_bytes, needs,
                                 lambda m: ssd.footprint(m.copies[SSD]))
         if all_or_none and not all(room.fits):
             return room.fits
         for victim in room.victims:
             self.counters[Event.SSD_EVICTIONS] += 1
             if table.drop_copy(victim, SSD):
-                self.counters[Event.EVICTIONS] += 1
+                self._evicted(victim)
         self.settle()  # the victims' room is back before the new records are allocated
         return room.fits
+
+    def _evicted(self, meta: BlockMeta) -> None:
+        """A block left the store for want of room; in cluster mode, count it when it was a sole copy (a loss)."""
+        self.counters[Event.EVICTIONS] += 1
+        if self.policy.by_rank and keep_rank(meta) == 2:
+            self.counters[Event.CLUSTER_SOLE_COPIES_EVICTED] += 1
 
     def _alloc_below(self, blocks: Sequence[BlockMeta]) -> list[tuple[BlockMeta, Copy]]:
         """Ssd records for blocks _room_below found room for (a block whose record cannot be had is left out). Lock held."""
@@ -220,7 +226,7 @@ class Placement:
                             self.counters[Event.DEMOTIONS if meta in written else Event.HOST_EVICTIONS] += 1
                         elif meta in droppable:
                             evicted += 1
-                            self.counters[Event.EVICTIONS] += 1
+                            self._evicted(meta)
                         else:
                             continue
                         dropped += 1
@@ -263,7 +269,7 @@ class Placement:
             return 0
 
         def pick(table: BlockTable) -> list[BlockMeta]:
-            return self.policy.to_watermark(table.index.in_lru_order(HOST), host.used_bytes, target,
+            return self.policy.to_watermark(self.policy.order(table.index.in_lru_order(HOST)), host.used_bytes, target,
                                             self._host_footprint, DEMOTE_BATCH_BYTES).blocks
 
         chosen = 0
@@ -280,7 +286,7 @@ class Placement:
         """The synchronous fallback when the background demoter has not kept up: demote the fewest
         blocks that free a host slot for each of sizes (eviction.py's for_slots). How many left."""
         def pick(table: BlockTable) -> list[BlockMeta]:
-            return self.policy.for_slots(table.index.in_lru_order(HOST), lambda m: m.copies[HOST].offset, sizes, self.host.slots)
+            return self.policy.for_slots(self.policy.order(table.index.in_lru_order(HOST)), lambda m: m.copies[HOST].offset, sizes, self.host.slots)
 
         return self._demote(pick).dropped
 
@@ -563,7 +569,7 @@ class Placement:
         host, found = self.host, {}
 
         def pick(table: BlockTable) -> list[BlockMeta]:
-            found["victims"] = self.policy.to_watermark(table.index.in_lru_order(HOST), host.used_bytes,
+            found["victims"] = self.policy.to_watermark(self.policy.order(table.index.in_lru_order(HOST)), host.used_bytes,
                                                          int(fraction * host.capacity_bytes), self._host_footprint)
             return found["victims"].blocks
 
@@ -578,7 +584,7 @@ class Placement:
         ssd = self.ssd
         with self.writer:
             with self.locked as table:
-                victims = self.policy.to_watermark(table.index.in_lru_order(SSD), ssd.used_bytes, int(fraction * ssd.capacity_bytes),
+                victims = self.policy.to_watermark(self.policy.order(table.index.in_lru_order(SSD)), ssd.used_bytes, int(fraction * ssd.capacity_bytes),
                                                    lambda m: ssd.footprint(m.copies[SSD]))
                 gone = sum(table.drop_copy(meta, SSD) for meta in victims.blocks)
                 self.counters[Event.SSD_EVICTIONS] += len(victims.blocks)

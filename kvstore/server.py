@@ -188,9 +188,14 @@ class KVStoreServer:
         done.wait()
         self.stop()
 
-    def drain(self, wait_s: float) -> apb.DrainResponse:
+    def drain(self, wait_s: float, handoff: bool = False) -> apb.DrainResponse:
         """Leave the cluster (in cluster mode), admit no writes, give readers and lease holders up to wait_s to finish,
-        flush the host tier, then exit."""
+        flush the host tier, then exit. With handoff (cluster mode), writes stop first and the blocks no other node
+        holds are moved to peers before this node leaves."""
+        handed_off = failed = 0
+        if handoff and self.cluster is not None:
+            self.store.admitting = False
+            handed_off, failed = self.cluster.handoff()
         if self.cluster is not None:
             self.cluster.leave()
         self.store.admitting = False
@@ -200,4 +205,4 @@ class KVStoreServer:
         self.store.ssd.sync()
         log.info("drained: %d blocks flushed to ssd, %d readers left; exiting", flushed, left)
         self._exit.set()  # serve_forever stops the server; its grace period lets this answer go out
-        return apb.DrainResponse(flushed_blocks=flushed, readers_left=left)
+        return apb.DrainResponse(flushed_blocks=flushed, readers_left=left, handed_off=handed_off, handoff_failed=failed)

@@ -36,9 +36,9 @@ from kvwire.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutc
 from kvstore.counters import Event
 from kvstore.block_table import BlockTable, BlockView, Caller, LeaseView, Limits, WriteLease, host_columns, pin_table
 from kvstore.config import ServerConfig
-from kvstore.eviction import EvictionPolicy, EvictReport
+from kvstore.eviction import EvictionPolicy, EvictReport, keep_rank
 from kvstore.hbm_placement import HbmPlacement, PinPlacement, PromotionReport
-from kvstore.index import BlockIndex, BlockMeta, storage_key, tenant_tag
+from kvstore.index import BlockIndex, BlockMeta, Origin, storage_key, tenant_tag
 from kvstore.placement import Placement, checksum
 from kvstore.tiers.device import DeviceMemory
 from kvstore.tiers.host import HostPool
@@ -720,14 +720,15 @@ class Store:
         blocks (placement.adopt); how many leading ones are now present. Never over a block that exists here, and
         none if an operator's delete ran since `since` (self.deletions when the fetch began): the peer may not have
         applied that delete yet, and its copy must not bring a deleted block back here."""
-        metas = [(BlockMeta(storage_key(tenant, key), tenant, fingerprint_id, len(data), crc), data) for key, data, crc in blocks]
+        metas = [(BlockMeta(storage_key(tenant, key), tenant, fingerprint_id, len(data), crc, origin=Origin.COPY), data)
+                 for key, data, crc in blocks]
         return self.placement.adopt(metas, lambda: self.deletions == since)
 
     def reserve_copies(self, tenant: str, fingerprint_id: bytes, blocks: Sequence[tuple[bytes, int, int]]) -> tuple[list[BlockMeta], list[Slot | None]]:
         """Host slots a peer's blocks (key, size, checksum) are about to be received into, straight from the
         network; (their metas, their slots: None where the block is here already or found no room). Pass both
         to settle_copies, whatever happens."""
-        metas = [BlockMeta(storage_key(tenant, key), tenant, fingerprint_id, size, crc) for key, size, crc in blocks]
+        metas = [BlockMeta(storage_key(tenant, key), tenant, fingerprint_id, size, crc, origin=Origin.COPY) for key, size, crc in blocks]
         return metas, self.placement.reserve_copies(metas)
 
     def settle_copies(self, reserved: tuple[list[BlockMeta], list[Slot | None]], landed: int, since: int) -> int:
@@ -736,6 +737,57 @@ class Store:
         leading blocks are now present."""
         metas, slots = reserved
         return self.placement.settle_copies(metas, slots, landed, lambda: self.deletions == since)
+
+    def describe(self, skeys: Sequence[bytes]) -> list[tuple[str, bytes, int, int] | None]:
+        """(tenant, fingerprint id, size, checksum) of each storage key's block here, None where absent: what a
+        node that asks a peer to take copies tells it about them."""
+        out: list[tuple[str, bytes, int, int] | None] = []
+        for chunk in _chunks(skeys):
+            with self._locked as table:
+                find = table.index.get
+                out += [None if (m := find(skey)) is None else (m.tenant, m.fingerprint_id, m.size, m.checksum) for skey in chunk]
+        return out
+
+    def mark_copies(self, skeys: Sequence[bytes], origin: Origin | None = None, elsewhere: bool | None = None) -> int:
+        """Record what cluster mode learnt of these blocks (those here): their origin (raised only: a replica stays one
+        when it is later read through) and whether another node holds them too. Eviction reads both. How many were here."""
+        marked = 0
+        for chunk in _chunks(skeys):
+            with self._locked as table:
+                for skey in chunk:
+                    if (meta := table.index.get(skey)) is None:
+                        continue
+                    marked += 1
+                    if origin is not None and (meta.origin == Origin.COPY or (meta.origin != Origin.LOCAL and origin > meta.origin)):
+                        meta.origin = origin
+                    if elsewhere is not None:
+                        meta.elsewhere = elsewhere
+        return marked
+
+    def drop(self, skeys: Sequence[bytes]) -> int:
+        """Remove these blocks (unpinned ones only) from every tier: their bytes moved to another node (a spill). How many went."""
+        dropped = 0
+        for chunk in _chunks(skeys):
+            with self._locked as table:
+                for skey in chunk:
+                    meta = table.index.get(skey)
+                    if meta is not None and meta.pins == 0:
+                        dropped += table.delete(meta)
+        self.placement.erase_pending()
+        return dropped
+
+    def sole_copies(self, tier: Tier, limit_bytes: int) -> list[BlockMeta]:
+        """Unpinned blocks with a copy in tier that no other node is known to hold (eviction.keep_rank 2), least
+        recently used first, up to limit_bytes: what a full node spills to peers before it would drop them."""
+        out, total = [], 0
+        with self._locked as table:
+            for meta in table.index.in_lru_order(tier):
+                if total >= limit_bytes:
+                    break
+                if meta.pins == 0 and keep_rank(meta) == 2:
+                    out.append(meta)
+                    total += meta.size
+        return out
 
     def catalog(self) -> list[tuple[bytes, bytes, int, int]]:
         """(storage key, fingerprint id, size, checksum) of every block here: what a resync announces."""

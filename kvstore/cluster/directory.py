@@ -295,6 +295,16 @@ class DirectoryShard:
 
     # ---- view changes -----------------------------------------------------------------------
 
+    def losing(self, live: Collection[HolderId]) -> list[tuple[bytes, tuple[HolderId, ...]]]:
+        """Keys with a holder no longer live, each with its holders that are: what a repair looks at after a view
+        change (call it before forget_dead)."""
+        with self._lock:
+            keys: set[bytes] = set()
+            for holder, skeys in self._by_holder.items():
+                if holder not in live:
+                    keys |= skeys
+            return [(skey, tuple(h for h in entry.holders if h in live)) for skey in keys if (entry := self._entries.get(skey)) is not None]
+
     def forget_dead(self, live: Collection[HolderId]) -> int:
         """Drop every entry of holder incarnations no longer live (after a view change); how many holders went."""
         with self._lock:

@@ -17,6 +17,7 @@ It refuses request logic (store.py, api.py) and wire encoding (peer_service.py, 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -24,24 +25,29 @@ import threading
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, ContextManager, Iterator
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from kvwire.errors import FencedError, InvalidRequestError, UnavailableError
 from kvwire.hostid import host_id
 from kvstore.cluster.announcer import Announcer
 from kvstore.cluster.directory import BlockRef, DirectoryShard, live_holders
 from kvstore.cluster.etcd import EtcdClient, EtcdError
-from kvstore.cluster.hot import HotSpread, push_not_built
+from kvstore.cluster.handoff import hand_off
+from kvstore.cluster.hot import HotPush, HotSpread
 from kvstore.cluster.membership import Membership, MemberSpec
 from kvstore.cluster.peer_service import PEER_CLIENT_PREFIX, PeerServicer, cluster_status
 from kvstore.cluster.peers import Peers
 from kvstore.cluster.remote_tier import RemoteTier
+from kvstore.cluster.replicas import LAG_BUCKETS_S, Replicas
+from kvstore.cluster.replicator import Replicator
+from kvstore.cluster.spill import Spiller, node_room
 from kvstore.cluster.tombstones import Tombstone, Tombstones
 from kvstore.cluster.transfer_cap import PeerTransfers, Served
 from kvstore.cluster.ucx_fetch import UcxFetcher
 from kvstore.cluster.view import ClusterView
 from kvstore.config import ServerConfig
 from kvstore.counters import Event
+from kvstore.index import Origin
 from kvstore.operations import DeleteReport, Operations, Selector
 
 if TYPE_CHECKING:
@@ -96,14 +102,36 @@ class ClusterNode:
                                    timeout_s=max(0.2, cfg.cluster_announce_wait_ms / 1000), drop_removed=drop_removed)
         ucx = UcxFetcher(self.peers) if cfg.ucx and UcxFetcher.available() else None
         self.hot = HotSpread(self.shard, lambda: self.remote.ring(self.view()), self.counters, cfg.hot_threshold, cfg.hot_replicas,
-                             push_not_built)
+                             self._push_hot)
         self.remote = RemoteTier(self.name, store, self.identity, self.peers, self.shard, self.counters,
                                  cfg.remote_fetch_deadline_ms / 1000, ucx, hot=self.hot, adopted=self.announcer.wake)
         self.transfers = PeerTransfers(self.name, cfg.peer_max_inflight, self.counters, self.peers.count_served)
+        self.replicator = Replicator(self.name, store, self.peers, self.remote, self.identity, self.announcer.flush, self.counters,
+                                     cfg.cluster_copy_rate_mb_s * 1e6)
         self._deleting = threading.Lock()
         self.servicer = PeerServicer(self.name, self, auth, self.shard, self.hot, store, self.peers, self.transfers,
                                      self.counters, self.status)
+        self.servicer.replicator = self.replicator
+        self.replicas = Replicas(self.name, cfg.cluster_replicas, self.replicator, self.identity, self.counters)
+        self.spiller = Spiller(self.name, store, self.replicator, self.peers.status, self.identity, self.counters,
+                               cfg.high_watermark, cfg.low_watermark)
         self.servicer.add_to(grpc_server)
+
+    # ---- the copy primitive ------------------------------------------------------------------------
+
+    def request_copies(self, target_node: str, storage_keys: list[bytes], source_node: str | None = None,
+                       origin: Origin = Origin.REPLICA, capped: bool = True) -> int:
+        """Have target_node take copies of these blocks from source_node (default: this node), over its remote-tier
+        read path (checked before visible, then announced as held); how many of them it holds afterwards. Blocking;
+        paced by this node's copy rate cap (or the source's) when capped; never raises for a peer's failure.
+        origin tells the target's eviction what they are (replicator.py)."""
+        return self.replicator.request_copies(target_node, storage_keys, source_node, origin, capped)
+
+    def _push_hot(self, push: HotPush) -> None:
+        """A directory home's push of a hot run (hot.py): the target copies it from the least loaded holder, as a
+        read-through copy (evicted first), paced by the source's copy rate cap."""
+        held = self.request_copies(push.target, list(push.skeys), push.source[0], Origin.COPY)
+        log.debug("hot keys: node %s took %d of %d blocks from %s", push.target, held, len(push.skeys), push.source[0])
 
     # ---- what the other parts read (the servicer's MembershipView too) ---------------------------
 
@@ -147,8 +175,11 @@ class ClusterNode:
         membership.on_fence(self._on_fence)
         membership.on_join(self._on_join)
         self.membership = membership
-        self.store.index.listener = self.announcer.record
+        self.store.index.listener = self._on_index
+        self.store.policy.by_rank = True  # read-through copies and replicated blocks are evicted before sole copies
         self.announcer.start()
+        self.replicas.start()
+        self.spiller.start()
         self.store.remote = self.remote
         self.api.cluster = self
         membership.start()
@@ -156,6 +187,13 @@ class ClusterNode:
         log.info("cluster %s: node %s joined as incarnation %d, advertising %s", self.cfg.cluster_name, self.name,
                  membership.incarnation, self.address)
         return self
+
+    def handoff(self) -> tuple[int, int]:
+        """drain --handoff: mark this node draining and move the blocks no other node holds to peers (handoff.py);
+        (blocks peers took, sole copies none took). The caller leaves afterwards."""
+        if self.membership is None or self.fenced:
+            return 0, 0
+        return hand_off(self.name, self.store, self.membership, self.remote, self.replicator, self.counters, self.identity)
 
     def leave(self) -> None:
         """Leave the cluster at once (drain, shutdown): the lease is revoked, peers drop this node within a watch event."""
@@ -166,6 +204,8 @@ class ClusterNode:
     def close(self) -> None:
         self.store.remote = None
         self.store.index.listener = None
+        self.spiller.close()
+        self.replicas.close()
         self.announcer.close()
         self.tombstones.close()
         if self.membership is not None:
@@ -177,14 +217,22 @@ class ClusterNode:
 
     # ---- membership events -----------------------------------------------------------------------
 
+    def _on_index(self, skey: bytes, meta) -> None:
+        """The store index's listener (store lock held: each only takes note): announces, and replica pushes."""
+        self.announcer.record(skey, meta)
+        if meta is not None:
+            self.replicas.note(meta)
+
     def _on_view(self, view: ClusterView) -> None:
         self.peers.on_view(view)
         live = live_holders(view)
+        lost = self.shard.losing(live)
         self.shard.forget_dead(live)
         self.hot.forget(live)
         ring = self.remote.ring(view)
         self.shard.keep_homed(lambda skeys: ring.is_home(self.name, skeys))
         self.announcer.wake()
+        self.replicas.repair(view, lost)
 
     def _on_fence(self) -> None:
         log.warning("cluster: node %s fenced; serving no peer%s until it rejoins", self.name,
@@ -257,7 +305,16 @@ class ClusterNode:
     def status(self):
         """This node's ClusterStatus message (peer_service.cluster_status)."""
         membership = self.membership.status(lease_ttls=False) if self.membership is not None else None
-        return cluster_status(self.name, membership, self.shard, self.peers, self.counters, self.tombstones.applied_revision)
+        status = cluster_status(self.name, membership, self.shard, self.peers, self.counters, self.tombstones.applied_revision)
+        status.capacity_bytes, status.free_bytes = self.capacity()
+        lags = self.replicas.lags
+        status.replication_lag_p50_ms, status.replication_lag_p99_ms = lags.quantile(0.5) * 1000, lags.quantile(0.99) * 1000
+        status.replication_pending = self.replicas.pending
+        return status
+
+    def capacity(self) -> tuple[int, int]:
+        """(capacity, free bytes) as spill sees them (spill.py node_room)."""
+        return node_room(self.store)
 
     def statuses(self) -> tuple[list, list[str]]:
         """This node's status and every live peer's; the names of peers that did not answer."""
@@ -290,6 +347,12 @@ class ClusterCollector:
         yield GaugeMetricFamily("kvstore_directory_entries", "Keys this node is directory home for", value=len(node.shard))
         yield GaugeMetricFamily("kvstore_directory_announce_queue", "Block changes not yet acknowledged by their homes",
                                 value=node.announcer.queued)
+        lags = node.replicas.lags
+        buckets = [(str(le), float(n)) for le, n in zip(LAG_BUCKETS_S, itertools.accumulate(lags.buckets))]
+        yield HistogramMetricFamily("kvstore_replication_lag_seconds", "Commit here to its replica announced by the replica node",
+                                    buckets=[*buckets, ("+Inf", float(lags.count))], sum_value=lags.sum)
+        yield GaugeMetricFamily("kvstore_replication_pending", "Blocks committed here not yet pushed to their replica nodes",
+                                value=node.replicas.pending)
         breakers = GaugeMetricFamily("kvstore_peer_breaker_open", "1 while a peer's circuit breaker is open", labels=["peer"])
         for info in node.peers.breakers():
             breakers.add_metric([info.peer], 0 if info.state == "closed" else 1)

@@ -1,8 +1,8 @@
 """The server half of PeerService: what one node answers other nodes, behind the peer credential and the envelope check.
 
 Owns admission of node-to-node calls (the peer-role token, then the fencing rules below) and the
-four answers: Locate and Announce/Resync from this node's directory shard, Fetch from its store by
-storage key, Status from the node. It refuses policy: what a shard keeps is directory.py's, what a
+answers: Locate and Announce/Resync from this node's directory shard, Fetch from its store by
+storage key, Replicate through the node's replicator (replicator.py), Status from the node. It refuses policy: what a shard keeps is directory.py's, what a
 store holds is the store's.
 
 Fencing, in order (design/cluster.md §3.3):
@@ -30,6 +30,7 @@ from kvstore.counters import Event
 from kvstore.cluster.directory import BlockRef, DirectoryShard, HolderId, Locations, live_holders
 from kvstore.cluster.hot import HotSpread
 from kvstore.cluster.peers import Peers
+from kvstore.cluster.replicator import CopyGroup
 from kvstore.cluster.transfer_cap import PeerTransfers, Served
 from kvstore.cluster.view import ClusterView
 from kvstore.service import abort
@@ -113,6 +114,7 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
         self.status = status
         self.ucx: UcxSessions | None = None  # the server's UCX data plane, once started (node.start)
         self.ucx_listener = ""  # host:port peers dial for it
+        self.replicator = None  # replicator.Replicator (node.py): answers Replicate
 
     def add_to(self, server: grpc.Server) -> None:
         ppb_grpc.add_PeerServiceServicer_to_server(self, server)
@@ -230,6 +232,18 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
         client_id = f"{PEER_CLIENT_PREFIX}{env.sender}:{env.sender_incarnation}"
         token = self.ucx.session_token(Caller(tenant=check_tenant(request.tenant), client_id=client_id))
         return ppb.UcxSessionResponse(listener=self.ucx_listener, token=token, client_id=client_id)
+
+    @_peer_call
+    def Replicate(self, request: ppb.ReplicateRequest, context) -> ppb.ReplicateResponse:
+        """Take copies of a peer's blocks, or (as their holder) have another node take them: replicator.py."""
+        if self.replicator is None:
+            raise FencedError(f"node {self.me} is not ready to take copies")
+        if request.target and request.target != self.me:
+            return ppb.ReplicateResponse(held=self.replicator.forward(request.target, list(request.skeys), request.origin))
+        groups = [CopyGroup(g.tenant, g.fingerprint_id, tuple(g.skeys), tuple(g.sizes), tuple(g.checksums)) for g in request.groups]
+        held, taken, taken_bytes = self.replicator.take(request.source or request.envelope.sender, request.source_incarnation,
+                                                        request.origin, groups)
+        return ppb.ReplicateResponse(held=held, taken=taken, taken_bytes=taken_bytes)
 
     @_peer_call
     def Status(self, request: ppb.PeerStatusRequest, context) -> ppb.ClusterStatus:

@@ -26,6 +26,7 @@ from kvwire.defaults import AUTH_METADATA, MAX_MESSAGE_BYTES
 from kvwire.errors import ERROR_TYPE_METADATA, KVStoreError, UnavailableError, error_for
 from kvstore.counters import Event
 from kvstore.cluster.directory import AnnounceResult, BlockRef, HolderId, Locations
+from kvstore.cluster.replicator import CopyGroup
 from kvstore.cluster.view import ClusterView, Member
 from kvwire.v1 import peer_pb2 as ppb
 from kvwire.v1 import peer_pb2_grpc as ppb_grpc
@@ -344,6 +345,29 @@ class Peers:
             return answer.listener, answer.token, answer.client_id
         except grpc.RpcError as err:
             raise self._failed(peer, err) from None
+
+    def copy_to(self, target: str, source: str, source_incarnation: int, origin: str, groups: Sequence[CopyGroup],
+                timeout_s: float) -> tuple[list[int], int, int]:
+        """Replicate at the target: take these groups from source. (per group, leading keys it holds; blocks it copied; their bytes)."""
+        request = ppb.ReplicateRequest(source=source, source_incarnation=source_incarnation, origin=origin, groups=[
+            ppb.CopyGroup(tenant=g.tenant, fingerprint_id=g.fingerprint_id, skeys=g.skeys, sizes=g.sizes, checksums=g.checksums)
+            for g in groups])
+        answer = self._replicate(target, request, timeout_s)
+        return list(answer.held), answer.taken, answer.taken_bytes
+
+    def copy_via(self, source: str, target: str, origin: str, skeys: Sequence[bytes], timeout_s: float) -> list[int]:
+        """Replicate at the source: have target take these blocks from it. Per group it made, leading keys target holds."""
+        return list(self._replicate(source, ppb.ReplicateRequest(target=target, origin=origin, skeys=list(skeys)), timeout_s).held)
+
+    def _replicate(self, name: str, request: ppb.ReplicateRequest, timeout_s: float) -> ppb.ReplicateResponse:
+        peer, env = self._begin(name)
+        request.envelope.CopyFrom(env)
+        try:
+            answer = peer.stub.Replicate(request, timeout=timeout_s, metadata=self.metadata)
+            peer.breaker.succeeded()
+            return answer
+        except grpc.RpcError as err:
+            raise self._failed(peer, err, landed=True) from None  # a long copy running out of time is not a silent peer
 
     def status(self, name: str, timeout_s: float) -> ppb.ClusterStatus:
         peer, env = self._begin(name)

@@ -389,6 +389,34 @@ class RemoteTier:
             self.counters[Event.REMOTE_FETCH_NOT_FOUND] += 1
         return adopted, why
 
+    def held_elsewhere(self, fingerprint_id: bytes, skeys: list[bytes]) -> list[bool]:
+        """Whether a live, reachable peer holds each key, as the directory answers (drain --handoff's question)."""
+        return [h is not None for h in self._locate(skeys, fingerprint_id, LOCATE_TIMEOUT_S).holders]
+
+    # ---- the copy primitive's receiving half ----------------------------------------------------
+
+    def copy_from(self, holder: HolderId, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes], sizes: Sequence[int],
+                  checksums: Sequence[int], deadline: float) -> int:
+        """Copy one run of a holder's blocks in, as a read fetches them (UCX into reserved slots, else gRPC Fetch;
+        each block checked against the size and checksum given, which the holder's must match), for a peer that
+        asked this node to take them (replicator.py). How many leading blocks landed. The holder is the only one
+        named, so while it answers busy (past its peer_max_inflight) it is asked again after a short wait."""
+        tag = tenant_tag(tenant)
+        skeys = [tag + k for k in keys]
+        found = [Located(size, crc, (holder,)) for size, crc in zip(sizes, checksums)]
+        since, got, why, backoff_s = self.store.deletions, 0, "", BUSY_BACKOFF_S
+        while True:
+            landed, why = self._fetch_run(holder, tenant, fingerprint_id, keys[got:], skeys[got:], found[got:], deadline, since)
+            got += landed
+            if why != "busy" or got == len(keys) or time.monotonic() >= deadline:
+                break
+            self.counters[Event.REMOTE_FETCH_BUSY] += 1  # the only holder named is past its peer_max_inflight: wait
+            time.sleep(max(0.0, min(backoff_s * random.uniform(0.5, 1.5), deadline - time.monotonic())))
+            backoff_s = min(2 * backoff_s, BUSY_BACKOFF_MAX_S)
+        if got < len(keys):
+            log.debug("copy from %s: %d of %d blocks (%s)", holder[0], got, len(keys), why or "deadline")
+        return got
+
     # ---- lazy repair ------------------------------------------------------------------------
 
     def _repair(self, holder: HolderId, skey: bytes) -> None:

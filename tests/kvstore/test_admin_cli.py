@@ -179,7 +179,7 @@ def test_drain_refuses_writes_waits_for_readers_flushes_and_exits_zero(make_serv
         unpin(srv, [held.pin_id], metadata=ALICE)
         out, err = drain.communicate(timeout=30)
     assert drain.returncode == 0, err
-    assert json.loads(out) | {"waited_ms": 0} == {"flushed_blocks": 5, "readers_left": 0, "waited_ms": 0}
+    assert json.loads(out) | {"waited_ms": 0} == {"flushed_blocks": 5, "readers_left": 0, "waited_ms": 0, "handed_off": 0, "handoff_failed": 0}
     assert srv.proc.wait(30) == 0
     actions = audit_actions(srv)
     assert [(a["action"], a["tenant"]) for a in actions] == [("drain", "ops"), ("drained", "ops")] and actions[1]["flushed_blocks"] == 5

@@ -120,6 +120,9 @@ EXPORTED_SERIES = {
     "tombstones_issued": ("kvstore_cluster_events_total", {"event": "tombstones_issued"}),
     "tombstones_applied": ("kvstore_cluster_events_total", {"event": "tombstones_applied"}),
     "cluster_ssd_wipes": ("kvstore_cluster_events_total", {"event": "ssd_wipes"}),
+    **{f"cluster_{name}": ("kvstore_cluster_copies_total", {"event": name}) for name in (
+        "copies_taken", "copy_bytes_taken", "copies_sent", "copy_bytes_sent", "copy_failures", "replica_pushes_dropped",
+        "repair_keys", "spilled", "handed_off", "sole_copies_evicted")},
     "remote_locate_found": ("kvstore_remote_locate_keys_total", {"result": "found"}),
     "remote_locate_absent": ("kvstore_remote_locate_keys_total", {"result": "absent"}),
     "remote_fetch_blocks": ("kvstore_remote_fetch_blocks_total", {}),
