@@ -4,15 +4,16 @@ Owns what a home adds to its shard's Locate answers (design/cluster.md §3.10):
   - **holder order by load.** The home keeps, per holder incarnation, a decayed count of the bytes it has
     pointed readers at (the first holder it names for each key found). Every answer lists holders least
     loaded first, and a reader takes the first unless its own view of that peer (in-flight transfers,
-    latency: holder_load.py) says the other of its two choices is better. Why the home: a reader knows only
+    latency: holder_choice.py) says the other of its two choices is better. Why the home: a reader knows only
     its own traffic, so readers of a hot prefix arriving one after another would each pick the writer (or a
-    coin flip), and the writer would serve nearly every copy; the home sees every reader of the key, so the
-    second reader is sent to the first reader's copy, the third to the second's, and so on.
+    coin flip), and the writer would serve nearly every copy; the home sees the readers that ask it, and names
+    the newest copy first among equally loaded ones, so the second reader is sent to the first reader's copy,
+    the third to the second's, and so on.
   - **demand per key.** A decayed count-min sketch (sketch.py) of Locates per key. A key whose count passes
-    hot_threshold while fewer than hot_replicas live nodes hold it is pushed: a holder (the least loaded)
-    is asked, through `push`, to copy the request's run of such keys to the next nodes in the key's HRW
-    order, up to hot_replicas holders. Each key is pushed at most once per PUSH_QUIET_S, off the
-    Locate's path (a thread of its own).
+    hot_threshold while fewer than hot_replicas live nodes hold it is pushed: the next nodes of a rendezvous
+    ranking (the same for the whole prefix: _plan) take copies of the request's run of such keys from the
+    least loaded holder, through `push` (the copy primitive), up to hot_replicas holders. Each key is
+    pushed at most once per PUSH_QUIET_S, off the Locate's path (a thread of its own).
 It refuses the shard's bookkeeping (directory.py) and the push's transport (the caller's `push`).
 """
 from __future__ import annotations
@@ -27,8 +28,9 @@ from dataclasses import dataclass
 from typing import Callable, Collection, Sequence
 
 import numpy as np
+import xxhash
 
-from kvstore.cluster.directory import DirectoryShard, HolderId, Locations, Rendezvous, key_words
+from kvstore.cluster.directory import SKEY_BYTES, DirectoryShard, HolderId, Locations, Rendezvous, key_words
 from kvstore.cluster.sketch import DecayedCountMin
 from kvstore.counters import Event
 
@@ -48,12 +50,6 @@ class HotPush:
     fingerprint_id: bytes
     skeys: tuple[bytes, ...]
     size_bytes: int
-
-
-def push_not_built(push: HotPush) -> None:
-    """The push for hot keys, until nodes can ask each other to take copies: it logs what it would ask, and does nothing."""
-    log.info("hot keys: would ask node %s to copy %d blocks (%d bytes) from node %s (no copy primitive yet)",
-             push.target, len(push.skeys), push.size_bytes, push.source[0])
 
 
 class HolderLoad:
@@ -96,16 +92,21 @@ class HolderLoad:
 class HotSpread:
     """A home's Locate answers, ordered by holder load, with demand counted and hot keys pushed."""
 
-    def __init__(self, shard: DirectoryShard, ring: Callable[[], Rendezvous], counters: Counter, threshold: float,
-                 replicas: int, push: Callable[[HotPush], None] = push_not_built, clock: Callable[[], float] = time.monotonic) -> None:
-        """ring(): the rendezvous over the active members (the order of a key's next copies). threshold <= 0 or
-        replicas <= 1: no pushes (holders are still ordered by load)."""
+    def __init__(self, me: str, shard: DirectoryShard, ring: Callable[[], Rendezvous], counters: Counter, threshold: float,
+                 replicas: int, push: Callable[[HotPush], None], settling: Callable[[], bool] = lambda: False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """ring(): the rendezvous over the active members (the order of a run's next copies). push: have a node take
+        copies (ClusterNode.request_copies; blocking, run on a thread of its own). threshold <= 0 or replicas <= 1:
+        no pushes (holders are still ordered by load). settling(): readers still ask both homes of every key (just
+        after a membership change: RemoteTier.settling); no pushes then, or both homes would push the same keys."""
+        self.me = me
         self.shard = shard
         self.ring = ring
         self.counters = counters
         self.threshold = threshold
         self.replicas = replicas
         self.push = push
+        self.settling = settling
         self.clock = clock
         self.load = HolderLoad(clock=clock)
         self.demand = DecayedCountMin(HALF_LIFE_S, clock=clock)
@@ -151,8 +152,13 @@ class HotSpread:
         asked = [skeys[i] for i in found.positions] if len(found.positions) < len(skeys) else list(skeys)
         counts = self.demand.add(key_words(asked))
         hot = [j for j in np.flatnonzero(counts >= self.threshold).tolist() if len(found.holders[j]) < self.replicas]
-        if not hot:
+        if not hot or self.settling():
             return
+        ring = self.ring()
+        if self.me not in ring.names:
+            return
+        first = ring.homes([asked[j] for j in hot], count=1)[:, 0] == ring.names.index(self.me)
+        hot = [j for j, mine in zip(hot, first.tolist()) if mine]  # a key's first home alone pushes it (see _plan)
         now = self.clock()
         with self._lock:
             hot = [j for j in hot if now - self._pushed.get(asked[j], -PUSH_QUIET_S) >= PUSH_QUIET_S]
@@ -164,13 +170,22 @@ class HotSpread:
             self._plan(fingerprint_id, [asked[j] for j in run], found.holders[run[0]], sum(found.sizes[j] for j in run))
 
     def _plan(self, fingerprint_id: bytes, skeys: list[bytes], holders: tuple[HolderId, ...], nbytes: int) -> None:
-        """Pushes for one run of hot keys that share their holders: the next HRW nodes of its first key that hold
-        none of it, up to `replicas` holders in all, each copying from the least loaded holder."""
+        """Pushes for one run of hot keys that share their holders: the next nodes of the run's rendezvous ranking that
+        hold none of it, up to `replicas` holders in all, each copying from the least loaded holder.
+
+        The ranking is keyed by the fingerprint and the holders' names, not by the run's first key: a reader asks
+        each home about its own keys only, so one hot prefix reaches every home of its keys as separate runs, and a
+        per-key ranking would scatter the prefix over the cluster (a later reader would find short runs everywhere).
+        Keyed alike at every home, the whole prefix goes to the same nodes. The cost: hot prefixes of one model
+        held by the same nodes go to the same next nodes (readers still spread over all the copies).
+        Only a key's first home pushes it: a reader that is a key's second home asks itself, so both homes can
+        count a key past the threshold, and both pushing would copy it twice."""
         ring = self.ring()
         if len(ring) == 0:
             return
         holding = {name for name, _ in holders}
-        nodes = [ring.names[i] for i in ring.homes(skeys[:1], count=len(ring))[0].tolist()]
+        anchor = xxhash.xxh3_128_digest(fingerprint_id + "\0".join(sorted(holding)).encode()).ljust(SKEY_BYTES, b"\0")
+        nodes = [ring.names[i] for i in ring.homes([anchor], count=len(ring))[0].tolist()]
         targets = [n for n in nodes if n not in holding][: max(0, self.replicas - len(holders))]
         for target in targets:
             source = self.load.rank(holders)[0]

@@ -101,8 +101,8 @@ class ClusterNode:
         self.announcer = Announcer(self.name, self.shard, self.peers, self.identity, self._catalog, self.counters,
                                    timeout_s=max(0.2, cfg.cluster_announce_wait_ms / 1000), drop_removed=drop_removed)
         ucx = UcxFetcher(self.peers) if cfg.ucx and UcxFetcher.available() else None
-        self.hot = HotSpread(self.shard, lambda: self.remote.ring(self.view()), self.counters, cfg.hot_threshold, cfg.hot_replicas,
-                             self._push_hot)
+        self.hot = HotSpread(self.name, self.shard, lambda: self.remote.ring(self.view()), self.counters, cfg.hot_threshold, cfg.hot_replicas,
+                             self._push_hot, settling=lambda: self.remote.settling())
         self.remote = RemoteTier(self.name, store, self.identity, self.peers, self.shard, self.counters,
                                  cfg.remote_fetch_deadline_ms / 1000, ucx, hot=self.hot, adopted=self.announcer.wake)
         self.transfers = PeerTransfers(self.name, cfg.peer_max_inflight, self.counters, self.peers.count_served)

@@ -111,6 +111,11 @@ class RemoteTier:
             self.load.forget(live_holders(view))
         return ring
 
+    def settling(self) -> bool:
+        """Whether readers still ask both homes of every key (SETTLE_S after the last membership change)."""
+        self.ring(self.identity()[1])
+        return time.monotonic() - self._ring_changed < SETTLE_S
+
     def _asks(self, view: ClusterView, skeys: list[bytes]) -> tuple[dict[str, list[int]], Callable[[int], str | None]]:
         """Which home to ask about which keys (name -> positions), and for a position the other home to ask if the
         first fails (None: none). One home per key: this node where it is one, else the key's first home; both (no

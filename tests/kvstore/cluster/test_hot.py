@@ -91,7 +91,7 @@ def test_a_home_sends_each_new_reader_to_the_least_loaded_holder() -> None:
     keys = skeys(8)
     a, b, c = ("a", 1), ("b", 1), ("c", 1)
     shard = shard_with(keys, [a])
-    hot = HotSpread(shard, lambda: Rendezvous("abcd"), Counter(), threshold=0, replicas=3, clock=Clock())
+    hot = HotSpread("a", shard, lambda: Rendezvous("abcd"), Counter(), threshold=0, replicas=3, push=print, clock=Clock())
     live = {a, b, c}
     found, order = hot.answer(FP, keys, live)
     assert set(found.holders) == {(a,)} and order == [a]
@@ -104,7 +104,7 @@ def test_a_home_sends_each_new_reader_to_the_least_loaded_holder() -> None:
     assert hot.load.of(a) == hot.load.of(b) == hot.load.of(c) == 800
     hot.close()
     # A home that answered none of those readers (each asks one home per key) still names the newest copy first.
-    fresh = HotSpread(shard, lambda: Rendezvous("abcd"), Counter(), threshold=0, replicas=3, clock=Clock())
+    fresh = HotSpread("a", shard, lambda: Rendezvous("abcd"), Counter(), threshold=0, replicas=3, push=print, clock=Clock())
     assert set(fresh.answer(FP, keys, live)[0].holders) == {(c, b, a)}
     fresh.load.add(c, 1000)
     assert set(fresh.answer(FP, keys, live)[0].holders) == {(b, a, c)}
@@ -117,7 +117,7 @@ def test_the_wire_keeps_the_homes_order() -> None:
     shard = shard_with(keys[:3], [a])
     shard.resync(c, 1, [BlockRef(k, FP, 100, 7) for k in keys[3:]])
     shard.resync(b, 1, [BlockRef(k, FP, 100, 7) for k in keys])
-    hot = HotSpread(shard, lambda: Rendezvous("abc"), Counter(), threshold=0, replicas=3)
+    hot = HotSpread("a", shard, lambda: Rendezvous("abc"), Counter(), threshold=0, replicas=3, push=print)
     hot.load.add(b, 10_000)  # b is the busiest: named last wherever it holds
     found, order = hot.answer(FP, keys, {a, b, c})
     decoded = located(locate_response(found, order))
@@ -126,10 +126,17 @@ def test_the_wire_keeps_the_homes_order() -> None:
     hot.close()
 
 
-def test_a_key_past_the_threshold_is_pushed_to_its_next_hrw_nodes_once() -> None:
-    keys = skeys(4, seed=3)
+def first_homed_at(ring: Rendezvous, name: str, n: int, seed: int) -> list[bytes]:
+    """n storage keys whose first home on ring is name."""
+    pool = skeys(40 * n, seed)
+    first = ring.homes(pool, count=1)[:, 0] == ring.names.index(name)
+    return [k for k, mine in zip(pool, first.tolist()) if mine][:n]
+
+
+def test_a_key_past_the_threshold_is_pushed_to_more_nodes_once_and_a_prefix_stays_together() -> None:
     a = ("a", 1)
     ring = Rendezvous(["a", "b", "c", "d"])
+    keys = first_homed_at(ring, "a", 4, seed=3)
     shard = shard_with(keys, [a], size=1000)
     pushes: list[HotPush] = []
     done = threading.Event()
@@ -141,35 +148,57 @@ def test_a_key_past_the_threshold_is_pushed_to_its_next_hrw_nodes_once() -> None
 
     counters: Counter = Counter()
     clock = Clock()
-    hot = HotSpread(shard, lambda: ring, counters, threshold=3, replicas=3, push=push, clock=clock)
+    hot = HotSpread("a", shard, lambda: ring, counters, threshold=3, replicas=3, push=push, clock=clock)
     for _ in range(2):
         hot.answer(FP, keys, {a})
     time.sleep(0.05)
     assert pushes == []  # under the threshold
     hot.answer(FP, keys, {a})
     assert done.wait(5)
-    order = [ring.names[i] for i in ring.homes(keys[:1], count=4)[0].tolist() if ring.names[i] != "a"]
-    assert sorted(p.target for p in pushes) == sorted(order[:2])  # two more nodes: three holders in all
+    targets = {p.target for p in pushes}
+    assert len(targets) == 2 and "a" not in targets  # two more nodes: three holders in all
     assert all(p.source == a and p.skeys == tuple(keys) and p.size_bytes == 4000 for p in pushes)
     assert counters["directory_hot_pushes"] == 2
+    # Another home's run of the same prefix (other keys, the same fingerprint and holders) goes to the same nodes.
+    other_keys = first_homed_at(ring, "b", 4, seed=5)
+    other = HotSpread("b", shard_with(other_keys, [a], size=1000), lambda: ring, Counter(), threshold=1, replicas=3, push=push, clock=clock)
+    done.clear()
+    other.answer(FP, other_keys, {a})
+    deadline = time.monotonic() + 5
+    while len(pushes) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert {p.target for p in pushes[2:]} == targets
+    other.close()
     for _ in range(5):  # still hot: not pushed again while the copies are on their way
         hot.answer(FP, keys, {a})
     time.sleep(0.05)
-    assert len(pushes) == 2
+    assert len(pushes) == 4  # the two above, and the other home's two
     hot.close()
 
 
-def test_no_push_once_a_key_has_enough_holders_or_with_pushes_off() -> None:
-    keys = skeys(2, seed=4)
+def test_no_push_with_enough_holders_pushes_off_at_a_second_home_or_while_the_view_settles() -> None:
+    ring = Rendezvous("abcd")
+    keys = first_homed_at(ring, "a", 2, seed=4)
     holders = [("a", 1), ("b", 1), ("c", 1)]
     pushes: list[HotPush] = []
-    for threshold, replicas, held in ((1, 3, holders), (0, 3, holders[:1]), (1, 1, holders[:1])):
-        hot = HotSpread(shard_with(keys, held), lambda: Rendezvous("abcd"), Counter(), threshold, replicas, push=pushes.append)
+    cases = [("a", 1, 3, holders, False), ("a", 0, 3, holders[:1], False), ("a", 1, 1, holders[:1], False),
+             ("b", 1, 3, holders[:1], False),  # b may be a home of these keys, never their first
+             ("a", 1, 3, holders[:1], True)]
+    for me, threshold, replicas, held, settling in cases:
+        hot = HotSpread(me, shard_with(keys, held), lambda: ring, Counter(), threshold, replicas, push=pushes.append,
+                        settling=lambda s=settling: s)
         for _ in range(5):
             hot.answer(FP, keys, set(holders))
         hot.close()
     time.sleep(0.05)
     assert pushes == []
+    hot = HotSpread("a", shard_with(keys, holders[:1]), lambda: ring, Counter(), 1, 3, push=pushes.append)
+    hot.answer(FP, keys, set(holders))
+    deadline = time.monotonic() + 5
+    while len(pushes) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    hot.close()
+    assert len(pushes) == 2  # the same keys, at their first home, settled: pushed
 
 
 # ---- the reader's two choices ---------------------------------------------------------------

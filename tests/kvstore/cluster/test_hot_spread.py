@@ -154,3 +154,40 @@ def test_a_holder_past_peer_max_inflight_refuses_and_the_reader_takes_another_ho
             c.delete(prefixes[4])  # not served by n1 yet (its slot still held): read it again
             time.sleep(0.1)
         assert served_to(cluster, 2)["n1"][0] == 4 * (64 << 10)
+
+
+def test_a_prefix_looked_up_past_hot_threshold_is_pushed_to_more_nodes_up_to_hot_replicas(
+        etcd, cluster_name, tmp_path, fingerprint) -> None:
+    """Lookups on n1 of a prefix only n0 holds are Locates at its keys' homes; past hot_threshold the homes have two
+    more nodes take copies from n0 (the copy primitive), all of the prefix to the same nodes, and no more than
+    hot_replicas nodes hold it however long the lookups go on."""
+    flags = {"hot_threshold": 4, "hot_replicas": 3}
+    n_blocks, size = 8, 64 << 10
+    with ClusterProcs(tmp_path, etcd, cluster_name, size=4, flags=flags) as cluster:
+        clients = [cluster.client(i, fingerprint) for i in range(4)]
+        try:
+            keys = clients[0].block_keys(np.arange(16 * n_blocks))
+            data = blocks(n_blocks, size, seed=7)
+            clients[0].put(keys, data)
+
+            def holders() -> list[int]:
+                return [i for i in range(4) if [s.tier for s in clients[i].status(keys)[0]] == [Tier.HOST] * n_blocks]
+
+            deadline = time.monotonic() + 15
+            while len(holding := holders()) < 3:
+                assert time.monotonic() < deadline, f"only nodes {holding} hold the hot prefix"
+                assert clients[1].lookup(keys) == n_blocks
+                time.sleep(0.05)
+            for _ in range(20):  # still hot: no more copies past hot_replicas
+                clients[1].lookup(keys)
+            time.sleep(0.5)
+            assert holders() == holding and 0 in holding
+            for i in holding:  # the copies are whole and right
+                assert [bytes(memoryview(g)) for g in clients[i].get(keys)] == [d.tobytes() for d in data]
+            counters = [cluster.counters(i) for i in range(4)]
+        finally:
+            for client in clients:
+                client.close()
+        assert sum(c.get("directory_hot_pushes", 0) for c in counters) >= 2
+        assert sum(c.get("directory_hot_push_failures", 0) for c in counters) == 0
+        assert counters[0]["peer_served_bytes"] == 2 * n_blocks * size  # each copy came from n0, once
