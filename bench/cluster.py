@@ -259,7 +259,8 @@ class Bench:
         base = Path(tempfile.mkdtemp(prefix="kvstore-bench-cluster-"))
         no_netns = "forced by --loopback" if self.args.loopback else netns_available()
         flags = {"host_memory": "1GiB", "ssd_capacity": "1GiB", "cluster_lease_ttl_s": self.args.ttl,
-                 "remote_fetch_deadline_ms": 5000, "ucx": True}
+                 "remote_fetch_deadline_ms": 5000, "ucx": True,
+                 "hot_threshold": 0}  # no hot pushes: the fully remote lookup looks one chain up hundreds of times
         with ExitStack() as stack:
             if no_netns:
                 self.topology = f"LOOPBACK nodes with distinct host ids (network namespaces unavailable: {no_netns})"

@@ -59,6 +59,12 @@ BUSY_BACKOFF_S = 0.002
 BUSY_BACKOFF_MAX_S = 0.02
 
 
+def _wait_busy(backoff_s: float, deadline: float) -> float:
+    """Sleep about backoff_s (jittered, never past the deadline) before asking busy holders again; the next backoff."""
+    time.sleep(max(0.0, min(backoff_s * random.uniform(0.5, 1.5), deadline - time.monotonic())))
+    return min(2 * backoff_s, BUSY_BACKOFF_MAX_S)
+
+
 class _Found(NamedTuple):
     """A locate's answer, one row per key asked: size, checksum, usable holders (None: nobody reachable has it)."""
 
@@ -228,8 +234,7 @@ class RemoteTier:
             if not ready:
                 if not holders:
                     break
-                time.sleep(max(0.0, min(backoff_s * random.uniform(0.5, 1.5), deadline - time.monotonic())))
-                backoff_s = min(2 * backoff_s, BUSY_BACKOFF_MAX_S)
+                backoff_s = _wait_busy(backoff_s, deadline)
                 busy.clear()
                 continue
             runs = {h: self._run(found, pos, wanted, h) for h in ready}
@@ -416,8 +421,7 @@ class RemoteTier:
             if why != "busy" or got == len(keys) or time.monotonic() >= deadline:
                 break
             self.counters[Event.REMOTE_FETCH_BUSY] += 1  # the only holder named is past its peer_max_inflight: wait
-            time.sleep(max(0.0, min(backoff_s * random.uniform(0.5, 1.5), deadline - time.monotonic())))
-            backoff_s = min(2 * backoff_s, BUSY_BACKOFF_MAX_S)
+            backoff_s = _wait_busy(backoff_s, deadline)
         if got < len(keys):
             log.debug("copy from %s: %d of %d blocks (%s)", holder[0], got, len(keys), why or "deadline")
         return got
