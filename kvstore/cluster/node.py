@@ -67,10 +67,6 @@ STATUS_TIMEOUT_S = 1.0
 DELETE_ANNOUNCE_WAIT_S = 1.0  # a tombstone's apply waits this long at most for its removals to reach their homes
 
 
-def _not_served_to_a_peer(blocks: int, nbytes: int) -> None:
-    """A client's send: no peer traffic to count."""
-
-
 def advertise_address(cfg: ServerConfig, bound_address: str) -> str:
     """What peers dial: cfg.advertise, else the address the server bound (which must then name one host)."""
     address = cfg.advertise or bound_address
@@ -257,7 +253,7 @@ class ClusterNode:
     def peer_send(self, caller: Caller) -> ContextManager[Served]:
         """A peer's UCX get holds one of this node's peer transfer slots (peer_max_inflight), like a gRPC Fetch."""
         if not caller.client_id.startswith(PEER_CLIENT_PREFIX):
-            return nullcontext(_not_served_to_a_peer)
+            return nullcontext(lambda blocks, nbytes: None)  # a client's send: no peer traffic
         peer = caller.client_id.removeprefix(PEER_CLIENT_PREFIX).rsplit(":", 1)[0]  # peer:<node>:<incarnation>
         return self.transfers.slot(peer)
 
