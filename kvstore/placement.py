@@ -30,7 +30,7 @@ from kvwire.types import Slot, Tier as TierId
 from kvstore.counters import Event
 from kvstore.block_table import BlockTable, Caller, WriteLease
 from kvstore.eviction import EvictionPolicy, EvictReport, keep_rank
-from kvstore.index import BlockMeta
+from kvstore.index import BlockMeta, Origin
 from kvstore.tiers.base import Buffer, Copy, MemoryTier, Tier
 from kvstore.tiers.ssd import SsdTier
 
@@ -194,7 +194,9 @@ class Placement:
                 if self.stopped:
                     return Moved()
                 victims = pick(table)
-                dirty = [m for m in victims if SSD not in m.copies]
+                # In cluster mode a read-through copy is dropped, not written down: its holder keeps the block.
+                copies = {m for m in victims if self.policy.by_rank and m.origin == Origin.COPY and SSD not in m.copies}
+                dirty = [m for m in victims if SSD not in m.copies and m not in copies]
                 paused = respect_pause and bool(dirty) and ssd.writes_paused()
                 fit_flags = [False] * len(dirty) if paused else self._room_below(table, dirty)
                 no_room = {m for m, ok in zip(dirty, fit_flags) if not ok}
@@ -217,7 +219,7 @@ class Placement:
                 dropped = evicted = 0
                 if drop_source:
                     # Dirty blocks leave without an ssd copy only for want of room; after a refusal none do.
-                    droppable = no_room if not paused and refused is None else set()
+                    droppable = (no_room if not paused and refused is None else set()) | copies
                     written = set(fits) if refused is None else set()
                     for meta in victims:
                         if not table.index.holds(meta) or meta.pins or HOST not in meta.copies:

@@ -180,6 +180,12 @@ class Store:
     def index(self) -> BlockIndex:
         return self.table.index
 
+    @property
+    def changes(self) -> int:
+        """Holds of the store lock that changed the table, so far: blocks added under one hold (one commit's batch)
+        are told to the index's listener under one value (cluster mode's replicas push a commit batch together)."""
+        return self._changed.generation
+
     # ---- validation ---------------------------------------------------------------
 
     @staticmethod
@@ -776,13 +782,14 @@ class Store:
         self.placement.erase_pending()
         return dropped
 
-    def sole_copies(self, tier: Tier, limit_bytes: int) -> list[BlockMeta]:
+    def sole_copies(self, tier: Tier, limit_bytes: int, scan: int = 16384) -> list[BlockMeta]:
         """Unpinned blocks with a copy in tier that no other node is known to hold (eviction.keep_rank 2), least
-        recently used first, up to limit_bytes: what a full node spills to peers before it would drop them."""
+        recently used first, up to limit_bytes, among the `scan` least recently used (the walk holds the store lock):
+        what a full node spills to peers before it would drop them."""
         out, total = [], 0
         with self._locked as table:
-            for meta in table.index.in_lru_order(tier):
-                if total >= limit_bytes:
+            for n, meta in enumerate(table.index.in_lru_order(tier)):
+                if total >= limit_bytes or n >= scan:
                     break
                 if meta.pins == 0 and keep_rank(meta) == 2:
                     out.append(meta)

@@ -108,7 +108,8 @@ class ClusterNode:
         self.servicer = PeerServicer(self.name, self, auth, self.shard, self.hot, store, self.peers, self.transfers,
                                      self.counters, self.status)
         self.servicer.replicator = self.replicator
-        self.replicas = Replicas(self.name, cfg.cluster_replicas, self.replicator, self.identity, self.counters)
+        self.replicas = Replicas(self.name, cfg.cluster_replicas, self.replicator, self.identity, self.counters,
+                                 lambda: store.changes)
         self.spiller = Spiller(self.name, store, self.replicator, self.peers.status, self.identity, self.counters,
                                cfg.high_watermark, cfg.low_watermark)
         self.servicer.add_to(grpc_server)

@@ -4,12 +4,13 @@ Owns the replica policy (design/cluster.md §3.6); the copies themselves go thro
 (replicator.py). It refuses the wire and the directory's bookkeeping.
 
 - **Push.** The store's index tells this of every block committed here (origin LOCAL; copies taken from
-  peers are never pushed on). A thread takes what queued, cuts it into runs of one tenant and fingerprint
-  in commit order (a commit adds its blocks under one hold of the store lock, so a batch is contiguous),
-  and has R-1 nodes take each run: the top R-1 of a rendezvous ranking of the active members other than
-  this node, keyed by the run's first key, so a writer's chain stays together on its replica node. Not
-  rate capped (a cap under the write rate would grow the lag without bound); bounded instead by the
-  queue (MAX_PENDING_BYTES: past it new commits are not pushed, and counted).
+  peers are never pushed on), with the store's change count: a commit adds its blocks under one hold of
+  the store lock, so blocks told under one value are one commit batch. A thread takes what queued and has
+  R-1 nodes take each batch (in runs of one tenant and fingerprint of at most 16 MiB): the top R-1 of a
+  rendezvous ranking of the active members other than this node, keyed by the batch's first key, so a
+  writer's chain stays together on its replica node; up to MAX_INFLIGHT batches at once. Not rate capped
+  (a cap under the write rate would grow the lag without bound); bounded instead by the queue
+  (MAX_PENDING_BYTES: past it new commits are not pushed, and counted).
 - **Lag**: from the commit (when the index took the block) to the replica node's answer, which it gives
   once its directory homes know it holds the copy; a histogram for /metrics, recent p50/p99 in status.
 - **Repair.** When the view drops a holder, each directory home looks at the keys that lost a holder
@@ -30,7 +31,7 @@ from typing import Callable, Sequence
 
 from kvstore.cluster.announcer import active_ring
 from kvstore.cluster.directory import HolderId, Rendezvous
-from kvstore.cluster.replicator import CopyGroup, Replicator, group_blocks
+from kvstore.cluster.replicator import MAX_INFLIGHT, Replicator, group_blocks
 from kvstore.cluster.view import ClusterView
 from kvstore.counters import Event
 from kvstore.index import BlockMeta, Origin
@@ -75,20 +76,23 @@ class LagStats:
 
 class Replicas:
     def __init__(self, me: str, replicas: int, replicator: Replicator, identity: Callable[[], tuple[int, ClusterView]],
-                 counters: Counter) -> None:
+                 counters: Counter, batch_of: Callable[[], int] = lambda: 0) -> None:
+        """batch_of(): the store's change count (Store.changes), read under the store lock as blocks are told."""
         self.me = me
+        self.batch_of = batch_of
         self.replicas = replicas
         self.replicator = replicator
         self.identity = identity
         self.counters = counters
         self.lags = LagStats()
-        self._pending: deque[tuple[float, BlockMeta]] = deque()
+        self._pending: deque[tuple[float, int, BlockMeta]] = deque()  # (committed, its batch, block)
         self._pending_bytes = 0
         self._in_flight = 0
         self._counting = threading.Lock()  # _pending_bytes: added to under the store lock, taken off by the thread
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvstore-replicas", daemon=True)
+        self._pushes = ThreadPoolExecutor(max_workers=MAX_INFLIGHT, thread_name_prefix="kvstore-replica-push")
         self._repairs = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvstore-repair-copies")
         self._ring: tuple[str, ...] | None = None  # the active members of the last view repaired against
 
@@ -108,6 +112,7 @@ class Replicas:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self._repairs.shutdown(wait=False, cancel_futures=True)
+        self._pushes.shutdown(wait=False, cancel_futures=True)
 
     # ---- push -----------------------------------------------------------------------------------
 
@@ -120,7 +125,7 @@ class Replicas:
                 self.counters[Event.CLUSTER_REPLICA_PUSHES_DROPPED] += 1
                 return
             self._pending_bytes += meta.size
-        self._pending.append((time.monotonic(), meta))
+        self._pending.append((time.monotonic(), self.batch_of(), meta))
         self._wake.set()
 
     def _run(self) -> None:
@@ -133,32 +138,42 @@ class Replicas:
                 log.exception("replica push failed")
 
     def _push_pending(self) -> None:
-        taken: list[tuple[float, BlockMeta]] = []
+        taken: list[tuple[float, int, BlockMeta]] = []
         while self._pending:
             taken.append(self._pending.popleft())
         if not taken:
             return
         self._in_flight = len(taken)
         with self._counting:
-            self._pending_bytes -= sum(m.size for _, m in taken)
+            self._pending_bytes -= sum(m.size for _, _, m in taken)
         try:
-            committed = {m.skey: t for t, m in taken}
             incarnation, view = self.identity()
             if incarnation == 0:
                 return  # fenced: nobody would take them; a repair restores R once peers see this node's blocks again
-            for group in group_blocks([(m.skey, m.tenant, m.fingerprint_id, m.size, m.checksum) for _, m in taken if not m.deleted]):
-                self._push(view, group, committed[group.skeys[0]])
+            batches: list[list[tuple[float, int, BlockMeta]]] = []
+            for entry in taken:
+                if batches and batches[-1][0][1] == entry[1]:
+                    batches[-1].append(entry)
+                else:
+                    batches.append([entry])
+            pushes = [self._pushes.submit(self._push, view, batch) for batch in batches]
+            for push in pushes:
+                push.result()
         finally:
             self._in_flight = 0
 
-    def _push(self, view: ClusterView, group: CopyGroup, committed: float) -> None:
-        targets = replica_targets(view, self.me, group.skeys[0], self.replicas - 1)
-        for target in targets:
-            held = self.replicator.send(target, [group], Origin.REPLICA, capped=False)[0]
-            if held:
+    def _push(self, view: ClusterView, batch: list[tuple[float, int, BlockMeta]]) -> None:
+        """One commit batch to its R-1 replica nodes (keyed by its first key), recording its lag."""
+        committed = batch[0][0]
+        groups = group_blocks([(m.skey, m.tenant, m.fingerprint_id, m.size, m.checksum) for _, _, m in batch if not m.deleted])
+        if not groups:
+            return
+        for target in replica_targets(view, self.me, batch[0][2].skey, self.replicas - 1):
+            held = self.replicator.send(target, groups, Origin.REPLICA, capped=False)
+            if any(held):
                 self.lags.add(time.monotonic() - committed)
-            if held < len(group.skeys):
-                log.debug("replica push to %s: %d of %d blocks", target, held, len(group.skeys))
+            if sum(held) < sum(len(g.skeys) for g in groups):
+                log.debug("replica push to %s: %d of %d blocks", target, sum(held), sum(len(g.skeys) for g in groups))
 
     # ---- repair ---------------------------------------------------------------------------------
 

@@ -352,3 +352,18 @@ def test_the_shutdown_flush_survives_a_restart(make_store):
     store = make_store()
     assert tiers(store, range(20)) == [SSD_ONLY] * 20
     assert [data for _, data, _ in store.get(ALICE, FP, [key(i) for i in range(20)])] == [payload(i) for i in range(20)]
+
+
+def test_cluster_mode_evicts_read_through_copies_first_and_drops_rather_than_demotes_them(make_store):
+    store = make_store()
+    store.policy.by_rank = True  # what cluster mode sets
+    put(store, range(20))  # the coldest: this node's own blocks
+    copies = range(100, 120)
+    got = store.adopt("alice", FP, [(key(i), payload(i), crc(payload(i))) for i in copies], store.deletions)  # a peer's, read through
+    assert got == 20
+    put(store, range(20, 40))  # past the high watermark (60 x 64 KiB of 4 MiB)
+    store.demote_cold()
+    assert tiers(store, range(40)) == [HOST_ONLY] * 40  # no block of its own had to move
+    left = tiers(store, copies)
+    assert frozenset() in left and SSD_ONLY not in left and BOTH not in left  # copies went, and not to the ssd tier
+    assert store.counters["cluster_sole_copies_evicted"] == 0 and store.counters["evictions"] == left.count(frozenset())

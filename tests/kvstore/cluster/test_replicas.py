@@ -67,6 +67,9 @@ def test_r2_node_killed_after_the_lag_loses_nothing_and_repair_restores_two_copi
         assert 0 < a.replication_lag_p50_ms <= a.replication_lag_p99_ms < 5000
         assert c.counters(1).get("cluster_copies_taken", 0) + c.counters(2).get("cluster_copies_taken", 0) == total
         assert c.counters(0).get("cluster_copy_failures", 0) == 0
+        with c.client(1, fingerprint) as b:  # each batch went whole to one replica node: on B all of it or none
+            on_b = [{s.tier in LOCAL for s in b.status(keys)[0]} for keys in fp_keys]
+            assert all(len(tiers) == 1 for tiers in on_b) and {True} in on_b and {False} in on_b
         c.nodes[0].proc.send_signal(signal.SIGKILL)
         c.nodes[0].proc.wait()
         c.wait_members(2, nodes=[1, 2])
