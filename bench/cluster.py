@@ -18,6 +18,9 @@ output says so. Every row is a median over rounds that interleave the thing and 
   homes); anchor: the same lookup of a chain B holds.
 - commit to visible: a put on A returns, then lookups on B until B sees the whole prefix.
 - dead node: node C SIGKILLed; time until neither A's nor B's Admin.Cluster lists it (target: lease TTL + 1 s).
+- hot prefix: one prefix written on A, read on B, then on C, then again on both; the peer bytes each node
+  served (max over mean; target 1.5, design T10). The directory names the newest, least loaded copy first, so
+  C copies B's copy instead of A's; every node's repeat read must fetch nothing. Anchor: all from A (3x).
 - local hits: Lookup and Pin p50 and shm get GB/s of blocks the node holds, cluster mode on vs off; and
   what a small put pays for being announced to its directory homes before it returns.
 - aggregate get: three clients, one on each node's host (agent processes), each reading blocks its own node
@@ -276,7 +279,8 @@ class Bench:
         base = Path(tempfile.mkdtemp(prefix="kvstore-bench-cluster-"))
         no_netns = "forced by --loopback" if self.args.loopback else netns_available()
         flags = {"host_memory": "1GiB", "ssd_capacity": "1GiB", "cluster_lease_ttl_s": self.args.ttl,
-                 "remote_fetch_deadline_ms": 5000, "ucx": True}
+                 "remote_fetch_deadline_ms": 5000, "ucx": True,
+                 "hot_threshold": 0}  # no hot pushes: the fully remote lookup looks one chain up hundreds of times
         with ExitStack() as stack:
             if no_netns:
                 self.topology = f"LOOPBACK nodes with distinct host ids (network namespaces unavailable: {no_netns})"
@@ -318,6 +322,7 @@ class Bench:
             self.visibility()
             self.local_hits(base)
             self.aggregate_get(base)
+            self.hot_prefix()
             self.dead_node()
             self.replication_lag(base, etcd)
         if not self.args.no_rolling:
@@ -545,6 +550,44 @@ class Bench:
                 verdict(result.recovered_s is not None and result.recovered_s <= 30, ">= 90% of before within 30 s")),
             Row("  a node away (SIGTERM until every node sees it back): worst of 3", f"{max(result.away_s):.1f} s"),
         ]
+    def hot_prefix(self) -> None:
+        """A prefix written on A and read by B then C (each once the last reader's copy is announced), then again by
+        both: the peer bytes each node served over all rounds, max over mean (3 nodes; design T10)."""
+        rounds = 3 if self.quick else 8
+        n, size = 16, 256 << 10
+        names = ("peer_served_bytes", "remote_fetch_bytes", "directory_batches_sent")
+        on_c = client_on(self.cluster.host_id(2), self.cluster.nodes[2].address)
+        try:
+            before = [self.cluster.counters(i) for i in range(3)]
+            repeat_fetched = 0
+            for r in range(rounds):
+                keys = block_keys(self.on_a, self.chain(n), n)
+                data = payload(n, size, seed=300 + r)
+                self.on_a.put(keys, data)
+                want = digest(data)
+                for i, client in ((1, self.on_b), (2, on_c)):
+                    sent = self.cluster.counters(i).get("directory_batches_sent", 0)
+                    if digest(client.get(keys)) != want:
+                        raise RuntimeError("a hot prefix read returned other bytes")
+                    deadline = time.monotonic() + 5  # the reader's copy is announced before the next reader looks
+                    while self.cluster.counters(i).get("directory_batches_sent", 0) <= sent and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    time.sleep(0.05)
+                fetched = [self.cluster.counters(i).get("remote_fetch_bytes", 0) for i in (1, 2)]
+                for client in (self.on_b, on_c):
+                    if digest(client.get(keys)) != want:
+                        raise RuntimeError("a repeat read returned other bytes")
+                repeat_fetched += sum(self.cluster.counters(i).get("remote_fetch_bytes", 0) for i in (1, 2)) - sum(fetched)
+            after = [self.cluster.counters(i) for i in range(3)]
+        finally:
+            on_c.close()
+        served = [after[i].get(names[0], 0) - before[i].get(names[0], 0) for i in range(3)]
+        if sum(served) != 2 * rounds * n * size:
+            raise RuntimeError(f"peers served {sum(served)} bytes, expected {2 * rounds * n * size} (two copies a round)")
+        ratio = max(served) / (sum(served) / 3)
+        self.rows.append(Row(f"hot prefix (A writes, B then C read, {rounds} rounds): busiest node's peer bytes / mean", f"{ratio:.2f}x",
+                             "all from A: 3.00x", f"A/B/C {'/'.join(f'{s / MiB:.0f}' for s in served)} MiB",
+                             verdict(ratio <= 1.5 and repeat_fetched == 0, "<= 1.5x, repeat reads local (design T10, C16)")))
 
     def dead_node(self) -> None:
         """SIGKILL node C; how long until no survivor's view (Admin.Cluster, each node's local answer) lists it."""

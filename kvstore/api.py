@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, ContextManager, Iterable, Iterator, Protocol, Sequence
 
 from kvwire.errors import CapacityExhaustedError, InvalidRequestError, KVStoreError
 from kvwire.hostid import host_id
@@ -30,6 +30,12 @@ from kvstore.store import Caller, PinInfo, PinnedSlots, Store, StoreStats
 log = logging.getLogger(__name__)
 
 IsActive = Callable[[], bool]
+
+
+def _not_a_peer(blocks: int, nbytes: int) -> None:
+    """What a send to a client counts as peer traffic: nothing."""
+
+
 TRACEBACK_EVERY_S = 60.0  # an unexpected failure's traceback, at most this often per method
 
 # Payload bytes are counted per transport. Inline payloads travel inside protobuf messages,
@@ -96,6 +102,10 @@ class ClusterGate(Protocol):
 
     def after_commit(self) -> None:
         """Returns once this node's commits so far are announced to their homes, or the wait bound passed."""
+
+    def peer_send(self, caller: Caller) -> ContextManager[Callable[[int, int], None]]:
+        """Around a data plane's send of blocks: for a peer's session, one slot under peer_max_inflight (PeerBusyError
+        past it), yielding what to call with the (blocks, bytes) sent; for any other caller, nothing to count."""
 
 
 class UcxSessions(Protocol):
@@ -244,6 +254,12 @@ class StoreAPI:
     def needs_staging(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> bool:
         """Whether pinning these keys would read LMDB (some are on the SSD tier only): an event loop pins elsewhere then."""
         return self.store.needs_staging(caller, fingerprint_id, keys)
+
+    def send_slot(self, caller: Caller) -> ContextManager[Callable[[int, int], None]]:
+        """Held around one send of blocks (ClusterGate.peer_send): a peer's transfers are capped and counted."""
+        if self.cluster is None:
+            return nullcontext(_not_a_peer)
+        return self.cluster.peer_send(caller)
 
     def pin_for_send(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> PinInfo:
         """A pin that lives while one transfer sends the blocks; the data plane unpins once the sends are done."""

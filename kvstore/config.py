@@ -85,6 +85,9 @@ class ServerConfig:
     remote_fetch_deadline_ms: int = 1000  # a remote prefix fetch returns the leading run that landed by then
     cluster_announce_wait_ms: int = 50  # a commit waits this long for its directory home's ack before answering
     peer_tokens_file: str = ""  # TOML [[peers]] token entries; nodes present one to each other (peer role)
+    peer_max_inflight: int = 8  # transfers this node sends peers at once; past it a peer is told to ask another holder
+    hot_threshold: float = 32.0  # a key Located this often (decayed, half-life 10 s) at its home is pushed to more nodes; 0: never
+    hot_replicas: int = 3  # a hot key is pushed until this many nodes hold it (its next HRW nodes)
     cluster_replicas: int = 1  # copies of each commit batch: R-1 are pushed to other nodes; the directory repairs below R
     cluster_copy_rate_mb_s: float = 64.0  # per node: repair, spill and requested copies send at most this (MB/s)
 
@@ -114,6 +117,8 @@ class ServerConfig:
             raise ValueError(f"hbm_memory must hold at least one slab of {slab_bytes} bytes (max_block_bytes rounded up to a power of two)")
         if self.hbm_backend not in ("cuda", "host"):
             raise ValueError(f"hbm_backend must be cuda or host; got {self.hbm_backend!r}")
+        if self.peer_max_inflight < 1 or self.hot_replicas < 1 or self.hot_threshold < 0:
+            raise ValueError("peer_max_inflight and hot_replicas must be at least 1, hot_threshold not negative")
         if self.local_control_max_connections < 1:
             raise ValueError("local_control_max_connections must be at least 1 (turn the socket off with local_control = false)")
         return self

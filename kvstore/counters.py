@@ -101,6 +101,7 @@ class Event(enum.StrEnum):
     REMOTE_FETCH_FAILURES = "remote_fetch_failures"  # fetch calls broken by the peer or the network
     REMOTE_FETCH_NOT_FOUND = "remote_fetch_not_found"  # a holder the directory named had not got the block
     REMOTE_CHECKSUM_FAILURES = "remote_checksum_failures"  # blocks from peers that failed their checksum (not used)
+    REMOTE_FETCH_BUSY = "remote_fetch_busy"  # runs a holder refused past its peer_max_inflight (the reader moved on)
 
     # Cluster mode: peer calls (peers.py, peer_service.py) and this node's directory shard (directory.py, announcer.py).
     PEER_SERVED_BLOCKS = "peer_served_blocks"  # blocks this node sent to peers
@@ -109,6 +110,7 @@ class Event(enum.StrEnum):
     PEER_REJECTED_FENCED = "peer_rejected_fenced"  # peer calls refused while this node was fenced
     PEER_REJECTED_STALE_VIEW = "peer_rejected_stale_view"  # calls naming another incarnation of this node
     PEER_REJECTED_ZOMBIE = "peer_rejected_zombie"  # calls from a sender incarnation that is not live
+    PEER_REJECTED_BUSY = "peer_rejected_busy"  # peer transfers refused past peer_max_inflight (RESOURCE_EXHAUSTED)
     PEER_BREAKER_OPENS = "peer_breaker_opens"  # a peer's circuit breaker opened (one timeout or 3 errors)
     PEER_CALLS_SHORT_CIRCUITED = "peer_calls_short_circuited"  # calls not made: the peer's breaker was open
     DIRECTORY_LOCATES = "directory_locates"  # Locate calls this node answered as a home
@@ -122,6 +124,8 @@ class Event(enum.StrEnum):
     DIRECTORY_ANNOUNCE_FAILURES = "directory_announce_failures"  # announce batches that failed (kept and retried)
     DIRECTORY_COMMIT_WAITS_EXPIRED = "directory_commit_waits_expired"  # commits answered before their homes acknowledged
     DIRECTORY_REHOMED = "directory_rehomed"  # keys announced to a new home after a view change
+    DIRECTORY_HOT_PUSHES = "directory_hot_pushes"  # pushes of hot keys to more nodes this home asked for (hot.py)
+    DIRECTORY_HOT_PUSH_FAILURES = "directory_hot_push_failures"  # such pushes that failed
 
     # The UCX data plane.
     UCX_PINS_STAGED_OFF_LOOP = "ucx_pins_staged_off_loop"  # pins that had to read ssd on a worker thread

@@ -36,6 +36,7 @@ log that it listens wider than `listen`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -44,6 +45,7 @@ import secrets
 import socket
 import struct
 import threading
+from typing import Callable
 
 import numpy as np
 
@@ -262,11 +264,18 @@ class UcxDataPlane:
             keys.append(raw[pos : pos + n])
             pos += n
         reply = np.zeros(wire.HEADER_WORDS + count, dtype=np.uint64)
-        try:
-            info = await self._pin(caller, fingerprint_id, keys)
-        except Exception as err:
-            await self._refuse(ep, "UcxGetKeys", err, reply)
-            return
+        with contextlib.ExitStack() as held:
+            try:  # a peer's get holds one of the node's peer transfer slots (busy past the cap) while it sends
+                served = held.enter_context(self.api.send_slot(caller))
+                info = await self._pin(caller, fingerprint_id, keys)
+            except Exception as err:
+                await self._refuse(ep, "UcxGetKeys", err, reply)
+                return
+            await self._send_keyed(ep, caller, info, keys, expected, count, group_bytes, reply, served)
+
+    async def _send_keyed(self, ep, caller: Caller, info: PinInfo, keys: list[bytes], expected: list[int], count: int,
+                          group_bytes: int, reply: np.ndarray, served: Callable[[int, int], None]) -> None:
+        """The rest of a keyed get, once pinned: the reply with checksums, the slots, then the pin dropped."""
         try:
             sizes = info.slots.sizes
             if sizes != expected:
@@ -280,6 +289,7 @@ class UcxDataPlane:
             sends = [asyncio.ensure_future(ep.send(reply))]
             await asyncio.gather(*sends, *await _post_slots(ep, self.api.pool_view, info.slots.offsets, sizes, group_bytes))
             self.api.count_bytes(Transport.UCX, Direction.OUT, sent)
+            served(count, sent)
         finally:
             self.api.unpin(caller, [info.pin_id])
 

@@ -79,7 +79,7 @@ REMOTE_FETCHES = Family("kvstore_remote_fetches", "Fetches from peers, by outcom
 REMOTE_FETCH_ERRORS = Family("kvstore_remote_fetch_errors", "Remote reads that went wrong, by reason", ("reason",))
 PEER_SERVED_BLOCKS = Family("kvstore_peer_served_blocks", "Blocks this node sent to peers")
 PEER_SERVED_BYTES = Family("kvstore_peer_served_bytes", "Payload bytes this node sent to peers")
-PEER_REJECTED = Family("kvstore_peer_rejected", "Peer calls refused by the fencing rules, by reason", ("reason",))
+PEER_REJECTED = Family("kvstore_peer_rejected", "Peer calls refused by the fencing rules or the transfer cap, by reason", ("reason",))
 PEER_BREAKER_EVENTS = Family("kvstore_peer_breaker_events", "Circuit breaker events over all peers", ("event",))
 DIRECTORY_EVENTS = Family("kvstore_directory_events", "Directory events (this node as a home, and as a holder), by name", ("event",))
 STORE_EVENTS = Family("kvstore_store_events", "Other store events, by name", ("event",))
@@ -137,18 +137,21 @@ EVENT_SERIES: dict[Event, tuple[Family, tuple[str, ...]]] = {
     Event.REMOTE_FETCH_FAILURES: (REMOTE_FETCH_ERRORS, ("transfer",)),
     Event.REMOTE_FETCH_NOT_FOUND: (REMOTE_FETCH_ERRORS, ("not_found",)),
     Event.REMOTE_CHECKSUM_FAILURES: (REMOTE_FETCH_ERRORS, ("checksum",)),
+    Event.REMOTE_FETCH_BUSY: (REMOTE_FETCH_ERRORS, ("busy",)),
     Event.PEER_SERVED_BLOCKS: (PEER_SERVED_BLOCKS, ()),
     Event.PEER_SERVED_BYTES: (PEER_SERVED_BYTES, ()),
     Event.PEER_SERVED_NOT_FOUND: (DIRECTORY_EVENTS, ("served_not_found",)),
     Event.PEER_REJECTED_FENCED: (PEER_REJECTED, ("fenced",)),
     Event.PEER_REJECTED_STALE_VIEW: (PEER_REJECTED, ("stale_view",)),
     Event.PEER_REJECTED_ZOMBIE: (PEER_REJECTED, ("zombie",)),
+    Event.PEER_REJECTED_BUSY: (PEER_REJECTED, ("busy",)),
     Event.PEER_BREAKER_OPENS: (PEER_BREAKER_EVENTS, ("opened",)),
     Event.PEER_CALLS_SHORT_CIRCUITED: (PEER_BREAKER_EVENTS, ("short_circuited",)),
     **{event: (DIRECTORY_EVENTS, (event.value.removeprefix("directory_"),)) for event in (
         Event.DIRECTORY_LOCATES, Event.DIRECTORY_ANNOUNCES, Event.DIRECTORY_RESYNCS, Event.DIRECTORY_RESYNCS_REQUESTED,
         Event.DIRECTORY_REPAIRS, Event.DIRECTORY_REPAIRS_SENT, Event.DIRECTORY_BATCHES_SENT, Event.DIRECTORY_RESYNCS_SENT,
-        Event.DIRECTORY_ANNOUNCE_FAILURES, Event.DIRECTORY_REHOMED, Event.DIRECTORY_COMMIT_WAITS_EXPIRED)},
+        Event.DIRECTORY_ANNOUNCE_FAILURES, Event.DIRECTORY_REHOMED, Event.DIRECTORY_COMMIT_WAITS_EXPIRED,
+        Event.DIRECTORY_HOT_PUSHES, Event.DIRECTORY_HOT_PUSH_FAILURES)},
     **{event: (TRANSPORT_BYTES, (transport, direction)) for (transport, direction), event in counters.TRANSPORT_BYTES.items()},
     **{event: (REQUEST_ERRORS, (status.lower(),)) for status, event in counters.REQUEST_ERRORS.items()},
     Event.ERRORS_UNKNOWN: (REQUEST_ERRORS, ("unknown",)),

@@ -57,6 +57,13 @@ class NotDurableError(CapacityExhaustedError):
     """A durable put could not write its blocks to the SSD tier; none of them was committed."""
 
 
+class PeerBusyError(KVStoreError):
+    """Cluster mode: a holder is already sending as many blocks to peers as it allows (peer_max_inflight);
+    the reader asks another holder. Says nothing about the peer's health: no breaker counts it."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
 class UnauthenticatedError(KVStoreError):
     status = "UNAUTHENTICATED"
 
@@ -106,6 +113,7 @@ ERROR_TYPES: dict[str, type[KVStoreError]] = {
         CapacityExhaustedError,
         SsdWriteError,
         NotDurableError,
+        PeerBusyError,
         UnauthenticatedError,
         PermissionDeniedError,
         UnavailableError,

@@ -58,7 +58,7 @@ _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser, element-wise (uint64 arithmetic wraps, as the hash wants)."""
     x = x ^ (x >> _S30)
     x = x * _M1
@@ -74,7 +74,7 @@ def key_words(skeys: Sequence[bytes]) -> np.ndarray:
     """One uint64 per storage key: its tenant tag's first 8 bytes xor its block key's last 8 (both are hashes already).
     Storage keys of the usual length are joined once and read as three words each (a third of the slicing's cost)."""
     joined = b"".join(skeys)
-    if len(joined) == SKEY_BYTES * len(skeys) and all(len(s) == SKEY_BYTES for s in skeys):
+    if len(joined) == SKEY_BYTES * len(skeys) and set(map(len, skeys)) == {SKEY_BYTES}:  # (map: no Python loop a key)
         words = np.frombuffer(joined, dtype="<u8").reshape(-1, 3)
         return words[:, 0] ^ words[:, 2]
     heads = np.frombuffer(b"".join(s[:8] for s in skeys), dtype="<u8")
@@ -102,7 +102,7 @@ class Rendezvous:
         count = min(count, len(self.names))
         if not skeys or count == 0:
             return np.zeros((len(skeys), count), dtype=np.intp)
-        scores = _mix64(key_words(skeys)[:, None] ^ self._salts[None, :])
+        scores = mix64(key_words(skeys)[:, None] ^ self._salts[None, :])
         if count == 1:
             return np.argmax(scores, axis=1)[:, None]
         order = np.argsort(scores, axis=1, kind="stable")

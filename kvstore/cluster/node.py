@@ -22,7 +22,8 @@ import logging
 import os
 import socket
 import threading
-from typing import TYPE_CHECKING, Iterator
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, ContextManager, Iterator
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
@@ -32,6 +33,7 @@ from kvstore.cluster.announcer import Announcer
 from kvstore.cluster.directory import BlockRef, DirectoryShard, live_holders
 from kvstore.cluster.etcd import EtcdClient, EtcdError
 from kvstore.cluster.handoff import hand_off
+from kvstore.cluster.hot import HotPush, HotSpread
 from kvstore.cluster.membership import Membership, MemberSpec
 from kvstore.cluster.peer_service import PEER_CLIENT_PREFIX, PeerServicer, cluster_status
 from kvstore.cluster.peers import Peers
@@ -40,6 +42,7 @@ from kvstore.cluster.replicas import LAG_BUCKETS_S, Replicas
 from kvstore.cluster.replicator import Replicator
 from kvstore.cluster.spill import Spiller, node_room
 from kvstore.cluster.tombstones import Tombstone, Tombstones
+from kvstore.cluster.transfer_cap import PeerTransfers, Served
 from kvstore.cluster.ucx_fetch import UcxFetcher
 from kvstore.cluster.view import ClusterView
 from kvstore.config import ServerConfig
@@ -94,12 +97,16 @@ class ClusterNode:
         self.announcer = Announcer(self.name, self.shard, self.peers, self.identity, self._catalog, self.counters,
                                    timeout_s=max(0.2, cfg.cluster_announce_wait_ms / 1000), drop_removed=drop_removed)
         ucx = UcxFetcher(self.peers) if cfg.ucx and UcxFetcher.available() else None
+        self.hot = HotSpread(self.name, self.shard, lambda: self.remote.ring(self.view()), self.counters, cfg.hot_threshold, cfg.hot_replicas,
+                             self._push_hot, settling=lambda: self.remote.settling())
         self.remote = RemoteTier(self.name, store, self.identity, self.peers, self.shard, self.counters,
-                                 cfg.remote_fetch_deadline_ms / 1000, ucx)
+                                 cfg.remote_fetch_deadline_ms / 1000, ucx, hot=self.hot, adopted=self.announcer.wake)
+        self.transfers = PeerTransfers(self.name, cfg.peer_max_inflight, self.counters, self.peers.count_served)
         self.replicator = Replicator(self.name, store, self.peers, self.remote, self.identity, self.announcer.flush, self.counters,
                                      cfg.cluster_copy_rate_mb_s * 1e6)
         self._deleting = threading.Lock()
-        self.servicer = PeerServicer(self.name, self, auth, self.shard, store, self.peers, self.counters, self.status)
+        self.servicer = PeerServicer(self.name, self, auth, self.shard, self.hot, store, self.peers, self.transfers,
+                                     self.counters, self.status)
         self.servicer.replicator = self.replicator
         self.replicas = Replicas(self.name, cfg.cluster_replicas, self.replicator, self.identity, self.counters,
                                  lambda: store.changes)
@@ -116,6 +123,12 @@ class ClusterNode:
         paced by this node's copy rate cap (or the source's) when capped; never raises for a peer's failure.
         origin tells the target's eviction what they are (replicator.py)."""
         return self.replicator.request_copies(target_node, storage_keys, source_node, origin, capped)
+
+    def _push_hot(self, push: HotPush) -> None:
+        """A directory home's push of a hot run (hot.py): the target copies it from the least loaded holder, as a
+        read-through copy (evicted first), paced by the source's copy rate cap."""
+        held = self.request_copies(push.target, list(push.skeys), push.source[0], Origin.COPY)
+        log.debug("hot keys: node %s took %d of %d blocks from %s", push.target, held, len(push.skeys), push.source[0])
 
     # ---- what the other parts read (the servicer's MembershipView too) ---------------------------
 
@@ -195,6 +208,7 @@ class ClusterNode:
         if self.membership is not None:
             self.membership.close()
         self.remote.close()
+        self.hot.close()
         self.peers.close()
         self.etcd.close()
 
@@ -211,7 +225,8 @@ class ClusterNode:
         live = live_holders(view)
         lost = self.shard.losing(live)
         self.shard.forget_dead(live)
-        ring = self.remote._homes(view)
+        self.hot.forget(live)
+        ring = self.remote.ring(view)
         self.shard.keep_homed(lambda skeys: ring.is_home(self.name, skeys))
         self.announcer.wake()
         self.replicas.repair(view, lost)
@@ -235,6 +250,13 @@ class ClusterNode:
             raise FencedError(f"node {self.name} is fenced from the cluster and serves no peer until it rejoins")
         if self.cfg.cluster_strict_fence:
             raise FencedError(f"node {self.name} is fenced from the cluster and, in strict mode, serves no reads until it rejoins")
+
+    def peer_send(self, caller: Caller) -> ContextManager[Served]:
+        """A peer's UCX get holds one of this node's peer transfer slots (peer_max_inflight), like a gRPC Fetch."""
+        if not caller.client_id.startswith(PEER_CLIENT_PREFIX):
+            return nullcontext(lambda blocks, nbytes: None)  # a client's send: no peer traffic
+        peer = caller.client_id.removeprefix(PEER_CLIENT_PREFIX).rsplit(":", 1)[0]  # peer:<node>:<incarnation>
+        return self.transfers.slot(peer)
 
     def after_commit(self) -> None:
         if not self.announcer.flush(self.cfg.cluster_announce_wait_ms / 1000):

@@ -19,7 +19,7 @@ import functools
 import inspect
 import logging
 from collections import Counter
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
 import grpc
 
@@ -27,9 +27,11 @@ from kvwire.errors import FencedError, KVStoreError, PermissionDeniedError, Stal
 from kvstore.api import UcxSessions
 from kvstore.auth import Authenticator, check_tenant
 from kvstore.counters import Event
-from kvstore.cluster.directory import BlockRef, DirectoryShard, Locations, live_holders
+from kvstore.cluster.directory import BlockRef, DirectoryShard, HolderId, Locations, live_holders
+from kvstore.cluster.hot import HotSpread
 from kvstore.cluster.peers import Peers
 from kvstore.cluster.replicator import CopyGroup
+from kvstore.cluster.transfer_cap import PeerTransfers, Served
 from kvstore.cluster.view import ClusterView
 from kvstore.service import abort
 from kvstore.store import Caller, Store
@@ -97,12 +99,15 @@ def _peer_call(method: Callable) -> Callable:
 
 
 class PeerServicer(ppb_grpc.PeerServiceServicer):
-    def __init__(self, me: str, membership: MembershipView, auth: Authenticator, shard: DirectoryShard, store: Store,
-                 peers: Peers, counters: Counter, status: Callable[[], ppb.ClusterStatus]) -> None:
+    def __init__(self, me: str, membership: MembershipView, auth: Authenticator, shard: DirectoryShard, hot: HotSpread,
+                 store: Store, peers: Peers, transfers: PeerTransfers, counters: Counter, status: Callable[[], ppb.ClusterStatus]) -> None:
+        """hot: the shard's Locate answers, ordered by holder load (hot.py); transfers: the cap on what this node sends peers at once."""
         self.me = me
         self.membership = membership
         self.auth = auth
         self.shard = shard
+        self.hot = hot
+        self.transfers = transfers
         self.store = store
         self.peers = peers
         self.counters = counters
@@ -142,9 +147,9 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
 
     @_peer_call
     def Locate(self, request: ppb.LocateRequest, context) -> ppb.LocateResponse:
-        found = self.shard.locate_columns(request.fingerprint_id, request.skeys, live_holders(self.membership.view()))
+        found, order = self.hot.answer(request.fingerprint_id, request.skeys, live_holders(self.membership.view()))
         self.counters[Event.DIRECTORY_LOCATES] += 1
-        return locate_response(found)
+        return locate_response(found, order)
 
     @_peer_call
     def Announce(self, request: ppb.AnnounceRequest, context) -> ppb.AnnounceResponse:
@@ -190,6 +195,10 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
     @_peer_call
     def Fetch(self, request: ppb.FetchRequest, context) -> Iterator[ppb.FetchResponse]:
         """The blocks of the leading run this node holds, in order, then a `missing` marker where the run ended early."""
+        with self.transfers.slot(request.envelope.sender) as count_served:  # PeerBusyError past peer_max_inflight
+            yield from self._fetch(request, count_served)
+
+    def _fetch(self, request: ppb.FetchRequest, count_served: Served) -> Iterator[ppb.FetchResponse]:
         skeys = list(request.skeys)
         sent = served = 0
         message, message_bytes, in_message = ppb.FetchResponse(), 0, 0
@@ -211,9 +220,7 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
                 sent, served = sent + message_bytes, served + in_message
         finally:  # the pins go now, and what was sent is counted, also when the reader went away midway
             blocks.close()
-            self.counters[Event.PEER_SERVED_BLOCKS] += served
-            self.counters[Event.PEER_SERVED_BYTES] += sent
-            self.peers.count_served(request.envelope.sender, sent)
+            count_served(served, sent)
 
     @_peer_call
     def UcxSession(self, request: ppb.UcxSessionRequest, context) -> ppb.UcxSessionResponse:
@@ -243,9 +250,11 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
         return self.status()
 
 
-def locate_response(found: Locations) -> ppb.LocateResponse:
-    """A shard's answer as the wire's columns: holders named once, each key's as a bit mask over them."""
-    bits: dict[tuple[str, int], int] = {}
+def locate_response(found: Locations, order: Sequence[HolderId] = ()) -> ppb.LocateResponse:
+    """A shard's answer as the wire's columns: holders named once, each key's as a bit mask over them.
+    order: holders to name first, in this order (a reader rebuilds each key's holders in the order named:
+    hot.py's least loaded first)."""
+    bits: dict[tuple[str, int], int] = {holder: bit for bit, holder in enumerate(order[:64])}
     masks: dict[int, tuple[tuple, int]] = {}  # id(holder tuple) -> (it, its mask): the shard shares one per holder set
     holder_masks = []
     for holders in found.holders:

@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from kvwire.errors import KVStoreError
+from kvwire.errors import KVStoreError, PeerBusyError
 from kvstore.cluster.announcer import active_ring
 from kvstore.counters import Event
 from kvstore.cluster.directory import DirectoryShard, HolderId, Located, Locations, Rendezvous, live_holders
+from kvstore.cluster.holder_choice import ReaderLoad
+from kvstore.cluster.hot import HotSpread
 from kvstore.cluster.peers import Peers
 from kvstore.cluster.ucx_fetch import CHUNK_BYTES as UCX_CHUNK_BYTES, UcxFetcher
 
@@ -52,6 +54,15 @@ LOCATE_TIMEOUT_S = 0.5  # a Lookup waits at most this long for the directory; a 
 # one home per key (itself where it is one), and the other only where the first call failed.
 SETTLE_S = 3.0
 REPAIR_TIMEOUT_S = 1.0
+# Every holder of the next run refused as busy: wait this long (doubling up to the max, jittered), then ask again.
+BUSY_BACKOFF_S = 0.002
+BUSY_BACKOFF_MAX_S = 0.02
+
+
+def _wait_busy(backoff_s: float, deadline: float) -> float:
+    """Sleep about backoff_s (jittered, never past the deadline) before asking busy holders again; the next backoff."""
+    time.sleep(max(0.0, min(backoff_s * random.uniform(0.5, 1.5), deadline - time.monotonic())))
+    return min(2 * backoff_s, BUSY_BACKOFF_MAX_S)
 
 
 class _Found(NamedTuple):
@@ -71,13 +82,19 @@ class _Found(NamedTuple):
 
 class RemoteTier:
     def __init__(self, me: str, store: "Store", identity: Callable[[], tuple[int, ClusterView]], peers: Peers,
-                 shard: DirectoryShard, counters: Counter, fetch_deadline_s: float, ucx: UcxFetcher | None = None) -> None:
-        """ucx: the fast data path to holders that run a UCX data plane (None: gRPC Fetch only)."""
+                 shard: DirectoryShard, counters: Counter, fetch_deadline_s: float, ucx: UcxFetcher | None = None,
+                 hot: HotSpread | None = None, adopted: Callable[[], None] = lambda: None) -> None:
+        """ucx: the fast data path to holders that run a UCX data plane (None: gRPC Fetch only). hot: this node's
+        shard as a home answers it (holders ordered by load, demand counted); None: the bare shard. adopted(): called
+        once a fetch stored blocks here (the announcer's wake: a read-through copy is named to the next reader sooner)."""
         self.me = me
         self.store = store
         self.identity = identity
         self.peers = peers
         self.shard = shard
+        self.hot = hot
+        self.adopted = adopted
+        self.load = ReaderLoad()
         self.counters = counters
         self.fetch_deadline_s = fetch_deadline_s
         self.ucx = ucx
@@ -90,19 +107,26 @@ class RemoteTier:
         if self.ucx is not None:
             self.ucx.close()
 
-    def _homes(self, view: ClusterView) -> Rendezvous:
+    def ring(self, view: ClusterView) -> Rendezvous:
+        """Rendezvous over the view's active members (homes, and the order of a hot key's next copies)."""
         revision, ring = self._ring
         if revision != view.revision:
             ring = active_ring(view)
             self._ring = (view.revision, ring)
             self._ring_changed = time.monotonic()
+            self.load.forget(live_holders(view))
         return ring
+
+    def settling(self) -> bool:
+        """Whether readers still ask both homes of every key (SETTLE_S after the last membership change)."""
+        self.ring(self.identity()[1])
+        return time.monotonic() - self._ring_changed < SETTLE_S
 
     def _asks(self, view: ClusterView, skeys: list[bytes]) -> tuple[dict[str, list[int]], Callable[[int], str | None]]:
         """Which home to ask about which keys (name -> positions), and for a position the other home to ask if the
         first fails (None: none). One home per key: this node where it is one, else the key's first home; both (no
         fallback needed) while the view settles. The homes are computed once, for both."""
-        ring = self._homes(view)
+        ring = self.ring(view)
         homes = ring.homes(skeys)
         names = ring.names
         if homes.shape[1] < 2 or time.monotonic() - self._ring_changed < SETTLE_S:
@@ -149,7 +173,8 @@ class RemoteTier:
 
         local = asks.pop(self.me, None)
         if local is not None:
-            merge(local, self.shard.locate_columns(fingerprint_id, [skeys[i] for i in local] if len(local) < len(skeys) else skeys, live))
+            mine = [skeys[i] for i in local] if len(local) < len(skeys) else skeys
+            merge(local, self.hot.answer(fingerprint_id, mine, live)[0] if self.hot is not None else self.shard.locate_columns(fingerprint_id, mine, live))
         deadline = time.monotonic() + timeout_s
         while asks:
             answers = self.peers.locate_many(fingerprint_id, {name: [skeys[i] for i in pos] if len(pos) < len(skeys) else skeys
@@ -185,7 +210,9 @@ class RemoteTier:
 
         With prefix, the leading run the peers hold; else all of them or (leaving what landed, which is
         harmless: whole, checked blocks) the caller's read reports the miss. A run of keys goes to one
-        holder (the one holding the longest run from where the fetch stands), so a chain stays one stream.
+        holder, among those holding the longest run from where the fetch stands (so a chain stays one stream)
+        the one holder_choice.py picks. A holder that answers busy (past its peer_max_inflight) is left for
+        the others; when only busy ones remain, the fetch waits a few milliseconds and asks them again.
         """
         started = time.monotonic()
         deadline = started + self.fetch_deadline_s
@@ -198,18 +225,31 @@ class RemoteTier:
             self.counters[Event.REMOTE_FETCHES_SHORT] += 1
             return
         excluded: dict[int, set[HolderId]] = {}
+        busy: set[HolderId] = set()  # holders that refused as busy since the last wait
+        backoff_s = BUSY_BACKOFF_S
         pos = 0
         while pos < wanted and time.monotonic() < deadline:
             holders = [h for h in found[pos].holders if h not in excluded.get(pos, ()) and self.peers.usable(h[0])]
-            if not holders:
-                break
-            random.shuffle(holders)  # spread readers over copies; the longest run still wins
-            runs = {h: self._run(found, pos, wanted, h) for h in holders}
-            holder = max(holders, key=runs.__getitem__)
-            end = pos + runs[holder]
-            got, why = self._fetch_run(holder, tenant, fingerprint_id, keys[pos:end], skeys[pos:end], found[pos:end], deadline, since)
+            ready = [h for h in holders if h not in busy]
+            if not ready:
+                if not holders:
+                    break
+                backoff_s = _wait_busy(backoff_s, deadline)
+                busy.clear()
+                continue
+            runs = {h: self._run(found, pos, wanted, h) for h in ready}
+            longest = max(runs.values())
+            holder = self.load.choose([h for h in ready if runs[h] == longest])  # the directory's order kept
+            end = pos + longest
+            with self.load.transfer(holder) as moved:
+                got, why = self._fetch_run(holder, tenant, fingerprint_id, keys[pos:end], skeys[pos:end], found[pos:end], deadline, since)
+                moved.append(sum(f.size for f in found[pos : pos + got]))
             pos += got
             if pos == end:
+                continue
+            if why == "busy":
+                self.counters[Event.REMOTE_FETCH_BUSY] += 1
+                busy.add(holder)
                 continue
             if why == "no_room":
                 break
@@ -219,6 +259,8 @@ class RemoteTier:
             else:  # an error or a corrupt block: nothing more from that holder in this fetch
                 for i in range(pos, end):
                     excluded.setdefault(i, set()).add(holder)
+        if pos:
+            self.adopted()
         self.counters[Event.REMOTE_FETCHES_SHORT if pos < len(keys) else Event.REMOTE_FETCHES_COMPLETE] += 1
         log.debug("remote fetch: %d of %d blocks in %.1f ms", pos, len(keys), (time.monotonic() - started) * 1000)
 
@@ -233,7 +275,7 @@ class RemoteTier:
                    found: Sequence[Located], deadline: float, since: int) -> tuple[int, str]:
         """Fetch one run from one holder: over its UCX data plane where it has one, the rest (after a refusal or
         a UCX failure) over gRPC Fetch. (blocks stored here, why the run stopped early: "missing" | "corrupt" |
-        "error" | "no_room" | "")."""
+        "error" | "no_room" | "busy" (the holder is past its peer_max_inflight) | "")."""
         adopted = 0
         if self.ucx is not None and self.ucx.usable(holder) and self._runs_ucx(holder):
             adopted, why = self._run_ucx(holder, tenant, fingerprint_id, keys, skeys, found, deadline, since)
@@ -286,6 +328,8 @@ class RemoteTier:
                     views, crcs = self.ucx.get(holder, tenant, fingerprint_id, list(keys[adopted:end]), [f.size for f in found[adopted:end]], deadline)
                     landed, why = self._land(holder, tenant, fingerprint_id, keys, skeys, found, adopted,
                                              list(zip(skeys[adopted:end], views, crcs)), since)
+            except PeerBusyError:
+                return adopted, "busy"
             except KVStoreError as err:
                 refused = getattr(err, "refused_by_holder", False)
                 if not refused:
@@ -342,6 +386,8 @@ class RemoteTier:
                 if why or missing:
                     why = why or "missing"
                     break
+        except PeerBusyError:
+            why = "busy"
         except KVStoreError as err:
             why = "error"
             self.counters[Event.REMOTE_FETCH_FAILURES] += 1
@@ -363,11 +409,19 @@ class RemoteTier:
                   checksums: Sequence[int], deadline: float) -> int:
         """Copy one run of a holder's blocks in, as a read fetches them (UCX into reserved slots, else gRPC Fetch;
         each block checked against the size and checksum given, which the holder's must match), for a peer that
-        asked this node to take them (replicator.py). How many leading blocks landed."""
+        asked this node to take them (replicator.py). How many leading blocks landed. The holder is the only one
+        named, so while it answers busy (past its peer_max_inflight) it is asked again after a short wait."""
         tag = tenant_tag(tenant)
         skeys = [tag + k for k in keys]
         found = [Located(size, crc, (holder,)) for size, crc in zip(sizes, checksums)]
-        got, why = self._fetch_run(holder, tenant, fingerprint_id, keys, skeys, found, deadline, self.store.deletions)
+        since, got, why, backoff_s = self.store.deletions, 0, "", BUSY_BACKOFF_S
+        while True:
+            landed, why = self._fetch_run(holder, tenant, fingerprint_id, keys[got:], skeys[got:], found[got:], deadline, since)
+            got += landed
+            if why != "busy" or got == len(keys) or time.monotonic() >= deadline:
+                break
+            self.counters[Event.REMOTE_FETCH_BUSY] += 1  # the only holder named is past its peer_max_inflight: wait
+            backoff_s = _wait_busy(backoff_s, deadline)
         if got < len(keys):
             log.debug("copy from %s: %d of %d blocks (%s)", holder[0], got, len(keys), why or "deadline")
         return got
@@ -377,7 +431,7 @@ class RemoteTier:
     def _repair(self, holder: HolderId, skey: bytes) -> None:
         """The holder answered not-found: tell the key's homes, off the reader's path."""
         _, view = self.identity()
-        homes = self._homes(view).homes_by_node([skey])
+        homes = self.ring(view).homes_by_node([skey])
         for home in homes:
             self._repairs.submit(self._repair_at, home, holder, skey)
 
