@@ -550,6 +550,7 @@ class Bench:
                 verdict(result.recovered_s is not None and result.recovered_s <= 30, ">= 90% of before within 30 s")),
             Row("  a node away (SIGTERM until every node sees it back): worst of 3", f"{max(result.away_s):.1f} s"),
         ]
+
     def hot_prefix(self) -> None:
         """A prefix written on A and read by B then C (each once the last reader's copy is announced), then again by
         both: the peer bytes each node served over all rounds, max over mean (3 nodes; design T10)."""
