@@ -23,10 +23,12 @@ from typing import Callable, Iterator, Protocol
 
 import grpc
 
-from kvwire.errors import FencedError, KVStoreError, PermissionDeniedError, StaleViewError
+from kvwire.errors import FencedError, InvalidRequestError, KVStoreError, PermissionDeniedError, StaleViewError
 from kvstore.api import UcxSessions
 from kvstore.auth import Authenticator, check_tenant
 from kvstore.counters import Event
+from kvstore.cluster.claim_table import ClaimTable
+from kvstore.cluster.claims import presence
 from kvstore.cluster.directory import BlockRef, DirectoryShard, Locations, live_holders
 from kvstore.cluster.peers import Peers
 from kvstore.cluster.view import ClusterView
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 VIEW_CATCH_UP_S = 1.0
 PEER_CLIENT_PREFIX = "peer:"  # client ids of UCX sessions issued to peers: a fenced node refuses them (node.before_read)
 FETCH_MESSAGE_BYTES = 4 << 20  # a Fetch answers in messages of about this much payload: a deadline keeps what landed
+MAX_CLAIM_WAIT_MS = 10_000  # a WaitClaims long-poll holds one of this node's threads this long at most
+MAX_CLAIM_TTL_MS = 600_000  # a claim lapses after this long at most, whatever the lease asked
 SERVICE_NAME = ppb.DESCRIPTOR.services_by_name["PeerService"].full_name
 
 
@@ -108,6 +112,7 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
         self.status = status
         self.ucx: UcxSessions | None = None  # the server's UCX data plane, once started (node.start)
         self.ucx_listener = ""  # host:port peers dial for it
+        self.claims = ClaimTable()  # the write claims of keys this node is first home for (node.py shares it)
 
     def add_to(self, server: grpc.Server) -> None:
         ppb_grpc.add_PeerServiceServicer_to_server(self, server)
@@ -227,6 +232,31 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
     @_peer_call
     def Status(self, request: ppb.PeerStatusRequest, context) -> ppb.ClusterStatus:
         return self.status()
+
+    # ---- cluster-wide single writer (claim_table.py) -------------------------------------------
+
+    @_peer_call
+    def Claim(self, request: ppb.ClaimRequest, context) -> ppb.ClaimResponse:
+        env = request.envelope
+        if len(request.lease_ids) != len(request.skeys):
+            raise InvalidRequestError(f"{len(request.skeys)} keys but {len(request.lease_ids)} lease ids")
+        live = live_holders(self.membership.view())
+        answers = self.claims.claim((env.sender, env.sender_incarnation), request.skeys, request.lease_ids,
+                                    min(request.ttl_ms, MAX_CLAIM_TTL_MS) / 1000, live, presence(self.shard, request.fingerprint_id, live))
+        return ppb.ClaimResponse(outcomes=[int(a.outcome) for a in answers], holders=[a.holder for a in answers],
+                                 expires_in_ms=[max(0, int(a.expires_in_s * 1000)) for a in answers])
+
+    @_peer_call
+    def ReleaseClaims(self, request: ppb.ReleaseClaimsRequest, context) -> ppb.ReleaseClaimsResponse:
+        env = request.envelope
+        return ppb.ReleaseClaimsResponse(released=self.claims.release((env.sender, env.sender_incarnation), request.skeys, request.lease_ids))
+
+    @_peer_call
+    def WaitClaims(self, request: ppb.WaitClaimsRequest, context) -> ppb.WaitClaimsResponse:
+        """A long-poll: answered once none of the keys is claimed, or at the timeout the caller set (bounded here)."""
+        claimed = self.claims.wait(list(request.skeys), min(request.timeout_ms, MAX_CLAIM_WAIT_MS) / 1000,
+                                   lambda: live_holders(self.membership.view()), context.is_active)
+        return ppb.WaitClaimsResponse(pending=[i for i, _ in claimed], expires_in_ms=[max(0, int(s * 1000)) for _, s in claimed])
 
 
 def locate_response(found: Locations) -> ppb.LocateResponse:
