@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 CLAIM_TIMEOUT_S = 0.5  # a claim waits this long for its home (the Locate's bound), then grants here
 RELEASE_TIMEOUT_S = 1.0
 WAIT_SLICE_S = 2.0  # a long-poll is sent in slices this long, so a Wait whose caller went away ends soon
-WAIT_MARGIN_S = 0.1  # a home answers this much before the call's deadline, so a long-poll never times out
+WAIT_MARGIN_S = 0.15  # a home answers this much before the call's deadline, so a long-poll never times out
 PENDING_PRUNE_AT = 4096  # remembered pending claims: lapsed ones are dropped once there are this many
 
 
