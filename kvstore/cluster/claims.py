@@ -61,7 +61,8 @@ class ClusterClaims:
         self.table = table  # this node's own claims as a home
         self.counters = counters
         self._ring: tuple[int, Rendezvous] = (-1, Rendezvous(()))
-        self._pending: dict[bytes, tuple[str, float]] = {}  # skey -> (home holding another node's claim, lapses at)
+        # skey -> (home holding another node's claim, when it lapses, the key claimed: itself, or its chain's head)
+        self._pending: dict[bytes, tuple[str, float, bytes]] = {}
         self._lock = threading.Lock()
         self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvstore-claims")
 
@@ -82,19 +83,59 @@ class ClusterClaims:
 
     def claim(self, fingerprint_id: bytes, skeys: Sequence[bytes], lease_ids: Sequence[int], ttl_s: float) -> list[ClaimAnswer]:
         """Each key's cluster-wide answer for leases granted here: GRANTED (this node computes it), PENDING (another
-        node does: its name, until its claim lapses) or ALREADY_PRESENT. GRANTED where the home cannot answer."""
+        node does: its name, until its claim lapses) or ALREADY_PRESENT. GRANTED where the home cannot answer.
+
+        Head first: skeys are a chain's keys in order, and a chain is computed from its first missing block on,
+        so the first key is claimed alone and decides for the rest. Its winner then claims the others at their
+        homes; a loser answers them all PENDING behind it (its Wait waits on the head's claim), without asking.
+        Claimed all at once, two nodes racing for one prompt would each win some keys at their homes and both
+        compute the whole chain (each from its first grant on). It costs the winner one more round trip."""
         out = [ClaimAnswer(LeaseOutcome.GRANTED)] * len(skeys)
         incarnation, view = self.identity()
-        if incarnation == 0:
+        if incarnation == 0 or not skeys:
             return out
-        asks = self._first_homes(view, skeys)
+        homes = self._first_homes(view, skeys)
+        home_of = {i: name for name, pos in homes.items() for i in pos}
+        head = self._ask(fingerprint_id, {home_of[0]: [0]}, skeys, lease_ids, ttl_s, incarnation, view)[0]
+        out[0] = head
+        now = time.monotonic()
+        if head.outcome == LeaseOutcome.PENDING:
+            out = [head] * len(skeys)
+            with self._lock:
+                self._prune(now)
+                for skey in skeys:
+                    self._pending[skey] = (home_of[0], now + head.expires_in_s, skeys[0])
+        else:
+            rest = {name: [i for i in pos if i] for name, pos in homes.items()}
+            for i, answer in self._ask(fingerprint_id, {n: p for n, p in rest.items() if p}, skeys, lease_ids, ttl_s, incarnation, view).items():
+                out[i] = answer
+            with self._lock:
+                self._prune(now)
+                for i, answer in enumerate(out):
+                    if answer.outcome == LeaseOutcome.PENDING:
+                        self._pending[skeys[i]] = (home_of[i], now + answer.expires_in_s, skeys[i])
+                    else:
+                        self._pending.pop(skeys[i], None)
+        self.counters[Event.CLUSTER_CLAIMS_GRANTED] += sum(a.outcome == LeaseOutcome.GRANTED for a in out)
+        self.counters[Event.CLUSTER_CLAIMS_PENDING] += sum(a.outcome == LeaseOutcome.PENDING for a in out)
+        return out
+
+    def _prune(self, now: float) -> None:
+        if len(self._pending) >= PENDING_PRUNE_AT:
+            self._pending = {k: v for k, v in self._pending.items() if v[1] > now}
+
+    def _ask(self, fingerprint_id: bytes, asks: dict[str, list[int]], skeys: Sequence[bytes], lease_ids: Sequence[int],
+             ttl_s: float, incarnation: int, view: ClusterView) -> dict[int, ClaimAnswer]:
+        """Claim the keys at these positions at their homes (asks: home -> positions), this node's own table for
+        its own; GRANTED where a home cannot answer (availability before dedup)."""
+        out = {i: ClaimAnswer(LeaseOutcome.GRANTED) for pos in asks.values() for i in pos}
+        asks = dict(asks)
         mine = asks.pop(self.me, None)
-        if mine is not None:
+        if mine:
             live = live_holders(view)
             answers = self.table.claim((self.me, incarnation), [skeys[i] for i in mine], [lease_ids[i] for i in mine], ttl_s,
                                        live, presence(self.shard, fingerprint_id, live))
-            for i, answer in zip(mine, answers):
-                out[i] = answer
+            out.update(zip(mine, answers))
         if asks:
             answered = self.peers.claim_many(fingerprint_id, {name: ([skeys[i] for i in pos], [lease_ids[i] for i in pos])
                                                               for name, pos in asks.items()}, ttl_s, CLAIM_TIMEOUT_S)
@@ -103,19 +144,7 @@ class ClusterClaims:
                     self.counters[Event.CLUSTER_CLAIMS_LOCAL] += len(asks[name])
                     log.debug("claim at %s failed, granted here: %s", name, answers)
                     continue
-                for i, answer in zip(asks[name], answers):
-                    out[i] = answer
-        now, homes = time.monotonic(), {i: name for name, pos in asks.items() for i in pos}
-        with self._lock:
-            if len(self._pending) >= PENDING_PRUNE_AT:
-                self._pending = {k: v for k, v in self._pending.items() if v[1] > now}
-            for i, answer in enumerate(out):
-                if answer.outcome == LeaseOutcome.PENDING:
-                    self._pending[skeys[i]] = (homes.get(i, self.me), now + answer.expires_in_s)
-                else:
-                    self._pending.pop(skeys[i], None)
-        self.counters[Event.CLUSTER_CLAIMS_GRANTED] += sum(a.outcome == LeaseOutcome.GRANTED for a in out)
-        self.counters[Event.CLUSTER_CLAIMS_PENDING] += sum(a.outcome == LeaseOutcome.PENDING for a in out)
+                out.update(zip(asks[name], answers))
         return out
 
     def renew(self, fingerprint_id: bytes, skeys: Sequence[bytes], lease_ids: Sequence[int], ttl_s: float) -> None:
@@ -150,49 +179,52 @@ class ClusterClaims:
 
     def wait(self, skeys: Sequence[bytes], timeout_s: float, is_active: Callable[[], bool] | None = None) -> dict[int, float]:
         """Wait until none of skeys is claimed by another node, timeout_s at most: (position -> seconds until its
-        claim lapses) of those still claimed. Only keys answered PENDING here are asked about; a home that cannot
-        answer counts its keys as no longer claimed (the client acquires again, and the claim is then granted here)."""
+        claim lapses) of those still claimed. Only keys answered PENDING here are asked about (a key pending behind
+        its chain's head waits on the head's claim); a home that cannot answer counts its keys as no longer claimed
+        (the client acquires again, and the claim is then granted here)."""
         now = time.monotonic()
+        behind: dict[bytes, list[int]] = {}  # claimed key asked about -> positions waiting on it
+        home: dict[bytes, str] = {}
+        lapses_at: dict[bytes, float] = {}
         with self._lock:
-            asks: dict[str, list[int]] = {}
             for i, skey in enumerate(skeys):
                 if (known := self._pending.get(skey)) is not None and known[1] > now:
-                    asks.setdefault(known[0], []).append(i)
-        if not asks:
-            return {}
+                    behind.setdefault(known[2], []).append(i)
+                    home[known[2]], lapses_at[known[2]] = known[0], known[1]
         deadline = now + timeout_s
-        still: dict[int, float] = {}
-        while asks:
+        while behind:
             left = deadline - time.monotonic()
             if left <= WAIT_MARGIN_S or (is_active is not None and not is_active()):
-                with self._lock:
-                    for pos in asks.values():
-                        for i in pos:
-                            if (known := self._pending.get(skeys[i])) is not None:
-                                still[i] = max(0.0, known[1] - time.monotonic())
-                return still
+                now = time.monotonic()
+                return {i: max(0.0, lapses_at[claimed] - now) for claimed, pos in behind.items() for i in pos}
             slice_s = min(left - WAIT_MARGIN_S, WAIT_SLICE_S)
-            answers: dict[str, list[tuple[int, float]] | KVStoreError] = {}
+            asks: dict[str, list[bytes]] = {}
+            for claimed in behind:
+                asks.setdefault(home[claimed], []).append(claimed)
             mine = asks.pop(self.me, None)
+            answers: dict[str, list[tuple[int, float]] | KVStoreError] = {}
             if asks:
-                answers.update(self.peers.wait_claims_many({name: [skeys[i] for i in pos] for name, pos in asks.items()},
-                                                           slice_s, slice_s + WAIT_MARGIN_S))
+                answers.update(self.peers.wait_claims_many(asks, slice_s, slice_s + WAIT_MARGIN_S))
             if mine is not None:  # after the homes' answers: within what is left of this slice
                 local_s = max(0.0, min(slice_s, deadline - time.monotonic() - WAIT_MARGIN_S))
-                answers[self.me] = self.table.wait([skeys[i] for i in mine], local_s, lambda: live_holders(self.identity()[1]), is_active)
+                answers[self.me] = self.table.wait(mine, local_s, lambda: live_holders(self.identity()[1]), is_active)
                 asks[self.me] = mine
-            next_asks: dict[str, list[int]] = {}
+            still: dict[bytes, list[int]] = {}
             with self._lock:
                 for name, answer in answers.items():
-                    pos = asks[name]
-                    claimed = {} if isinstance(answer, KVStoreError) else dict(answer)
                     if isinstance(answer, KVStoreError):
                         log.debug("waiting on claims at %s failed (counted as ended): %s", name, answer)
-                    for j, i in enumerate(pos):
-                        if j in claimed:
-                            self._pending[skeys[i]] = (name, time.monotonic() + claimed[j])
-                            next_asks.setdefault(name, []).append(i)
+                        answer = []
+                    claimed_now = dict(answer)
+                    for j, claimed in enumerate(asks[name]):
+                        waiting = behind[claimed]
+                        if j in claimed_now:
+                            lapses_at[claimed] = time.monotonic() + claimed_now[j]
+                            still[claimed] = waiting
+                            for i in waiting:
+                                self._pending[skeys[i]] = (name, lapses_at[claimed], claimed)
                         else:
-                            self._pending.pop(skeys[i], None)
-            asks = next_asks
-        return still
+                            for i in waiting:
+                                self._pending.pop(skeys[i], None)
+            behind = still
+        return {}
