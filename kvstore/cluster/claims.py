@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 CLAIM_TIMEOUT_S = 0.5  # a claim waits this long for its home (the Locate's bound), then grants here
 RELEASE_TIMEOUT_S = 1.0
 WAIT_SLICE_S = 2.0  # a long-poll is sent in slices this long, so a Wait whose caller went away ends soon
+WAIT_POLL_S = 0.05  # between the answers of a home too busy to hold a long-poll
 WAIT_MARGIN_S = 0.15  # a home answers this much before the call's deadline, so a long-poll never times out
 PENDING_PRUNE_AT = 4096  # remembered pending claims: lapsed ones are dropped once there are this many
 
@@ -198,6 +199,7 @@ class ClusterClaims:
                 now = time.monotonic()
                 return {i: max(0.0, lapses_at[claimed] - now) for claimed, pos in behind.items() for i in pos}
             slice_s = min(left - WAIT_MARGIN_S, WAIT_SLICE_S)
+            sliced_at = time.monotonic()
             asks: dict[str, list[bytes]] = {}
             for claimed in behind:
                 asks.setdefault(home[claimed], []).append(claimed)
@@ -227,4 +229,6 @@ class ClusterClaims:
                             for i in waiting:
                                 self._pending.pop(skeys[i], None)
             behind = still
+            if behind and time.monotonic() - sliced_at < slice_s / 2:  # a busy home answered at once: poll, do not spin
+                time.sleep(min(WAIT_POLL_S, max(0.0, deadline - time.monotonic() - WAIT_MARGIN_S)))
         return {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import threading
 from collections import Counter
 from typing import Callable, Iterator, Protocol
 
@@ -43,6 +44,9 @@ VIEW_CATCH_UP_S = 1.0
 PEER_CLIENT_PREFIX = "peer:"  # client ids of UCX sessions issued to peers: a fenced node refuses them (node.before_read)
 FETCH_MESSAGE_BYTES = 4 << 20  # a Fetch answers in messages of about this much payload: a deadline keeps what landed
 MAX_CLAIM_WAIT_MS = 10_000  # a WaitClaims long-poll holds one of this node's threads this long at most
+# Peers' WaitClaims long-polls this node lets block at once, each holding one of its gRPC threads (32 by default):
+# past that, one answers at once and its asker polls, so peers' waits can never take the threads its clients need.
+CLAIM_WAITS_SERVED = 8
 MAX_CLAIM_TTL_MS = 600_000  # a claim lapses after this long at most, whatever the lease asked
 SERVICE_NAME = ppb.DESCRIPTOR.services_by_name["PeerService"].full_name
 
@@ -113,6 +117,7 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
         self.ucx: UcxSessions | None = None  # the server's UCX data plane, once started (node.start)
         self.ucx_listener = ""  # host:port peers dial for it
         self.claims = ClaimTable()  # the write claims of keys this node is first home for (node.py shares it)
+        self._claim_waits = threading.BoundedSemaphore(CLAIM_WAITS_SERVED)
 
     def add_to(self, server: grpc.Server) -> None:
         ppb_grpc.add_PeerServiceServicer_to_server(self, server)
@@ -254,8 +259,13 @@ class PeerServicer(ppb_grpc.PeerServiceServicer):
     @_peer_call
     def WaitClaims(self, request: ppb.WaitClaimsRequest, context) -> ppb.WaitClaimsResponse:
         """A long-poll: answered once none of the keys is claimed, or at the timeout the caller set (bounded here)."""
-        claimed = self.claims.wait(list(request.skeys), min(request.timeout_ms, MAX_CLAIM_WAIT_MS) / 1000,
-                                   lambda: live_holders(self.membership.view()), context.is_active)
+        held = self._claim_waits.acquire(blocking=False)
+        try:  # past CLAIM_WAITS_SERVED long-polls at once, the answer is what is claimed now (the asker polls)
+            timeout_s = min(request.timeout_ms, MAX_CLAIM_WAIT_MS) / 1000 if held else 0.0
+            claimed = self.claims.wait(list(request.skeys), timeout_s, lambda: live_holders(self.membership.view()), context.is_active)
+        finally:
+            if held:
+                self._claim_waits.release()
         return ppb.WaitClaimsResponse(pending=[i for i, _ in claimed], expires_in_ms=[max(0, int(s * 1000)) for _, s in claimed])
 
 
