@@ -40,7 +40,7 @@ from kvstore.cluster.ucx_fetch import CHUNK_BYTES as UCX_CHUNK_BYTES, UcxFetcher
 UCX_DIRECT_MIN_BYTES = 256 << 10
 # UCX request sizing (_ChunkSizer): the first request, the time each next one aims at, the share of the time
 # left a request may be expected to use, and when not to ask at all.
-UCX_FIRST_CHUNK_BYTES = 2 << 20
+UCX_FIRST_CHUNK_BYTES = 1 << 20
 UCX_CHUNK_S = 0.05
 UCX_CHUNK_FILL = 0.8
 UCX_CHUNK_STOP = 1.25  # no request for a block expected to take this many times the time left (it would be cut off)
