@@ -10,7 +10,7 @@ from then on (announced as held here, evicted and demoted as any other). It refu
 
 Data path: the holder's UCX data plane where it runs one (ucx_fetch.py: a keyed get per chunk of at most
 32 MiB, sized to what the link delivers by the deadline; ~3x gRPC's throughput here), else, and after a UCX
-refusal or failure, gRPC Fetch (a server stream of ~4 MiB messages, whose `missing` marker names where the
+refusal or failure, gRPC Fetch (a server stream of ~1 MiB messages, whose `missing` marker names where the
 holder's run ends).
 
 Guarantees to a reader: never partial data (a block lands whole and checked, or not at all); a fetch
