@@ -82,7 +82,8 @@ class ClusterClaims:
 
     # ---- the store's ClaimSource ------------------------------------------------------------
 
-    def claim(self, fingerprint_id: bytes, skeys: Sequence[bytes], lease_ids: Sequence[int], ttl_s: float) -> list[ClaimAnswer]:
+    def claim(self, fingerprint_id: bytes, skeys: Sequence[bytes], lease_ids: Sequence[int], ttl_s: float,
+              count: bool = True) -> list[ClaimAnswer]:
         """Each key's cluster-wide answer for leases granted here: GRANTED (this node computes it), PENDING (another
         node does: its name, until its claim lapses) or ALREADY_PRESENT. GRANTED where the home cannot answer.
 
@@ -96,6 +97,8 @@ class ClusterClaims:
         if incarnation == 0 or not skeys:
             return out
         homes = self._first_homes(view, skeys)
+        if not homes:  # no active member to be home (this node alone, draining): nobody to share the work with
+            return out
         home_of = {i: name for name, pos in homes.items() for i in pos}
         head = self._ask(fingerprint_id, {home_of[0]: [0]}, skeys, lease_ids, ttl_s, incarnation, view)[0]
         out[0] = head
@@ -117,8 +120,9 @@ class ClusterClaims:
                         self._pending[skeys[i]] = (home_of[i], now + answer.expires_in_s, skeys[i])
                     else:
                         self._pending.pop(skeys[i], None)
-        self.counters[Event.CLUSTER_CLAIMS_GRANTED] += sum(a.outcome == LeaseOutcome.GRANTED for a in out)
-        self.counters[Event.CLUSTER_CLAIMS_PENDING] += sum(a.outcome == LeaseOutcome.PENDING for a in out)
+        if count:
+            self.counters[Event.CLUSTER_CLAIMS_GRANTED] += sum(a.outcome == LeaseOutcome.GRANTED for a in out)
+            self.counters[Event.CLUSTER_CLAIMS_PENDING] += sum(a.outcome == LeaseOutcome.PENDING for a in out)
         return out
 
     def _prune(self, now: float) -> None:
@@ -151,7 +155,7 @@ class ClusterClaims:
     def renew(self, fingerprint_id: bytes, skeys: Sequence[bytes], lease_ids: Sequence[int], ttl_s: float) -> None:
         """A lease renewed here renews its claim (off the caller's path; a lapsed claim may then go to another node)."""
         if skeys:
-            self._submit(self.claim, fingerprint_id, list(skeys), list(lease_ids), ttl_s)
+            self._submit(self.claim, fingerprint_id, list(skeys), list(lease_ids), ttl_s, False)
 
     def release(self, skeys: Sequence[bytes], lease_ids: Sequence[int]) -> None:
         """Leases given up here end their claims at the homes, so a waiting node takes over now (off the caller's path)."""
