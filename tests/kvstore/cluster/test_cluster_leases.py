@@ -132,6 +132,29 @@ def test_a_released_claim_passes_to_the_waiting_node(trio, fingerprint) -> None:
         assert [x.outcome for x in a.acquire(keys)] == [LeaseOutcome.PENDING] * 4
 
 
+def test_a_claim_lives_as_long_as_its_lease_renewed_or_not(trio, fingerprint) -> None:
+    with trio.client(0, fingerprint) as a, trio.client(1, fingerprint) as b:
+        kept, lapsing = keys_homed_at(a, "n2", NAMES, 2), keys_homed_at(a, "n2", NAMES, 2, start=1 << 20)
+        assert [x.outcome for x in a.acquire(kept, ttl_s=1)] == [LeaseOutcome.GRANTED] * 2
+        assert [x.outcome for x in a.acquire(lapsing, ttl_s=1)] == [LeaseOutcome.GRANTED] * 2
+        with a.keep_leases(kept, 1.0) as keeper:
+            time.sleep(2.0)  # twice the TTL: kept's claims are renewed with their leases, lapsing's lapse
+            assert keeper.renewals >= 3
+            assert [x.outcome for x in b.acquire(kept)] == [LeaseOutcome.PENDING] * 2
+            assert [x.outcome for x in b.acquire(lapsing)] == [LeaseOutcome.GRANTED] * 2
+
+
+def test_claims_are_per_tenant(trio, fingerprint) -> None:
+    """The same block keys under two tenants are two storage keys: both are granted. The tenant is the token's."""
+    with trio.client(0, fingerprint, tenant="alpha") as a, trio.client(1, fingerprint, tenant="beta") as b:
+        keys = a.block_keys(np.arange(16 * 4))
+        assert keys == b.block_keys(np.arange(16 * 4))
+        assert [x.outcome for x in a.acquire(keys)] == [LeaseOutcome.GRANTED] * 4
+        assert [x.outcome for x in b.acquire(keys)] == [LeaseOutcome.GRANTED] * 4
+        with trio.client(2, fingerprint, tenant="alpha") as c:
+            assert [x.outcome for x in c.acquire(keys)] == [LeaseOutcome.PENDING] * 4
+
+
 def test_with_the_home_stopped_each_side_computes_at_most_once_and_waits_no_longer_than_asked(trio, fingerprint) -> None:
     home = trio.nodes[2].proc
     with trio.client(0, fingerprint) as a, trio.client(1, fingerprint) as b:
