@@ -155,6 +155,42 @@ def test_claims_are_per_tenant(trio, fingerprint) -> None:
             assert [x.outcome for x in c.acquire(keys)] == [LeaseOutcome.PENDING] * 4
 
 
+def test_more_waiters_than_a_home_holds_long_polls_for_all_see_the_block(trio, fingerprint) -> None:
+    """16 Waits on n1 for claims held at n2, twice the long-polls n2 holds at once (peer_service.CLAIM_WAITS_SERVED):
+    the rest are answered at once and poll; every one sees the blocks soon after they are put."""
+    tenants = ("alpha", "beta")  # 8 Waits per tenant is a node's limit (max_waits_per_tenant)
+    with trio.client(0, fingerprint, tenant="alpha") as wa, trio.client(0, fingerprint, tenant="beta") as wb:
+        winners = dict(zip(tenants, (wa, wb)))
+        keys = {t: keys_homed_at(winners[t], "n2", NAMES, 2) for t in tenants}
+        for t in tenants:
+            assert [x.outcome for x in winners[t].acquire(keys[t], ttl_s=30)] == [LeaseOutcome.GRANTED] * 2
+        waiters = [(t, trio.client(1, fingerprint, tenant=t)) for t in tenants for _ in range(8)]
+        try:
+            for t, client in waiters:
+                assert [x.outcome for x in client.acquire(keys[t])] == [LeaseOutcome.PENDING] * 2
+            results: list = []
+
+            def wait(t: str, client) -> None:
+                states = client.wait(keys[t], 15)
+                results.append((states, time.monotonic()))
+
+            threads = [threading.Thread(target=wait, args=w) for w in waiters]
+            for thread in threads:
+                thread.start()
+            time.sleep(1.0)
+            put_at = time.monotonic()
+            for t in tenants:
+                winners[t].put(keys[t], [block(k) for k in keys[t]])
+            for thread in threads:
+                thread.join(20)
+            assert len(results) == 16
+            assert all(states == [BlockState.PRESENT] * 2 for states, _ in results), results
+            assert max(at for _, at in results) - put_at < 2.0
+        finally:
+            for _, client in waiters:
+                client.close()
+
+
 def test_with_the_home_stopped_each_side_computes_at_most_once_and_waits_no_longer_than_asked(trio, fingerprint) -> None:
     home = trio.nodes[2].proc
     with trio.client(0, fingerprint) as a, trio.client(1, fingerprint) as b:
