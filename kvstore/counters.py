@@ -113,6 +113,9 @@ class Event(enum.StrEnum):
     PEER_REJECTED_BUSY = "peer_rejected_busy"  # peer transfers refused past peer_max_inflight (RESOURCE_EXHAUSTED)
     PEER_BREAKER_OPENS = "peer_breaker_opens"  # a peer's circuit breaker opened (one timeout or 3 errors)
     PEER_CALLS_SHORT_CIRCUITED = "peer_calls_short_circuited"  # calls not made: the peer's breaker was open
+    CLUSTER_CLAIMS_GRANTED = "cluster_claims_granted"  # keys granted here that are computed here (cluster-wide, or the home was unreachable)
+    CLUSTER_CLAIMS_PENDING = "cluster_claims_pending"  # keys answered PENDING: another node claimed them first
+    CLUSTER_CLAIMS_LOCAL = "cluster_claims_local"  # of the granted, those whose home could not answer (granted here: availability)
     DIRECTORY_LOCATES = "directory_locates"  # Locate calls this node answered as a home
     DIRECTORY_ANNOUNCES = "directory_announces"  # announce batches applied here
     DIRECTORY_RESYNCS = "directory_resyncs"  # holder resyncs applied here

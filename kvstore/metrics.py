@@ -121,7 +121,8 @@ EVENT_SERIES: dict[Event, tuple[Family, tuple[str, ...]]] = {
     Event.UCX_PINS_STAGED_OFF_LOOP: (STORE_EVENTS, ("ucx_pins_staged_off_loop",)),
     **{event: (CLUSTER_EVENTS, (event.value.removeprefix("cluster_"),)) for event in (
         Event.CLUSTER_JOINS, Event.CLUSTER_FENCES, Event.CLUSTER_VIEW_CHANGES, Event.CLUSTER_KEEPALIVE_FAILURES,
-        Event.TOMBSTONES_ISSUED, Event.TOMBSTONES_APPLIED, Event.CLUSTER_SSD_WIPES)},
+        Event.TOMBSTONES_ISSUED, Event.TOMBSTONES_APPLIED, Event.CLUSTER_SSD_WIPES, Event.CLUSTER_CLAIMS_GRANTED,
+        Event.CLUSTER_CLAIMS_PENDING, Event.CLUSTER_CLAIMS_LOCAL)},
     **{event: (CLUSTER_COPIES, (event.value.removeprefix("cluster_"),)) for event in (
         Event.CLUSTER_COPIES_TAKEN, Event.CLUSTER_COPY_BYTES_TAKEN, Event.CLUSTER_COPIES_SENT, Event.CLUSTER_COPY_BYTES_SENT,
         Event.CLUSTER_COPY_FAILURES, Event.CLUSTER_REPLICA_PUSHES_DROPPED, Event.CLUSTER_REPAIR_KEYS, Event.CLUSTER_SPILLED,

@@ -142,6 +142,28 @@ class RemoteSource(Protocol):
         """Copy what peers hold of keys (with prefix, their leading run) into this store (Store.adopt), checked."""
 
 
+class ClaimAnswer(Protocol):
+    outcome: LeaseOutcome  # GRANTED, ALREADY_PRESENT or PENDING (another node computes it)
+    holder: str  # that node, when PENDING
+    expires_in_s: float  # until its claim lapses, when PENDING
+
+
+class ClaimSource(Protocol):
+    """Cluster mode's single writer (kvstore/cluster/claims.py): a lease granted here for a key no node holds is
+    claimed at the key's directory home, and stands only if the claim is granted; else the key is PENDING
+    elsewhere. Never raises for a peer's failure: a home that cannot answer grants (availability before dedup).
+    Keys are storage keys: the caller's tenant is already in them."""
+
+    def claim(self, fingerprint_id: bytes, skeys: Sequence[bytes], lease_ids: Sequence[int], ttl_s: float) -> list[ClaimAnswer]: ...
+
+    def renew(self, fingerprint_id: bytes, skeys: Sequence[bytes], lease_ids: Sequence[int], ttl_s: float) -> None: ...
+
+    def release(self, skeys: Sequence[bytes], lease_ids: Sequence[int]) -> None: ...
+
+    def wait(self, skeys: Sequence[bytes], timeout_s: float, is_active: Callable[[], bool] | None = None) -> dict[int, float]:
+        """Until none of skeys is claimed by another node (timeout_s at most): position -> seconds until its claim lapses."""
+
+
 class _Changes(threading.Condition):
     """The store's condition, counting notifications: a waiter that read state without the
     lock can tell whether anything changed before it sleeps."""
@@ -173,6 +195,7 @@ class Store:
         self.admitting = True
         self.closed = False
         self.remote: RemoteSource | None = None  # cluster mode: peers' blocks, staged in as local copies
+        self.claims: ClaimSource | None = None  # cluster mode: leases are claimed cluster-wide at the keys' homes
         self.deletions = 0  # operator deletes so far: a peer's copy fetched across one is not adopted (adopt's `since`)
         self.placement.restore()
 
@@ -274,6 +297,21 @@ class Store:
                 statuses[i] = KeyStatus(statuses[i].key, BlockState.PRESENT, Tier.REMOTE, size)
         return statuses
 
+    def _with_claims(self, caller: Caller, statuses: list[KeyStatus], timeout_s: float,
+                     is_active: Callable[[], bool] | None) -> list[KeyStatus]:
+        """Cluster mode: wait (timeout_s at most) while missing keys are claimed by another node; those still
+        claimed then are PENDING, with their claim's expiry."""
+        absent = BlockState.MISSING
+        missing = [i for i, s in enumerate(statuses) if s.state is absent]
+        if not missing:
+            return statuses
+        tag = tenant_tag(caller.tenant)
+        still = self.claims.wait([tag + statuses[i].key for i in missing], max(0.0, timeout_s), is_active)
+        for j, expires_in_s in still.items():
+            i = missing[j]
+            statuses[i] = KeyStatus(statuses[i].key, BlockState.PENDING, lease_expires_unix_ms=int((time.time() + expires_in_s) * 1000))
+        return statuses
+
     def prefix_length(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> int:
         """How many leading keys are present, looking no further than the first that is not (here, then at peers)."""
         self._check_fp(fingerprint_id)
@@ -304,6 +342,7 @@ class Store:
         self._check_admitting()
         ttl_s, out = self._ttl(ttl_ms), []
         elsewhere = self._held_by_peers(caller, fingerprint_id, keys) if self.remote is not None else set()
+        claims, granted = self.claims, []
         for chunk in _chunks(keys):  # outcomes are per key: other requests may run between chunks
             with self._locked as table:
                 for key in chunk:
@@ -311,8 +350,31 @@ class Store:
                         out.append(LeaseInfo(key, LeaseOutcome.ALREADY_PRESENT))
                         continue
                     outcome, lease = table.lease_for(caller, fingerprint_id, key, ttl_s)
+                    if claims is not None and outcome == LeaseOutcome.GRANTED:
+                        granted.append((len(out), lease))
                     out.append(self._lease_info(table, key, outcome, lease))
+        if granted:
+            self._claim_cluster_wide(claims, fingerprint_id, out, granted, ttl_s)
         return out
+
+    def _claim_cluster_wide(self, claims: ClaimSource, fingerprint_id: bytes, out: list[LeaseInfo],
+                            granted: list[tuple[int, WriteLease]], ttl_s: float) -> None:
+        """Cluster mode: leases granted here stand only where their keys' homes grant the claim (outside the lock: a
+        call to the home); the others end here and answer PENDING (another node computes the key: a Wait here
+        waits for it) or ALREADY_PRESENT. The local rules came first, so a key pending here never asks a home."""
+        answers = claims.claim(fingerprint_id, [lease.skey for _, lease in granted], [lease.lease_id for _, lease in granted], ttl_s)
+        lost = [(i, lease, answer) for (i, lease), answer in zip(granted, answers) if answer.outcome != LeaseOutcome.GRANTED]
+        if not lost:
+            return
+        with self._locked as table:
+            for i, lease, answer in lost:
+                if table.leases.get(lease.lease_id) is lease:
+                    table.end_lease(lease)
+                if answer.outcome == LeaseOutcome.PENDING:
+                    out[i] = LeaseInfo(out[i].key, LeaseOutcome.PENDING, 0, f"node {answer.holder}",
+                                       table.unix_ms(table.clock() + answer.expires_in_s))
+                else:
+                    out[i] = LeaseInfo(out[i].key, LeaseOutcome.ALREADY_PRESENT)
 
     def _missing(self, caller: Caller, keys: Sequence[bytes]) -> list[bytes]:
         """The keys with no block of the caller's here at all (under any fingerprint)."""
@@ -380,17 +442,29 @@ class Store:
         ttl_s = self._ttl(ttl_ms)
         with self._locked as table:
             leases = [table.owned_lease(caller, lid) for lid in lease_ids]
-            return [table.renew(lease, ttl_s) for lease in leases]
+            expiries = [table.renew(lease, ttl_s) for lease in leases]
+        if (claims := self.claims) is not None:
+            by_fingerprint: dict[bytes, list[WriteLease]] = defaultdict(list)
+            for lease in leases:
+                by_fingerprint[lease.fingerprint_id].append(lease)
+            for fingerprint_id, group in by_fingerprint.items():
+                claims.renew(fingerprint_id, [lease.skey for lease in group], [lease.lease_id for lease in group], ttl_s)
+        return expiries
 
     def release(self, caller: Caller, lease_ids: Sequence[int]) -> int:
         self._check_ids(lease_ids, "lease ids")
         with self._locked as table:
-            return table.release(caller, lease_ids)
+            held = [lease for lid in lease_ids if (lease := table.leases.get(lid)) is not None and lease.held_by(caller)]
+            released = table.release(caller, lease_ids)
+        if (claims := self.claims) is not None and held:  # their cluster-wide claims end too: a waiting node takes over now
+            claims.release([lease.skey for lease in held], [lease.lease_id for lease in held])
+        return released
 
     def wait(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], timeout_ms: int,
              is_active: Callable[[], bool] | None = None) -> list[KeyStatus]:
         """Block until no key is PENDING (committed, or its lease released or expired) or timeout; in cluster
-        mode the answer's MISSING keys a peer holds are PRESENT, tier REMOTE, as in lookup.
+        mode, then until no key is claimed by another node (claims.py) in what is left of the timeout, and the
+        answer's MISSING keys a peer holds are PRESENT, tier REMOTE, as in lookup.
 
         The wait is bounded by max_wait_s whatever the caller asks, and ends early once
         is_active() says the caller has gone (checked at least every WAIT_POLL_S), so an
@@ -406,6 +480,8 @@ class Store:
             statuses = self._statuses(caller, fingerprint_id, keys)
             remaining = deadline - time.monotonic()
             if all(s.state != BlockState.PENDING for s in statuses) or remaining <= 0 or self.closed:
+                if self.claims is not None:
+                    statuses = self._with_claims(caller, statuses, remaining, is_active)
                 return self._with_remote(caller, fingerprint_id, statuses) if self.remote is not None else statuses
             if is_active is not None and not is_active():
                 self.counters[Event.LEASE_WAITS_ABANDONED] += 1

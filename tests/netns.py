@@ -4,7 +4,7 @@ Each node gets its own namespace with a veth leg on a bridge in the root namespa
 (where etcd and the test run) has the bridge's address. A partition is made the way a dead link
 looks from inside: a static neighbour entry with a bogus MAC drops packets in one direction silently,
 so connects and calls time out instead of failing fast (this kernel has no netem, and iptables is
-absent). Everything the harness creates is named after the test process and removed on close, even
+absent). A slow link is a tbf rate cap on a node's leg (rate_limit). Everything the harness creates is named after the test process and removed on close, even
 when the test fails.
 """
 from __future__ import annotations
@@ -121,6 +121,13 @@ class Bridge:
         for other in ["root", *self.nodes]:
             if other != node:
                 self.cut(node, other)
+
+    def rate_limit(self, node: str, rate: str = "100mbit", burst: str = "64kb", latency: str = "200ms") -> None:
+        """Cap what node sends (its veth leg's egress) with a token bucket filter: a slow link from node to everyone.
+        (This kernel has tbf but no netem: a rate cap, not a delay.) Removed with the namespace."""
+        ns = self.nodes[node]
+        subprocess.run(["tc", "-n", ns.name, "qdisc", "replace", "dev", ns.leg, "root", "tbf", "rate", rate, "burst", burst,
+                        "latency", latency], check=True, capture_output=True, text=True, timeout=10)
 
     def heal(self) -> None:
         for src, dst in list(self._cuts):

@@ -170,6 +170,9 @@ class DirectoryShard:
         self._by_holder: dict[HolderId, set[bytes]] = {}
         self._expected: dict[HolderId, int] = {}  # next sequence number wanted from each holder incarnation
         self._sets: dict[tuple[HolderId, ...], tuple[HolderId, ...]] = {}  # interned holder tuples
+        # Told the storage keys of every applied announce's new blocks, after the lock: the claim table ends their
+        # write claims (claim_table.py), so a waiting node wakes once the block can be located here.
+        self.on_stored: Callable[[list[bytes]], None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -195,7 +198,8 @@ class DirectoryShard:
                 return AnnounceResult(False, expected)
             self._expected[holder] = expected + 1
             self._apply(holder, stored, removed)
-            return AnnounceResult(True, expected + 1)
+        self._stored(stored)
+        return AnnounceResult(True, expected + 1)
 
     def resync(self, holder: HolderId, next_sequence: int, blocks: Sequence[BlockRef]) -> int:
         """Replace everything this holder incarnation had here with blocks; its next batch is next_sequence."""
@@ -203,7 +207,13 @@ class DirectoryShard:
             self._drop_holder(holder)
             self._apply(holder, blocks, ())
             self._expected[holder] = next_sequence
-            return len(self._by_holder.get(holder, ()))
+            entries = len(self._by_holder.get(holder, ()))
+        self._stored(blocks)
+        return entries
+
+    def _stored(self, refs: Sequence[BlockRef]) -> None:
+        if self.on_stored is not None and refs:
+            self.on_stored([ref.skey for ref in refs])
 
     def repair(self, holder: HolderId, skeys: Sequence[bytes]) -> int:
         """A reader found that holder does not have these blocks (it answered not-found): forget the claim."""

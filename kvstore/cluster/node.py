@@ -8,7 +8,8 @@ the peer service (on the server's gRPC port), and what membership events mean fo
   dropped (what it knew may be stale by the time this node rejoins), nothing is announced, the remote
   tier finds nothing; local clients are still served unless cluster_strict_fence, which refuses reads;
 - (re)join: tombstones are replayed first (Membership's before_join), then every home gets a full resync;
-- view change: channels of departed members close, the shard forgets dead holders and keys homed elsewhere;
+- view change: channels of departed members close, the shard forgets dead holders and keys homed elsewhere,
+  the claim table ends the write claims of dead holders (claims.py: cluster-wide single writer);
 - drain or SIGTERM: leave at once (the lease is revoked), so peers drop this node within a watch event.
 
 Admin deletes by tenant, fingerprint or chain become tombstones that every node applies (delete());
@@ -30,6 +31,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from kvwire.errors import FencedError, InvalidRequestError, UnavailableError
 from kvwire.hostid import host_id
 from kvstore.cluster.announcer import Announcer
+from kvstore.cluster.claims import ClusterClaims
 from kvstore.cluster.directory import BlockRef, DirectoryShard, live_holders
 from kvstore.cluster.etcd import EtcdClient, EtcdError
 from kvstore.cluster.handoff import hand_off
@@ -113,6 +115,8 @@ class ClusterNode:
         self.spiller = Spiller(self.name, store, self.replicator, self.peers.status, self.identity, self.counters,
                                cfg.high_watermark, cfg.low_watermark)
         self.servicer.add_to(grpc_server)
+        self.shard.on_stored = self.servicer.claims.stored
+        self.claims = ClusterClaims(self.name, self.identity, self.peers, self.shard, self.servicer.claims, self.counters)
 
     # ---- the copy primitive ------------------------------------------------------------------------
 
@@ -178,6 +182,7 @@ class ClusterNode:
         self.replicas.start()
         self.spiller.start()
         self.store.remote = self.remote
+        self.store.claims = self.claims
         self.api.cluster = self
         membership.start()
         self.tombstones.start()
@@ -195,11 +200,13 @@ class ClusterNode:
     def leave(self) -> None:
         """Leave the cluster at once (drain, shutdown): the lease is revoked, peers drop this node within a watch event."""
         self.store.remote = None
+        self.store.claims = None
         if self.membership is not None:
             self.membership.leave()
 
     def close(self) -> None:
         self.store.remote = None
+        self.store.claims = None
         self.store.index.listener = None
         self.spiller.close()
         self.replicas.close()
@@ -209,6 +216,7 @@ class ClusterNode:
             self.membership.close()
         self.remote.close()
         self.hot.close()
+        self.claims.close()
         self.peers.close()
         self.etcd.close()
 
@@ -225,6 +233,7 @@ class ClusterNode:
         live = live_holders(view)
         lost = self.shard.losing(live)
         self.shard.forget_dead(live)
+        self.servicer.claims.forget_dead(live)  # a dead holder's write claims end now: its waiters take over
         self.hot.forget(live)
         ring = self.remote.ring(view)
         self.shard.keep_homed(lambda skeys: ring.is_home(self.name, skeys))
@@ -235,6 +244,7 @@ class ClusterNode:
         log.warning("cluster: node %s fenced; serving no peer%s until it rejoins", self.name,
                     " and no reader" if self.cfg.cluster_strict_fence else "")
         self.shard.clear()
+        self.servicer.claims.clear()
         self.announcer.wake()
 
     def _on_join(self, incarnation: int) -> None:

@@ -24,7 +24,9 @@ import grpc
 
 from kvwire.defaults import AUTH_METADATA, MAX_MESSAGE_BYTES
 from kvwire.errors import ERROR_TYPE_METADATA, KVStoreError, UnavailableError, error_for
+from kvwire.types import LeaseOutcome
 from kvstore.counters import Event
+from kvstore.cluster.claim_table import ClaimAnswer
 from kvstore.cluster.directory import AnnounceResult, BlockRef, HolderId, Locations
 from kvstore.cluster.replicator import CopyGroup
 from kvstore.cluster.view import ClusterView, Member
@@ -335,6 +337,65 @@ class Peers:
             return answer.entries
         except grpc.RpcError as err:
             raise self._failed(peer, err) from None
+
+    def claim_many(self, fingerprint_id: bytes, asks: dict[str, tuple[list[bytes], list[int]]], ttl_s: float,
+                   timeout_s: float) -> dict[str, list[ClaimAnswer] | KVStoreError]:
+        """Claim keys at their first homes at once (asks: home -> (skeys, this node's lease ids)); each answer or its error."""
+        calls = []
+        out: dict[str, list[ClaimAnswer] | KVStoreError] = {}
+        for name, (skeys, lease_ids) in asks.items():
+            try:
+                peer, env = self._begin(name)
+            except KVStoreError as err:
+                out[name] = err
+                continue
+            request = ppb.ClaimRequest(envelope=env, fingerprint_id=fingerprint_id, skeys=skeys, lease_ids=lease_ids,
+                                       ttl_ms=max(1, int(ttl_s * 1000)))
+            calls.append((name, peer, peer.stub.Claim, request))
+        for name, peer, answer in self._unary_many(calls, timeout_s):
+            if isinstance(answer, KVStoreError):
+                out[name] = answer
+            elif isinstance(answer, grpc.RpcError):
+                out[name] = self._failed(peer, answer)
+            else:
+                peer.breaker.succeeded()
+                out[name] = [ClaimAnswer(LeaseOutcome(o), h, ms / 1000)
+                             for o, h, ms in zip(answer.outcomes, answer.holders, answer.expires_in_ms)]
+        return out
+
+    def release_claims(self, home: str, skeys: Sequence[bytes], lease_ids: Sequence[int], timeout_s: float) -> int:
+        """End this node's claims of skeys made by these leases at their home; raises the call's error."""
+        peer, env = self._begin(home)
+        try:
+            answer = peer.stub.ReleaseClaims(ppb.ReleaseClaimsRequest(envelope=env, skeys=skeys, lease_ids=lease_ids),
+                                             timeout=timeout_s, metadata=self.metadata)
+            peer.breaker.succeeded()
+            return answer.released
+        except grpc.RpcError as err:
+            raise self._failed(peer, err) from None
+
+    def wait_claims_many(self, asks: dict[str, list[bytes]], wait_s: float, timeout_s: float) -> dict[str, list[tuple[int, float]] | KVStoreError]:
+        """Long-poll homes (asks: home -> skeys) until none of the keys is claimed, wait_s at most (the home answers
+        then; timeout_s, a little longer, is the call's deadline); each home's (position, seconds until it lapses)
+        of keys still claimed, or its error."""
+        calls = []
+        out: dict[str, list[tuple[int, float]] | KVStoreError] = {}
+        for name, skeys in asks.items():
+            try:
+                peer, env = self._begin(name)
+            except KVStoreError as err:
+                out[name] = err
+                continue
+            calls.append((name, peer, peer.stub.WaitClaims, ppb.WaitClaimsRequest(envelope=env, skeys=skeys, timeout_ms=int(wait_s * 1000))))
+        for name, peer, answer in self._unary_many(calls, timeout_s):
+            if isinstance(answer, KVStoreError):
+                out[name] = answer
+            elif isinstance(answer, grpc.RpcError):
+                out[name] = self._failed(peer, answer)
+            else:
+                peer.breaker.succeeded()
+                out[name] = [(i, ms / 1000) for i, ms in zip(answer.pending, answer.expires_in_ms)]
+        return out
 
     def ucx_session(self, name: str, tenant: str, timeout_s: float) -> tuple[str, bytes, str]:
         """(listener, token, client id) of a session on the peer's UCX data plane for tenant's blocks; listener "" without one."""

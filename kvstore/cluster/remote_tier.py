@@ -9,8 +9,9 @@ from then on (announced as held here, evicted and demoted as any other). It refu
 (peers.py) and directory bookkeeping (directory.py).
 
 Data path: the holder's UCX data plane where it runs one (ucx_fetch.py: a keyed get per chunk of at most
-32 MiB, ~3x gRPC's throughput here), else, and after a UCX refusal or failure, gRPC Fetch (a server stream
-of ~4 MiB messages, whose `missing` marker names where the holder's run ends).
+32 MiB, sized to what the link delivers by the deadline; ~3x gRPC's throughput here), else, and after a UCX
+refusal or failure, gRPC Fetch (a server stream of ~1 MiB messages, whose `missing` marker names where the
+holder's run ends).
 
 Guarantees to a reader: never partial data (a block lands whole and checked, or not at all); a fetch
 ends by remote_fetch_deadline_ms with the leading run that landed; a peer's failure is a miss here,
@@ -39,6 +40,12 @@ from kvstore.cluster.ucx_fetch import CHUNK_BYTES as UCX_CHUNK_BYTES, UcxFetcher
 # Blocks at least this large are received straight into reserved pool slots, one message each; smaller ones
 # land packed in staging buffers (a message per block costs tens of microseconds whatever its size).
 UCX_DIRECT_MIN_BYTES = 256 << 10
+# UCX request sizing (_ChunkSizer): the first request, the time each next one aims at, the share of the time
+# left a request may be expected to use, and when not to ask at all.
+UCX_FIRST_CHUNK_BYTES = 1 << 20
+UCX_CHUNK_S = 0.05
+UCX_CHUNK_FILL = 0.8
+UCX_CHUNK_STOP = 1.25  # no request for a block expected to take this many times the time left (it would be cut off)
 from kvstore.cluster.view import ClusterView
 from kvstore.index import tenant_tag
 from kvstore.placement import checksum
@@ -78,6 +85,36 @@ class _Found(NamedTuple):
 
     def rows(self) -> list[Located | None]:
         return [Located(size, crc, holders) if holders is not None else None for size, crc, holders in zip(*self)]
+
+
+class _ChunkSizer:
+    """How much one UCX request of a fetch asks for. A request's blocks land only when the whole request has (and a
+    request cut off by the deadline lands nothing and breaks the session), so over a slow link one 32 MiB request
+    would miss a 1 s deadline entirely: at 100 Mbit/s it takes ~2.7 s. The first request asks for
+    UCX_FIRST_CHUNK_BYTES; each next one for the larger of twice the last and UCX_CHUNK_S of the latest request's
+    rate, capped at UCX_CHUNK_BYTES and at what the measured rate delivers in UCX_CHUNK_FILL of the time left.
+    On a fast link it reaches the cap within a request or two (the first costs one extra round trip)."""
+
+    def __init__(self) -> None:
+        self.last = 0
+        self.rate = 0.0  # bytes/s of the latest request (0: none yet); the first one's time includes opening the session
+
+    @property
+    def known(self) -> bool:
+        return self.rate > 0
+
+    def seconds_for(self, nbytes: int) -> float:
+        return nbytes / self.rate
+
+    def next_bytes(self, left_s: float) -> int:
+        if not self.known:
+            return UCX_FIRST_CHUNK_BYTES
+        want = max(2 * self.last, int(self.rate * UCX_CHUNK_S))
+        return max(1, min(UCX_CHUNK_BYTES, want, int(self.rate * left_s * UCX_CHUNK_FILL)))
+
+    def landed(self, nbytes: int, seconds: float) -> None:
+        self.last = nbytes
+        self.rate = nbytes / max(seconds, 1e-6)
 
 
 class RemoteTier:
@@ -309,15 +346,21 @@ class RemoteTier:
 
     def _run_ucx(self, holder: HolderId, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes], skeys: list[bytes],
                  found: Sequence[Located], deadline: float, since: int) -> tuple[int, str]:
-        """Keyed gets of at most CHUNK_BYTES each, every chunk stored before the next is asked for; a refusal
-        (the holder has not got one of the chunk's blocks: nothing moved) is "refused"."""
+        """Keyed gets, every chunk stored before the next is asked for; a refusal (the holder has not got one of
+        the chunk's blocks: nothing moved) is "refused". Chunks are sized to the link (_ChunkSizer), so a slow
+        one lands its leading blocks by the deadline instead of one large request that misses it whole."""
         adopted = 0
+        sizer = _ChunkSizer()
         while adopted < len(keys) and time.monotonic() < deadline:
+            limit = sizer.next_bytes(deadline - time.monotonic())
+            if sizer.known and sizer.seconds_for(found[adopted].size) > UCX_CHUNK_STOP * (deadline - time.monotonic()):
+                return adopted, "deadline"  # not even one more block would land in time: a request cut off breaks the session
             end, total = adopted, 0
-            while end < len(keys) and (end == adopted or total + found[end].size <= UCX_CHUNK_BYTES):
+            while end < len(keys) and (end == adopted or total + found[end].size <= limit):
                 total += found[end].size
                 end += 1
             chunk = (adopted, end)
+            asked_at = time.monotonic()
             try:
                 direct = None
                 if min(f.size for f in found[adopted:end]) >= UCX_DIRECT_MIN_BYTES:
@@ -338,6 +381,7 @@ class RemoteTier:
                 return adopted, "refused" if refused else "error"
             self.counters[Event.REMOTE_FETCH_UCX_BLOCKS] += landed
             self.peers.note_fetched(holder[0], sum(f.size for f in found[adopted : adopted + landed]))
+            sizer.landed(total, time.monotonic() - asked_at)
             adopted += landed
             if why:
                 return adopted, why

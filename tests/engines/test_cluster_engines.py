@@ -137,3 +137,27 @@ def test_router_locality_prefers_the_holding_node_then_remote_then_cold(cluster,
         (0, full_blocks, 0), (0, 0, full_blocks), (0, 0, 0)]
     assert by_url[a.url]["cost"] < by_url[b.url]["cost"] < by_url[cold.url]["cost"]
     assert done["usage"]["prompt_tokens_details"]["cached_tokens"] == full_blocks * BLOCK
+
+
+def test_the_same_prompt_on_two_nodes_at_once_is_computed_once(cluster, workers):
+    """C22 with engines: prefill workers on nodes A and B get the same prompt at the same moment. The prompt's
+    first block is claimed cluster-wide at its directory home, so one worker computes the prefix and publishes
+    it; the other waits for it (its Wait long-polls that home), fetches it through the remote tier and computes
+    only the partial tail."""
+    ids = TOKENIZER.encode(prompt_text("same-prompt-two-nodes", repeat=3))
+    full_blocks = len(ids) // BLOCK
+    assert len(ids) % BLOCK  # a partial last block: a fully fetched prefix leaves only it to compute
+    before = [cluster.counters(i) for i in range(2)]
+
+    def prefill(name: str) -> PrefillResponse:
+        return post_json(workers[name].url + "/prefill", PrefillRequest(f"same-{name}", ids), PrefillResponse)
+
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(prefill, ["prefill_a", "prefill_b"]))
+    assert done[0].first_token == done[1].first_token
+    assert sorted(d.num_cached_tokens for d in done) == [0, full_blocks * BLOCK], done
+    assert sum(d.num_computed_tokens for d in done) == len(ids) + len(ids) - full_blocks * BLOCK
+    after = [cluster.counters(i) for i in range(2)]
+    delta = {name: sum(after[i].get(name, 0) - before[i].get(name, 0) for i in range(2))
+             for name in ("cluster_claims_granted", "cluster_claims_pending", "cluster_claims_local")}
+    assert delta == {"cluster_claims_granted": full_blocks, "cluster_claims_pending": full_blocks, "cluster_claims_local": 0}

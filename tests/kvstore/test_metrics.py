@@ -123,6 +123,9 @@ EXPORTED_SERIES = {
     **{f"cluster_{name}": ("kvstore_cluster_copies_total", {"event": name}) for name in (
         "copies_taken", "copy_bytes_taken", "copies_sent", "copy_bytes_sent", "copy_failures", "replica_pushes_dropped",
         "repair_keys", "spilled", "handed_off", "sole_copies_evicted")},
+    "cluster_claims_granted": ("kvstore_cluster_events_total", {"event": "claims_granted"}),
+    "cluster_claims_pending": ("kvstore_cluster_events_total", {"event": "claims_pending"}),
+    "cluster_claims_local": ("kvstore_cluster_events_total", {"event": "claims_local"}),
     "remote_locate_found": ("kvstore_remote_locate_keys_total", {"result": "found"}),
     "remote_locate_absent": ("kvstore_remote_locate_keys_total", {"result": "absent"}),
     "remote_fetch_blocks": ("kvstore_remote_fetch_blocks_total", {}),
