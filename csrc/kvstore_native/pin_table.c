@@ -4,6 +4,7 @@
  *   pin_found     BlockTable.pin_found: the same for an all-or-nothing Pin, the absent keys named
  *   unpin_blocks  BlockTable.unpin_blocks's count: every block unpinned, the deleted ones it freed named
  *   host_columns  block_table.host_columns: where pinned blocks' host copies sit, as three columns, and their bytes
+ *   pin_leading_columns  pin_leading, then host_columns of the blocks it pinned: a prefix Pin's whole walk in one call
  *   distinct_keys store._check_keys's rules (every key of its size, none twice), answering only "all hold"
  *
  * A prefix Pin of an 8k-token prompt walks 512 blocks: look each up, check its fingerprint, count
@@ -25,7 +26,7 @@
 #define Py_READONLY READONLY
 #endif
 
-#define PIN_TABLE_ABI 1
+#define PIN_TABLE_ABI 2
 
 /* BlockMeta's fields, bound once (bind) to the class block_table passes. */
 static PyTypeObject *meta_type = NULL;
@@ -33,6 +34,9 @@ static PyMemberDef *m_fingerprint_id, *m_pins, *m_last_access, *m_copies, *m_che
 static PyObject *move_to_end = NULL;   /* OrderedDict.move_to_end, unbound */
 static PyTypeObject *odict_type = NULL;
 static PyObject *s_offset, *s_size_bytes, *s_move_to_end, *one;
+/* Slot's fields (offset, size_bytes) when it is a slots class (bind_slot); else read by attribute. */
+static PyTypeObject *slot_type = NULL;
+static PyMemberDef *m_offset, *m_size_bytes;
 
 static PyMemberDef *slot_member(PyTypeObject *type, const char *name) {
     PyObject *descr = PyDict_GetItemString(type->tp_dict, name);  /* borrowed */
@@ -66,6 +70,23 @@ static PyObject *bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return PyBool_FromLong(ok);
 }
 
+/* bind_slot(Slot) -> bool: whether Slot is a slots class whose offset and size_bytes host_columns may read
+ * at their offsets (a Slot is read twice per block of a Pin's answer); else they are read by attribute. */
+static PyObject *bind_slot(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 1 || !PyType_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "bind_slot(Slot)");
+        return NULL;
+    }
+    PyTypeObject *type = (PyTypeObject *)args[0];
+    /* A frozen dataclass's fields are read-only only by its __setattr__: the descriptors are writable ones. */
+    m_offset = slot_member(type, "offset");
+    m_size_bytes = slot_member(type, "size_bytes");
+    int ok = m_offset && m_size_bytes;
+    Py_XSETREF(slot_type, ok ? (PyTypeObject *)Py_NewRef(type) : NULL);
+    return PyBool_FromLong(ok);
+}
+
 /* A field of a bound BlockMeta as a new reference; NULL if the slot is empty. Read at the offset its
  * member descriptor names, as PyMember_GetOne does (which costs as much again in checks, per field). */
 static inline PyObject *field(PyObject *meta, PyMemberDef *member) {
@@ -78,6 +99,8 @@ static inline PyObject *field(PyObject *meta, PyMemberDef *member) {
 static inline void set_field(PyObject *meta, PyMemberDef *member, PyObject *value) {
     Py_XSETREF(*(PyObject **)((char *)meta + member->offset), Py_NewRef(value));
 }
+
+static PyObject *columns_of(PyObject *const *metas, Py_ssize_t n, PyObject *host);
 
 /* order.move_to_end(skey): one tier's LRU order. */
 static int move_last(PyObject *order, PyObject *skey) {
@@ -98,7 +121,7 @@ static int move_last(PyObject *order, PyObject *skey) {
  * the leading run present under fingerprint_id (pin_leading). Else every present key's block, the absent
  * keys appended to missing, and a block of another fingerprint leaves the call to the reference, which
  * raises (pin_found). Nothing changes before every key has been looked up. */
-static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *missing) {
+static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *missing, PyObject *host, PyObject **columns) {
     if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "(blocks, lru, tag, keys, fingerprint_id, now)");
         return NULL;
@@ -146,6 +169,15 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
         if (!same_fp) break;
         metas[run++] = Py_NewRef(meta);
     }
+    /* With host: the run's host columns (columns_of), read before anything changes. */
+    if (host != NULL) {
+        *columns = columns_of(metas, run, host);
+        if (*columns == NULL) goto done;
+        if (*columns == Py_NotImplemented) {
+            Py_CLEAR(*columns);
+            goto not_ours;
+        }
+    }
     /* 2. Count the pins, then 3. touch. */
     for (Py_ssize_t i = 0; i < run; i++) {
         PyObject *pins = field(metas[i], m_pins);
@@ -185,6 +217,7 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
 not_ours:
     result = Py_NewRef(Py_NotImplemented);
 done:
+    if (columns != NULL && (result == NULL || result == Py_NotImplemented)) Py_CLEAR(*columns);
     Py_XDECREF(last_tier);
     Py_XDECREF(last_order);
     if (metas != NULL)
@@ -203,7 +236,7 @@ done:
  * fingerprint_id, pin-counted and touched. The caller counts the lookup hits and misses and pin_count. */
 static PyObject *pin_leading(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    return pin_run(args, nargs, NULL);
+    return pin_run(args, nargs, NULL, NULL, NULL);
 }
 
 /* pin_found(blocks, lru, tag, keys, fingerprint_id, now) -> (list[BlockMeta], missing keys) | NotImplemented
@@ -214,7 +247,7 @@ static PyObject *pin_found(PyObject *self, PyObject *const *args, Py_ssize_t nar
     (void)self;
     PyObject *missing = PyList_New(0);
     if (missing == NULL) return NULL;
-    PyObject *found = pin_run(args, nargs, missing);
+    PyObject *found = pin_run(args, nargs, missing, NULL, NULL);
     if (found == NULL || found == Py_NotImplemented) {
         Py_DECREF(missing);
         return found;
@@ -222,6 +255,67 @@ static PyObject *pin_found(PyObject *self, PyObject *const *args, Py_ssize_t nar
     PyObject *result = PyTuple_Pack(2, found, missing);
     Py_DECREF(found);
     Py_DECREF(missing);
+    return result;
+}
+
+/* A Slot's field as a new reference: at its offset where Slot is bound (bind_slot), else by attribute. */
+static inline PyObject *slot_field(PyObject *slot, PyMemberDef *member, PyObject *name) {
+    if (slot_type != NULL && Py_IS_TYPE(slot, slot_type)) {
+        PyObject *value = field(slot, member);
+        if (value == NULL) PyErr_SetObject(PyExc_AttributeError, name);
+        return value;
+    }
+    return PyObject_GetAttr(slot, name);
+}
+
+/* The columns of host_columns for metas[0:n]: (offsets, sizes, checksums, payload_bytes), None when one
+ * has no host copy, NotImplemented for anything unexpected. */
+static PyObject *columns_of(PyObject *const *metas, Py_ssize_t n, PyObject *host) {
+    PyObject *columns[3] = {PyList_New(n), PyList_New(n), PyList_New(n)}, *result = NULL, *total = NULL;
+    long long payload_bytes = 0;
+    if (columns[0] == NULL || columns[1] == NULL || columns[2] == NULL) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *meta = metas[i];
+        if (!Py_IS_TYPE(meta, meta_type)) goto not_ours;
+        PyObject *copies = field(meta, m_copies);
+        if (copies == NULL || !PyDict_CheckExact(copies)) {
+            Py_XDECREF(copies);
+            goto not_ours;
+        }
+        PyObject *slot = PyDict_GetItemWithError(copies, host);  /* borrowed, alive while copies is */
+        if (slot == NULL) {
+            Py_DECREF(copies);
+            if (PyErr_Occurred()) goto done;
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        PyObject *offset = slot_field(slot, m_offset, s_offset);
+        PyObject *size = offset ? slot_field(slot, m_size_bytes, s_size_bytes) : NULL;
+        Py_DECREF(copies);
+        PyObject *checksum = size ? field(meta, m_checksum) : NULL, *meta_size = checksum ? field(meta, m_size) : NULL;
+        long long block_bytes = meta_size && PyLong_CheckExact(meta_size) ? PyLong_AsLongLong(meta_size) : -1;
+        Py_XDECREF(meta_size);
+        if (checksum == NULL || block_bytes < 0) {
+            Py_XDECREF(offset);
+            Py_XDECREF(size);
+            Py_XDECREF(checksum);
+            if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_OverflowError) && !PyErr_ExceptionMatches(PyExc_AttributeError))
+                goto done;
+            PyErr_Clear();
+            goto not_ours;
+        }
+        payload_bytes += block_bytes;
+        PyList_SET_ITEM(columns[0], i, offset);
+        PyList_SET_ITEM(columns[1], i, size);
+        PyList_SET_ITEM(columns[2], i, checksum);
+    }
+    if ((total = PyLong_FromLongLong(payload_bytes)) != NULL) result = PyTuple_Pack(4, columns[0], columns[1], columns[2], total);
+    goto done;
+not_ours:
+    result = Py_NewRef(Py_NotImplemented);
+done:
+    for (int c = 0; c < 3; c++) Py_XDECREF(columns[c]);
+    Py_XDECREF(total);
     return result;
 }
 
@@ -238,51 +332,26 @@ static PyObject *host_columns(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     PyObject *metas = args[0], *host = args[1];
     if (meta_type == NULL || !PyList_CheckExact(metas)) Py_RETURN_NOTIMPLEMENTED;
-    Py_ssize_t n = PyList_GET_SIZE(metas);
-    PyObject *columns[3] = {PyList_New(n), PyList_New(n), PyList_New(n)}, *result = NULL, *total = NULL;
-    long long payload_bytes = 0;
-    if (columns[0] == NULL || columns[1] == NULL || columns[2] == NULL) goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *meta = PyList_GET_ITEM(metas, i);
-        if (!Py_IS_TYPE(meta, meta_type)) goto not_ours;
-        PyObject *copies = field(meta, m_copies);
-        if (copies == NULL || !PyDict_CheckExact(copies)) {
-            Py_XDECREF(copies);
-            goto not_ours;
-        }
-        PyObject *slot = PyDict_GetItemWithError(copies, host);  /* borrowed, alive while copies is */
-        if (slot == NULL) {
-            Py_DECREF(copies);
-            if (PyErr_Occurred()) goto done;
-            result = Py_NewRef(Py_None);
-            goto done;
-        }
-        PyObject *offset = PyObject_GetAttr(slot, s_offset);
-        PyObject *size = offset ? PyObject_GetAttr(slot, s_size_bytes) : NULL;
-        Py_DECREF(copies);
-        PyObject *checksum = size ? field(meta, m_checksum) : NULL, *meta_size = checksum ? field(meta, m_size) : NULL;
-        long long block_bytes = meta_size && PyLong_CheckExact(meta_size) ? PyLong_AsLongLong(meta_size) : -1;
-        Py_XDECREF(meta_size);
-        if (checksum == NULL || block_bytes < 0) {
-            Py_XDECREF(offset);
-            Py_XDECREF(size);
-            Py_XDECREF(checksum);
-            if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_OverflowError)) goto done;
-            PyErr_Clear();
-            goto not_ours;
-        }
-        payload_bytes += block_bytes;
-        PyList_SET_ITEM(columns[0], i, offset);
-        PyList_SET_ITEM(columns[1], i, size);
-        PyList_SET_ITEM(columns[2], i, checksum);
+    return columns_of(PySequence_Fast_ITEMS(metas), PyList_GET_SIZE(metas), host);
+}
+
+/* pin_leading_columns(blocks, lru, tag, keys, fingerprint_id, now, host_tier)
+ *     -> (list[BlockMeta], (offsets, sizes, checksums, payload_bytes) | None) | NotImplemented
+ *
+ * pin_leading, then host_columns of the blocks it pinned: a prefix Pin of blocks in the host pool in one
+ * call. The columns are read before anything changes, so NotImplemented still means nothing changed. */
+static PyObject *pin_leading_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "pin_leading_columns(blocks, lru, tag, keys, fingerprint_id, now, host_tier)");
+        return NULL;
     }
-    if ((total = PyLong_FromLongLong(payload_bytes)) != NULL) result = PyTuple_Pack(4, columns[0], columns[1], columns[2], total);
-    goto done;
-not_ours:
-    result = Py_NewRef(Py_NotImplemented);
-done:
-    for (int c = 0; c < 3; c++) Py_XDECREF(columns[c]);
-    Py_XDECREF(total);
+    PyObject *columns = NULL;
+    PyObject *metas = pin_run(args, 6, NULL, args[6], &columns);
+    if (metas == NULL || metas == Py_NotImplemented) return metas;
+    PyObject *result = PyTuple_Pack(2, metas, columns);
+    Py_DECREF(metas);
+    Py_DECREF(columns);
     return result;
 }
 
@@ -370,6 +439,9 @@ static PyMethodDef methods[] = {
      "pin_leading(blocks, lru, tag, keys, fingerprint_id, now) -> list[BlockMeta] | NotImplemented"},
     {"pin_found", (PyCFunction)(void (*)(void))pin_found, METH_FASTCALL,
      "pin_found(blocks, lru, tag, keys, fingerprint_id, now) -> (list[BlockMeta], missing) | NotImplemented"},
+    {"bind_slot", (PyCFunction)(void (*)(void))bind_slot, METH_FASTCALL, "bind_slot(Slot) -> bool"},
+    {"pin_leading_columns", (PyCFunction)(void (*)(void))pin_leading_columns, METH_FASTCALL,
+     "pin_leading_columns(blocks, lru, tag, keys, fingerprint_id, now, host_tier) -> (list[BlockMeta], columns | None) | NotImplemented"},
     {"host_columns", (PyCFunction)(void (*)(void))host_columns, METH_FASTCALL,
      "host_columns(metas, host_tier) -> (offsets, sizes, checksums, payload_bytes) | None | NotImplemented"},
     {"unpin_blocks", (PyCFunction)(void (*)(void))unpin_blocks, METH_FASTCALL, "unpin_blocks(metas) -> list[BlockMeta] | NotImplemented"},
