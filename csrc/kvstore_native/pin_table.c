@@ -30,7 +30,7 @@
 
 /* BlockMeta's fields, bound once (bind) to the class block_table passes. */
 static PyTypeObject *meta_type = NULL;
-static PyMemberDef *m_fingerprint_id, *m_pins, *m_last_access, *m_copies, *m_checksum, *m_size, *m_deleted;
+static PyMemberDef *m_skey, *m_fingerprint_id, *m_pins, *m_last_access, *m_copies, *m_checksum, *m_size, *m_deleted;
 static PyObject *move_to_end = NULL;   /* OrderedDict.move_to_end, unbound */
 static PyTypeObject *odict_type = NULL;
 static PyObject *s_offset, *s_size_bytes, *s_move_to_end, *one;
@@ -61,11 +61,12 @@ static PyObject *bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     m_checksum = slot_member(type, "checksum");
     m_size = slot_member(type, "size");
     m_deleted = slot_member(type, "deleted");
+    m_skey = slot_member(type, "skey");
     PyObject *method = PyObject_GetAttr(args[1], s_move_to_end);
     if (method == NULL) return NULL;
     Py_XSETREF(move_to_end, method);
     Py_XSETREF(odict_type, (PyTypeObject *)Py_NewRef(args[1]));
-    int ok = m_fingerprint_id && m_pins && m_last_access && m_copies && m_checksum && m_size && m_deleted;
+    int ok = m_skey && m_fingerprint_id && m_pins && m_last_access && m_copies && m_checksum && m_size && m_deleted;
     Py_XSETREF(meta_type, ok ? (PyTypeObject *)Py_NewRef(type) : NULL);
     return PyBool_FromLong(ok);
 }
@@ -102,6 +103,21 @@ static inline void set_field(PyObject *meta, PyMemberDef *member, PyObject *valu
 
 static PyObject *columns_of(PyObject *const *metas, Py_ssize_t n, PyObject *host);
 
+/* count + step (+1 or -1) for an int count: in a C long where it fits (a pin count always does), with
+ * no allocation for the small ints CPython keeps; else as Python adds. */
+static PyObject *add_one(PyObject *count, long step) {
+    int overflow = 0;
+    long value = PyLong_AsLongAndOverflow(count, &overflow);
+    if (overflow == 0 && !(value == -1 && PyErr_Occurred()) && value > LONG_MIN + 1 && value < LONG_MAX - 1)
+        return PyLong_FromLong(value + step);
+    PyErr_Clear();
+    PyObject *delta = PyLong_FromLong(step);
+    if (delta == NULL) return NULL;
+    PyObject *sum = PyNumber_Add(count, delta);
+    Py_DECREF(delta);
+    return sum;
+}
+
 /* order.move_to_end(skey): one tier's LRU order. */
 static int move_last(PyObject *order, PyObject *skey) {
     PyObject *done;
@@ -134,9 +150,8 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
     Py_ssize_t n = PySequence_Fast_GET_SIZE(keys), run = 0, tag_len = PyBytes_GET_SIZE(tag);
     Py_ssize_t fp_len = PyBytes_GET_SIZE(fingerprint_id);
     PyObject **metas = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
-    PyObject **skeys = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
     PyObject *result = NULL, *last_tier = NULL, *last_order = NULL;
-    if (metas == NULL || skeys == NULL) {
+    if (metas == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -156,10 +171,12 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
             if (PyList_Append(missing, key) < 0) goto done;
             continue;
         }
-        skeys[run] = skey;  /* owned from here; released at done */
+        Py_DECREF(skey);  /* the LRU moves below name the block's own skey, which its orders hold: found by identity */
         if (!Py_IS_TYPE(meta, meta_type)) goto not_ours;
         PyObject *fp = field(meta, m_fingerprint_id), *pins = field(meta, m_pins), *copies = field(meta, m_copies);
-        int expected = fp && pins && copies && PyBytes_CheckExact(fp) && PyLong_CheckExact(pins) && PyDict_CheckExact(copies);
+        PyObject *own_skey = *(PyObject **)((char *)meta + m_skey->offset);  /* borrowed: only its type is read */
+        int expected = fp && pins && copies && own_skey && PyBytes_CheckExact(fp) && PyLong_CheckExact(pins) &&
+                       PyDict_CheckExact(copies) && PyBytes_CheckExact(own_skey);
         int same_fp = expected && PyBytes_GET_SIZE(fp) == fp_len &&
                       memcmp(PyBytes_AS_STRING(fp), PyBytes_AS_STRING(fingerprint_id), (size_t)fp_len) == 0;
         Py_XDECREF(fp);
@@ -181,7 +198,7 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
     /* 2. Count the pins, then 3. touch. */
     for (Py_ssize_t i = 0; i < run; i++) {
         PyObject *pins = field(metas[i], m_pins);
-        PyObject *more = pins ? PyNumber_Add(pins, one) : NULL;
+        PyObject *more = pins ? add_one(pins, 1) : NULL;
         Py_XDECREF(pins);
         if (more == NULL) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "BlockMeta.pins changed under the store lock");
@@ -192,9 +209,11 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
     }
     for (Py_ssize_t i = 0; i < run; i++) {
         set_field(metas[i], m_last_access, now);
-        PyObject *copies = field(metas[i], m_copies), *tier, *copy;
+        PyObject *copies = field(metas[i], m_copies), *skey = field(metas[i], m_skey), *tier, *copy;
         Py_ssize_t pos = 0;
-        if (copies == NULL) {
+        if (copies == NULL || skey == NULL) {
+            Py_XDECREF(copies);
+            Py_XDECREF(skey);
             PyErr_SetString(PyExc_SystemError, "BlockMeta.copies changed under the store lock");
             goto done;
         }
@@ -203,12 +222,14 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
                 Py_XSETREF(last_tier, Py_NewRef(tier));
                 Py_XSETREF(last_order, PyObject_GetItem(lru, tier));  /* a defaultdict: as lru[tier] in Python */
             }
-            if (last_order == NULL || move_last(last_order, skeys[i]) < 0) {
+            if (last_order == NULL || move_last(last_order, skey) < 0) {
                 Py_DECREF(copies);
+                Py_DECREF(skey);
                 goto done;
             }
         }
         Py_DECREF(copies);
+        Py_DECREF(skey);
     }
     result = PyList_New(run);
     if (result != NULL)
@@ -222,10 +243,7 @@ done:
     Py_XDECREF(last_order);
     if (metas != NULL)
         for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(metas[i]);
-    if (skeys != NULL)
-        for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(skeys[i]);
     PyMem_Free(metas);
-    PyMem_Free(skeys);
     return result;
 }
 
@@ -383,7 +401,7 @@ static PyObject *unpin_blocks(PyObject *self, PyObject *const *args, Py_ssize_t 
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *meta = PySequence_Fast_GET_ITEM(metas, i);
         PyObject *pins = field(meta, m_pins);
-        PyObject *fewer = pins ? PyNumber_Subtract(pins, one) : NULL;
+        PyObject *fewer = pins ? add_one(pins, -1) : NULL;
         Py_XDECREF(pins);
         if (fewer == NULL) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "BlockMeta.pins changed under the store lock");
