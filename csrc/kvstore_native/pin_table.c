@@ -1,18 +1,20 @@
 /* kvstore._native: the server's per-key Pin bookkeeping, beside its Python definition in kvstore/block_table.py.
  *
  *   pin_leading   BlockTable.pin_leading: leading_present, pin_blocks, then the index's touch
+ *   pin_leading_columns  BlockTable.pin_leading_columns: pin_leading and the run's host_columns, in one call
  *   pin_found     BlockTable.pin_found: the same for an all-or-nothing Pin, the absent keys named
  *   unpin_blocks  BlockTable.unpin_blocks's count: every block unpinned, the deleted ones it freed named
  *   host_columns  block_table.host_columns: where pinned blocks' host copies sit, as three columns, and their bytes
- *   pin_leading_columns  pin_leading, then host_columns of the blocks it pinned: a prefix Pin's whole walk in one call
  *   distinct_keys store._check_keys's rules (every key of its size, none twice), answering only "all hold"
+ *   bind, bind_slot  the classes whose fields these read at their offsets (BlockMeta; Slot where it is a slots class)
  *
  * A prefix Pin of an 8k-token prompt walks 512 blocks: look each up, check its fingerprint, count
  * the pin, touch it in the LRU, then read its slot. In Python that is ~0.3 us a block, most of a
  * Pin's server time. Here the same steps run on BlockMeta's slots through their member
  * descriptors (at the offsets they name, what attribute access on a slots class does underneath)
  * and OrderedDict.move_to_end, in the reference's order: every lookup before any change, every
- * block pin-counted before any is touched. Like kvwire._native, a function answers NotImplemented
+ * block pin-counted before any is touched. A block is moved in the LRU by its own skey (the object
+ * the orders hold, found by identity), and pin counts change without allocating (add_one). Like kvwire._native, a function answers NotImplemented
  * for anything it does not expect (another class, a field of another type), before changing
  * anything, and the caller runs the reference.
  */
@@ -33,7 +35,7 @@ static PyTypeObject *meta_type = NULL;
 static PyMemberDef *m_skey, *m_fingerprint_id, *m_pins, *m_last_access, *m_copies, *m_checksum, *m_size, *m_deleted;
 static PyObject *move_to_end = NULL;   /* OrderedDict.move_to_end, unbound */
 static PyTypeObject *odict_type = NULL;
-static PyObject *s_offset, *s_size_bytes, *s_move_to_end, *one;
+static PyObject *s_offset, *s_size_bytes, *s_move_to_end;
 /* Slot's fields (offset, size_bytes) when it is a slots class (bind_slot); else read by attribute. */
 static PyTypeObject *slot_type = NULL;
 static PyMemberDef *m_offset, *m_size_bytes;
@@ -476,8 +478,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     s_offset = PyUnicode_InternFromString("offset");
     s_size_bytes = PyUnicode_InternFromString("size_bytes");
     s_move_to_end = PyUnicode_InternFromString("move_to_end");
-    one = PyLong_FromLong(1);
-    if (s_offset == NULL || s_size_bytes == NULL || s_move_to_end == NULL || one == NULL) return NULL;
+    if (s_offset == NULL || s_size_bytes == NULL || s_move_to_end == NULL) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddIntConstant(m, "ABI", PIN_TABLE_ABI) < 0) {
         Py_DECREF(m);
