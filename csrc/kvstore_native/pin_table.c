@@ -105,6 +105,34 @@ static inline void set_field(PyObject *meta, PyMemberDef *member, PyObject *valu
 
 static PyObject *columns_of(PyObject *const *metas, Py_ssize_t n, PyObject *host);
 
+/* tag + key as bytes, a new reference: only looked up, never kept. Built in *scratch, reused while nothing
+ * else holds it (its hash, cached in the object, forgotten), so a walk of 512 keys allocates one, not 512
+ * (~10 us). Python 3.13 leaves a bytes object's cached hash to itself: a fresh object each there. */
+static PyObject *storage_key(PyObject **scratch, PyObject *tag, PyObject *key) {
+    Py_ssize_t tag_len = PyBytes_GET_SIZE(tag), size = tag_len + PyBytes_GET_SIZE(key);
+    PyObject *skey = *scratch;
+#if PY_VERSION_HEX < 0x030D0000
+    if (skey != NULL && Py_REFCNT(skey) == 1 && PyBytes_GET_SIZE(skey) == size) {
+        _Py_COMP_DIAG_PUSH
+        _Py_COMP_DIAG_IGNORE_DEPR_DECLS
+        ((PyBytesObject *)skey)->ob_shash = -1;
+        _Py_COMP_DIAG_POP
+    } else {
+        Py_XDECREF(skey);
+        skey = *scratch = PyBytes_FromStringAndSize(NULL, size);
+        if (skey == NULL) return NULL;
+    }
+    Py_INCREF(skey);
+#else
+    (void)scratch;
+    skey = PyBytes_FromStringAndSize(NULL, size);
+    if (skey == NULL) return NULL;
+#endif
+    memcpy(PyBytes_AS_STRING(skey), PyBytes_AS_STRING(tag), (size_t)tag_len);
+    memcpy(PyBytes_AS_STRING(skey) + tag_len, PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key));
+    return skey;
+}
+
 /* count + step (+1 or -1) for an int count: in a C long where it fits (a pin count always does), with
  * no allocation for the small ints CPython keeps; else as Python adds. */
 static PyObject *add_one(PyObject *count, long step) {
@@ -149,11 +177,16 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
         !(PyList_CheckExact(keys) || PyTuple_CheckExact(keys)) || !PyBytes_CheckExact(fingerprint_id) || !PyFloat_CheckExact(now))
         Py_RETURN_NOTIMPLEMENTED;
 
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(keys), run = 0, tag_len = PyBytes_GET_SIZE(tag);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(keys), run = 0;
     Py_ssize_t fp_len = PyBytes_GET_SIZE(fingerprint_id);
     PyObject **metas = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
-    PyObject *result = NULL, *last_tier = NULL, *last_order = NULL;
-    if (metas == NULL) {
+    /* With host: each block's host slot's offset and size_bytes and its checksum (borrowed: the blocks hold
+     * them, and nothing here changes a block's copies), read as the blocks are found, and their bytes. */
+    PyObject **cells = host != NULL ? PyMem_Calloc(n ? 3 * (size_t)n : 1, sizeof(PyObject *)) : NULL;
+    int on_host = host != NULL;
+    long long payload_bytes = 0;
+    PyObject *result = NULL, *last_tier = NULL, *last_order = NULL, *scratch = NULL;
+    if (metas == NULL || (host != NULL && cells == NULL)) {
         PyErr_NoMemory();
         goto done;
     }
@@ -161,41 +194,69 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *key = PySequence_Fast_GET_ITEM(keys, i);
         if (!PyBytes_CheckExact(key)) goto not_ours;
-        PyObject *skey = PyBytes_FromStringAndSize(NULL, tag_len + PyBytes_GET_SIZE(key));
+        PyObject *skey = storage_key(&scratch, tag, key);
         if (skey == NULL) goto done;
-        memcpy(PyBytes_AS_STRING(skey), PyBytes_AS_STRING(tag), (size_t)tag_len);
-        memcpy(PyBytes_AS_STRING(skey) + tag_len, PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key));
         PyObject *meta = PyDict_GetItemWithError(blocks, skey);
+        Py_DECREF(skey);  /* the LRU moves below name the block's own skey, which its orders hold: found by identity */
         if (meta == NULL) {
-            Py_DECREF(skey);
             if (PyErr_Occurred()) goto done;
             if (missing == NULL) break;
             if (PyList_Append(missing, key) < 0) goto done;
             continue;
         }
-        Py_DECREF(skey);  /* the LRU moves below name the block's own skey, which its orders hold: found by identity */
         if (!Py_IS_TYPE(meta, meta_type)) goto not_ours;
-        PyObject *fp = field(meta, m_fingerprint_id), *pins = field(meta, m_pins), *copies = field(meta, m_copies);
-        PyObject *own_skey = *(PyObject **)((char *)meta + m_skey->offset);  /* borrowed: only its type is read */
+        /* Borrowed: the block holds them, and the dict lookup above ran no code that could drop one. */
+        PyObject *fp = *(PyObject **)((char *)meta + m_fingerprint_id->offset);
+        PyObject *pins = *(PyObject **)((char *)meta + m_pins->offset);
+        PyObject *copies = *(PyObject **)((char *)meta + m_copies->offset);
+        PyObject *own_skey = *(PyObject **)((char *)meta + m_skey->offset);
         int expected = fp && pins && copies && own_skey && PyBytes_CheckExact(fp) && PyLong_CheckExact(pins) &&
                        PyDict_CheckExact(copies) && PyBytes_CheckExact(own_skey);
         int same_fp = expected && PyBytes_GET_SIZE(fp) == fp_len &&
                       memcmp(PyBytes_AS_STRING(fp), PyBytes_AS_STRING(fingerprint_id), (size_t)fp_len) == 0;
-        Py_XDECREF(fp);
-        Py_XDECREF(pins);
-        Py_XDECREF(copies);
         if (!expected || (!same_fp && missing != NULL)) goto not_ours;  /* the reference raises FingerprintMismatchError */
         if (!same_fp) break;
+        if (on_host) {
+            PyObject *slot = PyDict_GetItemWithError(copies, host);
+            if (slot == NULL) {
+                if (PyErr_Occurred()) goto done;
+                on_host = 0;  /* on a lower tier only: no columns (the caller stages it) */
+            } else {
+                PyObject *offset, *size_bytes;
+                if (slot_type != NULL && Py_IS_TYPE(slot, slot_type)) {
+                    offset = *(PyObject **)((char *)slot + m_offset->offset);
+                    size_bytes = *(PyObject **)((char *)slot + m_size_bytes->offset);
+                } else {
+                    goto not_ours;  /* another copy type: columns_of, by attribute, after the reference's walk */
+                }
+                PyObject *checksum = *(PyObject **)((char *)meta + m_checksum->offset);
+                PyObject *size = *(PyObject **)((char *)meta + m_size->offset);
+                long long block_bytes = size && PyLong_CheckExact(size) ? PyLong_AsLongLong(size) : -1;
+                if (offset == NULL || size_bytes == NULL || checksum == NULL || block_bytes < 0) {
+                    PyErr_Clear();
+                    goto not_ours;
+                }
+                payload_bytes += block_bytes;
+                cells[3 * run] = offset;
+                cells[3 * run + 1] = size_bytes;
+                cells[3 * run + 2] = checksum;
+            }
+        }
         metas[run++] = Py_NewRef(meta);
     }
-    /* With host: the run's host columns (columns_of), read before anything changes. */
-    if (host != NULL) {
-        *columns = columns_of(metas, run, host);
-        if (*columns == NULL) goto done;
-        if (*columns == Py_NotImplemented) {
-            Py_CLEAR(*columns);
-            goto not_ours;
+    /* The columns, before anything changes. */
+    if (host != NULL && !on_host) {
+        *columns = Py_NewRef(Py_None);
+    } else if (host != NULL) {
+        PyObject *lists[3] = {PyList_New(run), PyList_New(run), PyList_New(run)}, *total = PyLong_FromLongLong(payload_bytes);
+        if (lists[0] && lists[1] && lists[2] && total) {
+            for (Py_ssize_t i = 0; i < run; i++)
+                for (int c = 0; c < 3; c++) PyList_SET_ITEM(lists[c], i, Py_NewRef(cells[3 * i + c]));
+            *columns = PyTuple_Pack(4, lists[0], lists[1], lists[2], total);
         }
+        for (int c = 0; c < 3; c++) Py_XDECREF(lists[c]);
+        Py_XDECREF(total);
+        if (*columns == NULL) goto done;
     }
     /* 2. Count the pins, then 3. touch. */
     for (Py_ssize_t i = 0; i < run; i++) {
@@ -241,6 +302,8 @@ not_ours:
     result = Py_NewRef(Py_NotImplemented);
 done:
     if (columns != NULL && (result == NULL || result == Py_NotImplemented)) Py_CLEAR(*columns);
+    Py_XDECREF(scratch);
+    PyMem_Free(cells);
     Py_XDECREF(last_tier);
     Py_XDECREF(last_order);
     if (metas != NULL)
