@@ -657,7 +657,7 @@ class Store:
                             release_pin_ids: Sequence[int]) -> PinInfo | list[BlockMeta] | None:
         """A prefix Pin of up to LOCK_CHUNK_KEYS keys in one hold of the store lock: the releases, the walk
         (block_table.pin_leading_columns), the quota and the pin record. An engine's prefix loads of blocks in the
-        host pool end here; three holds of the lock and a pass per column cost a fifth of the call. Else the
+        host pool end here, without the general path's three holds of the lock and second pass over the blocks. Else the
         blocks pinned so far, for pin's general path to stage from lower tiers, or None where it must look
         again (cluster mode, a key missing here: the general path asks peers first, then counts the lookups)."""
         with self._locked as table:
