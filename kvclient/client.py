@@ -334,7 +334,7 @@ class KVClient:
         if not n == len(grant.sizes) == len(grant.checksums) or n > len(keys) or (n < len(keys) and not prefix):
             self._unpins.now(grant.pin_id)
             raise TransferError(f"server pinned {n} blocks for {len(keys)} keys")
-        stats.bytes += sum(grant.sizes)
+        stats.bytes += grant.total_bytes()
         stats.blocks += n
         return n
 
