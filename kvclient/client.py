@@ -325,13 +325,18 @@ class KVClient:
                               keys, stats, lo, prefix)
 
     def _slots_of(self, grant: PinGrant, keys: list[bytes], stats: TransferStats, lo: int, prefix: bool) -> list[SlotRef]:
+        self._check_grant(grant, keys, stats, prefix)
+        return slot_refs(lo, grant.offsets, grant.sizes, grant.pin_id, grant.checksums, grant.expires_unix_ms)
+
+    def _check_grant(self, grant: PinGrant, keys: list[bytes], stats: TransferStats, prefix: bool) -> int:
+        """How many blocks the Pin pinned, once its columns agree with the request (else it is dropped: TransferError)."""
         n = len(grant.offsets)
         if not n == len(grant.sizes) == len(grant.checksums) or n > len(keys) or (n < len(keys) and not prefix):
             self._unpins.now(grant.pin_id)
             raise TransferError(f"server pinned {n} blocks for {len(keys)} keys")
-        stats.bytes += sum(grant.sizes)
+        stats.bytes += grant.total_bytes()
         stats.blocks += n
-        return slot_refs(lo, grant.offsets, grant.sizes, grant.pin_id, grant.checksums, grant.expires_unix_ms)
+        return n
 
     def pin(self, keys: Sequence[BlockKey], prefix: bool = False) -> PinnedBlocks:
         """Pin blocks where they sit in the server's host pool, in one round trip, for a caller that moves
@@ -346,13 +351,12 @@ class KVClient:
         digests = _digests(keys)
         stats = TransferStats()
         if not digests:
-            return PinnedBlocks([], [], self.transport.pool_view(), self._unpins, stats)
+            return PinnedBlocks([], PinGrant(0, 0, (), (), ()), self.transport.pool_view(), self._unpins, stats)
         grant = self._timed(stats, self.control.pin, self.fingerprint_id, digests, self._unpins.take(), prefix)
-        slots = self._slots_of(grant, digests, stats, 0, prefix)
+        n = self._check_grant(grant, digests, stats, prefix)
         self.last_transfer = stats  # the caller's copies and checks add to it
         hbm = self._hbm if self._hbm is not None and self._hbm.pool_id == grant.hbm_pool_id else None
-        return PinnedBlocks(digests[: len(slots)], slots, self.transport.pool_view(), self._unpins, stats,
-                            grant.tiers, grant.hbm_offsets, hbm)
+        return PinnedBlocks(digests[:n], grant, self.transport.pool_view(), self._unpins, stats, hbm)
 
     def delete(self, keys: Sequence[BlockKey]) -> int:
         return self.control.delete(self.fingerprint_id, _digests(keys))

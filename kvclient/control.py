@@ -97,6 +97,10 @@ class PinGrant:
     tiers: Sequence[int] = ()  # each block's fastest tier, when some block has an HBM copy; empty otherwise
     hbm_offsets: Sequence[int] = ()  # their offsets in the HBM pool (0 where none)
     hbm_pool_id: int = 0
+    payload_bytes: int | None = None  # the sizes' sum, where the channel had it at hand
+
+    def total_bytes(self) -> int:
+        return sum(self.sizes) if self.payload_bytes is None else self.payload_bytes
 
 
 @dataclass(frozen=True)

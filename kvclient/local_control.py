@@ -168,12 +168,15 @@ class LocalControl(ProtoControl):
 
     def pin(self, fingerprint_id, keys, release_pin_ids=(), prefix_only=False, ttl_ms=0, timeout_s=None):
         """Pin's messages in their wire bytes (kvwire/pin_codec.py): for hundreds of keys, building and reading
-        the message objects cost more than the round trip."""
+        the message objects cost more than the round trip. The answer's columns are read as arrays
+        (decode_response_columns): an int object per value only for the values read."""
         request = pin_codec.encode_request(fingerprint_id, keys, ttl_ms, release_pin_ids, prefix_only)
         payload = self._call_bytes("Pin", request, timeout_s)
         if payload is None:
             return self._fallback.pin(fingerprint_id, keys, release_pin_ids, prefix_only, ttl_ms, timeout_s)
-        return PinGrant(*pin_codec.decode_response(payload))
+        r = pin_codec.decode_response_columns(payload)
+        return PinGrant(r.pin_id, r.expires_unix_ms, r.offsets, r.lengths, r.checksums, r.tiers, r.hbm_offsets, r.hbm_pool_id,
+                        r.payload_bytes)
 
     def _call_bytes(self, method: str, request: bytes, timeout_s: float | None) -> memoryview | None:
         """The OK answer's payload, or None when the server turned the call away at its connection limit

@@ -18,7 +18,8 @@ import numpy as np
 
 from kvclient.hbm import HbmPool
 from kvclient.integrity import check_block, checksum_error
-from kvclient.transports.base import SlotRef, TransferStats
+from kvclient.control import PinGrant
+from kvclient.transports.base import SlotRef, TransferStats, slot_refs
 from kvwire.types import Tier
 
 _TIERS = {t.value: t for t in Tier}
@@ -79,12 +80,15 @@ class Unpins:
     def _run(self) -> None:
         with self._cv:
             while not self._closed:
-                if not self._ids:
+                quiet_s = time.monotonic() - self._last_add
+                if not self._ids and quiet_s >= self._idle_s:
+                    # Parked only once pins stopped coming for idle_s: a client pinning steadily (each Pin taking the
+                    # last one's id) would otherwise park after every take() and be woken by every later(), a
+                    # thread switch per Pin (~30 us of a 512-key prefix Pin on 2 cores).
                     self._parked = True
                     self._cv.wait()
                     self._parked = False
                     continue
-                quiet_s = time.monotonic() - self._last_add
                 if quiet_s < self._idle_s:
                     self._cv.wait(self._idle_s - quiet_s)
                     continue
@@ -117,30 +121,41 @@ class PinnedBlocks:
     so a block that verified while pinned is the block that was committed.
     """
 
-    def __init__(self, keys: list[bytes], slots: list[SlotRef], pool_view: np.ndarray | None, unpins: Unpins,
-                 stats: TransferStats, tiers: Sequence[int] = (), hbm_offsets: Sequence[int] = (),
-                 hbm: HbmPool | None = None) -> None:
+    def __init__(self, keys: list[bytes], grant: PinGrant, pool_view: np.ndarray | None, unpins: Unpins,
+                 stats: TransferStats, hbm: HbmPool | None = None) -> None:
+        """keys: the pinned blocks' digests; grant: the Pin's answer, whose first len(keys) blocks these are."""
+        n = len(keys)
         self.keys = keys  # the pinned blocks' digests (a prefix pin: the leading run only)
-        self.slots = slots
+        # The Pin's columns as they came: a prefix of hundreds of blocks makes no object per block until asked for
+        # (slots). Building 512 SlotRefs cost ~25 us, a tenth of the Pin; block(), verify() and verify_hashes() read these.
+        self._offsets, self._sizes, self._checksums = grant.offsets[:n], grant.sizes[:n], grant.checksums[:n]
+        self._expires_unix_ms = grant.expires_unix_ms
+        self._slots: list[SlotRef] | None = None
         self.pool_view = pool_view  # the client's mapping of the server's pool (shm), or None
         self.stats = stats  # the Pin's time; what the caller's copies add is theirs to record
-        self.pin_id = slots[0].handle if slots else 0
-        # The Pin's columns as they came (a prefix of hundreds of blocks: no object per block until asked for).
-        self._tier_values = tiers[: len(slots)]
-        self.hbm_offsets = hbm_offsets[: len(slots)] if tiers else ()  # each block's offset in the HBM pool (0: none there)
+        self.pin_id = grant.pin_id if n else 0
+        self._tier_values = grant.tiers[:n]
+        self.hbm_offsets = grant.hbm_offsets[:n] if grant.tiers else ()  # each block's offset in the HBM pool (0: none there)
         self.hbm = hbm  # this process's mapping of that HBM pool (same host, CUDA), or None
         self._tiers: list[Tier] | None = None
         self._unpins = unpins
         self._released = False
 
+    @property
+    def slots(self) -> list[SlotRef]:
+        """One SlotRef per pinned block, in key order."""
+        if self._slots is None:
+            self._slots = slot_refs(0, self._offsets, self._sizes, self.pin_id, self._checksums, self._expires_unix_ms)
+        return self._slots
+
     def __len__(self) -> int:
-        return len(self.slots)
+        return len(self._offsets)
 
     @property
     def tiers(self) -> list[Tier]:
         """Each block's fastest tier: HBM where the server also holds it in its HBM tier, else HOST."""
         if self._tiers is None:
-            self._tiers = [_TIERS[t] for t in self._tier_values] if self._tier_values else [Tier.HOST] * len(self.slots)
+            self._tiers = [_TIERS[t] for t in self._tier_values] if self._tier_values else [Tier.HOST] * len(self)
         return self._tiers
 
     def in_hbm(self) -> list[int]:
@@ -165,19 +180,19 @@ class PinnedBlocks:
         """Block i's bytes where they sit in the pool (a view: no copy); needs a mapped pool."""
         if self.pool_view is None:
             raise ValueError("this client maps no pool (transport is not shm): read the blocks with get()")
-        s = self.slots[i]
-        return self.pool_view[s.offset : s.offset + s.size_bytes]
+        offset = self._offsets[i]
+        return self.pool_view[offset : offset + self._sizes[i]]
 
     def verify(self, i: int) -> None:
         """Hash block i in the pool; raises ChecksumMismatchError unless it matches. Thread-safe (xxh3 drops the GIL)."""
-        check_block(self.keys[i], self.block(i), self.slots[i].checksum)
+        check_block(self.keys[i], self.block(i), self._checksums[i])
 
     def verify_hashes(self, hashes: Sequence[int] | np.ndarray) -> None:
         """Check xxh3-64 digests computed where the blocks landed (e.g. by a GPU kernel), one per pinned block
         in order (the first len(hashes) of them); raises ChecksumMismatchError naming the first that differs
         and how many did."""
         got = np.asarray(hashes, dtype=np.uint64)
-        expected = np.fromiter((s.checksum for s in self.slots[: len(got)]), dtype=np.uint64, count=len(got))
+        expected = np.fromiter(self._checksums[: len(got)], dtype=np.uint64, count=len(got))
         bad = np.flatnonzero(got != expected)
         if len(bad):
             raise checksum_error(self.keys[bad[0]], len(bad), len(got))

@@ -210,9 +210,7 @@ class StoreAPI:
 
         release_pin_ids are dropped first, so the room they hold is free for this pin."""
         self._before_read(caller)
-        if release_pin_ids:
-            self.store.unpin(caller, release_pin_ids)
-        return self.store.pin(caller, fingerprint_id, keys, ttl_ms, prefix)
+        return self.store.pin(caller, fingerprint_id, keys, ttl_ms, prefix, release_pin_ids)
 
     def unpin(self, caller: Caller, pin_ids: Sequence[int]) -> int:
         return self.store.unpin(caller, pin_ids)

@@ -57,10 +57,16 @@ class TokenEntry:
     peer: bool = False  # a cluster node's credential: PeerService only, no tenant API
 
 
+MAX_REMEMBERED_CALLERS = 4096  # distinct (metadata, peer) answers kept; all forgotten at once when full
+
+
 class Authenticator:
     def __init__(self, insecure: bool, tokens: dict[str, TokenEntry] | None = None) -> None:
         self.insecure = insecure
         self.tokens = tokens or {}
+        # caller()'s answers by its arguments: they are all it reads besides the tokens, which never change after start.
+        # A client sends the same metadata on every call, and checking it again cost ~8 us of a 512-key local Pin.
+        self._callers: dict[tuple, Caller] = {}
 
     @classmethod
     def from_file(cls, insecure: bool, tokens_file: str, peer_tokens_file: str = "") -> "Authenticator":
@@ -118,7 +124,22 @@ class Authenticator:
 
     def caller(self, metadata: Iterable[tuple[str, str | bytes]], peer: str = "") -> Caller:
         """peer (the transport's name for the connection) names a client that sends no client id, so two
-        such clients never share leases and pins; each connection is then its own owner."""
+        such clients never share leases and pins; each connection is then its own owner. Only answers are
+        remembered (a refusal is worked out again each time), keyed by everything that decided them."""
+        metadata = tuple(metadata)
+        remembered = (metadata, peer)
+        try:
+            caller = self._callers.get(remembered)
+        except TypeError:  # a value that does not hash: worked out afresh
+            return self._caller(metadata, peer)
+        if caller is None:
+            caller = self._caller(metadata, peer)
+            if len(self._callers) >= MAX_REMEMBERED_CALLERS:
+                self._callers.clear()
+            self._callers[remembered] = caller
+        return caller
+
+    def _caller(self, metadata: Iterable[tuple[str, str | bytes]], peer: str) -> Caller:
         md = {k: v for k, v in metadata}
         token = str(md.get(AUTH_METADATA, "")).removeprefix("Bearer ").strip()
         entry = self.tokens.get(token) if token else None

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 ID_BITS = 62  # random lease and pin ids: guessing a live one is hopeless, and ownership is checked anyway
 LANDING_TIER = Tier.HOST  # where a write lease reserves its slot: the memory clients write into
-PIN_TABLE_ABI = 1  # csrc/kvstore_native/pin_table.c PIN_TABLE_ABI
+PIN_TABLE_ABI = 2  # csrc/kvstore_native/pin_table.c PIN_TABLE_ABI
 _size = attrgetter("size")
 
 # The per-key Pin bookkeeping in C (kvwire/native.py says when), bound to BlockMeta's fields.
@@ -44,9 +44,14 @@ pin_table, pin_table_status = load("kvstore._native", PIN_TABLE_ABI)
 if pin_table is not None and not pin_table.bind(BlockMeta, OrderedDict):
     log.warning("kvstore._native does not know this BlockMeta (not a slots class with the fields it reads): running Python")
     pin_table, pin_table_status = None, "BlockMeta unknown to it"
+if pin_table is not None:
+    pin_table.bind_slot(Slot)  # else it reads a Slot's fields by attribute, as Python does
 
 
-def host_columns(metas: list[BlockMeta]) -> tuple[list[int], list[int], list[int], int] | None:
+HostColumns = tuple[list[int], list[int], list[int], int]  # offsets, sizes, checksums, payload bytes
+
+
+def host_columns(metas: list[BlockMeta]) -> HostColumns | None:
     """Where pinned blocks' host copies sit (offsets, sizes) and their checksums, as columns in order, and the
     blocks' payload bytes; None when one has no host copy (it is on a lower tier only and must be staged
     first). In C where built."""
@@ -269,6 +274,24 @@ class BlockTable:
         self.pin_blocks(metas)
         self.index.touch(metas)
         return metas
+
+    def pin_leading_columns(self, tenant: str, fingerprint_id: bytes,
+                            keys: Sequence[bytes]) -> tuple[list[BlockMeta], HostColumns | None]:
+        """pin_leading, and host_columns of the blocks it pinned: a prefix Pin's whole walk, in one call in C
+        where built (reading the columns as the blocks are found saved ~13 us of a 512-key Pin); these two calls
+        are its definition."""
+        if pin_table is not None:
+            index = self.index
+            answer = pin_table.pin_leading_columns(index.blocks, index.lru, tenant_tag(tenant), keys, fingerprint_id,
+                                                   time.monotonic(), Tier.HOST)
+            if answer is not NotImplemented:
+                metas = answer[0]
+                self.counters[Event.LOOKUP_BLOCKS_HIT] += len(metas)
+                self.counters[Event.LOOKUP_BLOCKS_MISS] += len(keys) - len(metas)
+                self.pin_count += len(metas)
+                return answer
+        metas = self.pin_leading(tenant, fingerprint_id, keys)
+        return metas, host_columns(metas)
 
     def pin_found(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes], missing: list[bytes]) -> list[BlockMeta]:
         """The blocks of keys, pin-counted and touched, the keys with none appended to missing (an all-or-nothing

@@ -34,7 +34,7 @@ from kvwire.errors import (
 from kvwire.keys import FINGERPRINT_ID_BYTES, KEY_BYTES
 from kvwire.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutcome, Slot, Tier
 from kvstore.counters import Event
-from kvstore.block_table import BlockTable, BlockView, Caller, LeaseView, Limits, WriteLease, host_columns, pin_table
+from kvstore.block_table import BlockTable, BlockView, Caller, HostColumns, LeaseView, Limits, WriteLease, host_columns, pin_table
 from kvstore.config import ServerConfig
 from kvstore.eviction import EvictionPolicy, EvictReport, keep_rank
 from kvstore.hbm_placement import HbmPlacement, PinPlacement, PromotionReport
@@ -690,46 +690,100 @@ class Store:
         finally:
             self._unpin(metas)
 
-    def pin(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0, prefix: bool = False) -> PinInfo:
+    def pin(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0, prefix: bool = False,
+            release_pin_ids: Sequence[int] = ()) -> PinInfo:
         """Pin blocks in the host pool (promoting from SSD) so a client can copy them out directly.
 
         With prefix, the longest present leading run is pinned instead of all or
         nothing, so an engine finds and pins its cached prefix in one round trip;
         a block that cannot be staged (corrupt on SSD, pool full of pins) ends the run.
         A caller on an event loop asks needs_staging() first and pins elsewhere when it is true.
+        release_pin_ids (the caller's earlier pins) are dropped first, so the room they held is free for this one.
         """
-        self._check_fp(fingerprint_id)
-        self._check_keys(keys)
-        ttl = self._ttl(ttl_ms, self.cfg.pin_ttl_s)
-        if self.remote is not None:
-            metas = self._resolve_clustered(caller, fingerprint_id, keys, prefix)
+        if release_pin_ids:
+            self._check_ids(release_pin_ids, "pin ids")
+        try:
+            self._check_fp(fingerprint_id)
+            self._check_keys(keys)
+            ttl = self._ttl(ttl_ms, self.cfg.pin_ttl_s)
+        except KVStoreError:
+            if release_pin_ids:  # dropped whatever else the request got wrong, as a separate Unpin would have been
+                self.unpin(caller, release_pin_ids)
+            raise
+        if prefix and len(keys) <= LOCK_CHUNK_KEYS:
+            pinned = self._pin_prefix_in_host(caller, fingerprint_id, keys, ttl, release_pin_ids)
+            if isinstance(pinned, PinInfo):
+                return pinned
+            if pinned is None:  # cluster mode, keys missing here: as _resolve_clustered after its first pass
+                self._fetch_missing(caller, fingerprint_id, keys, prefix)
+                pinned = self._resolve_for_read(caller, fingerprint_id, keys, prefix)
+            metas = pinned
         else:
-            metas = self._resolve_for_read(caller, fingerprint_id, keys, prefix)
+            if release_pin_ids:
+                self.unpin(caller, release_pin_ids)
+            if self.remote is not None:
+                metas = self._resolve_clustered(caller, fingerprint_id, keys, prefix)
+            else:
+                metas = self._resolve_for_read(caller, fingerprint_id, keys, prefix)
         staged = 0
         columns = host_columns(metas)  # pinned: a host copy, once there, stays until unpinned
         if columns is None:
             metas, staged = self.placement.stage(metas, prefix)
             columns = host_columns(metas)
-        offsets, sizes, checksums, pinned_bytes = columns
         if not metas:
             return PinInfo(0, PinnedSlots([], [], []), 0)
-        read = len(metas)
         with self._locked as table:
-            kept = table.within_quota(caller, metas, prefix, pinned_bytes)
-            pin = table.add_pin(caller, kept, ttl, pinned_bytes if len(kept) == len(metas) else None)
-            expires = table.unix_ms(pin.expires_at)
-            hbm = self.hbm.pin_placement(table, kept) if self.hbm is not None else None
+            return self._add_pin(table, caller, metas, columns, ttl, prefix, staged)
+
+    def _pin_prefix_in_host(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], ttl_s: float,
+                            release_pin_ids: Sequence[int]) -> PinInfo | list[BlockMeta] | None:
+        """A prefix Pin of up to LOCK_CHUNK_KEYS keys in one hold of the store lock: the releases, the walk
+        (block_table.pin_leading_columns), the quota and the pin record. An engine's prefix loads of blocks in the
+        host pool end here, without the general path's three holds of the lock and second pass over the blocks. Else the
+        blocks pinned so far, for pin's general path to stage from lower tiers, or None where it must look
+        again (cluster mode, a key missing here: the general path asks peers first, then counts the lookups)."""
+        with self._locked as table:
+            if release_pin_ids:
+                table.unpin(caller, release_pin_ids)
+            metas, columns = table.pin_leading_columns(caller.tenant, fingerprint_id, keys)
+            if self.remote is not None and len(metas) < len(keys):
+                table.unpin_blocks(metas)
+                self.counters[Event.LOOKUP_BLOCKS_HIT] -= len(metas)
+                self.counters[Event.LOOKUP_BLOCKS_MISS] -= len(keys) - len(metas)
+                return None
+            if self.hbm is not None:
+                self.hbm.note_reads(metas)
+            if columns is None:
+                return metas
+            if not metas:
+                return PinInfo(0, PinnedSlots([], [], []), 0)
+            return self._add_pin(table, caller, metas, columns, ttl_s, True, 0)
+
+    def _add_pin(self, table: BlockTable, caller: Caller, metas: list[BlockMeta], columns: HostColumns, ttl_s: float,
+                 prefix: bool, staged: int) -> PinInfo:
+        """The pin record over blocks pin-counted and in the host pool, within the caller's quota (a prefix cut
+        short to fit), and its answer. Lock held."""
+        offsets, sizes, checksums, pinned_bytes = columns
+        read = len(metas)
+        kept = table.within_quota(caller, metas, prefix, pinned_bytes)
+        pin = table.add_pin(caller, kept, ttl_s, pinned_bytes if len(kept) == read else None)
+        expires = table.unix_ms(pin.expires_at)
+        hbm = self.hbm.pin_placement(table, kept) if self.hbm is not None else None
         n = len(kept)
         in_hbm = hbm.in_hbm if hbm is not None else 0
-        self.counters[Event.HITS_HOST] += read - staged - in_hbm
+        counters = self.counters
+        counters[Event.HITS_HOST] += read - staged - in_hbm
         if staged:
-            self.counters[Event.HITS_SSD] += staged
+            counters[Event.HITS_SSD] += staged
         if in_hbm:
-            self.counters[Event.HITS_HBM] += in_hbm
-        self.counters[Event.GETS] += n
-        self.counters[Event.BYTES_OUT] += pin.size
-        placed = (hbm.tiers, hbm.hbm_offsets) if hbm is not None else ([], [])
-        return PinInfo(pin.pin_id, PinnedSlots(offsets[:n], sizes[:n], checksums[:n], *placed), expires, hbm.pool_id if hbm is not None else 0)
+            counters[Event.HITS_HBM] += in_hbm
+        counters[Event.GETS] += n
+        counters[Event.BYTES_OUT] += pin.size
+        if n < read:
+            offsets, sizes, checksums = offsets[:n], sizes[:n], checksums[:n]
+        if hbm is None:
+            return PinInfo(pin.pin_id, PinnedSlots(offsets, sizes, checksums), expires)
+        return PinInfo(pin.pin_id, PinnedSlots(offsets, sizes, checksums, hbm.tiers, hbm.hbm_offsets), expires, hbm.pool_id)
 
     def needs_staging(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], prefix: bool = False) -> bool:
         """Whether a pin of these keys would read the ssd tier (a block it would name has no host copy) or,

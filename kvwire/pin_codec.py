@@ -41,6 +41,21 @@ class PinResponseFields(NamedTuple):
     hbm_pool_id: int = 0
 
 
+class PinResponseColumns(NamedTuple):
+    """A PinResponse for a client that reads its columns by index (kvclient's PinnedBlocks): decode_response's
+    fields, the columns any sequences of ints, and the blocks' total bytes (the lengths' sum)."""
+
+    pin_id: int
+    expires_unix_ms: int
+    offsets: Sequence[int]
+    lengths: Sequence[int]
+    checksums: Sequence[int]
+    payload_bytes: int
+    tiers: Sequence[int] = ()
+    hbm_offsets: Sequence[int] = ()
+    hbm_pool_id: int = 0
+
+
 def encode_request(fingerprint_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0, release_pin_ids: Sequence[int] = (),
                    prefix_only: bool = False) -> bytes:
     if native is not None:
@@ -75,6 +90,25 @@ def decode_response(payload: bytes | memoryview) -> PinResponseFields:
         if fields is not NotImplemented:
             return PinResponseFields(*fields)  # no HBM columns: the native decoder leaves those answers to the reference
     return decode_response_reference(payload)
+
+
+def decode_response_columns(payload: bytes | memoryview) -> PinResponseColumns:
+    """decode_response's answer with the three columns as views of one array of uint64s where the native code
+    reads it: no int object per value until one is read (a 512-block answer's 1,000 cost ~15 us to build).
+    The same values as decode_response's, in any case (tests/kvwire/test_native.py)."""
+    if native is not None:
+        fields = native.decode_pin_columns(payload)
+        if fields is not NotImplemented:
+            pin_id, expires_unix_ms, cells, n, payload_bytes = fields
+            values = memoryview(cells).cast("Q")
+            return PinResponseColumns(pin_id, expires_unix_ms, values[:n], values[n : 2 * n], values[2 * n :], payload_bytes)
+    return decode_response_columns_reference(payload)
+
+
+def decode_response_columns_reference(payload: bytes | memoryview) -> PinResponseColumns:
+    fields = decode_response(payload)
+    return PinResponseColumns(fields.pin_id, fields.expires_unix_ms, fields.offsets, fields.lengths, fields.checksums,
+                              sum(fields.lengths), fields.tiers, fields.hbm_offsets, fields.hbm_pool_id)
 
 
 # ---- the references: protobuf's own messages --------------------------------------------------

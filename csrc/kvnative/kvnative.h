@@ -21,7 +21,7 @@
 #include <string.h>
 
 /* Bumped whenever a function's arguments or answers change: a stale build is then not used. */
-#define KVNATIVE_ABI 1
+#define KVNATIVE_ABI 2
 
 #define KVN_RETURN_NOT_IMPLEMENTED Py_RETURN_NOTIMPLEMENTED
 
@@ -83,6 +83,7 @@ PyObject *kvn_encode_pin_request(PyObject *self, PyObject *const *args, Py_ssize
 PyObject *kvn_decode_pin_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvn_encode_pin_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvn_decode_pin_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *kvn_decode_pin_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvn_slot_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 /* Interned attribute names, set once at import (module.c). */

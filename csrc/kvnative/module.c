@@ -16,6 +16,7 @@ static PyMethodDef methods[] = {
     FAST(decode_pin_request, "decode_pin_request(payload) -> (fingerprint_id, keys, ttl_ms, release_pin_ids, prefix_only) | NotImplemented"),
     FAST(encode_pin_response, "encode_pin_response(pin_id, expires_unix_ms, offsets, lengths, checksums) -> bytes | NotImplemented"),
     FAST(decode_pin_response, "decode_pin_response(payload) -> (pin_id, expires_unix_ms, offsets, lengths, checksums) | NotImplemented"),
+    FAST(decode_pin_columns, "decode_pin_columns(payload) -> (pin_id, expires_unix_ms, cells, n, payload_bytes) | NotImplemented"),
     FAST(slot_rows, "slot_rows(row_type, first_index, offsets, sizes, handle, checksums, expires_unix_ms) -> list | NotImplemented"),
     {NULL, NULL, 0, NULL},
 };

@@ -1,17 +1,20 @@
 /* kvstore._native: the server's per-key Pin bookkeeping, beside its Python definition in kvstore/block_table.py.
  *
  *   pin_leading   BlockTable.pin_leading: leading_present, pin_blocks, then the index's touch
+ *   pin_leading_columns  BlockTable.pin_leading_columns: pin_leading and the run's host_columns, in one call
  *   pin_found     BlockTable.pin_found: the same for an all-or-nothing Pin, the absent keys named
  *   unpin_blocks  BlockTable.unpin_blocks's count: every block unpinned, the deleted ones it freed named
  *   host_columns  block_table.host_columns: where pinned blocks' host copies sit, as three columns, and their bytes
  *   distinct_keys store._check_keys's rules (every key of its size, none twice), answering only "all hold"
+ *   bind, bind_slot  the classes whose fields these read at their offsets (BlockMeta; Slot where it is a slots class)
  *
  * A prefix Pin of an 8k-token prompt walks 512 blocks: look each up, check its fingerprint, count
  * the pin, touch it in the LRU, then read its slot. In Python that is ~0.3 us a block, most of a
  * Pin's server time. Here the same steps run on BlockMeta's slots through their member
  * descriptors (at the offsets they name, what attribute access on a slots class does underneath)
  * and OrderedDict.move_to_end, in the reference's order: every lookup before any change, every
- * block pin-counted before any is touched. Like kvwire._native, a function answers NotImplemented
+ * block pin-counted before any is touched. A block is moved in the LRU by its own skey (the object
+ * the orders hold, found by identity), and pin counts change without allocating (add_one). Like kvwire._native, a function answers NotImplemented
  * for anything it does not expect (another class, a field of another type), before changing
  * anything, and the caller runs the reference.
  */
@@ -25,14 +28,17 @@
 #define Py_READONLY READONLY
 #endif
 
-#define PIN_TABLE_ABI 1
+#define PIN_TABLE_ABI 2
 
 /* BlockMeta's fields, bound once (bind) to the class block_table passes. */
 static PyTypeObject *meta_type = NULL;
-static PyMemberDef *m_fingerprint_id, *m_pins, *m_last_access, *m_copies, *m_checksum, *m_size, *m_deleted;
+static PyMemberDef *m_skey, *m_fingerprint_id, *m_pins, *m_last_access, *m_copies, *m_checksum, *m_size, *m_deleted;
 static PyObject *move_to_end = NULL;   /* OrderedDict.move_to_end, unbound */
 static PyTypeObject *odict_type = NULL;
-static PyObject *s_offset, *s_size_bytes, *s_move_to_end, *one;
+static PyObject *s_offset, *s_size_bytes, *s_move_to_end;
+/* Slot's fields (offset, size_bytes) when it is a slots class (bind_slot); else read by attribute. */
+static PyTypeObject *slot_type = NULL;
+static PyMemberDef *m_offset, *m_size_bytes;
 
 static PyMemberDef *slot_member(PyTypeObject *type, const char *name) {
     PyObject *descr = PyDict_GetItemString(type->tp_dict, name);  /* borrowed */
@@ -57,12 +63,30 @@ static PyObject *bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     m_checksum = slot_member(type, "checksum");
     m_size = slot_member(type, "size");
     m_deleted = slot_member(type, "deleted");
+    m_skey = slot_member(type, "skey");
     PyObject *method = PyObject_GetAttr(args[1], s_move_to_end);
     if (method == NULL) return NULL;
     Py_XSETREF(move_to_end, method);
     Py_XSETREF(odict_type, (PyTypeObject *)Py_NewRef(args[1]));
-    int ok = m_fingerprint_id && m_pins && m_last_access && m_copies && m_checksum && m_size && m_deleted;
+    int ok = m_skey && m_fingerprint_id && m_pins && m_last_access && m_copies && m_checksum && m_size && m_deleted;
     Py_XSETREF(meta_type, ok ? (PyTypeObject *)Py_NewRef(type) : NULL);
+    return PyBool_FromLong(ok);
+}
+
+/* bind_slot(Slot) -> bool: whether Slot is a slots class whose offset and size_bytes host_columns may read
+ * at their offsets (a Slot is read twice per block of a Pin's answer); else they are read by attribute. */
+static PyObject *bind_slot(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 1 || !PyType_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "bind_slot(Slot)");
+        return NULL;
+    }
+    PyTypeObject *type = (PyTypeObject *)args[0];
+    /* A frozen dataclass's fields are read-only only by its __setattr__: the descriptors are writable ones. */
+    m_offset = slot_member(type, "offset");
+    m_size_bytes = slot_member(type, "size_bytes");
+    int ok = m_offset && m_size_bytes;
+    Py_XSETREF(slot_type, ok ? (PyTypeObject *)Py_NewRef(type) : NULL);
     return PyBool_FromLong(ok);
 }
 
@@ -77,6 +101,51 @@ static inline PyObject *field(PyObject *meta, PyMemberDef *member) {
 /* Set a field of a bound BlockMeta (a T_OBJECT_EX slot: no type to check), as PyMember_SetOne does. */
 static inline void set_field(PyObject *meta, PyMemberDef *member, PyObject *value) {
     Py_XSETREF(*(PyObject **)((char *)meta + member->offset), Py_NewRef(value));
+}
+
+static PyObject *columns_of(PyObject *const *metas, Py_ssize_t n, PyObject *host);
+
+/* tag + key as bytes, a new reference: only looked up, never kept. Built in *scratch, reused while nothing
+ * else holds it (its hash, cached in the object, forgotten), so a walk of 512 keys allocates one, not 512
+ * (~10 us). Python 3.13 leaves a bytes object's cached hash to itself: a fresh object each there. */
+static PyObject *storage_key(PyObject **scratch, PyObject *tag, PyObject *key) {
+    Py_ssize_t tag_len = PyBytes_GET_SIZE(tag), size = tag_len + PyBytes_GET_SIZE(key);
+    PyObject *skey = *scratch;
+#if PY_VERSION_HEX < 0x030D0000
+    if (skey != NULL && Py_REFCNT(skey) == 1 && PyBytes_GET_SIZE(skey) == size) {
+        _Py_COMP_DIAG_PUSH
+        _Py_COMP_DIAG_IGNORE_DEPR_DECLS
+        ((PyBytesObject *)skey)->ob_shash = -1;
+        _Py_COMP_DIAG_POP
+    } else {
+        Py_XDECREF(skey);
+        skey = *scratch = PyBytes_FromStringAndSize(NULL, size);
+        if (skey == NULL) return NULL;
+    }
+    Py_INCREF(skey);
+#else
+    (void)scratch;
+    skey = PyBytes_FromStringAndSize(NULL, size);
+    if (skey == NULL) return NULL;
+#endif
+    memcpy(PyBytes_AS_STRING(skey), PyBytes_AS_STRING(tag), (size_t)tag_len);
+    memcpy(PyBytes_AS_STRING(skey) + tag_len, PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key));
+    return skey;
+}
+
+/* count + step (+1 or -1) for an int count: in a C long where it fits (a pin count always does), with
+ * no allocation for the small ints CPython keeps; else as Python adds. */
+static PyObject *add_one(PyObject *count, long step) {
+    int overflow = 0;
+    long value = PyLong_AsLongAndOverflow(count, &overflow);
+    if (overflow == 0 && !(value == -1 && PyErr_Occurred()) && value > LONG_MIN + 1 && value < LONG_MAX - 1)
+        return PyLong_FromLong(value + step);
+    PyErr_Clear();
+    PyObject *delta = PyLong_FromLong(step);
+    if (delta == NULL) return NULL;
+    PyObject *sum = PyNumber_Add(count, delta);
+    Py_DECREF(delta);
+    return sum;
 }
 
 /* order.move_to_end(skey): one tier's LRU order. */
@@ -98,7 +167,7 @@ static int move_last(PyObject *order, PyObject *skey) {
  * the leading run present under fingerprint_id (pin_leading). Else every present key's block, the absent
  * keys appended to missing, and a block of another fingerprint leaves the call to the reference, which
  * raises (pin_found). Nothing changes before every key has been looked up. */
-static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *missing) {
+static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *missing, PyObject *host, PyObject **columns) {
     if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "(blocks, lru, tag, keys, fingerprint_id, now)");
         return NULL;
@@ -108,12 +177,16 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
         !(PyList_CheckExact(keys) || PyTuple_CheckExact(keys)) || !PyBytes_CheckExact(fingerprint_id) || !PyFloat_CheckExact(now))
         Py_RETURN_NOTIMPLEMENTED;
 
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(keys), run = 0, tag_len = PyBytes_GET_SIZE(tag);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(keys), run = 0;
     Py_ssize_t fp_len = PyBytes_GET_SIZE(fingerprint_id);
     PyObject **metas = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
-    PyObject **skeys = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
-    PyObject *result = NULL, *last_tier = NULL, *last_order = NULL;
-    if (metas == NULL || skeys == NULL) {
+    /* With host: each block's host slot's offset and size_bytes and its checksum (borrowed: the blocks hold
+     * them, and nothing here changes a block's copies), read as the blocks are found, and their bytes. */
+    PyObject **cells = host != NULL ? PyMem_Calloc(n ? 3 * (size_t)n : 1, sizeof(PyObject *)) : NULL;
+    int on_host = host != NULL;
+    long long payload_bytes = 0;
+    PyObject *result = NULL, *last_tier = NULL, *last_order = NULL, *scratch = NULL;
+    if (metas == NULL || (host != NULL && cells == NULL)) {
         PyErr_NoMemory();
         goto done;
     }
@@ -121,35 +194,74 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *key = PySequence_Fast_GET_ITEM(keys, i);
         if (!PyBytes_CheckExact(key)) goto not_ours;
-        PyObject *skey = PyBytes_FromStringAndSize(NULL, tag_len + PyBytes_GET_SIZE(key));
+        PyObject *skey = storage_key(&scratch, tag, key);
         if (skey == NULL) goto done;
-        memcpy(PyBytes_AS_STRING(skey), PyBytes_AS_STRING(tag), (size_t)tag_len);
-        memcpy(PyBytes_AS_STRING(skey) + tag_len, PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key));
         PyObject *meta = PyDict_GetItemWithError(blocks, skey);
+        Py_DECREF(skey);  /* the LRU moves below name the block's own skey, which its orders hold: found by identity */
         if (meta == NULL) {
-            Py_DECREF(skey);
             if (PyErr_Occurred()) goto done;
             if (missing == NULL) break;
             if (PyList_Append(missing, key) < 0) goto done;
             continue;
         }
-        skeys[run] = skey;  /* owned from here; released at done */
         if (!Py_IS_TYPE(meta, meta_type)) goto not_ours;
-        PyObject *fp = field(meta, m_fingerprint_id), *pins = field(meta, m_pins), *copies = field(meta, m_copies);
-        int expected = fp && pins && copies && PyBytes_CheckExact(fp) && PyLong_CheckExact(pins) && PyDict_CheckExact(copies);
+        /* Borrowed: the block holds them, and the dict lookup above ran no code that could drop one. */
+        PyObject *fp = *(PyObject **)((char *)meta + m_fingerprint_id->offset);
+        PyObject *pins = *(PyObject **)((char *)meta + m_pins->offset);
+        PyObject *copies = *(PyObject **)((char *)meta + m_copies->offset);
+        PyObject *own_skey = *(PyObject **)((char *)meta + m_skey->offset);
+        int expected = fp && pins && copies && own_skey && PyBytes_CheckExact(fp) && PyLong_CheckExact(pins) &&
+                       PyDict_CheckExact(copies) && PyBytes_CheckExact(own_skey);
         int same_fp = expected && PyBytes_GET_SIZE(fp) == fp_len &&
                       memcmp(PyBytes_AS_STRING(fp), PyBytes_AS_STRING(fingerprint_id), (size_t)fp_len) == 0;
-        Py_XDECREF(fp);
-        Py_XDECREF(pins);
-        Py_XDECREF(copies);
         if (!expected || (!same_fp && missing != NULL)) goto not_ours;  /* the reference raises FingerprintMismatchError */
         if (!same_fp) break;
+        if (on_host) {
+            PyObject *slot = PyDict_GetItemWithError(copies, host);
+            if (slot == NULL) {
+                if (PyErr_Occurred()) goto done;
+                on_host = 0;  /* on a lower tier only: no columns (the caller stages it) */
+            } else {
+                PyObject *offset, *size_bytes;
+                if (slot_type != NULL && Py_IS_TYPE(slot, slot_type)) {
+                    offset = *(PyObject **)((char *)slot + m_offset->offset);
+                    size_bytes = *(PyObject **)((char *)slot + m_size_bytes->offset);
+                } else {
+                    goto not_ours;  /* another copy type: columns_of, by attribute, after the reference's walk */
+                }
+                PyObject *checksum = *(PyObject **)((char *)meta + m_checksum->offset);
+                PyObject *size = *(PyObject **)((char *)meta + m_size->offset);
+                long long block_bytes = size && PyLong_CheckExact(size) ? PyLong_AsLongLong(size) : -1;
+                if (offset == NULL || size_bytes == NULL || checksum == NULL || block_bytes < 0) {
+                    PyErr_Clear();
+                    goto not_ours;
+                }
+                payload_bytes += block_bytes;
+                cells[3 * run] = offset;
+                cells[3 * run + 1] = size_bytes;
+                cells[3 * run + 2] = checksum;
+            }
+        }
         metas[run++] = Py_NewRef(meta);
+    }
+    /* The columns, before anything changes. */
+    if (host != NULL && !on_host) {
+        *columns = Py_NewRef(Py_None);
+    } else if (host != NULL) {
+        PyObject *lists[3] = {PyList_New(run), PyList_New(run), PyList_New(run)}, *total = PyLong_FromLongLong(payload_bytes);
+        if (lists[0] && lists[1] && lists[2] && total) {
+            for (Py_ssize_t i = 0; i < run; i++)
+                for (int c = 0; c < 3; c++) PyList_SET_ITEM(lists[c], i, Py_NewRef(cells[3 * i + c]));
+            *columns = PyTuple_Pack(4, lists[0], lists[1], lists[2], total);
+        }
+        for (int c = 0; c < 3; c++) Py_XDECREF(lists[c]);
+        Py_XDECREF(total);
+        if (*columns == NULL) goto done;
     }
     /* 2. Count the pins, then 3. touch. */
     for (Py_ssize_t i = 0; i < run; i++) {
         PyObject *pins = field(metas[i], m_pins);
-        PyObject *more = pins ? PyNumber_Add(pins, one) : NULL;
+        PyObject *more = pins ? add_one(pins, 1) : NULL;
         Py_XDECREF(pins);
         if (more == NULL) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "BlockMeta.pins changed under the store lock");
@@ -160,9 +272,11 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
     }
     for (Py_ssize_t i = 0; i < run; i++) {
         set_field(metas[i], m_last_access, now);
-        PyObject *copies = field(metas[i], m_copies), *tier, *copy;
+        PyObject *copies = field(metas[i], m_copies), *skey = field(metas[i], m_skey), *tier, *copy;
         Py_ssize_t pos = 0;
-        if (copies == NULL) {
+        if (copies == NULL || skey == NULL) {
+            Py_XDECREF(copies);
+            Py_XDECREF(skey);
             PyErr_SetString(PyExc_SystemError, "BlockMeta.copies changed under the store lock");
             goto done;
         }
@@ -171,12 +285,14 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
                 Py_XSETREF(last_tier, Py_NewRef(tier));
                 Py_XSETREF(last_order, PyObject_GetItem(lru, tier));  /* a defaultdict: as lru[tier] in Python */
             }
-            if (last_order == NULL || move_last(last_order, skeys[i]) < 0) {
+            if (last_order == NULL || move_last(last_order, skey) < 0) {
                 Py_DECREF(copies);
+                Py_DECREF(skey);
                 goto done;
             }
         }
         Py_DECREF(copies);
+        Py_DECREF(skey);
     }
     result = PyList_New(run);
     if (result != NULL)
@@ -185,14 +301,14 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
 not_ours:
     result = Py_NewRef(Py_NotImplemented);
 done:
+    if (columns != NULL && (result == NULL || result == Py_NotImplemented)) Py_CLEAR(*columns);
+    Py_XDECREF(scratch);
+    PyMem_Free(cells);
     Py_XDECREF(last_tier);
     Py_XDECREF(last_order);
     if (metas != NULL)
         for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(metas[i]);
-    if (skeys != NULL)
-        for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(skeys[i]);
     PyMem_Free(metas);
-    PyMem_Free(skeys);
     return result;
 }
 
@@ -203,7 +319,7 @@ done:
  * fingerprint_id, pin-counted and touched. The caller counts the lookup hits and misses and pin_count. */
 static PyObject *pin_leading(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    return pin_run(args, nargs, NULL);
+    return pin_run(args, nargs, NULL, NULL, NULL);
 }
 
 /* pin_found(blocks, lru, tag, keys, fingerprint_id, now) -> (list[BlockMeta], missing keys) | NotImplemented
@@ -214,7 +330,7 @@ static PyObject *pin_found(PyObject *self, PyObject *const *args, Py_ssize_t nar
     (void)self;
     PyObject *missing = PyList_New(0);
     if (missing == NULL) return NULL;
-    PyObject *found = pin_run(args, nargs, missing);
+    PyObject *found = pin_run(args, nargs, missing, NULL, NULL);
     if (found == NULL || found == Py_NotImplemented) {
         Py_DECREF(missing);
         return found;
@@ -222,6 +338,67 @@ static PyObject *pin_found(PyObject *self, PyObject *const *args, Py_ssize_t nar
     PyObject *result = PyTuple_Pack(2, found, missing);
     Py_DECREF(found);
     Py_DECREF(missing);
+    return result;
+}
+
+/* A Slot's field as a new reference: at its offset where Slot is bound (bind_slot), else by attribute. */
+static inline PyObject *slot_field(PyObject *slot, PyMemberDef *member, PyObject *name) {
+    if (slot_type != NULL && Py_IS_TYPE(slot, slot_type)) {
+        PyObject *value = field(slot, member);
+        if (value == NULL) PyErr_SetObject(PyExc_AttributeError, name);
+        return value;
+    }
+    return PyObject_GetAttr(slot, name);
+}
+
+/* The columns of host_columns for metas[0:n]: (offsets, sizes, checksums, payload_bytes), None when one
+ * has no host copy, NotImplemented for anything unexpected. */
+static PyObject *columns_of(PyObject *const *metas, Py_ssize_t n, PyObject *host) {
+    PyObject *columns[3] = {PyList_New(n), PyList_New(n), PyList_New(n)}, *result = NULL, *total = NULL;
+    long long payload_bytes = 0;
+    if (columns[0] == NULL || columns[1] == NULL || columns[2] == NULL) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *meta = metas[i];
+        if (!Py_IS_TYPE(meta, meta_type)) goto not_ours;
+        PyObject *copies = field(meta, m_copies);
+        if (copies == NULL || !PyDict_CheckExact(copies)) {
+            Py_XDECREF(copies);
+            goto not_ours;
+        }
+        PyObject *slot = PyDict_GetItemWithError(copies, host);  /* borrowed, alive while copies is */
+        if (slot == NULL) {
+            Py_DECREF(copies);
+            if (PyErr_Occurred()) goto done;
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        PyObject *offset = slot_field(slot, m_offset, s_offset);
+        PyObject *size = offset ? slot_field(slot, m_size_bytes, s_size_bytes) : NULL;
+        Py_DECREF(copies);
+        PyObject *checksum = size ? field(meta, m_checksum) : NULL, *meta_size = checksum ? field(meta, m_size) : NULL;
+        long long block_bytes = meta_size && PyLong_CheckExact(meta_size) ? PyLong_AsLongLong(meta_size) : -1;
+        Py_XDECREF(meta_size);
+        if (checksum == NULL || block_bytes < 0) {
+            Py_XDECREF(offset);
+            Py_XDECREF(size);
+            Py_XDECREF(checksum);
+            if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_OverflowError) && !PyErr_ExceptionMatches(PyExc_AttributeError))
+                goto done;
+            PyErr_Clear();
+            goto not_ours;
+        }
+        payload_bytes += block_bytes;
+        PyList_SET_ITEM(columns[0], i, offset);
+        PyList_SET_ITEM(columns[1], i, size);
+        PyList_SET_ITEM(columns[2], i, checksum);
+    }
+    if ((total = PyLong_FromLongLong(payload_bytes)) != NULL) result = PyTuple_Pack(4, columns[0], columns[1], columns[2], total);
+    goto done;
+not_ours:
+    result = Py_NewRef(Py_NotImplemented);
+done:
+    for (int c = 0; c < 3; c++) Py_XDECREF(columns[c]);
+    Py_XDECREF(total);
     return result;
 }
 
@@ -238,51 +415,26 @@ static PyObject *host_columns(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     PyObject *metas = args[0], *host = args[1];
     if (meta_type == NULL || !PyList_CheckExact(metas)) Py_RETURN_NOTIMPLEMENTED;
-    Py_ssize_t n = PyList_GET_SIZE(metas);
-    PyObject *columns[3] = {PyList_New(n), PyList_New(n), PyList_New(n)}, *result = NULL, *total = NULL;
-    long long payload_bytes = 0;
-    if (columns[0] == NULL || columns[1] == NULL || columns[2] == NULL) goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *meta = PyList_GET_ITEM(metas, i);
-        if (!Py_IS_TYPE(meta, meta_type)) goto not_ours;
-        PyObject *copies = field(meta, m_copies);
-        if (copies == NULL || !PyDict_CheckExact(copies)) {
-            Py_XDECREF(copies);
-            goto not_ours;
-        }
-        PyObject *slot = PyDict_GetItemWithError(copies, host);  /* borrowed, alive while copies is */
-        if (slot == NULL) {
-            Py_DECREF(copies);
-            if (PyErr_Occurred()) goto done;
-            result = Py_NewRef(Py_None);
-            goto done;
-        }
-        PyObject *offset = PyObject_GetAttr(slot, s_offset);
-        PyObject *size = offset ? PyObject_GetAttr(slot, s_size_bytes) : NULL;
-        Py_DECREF(copies);
-        PyObject *checksum = size ? field(meta, m_checksum) : NULL, *meta_size = checksum ? field(meta, m_size) : NULL;
-        long long block_bytes = meta_size && PyLong_CheckExact(meta_size) ? PyLong_AsLongLong(meta_size) : -1;
-        Py_XDECREF(meta_size);
-        if (checksum == NULL || block_bytes < 0) {
-            Py_XDECREF(offset);
-            Py_XDECREF(size);
-            Py_XDECREF(checksum);
-            if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_OverflowError)) goto done;
-            PyErr_Clear();
-            goto not_ours;
-        }
-        payload_bytes += block_bytes;
-        PyList_SET_ITEM(columns[0], i, offset);
-        PyList_SET_ITEM(columns[1], i, size);
-        PyList_SET_ITEM(columns[2], i, checksum);
+    return columns_of(PySequence_Fast_ITEMS(metas), PyList_GET_SIZE(metas), host);
+}
+
+/* pin_leading_columns(blocks, lru, tag, keys, fingerprint_id, now, host_tier)
+ *     -> (list[BlockMeta], (offsets, sizes, checksums, payload_bytes) | None) | NotImplemented
+ *
+ * pin_leading, then host_columns of the blocks it pinned: a prefix Pin of blocks in the host pool in one
+ * call. The columns are read before anything changes, so NotImplemented still means nothing changed. */
+static PyObject *pin_leading_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "pin_leading_columns(blocks, lru, tag, keys, fingerprint_id, now, host_tier)");
+        return NULL;
     }
-    if ((total = PyLong_FromLongLong(payload_bytes)) != NULL) result = PyTuple_Pack(4, columns[0], columns[1], columns[2], total);
-    goto done;
-not_ours:
-    result = Py_NewRef(Py_NotImplemented);
-done:
-    for (int c = 0; c < 3; c++) Py_XDECREF(columns[c]);
-    Py_XDECREF(total);
+    PyObject *columns = NULL;
+    PyObject *metas = pin_run(args, 6, NULL, args[6], &columns);
+    if (metas == NULL || metas == Py_NotImplemented) return metas;
+    PyObject *result = PyTuple_Pack(2, metas, columns);
+    Py_DECREF(metas);
+    Py_DECREF(columns);
     return result;
 }
 
@@ -314,7 +466,7 @@ static PyObject *unpin_blocks(PyObject *self, PyObject *const *args, Py_ssize_t 
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *meta = PySequence_Fast_GET_ITEM(metas, i);
         PyObject *pins = field(meta, m_pins);
-        PyObject *fewer = pins ? PyNumber_Subtract(pins, one) : NULL;
+        PyObject *fewer = pins ? add_one(pins, -1) : NULL;
         Py_XDECREF(pins);
         if (fewer == NULL) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "BlockMeta.pins changed under the store lock");
@@ -370,6 +522,9 @@ static PyMethodDef methods[] = {
      "pin_leading(blocks, lru, tag, keys, fingerprint_id, now) -> list[BlockMeta] | NotImplemented"},
     {"pin_found", (PyCFunction)(void (*)(void))pin_found, METH_FASTCALL,
      "pin_found(blocks, lru, tag, keys, fingerprint_id, now) -> (list[BlockMeta], missing) | NotImplemented"},
+    {"bind_slot", (PyCFunction)(void (*)(void))bind_slot, METH_FASTCALL, "bind_slot(Slot) -> bool"},
+    {"pin_leading_columns", (PyCFunction)(void (*)(void))pin_leading_columns, METH_FASTCALL,
+     "pin_leading_columns(blocks, lru, tag, keys, fingerprint_id, now, host_tier) -> (list[BlockMeta], columns | None) | NotImplemented"},
     {"host_columns", (PyCFunction)(void (*)(void))host_columns, METH_FASTCALL,
      "host_columns(metas, host_tier) -> (offsets, sizes, checksums, payload_bytes) | None | NotImplemented"},
     {"unpin_blocks", (PyCFunction)(void (*)(void))unpin_blocks, METH_FASTCALL, "unpin_blocks(metas) -> list[BlockMeta] | NotImplemented"},
@@ -386,8 +541,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     s_offset = PyUnicode_InternFromString("offset");
     s_size_bytes = PyUnicode_InternFromString("size_bytes");
     s_move_to_end = PyUnicode_InternFromString("move_to_end");
-    one = PyLong_FromLong(1);
-    if (s_offset == NULL || s_size_bytes == NULL || s_move_to_end == NULL || one == NULL) return NULL;
+    if (s_offset == NULL || s_size_bytes == NULL || s_move_to_end == NULL) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddIntConstant(m, "ABI", PIN_TABLE_ABI) < 0) {
         Py_DECREF(m);

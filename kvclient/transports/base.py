@@ -51,8 +51,8 @@ def slot_refs(first_index: int, offsets: Sequence[int], sizes: Sequence[int], ha
               expires_unix_ms: int) -> list[SlotRef]:
     """One SlotRef per block of a Pin's answer (its columns), indexed from first_index. Hundreds per Pin: built in C
     where kvwire._native is (~10 us for 512); SlotRef._make over the zipped columns, the reference, costs ~0.15 ms."""
-    if native is not None:
-        rows = native.slot_rows(SlotRef, first_index, offsets, sizes, handle, checksums, expires_unix_ms)
+    if native is not None:  # it reads tuples: a column read as an array (a Pin's over the local socket) becomes one here
+        rows = native.slot_rows(SlotRef, first_index, tuple(offsets), tuple(sizes), handle, tuple(checksums), expires_unix_ms)
         if rows is not NotImplemented:
             return rows
     return list(map(SlotRef._make, zip(range(first_index, first_index + len(offsets)), offsets, sizes, repeat(handle), checksums,

@@ -119,3 +119,23 @@ def test_tls_from_config(tmp_path, fingerprint):
             plaintext.lookup(keys)
     finally:
         srv.stop()
+
+
+def test_an_answer_is_remembered_by_everything_that_decided_it_and_a_refusal_never():
+    """Authenticator.caller remembers its answers per (metadata, peer): the same call gets the same caller, a
+    different token, tenant claim, client id or anonymous peer is worked out afresh, and a refused call is
+    refused every time (a later valid call with other metadata does not inherit anything)."""
+    from kvstore.auth import Authenticator, TokenEntry
+
+    auth = Authenticator(False, {"t-alice": TokenEntry("alice"), "t-root": TokenEntry("root", admin=True)})
+    alice = (("authorization", "Bearer t-alice"), ("kvstore-client-id", "c1"))
+    first = auth.caller(alice, "unix:pid=1")
+    assert auth.caller(list(alice), "unix:pid=1") is first and (first.tenant, first.client_id, first.is_admin) == ("alice", "c1", False)
+    assert auth.caller((("authorization", "Bearer t-root"), ("kvstore-client-id", "c1")), "unix:pid=1").is_admin
+    assert auth.caller((("authorization", "Bearer t-alice"),), "unix:pid=1").client_id != auth.caller((("authorization", "Bearer t-alice"),), "unix:pid=2").client_id
+    for _ in range(2):
+        with pytest.raises(PermissionDeniedError):
+            auth.caller(alice + (("kvstore-tenant", "root"),), "unix:pid=1")
+        with pytest.raises(UnauthenticatedError):
+            auth.caller((("authorization", "Bearer t-mallory"),), "unix:pid=1")
+    assert auth.caller(alice + (("kvstore-tenant", "alice"),), "unix:pid=1").tenant == "alice"

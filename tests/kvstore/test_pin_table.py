@@ -102,6 +102,46 @@ def test_host_columns_are_the_references_and_none_without_a_host_copy(both_ways)
     assert with_ssd_only is None and empty == ([], [], [], 0)
 
 
+def test_pin_leading_columns_is_pin_leading_then_host_columns(both_ways):
+    """The prefix Pin's one-call walk changes what pin_leading changes and answers host_columns of the run,
+    None when a block of the run has no host copy (it is pinned all the same, for the caller to stage)."""
+
+    def run(table, metas):
+        answers = []
+        for keys in ([key(i) for i in range(64)], [key(i) for i in (5, 3, 9, 1)], [key(i) for i in range(60, 70)],
+                     [key(100)], [], [key(2)] * 3, [key(7), key(8)[:3] + key(9), key(9)]):  # a key of another length
+            found, columns = table.pin_leading_columns("alice", FP, keys)
+            assert columns == host_columns(found)
+            answers.append(([metas.index(m) for m in found], columns))
+        return answers + [table.pin_leading_columns("bob", FP, [key(1)])]
+
+    answers, (pins, _, counters, pin_count) = both_ways(run, seed=3)
+    assert answers[6][0] == [7] and answers.pop(6)[1][0] == [7 * 8192]  # the walk ends at the odd-length key
+    assert [found for found, _ in answers[:3]] == [list(range(40)), [5, 3, 9, 1], list(range(60, 64))]
+    assert answers[0][1] is None  # seed 3 leaves some of blocks 0..39 on the ssd tier only
+    assert answers[1][1] is not None and answers[1][1][0] == [i * 8192 for i in (5, 3, 9, 1)]
+    assert answers[4] == ([], ([], [], [], 0)) and answers[6] == ([], ([], [], [], 0))
+    assert pin_count == sum(pins) == 40 + 4 + 4 + 3 + 1 and counters["lookup_blocks_hit"] == 52
+
+
+def test_a_slot_is_read_at_its_fields_or_by_attribute_alike():
+    """host_columns reads a bound Slot's fields at their offsets, and any other copy object by attribute."""
+    table = BlockTable(Limits())
+    metas = populate(table, 8, random.Random(9))
+    on_host = [m for m in metas if Tier.HOST in m.copies]
+    expected = host_columns(on_host)
+
+    class OtherSlot:
+        def __init__(self, slot: Slot) -> None:
+            self.offset, self.size_bytes = slot.offset, slot.size_bytes
+
+    for meta in on_host:
+        meta.copies[Tier.HOST] = OtherSlot(meta.copies[Tier.HOST])
+    assert block_table.pin_table.host_columns(on_host, Tier.HOST) == expected
+    on_host[0].copies[Tier.HOST] = object()  # no such fields: left to Python, which raises as it would
+    assert block_table.pin_table.host_columns(on_host, Tier.HOST) is NotImplemented
+
+
 def test_unpin_blocks_frees_what_the_reference_frees(both_ways):
     """Deleted blocks are freed (their copies released) when their last pin goes, in order; a block
     named twice is unpinned twice."""

@@ -233,6 +233,41 @@ def test_pin_responses_equal_protobufs_bytes_and_parse():
         assert got == pin_codec.decode_response_reference(data) == fields[:2] + tuple(tuple(c) for c in fields[2:]) + ((), (), 0)
 
 
+def as_values(columns: pin_codec.PinResponseColumns) -> tuple:
+    return tuple(tuple(v) if not isinstance(v, int) else v for v in columns)
+
+
+def test_pin_response_columns_are_decode_responses_values():
+    """decode_response_columns (arrays where native) reads what decode_response reads, and the lengths' sum;
+    for anything it is not given natively (columns of unequal length, HBM columns), the reference's answer."""
+    rng = random.Random(6)
+    cases = [pin_codec.encode_response(*fields) for fields in pin_responses(random.Random(2))]
+    cases += [pin_codec.encode_response(7, 1234, [0, 4096], [4096, 4096], [11, 22], [Tier.HBM.value, Tier.HOST.value], [8192, 0], 3),
+              b"\x22\x02\x05\x06" + b"\x2a\x01\x01" + b"\x32\x02\x07\x08",  # two offsets, one length
+              b"\x22\x01\x05" + b"\x22\x01\x06"]  # offsets split over two fields
+    natively = 0
+    for data in cases:
+        want = pin_codec.decode_response_columns_reference(data)
+        assert want[:5] + want[6:] == tuple(pin_codec.decode_response_reference(data)) and want.payload_bytes == sum(want.lengths)
+        natively += native.decode_pin_columns(data) is not NotImplemented
+        got = pin_codec.decode_response_columns(data)
+        assert as_values(got) == as_values(want)
+        assert [got.offsets[i] for i in range(len(got.offsets))] == list(want.offsets)  # each value an int, by index too
+        assert all(type(v) is int for v in got.checksums)
+    assert natively == len(cases) - 3
+    for _ in range(500):  # corrupted answers: the reference's values or its error
+        data = bytearray(rng.choice(cases[:23]))
+        if data:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            want = pin_codec.decode_response_columns_reference(bytes(data))
+        except DecodeError:
+            with pytest.raises(DecodeError):
+                pin_codec.decode_response_columns(bytes(data))
+        else:
+            assert as_values(pin_codec.decode_response_columns(bytes(data))) == as_values(want)
+
+
 def test_pin_responses_with_hbm_placements_keep_their_tier_columns():
     """A Pin naming HBM copies is encoded and decoded by protobuf (the native codec has no such columns), native or not."""
     fields = (7, 1234, [0, 4096], [4096, 4096], [11, 22], [Tier.HBM.value, Tier.HOST.value], [8192, 0], 3)
