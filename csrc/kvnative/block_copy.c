@@ -5,9 +5,11 @@
  * np.copyto and the hash call, twice the copy itself; a put hashed every block in one pass and
  * copied it in another. Here one call copies every block of a request with the GIL released, in
  * chunks of CHUNK_BYTES that are hashed right after they are copied (one pass over memory, not
- * two), on up to `threads` threads once a call moves MIN_THREAD_BYTES per thread. Without a hash a
- * call is split by bytes, a block larger than a share included; with one, at block boundaries
- * (a block's hash is sequential).
+ * two), on up to `threads` threads once a call moves MIN_THREAD_BYTES per thread. The threads
+ * claim pieces of the call one at a time (a block, or without a hash a part of one, so a block
+ * larger than a thread's share is split too): on a busy machine a helper that is not scheduled
+ * leaves its share to the caller instead of holding the call up (with halves fixed up front, a
+ * 2-thread copy ran at a third of one thread's speed while the other core was taken).
  *
  * Anything the C cannot take as given (a buffer that is not C-contiguous, a read-only destination,
  * an offset out of range, an argument of another type) is the reference's to copy or refuse, with
@@ -16,6 +18,7 @@
 #include "kvnative.h"
 
 #include <pthread.h>
+#include <stdlib.h>
 
 #define XXH_INLINE_ALL
 #define XXH_STATIC_LINKING_ONLY
@@ -34,20 +37,40 @@ typedef struct {
     size_t len;
 } job_t;
 
+/* A piece of work: part of one block without a hash, a whole block with one (a block's hash is sequential). */
+typedef struct {
+    size_t job;
+    size_t at;
+    size_t len;
+} piece_t;
+
+/* One call's work, shared by the calling thread and its helpers. Pieces are claimed one at a time, so a
+ * helper the scheduler does not run (a busy machine) leaves its share to the others instead of holding the
+ * call up; the caller returns once every piece is done, never waiting for a helper that has not started
+ * (it will find nothing left and touch no buffer). Freed by whoever leaves last. */
 typedef struct {
     const job_t *jobs;
+    const piece_t *pieces;
     uint64_t *digests;
+    size_t npieces;
     int hash;
-    size_t first;      /* first block */
-    size_t end;        /* one past the last block (hashing parts) */
-    size_t first_skip; /* bytes of the first block another part copies (byte-split parts) */
-    size_t bytes;      /* bytes to copy (byte-split parts) */
-} part_t;
+    size_t next;      /* atomic: the next piece to claim */
+    size_t done;      /* atomic: pieces finished */
+    int refs;         /* atomic: threads still holding this */
+    pthread_mutex_t lock;
+    pthread_cond_t all_done;
+    void *owned;      /* the one allocation holding this, the jobs and the pieces */
+} work_t;
 
-static void copy_hashed(const job_t *job, int hash, uint64_t *digest) {
-    if (job->len <= CHUNK_BYTES || hash == HASH_NONE) {
+static void do_piece(const work_t *w, const piece_t *p) {
+    const job_t *job = &w->jobs[p->job];
+    if (w->hash == HASH_NONE) {
+        if (p->len) memcpy(job->dst + p->at, job->src + p->at, p->len);
+        return;
+    }
+    if (job->len <= CHUNK_BYTES) {
         if (job->dst != NULL && job->len) memcpy(job->dst, job->src, job->len);
-        if (hash != HASH_NONE) *digest = XXH3_64bits(hash == HASH_DEST ? job->dst : job->src, job->len);
+        w->digests[p->job] = XXH3_64bits(w->hash == HASH_DEST ? job->dst : job->src, job->len);
         return;
     }
     XXH3_state_t state;
@@ -55,74 +78,108 @@ static void copy_hashed(const job_t *job, int hash, uint64_t *digest) {
     for (size_t at = 0; at < job->len; at += CHUNK_BYTES) {
         size_t n = job->len - at < CHUNK_BYTES ? job->len - at : CHUNK_BYTES;
         if (job->dst != NULL) memcpy(job->dst + at, job->src + at, n);
-        XXH3_64bits_update(&state, (hash == HASH_DEST ? job->dst : job->src) + at, n);
+        XXH3_64bits_update(&state, (w->hash == HASH_DEST ? job->dst : job->src) + at, n);
     }
-    *digest = XXH3_64bits_digest(&state);
+    w->digests[p->job] = XXH3_64bits_digest(&state);
 }
 
-static void *run_part(void *arg) {
-    const part_t *p = arg;
-    if (p->hash != HASH_NONE) {
-        for (size_t i = p->first; i < p->end; i++) copy_hashed(&p->jobs[i], p->hash, &p->digests[i]);
-        return NULL;
+static void release_work(work_t *w) {
+    if (__atomic_sub_fetch(&w->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        pthread_mutex_destroy(&w->lock);
+        pthread_cond_destroy(&w->all_done);
+        free(w->owned);
     }
-    size_t i = p->first, skip = p->first_skip, left = p->bytes;
-    while (left > 0) {
-        const job_t *job = &p->jobs[i];
-        size_t n = job->len - skip < left ? job->len - skip : left;
-        if (n) memcpy(job->dst + skip, job->src + skip, n);
-        left -= n;
-        skip = 0;
-        i++;
+}
+
+static void claim_pieces(work_t *w) {
+    for (;;) {
+        size_t i = __atomic_fetch_add(&w->next, 1, __ATOMIC_ACQ_REL);
+        if (i >= w->npieces) return;
+        do_piece(w, &w->pieces[i]);
+        if (__atomic_add_fetch(&w->done, 1, __ATOMIC_ACQ_REL) == w->npieces) {
+            pthread_mutex_lock(&w->lock);
+            pthread_cond_signal(&w->all_done);
+            pthread_mutex_unlock(&w->lock);
+        }
     }
+}
+
+static void *helper(void *arg) {
+    work_t *w = arg;
+    claim_pieces(w);
+    release_work(w);
     return NULL;
 }
 
-/* Cut the work into at most nparts parts of about equal bytes; returns how many parts there are. */
-static int plan(const job_t *jobs, size_t n, size_t total, int hash, int nparts, uint64_t *digests, part_t *parts) {
-    if (hash != HASH_NONE) {
-        int made = 0;
-        size_t i = 0, done = 0;
-        for (int t = 0; t < nparts && i < n; t++) {
-            size_t target = (size_t)((double)total * (t + 1) / nparts);
-            size_t start = i;
-            while (i < n && (done < target || i == start || t == nparts - 1)) done += jobs[i++].len;
-            parts[made++] = (part_t){jobs, digests, hash, start, i, 0, 0};
+/* The pieces of a call: one per block with a hash; without, blocks cut into pieces of about total / (4 * nthreads). */
+static size_t cut(const job_t *jobs, size_t n, size_t total, int hash, int nthreads, piece_t *pieces) {
+    size_t made = 0;
+    size_t piece_bytes = nthreads > 1 ? total / (4 * (size_t)nthreads) + 1 : (size_t)-1;
+    if (piece_bytes < CHUNK_BYTES) piece_bytes = CHUNK_BYTES;
+    for (size_t i = 0; i < n; i++) {
+        if (hash != HASH_NONE || jobs[i].len <= piece_bytes) {
+            pieces[made++] = (piece_t){i, 0, jobs[i].len};
+            continue;
         }
-        return made;
-    }
-    size_t share = (total + nparts - 1) / nparts, i = 0, skip = 0;
-    int made = 0;
-    for (size_t left = total; left > 0 && made < nparts;) {
-        size_t want = share < left ? share : left;
-        parts[made++] = (part_t){jobs, NULL, HASH_NONE, i, 0, skip, want};
-        left -= want;
-        while (want > 0) { /* advance past the bytes this part copies */
-            size_t in_block = jobs[i].len - skip;
-            if (in_block > want) {
-                skip += want;
-                want = 0;
-            } else {
-                want -= in_block;
-                skip = 0;
-                i++;
-            }
-        }
+        for (size_t at = 0; at < jobs[i].len; at += piece_bytes)
+            pieces[made++] = (piece_t){i, at, jobs[i].len - at < piece_bytes ? jobs[i].len - at : piece_bytes};
     }
     return made;
 }
 
-static void run_parts(part_t *parts, int nparts) {
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int t = 1; t < nparts; t++) started[t] = pthread_create(&tids[t], NULL, run_part, &parts[t]) == 0;
-    run_part(&parts[0]);
-    for (int t = 1; t < nparts; t++) {
-        if (started[t])
-            pthread_join(tids[t], NULL);
-        else
-            run_part(&parts[t]); /* no thread to be had: this one does it */
+/* Count the pieces cut() makes, to size the allocation. */
+static size_t count_pieces(const job_t *jobs, size_t n, size_t total, int hash, int nthreads) {
+    size_t piece_bytes = nthreads > 1 ? total / (4 * (size_t)nthreads) + 1 : (size_t)-1;
+    if (piece_bytes < CHUNK_BYTES) piece_bytes = CHUNK_BYTES;
+    size_t count = 0;
+    for (size_t i = 0; i < n; i++)
+        count += (hash != HASH_NONE || jobs[i].len <= piece_bytes) ? 1 : (jobs[i].len + piece_bytes - 1) / piece_bytes;
+    return count;
+}
+
+/* Run every job on this thread and up to nthreads - 1 helpers; 0, or -1 out of memory (nothing copied). */
+static int run_jobs(const job_t *jobs, size_t n, size_t total, int hash, int nthreads, uint64_t *digests) {
+    if (nthreads <= 1) {
+        piece_t whole;
+        work_t w = {.jobs = jobs, .digests = digests, .hash = hash};
+        for (size_t i = 0; i < n; i++) {
+            whole = (piece_t){i, 0, jobs[i].len};
+            do_piece(&w, &whole);
+        }
+        return 0;
     }
+    size_t npieces = count_pieces(jobs, n, total, hash, nthreads);
+    /* Helpers may outlive this call (one not yet run finds nothing to do): they get their own copy of the jobs. */
+    char *mem = malloc(sizeof(work_t) + n * sizeof(job_t) + npieces * sizeof(piece_t) + n * sizeof(uint64_t));
+    if (mem == NULL) return -1;
+    work_t *w = (work_t *)mem;
+    job_t *own_jobs = (job_t *)(mem + sizeof(work_t));
+    piece_t *pieces = (piece_t *)(own_jobs + n);
+    uint64_t *own_digests = (uint64_t *)(pieces + npieces);
+    memcpy(own_jobs, jobs, n * sizeof(job_t));
+    *w = (work_t){.jobs = own_jobs, .pieces = pieces, .digests = own_digests, .npieces = cut(jobs, n, total, hash, nthreads, pieces),
+                  .hash = hash, .refs = 1, .owned = mem};
+    pthread_mutex_init(&w->lock, NULL);
+    pthread_cond_init(&w->all_done, NULL);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    for (int t = 1; t < nthreads; t++) {
+        pthread_t tid;
+        __atomic_add_fetch(&w->refs, 1, __ATOMIC_ACQ_REL);
+        if (pthread_create(&tid, &attr, helper, w) != 0) {
+            __atomic_sub_fetch(&w->refs, 1, __ATOMIC_ACQ_REL); /* no thread to be had: fewer helpers */
+            break;
+        }
+    }
+    pthread_attr_destroy(&attr);
+    claim_pieces(w);
+    pthread_mutex_lock(&w->lock);
+    while (__atomic_load_n(&w->done, __ATOMIC_ACQUIRE) < w->npieces) pthread_cond_wait(&w->all_done, &w->lock);
+    pthread_mutex_unlock(&w->lock);
+    if (hash != HASH_NONE) memcpy(digests, own_digests, n * sizeof(uint64_t));
+    release_work(w);
+    return 0;
 }
 
 /* One side of the copy: a buffer for every block, or one buffer all blocks' offsets point into. */
@@ -243,14 +300,17 @@ PyObject *kvn_copy_blocks(PyObject *self, PyObject *const *args, Py_ssize_t narg
         }
         total += lens[i];
     }
-    int nparts = (int)(threads < MAX_THREADS ? threads : MAX_THREADS);
-    if ((size_t)nparts > total / MIN_THREAD_BYTES) nparts = (int)(total / MIN_THREAD_BYTES);
-    if (nparts < 1) nparts = 1;
-    part_t parts[MAX_THREADS];
+    int nthreads = (int)(threads < MAX_THREADS ? threads : MAX_THREADS);
+    if ((size_t)nthreads > total / MIN_THREAD_BYTES) nthreads = (int)(total / MIN_THREAD_BYTES);
+    if (nthreads < 1) nthreads = 1;
+    int failed;
     Py_BEGIN_ALLOW_THREADS
-    nparts = plan(jobs, (size_t)n, total, (int)hash, nparts, digests, parts);
-    if (nparts > 0) run_parts(parts, nparts);
+    failed = run_jobs(jobs, (size_t)n, total, (int)hash, nthreads, digests);
     Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
     if (hash == HASH_NONE) {
         result = Py_NewRef(Py_None);
         goto done;
