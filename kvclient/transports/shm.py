@@ -192,6 +192,7 @@ class ShmTransport(Transport):
         if late_slots:
             copy_s, matched = self._copy_checked(late_slots, late_dests)
             stats.transfer_s += copy_s
+            stats.extra["checked_in_copy"] = True  # validation is inside transfer_s: one pass copies and hashes
             if not all(matched):
                 bad = [s for s, ok in zip(late_slots, matched) if not ok]
                 raise checksum_error(keys[bad[0].index], len(bad), len(slots))
