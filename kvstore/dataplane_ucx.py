@@ -49,7 +49,7 @@ import numpy as np
 
 from kvwire.errors import InvalidRequestError, UnauthenticatedError
 from kvwire import ucx_wire as wire
-from kvwire.blockcopy import copy_blocks
+from kvwire.blockcopy import copy_blocks, packed_offsets
 from kvwire.ucxenv import import_ucxx, start_context
 from kvstore.api import StoreAPI
 from kvstore.counters import Direction, Event, Transport
@@ -347,17 +347,12 @@ def _gather(view: np.ndarray, offsets: list[int], sizes: list[int]) -> np.ndarra
     if wire.contiguous(offsets, sizes):
         return view[offsets[0] : offsets[-1] + sizes[-1]]
     staged = np.empty(sum(sizes), dtype=np.uint8)
-    copy_blocks(view, offsets, staged, _packed_offsets(sizes), sizes)
+    copy_blocks(view, offsets, staged, packed_offsets(sizes), sizes)
     return staged
 
 
 def _scatter(buf: np.ndarray, view: np.ndarray, offsets: list[int], sizes: list[int]) -> None:
-    copy_blocks(buf, _packed_offsets(sizes), view, offsets, sizes)
-
-
-def _packed_offsets(sizes: list[int]) -> list[int]:
-    """Where each block starts in a message that packs them back to back."""
-    return np.cumsum([0] + sizes[:-1]).tolist()
+    copy_blocks(buf, packed_offsets(sizes), view, offsets, sizes)
 
 
 async def _drain(ep, sizes: list[int], groups: list[range]) -> None:

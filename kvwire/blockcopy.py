@@ -51,6 +51,26 @@ def checksums(src: Buffers, offsets: Sequence[int] | None, lengths: Sequence[int
     return copy_blocks(src, offsets, None, None, lengths, HASH_SOURCE, threads)
 
 
+def runs_within(sizes: Sequence[int], max_bytes: int) -> list[range]:
+    """Runs of consecutive blocks of at most max_bytes together, packed greedily; a block of max_bytes or more
+    is a run of its own (a UCX message's blocks, a put's copy windows)."""
+    runs: list[range] = []
+    lo, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > lo and total + size > max_bytes:
+            runs.append(range(lo, i))
+            lo, total = i, 0
+        total += size
+    if len(sizes):
+        runs.append(range(lo, len(sizes)))
+    return runs
+
+
+def packed_offsets(sizes: Sequence[int]) -> list[int]:
+    """Where each block starts in a buffer that holds them back to back (a packed message, a staging area)."""
+    return np.cumsum([0, *sizes[:-1]]).tolist() if len(sizes) else []
+
+
 def copy_blocks_reference(src: Buffers, src_offsets: Sequence[int] | None, dst: Buffers | None, dst_offsets: Sequence[int] | None,
                           lengths: Sequence[int], hash: int = HASH_NONE, threads: int = 1) -> list[int] | None:
     lengths = list(lengths)

@@ -62,6 +62,45 @@ typedef struct {
     void *owned;      /* the one allocation holding this, the jobs and the pieces */
 } work_t;
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+/* A copy whose destination this thread will not read again (a put into the pool: the source is what gets hashed)
+ * with non-temporal stores: no read-for-ownership of each destination line and no eviction of the cache for it,
+ * two memory transfers a byte instead of three. The caller fences once its pieces are done. */
+static void copy_streaming(unsigned char *dst, const unsigned char *src, size_t n) {
+    size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+    if (n < 4096 || head > n) {
+        memcpy(dst, src, n);
+        return;
+    }
+    memcpy(dst, src, head);
+    dst += head, src += head, n -= head;
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(src + i)), b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32)), d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+        _mm_stream_si128((__m128i *)(dst + i), a);
+        _mm_stream_si128((__m128i *)(dst + i + 16), b);
+        _mm_stream_si128((__m128i *)(dst + i + 32), c);
+        _mm_stream_si128((__m128i *)(dst + i + 48), d);
+    }
+    memcpy(dst + i, src + i, n - i);
+}
+#define STORE_FENCE() _mm_sfence()
+#else
+static void copy_streaming(unsigned char *dst, const unsigned char *src, size_t n) { memcpy(dst, src, n); }
+#define STORE_FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#endif
+
+/* A hashed copy: streamed when the source is what is hashed (the destination is not read here again), cached when
+ * the destination is (a get hashes what landed, right after its copy). */
+static void copy_for(int hash, unsigned char *dst, const unsigned char *src, size_t n) {
+    if (hash == HASH_SOURCE)
+        copy_streaming(dst, src, n);
+    else
+        memcpy(dst, src, n);
+}
+
 static void do_piece(const work_t *w, const piece_t *p) {
     const job_t *job = &w->jobs[p->job];
     if (w->hash == HASH_NONE) {
@@ -69,7 +108,7 @@ static void do_piece(const work_t *w, const piece_t *p) {
         return;
     }
     if (job->len <= CHUNK_BYTES) {
-        if (job->dst != NULL && job->len) memcpy(job->dst, job->src, job->len);
+        if (job->dst != NULL && job->len) copy_for(w->hash, job->dst, job->src, job->len);
         w->digests[p->job] = XXH3_64bits(w->hash == HASH_DEST ? job->dst : job->src, job->len);
         return;
     }
@@ -77,7 +116,7 @@ static void do_piece(const work_t *w, const piece_t *p) {
     XXH3_64bits_reset(&state);
     for (size_t at = 0; at < job->len; at += CHUNK_BYTES) {
         size_t n = job->len - at < CHUNK_BYTES ? job->len - at : CHUNK_BYTES;
-        if (job->dst != NULL) memcpy(job->dst + at, job->src + at, n);
+        if (job->dst != NULL) copy_for(w->hash, job->dst + at, job->src + at, n);
         XXH3_64bits_update(&state, (w->hash == HASH_DEST ? job->dst : job->src) + at, n);
     }
     w->digests[p->job] = XXH3_64bits_digest(&state);
@@ -96,6 +135,7 @@ static void claim_pieces(work_t *w) {
         size_t i = __atomic_fetch_add(&w->next, 1, __ATOMIC_ACQ_REL);
         if (i >= w->npieces) return;
         do_piece(w, &w->pieces[i]);
+        STORE_FENCE(); /* streamed stores land before the piece counts as done */
         if (__atomic_add_fetch(&w->done, 1, __ATOMIC_ACQ_REL) == w->npieces) {
             pthread_mutex_lock(&w->lock);
             pthread_cond_signal(&w->all_done);
@@ -146,6 +186,7 @@ static int run_jobs(const job_t *jobs, size_t n, size_t total, int hash, int nth
             whole = (piece_t){i, 0, jobs[i].len};
             do_piece(&w, &whole);
         }
+        STORE_FENCE();
         return 0;
     }
     size_t npieces = count_pieces(jobs, n, total, hash, nthreads);

@@ -34,10 +34,13 @@ from kvclient.errors import LeaseError, UnavailableError
 from kvclient.integrity import checksum_error
 from kvclient.transports import device
 from kvclient.transports.base import SlotRef, TransferStats, Transport
-from kvwire.blockcopy import HASH_DEST, HASH_SOURCE, copy_blocks
+from kvwire.blockcopy import HASH_DEST, HASH_SOURCE, copy_blocks, runs_within
 from kvwire.defaults import SHM_DIR
 
 SLOT_CACHE_ENTRIES = 1 << 16
+# A put copies in windows of at most this many bytes, each started only while every lease in it has
+# LEASE_MARGIN_S left: a window copies in milliseconds, far inside the margin, however large the put.
+WRITE_WINDOW_BYTES = 64 << 20
 # A copy starts only while its lease has this long left: one block's copy is milliseconds, and the
 # server may hand the slot of an expired lease to another writer once its quarantine ends.
 LEASE_MARGIN_S = 0.1
@@ -127,13 +130,16 @@ class ShmTransport(Transport):
         """Copy every payload into its slot in one call, each block hashed as it is read (hashes_while_writing):
         the checksums the Commit carries are of the caller's bytes, so a torn slot still fails the server's check."""
         t0 = time.perf_counter()
-        soonest = min(s.expires_unix_ms for s in slots)
-        if time.time() + LEASE_MARGIN_S >= soonest / 1000:
-            late = next(s for s in slots if s.expires_unix_ms == soonest)
-            raise LeaseError(f"the lease on block {keys[late.index].hex()} ends in under {LEASE_MARGIN_S} s; "
-                             "not copying into a slot the server may hand to another writer")
-        digests = copy_blocks([payloads[s.index] for s in slots], None, self.pool, [s.offset for s in slots],
-                              [s.size_bytes for s in slots], HASH_SOURCE)
+        digests: list[int] = []
+        for run in runs_within([s.size_bytes for s in slots], WRITE_WINDOW_BYTES):
+            window = slots[run.start : run.stop]
+            soonest = min(s.expires_unix_ms for s in window)
+            if time.time() + LEASE_MARGIN_S >= soonest / 1000:
+                late = next(s for s in window if s.expires_unix_ms == soonest)
+                raise LeaseError(f"the lease on block {keys[late.index].hex()} ends in under {LEASE_MARGIN_S} s; "
+                                 "not copying into a slot the server may hand to another writer")
+            digests += copy_blocks([payloads[s.index] for s in window], None, self.pool, [s.offset for s in window],
+                                   [s.size_bytes for s in window], HASH_SOURCE)
         stats.transfer_s += time.perf_counter() - t0
         return digests
 

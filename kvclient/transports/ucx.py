@@ -29,7 +29,7 @@ from kvclient.integrity import check_block, checksum_error
 from kvclient.transports import device
 from kvclient.transports.base import SlotRef, TransferStats, Transport, destinations
 from kvwire import ucx_wire as wire
-from kvwire.blockcopy import HASH_DEST, HASH_SOURCE, checksums, copy_blocks
+from kvwire.blockcopy import HASH_DEST, HASH_SOURCE, checksums, copy_blocks, packed_offsets
 from kvwire.ucxenv import Endpoint, Worker, import_ucxx, unavailable_reason
 
 
@@ -177,9 +177,9 @@ class UcxTransport(Transport):
         packed = [i for g in groups if len(g) > 1 for i in g]
         lone = [g.start for g in groups if len(g) == 1]
         digests = [0] * len(sizes)
-        staging = self._staging.take(sum(sizes[i] for i in packed))
-        at = np.cumsum([0] + [sizes[i] for i in packed]).tolist()
-        for i, d in zip(packed, copy_blocks([sources[i] for i in packed], None, staging, at[:-1], [sizes[i] for i in packed], HASH_SOURCE)):
+        packed_sizes = [sizes[i] for i in packed]
+        staging = self._staging.take(sum(packed_sizes))
+        for i, d in zip(packed, copy_blocks([sources[i] for i in packed], None, staging, packed_offsets(packed_sizes), packed_sizes, HASH_SOURCE)):
             digests[i] = d
         for i, d in zip(lone, checksums([sources[i] for i in lone], None, [sizes[i] for i in lone])):
             digests[i] = d
@@ -318,8 +318,7 @@ def _verify(keys, g: range, buf: Any, dests: list[Any], sizes: list[int], checks
         check_block(keys[g.start], device.host_bytes(buf), checksums[g.start])
         return
     group_sizes = sizes[g.start : g.stop]
-    at = np.cumsum([0] + group_sizes[:-1]).tolist()
-    digests = copy_blocks(buf, at, dests[g.start : g.stop], None, group_sizes, HASH_DEST)
+    digests = copy_blocks(buf, packed_offsets(group_sizes), dests[g.start : g.stop], None, group_sizes, HASH_DEST)
     bad = [i for i, d in zip(g, digests) if d != checksums[i]]
     if bad:
         raise checksum_error(keys[bad[0]], len(bad), len(g))

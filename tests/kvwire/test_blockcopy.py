@@ -12,7 +12,7 @@ import pytest
 import xxhash
 
 from kvwire import blockcopy, native as native_selection
-from kvwire.blockcopy import HASH_DEST, HASH_NONE, HASH_SOURCE, checksums, copy_blocks, copy_blocks_reference
+from kvwire.blockcopy import HASH_DEST, HASH_NONE, HASH_SOURCE, checksums, copy_blocks, copy_blocks_reference, packed_offsets, runs_within
 
 native = native_selection.native
 MIB = 1 << 20
@@ -86,7 +86,7 @@ def test_packing_and_hash_only_equal_the_reference(compiled):
     sizes = CASES["1000 tiny"]
     rng = np.random.default_rng(5)
     pool, offsets = scattered(rng, sizes)
-    packed_at = list(np.cumsum([0] + sizes[:-1]).tolist())
+    packed_at = packed_offsets(sizes)
     got, want = np.zeros(sum(sizes), np.uint8), np.ones(sum(sizes), np.uint8)
     assert compiled.copy_blocks(pool, offsets, got, packed_at, sizes, HASH_DEST, 2) == copy_blocks_reference(pool, offsets, want, packed_at, sizes, HASH_DEST)
     assert np.array_equal(got, want)
@@ -166,3 +166,10 @@ def test_copies_run_concurrently_without_the_gil(compiled):
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_runs_and_packed_offsets():
+    assert runs_within([], 10) == [] and packed_offsets([]) == []
+    assert runs_within([4, 4, 4, 12, 1, 9, 1], 10) == [range(0, 2), range(2, 3), range(3, 4), range(4, 6), range(6, 7)]
+    assert runs_within([3, 3], 0) == [range(0, 1), range(1, 2)]
+    assert packed_offsets([4, 0, 5, 1]) == [0, 4, 4, 9]
