@@ -2,10 +2,10 @@
  * -> (destination, offset), each block's xxh3-64 taken while its bytes are still in cache.
  *
  * In Python a get of 512 blocks of 64 KiB out of the shared pool spent ~10 us a block in slicing,
- * np.copyto and the hash call, twice the copy itself; a put hashed every block in one pass and
- * copied it in another. Here one call copies every block of a request with the GIL released, in
- * chunks of CHUNK_BYTES that are hashed right after they are copied (one pass over memory, not
- * two), on up to `threads` threads once a call moves MIN_THREAD_BYTES per thread. The threads
+ * np.copyto and the hash call, twice the copy itself. Here one call copies every block of a request
+ * with the GIL released, each block hashed while it is in cache (a get's after its copy, a put's
+ * before it, whose copy into the pool then streams past the cache), on up to `threads` threads once
+ * a call moves MIN_THREAD_BYTES per thread. The threads
  * claim pieces of the call one at a time (a block, or without a hash a part of one, so a block
  * larger than a thread's share is split too): on a busy machine a helper that is not scheduled
  * leaves its share to the caller instead of holding the call up (with halves fixed up front, a
@@ -20,15 +20,40 @@
 #include <pthread.h>
 #include <stdlib.h>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+/* xxh3's AVX2 kernels besides the baseline build's SSE2 ones, chosen at run time (as xxhash's own
+ * xxh_x86dispatch.c does): on AVX2 machines the hash of a block costs about half. */
+#include <immintrin.h>
+#define XXH_DISPATCH_AVX2 1
+#define XXH_TARGET_AVX2 __attribute__((__target__("avx2")))
+#endif
 #define XXH_INLINE_ALL
 #define XXH_STATIC_LINKING_ONLY
 #include "../third_party/xxhash/xxhash.h"
+
+#if defined(XXH_DISPATCH_AVX2)
+XXH_TARGET_AVX2 static XXH64_hash_t xxh3_avx2(const void *p, size_t len) {
+    if (len <= XXH3_MIDSIZE_MAX) return XXH3_64bits(p, len);
+    return XXH3_hashLong_64b_internal(p, len, XXH3_kSecret, sizeof(XXH3_kSecret), XXH3_accumulate_avx2, XXH3_scrambleAcc_avx2);
+}
+
+static int use_avx2(void) {
+    static int known = -1;
+    if (known < 0) known = __builtin_cpu_supports("avx2") ? 1 : 0;
+    return known;
+}
+
+static XXH64_hash_t xxh3(const void *p, size_t len) { return use_avx2() ? xxh3_avx2(p, len) : XXH3_64bits(p, len); }
+
+#else
+static XXH64_hash_t xxh3(const void *p, size_t len) { return XXH3_64bits(p, len); }
+#endif
 
 #define HASH_NONE 0
 #define HASH_SOURCE 1
 #define HASH_DEST 2
 #define MAX_THREADS 16
-#define CHUNK_BYTES (64 * 1024)
+#define MIN_PIECE_BYTES (64 * 1024)
 #define MIN_THREAD_BYTES (2 * 1024 * 1024)
 
 typedef struct {
@@ -92,14 +117,6 @@ static void copy_streaming(unsigned char *dst, const unsigned char *src, size_t 
 #define STORE_FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 #endif
 
-/* A hashed copy: streamed when the source is what is hashed (the destination is not read here again), cached when
- * the destination is (a get hashes what landed, right after its copy). */
-static void copy_for(int hash, unsigned char *dst, const unsigned char *src, size_t n) {
-    if (hash == HASH_SOURCE)
-        copy_streaming(dst, src, n);
-    else
-        memcpy(dst, src, n);
-}
 
 static void do_piece(const work_t *w, const piece_t *p) {
     const job_t *job = &w->jobs[p->job];
@@ -107,19 +124,16 @@ static void do_piece(const work_t *w, const piece_t *p) {
         if (p->len) memcpy(job->dst + p->at, job->src + p->at, p->len);
         return;
     }
-    if (job->len <= CHUNK_BYTES) {
-        if (job->dst != NULL && job->len) copy_for(w->hash, job->dst, job->src, job->len);
-        w->digests[p->job] = XXH3_64bits(w->hash == HASH_DEST ? job->dst : job->src, job->len);
-        return;
+    /* Whole blocks, each hashed in one call: xxh3's streaming form, fed a block in cache-sized pieces as it was
+     * copied, cost twice the one-shot hash. A put hashes its source first, so the streamed copy then reads it from
+     * cache; a get copies first, so the hash reads what landed from cache. */
+    if (w->hash == HASH_SOURCE) {
+        w->digests[p->job] = xxh3(job->src, job->len);
+        if (job->dst != NULL && job->len) copy_streaming(job->dst, job->src, job->len);
+    } else {
+        if (job->len) memcpy(job->dst, job->src, job->len);
+        w->digests[p->job] = xxh3(job->dst, job->len);
     }
-    XXH3_state_t state;
-    XXH3_64bits_reset(&state);
-    for (size_t at = 0; at < job->len; at += CHUNK_BYTES) {
-        size_t n = job->len - at < CHUNK_BYTES ? job->len - at : CHUNK_BYTES;
-        if (job->dst != NULL) copy_for(w->hash, job->dst + at, job->src + at, n);
-        XXH3_64bits_update(&state, (w->hash == HASH_DEST ? job->dst : job->src) + at, n);
-    }
-    w->digests[p->job] = XXH3_64bits_digest(&state);
 }
 
 static void release_work(work_t *w) {
@@ -155,7 +169,7 @@ static void *helper(void *arg) {
 static size_t cut(const job_t *jobs, size_t n, size_t total, int hash, int nthreads, piece_t *pieces) {
     size_t made = 0;
     size_t piece_bytes = nthreads > 1 ? total / (4 * (size_t)nthreads) + 1 : (size_t)-1;
-    if (piece_bytes < CHUNK_BYTES) piece_bytes = CHUNK_BYTES;
+    if (piece_bytes < MIN_PIECE_BYTES) piece_bytes = MIN_PIECE_BYTES;
     for (size_t i = 0; i < n; i++) {
         if (hash != HASH_NONE || jobs[i].len <= piece_bytes) {
             pieces[made++] = (piece_t){i, 0, jobs[i].len};
@@ -170,7 +184,7 @@ static size_t cut(const job_t *jobs, size_t n, size_t total, int hash, int nthre
 /* Count the pieces cut() makes, to size the allocation. */
 static size_t count_pieces(const job_t *jobs, size_t n, size_t total, int hash, int nthreads) {
     size_t piece_bytes = nthreads > 1 ? total / (4 * (size_t)nthreads) + 1 : (size_t)-1;
-    if (piece_bytes < CHUNK_BYTES) piece_bytes = CHUNK_BYTES;
+    if (piece_bytes < MIN_PIECE_BYTES) piece_bytes = MIN_PIECE_BYTES;
     size_t count = 0;
     for (size_t i = 0; i < n; i++)
         count += (hash != HASH_NONE || jobs[i].len <= piece_bytes) ? 1 : (jobs[i].len + piece_bytes - 1) / piece_bytes;
