@@ -212,9 +212,11 @@ class KVClient:
         digests = _digests(keys)
         stats = TransferStats()
         t0 = time.perf_counter()
-        device_ok = self.transport.moves_device_memory
-        payloads = [device.readable(b, device_ok) for b in blocks]
-        checksums = [device.checksum(p) for p in payloads]
+        transport = self.transport
+        payloads = [device.readable(b, transport.moves_device_memory) for b in blocks]
+        # A transport that hashes as it copies saves a pass over the caller's bytes; inline blocks are hashed here.
+        later = transport.hashes_while_writing and not transport.inline_block_bytes
+        checksums = None if later else [device.checksum(p) for p in payloads]
         stats.validate_s += time.perf_counter() - t0
         outcomes = self._store(digests, payloads, checksums, durable, stats)
         stats.blocks += len(keys)
@@ -224,7 +226,7 @@ class KVClient:
         self.last_transfer = stats
         return outcomes
 
-    def _store(self, keys: list[bytes], payloads: list[Any], checksums: list[int], durable: bool,
+    def _store(self, keys: list[bytes], payloads: list[Any], checksums: list[int] | None, durable: bool,
                stats: TransferStats) -> list[PutOutcome]:
         """Inline what fits one message where the transport carries payload inline; reserve, write and commit the rest."""
         inline_bytes = self.transport.inline_block_bytes
@@ -244,21 +246,24 @@ class KVClient:
 
     def _store_reserved(self, keys, payloads, checksums, durable: bool, stats: TransferStats, idx: Sequence[int],
                         outcomes: list[Any]) -> list[PutOutcome]:
-        """Reserve slots for keys[idx], have the transport fill the granted ones, commit them; fills outcomes by batch index."""
+        """Reserve slots for keys[idx], have the transport fill the granted ones, commit them; fills outcomes by batch index.
+        checksums None: the transport hashes the payloads as it writes them (hashes_while_writing)."""
         every = len(idx) == len(keys)
         grant = self._timed(stats, self.control.reserve, self.fingerprint_id, keys if every else [keys[i] for i in idx],
                             [len(payloads[i]) for i in idx], durable)
         granted: list[SlotRef] = []
         for i, (outcome, lease_id, offset, size, expires) in zip(idx, grant.leases):
             if outcome == LeaseOutcome.GRANTED:
-                granted.append(SlotRef(i, offset, size, lease_id, checksums[i], expires))
+                granted.append(SlotRef(i, offset, size, lease_id, checksums[i] if checksums is not None else 0, expires))
             else:
                 outcomes[i] = PutOutcome.ALREADY_PRESENT if outcome == LeaseOutcome.ALREADY_PRESENT else PutOutcome.PENDING_ELSEWHERE
         if granted:
             try:
-                self.transport.write(keys, granted, payloads, stats)
+                hashed = self.transport.write(keys, granted, payloads, stats)
+                if checksums is None and (hashed is None or len(hashed) != len(granted)):
+                    raise TransferError(f"the {self.transport.name} transport returned no checksums for the blocks it wrote")
                 committed = self._timed(stats, self.control.commit, self.fingerprint_id, [s.handle for s in granted],
-                                        [s.checksum for s in granted], durable)
+                                        hashed if checksums is None else [s.checksum for s in granted], durable)
             except BaseException:
                 self._quietly(self.control.release, [s.handle for s in granted])
                 raise

@@ -51,6 +51,7 @@ import numpy as np
 
 from kvwire.errors import InvalidRequestError, UnauthenticatedError
 from kvwire import ucx_wire as wire
+from kvwire.blockcopy import copy_blocks, packed_offsets
 from kvwire.ucxenv import import_ucxx, start_context
 from kvstore.api import StoreAPI
 from kvstore.counters import Direction, Event, Transport
@@ -352,17 +353,16 @@ async def _post_slots(ep, view: np.ndarray, offsets: list[int], sizes: list[int]
 
 
 def _gather(view: np.ndarray, offsets: list[int], sizes: list[int]) -> np.ndarray:
-    """One message's bytes: a view of the pool when the slots are adjacent, else one staging copy."""
+    """One message's bytes: a view of the pool when the slots are adjacent, else one staging copy (one native call)."""
     if wire.contiguous(offsets, sizes):
         return view[offsets[0] : offsets[-1] + sizes[-1]]
-    return np.concatenate([view[o : o + n] for o, n in zip(offsets, sizes)])
+    staged = np.empty(sum(sizes), dtype=np.uint8)
+    copy_blocks(view, offsets, staged, packed_offsets(sizes), sizes)
+    return staged
 
 
 def _scatter(buf: np.ndarray, view: np.ndarray, offsets: list[int], sizes: list[int]) -> None:
-    pos = 0
-    for o, n in zip(offsets, sizes):
-        view[o : o + n] = buf[pos : pos + n]
-        pos += n
+    copy_blocks(buf, packed_offsets(sizes), view, offsets, sizes)
 
 
 async def _drain(ep, sizes: list[int], groups: list[range]) -> None:

@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from kvwire.blockcopy import runs_within
+
 HEADER_WORDS = 4
 
 OP_HELLO = 1  # [op, len(client_id), len(token), len(metadata)] + client_id + token + gRPC metadata (JSON pairs); reply word 1: keyed gets on
@@ -65,16 +67,7 @@ def message_groups(sizes: Sequence[int], group_bytes: int) -> list[range]:
     Blocks are packed greedily while the message stays within group_bytes; a block of
     group_bytes or more (every block, when group_bytes is 0) is a message of its own.
     """
-    groups: list[range] = []
-    lo, total = 0, 0
-    for i, size in enumerate(sizes):
-        if i > lo and total + size > group_bytes:
-            groups.append(range(lo, i))
-            lo, total = i, 0
-        total += size
-    if sizes:
-        groups.append(range(lo, len(sizes)))
-    return groups
+    return runs_within(sizes, group_bytes)
 
 
 def contiguous(offsets: Sequence[int], sizes: Sequence[int]) -> bool:

@@ -4,6 +4,8 @@
  *   frames.c        kvwire/local_wire.py: the local control socket's frame envelope
  *   pin_messages.c  kvwire/pin_codec.py: the Pin call's protobuf messages as plain columns, and the
  *                   client's rows of its answer
+ *   block_copy.c    kvwire/blockcopy.py: a gather/scatter copy of many blocks with each block's xxh3-64,
+ *                   GIL released, over threads for large calls
  *
  * One rule for every function here: it answers exactly what its reference answers, or it
  * returns NotImplemented and the Python wrapper runs the reference, which then gives the
@@ -85,6 +87,7 @@ PyObject *kvn_encode_pin_response(PyObject *self, PyObject *const *args, Py_ssiz
 PyObject *kvn_decode_pin_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvn_decode_pin_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvn_slot_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *kvn_copy_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 /* Interned attribute names, set once at import (module.c). */
 extern PyObject *kvn_str_digest;

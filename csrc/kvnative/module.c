@@ -18,6 +18,7 @@ static PyMethodDef methods[] = {
     FAST(decode_pin_response, "decode_pin_response(payload) -> (pin_id, expires_unix_ms, offsets, lengths, checksums) | NotImplemented"),
     FAST(decode_pin_columns, "decode_pin_columns(payload) -> (pin_id, expires_unix_ms, cells, n, payload_bytes) | NotImplemented"),
     FAST(slot_rows, "slot_rows(row_type, first_index, offsets, sizes, handle, checksums, expires_unix_ms) -> list | NotImplemented"),
+    FAST(copy_blocks, "copy_blocks(src, src_offsets, dst, dst_offsets, lengths, hash, threads) -> list | None | NotImplemented"),
     {NULL, NULL, 0, NULL},
 };
 

@@ -4,7 +4,7 @@ A transport is a data mover. KVClient runs the control half of every call once (
 write -> Commit; Pin -> read -> release; client.py) and asks the transport only to move bytes:
 `write` fills reserved slots, `read` copies pinned slots out and checks them. What a transport
 can do beyond that it declares here, and the client reads the declarations, never a type:
-moving GPU memory, a mapped pool for zero-copy reads, a get by key in one data-plane round trip
+moving GPU memory, a mapped pool for zero-copy reads, hashing a put's blocks in the same pass that copies them, a get by key in one data-plane round trip
 (UCX, inline gRPC), blocks small enough to travel inside a control message (inline gRPC), the
 server dropping a pin once it has sent the slots (UCX), a copy started before the Pin answers (shm).
 """
@@ -24,7 +24,8 @@ from kvwire.types import PutOutcome
 
 @dataclass
 class TransferStats:
-    """Per-call attribution of time, so a slow fetch can be explained (KVClient.last_transfer)."""
+    """Per-call attribution of time, so a slow fetch can be explained (KVClient.last_transfer). A transport that
+    hashes each block in the pass that copies it counts that pass in transfer_s and says so (extra["checked_in_copy"])."""
 
     control_s: float = 0.0
     queue_s: float = 0.0
@@ -93,13 +94,15 @@ class Transport(Protocol):
     keyed_get: bool = False  # read_keys() gets blocks by key in one data-plane round trip, no Pin
     releases_pins_on_read: bool = False  # the server drops a pin itself once read() has the slots' bytes
     inline_block_bytes: int = 0  # blocks up to this size travel inside one control message (put_inline)
+    hashes_while_writing: bool = False  # write() returns each block's checksum, taken as it copied the caller's bytes
 
     def pool_view(self) -> np.ndarray | None:
         """The server's host pool as this process maps it (same host), for zero-copy reads of pinned slots."""
         return None
 
-    def write(self, keys: Sequence[bytes], slots: Sequence[SlotRef], payloads: Sequence[Any], stats: TransferStats) -> None:
-        """Fill the reserved slots (handle: the lease id) with payloads[slot.index]."""
+    def write(self, keys: Sequence[bytes], slots: Sequence[SlotRef], payloads: Sequence[Any], stats: TransferStats) -> list[int] | None:
+        """Fill the reserved slots (handle: the lease id) with payloads[slot.index]; with hashes_while_writing, return
+        each payload's xxh3-64 in slot order (slot.checksum is then 0: the client has not hashed them)."""
         raise TransferError(f"the {self.name} transport cannot fill reserved slots")
 
     def read_ahead(self, keys: Sequence[bytes], outs: Sequence[Any] | None) -> ReadAhead | None:

@@ -50,19 +50,22 @@ def main(address: str, transport: str, op: str, n_blocks: int, block_bytes: int)
     elif op == "get-midway":
         seen = []
 
-        def check(key, data, expected):
-            seen.append(key)
-            if len(seen) == 1:
-                stall()
-
-        real_copy = shm.ShmTransport._copy_hashed
+        real_copy = shm.ShmTransport._copy_checked
 
         def copy_one_then_stall(self, slots, dests):
             real_copy(self, slots[:1], dests[:1])
             stall()
 
-        ucx.check_block = check
-        shm.ShmTransport._copy_hashed = copy_one_then_stall
+        real_verify = ucx._verify
+
+        def verify_one_then_stall(keys, g, *args):
+            if seen:
+                stall()
+            seen.append(g)
+            real_verify(keys, g, *args)
+
+        ucx._verify = verify_one_then_stall
+        shm.ShmTransport._copy_checked = copy_one_then_stall
         client.get(keys)
     print("DONE", flush=True)  # never reached when killed
 

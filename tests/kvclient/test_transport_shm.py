@@ -45,6 +45,7 @@ def test_a_stream_of_gets_costs_one_rpc_each_and_quiet_pins_are_dropped(shm_serv
 
 def test_early_copy_is_used_and_never_serves_a_deleted_or_rewritten_block(shm_server, fingerprint):
     with KVClient(shm_server.address, fingerprint, tenant="early", transport="shm") as client:
+        client.transport.early_copies = True  # on whatever the host's core count
         keys = client.block_keys(tokens(8, start=1000))
         blocks = random_blocks(8, BLOCK, seed=1)
         client.put(keys, blocks)

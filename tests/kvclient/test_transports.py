@@ -99,7 +99,7 @@ def test_transfer_telemetry_attributes_time(dp_server, fingerprint, transport):
         client.get(keys)
         s = client.last_transfer
         assert s.bytes == 8 << 20 and s.blocks == 8
-        assert s.transfer_s > 0 and s.validate_s > 0
+        assert s.transfer_s > 0 and (s.validate_s > 0 or s.extra.get("checked_in_copy"))  # shm hashes in its copy's pass
         assert s.control_rpcs >= 1
         if transport != "grpc":
             assert s.control_s > 0
