@@ -154,7 +154,7 @@ def cross_tenant_deviation(method: Method, code: grpc.StatusCode, out: list[byte
     resp = [method.response_class.FromString(m) for m in out]
     if method.name in ("Lookup", "Wait") and any(s.state != pb.BLOCK_MISSING for s in resp[0].statuses if s.key in world.held_keys()):
         return f"{method.name} shows alice's block or lease: {resp[0]}"
-    if method.name == "Get" and any(r.blocks for r in resp):
+    if method.name == "Get" and any(r.pieces for r in resp):
         return "Get returned another tenant's blocks"
     if method.name in ("ReleaseLeases", "Unpin") and resp[0].released:
         return f"{method.name} released another tenant's lease or pin"
