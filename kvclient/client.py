@@ -43,6 +43,7 @@ __all__ = ["KVClient", "HbmPool", "PinnedBlocks", "SlotRef", "TransferStats", "D
 log = logging.getLogger(__name__)
 
 WAIT_POLL_S = (0.02, 0.5)  # first and longest pause between lookups when the server will not block a Wait
+CONTAINS_BATCH_KEYS = 16384  # keys per contains call: within the server's default max_keys_per_request (65536)
 CLEANUP_TIMEOUT_S = 5.0  # best-effort releases and unpins: the server reclaims them at TTL anyway
 
 
@@ -145,9 +146,11 @@ class KVClient:
         return self.control.prefix_length(self.fingerprint_id, _digests(keys))
 
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
-        if not keys:
-            return []
-        return [s.state == BlockState.PRESENT for s in self.status(keys)[0]]
+        """Whether each key is present, in one call a CONTAINS_BATCH_KEYS keys (the server's request limit is larger)."""
+        digests = _digests(keys)
+        present = b"".join(self.control.contains(self.fingerprint_id, digests[lo : lo + CONTAINS_BATCH_KEYS])
+                           for lo in range(0, len(digests), CONTAINS_BATCH_KEYS))
+        return list(map(bool, present))
 
     # ---- leases -------------------------------------------------------------------
 

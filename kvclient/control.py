@@ -20,7 +20,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import grpc
 
-from kvclient.errors import from_rpc_error
+from kvclient.errors import TransferError, from_rpc_error
 from kvwire.defaults import AUTH_METADATA, CLIENT_ID_METADATA, MAX_MESSAGE_BYTES, TENANT_METADATA
 from kvwire.keys import BlockKey
 from kvwire.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutcome, Tier
@@ -123,6 +123,7 @@ class ControlChannel(Protocol):
 
     def lookup(self, fingerprint_id: bytes, keys: Sequence[bytes], timeout_s: float | None = None) -> tuple[list[KeyStatus], int]: ...
     def prefix_length(self, fingerprint_id: bytes, keys: Sequence[bytes], timeout_s: float | None = None) -> int: ...
+    def contains(self, fingerprint_id: bytes, keys: Sequence[bytes], timeout_s: float | None = None) -> bytes: ...
     def acquire(self, fingerprint_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0, timeout_s: float | None = None) -> list[LeaseInfo]: ...
     def renew(self, lease_ids: Sequence[int], ttl_ms: int = 0, timeout_s: float | None = None) -> list[int]: ...
     def release(self, lease_ids: Sequence[int], timeout_s: float | None = None) -> int: ...
@@ -157,6 +158,13 @@ class ProtoControl:
 
     def prefix_length(self, fingerprint_id, keys, timeout_s=None):
         return self.call("Lookup", pb.LookupRequest(fingerprint_id=fingerprint_id, keys=list(keys), prefix_only=True), timeout_s).prefix_length
+
+    def contains(self, fingerprint_id, keys, timeout_s=None):
+        """One byte a key, 1 where it is present: a Lookup answered with a byte string, not a status a key."""
+        present = self.call("Lookup", pb.LookupRequest(fingerprint_id=fingerprint_id, keys=list(keys), present_only=True), timeout_s).present
+        if len(present) != len(keys):
+            raise TransferError(f"server answered {len(present)} presence flags for {len(keys)} keys")
+        return present
 
     def acquire(self, fingerprint_id, keys, ttl_ms=0, timeout_s=None):
         resp = self.call("AcquireLeases", pb.AcquireLeasesRequest(fingerprint_id=fingerprint_id, keys=list(keys), ttl_ms=ttl_ms), timeout_s)

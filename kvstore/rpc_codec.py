@@ -26,7 +26,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["KVStore"]
 # A streamed Get answers in messages of about this much payload. Measured on loopback (bench/throughput.py,
 # 1 MiB blocks, 32 MiB calls): 1-4 MiB messages keep gRPC's send and the client's copy overlapping; one
 # 32 MiB message left each side idle while the other worked.
-GET_MESSAGE_BYTES = 2 << 20
+GET_MESSAGE_BYTES = 1 << 20
 
 Handler = Callable[[StoreAPI, Caller, Message, IsActive], Message]
 BytesHandler = Callable[[StoreAPI, Caller, Any, IsActive], bytes]

@@ -34,7 +34,7 @@ INLINE_MAX_BLOCK_BYTES = 1 << 20
 # Reserve -> Write stream -> Commit. On loopback a stream of 1-2 MiB messages moved 32 MiB in ~30 ms, 2 MiB Puts one
 # after another took ~75 ms, and one 32 MiB Put ~250 ms.
 MESSAGE_BUDGET_BYTES = 4 << 20
-WRITE_CHUNK_BYTES = 2 << 20  # a Write message's payload: like the server's Get messages (kvstore/rpc_codec.py)
+WRITE_CHUNK_BYTES = 1 << 20  # a Write message's payload: like the server's Get messages (kvstore/rpc_codec.py)
 
 
 def _batches(sizes: Sequence[int], budget: int) -> Iterator[range]:
