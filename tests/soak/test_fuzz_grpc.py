@@ -207,8 +207,8 @@ def alice_state_deviations(channel: grpc.Channel, world: World) -> list[str]:
         kv.RenewLeases(pb.RenewLeasesRequest(lease_ids=[world.lease_id], ttl_ms=300_000), metadata=md, timeout=CALL_DEADLINE_S)
     except grpc.RpcError as err:
         out.append(f"alice's lease lost to other callers: {err.code().name} {err.details()}")
-    blocks = [b for r in kv.Get(pb.GetRequest(fingerprint_id=world.fp_id, keys=world.keys), metadata=md, timeout=CALL_DEADLINE_S) for b in r.blocks]
-    if [b.data for b in blocks] != [block_bytes(k, 4096) for k in world.keys]:
+    pieces = [p for r in kv.Get(pb.GetRequest(fingerprint_id=world.fp_id, keys=world.keys), metadata=md, timeout=CALL_DEADLINE_S) for p in r.pieces]
+    if [b"".join(p.data for p in pieces if p.key == k) for k in world.keys] != [block_bytes(k, 4096) for k in world.keys]:
         out.append("alice's blocks differ after other callers")
     return out
 
