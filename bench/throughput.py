@@ -260,6 +260,9 @@ def print_ratios(rows: list[Row], adjacent: dict[str, Row]) -> None:
         ("ucx get / grpc get", find(rows, "ucx", "get", MIB), find(rows, "grpc", "get", MIB), 3.0),
         ("shm put / grpc put", find(rows, "shm", "put", MIB), find(rows, "grpc", "put", MIB), 3.0),
         ("ucx put / grpc put", find(rows, "ucx", "put", MIB), find(rows, "grpc", "put", MIB), 3.0),
+        # the fallback at least as fast as Redis over TCP: Redis's own ratios on a 2-core host (pipelined 1 MiB values)
+        ("grpc get / raw loopback TCP", find(rows, "grpc", "get", MIB), adjacent.get("grpc-tcp"), 0.36),
+        ("grpc put / raw loopback TCP", find(rows, "grpc", "put", MIB), adjacent.get("grpc-tcp"), 0.67),
     ]
     for name, num, den, target in checks:
         if num is None or den is None:
