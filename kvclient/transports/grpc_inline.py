@@ -82,7 +82,9 @@ def land(messages: Iterator[bytes], keys: Sequence[bytes], outs: Sequence[Any] |
                 v0 = time.perf_counter()
                 check_block(keys[i], view, checksum)
                 stats.validate_s += time.perf_counter() - v0
-    if i != len(keys) - 1 or landed != size:
+    if landed != size:
+        raise TransferError(f"server's stream ended {size - landed} bytes short of block {keys[i].hex()}")
+    if i != len(keys) - 1:
         raise TransferError(f"server returned {i + 1} blocks for {len(keys)} keys")
     return nbytes
 

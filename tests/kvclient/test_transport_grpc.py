@@ -9,7 +9,7 @@ import pytest
 import xxhash
 
 from kvclient import KVClient
-from kvclient.errors import BlockNotFoundError, ChecksumMismatchError, InvalidRequestError
+from kvclient.errors import BlockNotFoundError, ChecksumMismatchError, InvalidRequestError, TransferError
 from kvclient.transports.grpc_inline import MESSAGE_BUDGET_BYTES
 from kvstore.rpc_codec import GET_MESSAGE_BYTES
 from kvwire import payload_codec
@@ -207,3 +207,54 @@ def test_a_get_abandoned_midway_drops_its_pins(grpc_server, client):
     # pinned blocks cannot be deleted until the reader lets go: once the server noticed, all of them can
     eventually(lambda: client.stats()["pins_held"] == 0, timeout_s=10)
     assert client.delete(keys) == 8
+
+
+# ---- the client's landing of a Get stream, fed streams a broken or hostile server could send ------------------
+
+
+def stream_of(blocks: list[tuple[bytes, bytes]], message_bytes: int = 4096) -> list[bytes]:
+    return list(payload_codec.encode_get_responses([(k, d, xxhash.xxh3_64_intdigest(d)) for k, d in blocks], message_bytes))
+
+
+def landed(messages: list[bytes], keys: list[bytes], outs=None) -> list:
+    from kvclient.transports.base import TransferStats
+    from kvclient.transports.grpc_inline import land
+
+    results: list = [None] * len(keys)
+    land(iter(messages), keys, outs, results, TransferStats())
+    return results
+
+
+def test_landing_a_whole_stream_fills_every_block_and_checks_it():
+    blocks = [(b"a" * 16, b"x" * 10_000), (b"b" * 16, b""), (b"c" * 16, b"y" * 3)]
+    outs = [bytearray(10_000), bytearray(0), bytearray(3)]
+    got = landed(stream_of(blocks), [k for k, _ in blocks], outs)
+    assert [bytes(g) for g in got] == [d for _, d in blocks] == [bytes(o) for o in outs]
+
+
+@pytest.mark.parametrize("broken, error", [
+    (lambda m: m[:-1], "ended 904 bytes short of block 6262"),  # the stream ends before the last block's last piece
+    (lambda m: m[:-2], "returned 1 blocks for 2 keys"),  # ... before the last block
+    (lambda m: m[:1] + m[2:], "out of order"),  # a piece of the first block lost
+    (lambda m: m + m[-1:], "out of order|more than"),  # a piece sent twice
+])
+def test_a_truncated_or_scrambled_stream_is_a_transfer_error(broken, error):
+    blocks = [(b"a" * 16, bytes(range(256)) * 32), (b"b" * 16, b"z" * 5000)]  # messages: a, a, b, b
+    messages = stream_of(blocks)
+    assert len(messages) >= 3
+    with pytest.raises(TransferError, match=error):
+        landed(broken(messages), [k for k, _ in blocks])
+
+
+def test_a_stream_of_other_keys_or_extra_blocks_is_refused():
+    with pytest.raises(TransferError, match="where 6262"):
+        landed(stream_of([(b"a" * 16, b"x")]), [b"b" * 16])
+    with pytest.raises(TransferError, match="more than the 1 blocks"):
+        landed(stream_of([(b"a" * 16, b"x"), (b"b" * 16, b"y")]), [b"a" * 16])
+
+
+def test_a_corrupted_piece_fails_the_blocks_checksum():
+    messages = stream_of([(b"a" * 16, b"x" * 1000)])
+    corrupted = messages[0][:-1] + b"!"
+    with pytest.raises(ChecksumMismatchError, match=(b"a" * 16).hex()):
+        landed([corrupted], [b"a" * 16])
