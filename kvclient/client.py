@@ -235,9 +235,10 @@ class KVClient:
             return self._store_reserved(keys, payloads, checksums, durable, stats, range(len(keys)), [None] * len(keys))
         outcomes: list[Any] = [None] * len(keys)
         small = [i for i, p in enumerate(payloads) if len(p) <= inline_bytes]
-        if sum(len(payloads[i]) for i in small) > self.transport.inline_call_bytes:
-            small = []  # more than one message: a stream of writes moves it faster than messages of whole blocks
-        large = [i for i, p in enumerate(payloads) if len(p) > inline_bytes] if small else list(range(len(keys)))
+        if sum(len(payloads[i]) for i in small) > self.transport.inline_call_bytes:  # more than one message
+            small = [i for i in small if len(payloads[i]) < self.transport.stream_block_bytes]
+        inline = set(small)
+        large = [i for i in range(len(keys)) if i not in inline]
         if small:
             stored = self.transport.put_inline(self.fingerprint_id, [keys[i] for i in small], [payloads[i] for i in small],
                                                [checksums[i] for i in small], durable, stats)

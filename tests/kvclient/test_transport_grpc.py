@@ -10,7 +10,7 @@ import xxhash
 
 from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError, ChecksumMismatchError, InvalidRequestError, TransferError
-from kvclient.transports.grpc_inline import MESSAGE_BUDGET_BYTES
+from kvclient.transports.grpc_inline import MESSAGE_BUDGET_BYTES, STREAM_BLOCK_BYTES
 from kvstore.rpc_codec import GET_MESSAGE_BYTES
 from kvwire import payload_codec
 from kvwire.defaults import CLIENT_ID_METADATA, TENANT_METADATA
@@ -51,19 +51,28 @@ def assert_same(got, want) -> None:
         assert len(a) == len(b) and bytes(a) == bytes(b), f"block {i} ({len(b)} bytes) differs"
 
 
-def test_every_size_round_trips_byte_exact_on_the_streamed_put_path(client):
+def test_every_size_round_trips_byte_exact_on_both_put_paths_at_once(client):
     assert 3 * MIB + 5 > GET_MESSAGE_BYTES  # the largest block spans several Get messages
     blocks = blocks_of(ODD_SIZES + [MIB] * 3)
-    assert sum(len(b) for b in blocks if len(b) <= MIB) > MESSAGE_BUDGET_BYTES  # too much for one Put: every block is streamed
+    assert sum(len(b) for b in blocks if len(b) <= MIB) > MESSAGE_BUDGET_BYTES  # too much for one Put
     keys = client.block_keys(tokens(len(blocks)))
     assert client.put(keys, blocks) == [PutOutcome.STORED] * len(blocks)
-    assert client.last_transfer.control_rpcs == 3  # Reserve, Write, Commit
+    assert client.last_transfer.control_rpcs == 4  # the blocks under STREAM_BLOCK_BYTES in one Put; Reserve, Write, Commit
     assert_same(client.get(keys), blocks)
     outs = [np.zeros(len(b), np.uint8) for b in blocks]
     got = client.get(keys, out=outs)
     assert_same(outs, blocks)
     assert all(g.base is not None and np.shares_memory(g, o) for g, o in zip(got, outs))  # landed in the caller's buffers
     assert_same(client.get(keys[::-1]), blocks[::-1])  # in request order, whatever the order stored
+
+
+def test_many_small_blocks_go_in_puts_of_a_message_budget_each(client):
+    blocks = blocks_of([64 << 10] * 100 + [4097] * 3, seed=4)  # 6.3 MiB: two Puts
+    assert all(len(b) < STREAM_BLOCK_BYTES for b in blocks)
+    keys = client.block_keys(tokens(len(blocks), start=5_000))
+    assert client.put(keys, blocks) == [PutOutcome.STORED] * len(blocks)
+    assert client.last_transfer.control_rpcs == 2
+    assert_same(client.get(keys), blocks)
 
 
 def test_small_blocks_round_trip_byte_exact_in_one_put(client):
@@ -77,7 +86,7 @@ def test_small_blocks_round_trip_byte_exact_in_one_put(client):
     assert client.put(keys, blocks) == [PutOutcome.ALREADY_PRESENT] * len(blocks)
 
 
-@pytest.mark.parametrize("extra_bytes", [0, 5 * MIB], ids=["one-put", "streamed"])
+@pytest.mark.parametrize("extra_bytes", [0, 5 * MIB], ids=["one-put", "beside-a-streamed-block"])
 def test_an_empty_block_is_refused_and_nothing_of_the_call_is_stored(client, extra_bytes):
     stored = client.block_keys(tokens(1, start=20_000 + extra_bytes))
     client.put(stored, blocks_of([999]))
