@@ -611,15 +611,16 @@ class Store:
         self._check_fp(fingerprint_id)
         self._check_keys(keys)
         if self.remote is not None:
-            return self._stream(self._resolve_clustered(caller, fingerprint_id, keys, prefix=False))
-        return self._stream(self._resolve_for_read(caller, fingerprint_id, keys))
+            return self._stream(self._resolve_clustered(caller, fingerprint_id, keys, prefix=False), views=True)
+        return self._stream(self._resolve_for_read(caller, fingerprint_id, keys), views=True)
 
-    def _stream(self, metas: list[BlockMeta]) -> Generator[tuple[bytes, bytes | memoryview, int], None, None]:
+    def _stream(self, metas: list[BlockMeta], views: bool = False) -> Generator[tuple[bytes, bytes | memoryview, int], None, None]:
+        """The blocks' payloads, pinned until the generator ends; with views, a host copy's is a view of its slot."""
         try:
             for meta in metas:
                 slot = meta.copies.get(HOST)
                 if slot is not None:
-                    data: bytes | memoryview = self.host.read(meta, slot)  # pinned: the view holds until we unpin
+                    data: bytes | memoryview = self.host.read(meta, slot) if views else bytes(self.host.read(meta, slot))
                     self.counters[Event.HITS_HOST] += 1
                 else:
                     data = self.placement.read_below(meta)
