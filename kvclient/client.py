@@ -146,7 +146,7 @@ class KVClient:
         return self.control.prefix_length(self.fingerprint_id, _digests(keys))
 
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
-        """Whether each key is present, in one call a CONTAINS_BATCH_KEYS keys (the server's request limit is larger)."""
+        """Whether each key is present: one call per CONTAINS_BATCH_KEYS keys, answered with a byte a key."""
         digests = _digests(keys)
         present = b"".join(self.control.contains(self.fingerprint_id, digests[lo : lo + CONTAINS_BATCH_KEYS])
                            for lo in range(0, len(digests), CONTAINS_BATCH_KEYS))

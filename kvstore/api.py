@@ -17,7 +17,7 @@ import threading
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Generator, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from kvwire.errors import CapacityExhaustedError, InvalidRequestError, KVStoreError
 from kvwire.hostid import host_id
@@ -25,7 +25,7 @@ from kvwire.types import KeyStatus, LeaseInfo, PutOutcome, Slot
 from kvstore.auth import Authenticator
 from kvstore.counters import Direction, Event, Transport, request_error, transport_bytes
 from kvstore.logs import Throttle
-from kvstore.store import Caller, PinInfo, PinnedSlots, Store, StoreStats
+from kvstore.store import BlockStream, Caller, PinInfo, PinnedSlots, Store, StoreStats
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +187,13 @@ class StoreAPI:
 
     # ---- reads ------------------------------------------------------------------------
 
-    def get(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> Generator[tuple[bytes, bytes | memoryview, int], None, None]:
+    def get(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> BlockStream:
         """(key, payload, checksum) in request order; BlockNotFoundError before the first if any is missing.
         A payload may be a view of its pinned slot, valid until the generator ends or is closed (Store.get)."""
         self._before_read(caller)
         return self._counted(self.store.get(caller, fingerprint_id, keys))
 
-    def _counted(self, blocks: Generator[tuple[bytes, bytes | memoryview, int], None, None]) -> Generator[tuple[bytes, bytes | memoryview, int], None, None]:
+    def _counted(self, blocks: BlockStream) -> BlockStream:
         counters, sent = self.store.counters, transport_bytes(INLINE, Direction.OUT)
         try:
             for block in blocks:

@@ -44,9 +44,12 @@ from kvstore.tiers.device import DeviceMemory
 from kvstore.tiers.host import HostPool
 from kvstore.tiers.ssd import SsdTier
 
-__all__ = ["Caller", "PinInfo", "PinnedSlots", "RemoteSource", "Store", "StoreStats", "TierStats", "checksum"]
+__all__ = ["BlockStream", "Caller", "PinInfo", "PinnedSlots", "RemoteSource", "Store", "StoreStats", "TierStats", "checksum"]
 
 log = logging.getLogger(__name__)
+
+# (key, payload, checksum) a block, in request order; a payload may be a view of its pinned slot (Store.get)
+BlockStream = Generator[tuple[bytes, bytes | memoryview, int], None, None]
 
 HBM, HOST, SSD = Tier.HBM, Tier.HOST, Tier.SSD
 WAIT_POLL_S = 0.25  # how often a blocked Wait checks that its caller is still there
@@ -603,7 +606,7 @@ class Store:
             with self._locked as table:
                 table.unpin_blocks(metas)
 
-    def get(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> Generator[tuple[bytes, bytes | memoryview, int], None, None]:
+    def get(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> BlockStream:
         """Yields (key, payload, checksum) in order; raises BlockNotFoundError before yielding if any is missing.
 
         A host copy's payload is a view of its slot, not a copy: the blocks stay pinned until the generator
@@ -614,7 +617,7 @@ class Store:
             return self._stream(self._resolve_clustered(caller, fingerprint_id, keys, prefix=False), views=True)
         return self._stream(self._resolve_for_read(caller, fingerprint_id, keys), views=True)
 
-    def _stream(self, metas: list[BlockMeta], views: bool = False) -> Generator[tuple[bytes, bytes | memoryview, int], None, None]:
+    def _stream(self, metas: list[BlockMeta], views: bool = False) -> BlockStream:
         """The blocks' payloads, pinned until the generator ends; with views, a host copy's is a view of its slot."""
         try:
             for meta in metas:
