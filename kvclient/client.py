@@ -43,6 +43,7 @@ __all__ = ["KVClient", "HbmPool", "PinnedBlocks", "SlotRef", "TransferStats", "D
 log = logging.getLogger(__name__)
 
 WAIT_POLL_S = (0.02, 0.5)  # first and longest pause between lookups when the server will not block a Wait
+CONTAINS_BATCH_KEYS = 16384  # keys per contains call: within the server's default max_keys_per_request (65536)
 CLEANUP_TIMEOUT_S = 5.0  # best-effort releases and unpins: the server reclaims them at TTL anyway
 
 
@@ -145,9 +146,11 @@ class KVClient:
         return self.control.prefix_length(self.fingerprint_id, _digests(keys))
 
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
-        if not keys:
-            return []
-        return [s.state == BlockState.PRESENT for s in self.status(keys)[0]]
+        """Whether each key is present: one call per CONTAINS_BATCH_KEYS keys, answered with a byte a key."""
+        digests = _digests(keys)
+        present = b"".join(self.control.contains(self.fingerprint_id, digests[lo : lo + CONTAINS_BATCH_KEYS])
+                           for lo in range(0, len(digests), CONTAINS_BATCH_KEYS))
+        return list(map(bool, present))
 
     # ---- leases -------------------------------------------------------------------
 
@@ -234,7 +237,10 @@ class KVClient:
             return self._store_reserved(keys, payloads, checksums, durable, stats, range(len(keys)), [None] * len(keys))
         outcomes: list[Any] = [None] * len(keys)
         small = [i for i, p in enumerate(payloads) if len(p) <= inline_bytes]
-        large = [i for i, p in enumerate(payloads) if len(p) > inline_bytes]
+        if sum(len(payloads[i]) for i in small) > self.transport.inline_call_bytes:  # more than one message
+            small = [i for i in small if len(payloads[i]) < self.transport.stream_block_bytes]
+        inline = set(small)
+        large = [i for i in range(len(keys)) if i not in inline]
         if small:
             stored = self.transport.put_inline(self.fingerprint_id, [keys[i] for i in small], [payloads[i] for i in small],
                                                [checksums[i] for i in small], durable, stats)

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import grpc
 
-from kvclient.errors import from_rpc_error
+from kvclient.errors import TransferError, from_rpc_error
 from kvwire.defaults import AUTH_METADATA, CLIENT_ID_METADATA, MAX_MESSAGE_BYTES, TENANT_METADATA
 from kvwire.keys import BlockKey
 from kvwire.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutcome, Tier
@@ -29,6 +29,7 @@ from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 
 Metadata = tuple[tuple[str, str], ...]
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+_SERVICE = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class ControlChannel(Protocol):
 
     def lookup(self, fingerprint_id: bytes, keys: Sequence[bytes], timeout_s: float | None = None) -> tuple[list[KeyStatus], int]: ...
     def prefix_length(self, fingerprint_id: bytes, keys: Sequence[bytes], timeout_s: float | None = None) -> int: ...
+    def contains(self, fingerprint_id: bytes, keys: Sequence[bytes], timeout_s: float | None = None) -> bytes: ...
     def acquire(self, fingerprint_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0, timeout_s: float | None = None) -> list[LeaseInfo]: ...
     def renew(self, lease_ids: Sequence[int], ttl_ms: int = 0, timeout_s: float | None = None) -> list[int]: ...
     def release(self, lease_ids: Sequence[int], timeout_s: float | None = None) -> int: ...
@@ -160,6 +162,13 @@ class ProtoControl:
 
     def prefix_length(self, fingerprint_id, keys, timeout_s=None):
         return self.call("Lookup", pb.LookupRequest(fingerprint_id=fingerprint_id, keys=list(keys), prefix_only=True), timeout_s).prefix_length
+
+    def contains(self, fingerprint_id, keys, timeout_s=None):
+        """One byte a key, 1 where it is present: a Lookup answered with a byte string, not a status a key."""
+        present = self.call("Lookup", pb.LookupRequest(fingerprint_id=fingerprint_id, keys=list(keys), present_only=True), timeout_s).present
+        if len(present) != len(keys):
+            raise TransferError(f"server answered {len(present)} presence flags for {len(keys)} keys")
+        return present
 
     def acquire(self, fingerprint_id, keys, ttl_ms=0, timeout_s=None):
         resp = self.call("AcquireLeases", pb.AcquireLeasesRequest(fingerprint_id=fingerprint_id, keys=list(keys), ttl_ms=ttl_ms), timeout_s)
@@ -231,6 +240,7 @@ class GrpcControl(ProtoControl):
         else:
             self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._raw_calls: dict[tuple[str, str], Any] = {}
         self.address, self.metadata, self.timeout_s = address, metadata, timeout_s
 
     def call(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
@@ -239,16 +249,35 @@ class GrpcControl(ProtoControl):
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
-    def stream_in(self, method: str, requests: Iterator[Any], timeout_s: float | None = None) -> Any:
-        """A client-streaming call (Write)."""
-        return self.call(method, requests, timeout_s)
-
-    def stream_out(self, method: str, request: Any, timeout_s: float | None = None) -> Iterator[Any]:
-        """A server-streaming call's answers (Get), errors mapped as they arrive."""
+    def call_bytes(self, method: str, request: bytes | Iterator[bytes], response_class: Any, timeout_s: float | None = None) -> Any:
+        """A unary or client-streaming call (Put, Write) whose request is already wire bytes (kvwire/payload_codec.py)."""
+        streaming = not isinstance(request, bytes)
+        call = self._raw(method, f"{'stream' if streaming else 'unary'}_unary", response_class.FromString)
         try:
-            yield from self.call(method, request, timeout_s)
+            return call(request, metadata=self.metadata, timeout=self.timeout_s if timeout_s is None else timeout_s)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+
+    def stream_bytes(self, method: str, request: Any, timeout_s: float | None = None) -> Iterator[bytes]:
+        """A server-streaming call's answers (Get) as their wire bytes, errors mapped as they arrive; closing the
+        iterator early cancels the call."""
+        call = self._raw(method, "unary_stream", None, type(request).SerializeToString)
+        responses = call(request, metadata=self.metadata, timeout=self.timeout_s if timeout_s is None else timeout_s)
+        try:
+            yield from responses
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            responses.cancel()  # a no-op once the call has ended
+
+    def _raw(self, method: str, kind: str, deserialize: Any, serialize: Any = None) -> Any:
+        """A multi-callable for method that leaves the payload side's bytes alone (serializer None), made once."""
+        key = (method, kind)
+        call = self._raw_calls.get(key)
+        if call is None:
+            call = getattr(self._channel, kind)(f"/{_SERVICE}/{method}", request_serializer=serialize, response_deserializer=deserialize)
+            self._raw_calls[key] = call
+        return call
 
     def close(self) -> None:
         self._channel.close()

@@ -25,7 +25,7 @@ from kvwire.types import KeyStatus, LeaseInfo, PutOutcome, Slot
 from kvstore.auth import Authenticator
 from kvstore.counters import Direction, Event, Transport, request_error, transport_bytes
 from kvstore.logs import Throttle
-from kvstore.store import Caller, PinInfo, PinnedSlots, Store, StoreStats
+from kvstore.store import BlockStream, Caller, PinInfo, PinnedSlots, Store, StoreStats
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,11 @@ class StoreAPI:
         self._before_read(caller)
         return self.store.prefix_length(caller, fingerprint_id, keys)
 
+    def contains(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> bytes:
+        """One byte a key: 1 where it is present (Store.contains)."""
+        self._before_read(caller)
+        return self.store.contains(caller, fingerprint_id, keys)
+
     def acquire(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0) -> list[LeaseInfo]:
         return self.store.acquire(caller, fingerprint_id, keys, ttl_ms)
 
@@ -192,16 +197,20 @@ class StoreAPI:
 
     # ---- reads ------------------------------------------------------------------------
 
-    def get(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> Iterator[tuple[bytes, bytes, int]]:
-        """(key, payload, checksum) in request order; BlockNotFoundError before the first if any is missing."""
+    def get(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> BlockStream:
+        """(key, payload, checksum) in request order; BlockNotFoundError before the first if any is missing.
+        A payload may be a view of its pinned slot, valid until the generator ends or is closed (Store.get)."""
         self._before_read(caller)
         return self._counted(self.store.get(caller, fingerprint_id, keys))
 
-    def _counted(self, blocks: Iterator[tuple[bytes, bytes, int]]) -> Iterator[tuple[bytes, bytes, int]]:
+    def _counted(self, blocks: BlockStream) -> BlockStream:
         counters, sent = self.store.counters, transport_bytes(INLINE, Direction.OUT)
-        for block in blocks:
-            counters[sent] += len(block[1])  # per block: a cancelled stream counts what it sent
-            yield block
+        try:
+            for block in blocks:
+                counters[sent] += len(block[1])  # per block: a cancelled stream counts what it sent
+                yield block
+        finally:
+            blocks.close()  # the store's pins go when the caller closes this, not when it is garbage
 
     def pin(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0, prefix: bool = False,
             release_pin_ids: Sequence[int] = ()) -> PinInfo:

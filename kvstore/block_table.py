@@ -212,6 +212,12 @@ class BlockTable:
         self.counters[Event.LOOKUP_BLOCKS_MISS] += len(keys) - len(metas)
         return metas
 
+    def present(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes]) -> bytes:
+        """One byte a key, 1 where the tenant's block of it is stored under fingerprint_id: leading_present's
+        walk over every key (not counted here: the caller counts hits once it has asked peers too)."""
+        tag, find = tenant_tag(tenant), self.index.get
+        return bytes([(meta := find(tag + key)) is not None and meta.fingerprint_id == fingerprint_id for key in keys])
+
     def status(self, tenant: str, fingerprint_id: bytes, key: bytes) -> KeyStatus:
         meta = self.find(tenant, fingerprint_id, key)
         if meta is not None:

@@ -30,12 +30,11 @@ from kvstore.background import BackgroundWorker
 from kvstore.local_control import LocalControlServer
 from kvstore.metrics import Metrics
 from kvstore.operations import Operations
-from kvstore.service import GRPC_OPTIONS, KVStoreServicer
+from kvstore.service import GRPC_OPTIONS, KVStoreServicer, add_to_server
 from kvstore.store import Store
 from kvwire.v1 import admin_pb2 as apb
 from kvwire.v1 import admin_pb2_grpc as apb_grpc
 from kvwire.v1 import kvstore_pb2 as pb
-from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class KVStoreServer:
         )
         self.api = StoreAPI(self.store)
         self.servicer = KVStoreServicer(self.api, self.auth)
-        pb_grpc.add_KVStoreServicer_to_server(self.servicer, self.grpc)
+        add_to_server(self.servicer, self.grpc)
         self.ops = Operations(self.store)
         self.admin = AdminServicer(self.api, self.ops, self.auth, AuditLog(cfg.data_path / "audit.log"), self.drain)
         apb_grpc.add_AdminServicer_to_server(self.admin, self.grpc)

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
+from typing import Callable, Generator, Iterator, NamedTuple, Protocol, Sequence
 
 from kvwire.errors import (
     BlockNotFoundError,
@@ -45,9 +45,12 @@ from kvstore.tiers.device import DeviceMemory
 from kvstore.tiers.host import HostPool
 from kvstore.tiers.ssd import SsdTier
 
-__all__ = ["Caller", "PinInfo", "PinnedSlots", "RemoteSource", "Store", "StoreStats", "TierStats", "checksum"]
+__all__ = ["BlockStream", "Caller", "PinInfo", "PinnedSlots", "RemoteSource", "Store", "StoreStats", "TierStats", "checksum"]
 
 log = logging.getLogger(__name__)
+
+# (key, payload, checksum) a block, in request order; a payload may be a view of its pinned slot (Store.get)
+BlockStream = Generator[tuple[bytes, bytes | memoryview, int], None, None]
 
 HBM, HOST, SSD = Tier.HBM, Tier.HOST, Tier.SSD
 WAIT_POLL_S = 0.25  # how often a blocked Wait checks that its caller is still there
@@ -328,6 +331,26 @@ class Store:
             sizes = self.remote.locate(caller.tenant, fingerprint_id, keys[present:])
             present += next((i for i, size in enumerate(sizes) if not size), len(sizes))
         return present
+
+    def contains(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> bytes:
+        """One byte a key, 1 where it is present (here, or in cluster mode at a live peer): lookup's walk
+        without a status record a key, which cost ten times the walk (bench/throughput.py's contains row)."""
+        self._check_fp(fingerprint_id)
+        self._check_keys(keys)
+        present = bytearray()
+        for chunk in _chunks(keys):
+            with self._locked as table:
+                present += table.present(caller.tenant, fingerprint_id, chunk)
+        if self.remote is not None and 0 in present:
+            missing = [i for i, p in enumerate(present) if not p]
+            sizes = self.remote.locate(caller.tenant, fingerprint_id, [keys[i] for i in missing])
+            for i, size in zip(missing, sizes):
+                if size:
+                    present[i] = 1
+        hits = present.count(1)
+        self.counters[Event.LOOKUP_BLOCKS_HIT] += hits
+        self.counters[Event.LOOKUP_BLOCKS_MISS] += len(present) - hits
+        return bytes(present)
 
     @staticmethod
     def _lease_info(table: BlockTable, key: bytes, outcome: LeaseOutcome, lease: WriteLease | None) -> LeaseInfo:
@@ -670,20 +693,24 @@ class Store:
             with self._locked as table:
                 table.unpin_blocks(metas)
 
-    def get(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> Iterator[tuple[bytes, bytes, int]]:
-        """Yields (key, payload, checksum) in order; raises BlockNotFoundError before yielding if any is missing."""
+    def get(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> BlockStream:
+        """Yields (key, payload, checksum) in order; raises BlockNotFoundError before yielding if any is missing.
+
+        A host copy's payload is a view of its slot, not a copy: the blocks stay pinned until the generator
+        is exhausted or closed, so a caller that copies a payload later must not ask for more before it does."""
         self._check_fp(fingerprint_id)
         self._check_keys(keys)
         if self.remote is not None:
-            return self._stream(self._resolve_clustered(caller, fingerprint_id, keys, prefix=False))
-        return self._stream(self._resolve_for_read(caller, fingerprint_id, keys))
+            return self._stream(self._resolve_clustered(caller, fingerprint_id, keys, prefix=False), views=True)
+        return self._stream(self._resolve_for_read(caller, fingerprint_id, keys), views=True)
 
-    def _stream(self, metas: list[BlockMeta]) -> Iterator[tuple[bytes, bytes, int]]:
+    def _stream(self, metas: list[BlockMeta], views: bool = False) -> BlockStream:
+        """The blocks' payloads, pinned until the generator ends; with views, a host copy's is a view of its slot."""
         try:
             for meta in metas:
                 slot = meta.copies.get(HOST)
                 if slot is not None:
-                    data = bytes(self.host.read(meta, slot))
+                    data: bytes | memoryview = self.host.read(meta, slot) if views else bytes(self.host.read(meta, slot))
                     self.counters[Event.HITS_HOST] += 1
                 else:
                     data = self.placement.read_below(meta)

@@ -23,7 +23,7 @@
 #include <string.h>
 
 /* Bumped whenever a function's arguments or answers change: a stale build is then not used. */
-#define KVNATIVE_ABI 2
+#define KVNATIVE_ABI 3
 
 #define KVN_RETURN_NOT_IMPLEMENTED Py_RETURN_NOTIMPLEMENTED
 

@@ -95,6 +95,8 @@ class Transport(Protocol):
     releases_pins_on_read: bool = False  # the server drops a pin itself once read() has the slots' bytes
     inline_block_bytes: int = 0  # blocks up to this size travel inside one control message (put_inline)
     hashes_while_writing: bool = False  # write() returns each block's checksum, taken as it copied the caller's bytes
+    inline_call_bytes: int = 0  # ... when they total at most this (one message); in a larger put, blocks of at least
+    stream_block_bytes: int = 0  # this many bytes are streamed into reserved slots (write), smaller ones still go inline
 
     def pool_view(self) -> np.ndarray | None:
         """The server's host pool as this process maps it (same host), for zero-copy reads of pinned slots."""

@@ -164,8 +164,8 @@ def test_malformed_requests_get_specific_status(server, fingerprint):
         # The rightful commit still works: nothing was damaged by the bad requests.
         ok = stub.Commit(pb.CommitRequest(fingerprint_id=fingerprint.id, items=[pb.CommitItem(lease_id=lease_id, checksum=xxhash.xxh3_64_intdigest(data))]), metadata=md)
         assert list(ok.outcomes) == [pb.PUT_STORED]
-        blocks = [b for r in stub.Get(pb.GetRequest(fingerprint_id=fingerprint.id, keys=[key.digest]), metadata=md) for b in r.blocks]
-        assert blocks[0].data == data
+        pieces = [p for r in stub.Get(pb.GetRequest(fingerprint_id=fingerprint.id, keys=[key.digest]), metadata=md) for p in r.pieces]
+        assert b"".join(p.data for p in pieces) == data
 
 
 def test_errors_map_back_to_types(server, fingerprint):

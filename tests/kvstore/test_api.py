@@ -219,3 +219,34 @@ def test_waits_are_capped_per_tenant_and_in_all(api):
         t.join(5)
     assert len(results) == 3 and all(r == [KeyStatus(key(1), BlockState.PENDING, lease_owner="writer", lease_expires_unix_ms=r[0].lease_expires_unix_ms)] for r in results)
     assert api.wait(OPS, FP, [key(1)], timeout_ms=10)[0].state is BlockState.PENDING
+
+
+def test_contains_is_lookups_walk_a_byte_a_key_scoped_to_tenant_and_fingerprint(api):
+    api.put(ALICE, FP, [inline(0), inline(2), inline(5)])
+    api.put(BOB, FP, [inline(1)])
+    api.put(ALICE, OTHER_FP, [inline(3)])
+    api.acquire(ALICE, FP, [key(4)])  # pending is not present
+    keys = [key(i) for i in range(7)]
+    assert api.contains(ALICE, FP, keys) == bytes([1, 0, 1, 0, 0, 1, 0])
+    assert api.contains(ALICE, FP, keys) == bytes(s.state == BlockState.PRESENT for s in api.lookup(ALICE, FP, keys)[0])
+    assert api.contains(BOB, FP, keys) == bytes([0, 1, 0, 0, 0, 0, 0])
+    assert api.contains(ALICE, OTHER_FP, keys) == bytes([0, 0, 0, 1, 0, 0, 0])
+    assert api.contains(ALICE, FP, []) == b""
+    with pytest.raises(InvalidRequestError, match="repeats"):
+        api.contains(ALICE, FP, [key(0), key(0)])
+    with pytest.raises(InvalidRequestError, match="fingerprint_id"):
+        api.contains(ALICE, b"short", keys)
+
+
+def test_a_get_holds_its_pins_until_closed_even_after_the_last_block(api):
+    """Get's payloads are views of pinned slots (rpc_codec.get builds its last message after the last block):
+    the pins go when the generator is closed, not when the last block is handed out."""
+    api.put(ALICE, FP, [inline(0), inline(1)])
+    blocks = api.get(ALICE, FP, [key(0), key(1)])
+    got = [next(blocks), next(blocks)]
+    assert [bytes(data) for _, data, _ in got] == [block(0), block(1)]
+    assert [m.pins for m in api.store.index] == [1, 1]
+    assert api.delete(ALICE, FP, [key(0)]) == 1
+    assert bytes(got[0][1]) == block(0)  # deleted, but still pinned: its slot is not freed (and zeroed) under the reader
+    blocks.close()
+    assert [m.pins for m in api.store.index] == [0]

@@ -64,7 +64,7 @@ class Tenant:
         assert self.stub.Put(pb.PutRequest(fingerprint_id=FP.id, blocks=[block]), metadata=self.md).outcomes == [pb.PUT_STORED]
 
     def get(self, key: bytes) -> bytes:
-        return b"".join(b.data for r in self.stub.Get(pb.GetRequest(fingerprint_id=FP.id, keys=[key]), metadata=self.md) for b in r.blocks)
+        return b"".join(p.data for r in self.stub.Get(pb.GetRequest(fingerprint_id=FP.id, keys=[key]), metadata=self.md) for p in r.pieces)
 
     def offsets(self, keys: list[bytes]) -> list[int]:
         """Where the blocks sit in the pool now (a pin, dropped at once)."""

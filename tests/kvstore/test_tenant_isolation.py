@@ -93,8 +93,8 @@ def test_same_client_id_in_another_tenant_owns_nothing(srv, stub):
     write(grpc_stub, BOB, bob_id, data)
     outcome = stub.Commit(pb.CommitRequest(fingerprint_id=FP, items=[pb.CommitItem(lease_id=bob_id, checksum=xxhash.xxh3_64_intdigest(data))]), metadata=BOB, timeout=10)
     assert list(outcome.outcomes) == [pb.PUT_STORED]
-    blocks = [b for r in grpc_stub.Get(pb.GetRequest(fingerprint_id=FP, keys=[k]), metadata=BOB, timeout=10) for b in r.blocks]
-    assert blocks[0].data == data
+    pieces = [p for r in grpc_stub.Get(pb.GetRequest(fingerprint_id=FP, keys=[k]), metadata=BOB, timeout=10) for p in r.pieces]
+    assert b"".join(p.data for p in pieces) == data
 
     # Bob's pin survives Alice's Unpin, and her own Pin's release list, naming it.
     pin = stub.Pin(pb.PinRequest(fingerprint_id=FP, keys=[k]), metadata=BOB, timeout=10)

@@ -154,7 +154,7 @@ def cross_tenant_deviation(method: Method, code: grpc.StatusCode, out: list[byte
     resp = [method.response_class.FromString(m) for m in out]
     if method.name in ("Lookup", "Wait") and any(s.state != pb.BLOCK_MISSING for s in resp[0].statuses if s.key in world.held_keys()):
         return f"{method.name} shows alice's block or lease: {resp[0]}"
-    if method.name == "Get" and any(r.blocks for r in resp):
+    if method.name == "Get" and any(r.pieces for r in resp):
         return "Get returned another tenant's blocks"
     if method.name in ("ReleaseLeases", "Unpin") and resp[0].released:
         return f"{method.name} released another tenant's lease or pin"
@@ -207,8 +207,8 @@ def alice_state_deviations(channel: grpc.Channel, world: World) -> list[str]:
         kv.RenewLeases(pb.RenewLeasesRequest(lease_ids=[world.lease_id], ttl_ms=300_000), metadata=md, timeout=CALL_DEADLINE_S)
     except grpc.RpcError as err:
         out.append(f"alice's lease lost to other callers: {err.code().name} {err.details()}")
-    blocks = [b for r in kv.Get(pb.GetRequest(fingerprint_id=world.fp_id, keys=world.keys), metadata=md, timeout=CALL_DEADLINE_S) for b in r.blocks]
-    if [b.data for b in blocks] != [block_bytes(k, 4096) for k in world.keys]:
+    pieces = [p for r in kv.Get(pb.GetRequest(fingerprint_id=world.fp_id, keys=world.keys), metadata=md, timeout=CALL_DEADLINE_S) for p in r.pieces]
+    if [b"".join(p.data for p in pieces if p.key == k) for k in world.keys] != [block_bytes(k, 4096) for k in world.keys]:
         out.append("alice's blocks differ after other callers")
     return out
 
