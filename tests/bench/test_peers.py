@@ -5,6 +5,7 @@ The peers are benchmark dependencies (tools/peers_env.sh), not the suite's: test
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,8 @@ def have_mooncake() -> bool:
 
 
 need_cc = pytest.mark.skipif(shutil.which("cc") is None or shutil.which("nm") is None, reason="needs a C compiler and nm")
-need_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server (tools/peers_env.sh)")
+need_redis = pytest.mark.skipif(shutil.which("redis-server") is None or importlib.util.find_spec("redis") is None,
+                                reason="no redis-server or redis-py (tools/peers_env.sh)")
 need_mooncake = pytest.mark.skipif(not have_mooncake(), reason="mooncake-transfer-engine not installed (tools/peers_env.sh)")
 
 
