@@ -243,26 +243,34 @@ class Peers:
                 answer = None
             yield name, peer, UnavailableError("this node's peer calls were closed") if answer is None else answer
 
-    def locate_many(self, fingerprint_id: bytes, asks: dict[str, list[bytes]], timeout_s: float) -> dict[str, Locations | KVStoreError]:
-        """Locate at several homes at once; each answer or the error it failed with."""
+    def _fan_out(self, asks: dict[str, Any], method: str, request: Callable[[ppb.Envelope, Any], Any],
+                 parse: Callable[[Any], Any], timeout_s: float) -> dict[str, Any]:
+        """One unary call per named peer, all at once (_unary_many): request(envelope, ask) builds each, parse reads
+        each answer. Each peer's parsed answer, or the KVStoreError its call failed with (or was never sent with:
+        fenced, breaker open), booked on its breaker."""
         calls = []
-        out: dict[str, Locations | KVStoreError] = {}
-        for name, skeys in asks.items():
+        out: dict[str, Any] = {}
+        for name, ask in asks.items():
             try:
                 peer, env = self._begin(name)
             except KVStoreError as err:
                 out[name] = err
                 continue
-            calls.append((name, peer, peer.stub.Locate, ppb.LocateRequest(envelope=env, fingerprint_id=fingerprint_id, skeys=skeys)))
+            calls.append((name, peer, getattr(peer.stub, method), request(env, ask)))
         for name, peer, answer in self._unary_many(calls, timeout_s):
             if isinstance(answer, KVStoreError):
                 out[name] = answer
             elif isinstance(answer, grpc.RpcError):
                 out[name] = self._failed(peer, answer)
             else:
-                out[name] = located(answer)
                 peer.breaker.succeeded()
+                out[name] = parse(answer)
         return out
+
+    def locate_many(self, fingerprint_id: bytes, asks: dict[str, list[bytes]], timeout_s: float) -> dict[str, Locations | KVStoreError]:
+        """Locate at several homes at once; each answer or the error it failed with."""
+        return self._fan_out(asks, "Locate", lambda env, skeys: ppb.LocateRequest(envelope=env, fingerprint_id=fingerprint_id, skeys=skeys),
+                             located, timeout_s)
 
     def fetch(self, name: str, fingerprint_id: bytes, skeys: Sequence[bytes], timeout_s: float) -> Iterator[list[Fetched]]:
         """The holder's blocks of skeys, a message at a time, in order; raises the call's error when it breaks
@@ -292,25 +300,12 @@ class Peers:
 
     def announce_many(self, batches: dict[str, tuple[int, Sequence[BlockRef], Sequence[bytes]]], timeout_s: float) -> dict[str, AnnounceResult | KVStoreError]:
         """Send each home its numbered batch (sequence, stored, removed) at once; each answer or the error."""
-        calls = []
-        out: dict[str, AnnounceResult | KVStoreError] = {}
-        for name, (sequence, stored, removed) in batches.items():
-            try:
-                peer, env = self._begin(name)
-            except KVStoreError as err:
-                out[name] = err
-                continue
-            request = ppb.AnnounceRequest(envelope=env, sequence=sequence, stored=block_refs(stored), removed=list(removed))
-            calls.append((name, peer, peer.stub.Announce, request))
-        for name, peer, answer in self._unary_many(calls, timeout_s):
-            if isinstance(answer, KVStoreError):
-                out[name] = answer
-            elif isinstance(answer, grpc.RpcError):
-                out[name] = self._failed(peer, answer)
-            else:
-                peer.breaker.succeeded()
-                out[name] = AnnounceResult(not answer.resync_needed, answer.expected_sequence)
-        return out
+        def request(env: ppb.Envelope, batch: tuple[int, Sequence[BlockRef], Sequence[bytes]]) -> ppb.AnnounceRequest:
+            sequence, stored, removed = batch
+            return ppb.AnnounceRequest(envelope=env, sequence=sequence, stored=block_refs(stored), removed=list(removed))
+
+        return self._fan_out(batches, "Announce", request,
+                             lambda answer: AnnounceResult(not answer.resync_needed, answer.expected_sequence), timeout_s)
 
     def repair(self, home: str, holder: HolderId, skeys: Sequence[bytes], timeout_s: float) -> None:
         """Tell a home that holder answered not-found for skeys (lazy repair); best effort, errors raised."""
@@ -341,27 +336,14 @@ class Peers:
     def claim_many(self, fingerprint_id: bytes, asks: dict[str, tuple[list[bytes], list[int]]], ttl_s: float,
                    timeout_s: float) -> dict[str, list[ClaimAnswer] | KVStoreError]:
         """Claim keys at their first homes at once (asks: home -> (skeys, this node's lease ids)); each answer or its error."""
-        calls = []
-        out: dict[str, list[ClaimAnswer] | KVStoreError] = {}
-        for name, (skeys, lease_ids) in asks.items():
-            try:
-                peer, env = self._begin(name)
-            except KVStoreError as err:
-                out[name] = err
-                continue
-            request = ppb.ClaimRequest(envelope=env, fingerprint_id=fingerprint_id, skeys=skeys, lease_ids=lease_ids,
-                                       ttl_ms=max(1, int(ttl_s * 1000)))
-            calls.append((name, peer, peer.stub.Claim, request))
-        for name, peer, answer in self._unary_many(calls, timeout_s):
-            if isinstance(answer, KVStoreError):
-                out[name] = answer
-            elif isinstance(answer, grpc.RpcError):
-                out[name] = self._failed(peer, answer)
-            else:
-                peer.breaker.succeeded()
-                out[name] = [ClaimAnswer(LeaseOutcome(o), h, ms / 1000)
-                             for o, h, ms in zip(answer.outcomes, answer.holders, answer.expires_in_ms)]
-        return out
+        def request(env: ppb.Envelope, ask: tuple[list[bytes], list[int]]) -> ppb.ClaimRequest:
+            skeys, lease_ids = ask
+            return ppb.ClaimRequest(envelope=env, fingerprint_id=fingerprint_id, skeys=skeys, lease_ids=lease_ids,
+                                    ttl_ms=max(1, int(ttl_s * 1000)))
+
+        return self._fan_out(asks, "Claim", request, lambda answer: [
+            ClaimAnswer(LeaseOutcome(o), h, ms / 1000) for o, h, ms in zip(answer.outcomes, answer.holders, answer.expires_in_ms)],
+            timeout_s)
 
     def release_claims(self, home: str, skeys: Sequence[bytes], lease_ids: Sequence[int], timeout_s: float) -> int:
         """End this node's claims of skeys made by these leases at their home; raises the call's error."""
@@ -378,24 +360,9 @@ class Peers:
         """Long-poll homes (asks: home -> skeys) until none of the keys is claimed, wait_s at most (the home answers
         then; timeout_s, a little longer, is the call's deadline); each home's (position, seconds until it lapses)
         of keys still claimed, or its error."""
-        calls = []
-        out: dict[str, list[tuple[int, float]] | KVStoreError] = {}
-        for name, skeys in asks.items():
-            try:
-                peer, env = self._begin(name)
-            except KVStoreError as err:
-                out[name] = err
-                continue
-            calls.append((name, peer, peer.stub.WaitClaims, ppb.WaitClaimsRequest(envelope=env, skeys=skeys, timeout_ms=int(wait_s * 1000))))
-        for name, peer, answer in self._unary_many(calls, timeout_s):
-            if isinstance(answer, KVStoreError):
-                out[name] = answer
-            elif isinstance(answer, grpc.RpcError):
-                out[name] = self._failed(peer, answer)
-            else:
-                peer.breaker.succeeded()
-                out[name] = [(i, ms / 1000) for i, ms in zip(answer.pending, answer.expires_in_ms)]
-        return out
+        return self._fan_out(asks, "WaitClaims",
+                             lambda env, skeys: ppb.WaitClaimsRequest(envelope=env, skeys=skeys, timeout_ms=int(wait_s * 1000)),
+                             lambda answer: [(i, ms / 1000) for i, ms in zip(answer.pending, answer.expires_in_ms)], timeout_s)
 
     def ucx_session(self, name: str, tenant: str, timeout_s: float) -> tuple[str, bytes, str]:
         """(listener, token, client id) of a session on the peer's UCX data plane for tenant's blocks; listener "" without one."""
