@@ -68,6 +68,7 @@ class Timing:
 
     lookup_s: float  # the prompt's block keys
     prepare_s: float  # GPU: one Pin RPC that finds and pins the cached prefix; host: Lookup RPC + the whole fetch
+    rpc_s: float  # of prepare_s, the control round trips as the client timed them (the rest is client-side Python)
     start_s: float  # GPU: enqueueing the per-layer DMAs; host: scattering the payload into pages
     compute_s: float  # the uncached tokens' forward and the first token (waits for each layer's DMA)
     finish_s: float  # checksums not done by the time the first token was
@@ -87,6 +88,7 @@ class Row:
     computed_tokens: int
     lookup_ms: float
     prepare_ms: float
+    rpc_ms: float
     start_ms: float
     compute_ms: float
     finish_ms: float
@@ -239,7 +241,8 @@ class Bench:
                     load.finish()  # the token counts only once every block passed its check
                     t_end = time.perf_counter()
             fetched_bytes = load.num_blocks * self.cache.block_bytes
-            return Timing(t_lookup - t0, t_prepared - t_lookup, t_started - t_prepared, t_computed - t_started,
+            rpc_s = load.stats.control_s if load.stats is not None else 0.0
+            return Timing(t_lookup - t0, t_prepared - t_lookup, rpc_s, t_started - t_prepared, t_computed - t_started,
                           t_end - t_computed, load.dma_ms(), t_end - t0, fetched_bytes, token, len(prompt) - start)
         finally:
             self.cache.free("run")
@@ -362,21 +365,21 @@ def summarize(tier: str, context: int, hit: float, timings: list[Timing], recomp
     dma_ms = statistics.median(t.dma_ms for t in timings)
     moved_ms = dma_ms or ms("prepare_s") + ms("start_s")  # host: the fetch and the scatter
     gbps = timings[0].fetched_bytes / moved_ms / 1e6 if timings[0].fetched_bytes and moved_ms else 0.0
-    return Row(tier, context, hit, context - computed, computed, ms("lookup_s"), ms("prepare_s"), ms("start_s"),
-               ms("compute_s"), ms("finish_s"), dma_ms, gbps, ms("total_s"), recompute_ms, ok)
+    return Row(tier, context, hit, context - computed, computed, ms("lookup_s"), ms("prepare_s"), ms("rpc_s"),
+               ms("start_s"), ms("compute_s"), ms("finish_s"), dma_ms, gbps, ms("total_s"), recompute_ms, ok)
 
 
 def format_table(rows: list[Row]) -> str:
-    header = f"{'tier':>4} {'context':>7} {'hit':>5} {'cached':>7} {'computed':>8} {'lookup':>7} {'prepare':>7} {'start':>6} " \
+    header = f"{'tier':>4} {'context':>7} {'hit':>5} {'cached':>7} {'computed':>8} {'lookup':>7} {'prepare':>7} {'rpc':>5} {'start':>6} " \
              f"{'compute':>7} {'finish':>6} {'dma':>6} {'GB/s':>6} {'TTFT ms':>8} " \
              f"{'recompute':>9} {'speedup':>7} {'token':>5}"
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r.tier:>4} {r.context:>7} {r.hit:>5.0%} {r.cached_tokens:>7} {r.computed_tokens:>8} {r.lookup_ms:>7.2f} "
-                     f"{r.prepare_ms:>7.2f} {r.start_ms:>6.2f} {r.compute_ms:>7.2f} {r.finish_ms:>6.2f} "
+                     f"{r.prepare_ms:>7.2f} {r.rpc_ms:>5.2f} {r.start_ms:>6.2f} {r.compute_ms:>7.2f} {r.finish_ms:>6.2f} "
                      f"{r.dma_ms:>6.2f} {r.fetch_gbps:>6.1f} {r.ttft_ms:>8.2f} {r.recompute_ms:>9.2f} "
                      f"{r.speedup:>6.1f}x {'ok' if r.first_token_ok else 'DIFF':>5}")
-    lines.append("ms, medians per phase. lookup: block keys; prepare: GPU one prefix Pin RPC, host Lookup + the whole fetch; start: GPU planning the DMAs, enqueueing layer 0's, "
+    lines.append("ms, medians per phase. lookup: block keys; prepare: GPU one prefix Pin RPC, host Lookup + the whole fetch; rpc: of prepare, the control round trips as the client timed them; start: GPU planning the DMAs, enqueueing layer 0's, "
                  "host the scatter; compute overlaps the GPU's dma (layer i waits only for its own "
                  "layer); dma: first copy to last layer landed (the copies after layer 0's are enqueued once the forward pass "
                  "has begun); finish: checksums still running when the first token was ready")

@@ -59,6 +59,9 @@ class ServerConfig:
     local_control_max_connections: int = LOCAL_CONTROL_MAX_CONNECTIONS  # a server thread each; calls beyond go over gRPC
     local_control_idle_s: float = 300.0  # a connection with no call for this long is closed (the client reconnects)
     local_control_read_s: float = 10.0  # a started frame must arrive within this; a stalled peer is dropped
+    # After answering, a connection thread polls for its next call this long before it blocks (GIL released, at most
+    # a quarter of the cores at once): an engine calling every few ms skips the reader's wakeup. Costs that core's time.
+    local_control_busy_poll_us: int = 0
     # Limits that keep one caller from holding the whole server (docs/security.md).
     max_keys_per_request: int = 65536  # keys, lease ids or pin ids one request may name
     max_wait_s: float = 60.0  # a Wait blocks at most this long, whatever timeout it asks for
@@ -119,6 +122,8 @@ class ServerConfig:
             raise ValueError(f"hbm_backend must be cuda or host; got {self.hbm_backend!r}")
         if self.peer_max_inflight < 1 or self.hot_replicas < 1 or self.hot_threshold < 0:
             raise ValueError("peer_max_inflight and hot_replicas must be at least 1, hot_threshold not negative")
+        if not 0 <= self.local_control_busy_poll_us <= 1_000_000:
+            raise ValueError("local_control_busy_poll_us must be between 0 (off) and 1000000 (one second)")
         if self.local_control_max_connections < 1:
             raise ValueError("local_control_max_connections must be at least 1 (turn the socket off with local_control = false)")
         return self

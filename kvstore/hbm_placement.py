@@ -61,7 +61,7 @@ class PinPlacement:
 
     @property
     def in_hbm(self) -> int:
-        return sum(t == HBM for t in self.tiers)
+        return self.tiers.count(HBM.value)
 
 
 @dataclass
@@ -122,7 +122,10 @@ class HbmPlacement:
         slots = [m.copies.get(HBM) for m in metas]
         if not any(slots):
             return None
-        return PinPlacement([HBM if s is not None else HOST for s in slots], [s.offset if s is not None else 0 for s in slots],
+        # Plain ints, not Tier members: the native Pin encoder takes exact ints only (an enum member sent a 512-block
+        # answer through protobuf's messages, ~0.1 ms on the request thread).
+        hbm, host = HBM.value, HOST.value
+        return PinPlacement([hbm if s is not None else host for s in slots], [s.offset if s is not None else 0 for s in slots],
                             self.tier.device.pool_id)
 
     def export(self) -> HbmExport | None:

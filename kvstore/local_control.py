@@ -19,6 +19,10 @@ at a time, so a client opens as many as it has calls in flight.
 No peer holds a thread for nothing: a frame once started must arrive within read_s, and
 a connection with no call for idle_s is told so (local_wire.IDLE_ERROR_TYPE) and closed,
 which the client's pool expects. A Wait ends when its peer hangs up (Call.is_active).
+With busy_poll_s, a connection thread that has answered a call polls its socket for the next one
+that long (GIL released) before it blocks, so an engine that calls every few milliseconds finds its
+reader awake; at most POLLERS threads poll at once, so a small host's cores are not all spent waiting.
+
 A request that does not decode is the caller's mistake (INVALID_ARGUMENT, logged at debug
 level); a failure of the server's own is answered INTERNAL, its traceback logged at most
 once a minute per method (StoreAPI.refusal), so no caller can grow the log at will.
@@ -41,8 +45,8 @@ from google.protobuf.message import DecodeError
 
 from kvwire.defaults import LOCAL_CONTROL_MAX_CONNECTIONS
 from kvwire.errors import ERROR_TYPE_METADATA, InvalidRequestError, KVStoreError, PermissionDeniedError
-from kvwire.local_wire import (BUSY_ERROR_TYPE, IDLE_ERROR_TYPE, FrameError, Metadata, Request, decode_request, encode_response,
-                               read_frame)
+from kvwire.local_wire import (BUSY_ERROR_TYPE, IDLE_ERROR_TYPE, FrameError, Metadata, Request, await_readable, decode_request,
+                               encode_response, read_frame)
 from kvstore import rpc_codec as codec
 from kvstore.api import StoreAPI
 from kvstore.auth import Authenticator
@@ -56,6 +60,7 @@ DEFAULT_MAX_CONNECTIONS = LOCAL_CONTROL_MAX_CONNECTIONS  # a thread each; a clie
 DEFAULT_IDLE_S = 300.0  # ServerConfig.local_control_idle_s
 DEFAULT_READ_S = 10.0  # ServerConfig.local_control_read_s
 _HUNG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+POLLERS = max(1, (os.cpu_count() or 1) // 4)  # connection threads busy-polling at once (busy_poll_s)
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Observe = Callable[[str, str, float, str], None]  # service, method, started (perf_counter), status code name
@@ -97,8 +102,10 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 class LocalControlServer:
     def __init__(self, api: StoreAPI, auth: Authenticator, path: Path, observe: Observe,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_s: float = DEFAULT_IDLE_S,
-                 read_s: float = DEFAULT_READ_S) -> None:
+                 read_s: float = DEFAULT_READ_S, busy_poll_s: float = 0.0) -> None:
         self.api, self.auth = api, auth
+        self.busy_poll_s = busy_poll_s
+        self._pollers = threading.BoundedSemaphore(POLLERS)
         self.path = str(path)
         self.max_connections = max_connections
         self.idle_s, self.read_s = idle_s, read_s
@@ -114,9 +121,9 @@ class LocalControlServer:
     @classmethod
     def start_if_possible(cls, api: StoreAPI, auth: Authenticator, path: Path, observe: Observe,
                           max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_s: float = DEFAULT_IDLE_S,
-                          read_s: float = DEFAULT_READ_S) -> "LocalControlServer | None":
+                          read_s: float = DEFAULT_READ_S, busy_poll_s: float = 0.0) -> "LocalControlServer | None":
         """Start the listener, or log why not and return None: the server runs on without it (gRPC serves every call)."""
-        server = cls(api, auth, path, observe, max_connections, idle_s, read_s)
+        server = cls(api, auth, path, observe, max_connections, idle_s, read_s, busy_poll_s)
         try:
             return server.start()
         except OSError as err:
@@ -225,6 +232,7 @@ class LocalControlServer:
                 return
             while True:
                 conn.settimeout(self.idle_s)  # for the first byte of the next call
+                self._poll_for_next_call(conn)
                 try:
                     body = read_frame(conn, self.read_s)
                 except TimeoutError:
@@ -241,6 +249,13 @@ class LocalControlServer:
             with self._lock:
                 self._conns.pop(conn, None)
             conn.close()
+
+    def _poll_for_next_call(self, conn: socket.socket) -> None:
+        if self.busy_poll_s > 0 and self._pollers.acquire(blocking=False):
+            try:
+                await_readable(conn, self.busy_poll_s)
+            finally:
+                self._pollers.release()
 
     def _close_idle(self, conn: socket.socket) -> None:
         """Say why before closing: a request the client sent meanwhile is then known to be unread, so it resends it."""

@@ -126,7 +126,8 @@ class KVStoreServer:
             self.local = LocalControlServer.start_if_possible(self.api, self.auth, self.cfg.local_control_path,
                                                               self.metrics.interceptor.observe_local,
                                                               self.cfg.local_control_max_connections,
-                                                              self.cfg.local_control_idle_s, self.cfg.local_control_read_s)
+                                                              self.cfg.local_control_idle_s, self.cfg.local_control_read_s,
+                                                              self.cfg.local_control_busy_poll_us / 1e6)
             self.api.local_control_path = self.local.path if self.local is not None else ""
         self.grpc.start()
         self.worker.start()

@@ -11,6 +11,10 @@
  */
 #include "kvnative.h"
 
+#include <poll.h>
+#include <sched.h>
+#include <time.h>
+
 typedef struct {
     const char *key;
     Py_ssize_t key_len;
@@ -253,4 +257,41 @@ PyObject *kvn_decode_request(PyObject *self, PyObject *const *args, Py_ssize_t n
 PyObject *kvn_decode_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     return decode_frame(args, nargs, 1);
+}
+
+static inline uint64_t monotonic_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* poll_readable(fd, spin_ns) -> bool
+ *
+ * Busy-polls fd, GIL released, until it is readable (or hung up) or spin_ns have passed; True if it is.
+ * A thread blocked in recv is woken by the kernel and rescheduled, which on a host whose cores idle
+ * cost a local-socket round trip ~0.1-0.3 ms more than the call's own work; polling first skips that.
+ * Each turn yields the core to any other runnable thread, so a poller only takes time nobody wants. */
+PyObject *kvn_poll_readable(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "poll_readable(fd, spin_ns)");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    long long spin_ns = PyLong_AsLongLong(args[1]);
+    if ((fd == -1 || spin_ns == -1) && PyErr_Occurred()) return NULL;
+    int ready = 0;
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t deadline = monotonic_ns() + (uint64_t)(spin_ns > 0 ? spin_ns : 0);
+    struct pollfd pfd = {.fd = (int)fd, .events = POLLIN | POLLRDHUP};
+    do {
+        int n = poll(&pfd, 1, 0);
+        if (n != 0) {  /* readable, hung up, or an error the caller's recv will report */
+            ready = 1;
+            break;
+        }
+        sched_yield();
+    } while (monotonic_ns() < deadline);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(ready);
 }

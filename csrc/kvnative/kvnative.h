@@ -23,7 +23,7 @@
 #include <string.h>
 
 /* Bumped whenever a function's arguments or answers change: a stale build is then not used. */
-#define KVNATIVE_ABI 3
+#define KVNATIVE_ABI 4
 
 #define KVN_RETURN_NOT_IMPLEMENTED Py_RETURN_NOTIMPLEMENTED
 
@@ -81,6 +81,7 @@ PyObject *kvn_encode_request(PyObject *self, PyObject *const *args, Py_ssize_t n
 PyObject *kvn_decode_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvn_encode_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvn_decode_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *kvn_poll_readable(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvn_encode_pin_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvn_decode_pin_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvn_encode_pin_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs);

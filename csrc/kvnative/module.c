@@ -14,10 +14,11 @@ static PyMethodDef methods[] = {
     FAST(decode_response, "decode_response(body) -> (code, details, trailing, payload_at) | NotImplemented"),
     FAST(encode_pin_request, "encode_pin_request(fingerprint_id, keys, ttl_ms, release_pin_ids, prefix_only) -> bytes | NotImplemented"),
     FAST(decode_pin_request, "decode_pin_request(payload) -> (fingerprint_id, keys, ttl_ms, release_pin_ids, prefix_only) | NotImplemented"),
-    FAST(encode_pin_response, "encode_pin_response(pin_id, expires_unix_ms, offsets, lengths, checksums) -> bytes | NotImplemented"),
+    FAST(encode_pin_response, "encode_pin_response(pin_id, expires_unix_ms, offsets, lengths, checksums[, tiers, hbm_offsets, hbm_pool_id]) -> bytes | NotImplemented"),
     FAST(decode_pin_response, "decode_pin_response(payload) -> (pin_id, expires_unix_ms, offsets, lengths, checksums) | NotImplemented"),
-    FAST(decode_pin_columns, "decode_pin_columns(payload) -> (pin_id, expires_unix_ms, cells, n, payload_bytes) | NotImplemented"),
+    FAST(decode_pin_columns, "decode_pin_columns(payload) -> (pin_id, expires_unix_ms, cells, n, payload_bytes, hbm_columns, hbm_pool_id) | NotImplemented"),
     FAST(slot_rows, "slot_rows(row_type, first_index, offsets, sizes, handle, checksums, expires_unix_ms) -> list | NotImplemented"),
+    FAST(poll_readable, "poll_readable(fd, spin_ns) -> bool: busy-polls fd, GIL released, until readable or spin_ns pass"),
     FAST(copy_blocks, "copy_blocks(src, src_offsets, dst, dst_offsets, lengths, hash, threads) -> list | None | NotImplemented"),
     {NULL, NULL, 0, NULL},
 };

@@ -168,14 +168,31 @@ PyObject *kvn_encode_pin_request(PyObject *self, PyObject *const *args, Py_ssize
     return out;
 }
 
-/* encode_pin_response(pin_id, expires_unix_ms, offsets, lengths, checksums) -> bytes | NotImplemented */
+/* encode_pin_response(pin_id, expires_unix_ms, offsets, lengths, checksums[, tiers, hbm_offsets, hbm_pool_id])
+ *   -> bytes | NotImplemented
+ *
+ * The HBM columns (fields 10 and 11, and the pool id, 12) only where a pinned block has an HBM copy: an
+ * engine's whole prefix, when its server has the tier, so they are on the hot path as much as the rest. */
+#define PIN_COLUMNS 5
+static const int pin_column_fields[PIN_COLUMNS] = {4, 5, 6, 10, 11};
+
 PyObject *kvn_encode_pin_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "encode_pin_response(pin_id, expires_unix_ms, offsets, lengths, checksums)");
+    if (nargs != 5 && nargs != 8) {
+        PyErr_SetString(PyExc_TypeError,
+                        "encode_pin_response(pin_id, expires_unix_ms, offsets, lengths, checksums[, tiers, hbm_offsets, hbm_pool_id])");
         return NULL;
     }
     if (!PyLong_CheckExact(args[0]) || !PyLong_CheckExact(args[1])) KVN_RETURN_NOT_IMPLEMENTED;
+    uint64_t pool_id = 0;
+    if (nargs == 8) {
+        if (!PyLong_CheckExact(args[7])) KVN_RETURN_NOT_IMPLEMENTED;
+        pool_id = as_u64(args[7]);
+        if (pool_id == (uint64_t)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            KVN_RETURN_NOT_IMPLEMENTED;
+        }
+    }
     uint64_t pin_id = as_u64(args[0]);
     if (pin_id == (uint64_t)-1 && PyErr_Occurred()) {
         PyErr_Clear();
@@ -186,10 +203,11 @@ PyObject *kvn_encode_pin_response(PyObject *self, PyObject *const *args, Py_ssiz
         PyErr_Clear();
         KVN_RETURN_NOT_IMPLEMENTED;
     }
-    uint64_t *columns[3] = {NULL, NULL, NULL};
-    Py_ssize_t counts[3], sizes[3];
+    uint64_t *columns[PIN_COLUMNS] = {NULL, NULL, NULL, NULL, NULL};
+    Py_ssize_t counts[PIN_COLUMNS] = {0, 0, 0, 0, 0}, sizes[PIN_COLUMNS] = {0, 0, 0, 0, 0};
+    int n_columns = nargs == 8 ? 5 : 3;
     PyObject *out = NULL;
-    for (int c = 0; c < 3; c++) {
+    for (int c = 0; c < n_columns; c++) {
         int got = read_u64s(args[2 + c], &columns[c], &counts[c]);
         if (got <= 0) {
             out = got < 0 ? NULL : Py_NewRef(Py_NotImplemented);
@@ -200,8 +218,9 @@ PyObject *kvn_encode_pin_response(PyObject *self, PyObject *const *args, Py_ssiz
     Py_ssize_t size = 0;
     if (pin_id) size += 1 + varint_size(pin_id);
     if (expires) size += 1 + varint_size((uint64_t)expires);  /* a negative int64 is ten bytes, as protobuf writes it */
-    for (int c = 0; c < 3; c++)
+    for (int c = 0; c < n_columns; c++)
         if (counts[c]) size += 1 + varint_size((uint64_t)sizes[c]) + sizes[c];
+    if (pool_id) size += 1 + varint_size(pool_id);
     out = PyBytes_FromStringAndSize(NULL, size);
     if (out != NULL) {
         unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
@@ -213,10 +232,14 @@ PyObject *kvn_encode_pin_response(PyObject *self, PyObject *const *args, Py_ssiz
             *p++ = 3 << 3;
             p = put_varint(p, (uint64_t)expires);
         }
-        for (int c = 0; c < 3; c++) p = put_packed(p, 4 + c, columns[c], counts[c], sizes[c]);
+        for (int c = 0; c < n_columns; c++) p = put_packed(p, pin_column_fields[c], columns[c], counts[c], sizes[c]);
+        if (pool_id) {
+            *p++ = 12 << 3;
+            p = put_varint(p, pool_id);
+        }
     }
 done:
-    for (int c = 0; c < 3; c++) PyMem_Free(columns[c]);
+    for (int c = 0; c < PIN_COLUMNS; c++) PyMem_Free(columns[c]);
     return out;
 }
 
@@ -403,21 +426,23 @@ static int packed_values(const unsigned char *p, const unsigned char *stop, uint
     return p == stop;
 }
 
-/* decode_pin_columns(payload) -> (pin_id, expires_unix_ms, cells, n, payload_bytes) | NotImplemented
+/* decode_pin_columns(payload) -> (pin_id, expires_unix_ms, cells, n, payload_bytes, hbm_columns, hbm_pool_id)
+ *   | NotImplemented
  *
- * decode_pin_response's answer with its three columns as one bytes object of 3n native-endian uint64s
- * (offsets, then lengths, then checksums) and the lengths' sum: no int object per value (1,000 of them
- * for a 512-block Pin, ~15 us). Only where the three columns are as long as each other; anything else
- * (and what decode_pin_response leaves to the reference) is NotImplemented. */
+ * decode_pin_response's answer with its columns as one bytes object of native-endian uint64s (offsets,
+ * lengths, checksums, then, where hbm_columns is 2, tiers and hbm_offsets: 3n or 5n values) and the
+ * lengths' sum: no int object per value (1,000 of them for a 512-block Pin, ~15 us). Only where the
+ * columns are as long as each other; anything else (and what decode_pin_response leaves to the
+ * reference) is NotImplemented. */
 PyObject *kvn_decode_pin_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     Py_buffer view;
     KVN_ONE_BUFFER("decode_pin_columns(payload)", &view);
     const unsigned char *p = view.buf, *end = p + view.len;
-    const unsigned char *at[3] = {NULL, NULL, NULL}, *stop[3] = {NULL, NULL, NULL};
-    Py_ssize_t count[3] = {0, 0, 0};
+    const unsigned char *at[PIN_COLUMNS] = {NULL, NULL, NULL, NULL, NULL}, *stop[PIN_COLUMNS] = {NULL, NULL, NULL, NULL, NULL};
+    Py_ssize_t count[PIN_COLUMNS] = {0, 0, 0, 0, 0};
     PyObject *cells = NULL, *result = NULL;
-    uint64_t pin_id = 0, expires = 0, len;
+    uint64_t pin_id = 0, expires = 0, pool_id = 0, len;
     while (p < end) {
         uint64_t tag;
         p = get_varint(p, end, &tag);
@@ -429,10 +454,15 @@ PyObject *kvn_decode_pin_columns(PyObject *self, PyObject *const *args, Py_ssize
             case 3 << 3:
                 p = get_varint(p, end, &expires);
                 break;
+            case 12 << 3:
+                p = get_varint(p, end, &pool_id);
+                break;
             case 4 << 3 | 2:
             case 5 << 3 | 2:
-            case 6 << 3 | 2: {
-                int c = (int)(tag >> 3) - 4;
+            case 6 << 3 | 2:
+            case 10 << 3 | 2:
+            case 11 << 3 | 2: {
+                int field = (int)(tag >> 3), c = field <= 6 ? field - 4 : field - 7;
                 p = get_varint(p, end, &len);
                 if (p == NULL || len > (uint64_t)(end - p) || at[c] != NULL) goto not_ours;
                 at[c] = p;
@@ -448,16 +478,19 @@ PyObject *kvn_decode_pin_columns(PyObject *self, PyObject *const *args, Py_ssize
     }
     Py_ssize_t n = count[0];
     if (count[1] != n || count[2] != n) goto not_ours;
-    if ((cells = PyBytes_FromStringAndSize(NULL, 3 * n * (Py_ssize_t)sizeof(uint64_t))) == NULL) goto done;
+    /* The HBM columns come together, each a value per block, or not at all (then a pool id means nothing). */
+    int n_columns = at[3] != NULL || at[4] != NULL ? 5 : 3;
+    if (n_columns == 5 && (count[3] != n || count[4] != n)) goto not_ours;
+    if ((cells = PyBytes_FromStringAndSize(NULL, n_columns * n * (Py_ssize_t)sizeof(uint64_t))) == NULL) goto done;
     uint64_t *values = (uint64_t *)PyBytes_AS_STRING(cells), payload_bytes = 0;
-    for (int c = 0; c < 3; c++)
+    for (int c = 0; c < n_columns; c++)
         if (n && !packed_values(at[c], stop[c], values + c * n, n)) goto not_ours;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (values[n + i] > UINT64_MAX - payload_bytes) goto not_ours;
         payload_bytes += values[n + i];
     }
-    result = Py_BuildValue("(KLOnK)", (unsigned long long)pin_id, (long long)(int64_t)expires, cells, n,
-                           (unsigned long long)payload_bytes);
+    result = Py_BuildValue("(KLOnKiK)", (unsigned long long)pin_id, (long long)(int64_t)expires, cells, n,
+                           (unsigned long long)payload_bytes, n_columns - 3, (unsigned long long)pool_id);
     goto done;
 not_ours:
     PyErr_Clear();

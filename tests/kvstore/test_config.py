@@ -35,3 +35,10 @@ def test_defaults_and_errors(tmp_path):
         load_config(str(bad), env={})
     with pytest.raises(ValueError, match="watermark"):
         load_config(env={}, flags={"low_watermark": "0.95"})
+
+
+def test_busy_poll_is_bounded():
+    assert load_config(env={"KVSTORE_LOCAL_CONTROL_BUSY_POLL_US": "20000"}).local_control_busy_poll_us == 20000
+    for bad in ("-1", "1000001"):
+        with pytest.raises(ValueError, match="local_control_busy_poll_us"):
+            load_config(env={}, flags={"local_control_busy_poll_us": bad})

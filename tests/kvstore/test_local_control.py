@@ -184,3 +184,32 @@ def test_connections_beyond_the_limit_are_turned_away_and_their_calls_go_over_gr
 def test_limit_must_allow_a_connection(make_server):
     with pytest.raises(RuntimeError, match="local_control_max_connections must be at least 1"):
         make_server(local_control_max_connections=0, **FLAGS)
+
+
+def _cpu_s(pid: int) -> float:
+    """A process's user + system CPU seconds (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("busy_poll_us", [0, 50_000])
+def test_busy_poll_keeps_the_reader_polling_between_calls_and_answers_alike(make_server, busy_poll_us):
+    """With local_control_busy_poll_us a connection thread polls for its next call instead of blocking: calls
+    30 ms apart keep it spending CPU between them (off: next to none), and every call is answered as before."""
+    srv = make_server(local_control_busy_poll_us=busy_poll_us, **FLAGS)
+    path = advertised(srv)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        sock.sendall(encode_request("/kvstore.v1.KVStore/Lookup", 5.0, MD, pb.LookupRequest().SerializeToString()))
+        assert decode_response(read_frame(sock)).code is not None  # connected, thread started
+        before = _cpu_s(srv.proc.pid)
+        for _ in range(10):
+            time.sleep(0.03)
+            sock.sendall(encode_request("/kvstore.v1.KVStore/Stats", 5.0, MD, b""))
+            assert decode_response(read_frame(sock)).code in (grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED)
+        spent = _cpu_s(srv.proc.pid) - before
+    if busy_poll_us:
+        assert spent > 0.08, f"the connection thread spent {spent:.3f} s of 0.3 s polling"
+    else:
+        assert spent < 0.08, f"{spent:.3f} s of CPU for ten idle-spaced calls without polling"

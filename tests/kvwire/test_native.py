@@ -224,6 +224,20 @@ def test_pin_requests_equal_protobufs_bytes_and_parse():
         assert pin_codec.decode_request(data) == pin_codec.decode_request_reference(data) == fields[:3] + (list(fields[3]), fields[4])
 
 
+def hbm_pin_responses(rng: random.Random):
+    """Pin answers of a server with an HBM tier: each block's fastest tier, its HBM offset (0 where none), the pool."""
+    yield 7, 1234, [0, 4096], [4096, 4096], [11, 22], [Tier.HBM.value, Tier.HOST.value], [8192, 0], 3
+    n = 512
+    yield (rng.getrandbits(62), 1_780_000_000_000, [i * 8192 for i in range(n)], [4096] * n, [rng.getrandbits(64) for _ in range(n)],
+           [Tier.HBM.value] * n, [i * 4096 for i in range(n)], rng.getrandbits(63))
+    for _ in range(20):
+        n = rng.randrange(1, 40)
+        tiers = [rng.choice([Tier.HBM.value, Tier.HOST.value]) for _ in range(n)]
+        yield (rng.getrandbits(64), rng.randrange(-(2**63), 2**63), [rng.getrandbits(40) for _ in range(n)], [4096] * n,
+               [rng.getrandbits(64) for _ in range(n)], tiers, [rng.getrandbits(36) if t == Tier.HBM.value else 0 for t in tiers],
+               rng.choice([0, rng.getrandbits(64)]))
+
+
 def test_pin_responses_equal_protobufs_bytes_and_parse():
     for fields in pin_responses(random.Random(2)):
         data = pin_codec.encode_response(*fields)
@@ -233,16 +247,28 @@ def test_pin_responses_equal_protobufs_bytes_and_parse():
         assert got == pin_codec.decode_response_reference(data) == fields[:2] + tuple(tuple(c) for c in fields[2:]) + ((), (), 0)
 
 
+def test_pin_responses_with_hbm_columns_equal_protobufs_bytes():
+    """The HBM columns are written natively too, byte for byte as protobuf writes them, and read back as columns."""
+    for fields in hbm_pin_responses(random.Random(3)):
+        data = pin_codec.encode_response(*fields)
+        assert data == pin_codec.encode_response_reference(*fields) == native.encode_pin_response(*fields)
+        got = pin_codec.decode_response_columns(data)
+        assert native.decode_pin_columns(data) is not NotImplemented
+        assert (tuple(got.tiers), tuple(got.hbm_offsets), got.hbm_pool_id) == (tuple(fields[5]), tuple(fields[6]), fields[7])
+        assert as_values(got) == as_values(pin_codec.decode_response_columns_reference(data))
+
+
 def as_values(columns: pin_codec.PinResponseColumns) -> tuple:
     return tuple(tuple(v) if not isinstance(v, int) else v for v in columns)
 
 
 def test_pin_response_columns_are_decode_responses_values():
     """decode_response_columns (arrays where native) reads what decode_response reads, and the lengths' sum;
-    for anything it is not given natively (columns of unequal length, HBM columns), the reference's answer."""
+    for anything it is not given natively (columns of unequal length, a column split in two), the reference's answer."""
     rng = random.Random(6)
     cases = [pin_codec.encode_response(*fields) for fields in pin_responses(random.Random(2))]
     cases += [pin_codec.encode_response(7, 1234, [0, 4096], [4096, 4096], [11, 22], [Tier.HBM.value, Tier.HOST.value], [8192, 0], 3),
+              pin_codec.encode_response(7, 1234, [0, 4096], [4096, 4096], [11, 22], [Tier.HBM.value], [8192], 3),  # one tier for two
               b"\x22\x02\x05\x06" + b"\x2a\x01\x01" + b"\x32\x02\x07\x08",  # two offsets, one length
               b"\x22\x01\x05" + b"\x22\x01\x06"]  # offsets split over two fields
     natively = 0
@@ -256,7 +282,7 @@ def test_pin_response_columns_are_decode_responses_values():
         assert all(type(v) is int for v in got.checksums)
     assert natively == len(cases) - 3
     for _ in range(500):  # corrupted answers: the reference's values or its error
-        data = bytearray(rng.choice(cases[:23]))
+        data = bytearray(rng.choice(cases[:24]))
         if data:
             data[rng.randrange(len(data))] = rng.randrange(256)
         try:
@@ -269,7 +295,7 @@ def test_pin_response_columns_are_decode_responses_values():
 
 
 def test_pin_responses_with_hbm_placements_keep_their_tier_columns():
-    """A Pin naming HBM copies is encoded and decoded by protobuf (the native codec has no such columns), native or not."""
+    """A Pin naming HBM copies keeps its columns through either codec, native or not."""
     fields = (7, 1234, [0, 4096], [4096, 4096], [11, 22], [Tier.HBM.value, Tier.HOST.value], [8192, 0], 3)
     data = pin_codec.encode_response(*fields)
     assert data == pin_codec.encode_response_reference(*fields)
@@ -373,3 +399,23 @@ def test_the_env_var_forces_the_references_and_they_agree_across_processes():
     assert keys == [k.hex() for k in block_keys(FP, list(range(1000, 9192)), "acme")]
     assert frame == local_wire.encode_request("/kvstore.v1.KVStore/Pin", 2.5, (("a", "b"), ("c-bin", b"d")), b"xyz").hex()
     assert "not built" not in out.stderr  # off by choice: no warning
+
+
+def test_poll_readable_waits_out_its_spin_on_a_quiet_socket_and_returns_at_once_on_data_or_hangup():
+    import socket
+    import time
+
+    a, b = socket.socketpair()
+    with a, b:
+        t0 = time.perf_counter()
+        assert native.poll_readable(a.fileno(), 20_000_000) is False
+        assert time.perf_counter() - t0 >= 0.019
+        b.send(b"x")
+        t0 = time.perf_counter()
+        assert native.poll_readable(a.fileno(), 5_000_000_000) is True
+        assert time.perf_counter() - t0 < 1.0
+        a.recv(1)
+        b.close()
+        assert native.poll_readable(a.fileno(), 5_000_000_000) is True  # a hangup: the caller's recv sees it
+    with pytest.raises(TypeError):
+        native.poll_readable(3)
