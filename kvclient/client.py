@@ -216,7 +216,7 @@ class KVClient:
         stats = TransferStats()
         t0 = time.perf_counter()
         transport = self.transport
-        payloads = [device.readable(b, transport.moves_device_memory) for b in blocks]
+        payloads = device.readables(blocks, transport.moves_device_memory)
         # A transport that hashes as it copies saves a pass over the caller's bytes; inline blocks are hashed here.
         later = transport.hashes_while_writing and not transport.inline_block_bytes
         checksums = None if later else [device.checksum(p) for p in payloads]
@@ -288,7 +288,7 @@ class KVClient:
         if not keys:
             return []
         transport = self.transport
-        outs = [device.writable(o, transport.moves_device_memory) for o in out] if out is not None else None
+        outs = device.writables(out, transport.moves_device_memory) if out is not None else None
         stats = TransferStats()
         result = self._fetch(_digests(keys), outs, stats)
         self.last_transfer = stats

@@ -7,7 +7,7 @@ copy, but the transfer itself never stages through host memory.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import xxhash
@@ -64,3 +64,22 @@ def readable(obj: Any, device_ok: bool) -> Any:
 
 def writable(obj: Any, device_ok: bool) -> Any:
     return readable(obj, device_ok) if is_device(obj) else as_writable(obj)
+
+
+def _flat_bytes_array(obj: Any) -> bool:
+    """A 1-D C-contiguous uint8 numpy array: a flat byte view already, as engines and the benchmarks pass blocks."""
+    return type(obj) is np.ndarray and obj.dtype == _UINT8 and obj.ndim == 1 and obj.flags.c_contiguous
+
+
+_UINT8 = np.dtype(np.uint8)
+
+
+def readables(objs: Sequence[Any], device_ok: bool) -> list[Any]:
+    """readable() of each block of a call; flat uint8 arrays pass as they are. Making a view of each of a
+    call's 512 blocks of 64 KiB cost ~3 us a block, a third of the time of the copy itself."""
+    return [o if _flat_bytes_array(o) else readable(o, device_ok) for o in objs]
+
+
+def writables(objs: Sequence[Any], device_ok: bool) -> list[Any]:
+    """writable() of each output buffer of a call; flat, writable uint8 arrays pass as they are (as readables)."""
+    return [o if _flat_bytes_array(o) and o.flags.writeable else writable(o, device_ok) for o in objs]
