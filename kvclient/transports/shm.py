@@ -26,12 +26,13 @@ import mmap
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from typing import Sequence
 
 import numpy as np
 
 from kvclient.errors import LeaseError, UnavailableError
+from kvclient.helper_thread import HelperThread
 from kvclient.integrity import checksum_error
 from kvclient.transports import device
 from kvclient.transports.base import SlotRef, TransferStats, Transport
@@ -124,8 +125,7 @@ class ShmTransport(Transport):
             os.close(fd)
         self.pool = np.frombuffer(self._mmap, dtype=np.uint8)
         self._populator = PagePopulator(self.pool.ctypes.data, shm_size)
-        self._helper: ThreadPoolExecutor | None = None  # runs the read-ahead while the Pin is in flight
-        self._helper_pid = os.getpid()
+        self._helper = HelperThread("kvclient-shm")  # runs the read-ahead while the Pin is in flight
         self._slot_cache: dict[bytes, tuple[int, int, int]] = {}  # key -> (offset, size, checksum) when last pinned
         self.early_copies = (os.cpu_count() or 1) >= READ_AHEAD_MIN_CPUS  # read_ahead on; tests switch it on anywhere
 
@@ -181,9 +181,6 @@ class ShmTransport(Transport):
         slots = [SlotRef(i, off, size, 0, crc) for i, (off, size, crc) in enumerate(guesses)]
         if any(device.is_device(o) or device.nbytes(o) != s.size_bytes for o, s in zip(outs, slots)):
             return None
-        if self._helper is None or self._helper_pid != os.getpid():  # a forked child has none of the parent's threads
-            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvclient-shm")
-            self._helper_pid = os.getpid()
         dests = [np.frombuffer(o, dtype=np.uint8) for o in outs]
         return _EarlyCopies(self._helper.submit(self._copy_guessed, slots, dests))
 
@@ -212,8 +209,7 @@ class ShmTransport(Transport):
 
     def close(self) -> None:
         self._populator.stop()
-        if self._helper is not None:
-            self._helper.shutdown()
+        self._helper.close()
         self.pool = None
         try:
             self._mmap.close()
