@@ -6,7 +6,8 @@ skews each alike): kvstore (a real `kvstore serve`, clients as bench/throughput.
 `contains` of 1024 keys), Redis 7 (its own redis-server; redis-py over TCP and a Unix socket, pipelined
 SET/GET, EXISTS of 1024 keys in one pipeline), Mooncake Store embedded (the client holds the segment) and
 standalone (a store process holds it, the client reaches it over loopback TCP; bench/peers_mooncake.py),
-and the references: numpy memcpy of the same blocks and one loopback TCP stream. Each system puts the same
+and the references: numpy memcpy of the same blocks, one loopback TCP stream, and bare grpcio moving them
+(grpc_bare.py: the ceiling of any Python gRPC path here). Each system puts the same
 working set once in calls of --call-mib and gets it back --passes times into resident buffers (peers_common.py).
 
 Per round, a row per path: kvstore, the best peer on that path, the ratio, and a reference. At the end,
@@ -32,6 +33,7 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(1, str(BENCH_DIR.parent))
 
 from peers_common import CONTAINS_BLOCK_BYTES, CONTAINS_KEYS, LoopShape, PeerAbsent, contains_ms, metric  # noqa: E402
+from grpc_bare import bare_grpc_round  # noqa: E402
 from throughput import KIB, MIB, UCX_SERVER_ENV, memcpy_reference, run_transport, tcp_reference  # noqa: E402
 
 PEER_NAMES = ("redis", "mooncake-embedded", "mooncake-standalone")
@@ -60,8 +62,9 @@ class Target:
 
 
 PATHS = (
-    PathRow("gRPC get 1 MiB", "kvstore-grpc get 1 MiB", ("redis-tcp get 1 MiB", "redis-unix get 1 MiB", "mooncake-standalone get 1 MiB"), "tcp recv 1 MiB"),
-    PathRow("gRPC put 1 MiB", "kvstore-grpc put 1 MiB", ("redis-tcp put 1 MiB", "redis-unix put 1 MiB", "mooncake-standalone put 1 MiB"), "tcp recv 1 MiB"),
+    # The gRPC rows' reference is grpcio itself moving the same blocks with no store behind it (grpc_bare.py): its ceiling here.
+    PathRow("gRPC get 1 MiB", "kvstore-grpc get 1 MiB", ("redis-tcp get 1 MiB", "redis-unix get 1 MiB", "mooncake-standalone get 1 MiB"), "grpc-bare get 1 MiB"),
+    PathRow("gRPC put 1 MiB", "kvstore-grpc put 1 MiB", ("redis-tcp put 1 MiB", "redis-unix put 1 MiB", "mooncake-standalone put 1 MiB"), "grpc-bare put 1 MiB"),
     PathRow("shm get 64 KiB", "kvstore-shm get 64 KiB", ("mooncake-embedded get 64 KiB", "redis-unix get 64 KiB"), "memcpy copy 64 KiB"),
     PathRow("shm get 1 MiB", "kvstore-shm get 1 MiB", ("mooncake-embedded get 1 MiB", "redis-unix get 1 MiB"), "memcpy copy 1 MiB"),
     PathRow("shm put 1 MiB", "kvstore-shm put 1 MiB", ("mooncake-embedded put 1 MiB", "redis-unix put 1 MiB"), "memcpy copy 1 MiB"),
@@ -92,6 +95,7 @@ def references_round(shape: LoopShape) -> dict[str, float]:
     for size in (64 * KIB, MIB):
         out[metric("memcpy", "copy", size)] = memcpy_reference(size, args).gbps
         out[metric("tcp", "recv", size)] = tcp_reference(size, args).gbps
+    out |= bare_grpc_round(MIB, shape)
     return out
 
 
@@ -231,6 +235,10 @@ def print_targets(rounds: list[dict[str, float]]) -> None:
             met = r <= target.ratio if target.lower_is_better else r >= target.ratio
             verdict = f"{r:6.2f}x  {'PASS' if met else 'MISS'}"
         print(f"  {target.label:<52} {verdict}")
+    for op in ("get", "put"):  # how far grpcio alone gets on this host: the part of a gRPC miss no store code can close
+        ceiling = median_ratio(rounds, f"grpc-bare {op} 1 MiB", ("redis-tcp " + op + " 1 MiB",), False)
+        if ceiling is not None:
+            print(f"  {'  (ceiling: bare grpcio ' + op + ' 1MiB / Redis TCP)':<52} {ceiling:6.2f}x")
 
 
 # ---- main -----------------------------------------------------------------------------

@@ -112,3 +112,11 @@ def test_targets_take_the_median_of_per_round_ratios_against_the_best_named_peer
     # round 1 against the faster standalone (2.0), round 2 against embedded (0.25), round 3 (3.0): median 2.0
     assert peers.median_ratio(rounds, "kvstore contains", ("mooncake-embedded contains", "mooncake-standalone contains"), True) == 2.0
     assert peers.median_ratio([{"a": 1.0}], "a", ("absent",), False) is None
+
+
+def test_the_bare_grpc_anchor_moves_the_blocks_it_was_given_back_byte_exact():
+    """grpcio with no store behind it: what it is given comes back (put_get_gbps checks the bytes), at a rate."""
+    from grpc_bare import bare_grpc_round
+
+    got = bare_grpc_round(MIB, LoopShape(working_set=8 * MIB, call_bytes=4 * MIB, passes=1))
+    assert set(got) == {"grpc-bare put 1 MiB", "grpc-bare get 1 MiB"} and all(v > 0 for v in got.values())
