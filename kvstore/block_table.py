@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 ID_BITS = 62  # random lease and pin ids: guessing a live one is hopeless, and ownership is checked anyway
 LANDING_TIER = Tier.HOST  # where a write lease reserves its slot: the memory clients write into
-PIN_TABLE_ABI = 2  # csrc/kvstore_native/pin_table.c PIN_TABLE_ABI
+PIN_TABLE_ABI = 3  # csrc/kvstore_native/pin_table.c PIN_TABLE_ABI
 _size = attrgetter("size")
 
 # The per-key Pin bookkeeping in C (kvwire/native.py says when), bound to BlockMeta's fields.
@@ -214,7 +214,12 @@ class BlockTable:
 
     def present(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes]) -> bytes:
         """One byte a key, 1 where the tenant's block of it is stored under fingerprint_id: leading_present's
-        walk over every key (not counted here: the caller counts hits once it has asked peers too)."""
+        walk over every key (not counted here: the caller counts hits once it has asked peers too). In C where
+        built; the comprehension below is its definition."""
+        if pin_table is not None:
+            answer = pin_table.present(self.index.blocks, tenant_tag(tenant), keys, fingerprint_id)
+            if answer is not NotImplemented:
+                return answer
         tag, find = tenant_tag(tenant), self.index.get
         return bytes([(meta := find(tag + key)) is not None and meta.fingerprint_id == fingerprint_id for key in keys])
 

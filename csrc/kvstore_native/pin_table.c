@@ -28,7 +28,7 @@
 #define Py_READONLY READONLY
 #endif
 
-#define PIN_TABLE_ABI 2
+#define PIN_TABLE_ABI 3
 
 /* BlockMeta's fields, bound once (bind) to the class block_table passes. */
 static PyTypeObject *meta_type = NULL;
@@ -493,6 +493,53 @@ static PyObject *unpin_blocks(PyObject *self, PyObject *const *args, Py_ssize_t 
  * equal, store._check_keys's two rules. False for anything else, for the caller to find and name what is wrong.
  * The lengths in one C loop (a Python loop over len() cost 11 us for 512 keys), the duplicates by a set, as
  * Python's set(keys) finds them. */
+/* present(blocks, tag, keys, fingerprint_id) -> bytes | NotImplemented
+ *
+ * block_table.present: one byte a key, 1 where tag + key names a block stored under fingerprint_id. A
+ * contains of 1024 keys spent ~90 us of its ~0.3 ms in the Python comprehension's lookups. Changes nothing. */
+static PyObject *present(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "present(blocks, tag, keys, fingerprint_id)");
+        return NULL;
+    }
+    PyObject *blocks = args[0], *tag = args[1], *keys = args[2], *fingerprint_id = args[3];
+    if (meta_type == NULL || !PyDict_CheckExact(blocks) || !PyBytes_CheckExact(tag) ||
+        !(PyList_CheckExact(keys) || PyTuple_CheckExact(keys)) || !PyBytes_CheckExact(fingerprint_id))
+        Py_RETURN_NOTIMPLEMENTED;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(keys), fp_len = PyBytes_GET_SIZE(fingerprint_id);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n), *scratch = NULL;
+    if (out == NULL) return NULL;
+    char *flags = PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PySequence_Fast_GET_ITEM(keys, i);
+        if (!PyBytes_CheckExact(key)) goto not_ours;
+        PyObject *skey = storage_key(&scratch, tag, key);
+        if (skey == NULL) goto failed;
+        PyObject *meta = PyDict_GetItemWithError(blocks, skey);  /* borrowed */
+        Py_DECREF(skey);
+        if (meta == NULL) {
+            if (PyErr_Occurred()) goto failed;
+            flags[i] = 0;
+            continue;
+        }
+        if (!Py_IS_TYPE(meta, meta_type)) goto not_ours;
+        PyObject *fp = *(PyObject **)((char *)meta + m_fingerprint_id->offset);
+        if (fp == NULL || !PyBytes_CheckExact(fp)) goto not_ours;
+        flags[i] = PyBytes_GET_SIZE(fp) == fp_len && memcmp(PyBytes_AS_STRING(fp), PyBytes_AS_STRING(fingerprint_id), (size_t)fp_len) == 0;
+    }
+    Py_XDECREF(scratch);
+    return out;
+not_ours:
+    Py_XDECREF(scratch);
+    Py_DECREF(out);
+    Py_RETURN_NOTIMPLEMENTED;
+failed:
+    Py_XDECREF(scratch);
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyObject *distinct_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 2) {
@@ -517,6 +564,8 @@ static PyObject *distinct_keys(PyObject *self, PyObject *const *args, Py_ssize_t
 
 static PyMethodDef methods[] = {
     {"distinct_keys", (PyCFunction)(void (*)(void))distinct_keys, METH_FASTCALL, "distinct_keys(keys, key_bytes) -> bool"},
+    {"present", (PyCFunction)(void (*)(void))present, METH_FASTCALL,
+     "present(blocks, tag, keys, fingerprint_id) -> bytes (a flag a key) | NotImplemented"},
     {"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL, "bind(BlockMeta, OrderedDict) -> bool"},
     {"pin_leading", (PyCFunction)(void (*)(void))pin_leading, METH_FASTCALL,
      "pin_leading(blocks, lru, tag, keys, fingerprint_id, now) -> list[BlockMeta] | NotImplemented"},

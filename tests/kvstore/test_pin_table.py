@@ -200,3 +200,17 @@ def test_pin_found_changes_what_the_reference_changes_and_refuses_alike(both_way
     answers, (pins, *_) = both_ways(run, seed=8)
     assert answers[1] == ([3, 5], [b"already", key(70), key(71)]) and answers[2] == ([], [b"already", key(99)])
     assert pins[:6] == [1, 1, 1, 2, 1, 2]  # the refused call pinned nothing
+
+
+def test_present_flags_what_the_reference_flags_and_changes_nothing(both_ways):
+    """A flag a key: stored under the fingerprint asked (1), absent or under another fingerprint (0), another tenant's (0)."""
+    names = [key(i) for i in (0, 5, 40, 41, 63, 64, 1000)] + [key(i) for i in range(64)]
+
+    def run(table: BlockTable, metas):
+        return (table.present("alice", FP, names), table.present("alice", OTHER_FP, names), table.present("bob", FP, names),
+                table.present("alice", FP, []))
+
+    ours, other, bob, empty = both_ways(run, 7)[0]
+    assert ours[:7] == bytes([1, 1, 0, 0, 1, 0, 0]) and other[:7] == bytes([0, 0, 1, 1, 0, 0, 0])
+    assert bob == bytes(len(names)) and empty == b""
+    assert block_table.pin_table.present(dict(), b"t", [key(1), "not bytes"], FP) is NotImplemented
