@@ -369,46 +369,69 @@ static PyObject *packed_tuple(const unsigned char *p, const unsigned char *stop)
     return column;
 }
 
-/* decode_pin_response(payload) -> (pin_id, expires_unix_ms, offsets, lengths, checksums) | NotImplemented
- *
- * The columns as protobuf's serializer writes them: each packed, at most once. A column split over
- * several fields, or unpacked, is legal protobuf that no server of ours sends: the reference reads it. */
-PyObject *kvn_decode_pin_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    Py_buffer view;
-    KVN_ONE_BUFFER("decode_pin_response(payload)", &view);
-    const unsigned char *p = view.buf, *end = p + view.len;
-    PyObject *columns[3] = {NULL, NULL, NULL}, *result = NULL;
-    uint64_t pin_id = 0, expires = 0, len;
+/* Where a PinResponse's fields lie, as protobuf's serializer writes them: each column (offsets, lengths,
+ * checksums, tiers, hbm_offsets) packed, at most once, with its count of values. */
+typedef struct {
+    uint64_t pin_id, expires, pool_id;
+    const unsigned char *at[PIN_COLUMNS], *stop[PIN_COLUMNS];
+    Py_ssize_t count[PIN_COLUMNS];
+} pin_response_t;
+
+/* 1 where payload parses so; 0 for anything else (a column split over several fields, or unpacked, is
+ * legal protobuf that no server of ours sends: the reference reads it), with no Python error set. */
+static int scan_pin_response(const unsigned char *p, const unsigned char *end, pin_response_t *r) {
+    memset(r, 0, sizeof *r);
     while (p < end) {
-        uint64_t tag;
-        p = get_varint(p, end, &tag);
-        if (p == NULL) goto not_ours;
+        uint64_t tag, len;
+        if ((p = get_varint(p, end, &tag)) == NULL) return 0;
         switch (tag) {
             case 1 << 3:
-                p = get_varint(p, end, &pin_id);
+                p = get_varint(p, end, &r->pin_id);
                 break;
             case 3 << 3:
-                p = get_varint(p, end, &expires);
+                p = get_varint(p, end, &r->expires);
+                break;
+            case 12 << 3:
+                p = get_varint(p, end, &r->pool_id);
                 break;
             case 4 << 3 | 2:
             case 5 << 3 | 2:
-            case 6 << 3 | 2: {
-                int c = (int)(tag >> 3) - 4;
+            case 6 << 3 | 2:
+            case 10 << 3 | 2:
+            case 11 << 3 | 2: {
+                int field = (int)(tag >> 3), c = field <= 6 ? field - 4 : field - 7;
                 p = get_varint(p, end, &len);
-                if (p == NULL || len > (uint64_t)(end - p) || columns[c] != NULL) goto not_ours;
-                if ((columns[c] = packed_tuple(p, p + len)) == NULL) goto not_ours;
+                if (p == NULL || len > (uint64_t)(end - p) || r->at[c] != NULL) return 0;
+                r->at[c] = p;
+                r->stop[c] = p + len;
+                for (const unsigned char *q = p; q < r->stop[c]; q++) r->count[c] += !(*q & 0x80);
                 p += len;
                 break;
             }
             default:
-                goto not_ours;
+                return 0;
         }
-        if (p == NULL) goto not_ours;
+        if (p == NULL) return 0;
     }
-    for (int c = 0; c < 3; c++)
-        if (columns[c] == NULL && (columns[c] = PyTuple_New(0)) == NULL) goto done;
-    result = Py_BuildValue("(KLOOO)", (unsigned long long)pin_id, (long long)(int64_t)expires, columns[0], columns[1], columns[2]);
+    return 1;
+}
+
+/* decode_pin_response(payload) -> (pin_id, expires_unix_ms, offsets, lengths, checksums) | NotImplemented
+ *
+ * Answers with HBM columns are the reference's (this tuple has no place for them). */
+PyObject *kvn_decode_pin_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    Py_buffer view;
+    KVN_ONE_BUFFER("decode_pin_response(payload)", &view);
+    PyObject *columns[3] = {NULL, NULL, NULL}, *result = NULL;
+    pin_response_t r;
+    if (!scan_pin_response(view.buf, (const unsigned char *)view.buf + view.len, &r) || r.at[3] || r.at[4] || r.pool_id)
+        goto not_ours;
+    for (int c = 0; c < 3; c++) {
+        columns[c] = r.at[c] != NULL ? packed_tuple(r.at[c], r.stop[c]) : PyTuple_New(0);
+        if (columns[c] == NULL) goto not_ours;
+    }
+    result = Py_BuildValue("(KLOOO)", (unsigned long long)r.pin_id, (long long)(int64_t)r.expires, columns[0], columns[1], columns[2]);
     goto done;
 not_ours:
     PyErr_Clear();
@@ -432,65 +455,30 @@ static int packed_values(const unsigned char *p, const unsigned char *stop, uint
  * decode_pin_response's answer with its columns as one bytes object of native-endian uint64s (offsets,
  * lengths, checksums, then, where hbm_columns is 2, tiers and hbm_offsets: 3n or 5n values) and the
  * lengths' sum: no int object per value (1,000 of them for a 512-block Pin, ~15 us). Only where the
- * columns are as long as each other; anything else (and what decode_pin_response leaves to the
+ * columns are as long as each other; anything else (and what scan_pin_response leaves to the
  * reference) is NotImplemented. */
 PyObject *kvn_decode_pin_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     Py_buffer view;
     KVN_ONE_BUFFER("decode_pin_columns(payload)", &view);
-    const unsigned char *p = view.buf, *end = p + view.len;
-    const unsigned char *at[PIN_COLUMNS] = {NULL, NULL, NULL, NULL, NULL}, *stop[PIN_COLUMNS] = {NULL, NULL, NULL, NULL, NULL};
-    Py_ssize_t count[PIN_COLUMNS] = {0, 0, 0, 0, 0};
     PyObject *cells = NULL, *result = NULL;
-    uint64_t pin_id = 0, expires = 0, pool_id = 0, len;
-    while (p < end) {
-        uint64_t tag;
-        p = get_varint(p, end, &tag);
-        if (p == NULL) goto not_ours;
-        switch (tag) {
-            case 1 << 3:
-                p = get_varint(p, end, &pin_id);
-                break;
-            case 3 << 3:
-                p = get_varint(p, end, &expires);
-                break;
-            case 12 << 3:
-                p = get_varint(p, end, &pool_id);
-                break;
-            case 4 << 3 | 2:
-            case 5 << 3 | 2:
-            case 6 << 3 | 2:
-            case 10 << 3 | 2:
-            case 11 << 3 | 2: {
-                int field = (int)(tag >> 3), c = field <= 6 ? field - 4 : field - 7;
-                p = get_varint(p, end, &len);
-                if (p == NULL || len > (uint64_t)(end - p) || at[c] != NULL) goto not_ours;
-                at[c] = p;
-                stop[c] = p + len;
-                for (const unsigned char *q = p; q < stop[c]; q++) count[c] += !(*q & 0x80);
-                p += len;
-                break;
-            }
-            default:
-                goto not_ours;
-        }
-        if (p == NULL) goto not_ours;
-    }
-    Py_ssize_t n = count[0];
-    if (count[1] != n || count[2] != n) goto not_ours;
+    pin_response_t r;
+    if (!scan_pin_response(view.buf, (const unsigned char *)view.buf + view.len, &r)) goto not_ours;
+    Py_ssize_t n = r.count[0];
+    if (r.count[1] != n || r.count[2] != n) goto not_ours;
     /* The HBM columns come together, each a value per block, or not at all (then a pool id means nothing). */
-    int n_columns = at[3] != NULL || at[4] != NULL ? 5 : 3;
-    if (n_columns == 5 && (count[3] != n || count[4] != n)) goto not_ours;
+    int n_columns = r.at[3] != NULL || r.at[4] != NULL ? 5 : 3;
+    if (n_columns == 5 && (r.count[3] != n || r.count[4] != n)) goto not_ours;
     if ((cells = PyBytes_FromStringAndSize(NULL, n_columns * n * (Py_ssize_t)sizeof(uint64_t))) == NULL) goto done;
     uint64_t *values = (uint64_t *)PyBytes_AS_STRING(cells), payload_bytes = 0;
     for (int c = 0; c < n_columns; c++)
-        if (n && !packed_values(at[c], stop[c], values + c * n, n)) goto not_ours;
+        if (n && !packed_values(r.at[c], r.stop[c], values + c * n, n)) goto not_ours;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (values[n + i] > UINT64_MAX - payload_bytes) goto not_ours;
         payload_bytes += values[n + i];
     }
-    result = Py_BuildValue("(KLOnKiK)", (unsigned long long)pin_id, (long long)(int64_t)expires, cells, n,
-                           (unsigned long long)payload_bytes, n_columns - 3, (unsigned long long)pool_id);
+    result = Py_BuildValue("(KLOnKiK)", (unsigned long long)r.pin_id, (long long)(int64_t)r.expires, cells, n,
+                           (unsigned long long)payload_bytes, n_columns - 3, (unsigned long long)r.pool_id);
     goto done;
 not_ours:
     PyErr_Clear();
