@@ -183,15 +183,7 @@ class UcxTransport(Transport):
             digests[i] = d
         for i, d in zip(lone, checksums([sources[i] for i in lone], None, [sizes[i] for i in lone])):
             digests[i] = d
-        messages, pos = [], 0
-        for g in groups:
-            if len(g) == 1:
-                messages.append(sources[g.start])
-                continue
-            n = sum(sizes[g.start : g.stop])
-            messages.append(staging[pos : pos + n])
-            pos += n
-        return messages, digests
+        return _group_buffers(groups, sizes, sources, staging), digests
 
     def read_keys(self, fingerprint_id: bytes, keys, outs, stats: TransferStats) -> list[Any]:
         """One UCX round trip: the server pins the keys, replies with their checksums, sends the slots and drops the pin.
@@ -300,10 +292,16 @@ def _receive_plan(sizes: list[int], dests: list[Any]) -> tuple[int, list[range]]
 def _landing(groups: list[range], sizes: list[int], dests: list[Any], staging: "Staging") -> list[Any]:
     """The buffer each message lands in: the caller's own for a lone block, a piece of the staging for a packed run."""
     area = staging.take(sum(sum(sizes[g.start : g.stop]) for g in groups if len(g) > 1))
+    return _group_buffers(groups, sizes, dests, area)
+
+
+def _group_buffers(groups: list[range], sizes: list[int], own: Sequence[Any], area: Any) -> list[Any]:
+    """One buffer per message, in order: a lone block's own buffer, or the next piece of area for a packed run
+    (a send's staged blocks, a receive's landing area)."""
     buffers, pos = [], 0
     for g in groups:
         if len(g) == 1:
-            buffers.append(dests[g.start])
+            buffers.append(own[g.start])
             continue
         n = sum(sizes[g.start : g.stop])
         buffers.append(area[pos : pos + n])
