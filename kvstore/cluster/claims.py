@@ -70,6 +70,18 @@ class ClusterClaims:
     def close(self) -> None:
         self._background.shutdown(wait=False, cancel_futures=True)
 
+    def _wait_on_own_claims(self, skeys: Sequence[bytes], positions: list[int], behind: dict[bytes, list[int]],
+                            home: dict[bytes, str], lapses_at: dict[bytes, float]) -> None:
+        """Once a chain's head is no longer claimed, each key that waited behind it waits on its own claim, at its
+        own home: the winner claimed those too, and each claim ends when that block's home has it (stored, so a
+        lookup there finds it). The head's home may learn of its block first; a waiter that stopped there could
+        find the rest not yet announced, MISSING, and compute them again."""
+        for name, at in self._first_homes(self.identity()[1], [skeys[i] for i in positions]).items():
+            for k in at:
+                i = positions[k]
+                behind[skeys[i]], home[skeys[i]] = [i], name
+                lapses_at[skeys[i]] = time.monotonic() + WAIT_SLICE_S  # until its home answers with the claim's own
+
     def _first_homes(self, view: ClusterView, skeys: Sequence[bytes]) -> dict[str, list[int]]:
         revision, ring = self._ring
         if revision != view.revision:
@@ -216,9 +228,11 @@ class ClusterClaims:
                 answers[self.me] = self.table.wait(mine, local_s, lambda: live_holders(self.identity()[1]), is_active)
                 asks[self.me] = mine
             still: dict[bytes, list[int]] = {}
+            followers: list[int] = []  # keys that waited behind a head whose claim just ended
             with self._lock:
                 for name, answer in answers.items():
-                    if isinstance(answer, KVStoreError):
+                    answered = not isinstance(answer, KVStoreError)
+                    if not answered:
                         log.debug("waiting on claims at %s failed (counted as ended): %s", name, answer)
                         answer = []
                     claimed_now = dict(answer)
@@ -232,7 +246,11 @@ class ClusterClaims:
                         else:
                             for i in waiting:
                                 self._pending.pop(skeys[i], None)
+                            if answered:  # an unreachable home's keys count as unclaimed, its chains' too
+                                followers += [i for i in waiting if skeys[i] != claimed]
+            if followers:
+                self._wait_on_own_claims(skeys, followers, still, home, lapses_at)
             behind = still
-            if behind and time.monotonic() - sliced_at < slice_s / 2:  # a busy home answered at once: poll, do not spin
+            if behind and not followers and time.monotonic() - sliced_at < slice_s / 2:  # a busy home answered at once: poll, do not spin
                 time.sleep(min(WAIT_POLL_S, max(0.0, deadline - time.monotonic() - WAIT_MARGIN_S)))
         return {}
