@@ -31,4 +31,5 @@ routing_policy.py  cache locality and load, scored
 router.py          the HTTP front end: choice, retries, streaming
 deploy.py          one command for a local store + prefill + decode + router
 deploy_cluster.py  the same with --nodes N: etcd, N cluster nodes, a prefill and a decode worker per node
+orphan_guard.py    runs a deployed part so the kernel stops it when deploy dies (no fork in deploy)
 """

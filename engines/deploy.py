@@ -30,23 +30,11 @@ from typing import Callable
 
 from engines.presets import PRESETS, ensure_random_checkpoint
 
-_PR_SET_PDEATHSIG = 1
-
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """Children get SIGTERM if this process dies without cleaning up (SIGKILL, say); Linux only."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 @dataclass
@@ -62,9 +50,11 @@ class Child:
         shown = " ".join(f"{k}={v}" for k, v in self.env.items() if "TOKEN" not in k)  # tokens stay out of logs
         print(f"starting {self.name}: {shown + ' ' if shown else ''}{shlex.join(self.args)}  (log: {self.log_path})", flush=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **self.env} if self.env else None,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+            # SIGTERM if this process dies without cleaning up (SIGKILL, say), armed by engines.orphan_guard:
+            # no preexec_fn here, whose fork() would run gRPC's fork handlers in the child (see that module)
+            guarded = [sys.executable, "-m", "engines.orphan_guard", str(os.getpid()), *self.args]
+            self.proc = subprocess.Popen(guarded, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **self.env} if self.env else None, start_new_session=True)
         return self
 
     def wait_ready(self, deadline: float) -> None:
