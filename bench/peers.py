@@ -2,7 +2,7 @@
 
 Every round measures, one after the other on this host (the order rotating by round, so a busy machine
 skews each alike): kvstore (a real `kvstore serve`, clients as bench/throughput.py runs them: gRPC get/put
-1 MiB, shm get 64 KiB and 1 MiB, shm put 1 MiB, UCX get 64 KiB over loopback TCP, 4-client shm get 1 MiB,
+1 MiB, shm get 64 KiB and 1 MiB, shm put 1 MiB, UCX get 64 KiB and get/put 1 MiB over loopback TCP, 4-client shm get 1 MiB,
 `contains` of 1024 keys), Redis 7 (its own redis-server; redis-py over TCP and a Unix socket, pipelined
 SET/GET, EXISTS of 1024 keys in one pipeline), Mooncake Store embedded (the client holds the segment) and
 standalone (a store process holds it, the client reaches it over loopback TCP; bench/peers_mooncake.py),
@@ -69,6 +69,9 @@ PATHS = (
     PathRow("shm get 1 MiB", "kvstore-shm get 1 MiB", ("mooncake-embedded get 1 MiB", "redis-unix get 1 MiB"), "memcpy copy 1 MiB"),
     PathRow("shm put 1 MiB", "kvstore-shm put 1 MiB", ("mooncake-embedded put 1 MiB", "redis-unix put 1 MiB"), "memcpy copy 1 MiB"),
     PathRow("UCX get 64 KiB", "kvstore-ucx get 64 KiB", ("mooncake-standalone get 64 KiB", "redis-tcp get 64 KiB"), "tcp recv 64 KiB"),
+    # The remote bulk path beside gRPC (UCX over loopback TCP): what a remote client that can load UCX gets instead.
+    PathRow("UCX get 1 MiB", "kvstore-ucx get 1 MiB", ("redis-tcp get 1 MiB", "mooncake-standalone get 1 MiB"), "tcp recv 1 MiB"),
+    PathRow("UCX put 1 MiB", "kvstore-ucx put 1 MiB", ("redis-tcp put 1 MiB", "mooncake-standalone put 1 MiB"), "tcp recv 1 MiB"),
     PathRow("shm get 1MiB x4 clients", "kvstore-shm-x4 get 1 MiB", (), "memcpy copy 1 MiB"),
     PathRow("contains 1024 keys (ms)", "kvstore contains",
             ("mooncake-embedded contains", "mooncake-standalone contains", "redis-tcp contains", "redis-unix contains"), None, True),
@@ -102,7 +105,7 @@ def references_round(shape: LoopShape) -> dict[str, float]:
 class KVStoreSystem:
     """A real `kvstore serve`; data paths through bench/throughput.py's client processes, contains in process."""
 
-    RUNS = (("shm", 1, (64 * KIB, MIB)), ("shm", 4, (MIB,)), ("grpc", 1, (MIB,)), ("ucx", 1, (64 * KIB,)))
+    RUNS = (("shm", 1, (64 * KIB, MIB)), ("shm", 4, (MIB,)), ("grpc", 1, (MIB,)), ("ucx", 1, (64 * KIB, MIB)))
 
     def __init__(self, work_dir: Path, shape: LoopShape, with_ucx: bool) -> None:
         from tests.serverproc import ServerProc
