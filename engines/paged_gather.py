@@ -94,11 +94,16 @@ class PagedGatherKernel:
         self._kernel = function
 
     @staticmethod
+    def table(plan: GatherPlan) -> np.ndarray:
+        """The [2, n] int64 table the kernel reads: each block's source offset, then its page."""
+        return np.stack([plan.offsets, plan.pages])
+
+    @staticmethod
     def upload(plan: GatherPlan, device: torch.device, stream: torch.cuda.Stream,
                uploads: PinnedUploads | None = None) -> torch.Tensor:
-        """The plan's offsets and pages as one [2, n] int64 device tensor, copied on stream (ordered before the launches),
+        """The plan's table as one [2, n] int64 device tensor, copied on stream (ordered before the launches),
         through uploads' reused page-locked buffers where given (a load's critical path), else a fresh one."""
-        table = np.stack([plan.offsets, plan.pages])
+        table = PagedGatherKernel.table(plan)
         if uploads is not None:
             return uploads.upload(table, device, stream)
         host = torch.from_numpy(table).pin_memory()

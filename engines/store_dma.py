@@ -24,11 +24,13 @@ import torch
 
 from engines.block_checksum import paged_kernel, supports
 from engines.layerwise import CacheGeometry, Copy2D, plan_layer_copies, run_on_cuda
-from engines.paged_gather import DEFAULT_CTAS, BoundGather, gather_kernel, layer_groups, plan_gather
+from engines.paged_gather import (DEFAULT_CTAS, BoundGather, GatherPlan, PagedGatherKernel, gather_kernel, layer_groups,
+                                  plan_gather)
 from engines.paged_cache import PagedKVCache
-from engines.pinned_uploads import PinnedUploads
+from engines.pinned_uploads import PinnedDownloads, PinnedUploads
 from kvclient.client import KVClient, PinnedBlocks, SlotRef, TransferStats
 from kvclient.errors import CapacityExhaustedError, InvalidRequestError
+from kvwire.types import Tier
 
 # A block group is copied, then checked by one thread while later groups are still in flight.
 # xxh3 reads DRAM at only ~6 GB/s a core on the H100 host, so matching its ~50 GB/s DMA takes many threads.
@@ -46,6 +48,10 @@ KERNEL_MAX_COMPUTE_TOKENS = 64
 # The same kernel reading the store's HBM pool: device memory answers in far less time than PCIe, so more
 # CTAs keep more of its bandwidth busy (the pass beside it computes at most KERNEL_MAX_COMPUTE_TOKENS).
 HBM_GATHER_CTAS = int(os.environ.get("KVSTORE_HBM_GATHER_CTAS", "128"))
+# Its grid beside a pass computing more than KERNEL_MAX_COMPUTE_TOKENS: a few CTAs still move an HBM-resident prefix
+# in well under a layer's compute and leave the multiprocessors to the pass, where the copy engines' pitched copies
+# cost the launching thread a planning pass and a call per run and layer.
+HBM_GATHER_CTAS_BESIDE_PASS = int(os.environ.get("KVSTORE_HBM_GATHER_CTAS_BESIDE_PASS", "16"))
 CUDA_HOST_REGISTER_PORTABLE, CUDA_HOST_REGISTER_MAPPED = 1, 2
 CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM = 91  # cudaDevAttrCanUseHostPointerForRegisteredMem
 
@@ -129,16 +135,19 @@ class DmaWorkers:
     pool, the check starter waits for a load to land and fans its checks out, one copy stream per device.
     host_copy picks how host-pool blocks move (HOST_COPY), gather_ctas the kernel's grid."""
 
-    def __init__(self, host_copy: str | None = None, gather_ctas: int = DEFAULT_CTAS, hbm_gather_ctas: int = HBM_GATHER_CTAS) -> None:
+    def __init__(self, host_copy: str | None = None, gather_ctas: int = DEFAULT_CTAS, hbm_gather_ctas: int = HBM_GATHER_CTAS,
+                 hbm_gather_ctas_beside_pass: int = HBM_GATHER_CTAS_BESIDE_PASS) -> None:
         self.host_copy = host_copy or HOST_COPY
         if self.host_copy not in ("auto", "kernel", "copy_engines"):
             raise ValueError(f"host_copy {self.host_copy!r}: auto, kernel or copy_engines")
         self.gather_ctas, self.hbm_gather_ctas = gather_ctas, hbm_gather_ctas
+        self.hbm_gather_ctas_beside_pass = hbm_gather_ctas_beside_pass
         self._lock = threading.Lock()
         self._checkers: ThreadPoolExecutor | None = None
         self._check_starter: ThreadPoolExecutor | None = None
         self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
         self.uploads = PinnedUploads()  # the loads' small tables, through reused page-locked buffers
+        self.downloads = PinnedDownloads()  # and the checksum kernel's answers back
 
     def checkers(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -284,36 +293,38 @@ class StreamedPrefixLoad(PrefixLoad):
                  compute_tokens: int | None = None) -> None:
         self._workers, self._registered, self._pinned = workers, registered, pinned
         self._compute_tokens = compute_tokens  # tokens the pass beside this load computes, if known (choose_host_copy)
-        self._slots = pinned.slots[:num_blocks] if num_blocks is not None else pinned.slots
+        # The first n pinned blocks, read as the Pin's columns (pinned.columns): one SlotRef per block cost ~0.25 ms
+        # of an 8k prompt's load on an H200 host, on the thread that then launches the forward pass.
+        self._n = len(pinned) if num_blocks is None else max(0, min(num_blocks, len(pinned)))
         self.stats = pinned.stats  # the client's last_transfer: the Pin, then the copies and checks here
         self._landed: list[torch.cuda.Event] = []
         self._checked = None  # host checks: a future
-        self._hashes: torch.Tensor | None = None  # GPU checks: the kernel's output, ready at _hashed
+        self._hashes: torch.Tensor | None = None  # GPU checks: the kernel's output in page-locked memory, ready at _hashed
         self._hashed: torch.cuda.Event | None = None
+        self._waited: tuple[int, torch.cuda.Event] | None = None  # the last (stream, event) wait_for_layer made wait
         self._done = False
 
     @property
     def num_blocks(self) -> int:
-        return len(self._slots)
+        return self._n
 
     def start(self, cache: PagedKVCache, pages: Sequence[int]) -> "PrefixLoad":
-        """Plan the copies and enqueue the first layer's; the rest, and the checksum kernel behind the
-        last, COPY_LOOKAHEAD layers ahead of each wait_for_layer. Every enqueue is CPU time on the
+        """Plan the copies and enqueue the first layer's; the rest COPY_LOOKAHEAD layers ahead of each
+        wait_for_layer, and the checksum kernel behind the last (_hash_in_pages). Every enqueue is CPU time on the
         thread launching the pass: all sixteen layers' before layer 0's attention left the GPU idle
         ~0.5 ms (8k prompt, 1b model, H100 host), while a copy engine at ~30-50 GB/s stays ahead of
         the layers' compute with two layers of lead. (That lead once left a 2 ms checksum kernel
         behind the last layer; the warp-per-block kernel takes 0.26 ms.)"""
-        if not self._slots:
+        if not self._n:
             return self
         t0 = time.perf_counter()
-        self._cache, self._pages = cache, pages[: len(self._slots)]
+        self._cache, self._pages = cache, np.asarray(pages[: self._n], dtype=np.int64)
         self._geometry = CacheGeometry.of(cache.kv)
         self._num_layers = self._geometry.num_layers
         self._stream = self._workers.copy_stream(cache.device)
         self._stream.wait_stream(torch.cuda.current_stream(cache.device))  # earlier passes may still read these pages
-        self._sources = self._plan_sources()
+        self._sources, self._hash_offsets = self._plan_sources()
         self._groups = self._layer_groups()
-        self._hash_offsets = self._upload_hash_offsets()
         self._began = torch.cuda.Event(enable_timing=True)  # after the plan's own small uploads: dma_ms is the moves
         self._began.record(self._stream)
         self.stats.extra["copies"] = sum(source.calls(self._groups) for source in self._sources)
@@ -322,79 +333,88 @@ class StreamedPrefixLoad(PrefixLoad):
         self._enqueue_through(0)
         return self
 
-    def _plan_sources(self) -> list["_LayerSource"]:
-        """Per source, what moves its blocks layer by layer: the registered host pool (the gather kernel,
-        or the copy engines), and the store's HBM pool for blocks with a copy there (when mapped here and
-        the pages are checked on the GPU), device to device."""
-        pinned, slots, pages = self._pinned, self._slots, self._pages
-        in_hbm = [i for i in pinned.in_hbm() if i < len(slots)] if pinned.hbm is not None else []
-        if in_hbm and not self._checked_on_gpu():
-            in_hbm = []
-        if len(in_hbm) == len(slots):
-            on_host = []
-        else:
-            skip = set(in_hbm)
-            on_host = [i for i in range(len(slots)) if i not in skip]
-        self.stats.extra["hbm_blocks"] = len(in_hbm)
-        sources: list[_LayerSource] = []
-        if on_host:
-            host_pages, host_offsets = [pages[i] for i in on_host], [slots[i].offset for i in on_host]
-            sources.append(self._host_source(host_pages, host_offsets))
-        if in_hbm:
-            sources.append(self._hbm_source([pages[i] for i in in_hbm], [pinned.hbm_offsets[i] for i in in_hbm]))
-        return sources
+    def _plan_sources(self) -> tuple[list["_LayerSource"], torch.Tensor | None]:
+        """Per source, what moves its blocks layer by layer: the registered host pool (the gather kernel, or the
+        copy engines), and the store's HBM pool for blocks with a copy there (when mapped here and the pages are
+        checked on the GPU), device to device; and the checksum kernel's page offsets, or None where the pages
+        are checked on the host. Every table the kernels read goes up in one copy, from page-locked memory, on
+        the copy stream (PinnedUploads.upload_many): built after the last layer, a pageable copy there could
+        hold the host until every layer had landed."""
+        pinned, n, pages = self._pinned, self._n, self._pages
+        columns = pinned.columns
+        on_gpu = self._checked_on_gpu()
+        in_hbm = None
+        if pinned.hbm is not None and len(columns.tiers) and on_gpu:
+            in_hbm = columns.tiers[:n] == Tier.HBM.value
+        hbm_blocks = int(in_hbm.sum()) if in_hbm is not None else 0
+        self.stats.extra["hbm_blocks"] = hbm_blocks
+        planned: list[_LayerSource | _PendingGather] = []
+        if hbm_blocks < n:
+            on_host = ~in_hbm if hbm_blocks else slice(None)
+            planned.append(self._host_source(pages[on_host], columns.offsets[:n][on_host]))
+        if hbm_blocks:
+            planned.append(self._hbm_source(pages[in_hbm], columns.hbm_offsets[:n][in_hbm]))
+        tables = [p.table_words() for p in planned if isinstance(p, _PendingGather)]
+        if on_gpu:
+            tables.append(pages * self._geometry.half_bytes)
+        uploaded = self._workers.uploads.upload_many(tables, self._cache.device, self._stream) if tables else []
+        kv_ptr, tables_on_device = self._cache.kv.data_ptr(), iter(uploaded)
+        sources = [p.bind(next(tables_on_device), kv_ptr, self._stream) if isinstance(p, _PendingGather) else p
+                   for p in planned]
+        return sources, (uploaded[-1] if on_gpu else None)
 
     def _layer_groups(self) -> list[tuple[int, int]]:
         """Layer ranges moved (and waited for) together: one layer each, unless the kernel moves so few bytes
-        a layer that launching layer by layer would leave it waiting on the host (paged_gather.layer_groups)."""
+        a layer that launching layer by layer would leave it waiting on the host (paged_gather.layer_groups).
+        Out of device memory alone (the HBM pool) beside a pass of few tokens, layer 0, then the rest in one
+        launch: the kernel's full grid moves an 8k prefix of a 1b model (256 MiB) in a fraction of a millisecond,
+        ahead of the layers' compute, while each layer's own launch and event cost the thread launching the
+        pass ~35 us (H200 host), which such a pass waits on. Beside a longer pass the kernel's grid is small
+        (hbm_gather_ctas_beside_pass) and the pass is paced by its compute, so layer by layer again."""
         gathered = [s for s in self._sources if isinstance(s, _GatherSource)]
         if not gathered:
             return [(layer, layer + 1) for layer in range(self._num_layers)]
+        short_pass = self._compute_tokens is None or self._compute_tokens <= KERNEL_MAX_COMPUTE_TOKENS
+        if short_pass and all(s.kind == "d2d_kernel" for s in self._sources):
+            return [(0, 1), (1, self._num_layers)] if self._num_layers > 1 else [(0, 1)]
         return layer_groups(self._num_layers, gathered[0].layer_bytes)
 
-    def _upload_hash_offsets(self) -> torch.Tensor | None:
-        """The pages' offsets for the checksum kernel, copied now from page-locked memory on the copy stream:
-        built after the last layer, a pageable copy there could hold the host until every layer had landed."""
-        if not self._checked_on_gpu():
-            return None
-        offsets = np.asarray(self._pages, dtype=np.int64) * self._geometry.half_bytes
-        return self._workers.uploads.upload(offsets, self._cache.device, self._stream)
-
-    def _host_source(self, pages: list[int], offsets: list[int]) -> "_LayerSource":
+    def _host_source(self, pages: np.ndarray, offsets: np.ndarray) -> "_LayerSource | _PendingGather":
         """The gather kernel where asked for (or auto), built and able to read the pool; else the copy engines."""
         registered, workers = self._registered, self._workers
         kernel = gather_kernel() if workers.host_copy != "copy_engines" and registered.device_ptr is not None else None
         plan = plan_gather(self._geometry, pages, offsets, registered.host.numel(), registered.device_ptr,
                            self._cache.kv.data_ptr()) if kernel is not None else None
         if choose_host_copy(workers.host_copy, plan is not None, self._compute_tokens) == "kernel":
-            table = kernel.upload(plan, self._cache.device, self._stream, workers.uploads)
-            return _GatherSource(kernel.bind(plan, table, self._cache.kv.data_ptr(), registered.device_ptr, self._stream,
-                                             workers.gather_ctas), 2 * plan.num_blocks * plan.part_bytes)
-        return _CopySource(plan_layer_copies(self._geometry, pages, offsets), registered.host.data_ptr(), False)
+            return _PendingGather(kernel, plan, registered.device_ptr, workers.gather_ctas, "kernel")
+        return _CopySource(plan_layer_copies(self._geometry, pages.tolist(), offsets.tolist()), registered.host.data_ptr(), False)
 
-    def _hbm_source(self, pages: list[int], offsets: list[int]) -> "_LayerSource":
+    def _hbm_source(self, pages: np.ndarray, offsets: np.ndarray) -> "_LayerSource | _PendingGather":
         """Device to device out of the store's HBM pool: the gather kernel where it builds and the pool sits on
-        the pages' GPU, chosen as for the host pool; else pitched copies on the copy engines. A layer's rows
-        are one page's K or V (16 KiB for a 1b model), and the copy engines moved those at ~90 GB/s (8k
-        prefix, H200), slower than the forward pass they feed; the kernel reads device memory at its pace."""
-        hbm, workers, kv_ptr = self._pinned.hbm, self._workers, self._cache.kv.data_ptr()
+        the pages' GPU (unless the copy engines are asked for), with a grid of hbm_gather_ctas, or of
+        hbm_gather_ctas_beside_pass beside a pass computing more than KERNEL_MAX_COMPUTE_TOKENS; else pitched
+        copies on the copy engines. A layer's rows are one page's K or V (16 KiB for a 1b model), and the copy
+        engines moved those at ~90 GB/s (8k prefix, H200), slower than the forward pass they feed; the kernel
+        reads device memory at its pace."""
+        hbm, workers = self._pinned.hbm, self._workers
         same_gpu = hbm.device == self._cache.device.index
         kernel = gather_kernel() if workers.host_copy != "copy_engines" and same_gpu else None
-        plan = plan_gather(self._geometry, pages, offsets, hbm.size_bytes, hbm.base_ptr, kv_ptr) if kernel is not None else None
-        if plan is not None and choose_host_copy(workers.host_copy, True, self._compute_tokens) == "kernel":
-            table = kernel.upload(plan, self._cache.device, self._stream, workers.uploads)
-            launch = kernel.bind(plan, table, kv_ptr, hbm.base_ptr, self._stream, workers.hbm_gather_ctas)
-            return _GatherSource(launch, 2 * plan.num_blocks * plan.part_bytes, kind="d2d_kernel")
-        return _CopySource(plan_layer_copies(self._geometry, pages, offsets), hbm.base_ptr, True)
+        plan = plan_gather(self._geometry, pages, offsets, hbm.size_bytes, hbm.base_ptr, self._cache.kv.data_ptr()) \
+            if kernel is not None else None
+        if plan is not None:
+            busy = self._compute_tokens is not None and self._compute_tokens > KERNEL_MAX_COMPUTE_TOKENS
+            ctas = workers.hbm_gather_ctas_beside_pass if busy else workers.hbm_gather_ctas
+            return _PendingGather(kernel, plan, hbm.base_ptr, ctas, "d2d_kernel")
+        return _CopySource(plan_layer_copies(self._geometry, pages.tolist(), offsets.tolist()), hbm.base_ptr, True)
 
     def _checked_on_gpu(self) -> bool:
         geometry = self._geometry
         return supports(geometry.half_bytes, 2 * geometry.num_layers) and paged_kernel() is not None
 
     def _enqueue_through(self, layer: int) -> None:
-        """Enqueue the copies of every layer up to `layer`; after the last, the checksum kernel."""
+        """Enqueue the copies of every layer up to `layer` (whole groups)."""
         last = self._num_layers - 1
-        if not self._slots or len(self._landed) > min(layer, last):
+        if not self._n or len(self._landed) > min(layer, last):
             return
         t0 = time.perf_counter()
         kv = self._cache.kv.data_ptr()
@@ -405,18 +425,20 @@ class StreamedPrefixLoad(PrefixLoad):
             landed = torch.cuda.Event(enable_timing=True)
             landed.record(self._stream)
             self._landed.extend([landed] * (end - begin))  # every layer of a group waits for the group
-        if len(self._landed) == self._num_layers:
-            self._hash_in_pages()
         self.stats.transfer_s += time.perf_counter() - t0  # enqueueing; the DMA itself is dma_ms()
 
     def _hash_in_pages(self) -> None:
-        geometry, stream = self._geometry, self._stream
-        kernel = paged_kernel() if supports(geometry.half_bytes, 2 * geometry.num_layers) else None
-        if kernel is None or self._hash_offsets is None:
+        """The checksum kernel over the loaded pages, on the copy stream behind every layer's copies, once they are all
+        enqueued: from the wait before layer 1 on, so its launch overlaps the forward pass instead of preceding it."""
+        if self._hashed is not None or self._hash_offsets is None or len(self._landed) < self._num_layers:
             return
+        geometry, stream = self._geometry, self._stream
+        kernel = paged_kernel()
         with torch.cuda.stream(stream):
-            self._hashes = kernel.launch(self._cache.kv.data_ptr(), self._hash_offsets, geometry.num_pages * geometry.half_bytes,
-                                         geometry.half_bytes, 2 * geometry.num_layers, stream)
+            hashes = kernel.launch(self._cache.kv.data_ptr(), self._hash_offsets, geometry.num_pages * geometry.half_bytes,
+                                   geometry.half_bytes, 2 * geometry.num_layers, stream)
+        self._hashes = self._workers.downloads.start(hashes, stream)  # read once _hashed has passed
+        self._hashes_on_device = hashes  # kept until then: the copy out of it is still queued
         self._hashed = torch.cuda.Event()
         self._hashed.record(stream)
         self.stats.extra["checked_on"] = "gpu"
@@ -424,21 +446,25 @@ class StreamedPrefixLoad(PrefixLoad):
     def _check_hashes(self) -> None:
         t0 = time.perf_counter()
         self._hashed.synchronize()
-        got = self._hashes.cpu().numpy().view(np.uint64)
-        self.stats.validate_s += time.perf_counter() - t0
-        self._pinned.verify_hashes(got)
+        try:
+            got = self._hashes.numpy().view(np.uint64)
+            self.stats.validate_s += time.perf_counter() - t0
+            self._pinned.verify_hashes(got)
+        finally:
+            self._workers.downloads.done(self._hashes)
 
     def _start_checks(self) -> None:
         """Checks begin once the forward pass is (nearly) enqueued, not at start: sixteen threads taking
         the GIL back after every block starved the thread launching the kernels (TTFT doubled)."""
-        if self._checked is None and self._landed and self._hashed is None:
+        if self._checked is None and self._landed and self._hash_offsets is None:
             self._checked = self._workers.check_starter().submit(self._check_when_landed)
 
     def _check_when_landed(self) -> None:
         self._landed[-1].synchronize()
         t0 = time.perf_counter()
-        per_group = max(1, COPY_GROUP_BYTES // max(1, self._slots[0].size_bytes))
-        groups = [self._slots[i: i + per_group] for i in range(0, len(self._slots), per_group)]
+        slots = self._pinned.slots[: self._n]  # the host-side check only: the kernel's reads the columns
+        per_group = max(1, COPY_GROUP_BYTES // max(1, slots[0].size_bytes))
+        groups = [slots[i: i + per_group] for i in range(0, len(slots), per_group)]
         checkers = self._workers.checkers()
         errors = [f.exception() for f in [checkers.submit(verify_in_pool, self._pinned, g) for g in groups]]
         self.stats.validate_s += time.perf_counter() - t0
@@ -449,7 +475,13 @@ class StreamedPrefixLoad(PrefixLoad):
     def wait_for_layer(self, layer: int) -> None:
         if self._landed:
             self._enqueue_through(layer + COPY_LOOKAHEAD)
-            torch.cuda.current_stream(self._cache.device).wait_event(self._landed[layer])
+            stream, landed = torch.cuda.current_stream(self._cache.device), self._landed[layer]
+            waited = self._waited  # layers of one group share its event: one wait on a stream will do
+            if waited is None or waited[0] != stream.cuda_stream or waited[1] is not landed:
+                stream.wait_event(landed)
+                self._waited = (stream.cuda_stream, landed)
+            if layer >= 1:
+                self._hash_in_pages()
             if layer == self._num_layers - 1:
                 self._start_checks()
 
@@ -464,6 +496,7 @@ class StreamedPrefixLoad(PrefixLoad):
         try:
             if self._landed:
                 self._enqueue_through(self._num_layers - 1)  # a caller that skipped some layers' waits
+                self._hash_in_pages()
             self._start_checks()
             if self._checked is not None:
                 self._checked.result()
@@ -511,6 +544,21 @@ class _CopySource(_LayerSource):
     def enqueue(self, layer_begin: int, layer_end: int, kv_ptr: int, stream: torch.cuda.Stream) -> None:
         for layer in range(layer_begin, layer_end):
             run_on_cuda(self.plan[layer], kv_ptr, self.base, stream, self.from_device)
+
+
+class _PendingGather:
+    """A gather kernel's plan before its table is on the device: StreamedPrefixLoad uploads every table of a load in
+    one copy, then binds each plan to its part (bind)."""
+
+    def __init__(self, kernel: PagedGatherKernel, plan: GatherPlan, src_ptr: int, ctas: int, kind: str) -> None:
+        self.kernel, self.plan, self.src_ptr, self.ctas, self.kind = kernel, plan, src_ptr, ctas, kind
+
+    def table_words(self) -> np.ndarray:
+        return self.kernel.table(self.plan)
+
+    def bind(self, table: torch.Tensor, kv_ptr: int, stream: torch.cuda.Stream) -> "_GatherSource":
+        launch = self.kernel.bind(self.plan, table, kv_ptr, self.src_ptr, stream, self.ctas)
+        return _GatherSource(launch, 2 * self.plan.num_blocks * self.plan.part_bytes, kind=self.kind)
 
 
 class _GatherSource(_LayerSource):

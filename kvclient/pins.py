@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -110,6 +111,23 @@ class Unpins:
             self._send(ids)
 
 
+@dataclass(frozen=True)
+class PinColumns:
+    """A Pin's answer as uint64 arrays, one value per pinned block in key order: what an engine planning a copy
+    of hundreds of blocks reads whole (numpy masks and gathers) instead of one SlotRef per block. Views of the
+    decoded answer where it came as one (the local socket, native): nothing is copied."""
+
+    offsets: np.ndarray  # in the host pool
+    sizes: np.ndarray
+    checksums: np.ndarray  # xxh3-64 of each block as its writer committed it
+    tiers: np.ndarray  # each block's fastest tier (Tier values); empty when no block has an HBM copy
+    hbm_offsets: np.ndarray  # in the HBM pool, where tiers says HBM; empty with tiers
+
+
+def _uint64s(column: Sequence[int]) -> np.ndarray:
+    return np.asarray(column, dtype=np.uint64) if len(column) else np.empty(0, dtype=np.uint64)
+
+
 class PinnedBlocks:
     """Blocks pinned in the server's host pool by one Pin, in key order: where each sits and its checksum.
 
@@ -131,6 +149,7 @@ class PinnedBlocks:
         self._offsets, self._sizes, self._checksums = grant.offsets[:n], grant.sizes[:n], grant.checksums[:n]
         self._expires_unix_ms = grant.expires_unix_ms
         self._slots: list[SlotRef] | None = None
+        self._columns: PinColumns | None = None
         self.pool_view = pool_view  # the client's mapping of the server's pool (shm), or None
         self.stats = stats  # the Pin's time; what the caller's copies add is theirs to record
         self.pin_id = grant.pin_id if n else 0
@@ -147,6 +166,15 @@ class PinnedBlocks:
         if self._slots is None:
             self._slots = slot_refs(0, self._offsets, self._sizes, self.pin_id, self._checksums, self._expires_unix_ms)
         return self._slots
+
+    @property
+    def columns(self) -> PinColumns:
+        """The pinned blocks' offsets, sizes, checksums and tiers as arrays (PinColumns)."""
+        if self._columns is None:
+            tiers = _uint64s(self._tier_values)
+            self._columns = PinColumns(_uint64s(self._offsets), _uint64s(self._sizes), _uint64s(self._checksums), tiers,
+                                       _uint64s(self.hbm_offsets) if len(tiers) else tiers)
+        return self._columns
 
     def __len__(self) -> int:
         return len(self._offsets)
@@ -192,7 +220,7 @@ class PinnedBlocks:
         in order (the first len(hashes) of them); raises ChecksumMismatchError naming the first that differs
         and how many did."""
         got = np.asarray(hashes, dtype=np.uint64)
-        expected = np.fromiter(self._checksums[: len(got)], dtype=np.uint64, count=len(got))
+        expected = self.columns.checksums[: len(got)]
         bad = np.flatnonzero(got != expected)
         if len(bad):
             raise checksum_error(self.keys[bad[0]], len(bad), len(got))

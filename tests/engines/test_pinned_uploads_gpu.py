@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.pinned_uploads import MIN_WORDS, PinnedUploads
+from engines.pinned_uploads import MIN_WORDS, PinnedDownloads, PinnedUploads
 from tests.engines.tiny import gpu_only
 
 pytestmark = [pytest.mark.gpu, gpu_only]
@@ -33,3 +33,32 @@ def test_shape_is_kept():
     out = PinnedUploads().upload(table, torch.device("cuda"), stream)
     stream.synchronize()
     assert tuple(out.shape) == (2, 6) and np.array_equal(out.cpu().numpy(), table)
+
+
+def test_upload_many_lands_each_array_with_its_shape_in_one_copy():
+    rng = np.random.default_rng(11)
+    arrays = [rng.integers(-2**40, 2**40, size=shape, dtype=np.int64) for shape in [(2, 300), (0,), (511,), (3, 1)]]
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(20_000_000)  # the copy waits behind this: the buffer's bytes must still be the ones given
+    outs = PinnedUploads(depth=1).upload_many(arrays, torch.device("cuda"), stream)
+    stream.synchronize()
+    assert [tuple(o.shape) for o in outs] == [a.shape for a in arrays]
+    for a, o in zip(arrays, outs):
+        assert np.array_equal(o.cpu().numpy(), a)
+
+
+def test_downloads_hand_out_a_buffer_only_once_it_is_given_back():
+    downloads, stream = PinnedDownloads(), torch.cuda.Stream()
+    words = torch.arange(1000, dtype=torch.int64, device="cuda")
+    doubled, shifted = words * 2, words[:10] + 5
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs exist before the copies read them
+    first = downloads.start(words, stream)
+    second = downloads.start(doubled, stream)  # first not given back: another buffer
+    stream.synchronize()
+    assert first.data_ptr() != second.data_ptr()
+    assert np.array_equal(first.numpy(), np.arange(1000)) and np.array_equal(second.numpy(), 2 * np.arange(1000))
+    downloads.done(first)
+    third = downloads.start(shifted, stream)
+    stream.synchronize()
+    assert third.data_ptr() == first.data_ptr() and np.array_equal(third.numpy(), np.arange(10) + 5)

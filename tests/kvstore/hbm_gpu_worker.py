@@ -2,6 +2,8 @@
 
     python -m tests.kvstore.hbm_gpu_worker read ADDRESS N        D2D-copy N pinned blocks out of the mapped pool
     python -m tests.kvstore.hbm_gpu_worker load ADDRESS N WHEN   an engine's layer-by-layer load of an N-block prefix
+    python -m tests.kvstore.hbm_gpu_worker load ADDRESS N corrupt[-nowait]   the same, one byte of the last block
+        flipped in the HBM pool once pinned (nowait: no wait_for_layer calls, straight to finish)
 
 `load` prints one JSON line once its prefix is pinned ("pinned") or, with WHEN = during, once its first
 layers' copies are enqueued ("started"); it then waits for a line on stdin (the test kills the server
@@ -81,6 +83,11 @@ def load(address: str, num_blocks: int, when: str) -> dict:
         pinned = load._pinned if hasattr(load, "_pinned") else None
         in_hbm = sum(t == Tier.HBM for t in pinned.tiers) if pinned is not None else 0
         pages = cache.allocate("p", len(prompt))
+        if when.startswith("corrupt"):
+            flip_byte(pinned.device_ptr(load.num_blocks - 1) + 7)
+            when, waits = "before", not when.endswith("nowait")
+        else:
+            waits = True
         try:
             if when == "during":
                 load.start(cache, pages)  # the first layers' copies are in flight when the server dies
@@ -90,7 +97,7 @@ def load(address: str, num_blocks: int, when: str) -> dict:
             sys.stdin.readline()
             if when != "during":
                 load.start(cache, pages)
-            for layer in range(LAYERS):
+            for layer in range(LAYERS if waits else 0):
                 load.wait_for_layer(layer)
             load.finish()
             torch.cuda.synchronize()
@@ -101,6 +108,16 @@ def load(address: str, num_blocks: int, when: str) -> dict:
         equal = load.num_blocks == num_blocks and torch.equal(got, payload(num_blocks))
         return {"outcome": "loaded", "equal": equal, "blocks": load.num_blocks, "hbm_blocks": load.stats.extra.get("hbm_blocks"),
                 "checked_on": load.stats.extra.get("checked_on"), "host_copy": load.stats.extra.get("host_copy")}
+
+
+def flip_byte(device_ptr: int) -> None:
+    """Invert one byte of device memory at a raw address (here, a block in the server's mapped HBM pool)."""
+    import cupy
+
+    memory = cupy.cuda.UnownedMemory(device_ptr, 1, owner=None)
+    byte = cupy.ndarray((1,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(memory, 0))
+    byte ^= 0xFF
+    cupy.cuda.runtime.deviceSynchronize()
 
 
 def main(argv: list[str]) -> None:

@@ -222,6 +222,30 @@ def test_an_engine_load_mixes_blocks_from_hbm_and_from_the_host_pool(tmp_path, h
         server.stop()
 
 
+@pytest.mark.parametrize("waits", ["corrupt", "corrupt-nowait"])
+def test_a_block_changed_in_the_hbm_pool_fails_the_engines_check_in_its_pages(tmp_path, waits):
+    """A whole prefix out of HBM, one byte of its last block flipped there after the Pin: the checksum kernel run over
+    the pages must catch it, also for a caller that goes straight to finish without waiting layer by layer."""
+    from tests.serverproc import ServerProc
+
+    n = 32
+    server = ServerProc(tmp_path / "data", flags={"host_memory": "256MiB", "hbm_memory": "64MiB", "ssd_capacity": "1GiB"}).start()
+    try:
+        keys = put_engine_blocks(server.address, n)
+        with KVClient(server.address, worker.fingerprint(), transport="shm") as client:
+            make_hot(client, keys, n)
+        proc = subprocess.Popen([sys.executable, "-m", "tests.kvstore.hbm_gpu_worker", "load", server.address, str(n), waits],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate("go\n", timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        lines = [json.loads(line) for line in out.strip().splitlines()]
+        assert lines[0]["in_hbm"] == n
+        assert lines[-1]["outcome"] == "error" and lines[-1]["type"] == "ChecksumMismatchError", lines[-1]
+        assert lines[-1]["hbm_blocks"] == n
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("when", ["before", "during"])
 def test_g3_server_killed_during_a_device_to_device_load_never_yields_silent_wrong_data(tmp_path, when):
     from tests.serverproc import ServerProc

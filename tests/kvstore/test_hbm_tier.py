@@ -334,6 +334,11 @@ def test_a_server_with_an_hbm_tier_shows_it_everywhere(make_server, fingerprint,
             assert pinned.tiers == [Tier.HBM] * 4 + [Tier.HOST] * 2
             assert all(pinned.hbm_offset(i) is not None for i in range(4)) and pinned.hbm_offset(4) is None
             assert pinned.device_ptr(0) is None  # no mapping in this process
+            columns = pinned.columns  # what an engine plans its copies from: the same answer, as arrays
+            assert columns.offsets.tolist() == [s.offset for s in pinned.slots]
+            assert columns.sizes.tolist() == [BLOCK] * 6 and columns.checksums.tolist() == [s.checksum for s in pinned.slots]
+            assert columns.tiers.tolist() == [Tier.HBM.value] * 4 + [Tier.HOST.value] * 2
+            assert columns.hbm_offsets[:4].tolist() == [pinned.hbm_offset(i) for i in range(4)]
             for i in range(6):
                 if pinned.pool_view is not None:
                     pinned.verify(i)  # the host copy is still what the pin hands out
@@ -354,6 +359,7 @@ def test_a_server_with_an_hbm_tier_shows_it_everywhere(make_server, fingerprint,
         assert client.stats()["tiers"]["hbm"]["blocks"] == 0
         with client.pin(keys, prefix=True) as pinned:
             assert pinned.tiers == [Tier.HOST] * 6
+            assert len(pinned.columns.tiers) == 0 and len(pinned.columns.offsets) == 6
         assert all(np.array_equal(a, b) for a, b in zip(client.get(keys), blocks))  # evicting from HBM loses nothing
 
 
