@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 ID_BITS = 62  # random lease and pin ids: guessing a live one is hopeless, and ownership is checked anyway
 LANDING_TIER = Tier.HOST  # where a write lease reserves its slot: the memory clients write into
-PIN_TABLE_ABI = 3  # csrc/kvstore_native/pin_table.c PIN_TABLE_ABI
+PIN_TABLE_ABI = 4  # csrc/kvstore_native/pin_table.c PIN_TABLE_ABI
 _size = attrgetter("size")
 
 # The per-key Pin bookkeeping in C (kvwire/native.py says when), bound to BlockMeta's fields.

@@ -57,6 +57,8 @@ def populate(table: BlockTable, n: int, rng: random.Random) -> list[BlockMeta]:
         copies = {Tier.HOST: Slot(i * 8192, 4096 + i)}
         if rng.random() < 0.3:
             copies[Tier.SSD] = Record(skey, 4096 + i)
+        if i % 3 == 0:  # a second LRU order to keep in step, alternating with the host's (no draw: the seeds' layouts stay)
+            copies[Tier.HBM] = Slot(i * 4096, 4096 + i)
         if rng.random() < 0.1:
             copies = {Tier.SSD: Record(skey, 4096 + i)}
         meta = BlockMeta(skey, "alice", OTHER_FP if i in (40, 41) else FP, 4096 + i, rng.getrandbits(64), copies=copies)
@@ -87,7 +89,7 @@ def test_pin_leading_changes_what_the_reference_changes(both_ways):
     assert pin_count == sum(pins) == 40 + 4 + 4 + 3
     assert counters["lookup_blocks_hit"] == 51 and counters["lookup_blocks_miss"] == (64 - 40) + 0 + (10 - 4) + 1 + 0 + 0 + 1
     touched_last = storage_key("alice", key(2))
-    assert len(lru) == 2 and all((order[-1] == touched_last) == (order.count(touched_last) == 1) for order in lru.values())
+    assert len(lru) == 3 and all((order[-1] == touched_last) == (order.count(touched_last) == 1) for order in lru.values())
 
 
 def test_host_columns_are_the_references_and_none_without_a_host_copy(both_ways):
@@ -158,7 +160,7 @@ def test_unpin_blocks_frees_what_the_reference_frees(both_ways):
     assert pins[:4] == [0, 2, 1, 1] and pins[12:16] == [1, 1, 1, 1] and pin_count == sum(pins)
     # Of the deleted blocks (0, 3, 6, 9, 12, 15), those whose last pin went (0, 6, 9) gave their copies back.
     assert [i for i in range(16) if not copies[i]] == [0, 6, 9]
-    assert {tier for tier, _ in released} == {Tier.HOST}  # their host slots (records went at delete)
+    assert {tier for tier, _ in released} == {Tier.HOST, Tier.HBM}  # their host and HBM slots (records went at delete)
 
 
 def test_what_the_native_code_does_not_know_is_left_to_python():
@@ -214,3 +216,23 @@ def test_present_flags_what_the_reference_flags_and_changes_nothing(both_ways):
     assert ours[:7] == bytes([1, 1, 0, 0, 1, 0, 0]) and other[:7] == bytes([0, 0, 1, 1, 0, 0, 0])
     assert bob == bytes(len(names)) and empty == b""
     assert block_table.pin_table.present(dict(), b"t", [key(1), "not bytes"], FP) is NotImplemented
+
+
+def test_tier_columns_are_the_placements_definition(monkeypatch):
+    """HbmPlacement's per-block columns of a Pin (fastest tier, offset there) from C and from the comprehensions alike,
+    for blocks with and without an HBM copy, and none at all."""
+    from kvstore import hbm_placement
+
+    table = BlockTable(Limits())
+    metas = populate(table, 64, random.Random(5))
+    answers = []
+    for use_native in (True, False):
+        if not use_native:
+            monkeypatch.setattr(block_table, "pin_table", None)
+        answers.append([hbm_placement.placement_columns(group) for group in (metas, metas[:1], [], [m for m in metas if Tier.HBM not in m.copies])])
+    assert answers[0] == answers[1]
+    tiers, offsets = answers[0][0]
+    assert tiers == [Tier.HBM.value if Tier.HBM in m.copies else Tier.HOST.value for m in metas]
+    assert offsets == [m.copies[Tier.HBM].offset if Tier.HBM in m.copies else 0 for m in metas]
+    assert 0 < tiers.count(Tier.HBM.value) < 64 and all(type(t) is int for t in tiers)
+    assert answers[0][3][0] == [Tier.HOST.value] * len(answers[0][3][0])
