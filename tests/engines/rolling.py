@@ -49,6 +49,13 @@ def routed(router_log: Path) -> dict[str, dict[str, str]]:
     return lines
 
 
+def whole(finish_reason: str, tokens: int, max_tokens: int) -> bool:
+    """A completion that came back whole: max_tokens of them, or up to max_tokens ending in the model's EOS ("stop").
+    The tiny random model ends about one in 20,000 of these prompts that way within 4 tokens (greedy, on CPU), and a
+    rolling restart's load sends ~1,000: once, in CI, a whole answer was counted as a failure for it."""
+    return (finish_reason == "length" and tokens == max_tokens) or (finish_reason == "stop" and 0 < tokens <= max_tokens)
+
+
 class LoadLoop:
     def __init__(self, router_url: str, clients: int = 3, prompt_blocks: int = 4, block_tokens: int = 16,
                  max_tokens: int = 4, timeout_s: float = 120) -> None:
@@ -83,7 +90,7 @@ class LoadLoop:
                     answer = json.loads(response.read())
                 done.request_id = answer["id"]
                 choice = answer["choices"][0]
-                if choice["finish_reason"] != "length" or answer["usage"]["completion_tokens"] != self.max_tokens:
+                if not whole(choice["finish_reason"], answer["usage"]["completion_tokens"], self.max_tokens):
                     done.error = f"finish_reason {choice['finish_reason']}, {answer['usage']['completion_tokens']} tokens"
             except Exception as err:  # every failure is a finding, whatever its type
                 done.error = f"{type(err).__name__}: {err}"
