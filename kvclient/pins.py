@@ -188,8 +188,7 @@ class PinnedBlocks:
 
     def in_hbm(self) -> list[int]:
         """The indices of the blocks with a copy in the server's HBM tier."""
-        hbm = Tier.HBM.value
-        return [i for i, t in enumerate(self._tier_values) if t == hbm]
+        return np.flatnonzero(self.columns.tiers == Tier.HBM.value).tolist()
 
     def hbm_offset(self, i: int) -> int | None:
         """Block i's offset in the server's HBM pool, or None where it has no copy there."""

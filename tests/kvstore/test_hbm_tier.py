@@ -339,6 +339,7 @@ def test_a_server_with_an_hbm_tier_shows_it_everywhere(make_server, fingerprint,
             assert columns.sizes.tolist() == [BLOCK] * 6 and columns.checksums.tolist() == [s.checksum for s in pinned.slots]
             assert columns.tiers.tolist() == [Tier.HBM.value] * 4 + [Tier.HOST.value] * 2
             assert columns.hbm_offsets[:4].tolist() == [pinned.hbm_offset(i) for i in range(4)]
+            assert pinned.in_hbm() == [0, 1, 2, 3]
             for i in range(6):
                 if pinned.pool_view is not None:
                     pinned.verify(i)  # the host copy is still what the pin hands out
@@ -360,6 +361,7 @@ def test_a_server_with_an_hbm_tier_shows_it_everywhere(make_server, fingerprint,
         with client.pin(keys, prefix=True) as pinned:
             assert pinned.tiers == [Tier.HOST] * 6
             assert len(pinned.columns.tiers) == 0 and len(pinned.columns.offsets) == 6
+            assert pinned.in_hbm() == []
         assert all(np.array_equal(a, b) for a, b in zip(client.get(keys), blocks))  # evicting from HBM loses nothing
 
 
