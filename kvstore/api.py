@@ -258,6 +258,18 @@ class StoreAPI:
         """The host pool's bytes, which a data plane sends from and receives into (only at slots this API named)."""
         return self.store.host.view
 
+    def hbm_sources(self, slots: PinnedSlots, device_ok: bool) -> list | None:
+        """Where pinned blocks have an HBM copy, the copy's bytes in place for a data plane to send from (None for the
+        others), or None when there is nothing to send from HBM (device_ok: the sender can read GPU memory)."""
+        hbm = self.store.hbm
+        if hbm is None or not slots.tiers:
+            return None
+        return hbm.send_sources(slots.tiers, slots.hbm_offsets, slots.sizes, device_ok)
+
+    def hbm_sendable(self, device_ok: bool) -> bool:
+        """Whether a data plane that can (device_ok) or cannot read GPU memory may send from the HBM tier."""
+        return self.store.hbm is not None and self.store.hbm.sendable(device_ok)
+
     def needs_staging(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> bool:
         """Whether pinning these keys would read LMDB (some are on the SSD tier only): an event loop pins elsewhere then."""
         return self.store.needs_staging(caller, fingerprint_id, keys)

@@ -132,6 +132,7 @@ class Event(enum.StrEnum):
 
     # The UCX data plane.
     UCX_PINS_STAGED_OFF_LOOP = "ucx_pins_staged_off_loop"  # pins that had to read ssd on a worker thread
+    UCX_HBM_SENDS = "ucx_hbm_sends"  # blocks a get sent from their HBM copy (GPU memory to a client's GPU memory)
 
     # Payload bytes by transport and direction: transport_bytes().
     GRPC_BYTES_IN = "grpc_bytes_in"

@@ -26,6 +26,14 @@ error sent back names only ids the request itself named. Knowing the caller's
 tenant, the data plane can pin by key inside a get (OP_GET_KEYS), the pin living
 only while the request is served and dropped once the sends complete or fail.
 
+Blocks with an HBM copy: a client landing a get in GPU memory sets FLAG_FROM_HBM (its
+blocks then travel one message each), and each such block is sent from its HBM copy in
+place, GPU to GPU through UCX's CUDA transports (cuda_ipc on one host, RDMA with
+GPUDirect across hosts), where this process's UCX context can read GPU memory (UCX_TLS
+names cuda_copy / cuda_ipc, or all); otherwise from its host copy, which the inclusive
+tier always keeps. The hello says whether the server honours the flag (HELLO_HBM_SENDS).
+Peers fetch into their host pool, so their gets are served from host copies.
+
 Where it listens: ucxx's Python API (0.52) can only listen on every interface (its
 create_listener takes a port, no address; the C++ ListenerBuilder::host is not bound,
 and no UCX setting narrows a sockaddr listener). So with a loopback `listen`, which
@@ -56,12 +64,20 @@ from kvwire.ucxenv import import_ucxx, start_context
 from kvstore.api import StoreAPI
 from kvstore.counters import Direction, Event, Transport
 from kvstore.config import ServerConfig
-from kvstore.store import Caller, PinInfo
+from kvstore.store import Caller, PinInfo, PinnedSlots
 
 log = logging.getLogger(__name__)
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 MAX_BLOCKS_PER_REQUEST = 1 << 20
+
+
+def cuda_capable() -> bool:
+    """Whether this process's UCX context moves GPU memory: UCX_TLS names a CUDA transport (or all) in a CUDA build.
+    A context without one would read a GPU address as host memory, so nothing is sent from GPU memory then."""
+    from ucxx import core
+
+    return bool(getattr(getattr(core._ctx, "context", None), "cuda_support", False))
 
 
 def listen_host(cfg: ServerConfig) -> str:
@@ -91,6 +107,7 @@ class UcxDataPlane:
         self._stopping: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._device_ok = False  # this process's UCX context moves GPU memory (UCX_TLS names a CUDA transport)
         self._thread = threading.Thread(target=self._run, name="kvstore-ucx", daemon=True)
 
     @classmethod
@@ -148,6 +165,7 @@ class UcxDataPlane:
     async def _main(self) -> None:
         ucxx = import_ucxx()
         start_context(ucxx)
+        self._device_ok = cuda_capable()
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         listener = ucxx.create_listener(self._serve, port=self.requested_port)
@@ -170,13 +188,15 @@ class UcxDataPlane:
             request = np.empty(wire.REQUEST_BYTES // 8, dtype=np.uint64)  # a shorter message lands in its head
             while True:
                 await ep.recv(request)
-                op, count, arg, arg2 = (int(w) for w in request[: wire.HEADER_WORDS])
+                word, count, arg, arg2 = (int(w) for w in request[: wire.HEADER_WORDS])
+                op, from_hbm = word & wire.OP_MASK, bool(word & wire.FLAG_FROM_HBM)
                 if not 0 < count <= MAX_BLOCKS_PER_REQUEST:
                     raise ConnectionError(f"UCX request names {count} blocks")
                 if op == wire.OP_GET_KEYS:
-                    await self._get_keys(ep, caller, request, count, group_bytes=min(arg, wire.MAX_GROUP_BYTES), body_bytes=arg2)
+                    await self._get_keys(ep, caller, request, count, group_bytes=min(arg, wire.MAX_GROUP_BYTES), body_bytes=arg2,
+                                         from_hbm=from_hbm)
                 elif op == wire.OP_GET:
-                    await self._get(ep, caller, count, pin_id=arg, group_bytes=min(arg2, wire.MAX_GROUP_BYTES))
+                    await self._get(ep, caller, count, pin_id=arg, group_bytes=min(arg2, wire.MAX_GROUP_BYTES), from_hbm=from_hbm)
                 elif op == wire.OP_PUT:
                     await self._put(ep, caller, count, group_bytes=min(arg, wire.MAX_GROUP_BYTES))
                 else:
@@ -200,7 +220,8 @@ class UcxDataPlane:
         if not hmac.compare_digest(token, self._token(tenant, client_id)):
             await self._refuse(ep, "UcxHello", UnauthenticatedError("UCX session token does not match; call DataPlane again"))
             raise ConnectionError("UCX hello with a bad session token")
-        await ep.send(wire.header(wire.STATUS_OK, 1))  # 1: keyed gets on
+        offers = wire.HELLO_KEYED_GETS | (wire.HELLO_HBM_SENDS if self.api.hbm_sendable(self._device_ok) else 0)
+        await ep.send(wire.header(wire.STATUS_OK, offers))
         return Caller(tenant=tenant, client_id=client_id)
 
     async def _refuse(self, ep, method: str, err: Exception, reply: np.ndarray | None = None) -> None:
@@ -217,7 +238,7 @@ class UcxDataPlane:
         await ep.send(reply)
         await ep.send(np.frombuffer(detail, dtype=np.uint8))
 
-    async def _get(self, ep, caller: Caller, count: int, pin_id: int, group_bytes: int) -> None:
+    async def _get(self, ep, caller: Caller, count: int, pin_id: int, group_bytes: int, from_hbm: bool) -> None:
         """Send the pinned slots, then the reply, then drop the pin: once a send completes, UCX no longer needs the source.
 
         On a refusal the client's pre-posted receives stay unmatched; it drops the endpoint.
@@ -230,15 +251,15 @@ class UcxDataPlane:
             except Exception as err:
                 await self._refuse(ep, "UcxGet", err)
                 return
-            offsets, sizes = slots.offsets, slots.sizes
-            sent = sum(sizes)
-            await asyncio.gather(*await _post_slots(ep, self.api.pool_view, offsets, sizes, group_bytes),
+            sent = sum(slots.sizes)
+            await asyncio.gather(*await self._post_slots(ep, slots, group_bytes, from_hbm),
                                  ep.send(wire.header(wire.STATUS_OK, count, sent)))
             self.api.count_bytes(Transport.UCX, Direction.OUT, sent)
         finally:
             self.api.unpin(caller, [pin_id])
 
-    async def _get_keys(self, ep, caller: Caller, request: np.ndarray, count: int, group_bytes: int, body_bytes: int) -> None:
+    async def _get_keys(self, ep, caller: Caller, request: np.ndarray, count: int, group_bytes: int, body_bytes: int,
+                        from_hbm: bool) -> None:
         """Pin the named keys for this request only, reply with their checksums, send the slots, drop the pin.
 
         The pin is dropped in `finally`: after the sends completed, or when one failed
@@ -272,10 +293,10 @@ class UcxDataPlane:
             except Exception as err:
                 await self._refuse(ep, "UcxGetKeys", err, reply)
                 return
-            await self._send_keyed(ep, caller, info, keys, expected, count, group_bytes, reply, served)
+            await self._send_keyed(ep, caller, info, keys, expected, count, group_bytes, reply, served, from_hbm)
 
     async def _send_keyed(self, ep, caller: Caller, info: PinInfo, keys: list[bytes], expected: list[int], count: int,
-                          group_bytes: int, reply: np.ndarray, served: Callable[[int, int], None]) -> None:
+                          group_bytes: int, reply: np.ndarray, served: Callable[[int, int], None], from_hbm: bool) -> None:
         """The rest of a keyed get, once pinned: the reply with checksums, the slots, then the pin dropped."""
         try:
             sizes = info.slots.sizes
@@ -288,11 +309,20 @@ class UcxDataPlane:
             reply[:3] = (wire.STATUS_OK, count, sent)
             reply[wire.HEADER_WORDS :] = info.slots.checksums
             sends = [asyncio.ensure_future(ep.send(reply))]
-            await asyncio.gather(*sends, *await _post_slots(ep, self.api.pool_view, info.slots.offsets, sizes, group_bytes))
+            await asyncio.gather(*sends, *await self._post_slots(ep, info.slots, group_bytes, from_hbm))
             self.api.count_bytes(Transport.UCX, Direction.OUT, sent)
             served(count, sent)
         finally:
             self.api.unpin(caller, [info.pin_id])
+
+    async def _post_slots(self, ep, slots: PinnedSlots, group_bytes: int, from_hbm: bool) -> list[asyncio.Future]:
+        """Post a get's payload sends: a block travelling alone goes from its HBM copy where the client asked for that
+        and it has one, everything else from the host pool."""
+        hbm = self.api.hbm_sources(slots, self._device_ok) if from_hbm else None
+        if hbm is not None:
+            self.api.count(Event.UCX_HBM_SENDS, sum(1 for g in wire.message_groups(slots.sizes, group_bytes)
+                                                    if len(g) == 1 and hbm[g.start] is not None))
+        return await _post_slots(ep, self.api.pool_view, slots.offsets, slots.sizes, group_bytes, hbm)
 
     async def _pin(self, caller: Caller, fingerprint_id: bytes, keys: list[bytes]) -> PinInfo:
         """Pin on the loop when every block is in the host pool; staging from LMDB (read and checked)
@@ -338,13 +368,18 @@ class UcxDataPlane:
         await ep.send(wire.header(wire.STATUS_OK, count, received))
 
 
-async def _post_slots(ep, view: np.ndarray, offsets: list[int], sizes: list[int], group_bytes: int) -> list[asyncio.Future]:
-    """Post every payload message of a get at once; the caller awaits them."""
+async def _post_slots(ep, view: np.ndarray, offsets: list[int], sizes: list[int], group_bytes: int,
+                      hbm: list | None = None) -> list[asyncio.Future]:
+    """Post every payload message of a get at once; the caller awaits them. hbm: per block, its HBM copy to send
+    from instead when it travels alone (None: the host pool)."""
     sends = []
     for g in wire.message_groups(sizes, group_bytes):
         group_offsets, group_sizes = offsets[g.start : g.stop], sizes[g.start : g.stop]
         staged = not wire.contiguous(group_offsets, group_sizes)
-        send = asyncio.ensure_future(ep.send(_gather(view, group_offsets, group_sizes), tag=wire.DATA_TAG))
+        source = hbm[g.start] if hbm is not None and len(g) == 1 else None
+        if source is None:
+            source = _gather(view, group_offsets, group_sizes)
+        send = asyncio.ensure_future(ep.send(source, tag=wire.DATA_TAG))
         send.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even when a sibling failed first
         sends.append(send)
         if staged:  # let the posted sends go out while the next group is copied

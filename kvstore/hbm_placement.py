@@ -140,6 +140,24 @@ class HbmPlacement:
             return None
         return PinPlacement(tiers, offsets, self.tier.device.pool_id)
 
+    def sendable(self, device_ok: bool) -> bool:
+        """Whether a data plane may send from the tier's copies: the tier works, and its memory is host memory or
+        the sender can read GPU memory."""
+        return self.tier.available and (self.tier.device.device_index < 0 or device_ok)
+
+    def send_sources(self, tiers: Sequence[int], hbm_offsets: Sequence[int], sizes: Sequence[int], device_ok: bool) -> list | None:
+        """Each pinned block's HBM copy as a buffer to send from in place (None where it has none), or None when no
+        copy may be sent: the tier is gone, no block has one, or the pool is on a GPU and the sender cannot read GPU
+        memory (device_ok). The pin keeps the copies until the sends are done: eviction skips pinned blocks, and a lost
+        GPU's allocation stays mapped until the server closes (its data plane has stopped by then)."""
+        if not tiers or not self.sendable(device_ok):
+            return None
+        device, hbm = self.tier.device, HBM.value
+        try:
+            return [device.span(o, n) if t == hbm else None for t, o, n in zip(tiers, hbm_offsets, sizes)]
+        except DeviceError:
+            return None
+
     def export(self) -> HbmExport | None:
         if not self.tier.available:
             return None

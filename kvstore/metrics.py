@@ -119,6 +119,7 @@ EVENT_SERIES: dict[Event, tuple[Family, tuple[str, ...]]] = {
     Event.HBM_VERIFY_FAILURES: (STORE_EVENTS, ("hbm_verify_failures",)),
     Event.HBM_DEVICE_ERRORS: (STORE_EVENTS, ("hbm_device_errors",)),
     Event.UCX_PINS_STAGED_OFF_LOOP: (STORE_EVENTS, ("ucx_pins_staged_off_loop",)),
+    Event.UCX_HBM_SENDS: (STORE_EVENTS, ("ucx_hbm_sends",)),
     **{event: (CLUSTER_EVENTS, (event.value.removeprefix("cluster_"),)) for event in (
         Event.CLUSTER_JOINS, Event.CLUSTER_FENCES, Event.CLUSTER_VIEW_CHANGES, Event.CLUSTER_KEEPALIVE_FAILURES,
         Event.TOMBSTONES_ISSUED, Event.TOMBSTONES_APPLIED, Event.CLUSTER_SSD_WIPES, Event.CLUSTER_CLAIMS_GRANTED,

@@ -851,7 +851,7 @@ class Store:
             pin = table.live_pin(caller, pin_id)
             if any(HOST not in m.copies for m in pin.blocks):
                 raise LeaseError(f"pin {pin_id} names a block no longer in the host pool")
-            return PinnedSlots.of(pin.blocks)
+            return PinnedSlots.of(pin.blocks, hbm=self.hbm.pin_placement(table, pin.blocks) if self.hbm is not None else None)
 
     def claim_write_slots(self, caller: Caller, lease_ids: Sequence[int], hold_s: float | None = None) -> list[Slot]:
         """The slot of each reserved lease, renewed for hold_s so expiry cannot free a slot mid-receive."""

@@ -24,13 +24,18 @@ from kvwire.blockcopy import runs_within
 
 HEADER_WORDS = 4
 
-OP_HELLO = 1  # [op, len(client_id), len(token), len(metadata)] + client_id + token + gRPC metadata (JSON pairs); reply word 1: keyed gets on
+OP_HELLO = 1  # [op, len(client_id), len(token), len(metadata)] + client_id + token + gRPC metadata (JSON pairs); reply word 1: HELLO_* bits
 OP_GET = 2    # [op, n_blocks, pin_id, group_bytes]; the server sends the slots on DATA_TAG, then the reply
 OP_PUT = 3    # [op, n_blocks, group_bytes, 0] + u64[2n] lease ids then sizes; the payloads on DATA_TAG follow at once; reply
 OP_GET_KEYS = 4  # [op, n_blocks, group_bytes, body bytes] + u64[2n] expected sizes then key lengths + body: fingerprint_id, keys;
                  # one message when it fits in REQUEST_BYTES (inline), else header, then u64s, then body. The server
                  # pins, replies u64[4 + n] ([status, n, bytes, detail length] + checksums), sends the slots, unpins
 
+OP_MASK = 0xFF  # a request's op word: the op in the low byte, FLAG_* bits above it
+FLAG_FROM_HBM = 1 << 8  # on OP_GET / OP_GET_KEYS: the client lands in GPU memory, so send each block's HBM copy where it
+                        # has one (GPU to GPU through UCX's CUDA transports); only when the hello offered HELLO_HBM_SENDS
+HELLO_KEYED_GETS = 1  # hello reply word 1: the server pins by key inside a get (OP_GET_KEYS)
+HELLO_HBM_SENDS = 2   # hello reply word 1: the server has an HBM tier it can send from (FLAG_FROM_HBM is honoured)
 REQUEST_BYTES = 64 << 10  # the server receives every request header into this much: a small request is one message,
                           # since each further sequential receive costs a hand-off between UCX's threads and the loop
 DATA_TAG = 1  # payload messages; headers and replies use the endpoint's default tag

@@ -58,6 +58,10 @@ class UcxTransport(Transport):
         self.timeout_s = timeout_s
         self._ep: Endpoint | None = None
         self._keyed = False  # the server pins by key inside a get (the hello bound our tenant)
+        self._hbm_sends = False  # the server offers to send blocks from their HBM copies (FLAG_FROM_HBM)
+        # Whether a get asks for blocks' HBM copies: None, when it lands in GPU memory (GPU to GPU, where UCX's CUDA
+        # transports are on both sides); True or False, always or never (a get landing in host memory gains nothing).
+        self.prefer_hbm: bool | None = None
         self._lock = threading.Lock()  # requests on one endpoint are strictly sequential
         self._staging = Staging()  # packed messages of the request in flight (one at a time: the lock)
         with self._lock:  # connect now, so a client that cannot use UCX falls back at once
@@ -75,7 +79,8 @@ class UcxTransport(Transport):
         try:
             hello = [ep.send(wire.header(wire.OP_HELLO, len(ident), len(self.token), len(tenant))),
                      ep.send(np.frombuffer(ident + self.token + tenant, dtype=np.uint8))]
-            self._keyed = bool(self._expect_ok(ep, hello, deadline)[1])
+            offers = int(self._expect_ok(ep, hello, deadline)[1])
+            self._keyed, self._hbm_sends = bool(offers & wire.HELLO_KEYED_GETS), bool(offers & wire.HELLO_HBM_SENDS)
         except KVStoreError:
             ep.abort()
             raise
@@ -139,6 +144,11 @@ class UcxTransport(Transport):
         """read_keys works: the server pins by key inside a get (the hello bound our tenant)."""
         return self._keyed
 
+    @property
+    def hbm_sends(self) -> bool:
+        """The server sends blocks' HBM copies to gets that ask (prefer_hbm): it has an HBM tier its UCX can read."""
+        return self._hbm_sends
+
     # ---- data ---------------------------------------------------------------------
 
     def write(self, keys, slots: Sequence[SlotRef], payloads, stats: TransferStats) -> list[int]:
@@ -197,7 +207,7 @@ class UcxTransport(Transport):
         group_bytes, groups = _receive_plan(sizes, dests)
         buffers: list[Any] = []
         body = b"".join([fingerprint_id, *keys])
-        head = np.array([wire.OP_GET_KEYS, n, group_bytes, len(body)] + sizes + [len(k) for k in keys], dtype=np.uint64)
+        head = np.array([wire.OP_GET_KEYS | self._flags(group_bytes), n, group_bytes, len(body)] + sizes + [len(k) for k in keys], dtype=np.uint64)
         if wire.keyed_get_inline(n, len(body)):
             request = [np.frombuffer(head.tobytes() + body, dtype=np.uint8)]
         else:
@@ -235,13 +245,19 @@ class UcxTransport(Transport):
                 self._raise_detail(ep, int(reply[1]), deadline)  # the endpoint is then dropped, which cancels the receives
 
         def receive(ep: Endpoint, deadline: float) -> None:
-            request = ep.send(wire.header(wire.OP_GET, len(slots), slots[0].handle, group_bytes))
+            request = ep.send(wire.header(wire.OP_GET | self._flags(group_bytes), len(slots), slots[0].handle, group_bytes))
             _receive(self.worker, ep, deadline, buffers, reply, [request], reply_landed,
                      lambda g, buf: _verify(block_keys, g, buf, dests, sizes, checksums), groups, stats)
 
         with self._lock:
             buffers[:] = _landing(groups, sizes, dests, self._staging)
             self._request(receive, stats, keep_on_refusal=False)
+
+    def _flags(self, group_bytes: int) -> int:
+        """A get's FLAG_* bits: FLAG_FROM_HBM where the server offers it and the get wants it (prefer_hbm; by default
+        when it lands in GPU memory, which _receive_plan marks with group_bytes 0)."""
+        wanted = group_bytes == 0 if self.prefer_hbm is None else self.prefer_hbm
+        return wire.FLAG_FROM_HBM if wanted and self._hbm_sends else 0
 
     def close(self) -> None:
         with self._lock:

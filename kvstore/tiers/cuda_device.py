@@ -55,6 +55,7 @@ class CudaDeviceMemory:
         self._kernel = None
         self._kernel_failed = False
         self.base = 0
+        self._whole = None  # a cupy array over the allocation, made at the first span()
         try:
             with cupy.cuda.Device(gpu):
                 self._stream = cupy.cuda.Stream(non_blocking=True)
@@ -142,6 +143,16 @@ class CudaDeviceMemory:
         self._stream.synchronize()
         return host.tobytes()
 
+    def span(self, offset: int, size_bytes: int):
+        """A cupy array over the span (no copy), which UCX's CUDA transports send from; it holds no reference
+        that keeps the allocation alive: the server closes the pool only after its data plane stopped."""
+        self._check_span(offset, size_bytes)
+        cupy = self._cupy
+        if self._whole is None:
+            memory = cupy.cuda.UnownedMemory(self.base, self.capacity_bytes, self, self.device_index)
+            self._whole = cupy.ndarray((self.capacity_bytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(memory, 0))
+        return self._whole[offset : offset + size_bytes]
+
     def zero(self, offset: int, size_bytes: int) -> None:
         self._check_span(offset, size_bytes)
         self._call("zeroing", self._rt.memsetAsync, self.base + offset, 0, size_bytes, self._stream.ptr)
@@ -151,6 +162,7 @@ class CudaDeviceMemory:
             raise ValueError(f"span [{offset}, {offset + size_bytes}) is outside the {self.capacity_bytes}-byte pool")
 
     def _free(self) -> None:
+        self._whole = None
         if self.base:
             base, self.base = self.base, 0
             try:

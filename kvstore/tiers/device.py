@@ -15,7 +15,7 @@ context), and the tier is dropped while the server keeps serving from host and S
 from __future__ import annotations
 
 import secrets
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import xxhash
@@ -43,6 +43,10 @@ class DeviceMemory(Protocol):
         """xxh3_64 of each (offset, size_bytes) span, computed where the bytes are."""
 
     def download(self, offset: int, size_bytes: int) -> bytes: ...
+
+    def span(self, offset: int, size_bytes: int) -> Any:
+        """The bytes in place, for a data plane to send from without a copy: a GPU array (__cuda_array_interface__)
+        on a GPU, a numpy view otherwise. Valid until the allocation is closed; the caller keeps the slot pinned."""
 
     def zero(self, offset: int, size_bytes: int) -> None:
         """Zero a span; it may still be under way when this returns, but lands before any later upload."""
@@ -87,6 +91,10 @@ class HostDeviceMemory:
     def download(self, offset: int, size_bytes: int) -> bytes:
         self._check()
         return self.bytes[offset : offset + size_bytes].tobytes()
+
+    def span(self, offset: int, size_bytes: int) -> np.ndarray:
+        self._check()
+        return self.bytes[offset : offset + size_bytes]
 
     def zero(self, offset: int, size_bytes: int) -> None:
         self._check()

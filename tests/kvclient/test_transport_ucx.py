@@ -168,6 +168,7 @@ def test_keyed_get_is_one_ucx_round_trip_and_refusals_drop_the_pin(ucx_server):
     """With output buffers the server pins inside the UCX request: no gRPC Pin, and no pin outlives the call."""
     with client_for(ucx_server, "keyed") as client:
         assert client.transport.keyed_get
+        assert not client.transport.hbm_sends  # no HBM tier: nothing to send GPU to GPU (tests/kvstore/test_hbm_tier.py)
         keys = client.block_keys(tokens(4, start=6_000_000))
         blocks = random_blocks(4, 1 << 20, seed=3)
         client.put(keys, blocks)

@@ -5,6 +5,9 @@
     python -m tests.kvstore.hbm_gpu_worker load ADDRESS N corrupt[-nowait]   the same, one byte of the last block
         flipped in the HBM pool once pinned (nowait: no wait_for_layer calls, straight to finish)
 
+    python -m tests.kvstore.hbm_gpu_worker ucx ADDRESS N          UCX gets of N blocks into GPU memory (the server sends
+        them from HBM), timed against the same gets sent from the host pool; then one byte flipped in the HBM copy
+
 `load` prints one JSON line once its prefix is pinned ("pinned") or, with WHEN = during, once its first
 layers' copies are enqueued ("started"); it then waits for a line on stdin (the test kills the server
 meanwhile) before it finishes the load, and prints the outcome: the pages byte-equal to the blocks put,
@@ -110,6 +113,55 @@ def load(address: str, num_blocks: int, when: str) -> dict:
                 "checked_on": load.stats.extra.get("checked_on"), "host_copy": load.stats.extra.get("host_copy")}
 
 
+def ucx_read(address: str, num_blocks: int) -> dict:
+    """Gets into cupy arrays over UCX (UCX_TLS with CUDA transports, from the test): default (the get lands in GPU
+    memory, so it asks for HBM copies) and prefer_hbm False (host copies), 5 of each; then one byte of the last
+    block flipped in the HBM pool, which the get's checksums must catch."""
+    import statistics
+
+    import cupy
+    import numpy as np
+
+    from kvclient import KVClient
+
+    want = [b.contiguous().view(torch.uint8).numpy().reshape(-1) for b in payload(num_blocks)]
+    with KVClient(address, fingerprint(), transport="ucx") as client:
+        transport = client.transport
+        keys = client.block_keys(tokens(num_blocks))
+        outs = [cupy.empty(len(w), dtype=cupy.uint8) for w in want]
+
+        def sent_from_hbm() -> int:
+            return client.stats()["counters"].get("ucx_hbm_sends", 0)
+
+        def timed(prefer: bool | None) -> tuple[float, int]:
+            transport.prefer_hbm = prefer
+            before, runs = sent_from_hbm(), []
+            for _ in range(6):
+                for o in outs:
+                    o.fill(0)
+                cupy.cuda.runtime.deviceSynchronize()  # the zeros land before UCX's own streams write
+                client.get(keys, out=outs)
+                runs.append(client.last_transfer.transfer_s)
+            return statistics.median(runs[1:]), sent_from_hbm() - before
+
+        hbm_s, hbm_sent = timed(None)
+        equal = all(np.array_equal(cupy.asnumpy(o), w) for o, w in zip(outs, want))
+        host_s, host_sent = timed(False)
+        equal_host = all(np.array_equal(cupy.asnumpy(o), w) for o, w in zip(outs, want))
+        transport.prefer_hbm = None
+        pool = client.hbm_pool()
+        with client.pin(keys) as pinned:
+            flip_byte(pinned.device_ptr(num_blocks - 1) + 7)
+        try:
+            client.get(keys, out=outs)
+            corrupt = "no error"
+        except Exception as err:
+            corrupt = type(err).__name__
+        return {"transport": client.stats()["client"]["transport"], "hbm_sends": transport.hbm_sends, "mapped": pool is not None,
+                "equal": equal, "equal_host": equal_host, "hbm_sent": hbm_sent, "host_sent": host_sent,
+                "hbm_ms": hbm_s * 1e3, "host_ms": host_s * 1e3, "bytes": sum(len(w) for w in want), "corrupt": corrupt}
+
+
 def flip_byte(device_ptr: int) -> None:
     """Invert one byte of device memory at a raw address (here, a block in the server's mapped HBM pool)."""
     import cupy
@@ -123,7 +175,12 @@ def flip_byte(device_ptr: int) -> None:
 def main(argv: list[str]) -> None:
     mode, address, num_blocks = argv[0], argv[1], int(argv[2])
     try:
-        result = read(address, num_blocks) if mode == "read" else load(address, num_blocks, argv[3])
+        if mode == "read":
+            result = read(address, num_blocks)
+        elif mode == "ucx":
+            result = ucx_read(address, num_blocks)
+        else:
+            result = load(address, num_blocks, argv[3])
     except Exception as err:
         result = {"outcome": "error", "type": type(err).__name__, "detail": str(err)[:400]}
     emit(**result)

@@ -246,6 +246,41 @@ def test_a_block_changed_in_the_hbm_pool_fails_the_engines_check_in_its_pages(tm
         server.stop()
 
 
+UCX_CUDA_TLS = "tcp,self,sm,cuda_copy,cuda_ipc"
+
+
+def test_g4_ucx_gets_into_gpu_memory_are_sent_gpu_to_gpu_from_the_hbm_copies(tmp_path):
+    """Another process's UCX gets landing in GPU memory: the server sends the blocks from their HBM copies (UCX's CUDA
+    transports, one GPU here: cuda_ipc), byte-exact, and the same gets from the host copies are timed beside them;
+    a byte flipped in an HBM copy fails the get's checksum."""
+    from kvwire.ucxenv import import_ucxx
+    from tests.serverproc import ServerProc
+
+    if import_ucxx() is None:
+        pytest.skip("ucxx not importable")
+    n = 64
+    env = {"UCX_TLS": UCX_CUDA_TLS, "UCX_NET_DEVICES": "lo", "UCX_WARN_UNUSED_ENV_VARS": "n"}
+    server = ServerProc(tmp_path / "data", flags={"host_memory": "256MiB", "hbm_memory": "128MiB", "ssd_capacity": "1GiB",
+                                                  "ucx_all_interfaces": True}, env=env).start()
+    try:
+        keys = put_engine_blocks(server.address, n)
+        with KVClient(server.address, worker.fingerprint(), transport="shm") as client:
+            make_hot(client, keys, n)
+        proc = subprocess.run([sys.executable, "-m", "tests.kvstore.hbm_gpu_worker", "ucx", server.address, str(n)],
+                              capture_output=True, text=True, timeout=180, env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result.get("transport") == "ucx" and result["hbm_sends"], result
+        assert result["equal"] and result["equal_host"], result
+        assert (result["hbm_sent"], result["host_sent"]) == (6 * n, 0), result
+        assert result["corrupt"] == "ChecksumMismatchError", result
+        gbps = lambda ms: result["bytes"] / (ms / 1e3) / 1e9  # noqa: E731
+        print(f"\nG4: UCX get of {n} x {result['bytes'] // n >> 10} KiB into GPU memory: from HBM {result['hbm_ms']:.2f} ms "
+              f"({gbps(result['hbm_ms']):.1f} GB/s), from the host pool {result['host_ms']:.2f} ms ({gbps(result['host_ms']):.1f} GB/s)")
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("when", ["before", "during"])
 def test_g3_server_killed_during_a_device_to_device_load_never_yields_silent_wrong_data(tmp_path, when):
     from tests.serverproc import ServerProc

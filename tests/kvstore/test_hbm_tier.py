@@ -27,7 +27,8 @@ from kvstore.store import Caller, Store
 from kvstore.tiers.device import DeviceError, HostDeviceMemory
 from kvstore.tiers.host import HostPool
 from tests.kvstore.admin_util import admin_json, run_admin, scrape
-from tests.serverproc import free_port
+from tests.kvclient.transport_util import HAVE_UCX, UCX_SERVER_ENV, eventually
+from tests.serverproc import ServerProc, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -383,3 +384,47 @@ def test_a_server_without_cuda_serves_without_the_tier(make_server, fingerprint)
                 assert pinned.tiers == [Tier.HOST] * 2
         assert "hbm" not in client.stats()["tiers"]
     assert server.log().count("HBM tier off") == 1
+
+
+@pytest.mark.ucx
+@pytest.mark.skipif(not HAVE_UCX, reason="ucxx not importable")
+def test_ucx_gets_that_ask_are_sent_from_the_hbm_copies(tmp_path, fingerprint):
+    """A UCX get with FLAG_FROM_HBM is sent from the blocks' HBM copies (host memory standing in for the GPU here;
+    tests/kvstore/test_hbm_gpu.py does it GPU to GPU), byte-exact and checked against the blocks' checksums, keyed
+    (one UCX round trip) or after a gRPC Pin; a get that does not ask, or blocks without a copy, go from the host pool."""
+    server = ServerProc(tmp_path / "data", flags={**HOST_HBM, "hbm_memory": "32MiB", "host_memory": "128MiB"}, env=UCX_SERVER_ENV).start()
+    try:
+        rng = np.random.default_rng(11)
+        blocks = [rng.integers(0, 256, MIB, dtype=np.uint8) for _ in range(6)]  # 1 MiB: each travels alone
+
+        def sent_from_hbm(client: KVClient) -> int:
+            return client.stats()["counters"].get("ucx_hbm_sends", 0)
+
+        with KVClient(server.address, fingerprint, transport="ucx") as client:
+            assert client.stats()["client"]["transport"] == "ucx"
+            keys = client.block_keys(list(range(6 * 16)))
+            assert client.put(keys, blocks) == [PutOutcome.STORED] * 6
+            for _ in range(2):
+                with client.pin(keys[:4], prefix=True):
+                    pass
+            wait_for(lambda: client.stats()["tiers"].get("hbm", {}).get("blocks") == 4)
+            transport = client.transport
+            assert transport.hbm_sends
+            outs = [np.zeros(MIB, np.uint8) for _ in blocks]
+            client.get(keys, out=outs)  # lands in host memory: nothing to gain from HBM, nothing asked
+            assert all(np.array_equal(a, b) for a, b in zip(outs, blocks)) and sent_from_hbm(client) == 0
+            transport.prefer_hbm = True
+            outs = [np.zeros(MIB, np.uint8) for _ in blocks]
+            client.get(keys, out=outs)  # keyed: the server pins, sends blocks 0-3 from HBM and 4-5 from the host pool
+            assert client.last_transfer.control_rpcs == 0
+            assert all(np.array_equal(a, b) for a, b in zip(outs, blocks))
+            assert sent_from_hbm(client) == 4
+            got = client.get(keys[2:])  # no output buffers: a gRPC Pin, then the pinned blocks over UCX
+            assert all(np.array_equal(a, b) for a, b in zip(got, blocks[2:]))
+            assert sent_from_hbm(client) == 6
+            eventually(lambda: client.stats()["pins_held"] == 0)
+            admin_json(server, "evict", "--watermark", "0.00001", "--tier", "hbm", token=None)
+            client.get(keys, out=outs)  # the copies are gone: every block from the host pool, as before
+            assert all(np.array_equal(a, b) for a, b in zip(outs, blocks)) and sent_from_hbm(client) == 6
+    finally:
+        server.stop()

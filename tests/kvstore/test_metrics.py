@@ -113,6 +113,7 @@ EXPORTED_SERIES = {
     "hbm_verify_failures": ("kvstore_store_events_total", {"event": "hbm_verify_failures"}),
     "hbm_device_errors": ("kvstore_store_events_total", {"event": "hbm_device_errors"}),
     "ucx_pins_staged_off_loop": ("kvstore_store_events_total", {"event": "ucx_pins_staged_off_loop"}),
+    "ucx_hbm_sends": ("kvstore_store_events_total", {"event": "ucx_hbm_sends"}),
     "cluster_joins": ("kvstore_cluster_events_total", {"event": "joins"}),
     "cluster_fences": ("kvstore_cluster_events_total", {"event": "fences"}),
     "cluster_view_changes": ("kvstore_cluster_events_total", {"event": "view_changes"}),
