@@ -5,7 +5,8 @@ in-process device-to-device copy. G2: hot blocks reach HBM, colder ones give way
 HBM copy was dropped is still served from the host tier. IPC from other processes: each maps the pool
 once. An engine's layer-by-layer load mixes blocks from HBM and from the host pool. G3: the server
 SIGKILLed while an engine copies out of its HBM pool: the engine gets an error or a checksum failure,
-or pages that are byte-exact, never other bytes; after a restart it loads again.
+or pages that are byte-exact, never other bytes; after a restart it loads again. G4: another process's UCX gets into
+GPU memory are sent from the HBM copies (UCX_TLS with cuda_copy, cuda_ipc; needs ucxx).
 
     python -m pytest -q -m gpu tests/kvstore/test_hbm_gpu.py -s     # -s prints the bandwidths
 """

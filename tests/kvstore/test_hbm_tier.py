@@ -317,6 +317,17 @@ def wait_for(predicate, timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def put_and_promote_four(client: KVClient, blocks: list[np.ndarray]) -> list:
+    """Put the blocks as one prompt, pin its first four twice (the policy's threshold) and wait for their promotion."""
+    keys = client.block_keys(list(range(len(blocks) * 16)))
+    assert client.put(keys, blocks) == [PutOutcome.STORED] * len(blocks)
+    for _ in range(2):
+        with client.pin(keys[:4], prefix=True):
+            pass
+    wait_for(lambda: client.stats()["tiers"].get("hbm", {}).get("blocks") == 4)
+    return keys
+
+
 @pytest.mark.parametrize("transport", ["shm", "grpc"])
 def test_a_server_with_an_hbm_tier_shows_it_everywhere(make_server, fingerprint, transport):
     metrics_port = free_port()
@@ -324,12 +335,7 @@ def test_a_server_with_an_hbm_tier_shows_it_everywhere(make_server, fingerprint,
     rng = np.random.default_rng(7)
     blocks = [rng.integers(0, 256, BLOCK, dtype=np.uint8) for _ in range(6)]
     with KVClient(server.address, fingerprint, transport=transport) as client:
-        keys = client.block_keys(list(range(6 * 16)))
-        assert client.put(keys, blocks) == [PutOutcome.STORED] * 6
-        for _ in range(2):
-            with client.pin(keys[:4], prefix=True):
-                pass
-        wait_for(lambda: client.stats()["tiers"].get("hbm", {}).get("blocks") == 4)
+        keys = put_and_promote_four(client, blocks)
         assert client.hbm_pool() is None  # host memory standing in for a GPU: nothing to map
         with client.pin(keys, prefix=True) as pinned:
             assert pinned.tiers == [Tier.HBM] * 4 + [Tier.HOST] * 2
@@ -402,12 +408,7 @@ def test_ucx_gets_that_ask_are_sent_from_the_hbm_copies(tmp_path, fingerprint):
 
         with KVClient(server.address, fingerprint, transport="ucx") as client:
             assert client.stats()["client"]["transport"] == "ucx"
-            keys = client.block_keys(list(range(6 * 16)))
-            assert client.put(keys, blocks) == [PutOutcome.STORED] * 6
-            for _ in range(2):
-                with client.pin(keys[:4], prefix=True):
-                    pass
-            wait_for(lambda: client.stats()["tiers"].get("hbm", {}).get("blocks") == 4)
+            keys = put_and_promote_four(client, blocks)
             transport = client.transport
             assert transport.hbm_sends
             outs = [np.zeros(MIB, np.uint8) for _ in blocks]
