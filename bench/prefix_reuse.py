@@ -23,6 +23,8 @@ is also reported as a ratio to it. On a GPU the store-fed TTFT is measured per
 tier the prefix is served from: the host tier (a server without an HBM tier:
 DMA out of the shared host pool) and the HBM tier (a server with one, the prefix
 made hot and promoted before timing: device-to-device copies out of its pool).
+The timed runs go round robin (every tier, then the anchor, per repeat), so the
+drift of a shared host falls on both sides of each ratio.
 """
 from __future__ import annotations
 
@@ -304,26 +306,29 @@ def run(bench: Bench, contexts: list[int], repeats: int, hit_ratios: tuple[float
             _, reference = bench.recompute(prompt)
             num_blocks = int(hit * context) // bt
             bench.publish_prefix(prompt, num_blocks)
-            store_ms = {}
             for tier in tiers:
                 if tier == "hbm":
                     bench.promote(prompt, num_blocks)
                 bench.reuse(prompt, tier)  # untimed: captures this chunk size's CUDA graphs, first use of its buffers
-                timings, ok = [], True
-                for _ in range(repeats):
-                    timing = bench.reuse(prompt, tier)
-                    timings.append(timing)
-                    ok = ok and timing.token == reference
-                    progress.update()
-                rows.append(summarize(tier, context, hit, timings, recompute_ms, ok))
-                store_ms[tier] = rows[-1].ttft_ms
             bench.resident(prompt, num_blocks)  # untimed, as every path gets one
-            resident_runs, resident_ok = [], True
+            # Round robin: each repeat times every tier and then the anchor, so a host's drift (these machines are
+            # shared) moves numerator and denominator of a ratio alike instead of landing on one side of it.
+            timings = {tier: [] for tier in tiers}
+            resident_runs, resident_tokens = [], []
             for _ in range(repeats):
+                for tier in tiers:
+                    timings[tier].append(bench.reuse(prompt, tier))
+                    progress.update()
                 seconds, token = bench.resident(prompt, num_blocks)
                 resident_runs.append(seconds)
-                resident_ok = resident_ok and token == reference
+                resident_tokens.append(token)
                 progress.update()
+            store_ms = {}
+            for tier in tiers:
+                ok = all(t.token == reference for t in timings[tier])
+                rows.append(summarize(tier, context, hit, timings[tier], recompute_ms, ok))
+                store_ms[tier] = rows[-1].ttft_ms
+            resident_ok = all(token == reference for token in resident_tokens)
             anchors.append(Anchor(context, hit, recompute_ms, 1000 * statistics.median(resident_runs), store_ms, resident_ok))
         if bench.device.type == "cuda" and "host" in tiers and hit_ratios and max(hit_ratios) > 0:
             fetches.append(measure_fetch(bench, context, max(hit_ratios), rows, repeats))
