@@ -91,7 +91,11 @@ class Worker:
         from ucxx._lib import libucxx
 
         self.lib = libucxx
-        self.worker = libucxx.UCXWorker(libucxx.UCXContext({}), enable_delayed_submission=False, enable_python_future=False)
+        context = libucxx.UCXContext({})
+        # Whether UCX here moves GPU memory: a CUDA build with a CUDA transport in UCX_TLS. Without one it would take
+        # a GPU address for host memory (the kernel refuses the socket I/O, or worse), so GPU buffers must not reach it.
+        self.cuda_support = bool(context.cuda_support)
+        self.worker = libucxx.UCXWorker(context, enable_delayed_submission=False, enable_python_future=False)
         self.worker.init_blocking_progress_mode()
         self.lock = threading.Lock()
         self.pid = os.getpid()

@@ -57,7 +57,8 @@ def checksum(payload: Any) -> int:
 def readable(obj: Any, device_ok: bool) -> Any:
     if is_device(obj):
         if not device_ok:
-            raise InvalidRequestError("GPU buffer given to a transport that moves host memory only; use transport='ucx' with CUDA-aware UCX")
+            raise InvalidRequestError("GPU buffer given to a transport that moves host memory only; use transport='ucx' with "
+                                      "CUDA-aware UCX (a CUDA build, and cuda_copy in UCX_TLS on both sides)")
         return flat_bytes(obj)
     return as_readable(obj)
 

@@ -42,7 +42,6 @@ def _raise_remote(detail: bytes) -> None:
 
 class UcxTransport(Transport):
     name = "ucx"
-    moves_device_memory = True
     releases_pins_on_read = True  # the server drops the pin as soon as it has sent the slots: one control call fewer per get
     hashes_while_writing = True  # small blocks hashed as they are packed, the others in one call: no per-block pass in put()
 
@@ -53,6 +52,9 @@ class UcxTransport(Transport):
             self.worker = Worker.get()
         except Exception as err:
             raise UnavailableError(f"UCX worker did not start: {type(err).__name__}: {err}") from None
+        # GPU buffers go to UCX as they are only where its context can move them (UCX_TLS with cuda_copy / cuda_ipc);
+        # elsewhere they are refused with an error saying so, and engines stage them through host memory.
+        self.moves_device_memory = self.worker.cuda_support
         self.host, self.port = host, port
         self.client_id, self.token, self.tenant = client_id, token, tenant
         self.timeout_s = timeout_s

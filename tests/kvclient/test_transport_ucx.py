@@ -284,3 +284,26 @@ def test_a_child_forked_after_ucx_started_is_refused_at_once_and_falls_back(ucx_
         child.join(30)
     assert refused == "UnavailableError" and seconds < 5  # not a 15 s connect timeout
     assert fallback in ("shm", "grpc")
+
+
+class GpuLike:
+    """Stands for a GPU array on a machine without one: what a transport looks at is __cuda_array_interface__."""
+
+    __cuda_array_interface__ = {"shape": (16,), "typestr": "|u1", "data": (1 << 40, False), "version": 3}
+    nbytes = 16
+
+
+def test_gpu_buffers_are_refused_where_ucx_cannot_move_gpu_memory(ucx_server):
+    """UCX without a CUDA transport would take a GPU address for host memory: the transport says it cannot move GPU
+    memory, and a GPU buffer is refused with an error naming the fix before anything reaches UCX or the store."""
+    with client_for(ucx_server, "no-cuda") as client:
+        if client.transport.moves_device_memory:
+            pytest.skip("this process's UCX moves GPU memory (a CUDA transport in UCX_TLS): tests/kvclient/test_transport_gpu.py")
+        keys = client.block_keys(tokens(1, start=8_000_000))
+        with pytest.raises(InvalidRequestError, match="UCX_TLS"):
+            client.put(keys, [GpuLike()])
+        assert client.lookup(keys) == 0
+        assert client.put(keys, random_blocks(1, 16)) == [PutOutcome.STORED]
+        with pytest.raises(InvalidRequestError, match="UCX_TLS"):
+            client.get(keys, out=[GpuLike()])
+        assert client.stats()["pins_held"] == 0
