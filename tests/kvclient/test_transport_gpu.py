@@ -33,6 +33,16 @@ pytestmark = [
 GPU_UCX_TLS = os.environ.get("KVSTORE_TEST_GPU_UCX_TLS", "tcp,self,sm,cuda_copy")
 
 
+@pytest.fixture(autouse=True)
+def client_ucx_moves_gpu_memory():
+    """This process's UCX read UCX_TLS when it loaded: without a CUDA transport there, the client refuses GPU buffers
+    (tests/kvclient/test_transport_ucx.py), so these tests need the run's environment to name one."""
+    from kvwire.ucxenv import Worker
+
+    if not Worker.get().cuda_support:
+        pytest.skip("this process's UCX_TLS names no CUDA transport: run with UCX_TLS=tcp,self,sm,cuda_copy")
+
+
 @pytest.fixture(scope="module")
 def gpu_server(tmp_path_factory):
     srv = ServerProc(tmp_path_factory.mktemp("gpu") / "data", flags={"host_memory": "1GiB", "ssd_capacity": "2GiB", "ucx_all_interfaces": True}, env={"UCX_TLS": GPU_UCX_TLS})
