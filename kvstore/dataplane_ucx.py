@@ -190,6 +190,8 @@ class UcxDataPlane:
                 await ep.recv(request)
                 word, count, arg, arg2 = (int(w) for w in request[: wire.HEADER_WORDS])
                 op, from_hbm = word & wire.OP_MASK, bool(word & wire.FLAG_FROM_HBM)
+                if word & ~(wire.OP_MASK | wire.FLAG_FROM_HBM):
+                    raise ConnectionError(f"UCX request with unknown flags {word & ~wire.OP_MASK:#x}")
                 if not 0 < count <= MAX_BLOCKS_PER_REQUEST:
                     raise ConnectionError(f"UCX request names {count} blocks")
                 if op == wire.OP_GET_KEYS:

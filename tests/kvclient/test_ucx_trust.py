@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from kvclient import KVClient, SlotRef, TransferStats
-from kvclient.errors import LeaseError, UnauthenticatedError
+from kvclient.errors import LeaseError, TransferError, UnauthenticatedError
 from kvclient.transports.ucx import UcxTransport
+from kvwire import ucx_wire as wire
 from kvwire.types import LeaseOutcome, PutOutcome
 from kvwire.v1 import kvstore_pb2 as pb
 from kvwire.v1 import kvstore_pb2_grpc as pb_grpc
@@ -143,3 +144,25 @@ def test_every_interface_when_configured_so(tmp_path):
         assert "every interface" in srv.log()
     finally:
         srv.stop()
+
+
+def test_a_request_with_flag_bits_the_server_does_not_know_ends_only_that_connection(auth_server):
+    """The op word's bits above the op are flags (FLAG_FROM_HBM); any other bit is a protocol error: the server drops
+    that endpoint, as for an unknown op, serves nothing for it, and serves the same session's next connection."""
+    fingerprint = make_fingerprint()
+    with KVClient(auth_server.address, fingerprint, token="alice-secret", transport="ucx") as alice:
+        keys = alice.block_keys(tokens(1))
+        blocks = random_blocks(1, BLOCK)
+        assert alice.put(keys, blocks) == [PutOutcome.STORED]
+        transport = alice.transport
+        reply = wire.empty_header()
+
+        def odd_request(ep, deadline: float) -> None:
+            transport.worker.wait([ep.send(wire.header(wire.OP_GET | (1 << 20), 1, 1, 0)), ep.recv(reply)], deadline)
+
+        with pytest.raises(TransferError):
+            transport._request(odd_request, TransferStats(), keep_on_refusal=False, timeout_s=10)
+        assert not reply.any()  # nothing was answered for it
+        out = [np.zeros(BLOCK, np.uint8)]
+        alice.get(keys, out=out)  # a new connection, served as before
+        assert np.array_equal(out[0], blocks[0])
