@@ -262,9 +262,7 @@ class StoreAPI:
         """Where pinned blocks have an HBM copy, the copy's bytes in place for a data plane to send from (None for the
         others), or None when there is nothing to send from HBM (device_ok: the sender can read GPU memory)."""
         hbm = self.store.hbm
-        if hbm is None or not slots.tiers:
-            return None
-        return hbm.send_sources(slots.tiers, slots.hbm_offsets, slots.sizes, device_ok)
+        return None if hbm is None else hbm.send_sources(slots.tiers, slots.hbm_offsets, slots.sizes, device_ok)
 
     def hbm_sendable(self, device_ok: bool) -> bool:
         """Whether a data plane that can (device_ok) or cannot read GPU memory may send from the HBM tier."""

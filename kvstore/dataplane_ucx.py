@@ -321,10 +321,10 @@ class UcxDataPlane:
         """Post a get's payload sends: a block travelling alone goes from its HBM copy where the client asked for that
         and it has one, everything else from the host pool."""
         hbm = self.api.hbm_sources(slots, self._device_ok) if from_hbm else None
-        if hbm is not None:
-            self.api.count(Event.UCX_HBM_SENDS, sum(1 for g in wire.message_groups(slots.sizes, group_bytes)
-                                                    if len(g) == 1 and hbm[g.start] is not None))
-        return await _post_slots(ep, self.api.pool_view, slots.offsets, slots.sizes, group_bytes, hbm)
+        sends, from_copies = await _post_slots(ep, self.api.pool_view, slots.offsets, slots.sizes, group_bytes, hbm)
+        if from_copies:
+            self.api.count(Event.UCX_HBM_SENDS, from_copies)
+        return sends
 
     async def _pin(self, caller: Caller, fingerprint_id: bytes, keys: list[bytes]) -> PinInfo:
         """Pin on the loop when every block is in the host pool; staging from LMDB (read and checked)
@@ -371,22 +371,24 @@ class UcxDataPlane:
 
 
 async def _post_slots(ep, view: np.ndarray, offsets: list[int], sizes: list[int], group_bytes: int,
-                      hbm: list | None = None) -> list[asyncio.Future]:
+                      hbm: list | None = None) -> tuple[list[asyncio.Future], int]:
     """Post every payload message of a get at once; the caller awaits them. hbm: per block, its HBM copy to send
-    from instead when it travels alone (None: the host pool)."""
-    sends = []
+    from instead when it travels alone (None: the host pool). Also returns how many went from HBM copies."""
+    sends, from_copies = [], 0
     for g in wire.message_groups(sizes, group_bytes):
         group_offsets, group_sizes = offsets[g.start : g.stop], sizes[g.start : g.stop]
         staged = not wire.contiguous(group_offsets, group_sizes)
         source = hbm[g.start] if hbm is not None and len(g) == 1 else None
         if source is None:
             source = _gather(view, group_offsets, group_sizes)
+        else:
+            from_copies += 1
         send = asyncio.ensure_future(ep.send(source, tag=wire.DATA_TAG))
         send.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even when a sibling failed first
         sends.append(send)
         if staged:  # let the posted sends go out while the next group is copied
             await asyncio.sleep(0)
-    return sends
+    return sends, from_copies
 
 
 def _gather(view: np.ndarray, offsets: list[int], sizes: list[int]) -> np.ndarray:
