@@ -98,14 +98,19 @@ class PagedChecksumKernel:
     def launch(self, base_ptr: int, block_offsets: torch.Tensor, part_stride: int, part_bytes: int, num_parts: int,
                stream: torch.cuda.Stream) -> torch.Tensor:
         """Enqueue the hashes of len(block_offsets) blocks on stream; returns them (int64 bit patterns)."""
+        return self.launch_at(base_ptr, block_offsets.data_ptr(), len(block_offsets), block_offsets.device, part_stride,
+                              part_bytes, num_parts, stream)
+
+    def launch_at(self, base_ptr: int, offsets_ptr: int, n: int, device: torch.device, part_stride: int, part_bytes: int,
+                  num_parts: int, stream: torch.cuda.Stream) -> torch.Tensor:
+        """launch, the blocks' offsets given as the device address of n int64s (a prefix load's table slot)."""
         if not supports(part_bytes, num_parts):
             raise ValueError(f"{num_parts} parts of {part_bytes} bytes: not a layout the kernel hashes")
-        n = len(block_offsets)
-        out = torch.empty(n, dtype=torch.int64, device=block_offsets.device)
+        out = torch.empty(n, dtype=torch.int64, device=device)
         grid = (-(-n // (self.THREADS // 32)),)  # a warp per block
         with on_stream(stream):
             self._kernel(grid, (self.THREADS,), (
-                np.uint64(base_ptr), np.uint64(block_offsets.data_ptr()), np.int32(n),
+                np.uint64(base_ptr), np.uint64(offsets_ptr), np.int32(n),
                 np.int64(part_stride), np.int64(part_bytes), np.int32(num_parts), np.uint64(out.data_ptr()),
             ))
         return out

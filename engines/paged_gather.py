@@ -114,7 +114,13 @@ class PagedGatherKernel:
              ctas: int = DEFAULT_CTAS) -> "BoundGather":
         """A launcher of this plan's layer ranges on stream, its arguments made once: each launch is on
         the host's critical path (the thread running the forward pass enqueues them)."""
-        return BoundGather(self._kernel, plan, table, dst_ptr, src_ptr, on_stream(stream), ctas)
+        return self.bind_at(plan, table[0].data_ptr(), table[1].data_ptr(), dst_ptr, src_ptr, on_stream(stream), ctas, keep=table)
+
+    def bind_at(self, plan: GatherPlan, offsets_ptr: int, pages_ptr: int, dst_ptr: int, src_ptr: int, launch_stream,
+                ctas: int = DEFAULT_CTAS, keep: object = None) -> "BoundGather":
+        """bind, the table given as the device addresses of its two rows (offsets, then pages: the layout of table())
+        and the stream as cupy's view of it (cuda_kernels.on_stream); keep: whatever holds the table, kept alive."""
+        return BoundGather(self._kernel, plan, offsets_ptr, pages_ptr, dst_ptr, src_ptr, launch_stream, ctas, keep)
 
     def launch(self, plan: GatherPlan, table: torch.Tensor, dst_ptr: int, src_ptr: int, layer_begin: int, layer_end: int,
                stream: torch.cuda.Stream, ctas: int = DEFAULT_CTAS) -> None:
@@ -125,10 +131,11 @@ class PagedGatherKernel:
 class BoundGather:
     """One plan's launches on one stream: call with a [begin, end) layer range."""
 
-    def __init__(self, function, plan: GatherPlan, table: torch.Tensor, dst_ptr: int, src_ptr: int, cupy_stream, ctas: int) -> None:
-        self._function, self._stream, self.table = function, cupy_stream, table  # table: kept alive with the launches
+    def __init__(self, function, plan: GatherPlan, offsets_ptr: int, pages_ptr: int, dst_ptr: int, src_ptr: int, cupy_stream,
+                 ctas: int, keep: object = None) -> None:
+        self._function, self._stream, self.table = function, cupy_stream, keep  # table: kept alive with the launches
         self._grid, self._block = (max(1, ctas),), (THREADS,)
-        self._head = (np.uint64(dst_ptr), np.uint64(src_ptr), np.uint64(table[0].data_ptr()), np.uint64(table[1].data_ptr()),
+        self._head = (np.uint64(dst_ptr), np.uint64(src_ptr), np.uint64(offsets_ptr), np.uint64(pages_ptr),
                       np.int32(plan.num_blocks))
         self._tail = (np.int64(plan.num_pages), np.int64(plan.part_bytes))
         self._empty = plan.num_blocks == 0

@@ -5,18 +5,23 @@ gather kernel's (offset, page) table and the checksum kernel's page offsets. The
 come from page-locked memory, or the copy stream's next work waits on a synchronous
 pageable copy; but `Tensor.pin_memory()` allocates (cudaHostAlloc) on every call, and two
 of those cost 0.5 ms of the ~1 ms a load spent before its first copy (8k prompt, 1b model,
-H200). A load sends all its tables in one copy (upload_many). Here a small ring of page-locked buffers is allocated once and reused: a buffer is
-handed out again only after the GPU has finished reading it (its event), which is long
-done by then, since the ring is deeper than the loads one adapter has in flight.
+H200). So buffers are allocated once and reused, each handed out again only after the GPU
+has finished with it (its event), which is long done by then.
+
+TableRing is a load's: its tables written straight into a page-locked slot and sent in one
+copy into a device buffer the slot keeps, so a load allocates nothing and makes no tensor
+views. PinnedUploads is for a table whose device copy the caller owns as a tensor (one-off
+plans: benchmarks, tests); PinnedDownloads brings the checksum kernel's answers back.
 """
 from __future__ import annotations
 
-import functools
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from engines.cuda_events import StreamEvent, cuda_runtime, new_event
 
 RING_DEPTH = 8  # buffers in turn; a load takes one (upload_many)
 CUDA_MEMCPY_HOST_TO_DEVICE, CUDA_MEMCPY_DEVICE_TO_HOST = 1, 2  # cudaMemcpyKind
@@ -88,7 +93,7 @@ class PinnedDownloads:
         with self._lock:
             fits = [i for i, b in enumerate(self._free) if b.numel() >= n]
             host = self._free.pop(fits[0]) if fits else torch.empty(max(MIN_WORDS, n), dtype=torch.int64, pin_memory=True)
-        runtime = _cuda_runtime()
+        runtime = cuda_runtime()
         if runtime is not None and n:
             runtime.memcpyAsync(host.data_ptr(), words.data_ptr(), 8 * n, CUDA_MEMCPY_DEVICE_TO_HOST, stream.cuda_stream)
         elif n:
@@ -109,19 +114,89 @@ def _copy_to_device(out: torch.Tensor, host: torch.Tensor, words: int, stream: t
     torch's copy_ from page-locked memory also records the buffer's use for its host allocator (~35 us a call)."""
     if not words:
         return
-    runtime = _cuda_runtime()
+    runtime = cuda_runtime()
     if runtime is not None:
         runtime.memcpyAsync(out.data_ptr(), host.data_ptr(), 8 * words, CUDA_MEMCPY_HOST_TO_DEVICE, stream.cuda_stream)
     else:
         out[:words].copy_(host[:words], non_blocking=True)
 
 
-@functools.cache
-def _cuda_runtime():
-    """cupy's CUDA runtime module, or None (no cupy, or none that loads): imported at the first upload, not with the
-    engines, which run on CPUs too."""
-    try:
-        from cupy.cuda import runtime
-    except Exception:
+class TableSlot:
+    """One load's tables: `words` (page-locked int64, numpy) written on the host, sent whole by upload() into a device
+    buffer that stays allocated (ptr(i): the device address of word i). Taken from a TableRing, given back by the load
+    once every kernel reading it is enqueued; the ring hands it out again only after those kernels have run."""
+
+    def __init__(self, device: torch.device, words: int) -> None:
+        self.host = torch.empty(words, dtype=torch.int64, pin_memory=True)
+        self.words = self.host.numpy()
+        self.device_words = torch.empty(words, dtype=torch.int64, device=device)
+        self.device_ptr = self.device_words.data_ptr()
+        self.released: StreamEvent | None = None  # recorded after the last kernel that reads the device words
+        self.busy = False
+
+    @property
+    def capacity(self) -> int:
+        return len(self.words)
+
+    def ptr(self, word: int) -> int:
+        return self.device_ptr + 8 * word
+
+    def upload(self, words: int, stream_ptr: int) -> None:
+        """The first `words` words to the device, on the stream (ordered before what is enqueued there next)."""
+        if not words:
+            return
+        runtime = cuda_runtime()
+        if runtime is not None:
+            runtime.memcpyAsync(self.device_ptr, self.host.data_ptr(), 8 * words, CUDA_MEMCPY_HOST_TO_DEVICE, stream_ptr)
+        else:
+            with torch.cuda.stream(torch.cuda.ExternalStream(stream_ptr)):
+                self.device_words[:words].copy_(self.host[:words], non_blocking=True)
+
+
+class TableRing:
+    """TableSlots of one device, reused in turn: a load's gather and checksum tables cost one host-side write and one
+    copy, no allocation (a device allocation and its views cost ~20-40 us of the thread launching the pass).
+
+    A slot is handed out again only once it is given back and the event it was given back with has passed, so a load
+    that never gives its slot back (a bug) costs memory, never another load's table."""
+
+    def __init__(self, device: torch.device, depth: int = RING_DEPTH) -> None:
+        self.device, self.depth = device, depth
+        self._slots: list[TableSlot] = []
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def take(self, words: int) -> TableSlot:
+        """A slot holding at least `words` words, marked busy until give_back."""
+        with self._lock:
+            slot = self._free_slot()
+            if slot is None or slot.capacity < words:
+                fresh = TableSlot(self.device, max(MIN_WORDS, 2 * words))
+                if slot is None:
+                    self._slots.append(fresh)
+                else:
+                    self._slots[self._slots.index(slot)] = fresh
+                slot = fresh
+            slot.busy = True
+            return slot
+
+    def _free_slot(self) -> TableSlot | None:
+        """The next slot in turn that is not busy, its last reader done (waited for: long past in practice); None
+        when all of a full ring are busy (loads in flight on several threads) or the ring is not full yet."""
+        if len(self._slots) < self.depth:
+            return None
+        for _ in range(len(self._slots)):
+            slot = self._slots[self._next]
+            self._next = (self._next + 1) % len(self._slots)
+            if not slot.busy:
+                if slot.released is not None:
+                    slot.released.synchronize()
+                return slot
         return None
-    return runtime
+
+    def give_back(self, slot: TableSlot, stream_ptr: int) -> None:
+        """The load is done with the slot once the stream has passed this point (every kernel reading it is enqueued)."""
+        event = slot.released or new_event(self.device)
+        event.record(stream_ptr)
+        with self._lock:
+            slot.released, slot.busy = event, False

@@ -17,17 +17,20 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from engines.block_checksum import paged_kernel, supports
+from engines.cuda_events import StreamEvent, cuda_runtime, current_stream_ptr, new_event
+from engines.cuda_kernels import on_stream
 from engines.layerwise import CacheGeometry, Copy2D, plan_layer_copies, run_on_cuda
 from engines.paged_gather import (DEFAULT_CTAS, BoundGather, GatherPlan, PagedGatherKernel, gather_kernel, layer_groups,
                                   plan_gather)
 from engines.paged_cache import PagedKVCache
-from engines.pinned_uploads import PinnedDownloads, PinnedUploads
+from engines.pinned_uploads import PinnedDownloads, TableRing, TableSlot
 from kvclient.client import KVClient, PinnedBlocks, SlotRef, TransferStats
 from kvclient.errors import CapacityExhaustedError, InvalidRequestError
 from kvwire.types import Tier
@@ -146,7 +149,7 @@ class DmaWorkers:
         self._checkers: ThreadPoolExecutor | None = None
         self._check_starter: ThreadPoolExecutor | None = None
         self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
-        self.uploads = PinnedUploads()  # the loads' small tables, through reused page-locked buffers
+        self._lanes: dict[torch.device, CopyLane] = {}
         self.downloads = PinnedDownloads()  # and the checksum kernel's answers back
 
     def checkers(self) -> ThreadPoolExecutor:
@@ -167,6 +170,18 @@ class DmaWorkers:
                 self._copy_streams[device] = torch.cuda.Stream(device)
             return self._copy_streams[device]
 
+    def lane(self, device: torch.device) -> "CopyLane":
+        """The device's copy stream as a load's hot path uses it (CopyLane), made at first use."""
+        lane = self._lanes.get(device)
+        if lane is None:
+            stream = self.copy_stream(device)
+            with self._lock:
+                lane = self._lanes.get(device)
+                if lane is None:
+                    launch = on_stream(stream) if cuda_runtime() is not None else None
+                    lane = self._lanes[device] = CopyLane(device, stream, stream.cuda_stream, launch, TableRing(device))
+        return lane
+
     def close_starter(self) -> None:
         with self._lock:
             starter, self._check_starter = self._check_starter, None
@@ -178,6 +193,25 @@ class DmaWorkers:
             checkers, self._checkers = self._checkers, None
         if checkers is not None:
             checkers.shutdown()
+
+
+@dataclass
+class CopyLane:
+    """A device's copy stream as a load's launching thread names it: its raw pointer, cupy's view of it to launch
+    kernels on (None without cupy: no kernels then), and the ring of the loads' table slots on that device."""
+
+    device: torch.device
+    stream: torch.cuda.Stream
+    ptr: int
+    launch_stream: object | None
+    tables: TableRing
+
+    def follow(self, stream_ptr: int) -> None:
+        """Hold the copy stream's later work until what is enqueued on stream_ptr so far has run (earlier passes
+        may still read the pages a load is about to overwrite): Stream.wait_stream, without its objects."""
+        event = new_event(self.device)
+        event.record(stream_ptr)
+        event.wait_on(self.ptr)
 
 
 def copy_from_pool(client: KVClient, registered: RegisteredPool, digests: Sequence[bytes], out: torch.Tensor,
@@ -297,11 +331,12 @@ class StreamedPrefixLoad(PrefixLoad):
         # of an 8k prompt's load on an H200 host, on the thread that then launches the forward pass.
         self._n = len(pinned) if num_blocks is None else max(0, min(num_blocks, len(pinned)))
         self.stats = pinned.stats  # the client's last_transfer: the Pin, then the copies and checks here
-        self._landed: list[torch.cuda.Event] = []
+        self._landed: list[StreamEvent] = []
         self._checked = None  # host checks: a future
         self._hashes: torch.Tensor | None = None  # GPU checks: the kernel's output in page-locked memory, ready at _hashed
-        self._hashed: torch.cuda.Event | None = None
-        self._waited: tuple[int, torch.cuda.Event] | None = None  # the last (stream, event) wait_for_layer made wait
+        self._hashed: StreamEvent | None = None
+        self._waited: tuple[int, StreamEvent] | None = None  # the last (stream, event) wait_for_layer made wait
+        self._tables: TableSlot | None = None  # the kernels' tables, given back once the last kernel reading them is enqueued
         self._done = False
 
     @property
@@ -321,25 +356,26 @@ class StreamedPrefixLoad(PrefixLoad):
         self._cache, self._pages = cache, np.asarray(pages[: self._n], dtype=np.int64)
         self._geometry = CacheGeometry.of(cache.kv)
         self._num_layers = self._geometry.num_layers
-        self._stream = self._workers.copy_stream(cache.device)
-        self._stream.wait_stream(torch.cuda.current_stream(cache.device))  # earlier passes may still read these pages
+        self._lane = lane = self._workers.lane(cache.device)
+        self._stream = lane.stream
+        lane.follow(current_stream_ptr(cache.device))  # earlier passes may still read these pages
         self._sources, self._hash_offsets = self._plan_sources()
         self._groups = self._layer_groups()
-        self._began = torch.cuda.Event(enable_timing=True)  # after the plan's own small uploads: dma_ms is the moves
-        self._began.record(self._stream)
+        self._began = new_event(cache.device, timing=True)  # after the plan's own small uploads: dma_ms is the moves
+        self._began.record(lane.ptr)
         self.stats.extra["copies"] = sum(source.calls(self._groups) for source in self._sources)
         self.stats.extra["host_copy"] = "+".join(source.kind for source in self._sources)
         self.stats.transfer_s += time.perf_counter() - t0
         self._enqueue_through(0)
         return self
 
-    def _plan_sources(self) -> tuple[list["_LayerSource"], torch.Tensor | None]:
+    def _plan_sources(self) -> tuple[list["_LayerSource"], int | None]:
         """Per source, what moves its blocks layer by layer: the registered host pool (the gather kernel, or the
         copy engines), and the store's HBM pool for blocks with a copy there (when mapped here and the pages are
-        checked on the GPU), device to device; and the checksum kernel's page offsets, or None where the pages
-        are checked on the host. Every table the kernels read goes up in one copy, from page-locked memory, on
-        the copy stream (PinnedUploads.upload_many): built after the last layer, a pageable copy there could
-        hold the host until every layer had landed."""
+        checked on the GPU), device to device; and the device address of the checksum kernel's page offsets, or None
+        where the pages are checked on the host. Every table the kernels read is written into one of the lane's table
+        slots and goes up in one copy, from page-locked memory, on the copy stream: built after the last layer, a
+        pageable copy there could hold the host until every layer had landed."""
         pinned, n, pages = self._pinned, self._n, self._pages
         columns = pinned.columns
         on_gpu = self._checked_on_gpu()
@@ -354,14 +390,24 @@ class StreamedPrefixLoad(PrefixLoad):
             planned.append(self._host_source(pages[on_host], columns.offsets[:n][on_host]))
         if hbm_blocks:
             planned.append(self._hbm_source(pages[in_hbm], columns.hbm_offsets[:n][in_hbm]))
-        tables = [p.table_words() for p in planned if isinstance(p, _PendingGather)]
+        pending = [p for p in planned if isinstance(p, _PendingGather)]
+        words = 2 * sum(p.plan.num_blocks for p in pending) + (n if on_gpu else 0)
+        if not words:
+            return planned, None
+        lane = self._lane
+        slot = self._tables = lane.tables.take(words)
+        at, bound = 0, {}
+        for p in pending:
+            at = p.write_table(slot, at)
+        hash_at = at
         if on_gpu:
-            tables.append(pages * self._geometry.half_bytes)
-        uploaded = self._workers.uploads.upload_many(tables, self._cache.device, self._stream) if tables else []
-        kv_ptr, tables_on_device = self._cache.kv.data_ptr(), iter(uploaded)
-        sources = [p.bind(next(tables_on_device), kv_ptr, self._stream) if isinstance(p, _PendingGather) else p
-                   for p in planned]
-        return sources, (uploaded[-1] if on_gpu else None)
+            np.multiply(pages, self._geometry.half_bytes, out=slot.words[at: at + n])
+        slot.upload(words, lane.ptr)
+        kv_ptr, at = self._cache.kv.data_ptr(), 0
+        for p in pending:
+            bound[id(p)], at = p.bind(slot, at, kv_ptr, lane.launch_stream)
+        sources = [bound.get(id(p), p) for p in planned]
+        return sources, (slot.ptr(hash_at) if on_gpu else None)
 
     def _layer_groups(self) -> list[tuple[int, int]]:
         """Layer ranges moved (and waited for) together: one layer each, unless the kernel moves so few bytes
@@ -417,13 +463,13 @@ class StreamedPrefixLoad(PrefixLoad):
         if not self._n or len(self._landed) > min(layer, last):
             return
         t0 = time.perf_counter()
-        kv = self._cache.kv.data_ptr()
+        kv, lane = self._cache.kv.data_ptr(), self._lane
         while len(self._landed) <= min(layer, last):
             begin, end = next(g for g in self._groups if g[0] == len(self._landed))
             for source in self._sources:
                 source.enqueue(begin, end, kv, self._stream)
-            landed = torch.cuda.Event(enable_timing=True)
-            landed.record(self._stream)
+            landed = new_event(lane.device, timing=True)
+            landed.record(lane.ptr)
             self._landed.extend([landed] * (end - begin))  # every layer of a group waits for the group
         self.stats.transfer_s += time.perf_counter() - t0  # enqueueing; the DMA itself is dma_ms()
 
@@ -432,16 +478,24 @@ class StreamedPrefixLoad(PrefixLoad):
         enqueued: from the wait before layer 1 on, so its launch overlaps the forward pass instead of preceding it."""
         if self._hashed is not None or self._hash_offsets is None or len(self._landed) < self._num_layers:
             return
-        geometry, stream = self._geometry, self._stream
+        geometry, stream, lane = self._geometry, self._stream, self._lane
         kernel = paged_kernel()
         with torch.cuda.stream(stream):
-            hashes = kernel.launch(self._cache.kv.data_ptr(), self._hash_offsets, geometry.num_pages * geometry.half_bytes,
-                                   geometry.half_bytes, 2 * geometry.num_layers, stream)
+            hashes = kernel.launch_at(self._cache.kv.data_ptr(), self._hash_offsets, self._n, lane.device,
+                                      geometry.num_pages * geometry.half_bytes, geometry.half_bytes, 2 * geometry.num_layers,
+                                      stream)
         self._hashes = self._workers.downloads.start(hashes, stream)  # read once _hashed has passed
         self._hashes_on_device = hashes  # kept until then: the copy out of it is still queued
-        self._hashed = torch.cuda.Event()
-        self._hashed.record(stream)
+        self._hashed = new_event(lane.device)
+        self._hashed.record(lane.ptr)
+        self._give_back_tables()  # the checksum kernel is the last to read them
         self.stats.extra["checked_on"] = "gpu"
+
+    def _give_back_tables(self) -> None:
+        """Once every kernel that reads the load's table slot is enqueued: the ring reuses it after they ran."""
+        slot, self._tables = self._tables, None
+        if slot is not None:
+            self._lane.tables.give_back(slot, self._lane.ptr)
 
     def _check_hashes(self) -> None:
         t0 = time.perf_counter()
@@ -475,11 +529,11 @@ class StreamedPrefixLoad(PrefixLoad):
     def wait_for_layer(self, layer: int) -> None:
         if self._landed:
             self._enqueue_through(layer + COPY_LOOKAHEAD)
-            stream, landed = torch.cuda.current_stream(self._cache.device), self._landed[layer]
+            stream, landed = current_stream_ptr(self._lane.device), self._landed[layer]
             waited = self._waited  # layers of one group share its event: one wait on a stream will do
-            if waited is None or waited[0] != stream.cuda_stream or waited[1] is not landed:
-                stream.wait_event(landed)
-                self._waited = (stream.cuda_stream, landed)
+            if waited is None or waited[0] != stream or waited[1] is not landed:
+                landed.wait_on(stream)
+                self._waited = (stream, landed)
             if layer >= 1:
                 self._hash_in_pages()
             if layer == self._num_layers - 1:
@@ -487,7 +541,7 @@ class StreamedPrefixLoad(PrefixLoad):
 
     def dma_ms(self) -> float:
         """GPU time from the first copy to the last layer landing (call after finish)."""
-        return self._began.elapsed_time(self._landed[-1]) if self._landed else 0.0
+        return self._began.elapsed_ms(self._landed[-1]) if self._landed else 0.0
 
     def finish(self) -> None:
         if self._done:
@@ -497,6 +551,7 @@ class StreamedPrefixLoad(PrefixLoad):
             if self._landed:
                 self._enqueue_through(self._num_layers - 1)  # a caller that skipped some layers' waits
                 self._hash_in_pages()
+                self._give_back_tables()  # checked on the host: the gather kernels were the last readers
             self._start_checks()
             if self._checked is not None:
                 self._checked.result()
@@ -512,6 +567,7 @@ class StreamedPrefixLoad(PrefixLoad):
             return
         self._done = True
         if self._landed:
+            self._give_back_tables()  # nothing more is enqueued
             (self._hashed or self._landed[-1]).synchronize()  # no DMA or hash may outlive the pin
         if self._checked is not None:
             self._checked.exception()
@@ -547,18 +603,25 @@ class _CopySource(_LayerSource):
 
 
 class _PendingGather:
-    """A gather kernel's plan before its table is on the device: StreamedPrefixLoad uploads every table of a load in
-    one copy, then binds each plan to its part (bind)."""
+    """A gather kernel's plan before its table is on the device: StreamedPrefixLoad writes every table of a load into
+    one table slot (write_table), sends it in one copy, then binds each plan to its part (bind)."""
 
     def __init__(self, kernel: PagedGatherKernel, plan: GatherPlan, src_ptr: int, ctas: int, kind: str) -> None:
         self.kernel, self.plan, self.src_ptr, self.ctas, self.kind = kernel, plan, src_ptr, ctas, kind
 
-    def table_words(self) -> np.ndarray:
-        return self.kernel.table(self.plan)
+    def write_table(self, slot: TableSlot, at: int) -> int:
+        """The kernel's table (its offsets row, then its pages row: PagedGatherKernel.table) at word `at` of the slot;
+        the word after it."""
+        n = self.plan.num_blocks
+        slot.words[at: at + n] = self.plan.offsets
+        slot.words[at + n: at + 2 * n] = self.plan.pages
+        return at + 2 * n
 
-    def bind(self, table: torch.Tensor, kv_ptr: int, stream: torch.cuda.Stream) -> "_GatherSource":
-        launch = self.kernel.bind(self.plan, table, kv_ptr, self.src_ptr, stream, self.ctas)
-        return _GatherSource(launch, 2 * self.plan.num_blocks * self.plan.part_bytes, kind=self.kind)
+    def bind(self, slot: TableSlot, at: int, kv_ptr: int, launch_stream) -> tuple["_GatherSource", int]:
+        """The launcher of the table written at word `at`, and the word after it."""
+        n = self.plan.num_blocks
+        launch = self.kernel.bind_at(self.plan, slot.ptr(at), slot.ptr(at + n), kv_ptr, self.src_ptr, launch_stream, self.ctas)
+        return _GatherSource(launch, 2 * n * self.plan.part_bytes, kind=self.kind), at + 2 * n
 
 
 class _GatherSource(_LayerSource):
