@@ -69,11 +69,17 @@ def plan_gather(geometry: CacheGeometry, pages: Sequence[int], offsets: Sequence
             raise ValueError(f"a page outside the cache's {geometry.num_pages}")
         if offset_array.min() < 0 or offset_array.max() + geometry.block_bytes > source_bytes:
             raise ValueError(f"a block outside the {source_bytes}-byte source")
-    aligned = geometry.half_bytes % ALIGN == 0 and source_ptr % ALIGN == 0 and dest_ptr % ALIGN == 0 \
-        and not (offset_array % ALIGN).any()
-    if not aligned:
+    offsets_or = int(np.bitwise_or.reduce(offset_array)) if len(offset_array) else 0
+    return checked_plan(geometry, page_array, offset_array, offsets_or, source_ptr, dest_ptr)
+
+
+def checked_plan(geometry: CacheGeometry, pages: np.ndarray, offsets: np.ndarray, offsets_or: int, source_ptr: int,
+                 dest_ptr: int) -> GatherPlan | None:
+    """plan_gather for pages and offsets already checked in range (int64 arrays; offsets_or: the offsets or-ed
+    together), as a prefix load's tables are (load_tables.py); None where the kernel's 16-byte words do not fit."""
+    if (geometry.half_bytes | source_ptr | dest_ptr | offsets_or) % ALIGN:
         return None
-    return GatherPlan(page_array, offset_array, geometry.num_layers, geometry.num_pages, geometry.half_bytes)
+    return GatherPlan(pages, offsets, geometry.num_layers, geometry.num_pages, geometry.half_bytes)
 
 
 def layer_groups(num_layers: int, layer_bytes: int, min_bytes: int = MIN_LAUNCH_BYTES) -> list[tuple[int, int]]:

@@ -27,13 +27,13 @@ from engines.block_checksum import paged_kernel, supports
 from engines.cuda_events import StreamEvent, cuda_runtime, current_stream_ptr, new_event
 from engines.cuda_kernels import on_stream
 from engines.layerwise import CacheGeometry, Copy2D, plan_layer_copies, run_on_cuda
-from engines.paged_gather import (DEFAULT_CTAS, BoundGather, GatherPlan, PagedGatherKernel, gather_kernel, layer_groups,
-                                  plan_gather)
+from engines.load_tables import NO_TIERS, write_load_tables
+from engines.paged_gather import (DEFAULT_CTAS, BoundGather, GatherPlan, PagedGatherKernel, checked_plan, gather_kernel,
+                                  layer_groups)
 from engines.paged_cache import PagedKVCache
 from engines.pinned_uploads import PinnedDownloads, TableRing, TableSlot
 from kvclient.client import KVClient, PinnedBlocks, SlotRef, TransferStats
 from kvclient.errors import CapacityExhaustedError, InvalidRequestError
-from kvwire.types import Tier
 
 # A block group is copied, then checked by one thread while later groups are still in flight.
 # xxh3 reads DRAM at only ~6 GB/s a core on the H100 host, so matching its ~50 GB/s DMA takes many threads.
@@ -376,38 +376,28 @@ class StreamedPrefixLoad(PrefixLoad):
         where the pages are checked on the host. Every table the kernels read is written into one of the lane's table
         slots and goes up in one copy, from page-locked memory, on the copy stream: built after the last layer, a
         pageable copy there could hold the host until every layer had landed."""
-        pinned, n, pages = self._pinned, self._n, self._pages
+        pinned, n, pages, geometry, lane = self._pinned, self._n, self._pages, self._geometry, self._lane
         columns = pinned.columns
         on_gpu = self._checked_on_gpu()
-        in_hbm = None
-        if pinned.hbm is not None and len(columns.tiers) and on_gpu:
-            in_hbm = columns.tiers[:n] == Tier.HBM.value
-        hbm_blocks = int(in_hbm.sum()) if in_hbm is not None else 0
-        self.stats.extra["hbm_blocks"] = hbm_blocks
+        hbm = pinned.hbm if pinned.hbm is not None and len(columns.tiers) and on_gpu else None
+        slot = self._tables = lane.tables.take(3 * n)
+        tables = write_load_tables(pages, columns.tiers if hbm is not None else NO_TIERS, columns.offsets,
+                                   columns.hbm_offsets if hbm is not None else NO_TIERS, slot.words, geometry.half_bytes,
+                                   geometry.num_pages, geometry.block_bytes, self._registered.host.numel(),
+                                   hbm.size_bytes if hbm is not None else 0, on_gpu)
+        self.stats.extra["hbm_blocks"] = tables.hbm_blocks
         planned: list[_LayerSource | _PendingGather] = []
-        if hbm_blocks < n:
-            on_host = ~in_hbm if hbm_blocks else slice(None)
-            planned.append(self._host_source(pages[on_host], columns.offsets[:n][on_host]))
-        if hbm_blocks:
-            planned.append(self._hbm_source(pages[in_hbm], columns.hbm_offsets[:n][in_hbm]))
-        pending = [p for p in planned if isinstance(p, _PendingGather)]
-        words = 2 * sum(p.plan.num_blocks for p in pending) + (n if on_gpu else 0)
-        if not words:
+        if tables.host_blocks:
+            planned.append(self._host_source(*tables.host(slot.words), tables.host_or, tables.host_at))
+        if tables.hbm_blocks:
+            planned.append(self._hbm_source(*tables.hbm(slot.words), tables.hbm_or, tables.hbm_at))
+        if not on_gpu and not any(isinstance(p, _PendingGather) for p in planned):
+            self._give_back_tables()  # no kernel reads them: the copy engines took their plan as lists
             return planned, None
-        lane = self._lane
-        slot = self._tables = lane.tables.take(words)
-        at, bound = 0, {}
-        for p in pending:
-            at = p.write_table(slot, at)
-        hash_at = at
-        if on_gpu:
-            np.multiply(pages, self._geometry.half_bytes, out=slot.words[at: at + n])
-        slot.upload(words, lane.ptr)
-        kv_ptr, at = self._cache.kv.data_ptr(), 0
-        for p in pending:
-            bound[id(p)], at = p.bind(slot, at, kv_ptr, lane.launch_stream)
-        sources = [bound.get(id(p), p) for p in planned]
-        return sources, (slot.ptr(hash_at) if on_gpu else None)
+        slot.upload(tables.hash_at + (n if on_gpu else 0), lane.ptr)
+        kv_ptr = self._cache.kv.data_ptr()
+        sources = [p.bind(slot, kv_ptr, lane.launch_stream) if isinstance(p, _PendingGather) else p for p in planned]
+        return sources, (slot.ptr(tables.hash_at) if on_gpu else None)
 
     def _layer_groups(self) -> list[tuple[int, int]]:
         """Layer ranges moved (and waited for) together: one layer each, unless the kernel moves so few bytes
@@ -425,17 +415,18 @@ class StreamedPrefixLoad(PrefixLoad):
             return [(0, 1), (1, self._num_layers)] if self._num_layers > 1 else [(0, 1)]
         return layer_groups(self._num_layers, gathered[0].layer_bytes)
 
-    def _host_source(self, pages: np.ndarray, offsets: np.ndarray) -> "_LayerSource | _PendingGather":
-        """The gather kernel where asked for (or auto), built and able to read the pool; else the copy engines."""
+    def _host_source(self, pages: np.ndarray, offsets: np.ndarray, offsets_or: int, at: int) -> "_LayerSource | _PendingGather":
+        """The gather kernel where asked for (or auto), built and able to read the pool; else the copy engines. pages and
+        offsets: the host pool's blocks, views of the load's tables, which start at word `at` of its slot."""
         registered, workers = self._registered, self._workers
         kernel = gather_kernel() if workers.host_copy != "copy_engines" and registered.device_ptr is not None else None
-        plan = plan_gather(self._geometry, pages, offsets, registered.host.numel(), registered.device_ptr,
-                           self._cache.kv.data_ptr()) if kernel is not None else None
+        plan = checked_plan(self._geometry, pages, offsets, offsets_or, registered.device_ptr,
+                            self._cache.kv.data_ptr()) if kernel is not None else None
         if choose_host_copy(workers.host_copy, plan is not None, self._compute_tokens) == "kernel":
-            return _PendingGather(kernel, plan, registered.device_ptr, workers.gather_ctas, "kernel")
+            return _PendingGather(kernel, plan, registered.device_ptr, workers.gather_ctas, "kernel", at)
         return _CopySource(plan_layer_copies(self._geometry, pages.tolist(), offsets.tolist()), registered.host.data_ptr(), False)
 
-    def _hbm_source(self, pages: np.ndarray, offsets: np.ndarray) -> "_LayerSource | _PendingGather":
+    def _hbm_source(self, pages: np.ndarray, offsets: np.ndarray, offsets_or: int, at: int) -> "_LayerSource | _PendingGather":
         """Device to device out of the store's HBM pool: the gather kernel where it builds and the pool sits on
         the pages' GPU (unless the copy engines are asked for), with a grid of hbm_gather_ctas, or of
         hbm_gather_ctas_beside_pass beside a pass computing more than KERNEL_MAX_COMPUTE_TOKENS; else pitched
@@ -445,12 +436,12 @@ class StreamedPrefixLoad(PrefixLoad):
         hbm, workers = self._pinned.hbm, self._workers
         same_gpu = hbm.device == self._cache.device.index
         kernel = gather_kernel() if workers.host_copy != "copy_engines" and same_gpu else None
-        plan = plan_gather(self._geometry, pages, offsets, hbm.size_bytes, hbm.base_ptr, self._cache.kv.data_ptr()) \
+        plan = checked_plan(self._geometry, pages, offsets, offsets_or, hbm.base_ptr, self._cache.kv.data_ptr()) \
             if kernel is not None else None
         if plan is not None:
             busy = self._compute_tokens is not None and self._compute_tokens > KERNEL_MAX_COMPUTE_TOKENS
             ctas = workers.hbm_gather_ctas_beside_pass if busy else workers.hbm_gather_ctas
-            return _PendingGather(kernel, plan, hbm.base_ptr, ctas, "d2d_kernel")
+            return _PendingGather(kernel, plan, hbm.base_ptr, ctas, "d2d_kernel", at)
         return _CopySource(plan_layer_copies(self._geometry, pages.tolist(), offsets.tolist()), hbm.base_ptr, True)
 
     def _checked_on_gpu(self) -> bool:
@@ -603,25 +594,16 @@ class _CopySource(_LayerSource):
 
 
 class _PendingGather:
-    """A gather kernel's plan before its table is on the device: StreamedPrefixLoad writes every table of a load into
-    one table slot (write_table), sends it in one copy, then binds each plan to its part (bind)."""
+    """A gather kernel's plan before its table is on the device: its table sits at word `at` of the load's table slot
+    (load_tables.py), which StreamedPrefixLoad sends in one copy before binding each plan to its part (bind)."""
 
-    def __init__(self, kernel: PagedGatherKernel, plan: GatherPlan, src_ptr: int, ctas: int, kind: str) -> None:
-        self.kernel, self.plan, self.src_ptr, self.ctas, self.kind = kernel, plan, src_ptr, ctas, kind
+    def __init__(self, kernel: PagedGatherKernel, plan: GatherPlan, src_ptr: int, ctas: int, kind: str, at: int) -> None:
+        self.kernel, self.plan, self.src_ptr, self.ctas, self.kind, self.at = kernel, plan, src_ptr, ctas, kind, at
 
-    def write_table(self, slot: TableSlot, at: int) -> int:
-        """The kernel's table (its offsets row, then its pages row: PagedGatherKernel.table) at word `at` of the slot;
-        the word after it."""
-        n = self.plan.num_blocks
-        slot.words[at: at + n] = self.plan.offsets
-        slot.words[at + n: at + 2 * n] = self.plan.pages
-        return at + 2 * n
-
-    def bind(self, slot: TableSlot, at: int, kv_ptr: int, launch_stream) -> tuple["_GatherSource", int]:
-        """The launcher of the table written at word `at`, and the word after it."""
-        n = self.plan.num_blocks
+    def bind(self, slot: TableSlot, kv_ptr: int, launch_stream) -> "_GatherSource":
+        n, at = self.plan.num_blocks, self.at
         launch = self.kernel.bind_at(self.plan, slot.ptr(at), slot.ptr(at + n), kv_ptr, self.src_ptr, launch_stream, self.ctas)
-        return _GatherSource(launch, 2 * n * self.plan.part_bytes, kind=self.kind), at + 2 * n
+        return _GatherSource(launch, 2 * n * self.plan.part_bytes, kind=self.kind)
 
 
 class _GatherSource(_LayerSource):

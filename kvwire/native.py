@@ -2,7 +2,8 @@
 reference beside each function.
 
 Two extensions are built by the normal install (setup.py): kvwire._native (csrc/kvnative: block keys,
-the local socket's frames, the Pin call's messages; used by keys.py, local_wire.py, pin_codec.py) and
+the local socket's frames, the Pin call's messages, a prefix load's kernel tables; used by keys.py, local_wire.py,
+pin_codec.py, engines/load_tables.py) and
 kvstore._native (csrc/kvstore_native: the server's prefix Pin bookkeeping; block_table.py). Each is used
 whenever it imports; a missing or stale build logs one warning and its callers run the references,
 which give the same answers (tests/kvwire/test_native.py, tests/kvstore/test_pin_table.py hold the two
@@ -20,7 +21,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 NATIVE_ENV = "KVSTORE_NATIVE"
-ABI = 4  # csrc/kvnative/kvnative.h KVNATIVE_ABI: a build of other arguments and answers is not used
+ABI = 5  # csrc/kvnative/kvnative.h KVNATIVE_ABI: a build of other arguments and answers is not used
 
 
 def disabled() -> bool:

@@ -6,6 +6,7 @@
  *                   client's rows of its answer
  *   block_copy.c    kvwire/blockcopy.py: a gather/scatter copy of many blocks with each block's xxh3-64,
  *                   GIL released, over threads for large calls
+ *   load_tables.c   engines/load_tables.py: a prefix load's gather and checksum kernel tables from its Pin's answer
  *
  * One rule for every function here: it answers exactly what its reference answers, or it
  * returns NotImplemented and the Python wrapper runs the reference, which then gives the
@@ -23,7 +24,7 @@
 #include <string.h>
 
 /* Bumped whenever a function's arguments or answers change: a stale build is then not used. */
-#define KVNATIVE_ABI 4
+#define KVNATIVE_ABI 5
 
 #define KVN_RETURN_NOT_IMPLEMENTED Py_RETURN_NOTIMPLEMENTED
 
@@ -89,6 +90,7 @@ PyObject *kvn_decode_pin_response(PyObject *self, PyObject *const *args, Py_ssiz
 PyObject *kvn_decode_pin_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvn_slot_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvn_copy_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *kvn_write_load_tables(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 /* Interned attribute names, set once at import (module.c). */
 extern PyObject *kvn_str_digest;

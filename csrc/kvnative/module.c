@@ -20,6 +20,8 @@ static PyMethodDef methods[] = {
     FAST(slot_rows, "slot_rows(row_type, first_index, offsets, sizes, handle, checksums, expires_unix_ms) -> list | NotImplemented"),
     FAST(poll_readable, "poll_readable(fd, spin_ns) -> bool: busy-polls fd, GIL released, until readable or spin_ns pass"),
     FAST(copy_blocks, "copy_blocks(src, src_offsets, dst, dst_offsets, lengths, hash, threads) -> list | None | NotImplemented"),
+    FAST(write_load_tables, "write_load_tables(pages, tiers, host_offsets, hbm_offsets, words, half_bytes, num_pages, block_bytes, "
+                            "host_bytes, hbm_bytes, hash_offsets) -> (h, m, host_or, hbm_or) | NotImplemented"),
     {NULL, NULL, 0, NULL},
 };
 
