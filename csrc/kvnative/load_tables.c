@@ -48,78 +48,45 @@ PyObject *kvn_write_load_tables(PyObject *self, PyObject *const *args, Py_ssize_
         KVN_RETURN_NOT_IMPLEMENTED;
     }
     if (half < 0 || num_pages < 0 || block < 0 || host_bytes < 0 || hbm_bytes < 0) KVN_RETURN_NOT_IMPLEMENTED;
-    Py_buffer pv, tv, hv, gv, wv;
-    if (!words_of(args[0], &pv, 0)) KVN_RETURN_NOT_IMPLEMENTED;
-    if (!words_of(args[1], &tv, 0)) {
-        PyBuffer_Release(&pv);
+    /* pages, tiers, host offsets, HBM offsets, then the words written (the one writable buffer). */
+    Py_buffer views[5];
+    int got = 0;
+    while (got < 5 && words_of(args[got], &views[got], got == 4)) got++;
+    if (got < 5) {
+        while (got > 0) PyBuffer_Release(&views[--got]);
         KVN_RETURN_NOT_IMPLEMENTED;
     }
-    if (!words_of(args[2], &hv, 0)) {
-        PyBuffer_Release(&pv);
-        PyBuffer_Release(&tv);
-        KVN_RETURN_NOT_IMPLEMENTED;
-    }
-    if (!words_of(args[3], &gv, 0)) {
-        PyBuffer_Release(&pv);
-        PyBuffer_Release(&tv);
-        PyBuffer_Release(&hv);
-        KVN_RETURN_NOT_IMPLEMENTED;
-    }
-    if (!words_of(args[4], &wv, 1)) {
-        PyBuffer_Release(&pv);
-        PyBuffer_Release(&tv);
-        PyBuffer_Release(&hv);
-        PyBuffer_Release(&gv);
-        KVN_RETURN_NOT_IMPLEMENTED;
-    }
-    const Py_ssize_t n = pv.len / 8, ntiers = tv.len / 8;
-    const int64_t *pages = (const int64_t *)pv.buf;
-    const uint64_t *tiers = (const uint64_t *)tv.buf, *host = (const uint64_t *)hv.buf, *hbm = (const uint64_t *)gv.buf;
-    int64_t *words = (int64_t *)wv.buf;
+    const Py_ssize_t n = views[0].len / 8, ntiers = views[1].len / 8;
+    const int64_t *pages = (const int64_t *)views[0].buf;
+    const uint64_t *tiers = (const uint64_t *)views[1].buf;
+    const uint64_t *offsets[2] = {(const uint64_t *)views[2].buf, (const uint64_t *)views[3].buf}; /* host, HBM */
+    const uint64_t limits[2] = {(uint64_t)host_bytes, (uint64_t)hbm_bytes};
+    int64_t *words = (int64_t *)views[4].buf;
     PyObject *answer = NULL;
-    int ok = (ntiers == 0 || ntiers >= n) && hv.len / 8 >= n && (ntiers == 0 || gv.len / 8 >= n) &&
-             wv.len / 8 >= (hash ? 3 : 2) * n;
-    Py_ssize_t h = 0, m = 0;
+    int ok = (ntiers == 0 || ntiers >= n) && views[2].len / 8 >= n && (ntiers == 0 || views[3].len / 8 >= n) &&
+             views[4].len / 8 >= (hash ? 3 : 2) * n;
+    Py_ssize_t count[2] = {0, 0}; /* blocks from the host pool, from HBM */
     if (ok && ntiers)
-        for (Py_ssize_t i = 0; i < n; i++) m += tiers[i] == TIER_HBM;
-    h = n - m;
-    uint64_t host_or = 0, hbm_or = 0;
-    Py_ssize_t at_host = 0, at_hbm = 2 * h;
+        for (Py_ssize_t i = 0; i < n; i++) count[1] += tiers[i] == TIER_HBM;
+    count[0] = n - count[1];
+    uint64_t ors[2] = {0, 0};
+    Py_ssize_t at[2] = {0, 2 * count[0]};
     for (Py_ssize_t i = 0; ok && i < n; i++) {
         int64_t page = pages[i];
-        if (page < 0 || page >= num_pages) {
+        int source = ntiers && tiers[i] == TIER_HBM;
+        uint64_t offset = offsets[source][i];
+        if (page < 0 || page >= num_pages || offset > limits[source] || limits[source] - offset < (uint64_t)block) {
             ok = 0;
             break;
         }
-        if (ntiers && tiers[i] == TIER_HBM) {
-            uint64_t offset = hbm[i];
-            if (offset > (uint64_t)hbm_bytes || (uint64_t)hbm_bytes - offset < (uint64_t)block) {
-                ok = 0;
-                break;
-            }
-            hbm_or |= offset;
-            words[at_hbm] = (int64_t)offset;
-            words[at_hbm + m] = page;
-            at_hbm++;
-        } else {
-            uint64_t offset = host[i];
-            if (offset > (uint64_t)host_bytes || (uint64_t)host_bytes - offset < (uint64_t)block) {
-                ok = 0;
-                break;
-            }
-            host_or |= offset;
-            words[at_host] = (int64_t)offset;
-            words[at_host + h] = page;
-            at_host++;
-        }
+        ors[source] |= offset;
+        words[at[source]] = (int64_t)offset;
+        words[at[source] + count[source]] = page;
+        at[source]++;
         if (hash) words[2 * n + i] = page * half;
     }
-    if (ok) answer = Py_BuildValue("(nnKK)", h, m, (unsigned long long)host_or, (unsigned long long)hbm_or);
-    PyBuffer_Release(&pv);
-    PyBuffer_Release(&tv);
-    PyBuffer_Release(&hv);
-    PyBuffer_Release(&gv);
-    PyBuffer_Release(&wv);
+    if (ok) answer = Py_BuildValue("(nnKK)", count[0], count[1], (unsigned long long)ors[0], (unsigned long long)ors[1]);
+    for (int v = 0; v < 5; v++) PyBuffer_Release(&views[v]);
     if (!ok) KVN_RETURN_NOT_IMPLEMENTED;
     return answer;
 }
