@@ -542,7 +542,7 @@ class StreamedPrefixLoad(PrefixLoad):
             if self._landed:
                 self._enqueue_through(self._num_layers - 1)  # a caller that skipped some layers' waits
                 self._hash_in_pages()
-                self._give_back_tables()  # checked on the host: the gather kernels were the last readers
+            self._give_back_tables()  # checked on the host: the gather kernels were the last readers
             self._start_checks()
             if self._checked is not None:
                 self._checked.result()
@@ -557,8 +557,8 @@ class StreamedPrefixLoad(PrefixLoad):
         if self._done:
             return
         self._done = True
+        self._give_back_tables()  # nothing more is enqueued (a start that raised may have taken the slot)
         if self._landed:
-            self._give_back_tables()  # nothing more is enqueued
             (self._hashed or self._landed[-1]).synchronize()  # no DMA or hash may outlive the pin
         if self._checked is not None:
             self._checked.exception()

@@ -137,3 +137,34 @@ def test_streamed_load_from_scattered_server_slots_is_exact_checked_and_unpinned
     finally:
         registered.close()
         client.close()
+
+
+def test_a_load_whose_plan_is_refused_gives_back_its_pin_and_its_table_slot(server):
+    """A page outside the cache is refused at start (ValueError, before any copy); leaving the load then drops the pin
+    and hands the table slot back, so later loads neither wait for it nor find the ring grown."""
+    fingerprint = make_fingerprint(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM, block_tokens=BLOCK_TOKENS,
+                                   dtype="bfloat16", model="refused-plan")
+    client = KVClient(server.address, fingerprint=fingerprint, transport="shm")
+    registered = RegisteredPool(client.transport.pool_view())
+    workers = DmaWorkers()
+    try:
+        keys = block_keys(fingerprint, list(range(4 * BLOCK_TOKENS)), None)
+        cache = new_cache()
+        payload = torch.randn((4, *cache.block_shape)).to(torch.bfloat16)
+        client.put(keys, payload)
+        for _ in range(3):
+            with pytest.raises(ValueError, match="a page outside the cache's 64"), \
+                    StreamedPrefixLoad(workers, registered, client.pin(keys)) as load:
+                load.start(cache, [1, 2, 64, 3])
+            ring = workers.lane(cache.device).tables
+            assert ring._slots and not any(slot.busy for slot in ring._slots)
+        wait_unpinned(client)
+        with StreamedPrefixLoad(workers, registered, client.pin(keys)) as load:  # the slot serves the next load
+            load.start(cache, [1, 2, 63, 3])
+            for layer in range(LAYERS):
+                load.wait_for_layer(layer)
+            load.finish()
+        assert torch.equal(raw(cache.gather_blocks([1, 2, 63, 3])), raw(payload.cuda()))
+    finally:
+        registered.close()
+        client.close()
