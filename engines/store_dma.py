@@ -26,7 +26,7 @@ import torch
 from engines.block_checksum import paged_kernel, supports
 from engines.cuda_events import StreamEvent, cuda_runtime, current_stream_ptr, new_event
 from engines.cuda_kernels import on_stream
-from engines.layerwise import CacheGeometry, Copy2D, plan_layer_copies, run_on_cuda
+from engines.layerwise import CacheGeometry, LayerCopies, run_on_cuda
 from engines.load_tables import NO_TIERS, write_load_tables
 from engines.paged_gather import (DEFAULT_CTAS, BoundGather, GatherPlan, PagedGatherKernel, checked_plan, gather_kernel,
                                   layer_groups)
@@ -424,7 +424,7 @@ class StreamedPrefixLoad(PrefixLoad):
                             self._cache.kv.data_ptr()) if kernel is not None else None
         if choose_host_copy(workers.host_copy, plan is not None, self._compute_tokens) == "kernel":
             return _PendingGather(kernel, plan, registered.device_ptr, workers.gather_ctas, "kernel", at)
-        return _CopySource(plan_layer_copies(self._geometry, pages.tolist(), offsets.tolist()), registered.host.data_ptr(), False)
+        return _CopySource(LayerCopies(self._geometry, pages, offsets), registered.host.data_ptr(), False)
 
     def _hbm_source(self, pages: np.ndarray, offsets: np.ndarray, offsets_or: int, at: int) -> "_LayerSource | _PendingGather":
         """Device to device out of the store's HBM pool: the gather kernel where it builds and the pool sits on
@@ -442,7 +442,7 @@ class StreamedPrefixLoad(PrefixLoad):
             busy = self._compute_tokens is not None and self._compute_tokens > KERNEL_MAX_COMPUTE_TOKENS
             ctas = workers.hbm_gather_ctas_beside_pass if busy else workers.hbm_gather_ctas
             return _PendingGather(kernel, plan, hbm.base_ptr, ctas, "d2d_kernel", at)
-        return _CopySource(plan_layer_copies(self._geometry, pages.tolist(), offsets.tolist()), hbm.base_ptr, True)
+        return _CopySource(LayerCopies(self._geometry, pages, offsets), hbm.base_ptr, True)
 
     def _checked_on_gpu(self) -> bool:
         geometry = self._geometry
@@ -579,18 +579,19 @@ class _LayerSource:
 
 
 class _CopySource(_LayerSource):
-    """Pitched copies on the copy engines (layerwise.py): host to device, or device to device."""
+    """Pitched copies on the copy engines (layerwise.py): host to device, or device to device; each layer's made as it
+    is enqueued (LayerCopies)."""
 
-    def __init__(self, plan: list[list[Copy2D]], base: int, from_device: bool) -> None:
+    def __init__(self, plan: LayerCopies, base: int, from_device: bool) -> None:
         self.plan, self.base, self.from_device = plan, base, from_device
         self.kind = "d2d" if from_device else "copy_engines"
 
     def calls(self, groups: list[tuple[int, int]]) -> int:
-        return sum(len(copies) for copies in self.plan)
+        return self.plan.calls()
 
     def enqueue(self, layer_begin: int, layer_end: int, kv_ptr: int, stream: torch.cuda.Stream) -> None:
         for layer in range(layer_begin, layer_end):
-            run_on_cuda(self.plan[layer], kv_ptr, self.base, stream, self.from_device)
+            run_on_cuda(self.plan.layer(layer), kv_ptr, self.base, stream, self.from_device)
 
 
 class _PendingGather:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.layerwise import CacheGeometry, plan_layer_copies, run_on_host, runs
+from engines.layerwise import CacheGeometry, LayerCopies, plan_layer_copies, run_on_host, runs
 from engines.paged_cache import PagedKVCache
 
 
@@ -50,3 +50,21 @@ def test_runs_split_where_pages_or_pool_offsets_break():
     assert runs([4, 5, 6, 9, 10], [0, 8, 16, 24, 32]) == [(0, 3, 8), (3, 2, 8)]
     assert runs([1, 2, 3], [16, 8, 0]) == [(0, 1, 0), (1, 1, 0), (2, 1, 0)]  # descending pool: no strided run
     assert runs([1, 2, 3, 4], [0, 8, 24, 32]) == [(0, 2, 8), (2, 2, 8)]  # uneven step ends a run
+
+
+def test_layer_copies_made_per_layer_match_the_whole_plan_from_arrays_or_lists():
+    """LayerCopies (what a prefix load plans: runs now, a layer's copies when it is enqueued) gives plan_layer_copies'
+    copies layer by layer, from the int64 arrays of a load's tables as from lists, and counts them."""
+    geometry = CacheGeometry(num_layers=3, num_pages=40, half_bytes=256)
+    rng = np.random.default_rng(9)
+    back_to_back = (np.arange(5, 25, dtype=np.int64), np.arange(20, dtype=np.int64) * geometry.block_bytes)
+    scattered = (rng.permutation(40)[:20].astype(np.int64), rng.permutation(20).astype(np.int64) * geometry.block_bytes)
+    for pages, offsets in (back_to_back, scattered):
+        whole = plan_layer_copies(geometry, pages.tolist(), offsets.tolist())
+        lazy = LayerCopies(geometry, pages, offsets)
+        assert [lazy.layer(layer) for layer in range(3)] == whole
+        assert lazy.calls() == sum(map(len, whole))
+        assert all(type(v) is int for c in lazy.layer(2) for v in (c.dst, c.src, c.height, c.src_pitch))
+    assert LayerCopies(geometry, *back_to_back).calls() == 2 * 3  # one run
+    with pytest.raises(ValueError, match="3 pages for 2 blocks"):
+        LayerCopies(geometry, [1, 2, 3], [0, 1])
