@@ -224,6 +224,10 @@ class StoreAPI:
     def unpin(self, caller: Caller, pin_ids: Sequence[int]) -> int:
         return self.store.unpin(caller, pin_ids)
 
+    def settle_reads(self) -> None:
+        """After an answer is sent: the bookkeeping its reads left for then (Store.settle_reads)."""
+        self.store.settle_reads()
+
     def delete(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes]) -> int:
         return self.store.delete(caller, fingerprint_id, keys)
 

@@ -32,6 +32,7 @@ class BackgroundWorker:
         while not self._stop.wait(self.interval_s):
             try:
                 self.store.reap_expired()
+                self.store.settle_reads()
                 self.store.demote_cold()
                 self.store.promote_hot()
                 self._erase_pending()

@@ -72,6 +72,9 @@ class BlockMeta:
         return min(self.copies, default=Tier.UNSPECIFIED)
 
 
+MAX_PENDING_TOUCH_BLOCKS = 1 << 16  # queued touches applied at once past this many blocks (touch_later)
+
+
 class BlockIndex:
     def __init__(self) -> None:
         self._blocks: dict[bytes, BlockMeta] = {}
@@ -82,6 +85,11 @@ class BlockIndex:
         # only take note: cluster mode announces them to the directory (kvstore/cluster/announcer.py).
         self.listener: Callable[[bytes, BlockMeta | None], None] | None = None
         self.bytes = 0  # payload bytes of the blocks here, each counted once whatever its tiers (cluster mode's fullness)
+        # Touches queued by touch_later, applied in order by flush_touches before anything reads the LRU orders
+        # (in_lru_order) or a block's last_access; toucher: touch's compiled twin, set by the block table where built.
+        self._pending_touches: list[tuple[list[BlockMeta], float]] = []
+        self.pending_touch_blocks = 0
+        self.toucher: Callable[[list[BlockMeta], defaultdict, float], object] | None = None
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -98,6 +106,7 @@ class BlockIndex:
         return self._blocks.get(meta.skey) is meta
 
     def add(self, meta: BlockMeta) -> None:
+        self.flush_touches()  # reads answered before this block came are older than it in the LRU orders
         old = self._blocks.get(meta.skey)
         self.bytes += meta.size - (old.size if old is not None else 0)
         self._blocks[meta.skey] = meta
@@ -115,14 +124,42 @@ class BlockIndex:
             if self.listener is not None:
                 self.listener(meta.skey, None)
 
-    def touch(self, metas: list[BlockMeta]) -> None:
-        now, lru = time.monotonic(), self.lru
+    def touch(self, metas: list[BlockMeta], now: float | None = None) -> None:
+        """Stamp each block read at now and move it to the end of each of its tiers' LRU order, in order. A block no
+        longer in a tier's order (it left the index after a deferred touch was queued) is not moved there."""
+        if now is None:
+            self.flush_touches()
+        now, lru = time.monotonic() if now is None else now, self.lru
         for meta in metas:
             meta.last_access = now
             for tier in meta.copies:
-                lru[tier].move_to_end(meta.skey)
+                try:
+                    lru[tier].move_to_end(meta.skey)
+                except KeyError:
+                    pass
+
+    def touch_later(self, metas: list[BlockMeta], now: float) -> None:
+        """touch(metas, now), applied by the next flush_touches: a prefix Pin answers before its 512 LRU moves
+        (Caffeine's read buffer, replayed under the lock). The blocks are pinned meanwhile, so nothing that reads
+        the order could take them anyway. Whatever reads the orders, and whatever adds to them (a block added, a
+        copy attached, another touch), applies the queue first, so the orders come out as if each touch had been
+        made when its read was answered."""
+        self._pending_touches.append((metas, now))
+        self.pending_touch_blocks += len(metas)
+        if self.pending_touch_blocks > MAX_PENDING_TOUCH_BLOCKS:  # no door settled them: bounded all the same
+            self.flush_touches()
+
+    def flush_touches(self) -> None:
+        """Apply the queued touches, oldest first (store lock held)."""
+        if not self._pending_touches:
+            return
+        pending, self._pending_touches, self.pending_touch_blocks = self._pending_touches, [], 0
+        for metas, now in pending:
+            if self.toucher is None or self.toucher(metas, self.lru, now) is NotImplemented:
+                self.touch(metas, now)
 
     def attach(self, meta: BlockMeta, tier: Tier, copy: Copy) -> None:
+        self.flush_touches()
         meta.copies[tier] = copy
         if self.holds(meta):
             self.lru[tier][meta.skey] = None
@@ -135,6 +172,7 @@ class BlockIndex:
 
     def in_lru_order(self, tier: Tier) -> Iterator[BlockMeta]:
         """Blocks with a copy in tier, least recently used first. Do not change the index while iterating."""
+        self.flush_touches()
         blocks = self._blocks
         return (blocks[skey] for skey in self.lru[tier])
 

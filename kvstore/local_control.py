@@ -243,6 +243,7 @@ class LocalControlServer:
                 answer = self._answer(body, peer, conn)
                 conn.settimeout(self.read_s)  # a peer that does not read its answer is stalled too
                 conn.sendall(answer)
+                self.api.settle_reads()  # a prefix Pin's LRU moves, now that its answer is on its way
         except (OSError, FrameError) as err:
             log.debug("local control connection ended: %s", err)
         finally:

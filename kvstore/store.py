@@ -777,7 +777,7 @@ class Store:
         with self._locked as table:
             if release_pin_ids:
                 table.unpin(caller, release_pin_ids)
-            metas, columns = table.pin_leading_columns(caller.tenant, fingerprint_id, keys)
+            metas, columns = table.pin_leading_columns(caller.tenant, fingerprint_id, keys, defer_touch=True)
             if self.remote is not None and len(metas) < len(keys):
                 table.unpin_blocks(metas)
                 self.counters[Event.LOOKUP_BLOCKS_HIT] -= len(metas)
@@ -992,6 +992,13 @@ class Store:
             return
         with self._locked as table:
             table.reap()
+
+    def settle_reads(self) -> None:
+        """Apply the LRU touches prefix Pins queued to answer first (BlockIndex.touch_later): after a door has sent
+        its answer, and each background tick. Whatever reads the LRU orders applies them itself before."""
+        if self.table.index.pending_touch_blocks and not self.placement.stopped:
+            with self._locked as table:
+                table.index.flush_touches()
 
     # ---- lifecycle and stats ------------------------------------------------------
 

@@ -29,7 +29,7 @@
 #define Py_READONLY READONLY
 #endif
 
-#define PIN_TABLE_ABI 4
+#define PIN_TABLE_ABI 5
 #define TIER_ORDERS 4  /* the tiers whose LRU orders one walk keeps at hand (HBM, host, SSD, and one more) */
 
 /* BlockMeta's fields, bound once (bind) to the class block_table passes. */
@@ -164,12 +164,62 @@ static int move_last(PyObject *order, PyObject *skey) {
     return 0;
 }
 
+/* Touch metas[0:n] at now: last_access = now, and each moved to the end of each of its tiers' LRU, in order (the
+ * reference's BlockIndex.touch). A move of a block no longer in a tier's order (removed from the index since a
+ * deferred touch was queued) is skipped, as the reference skips it. 0, or -1 with an error set. */
+static int touch_run(PyObject *const *metas, Py_ssize_t n, PyObject *lru, PyObject *now) {
+    /* Each tier's LRU order, looked up once a walk: a block with copies on two tiers (host and HBM) alternates
+     * them, and a lookup of lru[tier] per copy cost a 512-block Pin ~1,000 dict lookups. */
+    PyObject *tiers[TIER_ORDERS] = {NULL}, *orders[TIER_ORDERS] = {NULL};
+    int status = 0;
+    for (Py_ssize_t i = 0; i < n && status == 0; i++) {
+        set_field(metas[i], m_last_access, now);
+        PyObject *copies = field(metas[i], m_copies), *skey = field(metas[i], m_skey), *tier, *copy;
+        Py_ssize_t pos = 0;
+        if (copies == NULL || skey == NULL || !PyDict_CheckExact(copies)) {
+            Py_XDECREF(copies);
+            Py_XDECREF(skey);
+            PyErr_SetString(PyExc_SystemError, "BlockMeta.copies changed under the store lock");
+            status = -1;
+            break;
+        }
+        while (status == 0 && PyDict_Next(copies, &pos, &tier, &copy)) {
+            PyObject *order = NULL;
+            int t = 0, moved;
+            while (t < TIER_ORDERS && tiers[t] != NULL && tiers[t] != tier) t++;
+            if (t < TIER_ORDERS && tiers[t] == tier) {
+                order = Py_NewRef(orders[t]);
+            } else {
+                order = PyObject_GetItem(lru, tier);  /* a defaultdict: as lru[tier] in Python */
+                if (order != NULL && t < TIER_ORDERS) {  /* kept (the walk holds the references) */
+                    tiers[t] = Py_NewRef(tier);
+                    orders[t] = Py_NewRef(order);
+                }
+            }
+            moved = order != NULL ? move_last(order, skey) : -1;
+            Py_XDECREF(order);
+            if (moved < 0 && PyErr_ExceptionMatches(PyExc_KeyError))
+                PyErr_Clear();  /* not in this tier's order: the block left the index after its touch was queued */
+            else if (moved < 0)
+                status = -1;
+        }
+        Py_DECREF(copies);
+        Py_DECREF(skey);
+    }
+    for (int t = 0; t < TIER_ORDERS; t++) {
+        Py_XDECREF(tiers[t]);
+        Py_XDECREF(orders[t]);
+    }
+    return status;
+}
+
 /* The blocks of keys, found, pin-counted (pins += 1) and touched (last_access = now, moved to the end of
  * each of their tiers' LRU), in that order, as the reference's pin_blocks then index.touch. missing NULL:
  * the leading run present under fingerprint_id (pin_leading). Else every present key's block, the absent
  * keys appended to missing, and a block of another fingerprint leaves the call to the reference, which
  * raises (pin_found). Nothing changes before every key has been looked up. */
-static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *missing, PyObject *host, PyObject **columns) {
+static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *missing, PyObject *host, PyObject **columns,
+                         int touch) {
     if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "(blocks, lru, tag, keys, fingerprint_id, now)");
         return NULL;
@@ -188,9 +238,6 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
     int on_host = host != NULL;
     long long payload_bytes = 0;
     PyObject *result = NULL, *scratch = NULL;
-    /* Each tier's LRU order, looked up once a walk: a block with copies on two tiers (host and HBM) alternates
-     * them, and a lookup of lru[tier] per copy cost a 512-block Pin ~1,000 dict lookups. */
-    PyObject *tiers[TIER_ORDERS] = {NULL}, *orders[TIER_ORDERS] = {NULL};
     if (metas == NULL || (host != NULL && cells == NULL)) {
         PyErr_NoMemory();
         goto done;
@@ -275,47 +322,7 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
         set_field(metas[i], m_pins, more);
         Py_DECREF(more);
     }
-    for (Py_ssize_t i = 0; i < run; i++) {
-        set_field(metas[i], m_last_access, now);
-        PyObject *copies = field(metas[i], m_copies), *skey = field(metas[i], m_skey), *tier, *copy;
-        Py_ssize_t pos = 0;
-        if (copies == NULL || skey == NULL) {
-            Py_XDECREF(copies);
-            Py_XDECREF(skey);
-            PyErr_SetString(PyExc_SystemError, "BlockMeta.copies changed under the store lock");
-            goto done;
-        }
-        while (PyDict_Next(copies, &pos, &tier, &copy)) {
-            PyObject *order = NULL;
-            int t = 0;
-            while (t < TIER_ORDERS && tiers[t] != NULL && tiers[t] != tier) t++;
-            if (t < TIER_ORDERS && tiers[t] == tier) {
-                order = orders[t];
-            } else {
-                order = PyObject_GetItem(lru, tier);  /* a defaultdict: as lru[tier] in Python */
-                if (order != NULL && t < TIER_ORDERS) {  /* kept (the walk holds the references) */
-                    tiers[t] = Py_NewRef(tier);
-                    orders[t] = order;
-                } else if (order != NULL) {  /* more tiers than kept: this one looked up each time */
-                    int moved = move_last(order, skey);
-                    Py_DECREF(order);
-                    if (moved < 0) {
-                        Py_DECREF(copies);
-                        Py_DECREF(skey);
-                        goto done;
-                    }
-                    continue;
-                }
-            }
-            if (order == NULL || move_last(order, skey) < 0) {
-                Py_DECREF(copies);
-                Py_DECREF(skey);
-                goto done;
-            }
-        }
-        Py_DECREF(copies);
-        Py_DECREF(skey);
-    }
+    if (touch && touch_run(metas, run, lru, now) < 0) goto done;
     result = PyList_New(run);
     if (result != NULL)
         for (Py_ssize_t i = 0; i < run; i++) PyList_SET_ITEM(result, i, Py_NewRef(metas[i]));
@@ -326,10 +333,6 @@ done:
     if (columns != NULL && (result == NULL || result == Py_NotImplemented)) Py_CLEAR(*columns);
     Py_XDECREF(scratch);
     PyMem_Free(cells);
-    for (int t = 0; t < TIER_ORDERS; t++) {
-        Py_XDECREF(tiers[t]);
-        Py_XDECREF(orders[t]);
-    }
     if (metas != NULL)
         for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(metas[i]);
     PyMem_Free(metas);
@@ -343,7 +346,7 @@ done:
  * fingerprint_id, pin-counted and touched. The caller counts the lookup hits and misses and pin_count. */
 static PyObject *pin_leading(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    return pin_run(args, nargs, NULL, NULL, NULL);
+    return pin_run(args, nargs, NULL, NULL, NULL, 1);
 }
 
 /* pin_found(blocks, lru, tag, keys, fingerprint_id, now) -> (list[BlockMeta], missing keys) | NotImplemented
@@ -354,7 +357,7 @@ static PyObject *pin_found(PyObject *self, PyObject *const *args, Py_ssize_t nar
     (void)self;
     PyObject *missing = PyList_New(0);
     if (missing == NULL) return NULL;
-    PyObject *found = pin_run(args, nargs, missing, NULL, NULL);
+    PyObject *found = pin_run(args, nargs, missing, NULL, NULL, 1);
     if (found == NULL || found == Py_NotImplemented) {
         Py_DECREF(missing);
         return found;
@@ -442,19 +445,22 @@ static PyObject *host_columns(PyObject *self, PyObject *const *args, Py_ssize_t 
     return columns_of(PySequence_Fast_ITEMS(metas), PyList_GET_SIZE(metas), host);
 }
 
-/* pin_leading_columns(blocks, lru, tag, keys, fingerprint_id, now, host_tier)
+/* pin_leading_columns(blocks, lru, tag, keys, fingerprint_id, now, host_tier, touch)
  *     -> (list[BlockMeta], (offsets, sizes, checksums, payload_bytes) | None) | NotImplemented
  *
  * pin_leading, then host_columns of the blocks it pinned: a prefix Pin of blocks in the host pool in one
- * call. The columns are read before anything changes, so NotImplemented still means nothing changed. */
+ * call. The columns are read before anything changes, so NotImplemented still means nothing changed.
+ * touch false: the blocks are found and pin-counted, not touched (the caller queues the touch: touch()). */
 static PyObject *pin_leading_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "pin_leading_columns(blocks, lru, tag, keys, fingerprint_id, now, host_tier)");
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "pin_leading_columns(blocks, lru, tag, keys, fingerprint_id, now, host_tier, touch)");
         return NULL;
     }
+    int touch = PyObject_IsTrue(args[7]);
+    if (touch < 0) return NULL;
     PyObject *columns = NULL;
-    PyObject *metas = pin_run(args, 6, NULL, args[6], &columns);
+    PyObject *metas = pin_run(args, 6, NULL, args[6], &columns, touch);
     if (metas == NULL || metas == Py_NotImplemented) return metas;
     PyObject *result = PyTuple_Pack(2, metas, columns);
     Py_DECREF(metas);
@@ -609,6 +615,28 @@ failed:
     return NULL;
 }
 
+/* touch(metas, lru, now) -> None | NotImplemented: BlockIndex.touch of a list of bound BlockMetas (a deferred touch). */
+static PyObject *touch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "touch(metas, lru, now)");
+        return NULL;
+    }
+    PyObject *metas = args[0], *lru = args[1], *now = args[2];
+    if (meta_type == NULL || !PyList_CheckExact(metas) || !PyDict_Check(lru) || !PyFloat_CheckExact(now))
+        Py_RETURN_NOTIMPLEMENTED;
+    Py_ssize_t n = PyList_GET_SIZE(metas);
+    PyObject **items = PySequence_Fast_ITEMS(metas);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!Py_IS_TYPE(items[i], meta_type)) Py_RETURN_NOTIMPLEMENTED;
+    PyObject *held = PyList_GetSlice(metas, 0, n);  /* the list may change while a move runs Python code */
+    if (held == NULL) return NULL;
+    int status = touch_run(PySequence_Fast_ITEMS(held), n, lru, now);
+    Py_DECREF(held);
+    if (status < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *distinct_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 2) {
@@ -642,7 +670,8 @@ static PyMethodDef methods[] = {
      "pin_found(blocks, lru, tag, keys, fingerprint_id, now) -> (list[BlockMeta], missing) | NotImplemented"},
     {"bind_slot", (PyCFunction)(void (*)(void))bind_slot, METH_FASTCALL, "bind_slot(Slot) -> bool"},
     {"pin_leading_columns", (PyCFunction)(void (*)(void))pin_leading_columns, METH_FASTCALL,
-     "pin_leading_columns(blocks, lru, tag, keys, fingerprint_id, now, host_tier) -> (list[BlockMeta], columns | None) | NotImplemented"},
+     "pin_leading_columns(blocks, lru, tag, keys, fingerprint_id, now, host_tier, touch) -> (list[BlockMeta], columns | None) | NotImplemented"},
+    {"touch", (PyCFunction)(void (*)(void))touch, METH_FASTCALL, "touch(metas, lru, now) -> None | NotImplemented"},
     {"host_columns", (PyCFunction)(void (*)(void))host_columns, METH_FASTCALL,
      "host_columns(metas, host_tier) -> (offsets, sizes, checksums, payload_bytes) | None | NotImplemented"},
     {"unpin_blocks", (PyCFunction)(void (*)(void))unpin_blocks, METH_FASTCALL, "unpin_blocks(metas) -> list[BlockMeta] | NotImplemented"},

@@ -236,3 +236,50 @@ def test_tier_columns_are_the_placements_definition(monkeypatch):
     assert offsets == [m.copies[Tier.HBM].offset if Tier.HBM in m.copies else 0 for m in metas]
     assert 0 < tiers.count(Tier.HBM.value) < 64 and all(type(t) is int for t in tiers)
     assert answers[0][3][0] == [Tier.HOST.value] * len(answers[0][3][0])
+
+
+def test_a_deferred_touch_leaves_the_orders_as_an_immediate_one_would(both_ways):
+    """pin_leading_columns(defer_touch=True) pins and answers without touching; the queued touches are applied before
+    anything adds to or reads the LRU orders, so a block added after the read still comes after the blocks read,
+    and the end state is the immediate touch's. A block that left the index meanwhile is skipped, not an error."""
+
+    def run(table, metas):
+        immediate = BlockTable(Limits())
+        twins = populate(immediate, 64, random.Random(5))
+        reads = ([key(i) for i in (5, 3, 9, 1)], [key(i) for i in range(30)], [key(12), key(13)])
+        orders_before = {t: list(o) for t, o in table.index.lru.items()}
+        for keys in reads:
+            deferred = table.pin_leading_columns("alice", FP, keys, defer_touch=True)
+            assert {t: list(o) for t, o in table.index.lru.items()} == orders_before  # answered, not moved yet
+            assert immediate.pin_leading_columns("alice", FP, keys)[1] == deferred[1]
+        assert table.index.pending_touch_blocks == 4 + 30 + 2
+        gone = metas[3]
+        table.index.remove(gone)  # left the index with its touch queued
+        immediate.index.remove(twins[3])
+        late = BlockMeta(storage_key("alice", key(200)), "alice", FP, 100, 7, copies={Tier.HOST: Slot(1 << 30, 100)})
+        table.add(late)  # applies the queue first: the reads are older than this block
+        immediate.add(BlockMeta(late.skey, "alice", FP, 100, 7, copies={Tier.HOST: Slot(1 << 30, 100)}))
+        assert table.index.pending_touch_blocks == 0
+        assert {t: list(o) for t, o in table.index.lru.items()} == {t: list(o) for t, o in immediate.index.lru.items()}
+        assert list(table.index.lru[Tier.HOST])[-1] == late.skey
+        table.pin_leading_columns("alice", FP, [key(20)], defer_touch=True)
+        order = [m.skey for m in table.index.in_lru_order(Tier.HOST)]  # a reader of the order applies the queue
+        assert order[-1] == storage_key("alice", key(20)) and table.index.pending_touch_blocks == 0
+        return [m.last_access > 0 for m in metas]
+
+    both_ways(run, seed=5)
+
+
+def test_the_native_touch_is_the_references_and_refuses_what_it_does_not_know():
+    tables = [BlockTable(Limits()), BlockTable(Limits())]
+    metas = [populate(t, 64, random.Random(6)) for t in tables]
+    picked = [[m[i] for i in (9, 2, 33, 2, 50)] for m in metas]
+    for t, m in zip(tables, metas):
+        t.index.remove(m[33])
+    assert block_table.pin_table.touch(picked[0], tables[0].index.lru, 12.5) is None
+    tables[1].index.touch(picked[1], 12.5)
+    assert [list(o) for o in tables[0].index.lru.values()] == [list(o) for o in tables[1].index.lru.values()]
+    assert [m.last_access for m in picked[0]] == [m.last_access for m in picked[1]] == [12.5] * 5
+    assert block_table.pin_table.touch(tuple(picked[0]), tables[0].index.lru, 1.0) is NotImplemented
+    assert block_table.pin_table.touch(picked[0] + ["x"], tables[0].index.lru, 1.0) is NotImplemented
+    assert block_table.pin_table.touch(picked[0], tables[0].index.lru, 1) is NotImplemented

@@ -137,6 +137,24 @@ def test_background_demotion_takes_the_coldest_unpinned_blocks_down_to_the_low_w
     store.unpin(ALICE, [pin.pin_id])
 
 
+def test_a_prefix_pins_deferred_touch_counts_as_a_use_when_demotion_chooses(make_store, tmp_path):
+    """A prefix Pin answers before its LRU moves (index.touch_later). The blocks it read rank as used when it was
+    answered: younger than the blocks put before it, older than those put after, whether the store settled the reads
+    (as a door does after sending its answer) or demotion found them still queued."""
+    for settle in (True, False):
+        store = make_store(data_dir=str(tmp_path / f"data-{settle}"))
+        put(store, range(10))
+        pin = store.pin(ALICE, FP, [key(i) for i in range(4)], prefix=True)  # the oldest four, read again
+        assert store.index.pending_touch_blocks == 4
+        if settle:
+            store.settle_reads()
+            assert store.index.pending_touch_blocks == 0
+        store.unpin(ALICE, [pin.pin_id])
+        put(store, range(10, 60))  # above the high mark
+        assert store.demote_cold() == 16  # the coldest: 4..9, then the four read, then 10..15
+        assert tiers(store, range(60)) == [SSD_ONLY] * 16 + [HOST_ONLY] * 44
+
+
 def test_lookups_pins_and_puts_proceed_while_a_demotion_writes_lmdb(make_store):
     store = make_store()
     put(store, range(60))
