@@ -275,6 +275,7 @@ class BlockTable:
         per-key work, which for an 8k-token prompt is 512 keys. Done in one pass by kvstore._native
         (csrc/kvstore_native/pin_table.c) where it is built, in the same order (every block pin-counted
         before any is touched); this method's three calls are its definition."""
+        self.index.flush_touches()  # queued touches are older than this one
         if pin_table is not None:
             index = self.index
             metas = pin_table.pin_leading(index.blocks, index.lru, tenant_tag(tenant), keys, fingerprint_id, time.monotonic())
@@ -295,6 +296,8 @@ class BlockTable:
         are its definition. defer_touch: the blocks' touch is queued (index.touch_later) instead of made: the LRU
         moves were a quarter of a 512-key Pin's walk with the caches cold, as an engine's calls find them."""
         now = time.monotonic()
+        if not defer_touch:
+            self.index.flush_touches()  # queued touches are older than this one
         if pin_table is not None:
             index = self.index
             answer = pin_table.pin_leading_columns(index.blocks, index.lru, tenant_tag(tenant), keys, fingerprint_id,
@@ -319,6 +322,7 @@ class BlockTable:
         """The blocks of keys, pin-counted and touched, the keys with none appended to missing (an all-or-nothing
         Pin, and every get); a block under another fingerprint raises FingerprintMismatchError. In one pass in
         C where built, leaving that error to the loop below, its definition."""
+        self.index.flush_touches()  # queued touches are older than this one
         if pin_table is not None:
             index = self.index
             answer = pin_table.pin_found(index.blocks, index.lru, tenant_tag(tenant), keys, fingerprint_id, time.monotonic())

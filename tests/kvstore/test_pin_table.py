@@ -283,3 +283,18 @@ def test_the_native_touch_is_the_references_and_refuses_what_it_does_not_know():
     assert block_table.pin_table.touch(tuple(picked[0]), tables[0].index.lru, 1.0) is NotImplemented
     assert block_table.pin_table.touch(picked[0] + ["x"], tables[0].index.lru, 1.0) is NotImplemented
     assert block_table.pin_table.touch(picked[0], tables[0].index.lru, 1) is NotImplemented
+
+
+def test_a_touch_made_at_once_comes_after_the_ones_queued_before_it(both_ways):
+    """A get's or an all-or-nothing Pin's touch (pin_found, pin_leading) applies the queued touches first: the block
+    it reads ends up after the blocks a prefix Pin read before it, as the reads were answered."""
+
+    def run(table, metas):
+        table.pin_leading_columns("alice", FP, [key(i) for i in (1, 2, 3)], defer_touch=True)
+        table.pin_found("alice", FP, [key(7)], [])
+        table.pin_leading_columns("alice", FP, [key(4)], defer_touch=True)
+        table.pin_leading("alice", FP, [key(9)])
+        return [block_table.block_key(skey) for skey in list(table.index.lru[Tier.HOST])[-6:]]
+
+    order, _ = both_ways(run, seed=3)
+    assert order == [key(i) for i in (1, 2, 3, 7, 4, 9)]
