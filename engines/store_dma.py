@@ -148,8 +148,7 @@ class DmaWorkers:
         self._lock = threading.Lock()
         self._checkers: ThreadPoolExecutor | None = None
         self._check_starter: ThreadPoolExecutor | None = None
-        self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._lanes: dict[torch.device, CopyLane] = {}
+        self._lanes: dict[torch.device, CopyLane] = {}  # one copy stream per device, with what loads need of it
         self.downloads = PinnedDownloads()  # and the checksum kernel's answers back
 
     def checkers(self) -> ThreadPoolExecutor:
@@ -165,19 +164,16 @@ class DmaWorkers:
             return self._check_starter
 
     def copy_stream(self, device: torch.device) -> torch.cuda.Stream:
-        with self._lock:
-            if device not in self._copy_streams:
-                self._copy_streams[device] = torch.cuda.Stream(device)
-            return self._copy_streams[device]
+        return self.lane(device).stream
 
     def lane(self, device: torch.device) -> "CopyLane":
         """The device's copy stream as a load's hot path uses it (CopyLane), made at first use."""
         lane = self._lanes.get(device)
         if lane is None:
-            stream = self.copy_stream(device)
             with self._lock:
                 lane = self._lanes.get(device)
                 if lane is None:
+                    stream = torch.cuda.Stream(device)
                     launch = on_stream(stream) if cuda_runtime() is not None else None
                     lane = self._lanes[device] = CopyLane(device, stream, stream.cuda_stream, launch, TableRing(device))
         return lane
