@@ -17,7 +17,6 @@ import torch
 
 from engines.cuda_kernels import build_error, kernels, on_stream
 from engines.layerwise import CacheGeometry, Copy2D
-from engines.pinned_uploads import PinnedUploads
 
 KERNEL_SOURCE = "paged_gather.cu"
 ALIGN = 16  # the kernel moves 16-byte words
@@ -105,13 +104,10 @@ class PagedGatherKernel:
         return np.stack([plan.offsets, plan.pages])
 
     @staticmethod
-    def upload(plan: GatherPlan, device: torch.device, stream: torch.cuda.Stream,
-               uploads: PinnedUploads | None = None) -> torch.Tensor:
-        """The plan's table as one [2, n] int64 device tensor, copied on stream (ordered before the launches),
-        through uploads' reused page-locked buffers where given (a load's critical path), else a fresh one."""
+    def upload(plan: GatherPlan, device: torch.device, stream: torch.cuda.Stream) -> torch.Tensor:
+        """The plan's table as one [2, n] int64 device tensor, copied on stream (ordered before the launches) from a
+        fresh page-locked buffer: one-off plans (benchmarks, tests). A load writes its tables into a TableRing slot."""
         table = PagedGatherKernel.table(plan)
-        if uploads is not None:
-            return uploads.upload(table, device, stream)
         host = torch.from_numpy(table).pin_memory()
         with torch.cuda.stream(stream):
             return host.to(device, non_blocking=True)

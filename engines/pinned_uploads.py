@@ -10,71 +10,21 @@ has finished with it (its event), which is long done by then.
 
 TableRing is a load's: its tables written straight into a page-locked slot and sent in one
 copy into a device buffer the slot keeps, so a load allocates nothing and makes no tensor
-views. PinnedUploads is for a table whose device copy the caller owns as a tensor (one-off
-plans: benchmarks, tests); PinnedDownloads brings the checksum kernel's answers back.
+views; PinnedDownloads brings the checksum kernel's answers back. (One-off plans, in
+benchmarks and tests, upload theirs through `PagedGatherKernel.upload`, a fresh buffer each.)
 """
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from engines.cuda_events import StreamEvent, cuda_runtime, new_event
 
-RING_DEPTH = 8  # buffers in turn; a load takes one (upload_many)
+RING_DEPTH = 8  # table slots in turn; a load takes one
 CUDA_MEMCPY_HOST_TO_DEVICE, CUDA_MEMCPY_DEVICE_TO_HOST = 1, 2  # cudaMemcpyKind
 MIN_WORDS = 4096  # int64 words a buffer holds at least (32 KiB); grown to the largest table seen
-
-
-@dataclass
-class _Staging:
-    host: torch.Tensor | None = None  # page-locked int64, capacity words
-    ready: torch.cuda.Event | None = None  # recorded after the last copy out of host
-
-
-class PinnedUploads:
-    """upload(array, device, stream): the array's int64 words as a device tensor, copied on stream; upload_many
-    several arrays in one copy (a load's tables: a copy call and a device allocation each cost ~20-40 us of the
-    thread launching the forward pass)."""
-
-    def __init__(self, depth: int = RING_DEPTH) -> None:
-        self._ring = [_Staging() for _ in range(depth)]
-        self._next = 0
-        self._lock = threading.Lock()
-
-    def upload(self, words: np.ndarray, device: torch.device, stream: torch.cuda.Stream) -> torch.Tensor:
-        """A copy of words (any shape, as int64) on device, ordered on stream before whatever is enqueued there next."""
-        return self.upload_many([words], device, stream)[0]
-
-    def upload_many(self, arrays: list[np.ndarray], device: torch.device, stream: torch.cuda.Stream) -> list[torch.Tensor]:
-        """Each array's copy (as int64, its shape kept) on device, all through one buffer and one copy on stream:
-        views of one device allocation, which lives as long as any of them."""
-        arrays = [np.asarray(a, dtype=np.int64) for a in arrays]
-        n = sum(a.size for a in arrays)
-        with self._lock:
-            staging = self._ring[self._next]
-            self._next = (self._next + 1) % len(self._ring)
-            if staging.ready is not None:
-                staging.ready.synchronize()  # the GPU read this buffer long ago; this only makes sure
-            if staging.host is None or staging.host.numel() < n:
-                staging.host = torch.empty(max(MIN_WORDS, 2 * n), dtype=torch.int64, pin_memory=True)
-            host = staging.host.numpy()
-            at = 0
-            for a in arrays:
-                host[at: at + a.size] = a.reshape(-1)
-                at += a.size
-            with torch.cuda.stream(stream):
-                out = torch.empty(max(n, 1), dtype=torch.int64, device=device)
-                _copy_to_device(out, staging.host, n, stream)
-                staging.ready = torch.cuda.Event()
-                staging.ready.record(stream)
-        views, at = [], 0
-        for a in arrays:
-            views.append(out[at: at + a.size].view(a.shape))
-            at += a.size
-        return views
 
 
 class PinnedDownloads:
@@ -107,18 +57,6 @@ class PinnedDownloads:
         with self._lock:
             if len(self._free) < RING_DEPTH:
                 self._free.append(base)
-
-
-def _copy_to_device(out: torch.Tensor, host: torch.Tensor, words: int, stream: torch.cuda.Stream) -> None:
-    """words int64s from page-locked host into out, on stream: cudaMemcpyAsync itself where cupy is (a few us);
-    torch's copy_ from page-locked memory also records the buffer's use for its host allocator (~35 us a call)."""
-    if not words:
-        return
-    runtime = cuda_runtime()
-    if runtime is not None:
-        runtime.memcpyAsync(out.data_ptr(), host.data_ptr(), 8 * words, CUDA_MEMCPY_HOST_TO_DEVICE, stream.cuda_stream)
-    else:
-        out[:words].copy_(host[:words], non_blocking=True)
 
 
 class TableSlot:

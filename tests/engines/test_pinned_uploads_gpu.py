@@ -8,46 +8,10 @@ import pytest
 import torch
 
 from engines.cuda_events import current_stream_ptr, new_event
-from engines.pinned_uploads import MIN_WORDS, PinnedDownloads, PinnedUploads, TableRing
+from engines.pinned_uploads import MIN_WORDS, PinnedDownloads, TableRing
 from tests.engines.tiny import gpu_only
 
 pytestmark = [pytest.mark.gpu, gpu_only]
-
-
-def test_uploads_land_exact_while_the_stream_is_busy():
-    uploads, stream = PinnedUploads(depth=2), torch.cuda.Stream()
-    rng = np.random.default_rng(7)
-    sent, got = [], []
-    with torch.cuda.stream(stream):
-        torch.cuda._sleep(50_000_000)  # the copies queue behind this: every buffer is reused before its copy ran
-    for size in (1, 17, MIN_WORDS, 3 * MIN_WORDS, 5, 2 * MIN_WORDS + 1):
-        words = rng.integers(-2**62, 2**62, size=size, dtype=np.int64)
-        sent.append(words)
-        got.append(uploads.upload(words, torch.device("cuda"), stream))
-    stream.synchronize()
-    for words, out in zip(sent, got):
-        assert out.dtype == torch.int64 and np.array_equal(out.cpu().numpy(), words)
-
-
-def test_shape_is_kept():
-    table = np.arange(12, dtype=np.int64).reshape(2, 6)
-    stream = torch.cuda.Stream()
-    out = PinnedUploads().upload(table, torch.device("cuda"), stream)
-    stream.synchronize()
-    assert tuple(out.shape) == (2, 6) and np.array_equal(out.cpu().numpy(), table)
-
-
-def test_upload_many_lands_each_array_with_its_shape_in_one_copy():
-    rng = np.random.default_rng(11)
-    arrays = [rng.integers(-2**40, 2**40, size=shape, dtype=np.int64) for shape in [(2, 300), (0,), (511,), (3, 1)]]
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        torch.cuda._sleep(20_000_000)  # the copy waits behind this: the buffer's bytes must still be the ones given
-    outs = PinnedUploads(depth=1).upload_many(arrays, torch.device("cuda"), stream)
-    stream.synchronize()
-    assert [tuple(o.shape) for o in outs] == [a.shape for a in arrays]
-    for a, o in zip(arrays, outs):
-        assert np.array_equal(o.cpu().numpy(), a)
 
 
 def test_downloads_hand_out_a_buffer_only_once_it_is_given_back():
