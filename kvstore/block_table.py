@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 ID_BITS = 62  # random lease and pin ids: guessing a live one is hopeless, and ownership is checked anyway
 LANDING_TIER = Tier.HOST  # where a write lease reserves its slot: the memory clients write into
-PIN_TABLE_ABI = 5  # csrc/kvstore_native/pin_table.c PIN_TABLE_ABI
+PIN_TABLE_ABI = 6  # csrc/kvstore_native/pin_table.c PIN_TABLE_ABI
 _size = attrgetter("size")
 
 # The per-key Pin bookkeeping in C (kvwire/native.py says when), bound to BlockMeta's fields.
@@ -64,6 +64,20 @@ def host_columns(metas: list[BlockMeta]) -> HostColumns | None:
     except KeyError:
         return None
     return [s.offset for s in slots], [s.size_bytes for s in slots], [m.checksum for m in metas], sum(map(_size, metas))
+
+
+HbmColumns = tuple[list[int], list[int], int]  # each block's fastest tier (HBM or HOST value), its HBM offset, how many in HBM
+
+
+@dataclass(slots=True)
+class PrefixRun:
+    """What a prefix Pin's walk pinned: the blocks, their host columns (None: one has no host copy, the caller
+    stages it) and, where asked and read, their HBM placement (placed; None then: none of them is in HBM)."""
+
+    metas: list[BlockMeta]
+    columns: HostColumns | None
+    placement: HbmColumns | None = None
+    placed: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,7 +178,7 @@ class BlockView:
 
 class BlockTable:
     def __init__(self, limits: Limits = Limits(), counters: Counter | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.index = BlockIndex()
+        self.index = BlockIndex(pin_table.FlatIndex(secrets.randbits(64)) if pin_table is not None else None)
         if pin_table is not None:
             self.index.toucher = pin_table.touch
         self.limits = limits
@@ -291,25 +305,12 @@ class BlockTable:
 
     def pin_leading_columns(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes],
                             defer_touch: bool = False) -> tuple[list[BlockMeta], HostColumns | None]:
-        """pin_leading, and host_columns of the blocks it pinned: a prefix Pin's whole walk, in one call in C
-        where built (reading the columns as the blocks are found saved ~13 us of a 512-key Pin); these two calls
-        are its definition. defer_touch: the blocks' touch is queued (index.touch_later) instead of made: the LRU
-        moves were a quarter of a 512-key Pin's walk with the caches cold, as an engine's calls find them."""
+        """pin_leading, and host_columns of the blocks it pinned: the definition of pin_prefix's walk. defer_touch: the
+        blocks' touch is queued (index.touch_later) instead of made: the LRU moves were a quarter of a 512-key Pin's
+        walk with the caches cold, as an engine's calls find them."""
         now = time.monotonic()
         if not defer_touch:
             self.index.flush_touches()  # queued touches are older than this one
-        if pin_table is not None:
-            index = self.index
-            answer = pin_table.pin_leading_columns(index.blocks, index.lru, tenant_tag(tenant), keys, fingerprint_id,
-                                                   now, Tier.HOST, not defer_touch)
-            if answer is not NotImplemented:
-                metas = answer[0]
-                self.counters[Event.LOOKUP_BLOCKS_HIT] += len(metas)
-                self.counters[Event.LOOKUP_BLOCKS_MISS] += len(keys) - len(metas)
-                self.pin_count += len(metas)
-                if defer_touch and metas:
-                    index.touch_later(metas, now)
-                return answer
         metas = self.leading_present(tenant, fingerprint_id, keys)
         self.pin_blocks(metas)
         if defer_touch:
@@ -317,6 +318,28 @@ class BlockTable:
         else:
             self.index.touch(metas, now)
         return metas, host_columns(metas)
+
+    def pin_prefix(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes],
+                   hbm_values: tuple[int, int] | None = None) -> PrefixRun:
+        """A prefix Pin's walk: pin_leading_columns(defer_touch=True), its definition, and with hbm_values (the HBM
+        and HOST tiers' values) the run's HBM placement, whose definition is hbm_placement.placement_columns. In C
+        over the index's flat rows where built (csrc/kvstore_native/flat_index.c): the walk of 512 blocks was a
+        chain of some ten dependent cache misses a block through the dict and the blocks' objects; the rows are
+        read in stages that overlap those misses."""
+        flat = self.index.flat
+        if flat is not None:
+            now = time.monotonic()
+            answer = flat.pin_prefix(tenant_tag(tenant), keys if type(keys) is list else list(keys), fingerprint_id, hbm_values)
+            if answer is not NotImplemented:
+                metas, columns, placement = answer
+                self.counters[Event.LOOKUP_BLOCKS_HIT] += len(metas)
+                self.counters[Event.LOOKUP_BLOCKS_MISS] += len(keys) - len(metas)
+                self.pin_count += len(metas)
+                if metas:
+                    self.index.touch_later(metas, now)
+                return PrefixRun(metas, columns, placement, placed=hbm_values is not None and columns is not None)
+        metas, columns = self.pin_leading_columns(tenant, fingerprint_id, keys, defer_touch=True)
+        return PrefixRun(metas, columns)
 
     def pin_found(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes], missing: list[bytes]) -> list[BlockMeta]:
         """The blocks of keys, pin-counted and touched, the keys with none appended to missing (an all-or-nothing

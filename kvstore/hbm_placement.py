@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 
 from kvwire.types import Slot, Tier
 from kvstore import block_table
-from kvstore.block_table import BlockTable
+from kvstore.block_table import BlockTable, HbmColumns
 from kvstore.config import ServerConfig
 from kvstore.counters import Event
 from kvstore.eviction import EvictReport
@@ -138,6 +138,22 @@ class HbmPlacement:
         tiers, offsets = placement_columns(metas)
         if HBM.value not in tiers:
             return None
+        return PinPlacement(tiers, offsets, self.tier.device.pool_id)
+
+    def placement_values(self) -> tuple[int, int] | None:
+        """What a prefix walk names a block's tier by (HBM, HOST values), for it to read the run's placement as it
+        pins (block_table.pin_prefix); None when the tier is not serving (the answer then names the host pool only)."""
+        return (HBM.value, HOST.value) if self.tier.available else None
+
+    def placement_of(self, columns: HbmColumns | None, n: int) -> PinPlacement | None:
+        """pin_placement of the first n blocks of a prefix walk, from the placement the walk read (None: none in HBM)."""
+        if columns is None:
+            return None
+        tiers, offsets, _ = columns
+        if n < len(tiers):
+            tiers, offsets = tiers[:n], offsets[:n]
+            if HBM.value not in tiers:
+                return None
         return PinPlacement(tiers, offsets, self.tier.device.pool_id)
 
     def sendable(self, device_ok: bool) -> bool:

@@ -12,7 +12,7 @@ import functools
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import xxhash
 
@@ -20,6 +20,7 @@ from kvwire.types import Tier
 from kvstore.tiers.base import Copy
 
 TENANT_TAG_BYTES = 8
+ROW_TIERS = (Tier.HOST, Tier.HBM)  # the copies a flat row holds
 
 
 @functools.lru_cache(maxsize=4096)
@@ -72,12 +73,39 @@ class BlockMeta:
         return min(self.copies, default=Tier.UNSPECIFIED)
 
 
+class FlatRows(Protocol):
+    """kvstore._native.FlatIndex: what a prefix Pin reads of each block (fingerprint, size, checksum, host and HBM
+    offsets), in flat rows beside the dict, for its compiled walk (csrc/kvstore_native/flat_index.c). An offset or
+    size of -1: no copy on that tier."""
+
+    def put(self, skey: bytes, meta: "BlockMeta", fingerprint_id: bytes, size: int, checksum: int, host_offset: int,
+            host_size: int, hbm_offset: int) -> None: ...
+
+    def update(self, skey: bytes, meta: "BlockMeta", fingerprint_id: bytes, size: int, checksum: int, host_offset: int,
+               host_size: int, hbm_offset: int) -> None: ...
+
+    def drop(self, skey: bytes, meta: "BlockMeta") -> None: ...
+
+    def __len__(self) -> int: ...
+
+
+def row_fields(meta: "BlockMeta") -> tuple:
+    """The flat row of meta, as FlatRows.put takes it."""
+    host, hbm = meta.copies.get(Tier.HOST), meta.copies.get(Tier.HBM)
+    return (meta.skey, meta, meta.fingerprint_id, meta.size, meta.checksum,
+            -1 if host is None else getattr(host, "offset", None), -1 if host is None else getattr(host, "size_bytes", None),
+            -1 if hbm is None else getattr(hbm, "offset", None))
+
+
 MAX_PENDING_TOUCH_BLOCKS = 1 << 16  # queued touches applied at once past this many blocks (touch_later)
 
 
 class BlockIndex:
-    def __init__(self) -> None:
+    def __init__(self, flat: FlatRows | None = None) -> None:
         self._blocks: dict[bytes, BlockMeta] = {}
+        # The prefix Pin's rows, kept in step with _blocks and each block's HOST and HBM copies (add, remove, attach,
+        # detach: the only ways they change while a block is indexed); None where the compiled walk is not built.
+        self.flat = flat
         self.get = self._blocks.get  # the dict's own: requests look up every key they name, without a Python frame each
         # tier -> storage keys of the blocks with a copy there, least recently used first
         self.lru: defaultdict[Tier, OrderedDict[bytes, None]] = defaultdict(OrderedDict)
@@ -110,6 +138,8 @@ class BlockIndex:
         old = self._blocks.get(meta.skey)
         self.bytes += meta.size - (old.size if old is not None else 0)
         self._blocks[meta.skey] = meta
+        if self.flat is not None:
+            self.flat.put(*row_fields(meta))
         for tier in meta.copies:
             self.lru[tier][meta.skey] = None
         if self.listener is not None:
@@ -118,6 +148,8 @@ class BlockIndex:
     def remove(self, meta: BlockMeta) -> None:
         if self._blocks.get(meta.skey) is meta:
             del self._blocks[meta.skey]
+            if self.flat is not None:
+                self.flat.drop(meta.skey, meta)
             self.bytes -= meta.size
             for tier in meta.copies:
                 self.lru[tier].pop(meta.skey, None)
@@ -163,11 +195,15 @@ class BlockIndex:
         meta.copies[tier] = copy
         if self.holds(meta):
             self.lru[tier][meta.skey] = None
+            if self.flat is not None and tier in ROW_TIERS:
+                self.flat.update(*row_fields(meta))
 
     def detach(self, meta: BlockMeta, tier: Tier) -> Copy:
         copy = meta.copies.pop(tier)
         if self.holds(meta):
             self.lru[tier].pop(meta.skey, None)
+            if self.flat is not None and tier in ROW_TIERS:
+                self.flat.update(*row_fields(meta))
         return copy
 
     def in_lru_order(self, tier: Tier) -> Iterator[BlockMeta]:

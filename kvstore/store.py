@@ -35,7 +35,7 @@ from kvwire.blockcopy import checksums
 from kvwire.keys import FINGERPRINT_ID_BYTES, KEY_BYTES
 from kvwire.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutcome, Slot, Tier
 from kvstore.counters import Event
-from kvstore.block_table import BlockTable, BlockView, Caller, HostColumns, LeaseView, Limits, WriteLease, host_columns, pin_table
+from kvstore.block_table import BlockTable, BlockView, Caller, HostColumns, LeaseView, Limits, PrefixRun, WriteLease, host_columns, pin_table
 from kvstore.config import ServerConfig
 from kvstore.eviction import EvictionPolicy, EvictReport, keep_rank
 from kvstore.hbm_placement import HbmPlacement, PinPlacement, PromotionReport
@@ -777,7 +777,9 @@ class Store:
         with self._locked as table:
             if release_pin_ids:
                 table.unpin(caller, release_pin_ids)
-            metas, columns = table.pin_leading_columns(caller.tenant, fingerprint_id, keys, defer_touch=True)
+            hbm_values = self.hbm.placement_values() if self.hbm is not None else None
+            run = table.pin_prefix(caller.tenant, fingerprint_id, keys, hbm_values)
+            metas, columns = run.metas, run.columns
             if self.remote is not None and len(metas) < len(keys):
                 table.unpin_blocks(metas)
                 self.counters[Event.LOOKUP_BLOCKS_HIT] -= len(metas)
@@ -789,18 +791,24 @@ class Store:
                 return metas
             if not metas:
                 return PinInfo(0, PinnedSlots([], [], []), 0)
-            return self._add_pin(table, caller, metas, columns, ttl_s, True, 0)
+            return self._add_pin(table, caller, metas, columns, ttl_s, True, 0, run)
 
     def _add_pin(self, table: BlockTable, caller: Caller, metas: list[BlockMeta], columns: HostColumns, ttl_s: float,
-                 prefix: bool, staged: int) -> PinInfo:
+                 prefix: bool, staged: int, run: PrefixRun | None = None) -> PinInfo:
         """The pin record over blocks pin-counted and in the host pool, within the caller's quota (a prefix cut
-        short to fit), and its answer. Lock held."""
+        short to fit), and its answer; run: the prefix walk that pinned them, whose HBM placement it reuses where
+        the walk read it. Lock held."""
         offsets, sizes, checksums, pinned_bytes = columns
         read = len(metas)
         kept = table.within_quota(caller, metas, prefix, pinned_bytes)
         pin = table.add_pin(caller, kept, ttl_s, pinned_bytes if len(kept) == read else None)
         expires = table.unix_ms(pin.expires_at)
-        hbm = self.hbm.pin_placement(table, kept) if self.hbm is not None else None
+        if self.hbm is None:
+            hbm = None
+        elif run is not None and run.placed:
+            hbm = self.hbm.placement_of(run.placement, len(kept))
+        else:
+            hbm = self.hbm.pin_placement(table, kept)
         n = len(kept)
         in_hbm = hbm.in_hbm if hbm is not None else 0
         counters = self.counters

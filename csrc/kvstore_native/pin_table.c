@@ -1,15 +1,15 @@
 /* kvstore._native: the server's per-key Pin bookkeeping, beside its Python definition in kvstore/block_table.py.
  *
  *   pin_leading   BlockTable.pin_leading: leading_present, pin_blocks, then the index's touch
- *   pin_leading_columns  BlockTable.pin_leading_columns: pin_leading and the run's host_columns, in one call
  *   pin_found     BlockTable.pin_found: the same for an all-or-nothing Pin, the absent keys named
  *   unpin_blocks  BlockTable.unpin_blocks's count: every block unpinned, the deleted ones it freed named
  *   host_columns  block_table.host_columns: where pinned blocks' host copies sit, as three columns, and their bytes
  *   tier_columns  HbmPlacement.pin_placement's columns: each pinned block's fastest tier and its offset there
  *   distinct_keys store._check_keys's rules (every key of its size, none twice), answering only "all hold"
  *   bind, bind_slot  the classes whose fields these read at their offsets (BlockMeta; Slot where it is a slots class)
+ *   FlatIndex     (flat_index.c) the prefix Pin's walk, over flat rows the block index keeps beside its dict
  *
- * A prefix Pin of an 8k-token prompt walks 512 blocks: look each up, check its fingerprint, count
+ * A Pin of an 8k-token prompt walks 512 blocks: look each up, check its fingerprint, count
  * the pin, touch it in the LRU, then read its slot. In Python that is ~0.3 us a block, most of a
  * Pin's server time. Here the same steps run on BlockMeta's slots through their member
  * descriptors (at the offsets they name, what attribute access on a slots class does underneath)
@@ -19,8 +19,7 @@
  * for anything it does not expect (another class, a field of another type), before changing
  * anything, and the caller runs the reference.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "pin_table.h"
 #include <string.h>
 
 #if PY_VERSION_HEX < 0x030C0000
@@ -29,7 +28,7 @@
 #define Py_READONLY READONLY
 #endif
 
-#define PIN_TABLE_ABI 5
+#define PIN_TABLE_ABI 6
 #define TIER_ORDERS 4  /* the tiers whose LRU orders one walk keeps at hand (HBM, host, SSD, and one more) */
 
 /* BlockMeta's fields, bound once (bind) to the class block_table passes. */
@@ -105,8 +104,6 @@ static inline void set_field(PyObject *meta, PyMemberDef *member, PyObject *valu
     Py_XSETREF(*(PyObject **)((char *)meta + member->offset), Py_NewRef(value));
 }
 
-static PyObject *columns_of(PyObject *const *metas, Py_ssize_t n, PyObject *host);
-
 /* tag + key as bytes, a new reference: only looked up, never kept. Built in *scratch, reused while nothing
  * else holds it (its hash, cached in the object, forgotten), so a walk of 512 keys allocates one, not 512
  * (~10 us). Python 3.13 leaves a bytes object's cached hash to itself: a fresh object each there. */
@@ -148,6 +145,31 @@ static PyObject *add_one(PyObject *count, long step) {
     PyObject *sum = PyNumber_Add(count, delta);
     Py_DECREF(delta);
     return sum;
+}
+
+int kvs_pinnable(PyObject *const *metas, Py_ssize_t n) {
+    if (meta_type == NULL) return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!Py_IS_TYPE(metas[i], meta_type)) return 0;
+        PyObject *pins = *(PyObject **)((char *)metas[i] + m_pins->offset);
+        if (pins == NULL || !PyLong_CheckExact(pins)) return 0;
+    }
+    return 1;
+}
+
+int kvs_count_pins(PyObject *const *metas, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pins = field(metas[i], m_pins);
+        PyObject *more = pins ? add_one(pins, 1) : NULL;
+        Py_XDECREF(pins);
+        if (more == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "BlockMeta.pins changed under the store lock");
+            return -1;
+        }
+        set_field(metas[i], m_pins, more);
+        Py_DECREF(more);
+    }
+    return 0;
 }
 
 /* order.move_to_end(skey): one tier's LRU order. */
@@ -218,8 +240,7 @@ static int touch_run(PyObject *const *metas, Py_ssize_t n, PyObject *lru, PyObje
  * the leading run present under fingerprint_id (pin_leading). Else every present key's block, the absent
  * keys appended to missing, and a block of another fingerprint leaves the call to the reference, which
  * raises (pin_found). Nothing changes before every key has been looked up. */
-static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *missing, PyObject *host, PyObject **columns,
-                         int touch) {
+static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *missing) {
     if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "(blocks, lru, tag, keys, fingerprint_id, now)");
         return NULL;
@@ -232,13 +253,8 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
     Py_ssize_t n = PySequence_Fast_GET_SIZE(keys), run = 0;
     Py_ssize_t fp_len = PyBytes_GET_SIZE(fingerprint_id);
     PyObject **metas = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
-    /* With host: each block's host slot's offset and size_bytes and its checksum (borrowed: the blocks hold
-     * them, and nothing here changes a block's copies), read as the blocks are found, and their bytes. */
-    PyObject **cells = host != NULL ? PyMem_Calloc(n ? 3 * (size_t)n : 1, sizeof(PyObject *)) : NULL;
-    int on_host = host != NULL;
-    long long payload_bytes = 0;
     PyObject *result = NULL, *scratch = NULL;
-    if (metas == NULL || (host != NULL && cells == NULL)) {
+    if (metas == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -268,61 +284,11 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
                       memcmp(PyBytes_AS_STRING(fp), PyBytes_AS_STRING(fingerprint_id), (size_t)fp_len) == 0;
         if (!expected || (!same_fp && missing != NULL)) goto not_ours;  /* the reference raises FingerprintMismatchError */
         if (!same_fp) break;
-        if (on_host) {
-            PyObject *slot = PyDict_GetItemWithError(copies, host);
-            if (slot == NULL) {
-                if (PyErr_Occurred()) goto done;
-                on_host = 0;  /* on a lower tier only: no columns (the caller stages it) */
-            } else {
-                PyObject *offset, *size_bytes;
-                if (slot_type != NULL && Py_IS_TYPE(slot, slot_type)) {
-                    offset = *(PyObject **)((char *)slot + m_offset->offset);
-                    size_bytes = *(PyObject **)((char *)slot + m_size_bytes->offset);
-                } else {
-                    goto not_ours;  /* another copy type: columns_of, by attribute, after the reference's walk */
-                }
-                PyObject *checksum = *(PyObject **)((char *)meta + m_checksum->offset);
-                PyObject *size = *(PyObject **)((char *)meta + m_size->offset);
-                long long block_bytes = size && PyLong_CheckExact(size) ? PyLong_AsLongLong(size) : -1;
-                if (offset == NULL || size_bytes == NULL || checksum == NULL || block_bytes < 0) {
-                    PyErr_Clear();
-                    goto not_ours;
-                }
-                payload_bytes += block_bytes;
-                cells[3 * run] = offset;
-                cells[3 * run + 1] = size_bytes;
-                cells[3 * run + 2] = checksum;
-            }
-        }
         metas[run++] = Py_NewRef(meta);
     }
-    /* The columns, before anything changes. */
-    if (host != NULL && !on_host) {
-        *columns = Py_NewRef(Py_None);
-    } else if (host != NULL) {
-        PyObject *lists[3] = {PyList_New(run), PyList_New(run), PyList_New(run)}, *total = PyLong_FromLongLong(payload_bytes);
-        if (lists[0] && lists[1] && lists[2] && total) {
-            for (Py_ssize_t i = 0; i < run; i++)
-                for (int c = 0; c < 3; c++) PyList_SET_ITEM(lists[c], i, Py_NewRef(cells[3 * i + c]));
-            *columns = PyTuple_Pack(4, lists[0], lists[1], lists[2], total);
-        }
-        for (int c = 0; c < 3; c++) Py_XDECREF(lists[c]);
-        Py_XDECREF(total);
-        if (*columns == NULL) goto done;
-    }
     /* 2. Count the pins, then 3. touch. */
-    for (Py_ssize_t i = 0; i < run; i++) {
-        PyObject *pins = field(metas[i], m_pins);
-        PyObject *more = pins ? add_one(pins, 1) : NULL;
-        Py_XDECREF(pins);
-        if (more == NULL) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "BlockMeta.pins changed under the store lock");
-            goto done;
-        }
-        set_field(metas[i], m_pins, more);
-        Py_DECREF(more);
-    }
-    if (touch && touch_run(metas, run, lru, now) < 0) goto done;
+    if (kvs_count_pins(metas, run) < 0) goto done;
+    if (touch_run(metas, run, lru, now) < 0) goto done;
     result = PyList_New(run);
     if (result != NULL)
         for (Py_ssize_t i = 0; i < run; i++) PyList_SET_ITEM(result, i, Py_NewRef(metas[i]));
@@ -330,9 +296,7 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
 not_ours:
     result = Py_NewRef(Py_NotImplemented);
 done:
-    if (columns != NULL && (result == NULL || result == Py_NotImplemented)) Py_CLEAR(*columns);
     Py_XDECREF(scratch);
-    PyMem_Free(cells);
     if (metas != NULL)
         for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(metas[i]);
     PyMem_Free(metas);
@@ -346,7 +310,7 @@ done:
  * fingerprint_id, pin-counted and touched. The caller counts the lookup hits and misses and pin_count. */
 static PyObject *pin_leading(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    return pin_run(args, nargs, NULL, NULL, NULL, 1);
+    return pin_run(args, nargs, NULL);
 }
 
 /* pin_found(blocks, lru, tag, keys, fingerprint_id, now) -> (list[BlockMeta], missing keys) | NotImplemented
@@ -357,7 +321,7 @@ static PyObject *pin_found(PyObject *self, PyObject *const *args, Py_ssize_t nar
     (void)self;
     PyObject *missing = PyList_New(0);
     if (missing == NULL) return NULL;
-    PyObject *found = pin_run(args, nargs, missing, NULL, NULL, 1);
+    PyObject *found = pin_run(args, nargs, missing);
     if (found == NULL || found == Py_NotImplemented) {
         Py_DECREF(missing);
         return found;
@@ -445,29 +409,6 @@ static PyObject *host_columns(PyObject *self, PyObject *const *args, Py_ssize_t 
     return columns_of(PySequence_Fast_ITEMS(metas), PyList_GET_SIZE(metas), host);
 }
 
-/* pin_leading_columns(blocks, lru, tag, keys, fingerprint_id, now, host_tier, touch)
- *     -> (list[BlockMeta], (offsets, sizes, checksums, payload_bytes) | None) | NotImplemented
- *
- * pin_leading, then host_columns of the blocks it pinned: a prefix Pin of blocks in the host pool in one
- * call. The columns are read before anything changes, so NotImplemented still means nothing changed.
- * touch false: the blocks are found and pin-counted, not touched (the caller queues the touch: touch()). */
-static PyObject *pin_leading_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "pin_leading_columns(blocks, lru, tag, keys, fingerprint_id, now, host_tier, touch)");
-        return NULL;
-    }
-    int touch = PyObject_IsTrue(args[7]);
-    if (touch < 0) return NULL;
-    PyObject *columns = NULL;
-    PyObject *metas = pin_run(args, 6, NULL, args[6], &columns, touch);
-    if (metas == NULL || metas == Py_NotImplemented) return metas;
-    PyObject *result = PyTuple_Pack(2, metas, columns);
-    Py_DECREF(metas);
-    Py_DECREF(columns);
-    return result;
-}
-
 /* tier_columns(metas, tier, fastest, otherwise) -> (values, offsets, count) | NotImplemented
  *
  * HbmPlacement.pin_placement's columns: per block, fastest where it has a copy on tier, else otherwise (Tier
@@ -527,6 +468,13 @@ static PyObject *unpin_blocks(PyObject *self, PyObject *const *args, Py_ssize_t 
     PyObject *metas = args[0];
     if (meta_type == NULL || !(PyList_CheckExact(metas) || PyTuple_CheckExact(metas))) Py_RETURN_NOTIMPLEMENTED;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(metas);
+    /* The blocks' lines first, all at once: an engine's next Pin releases its last one, whose 512 blocks its forward
+     * pass has pushed out of the caches since; fetched one by one, they were ~25 us of that Pin. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char *meta = (char *)PySequence_Fast_GET_ITEM(metas, i);
+        __builtin_prefetch(meta, 0, 1);
+        __builtin_prefetch(meta + m_pins->offset, 1, 1);
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *meta = PySequence_Fast_GET_ITEM(metas, i);
         if (!Py_IS_TYPE(meta, meta_type)) Py_RETURN_NOTIMPLEMENTED;
@@ -669,8 +617,6 @@ static PyMethodDef methods[] = {
     {"pin_found", (PyCFunction)(void (*)(void))pin_found, METH_FASTCALL,
      "pin_found(blocks, lru, tag, keys, fingerprint_id, now) -> (list[BlockMeta], missing) | NotImplemented"},
     {"bind_slot", (PyCFunction)(void (*)(void))bind_slot, METH_FASTCALL, "bind_slot(Slot) -> bool"},
-    {"pin_leading_columns", (PyCFunction)(void (*)(void))pin_leading_columns, METH_FASTCALL,
-     "pin_leading_columns(blocks, lru, tag, keys, fingerprint_id, now, host_tier, touch) -> (list[BlockMeta], columns | None) | NotImplemented"},
     {"touch", (PyCFunction)(void (*)(void))touch, METH_FASTCALL, "touch(metas, lru, now) -> None | NotImplemented"},
     {"host_columns", (PyCFunction)(void (*)(void))host_columns, METH_FASTCALL,
      "host_columns(metas, host_tier) -> (offsets, sizes, checksums, payload_bytes) | None | NotImplemented"},
@@ -692,7 +638,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     s_move_to_end = PyUnicode_InternFromString("move_to_end");
     if (s_offset == NULL || s_size_bytes == NULL || s_move_to_end == NULL) return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "ABI", PIN_TABLE_ABI) < 0) {
+    if (m != NULL && (PyModule_AddIntConstant(m, "ABI", PIN_TABLE_ABI) < 0 || kvs_add_flat_index(m) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

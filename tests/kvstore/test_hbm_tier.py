@@ -317,11 +317,11 @@ def wait_for(predicate, timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def put_and_promote_four(client: KVClient, blocks: list[np.ndarray]) -> list:
-    """Put the blocks as one prompt, pin its first four twice (the policy's threshold) and wait for their promotion."""
+def put_and_promote_four(client: KVClient, blocks: list[np.ndarray], hits: int = 2) -> list:
+    """Put the blocks as one prompt, pin its first four `hits` times (the policy's threshold) and wait for their promotion."""
     keys = client.block_keys(list(range(len(blocks) * 16)))
     assert client.put(keys, blocks) == [PutOutcome.STORED] * len(blocks)
-    for _ in range(2):
+    for _ in range(hits):
         with client.pin(keys[:4], prefix=True):
             pass
     wait_for(lambda: client.stats()["tiers"].get("hbm", {}).get("blocks") == 4)
@@ -398,7 +398,9 @@ def test_ucx_gets_that_ask_are_sent_from_the_hbm_copies(tmp_path, fingerprint):
     """A UCX get with FLAG_FROM_HBM is sent from the blocks' HBM copies (host memory standing in for the GPU here;
     tests/kvstore/test_hbm_gpu.py does it GPU to GPU), byte-exact and checked against the blocks' checksums, keyed
     (one UCX round trip) or after a gRPC Pin; a get that does not ask, or blocks without a copy, go from the host pool."""
-    server = ServerProc(tmp_path / "data", flags={**HOST_HBM, "hbm_memory": "32MiB", "host_memory": "128MiB"}, env=UCX_SERVER_ENV).start()
+    # Three reads make a block hot: blocks 4 and 5, read by the first two gets, are not promoted before the third.
+    server = ServerProc(tmp_path / "data", flags={**HOST_HBM, "hbm_memory": "32MiB", "host_memory": "128MiB", "hbm_promote_hits": 3},
+                        env=UCX_SERVER_ENV).start()
     try:
         rng = np.random.default_rng(11)
         blocks = [rng.integers(0, 256, MIB, dtype=np.uint8) for _ in range(6)]  # 1 MiB: each travels alone
@@ -408,7 +410,7 @@ def test_ucx_gets_that_ask_are_sent_from_the_hbm_copies(tmp_path, fingerprint):
 
         with KVClient(server.address, fingerprint, transport="ucx") as client:
             assert client.stats()["client"]["transport"] == "ucx"
-            keys = put_and_promote_four(client, blocks)
+            keys = put_and_promote_four(client, blocks, hits=3)
             transport = client.transport
             assert transport.hbm_sends
             outs = [np.zeros(MIB, np.uint8) for _ in blocks]

@@ -298,3 +298,142 @@ def test_a_touch_made_at_once_comes_after_the_ones_queued_before_it(both_ways):
 
     order, _ = both_ways(run, seed=3)
     assert order == [key(i) for i in (1, 2, 3, 7, 4, 9)]
+
+
+def prefix_answer(table: BlockTable, metas: list[BlockMeta], keys: list[bytes], tenant: str = "alice", fp: bytes = FP):
+    """pin_prefix's answer in terms both ways share: the blocks (as indices), the host columns and the HBM placement (the
+    reference reads it after the walk, as the store did: placement_columns, None where no block is in HBM)."""
+    from kvstore.hbm_placement import placement_columns
+
+    run = table.pin_prefix(tenant, fp, keys, (Tier.HBM.value, Tier.HOST.value))
+    placement = run.placement
+    if not run.placed and run.columns is not None:
+        tiers, offsets = placement_columns(run.metas)
+        placement = (tiers, offsets, tiers.count(Tier.HBM.value)) if Tier.HBM.value in tiers else None
+    return [metas.index(m) for m in run.metas], run.columns, placement
+
+
+def test_pin_prefix_over_the_flat_rows_is_the_references_walk(both_ways):
+    """The compiled walk over the flat rows pins, counts and answers what pin_leading_columns and placement_columns do:
+    the run ends at a missing key, another fingerprint's block, another tenant's key space or a key of another length;
+    no host copy in the run: no columns; no HBM copy: no placement; and the touches are queued alike."""
+
+    def run(table, metas):
+        assert table.index.flat is not None or block_table.pin_table is None
+        answers = []
+        for keys in ([key(i) for i in range(64)], [key(i) for i in (5, 3, 9, 1)], [key(i) for i in range(60, 70)],
+                     [key(100)], [], [key(2)] * 3, [key(7), key(8)[:3] + key(9), key(9)], [key(i) for i in (0, 3, 6, 9, 15, 18)],
+                     [key(i) for i in (1, 4, 7, 10, 13)]):
+            answers.append(prefix_answer(table, metas, keys))
+        answers.append(prefix_answer(table, metas, [key(1)], tenant="bob"))
+        answers.append(prefix_answer(table, metas, [key(1)], fp=OTHER_FP))
+        answers.append(prefix_answer(table, metas, [key(40), key(41), key(1)], fp=OTHER_FP))
+        answers.append(prefix_answer(table, metas, [key(1)], fp=b"short"))
+        assert table.index.pending_touch_blocks == sum(len(a[0]) for a in answers)
+        table.index.flush_touches()
+        return answers
+
+    answers, (pins, lru, counters, pin_count) = both_ways(run, seed=3)
+    assert [a[0] for a in answers[:3]] == [list(range(40)), [5, 3, 9, 1], list(range(60, 64))]
+    assert answers[0][1] is None and answers[1][1][0] == [i * 8192 for i in (5, 3, 9, 1)]  # seed 3: some of 0..39 on ssd only
+    assert answers[1][2] == ([Tier.HOST.value, Tier.HBM.value, Tier.HBM.value, Tier.HOST.value], [0, 3 * 4096, 9 * 4096, 0], 2)
+    assert answers[3] == ([], ([], [], [], 0), None) and answers[6][0] == [7]
+    assert answers[7][2] == ([Tier.HBM.value] * 6, [i * 4096 for i in (0, 3, 6, 9, 15, 18)], 6)  # every third block is in HBM
+    assert answers[8][0] == [1, 4, 7, 10, 13] and answers[8][1] is not None and answers[8][2] is None
+    assert answers[9][0] == [] and answers[10][0] == [] and answers[11][0] == [40, 41] and answers[12][0] == []
+    assert pin_count == sum(pins) and counters["lookup_blocks_hit"] == sum(len(a[0]) for a in answers)
+
+
+def test_a_walk_through_a_row_the_table_cannot_hold_exactly_goes_to_python():
+    """A block whose host copy's fields are not ints is kept opaque: the walk through it changes nothing and answers
+    NotImplemented, and the method runs the reference instead, which answers the copy's fields as they are."""
+    import numpy as np
+
+    table = BlockTable(Limits())
+    metas = populate(table, 8, random.Random(1))
+
+    class OtherSlot:
+        offset, size_bytes = np.int64(1 << 20), 4096
+
+    meta = metas[2]
+    for tier in list(meta.copies):
+        table.index.detach(meta, tier)
+    table.index.attach(meta, Tier.HOST, OtherSlot())
+    assert table.index.flat.row(meta.skey)[1] == "opaque"
+    tag = storage_key("alice", b"")
+    keys = [key(i) for i in range(4)]
+    assert table.index.flat.pin_prefix(tag, keys, FP, None) is NotImplemented
+    assert [m.pins for m in metas] == [0] * 8
+    assert table.index.flat.pin_prefix(tag, keys[:2], FP, None)[0] == metas[:2]  # short of it: the compiled walk
+    run = table.pin_prefix("alice", FP, keys)
+    assert run.metas == metas[:4] and [m.pins for m in metas[:4]] == [2, 2, 1, 1]
+    assert run.columns is None or run.columns[0][2] == 1 << 20
+    assert table.index.flat.pin_prefix(tag, [bytearray(key(0))], FP, None) is NotImplemented  # a key of another type
+
+
+def test_the_flat_rows_follow_the_index_through_every_change():
+    """Thousands of blocks added, replaced, removed, given and stripped of copies at random: after each step of the
+    way every indexed block has its row and its row says what the block says (the table grows and deletes in place)."""
+    from tests.kvstore.flat_rows import flat_row_mismatches
+
+    rng = random.Random(17)
+    table = BlockTable(Limits())
+    index = table.index
+    live: dict[int, BlockMeta] = {}
+    for step in range(6000):
+        i = rng.randrange(3000)
+        choice = rng.random()
+        meta = live.get(i)
+        if meta is None or choice < 0.2:  # add, or put a new block under the same key
+            copies = {Tier.HOST: Slot(rng.randrange(1 << 40), 4096)} if rng.random() < 0.8 else {Tier.SSD: Record(b"r", 1)}
+            meta = BlockMeta(storage_key(rng.choice(["alice", "bob"]) if meta is None else meta.tenant, key(i)), "alice",
+                             rng.choice([FP, OTHER_FP]), 4096, rng.getrandbits(64), copies=copies)
+            table.add(meta)
+            live[i] = meta
+        elif choice < 0.45:
+            index.remove(meta)
+            del live[i]
+        elif choice < 0.75:
+            tier = rng.choice([Tier.HOST, Tier.HBM])
+            if tier in meta.copies:
+                index.detach(meta, tier)
+            else:
+                index.attach(meta, tier, Slot(rng.randrange(1 << 40), 4096))
+        else:  # a copy on a tier the rows do not hold
+            if Tier.SSD in meta.copies:
+                index.detach(meta, Tier.SSD)
+            else:
+                index.attach(meta, Tier.SSD, Record(b"r", 1))
+        if step % 1000 == 999:
+            assert not flat_row_mismatches(index)
+    assert len(index.flat) == len(index) > 1000
+    some = rng.sample(sorted(live), 200)
+    for i in some:  # each is found by a walk of one key, and what it answers is its row
+        meta = live[i]
+        metas = index.flat.pin_prefix(meta.skey[:8], [key(i)], meta.fingerprint_id, None)[0]
+        assert metas == [meta]
+
+
+def test_the_rows_check_fails_when_a_copy_changes_behind_the_index():
+    """The check every in-process test runs at its end can fail: a copy changed on the block, not through the index."""
+    from tests.kvstore.flat_rows import flat_row_mismatches
+
+    table = BlockTable(Limits())
+    metas = populate(table, 4, random.Random(2))
+    assert not flat_row_mismatches(table.index)
+    metas[1].copies[Tier.HBM] = Slot(77, 4097)
+    assert flat_row_mismatches(table.index) == [f"{metas[1].skey.hex()}: row " + repr(table.index.flat.row(metas[1].skey)[1:])
+                                                + f" against the block's {row_fields_of(metas[1])}"]
+    table.index.remove(metas[3])
+    dict.__setitem__(table.index.blocks, metas[3].skey, metas[3])  # in the dict, not in the rows
+    assert any("row missing" in p for p in flat_row_mismatches(table.index))
+    del table.index.blocks[metas[3].skey]
+    del metas[1].copies[Tier.HBM]
+    table.index.detach(metas[1], Tier.HOST)
+    table.index.attach(metas[1], Tier.HOST, Slot(1, 4097))
+
+
+def row_fields_of(meta: BlockMeta) -> tuple:
+    from kvstore.index import row_fields
+
+    return row_fields(meta)[2:]
