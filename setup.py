@@ -20,7 +20,8 @@ from setuptools.command.build_py import build_py
 NATIVE = [
     Extension("kvwire._native", sources=sorted(glob("csrc/kvnative/*.c")),
               depends=sorted(glob("csrc/kvnative/*.h")) + ["csrc/third_party/xxhash/xxhash.h"], extra_link_args=["-pthread"]),
-    Extension("kvstore._native", sources=sorted(glob("csrc/kvstore_native/*.c"))),
+    Extension("kvstore._native", sources=sorted(glob("csrc/kvstore_native/*.c")),
+              depends=sorted(glob("csrc/kvstore_native/*.h")) + ["csrc/third_party/xxhash/xxhash.h"]),
 ]
 
 
