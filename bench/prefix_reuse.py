@@ -65,7 +65,10 @@ HIT_RATIOS = (0.0, 0.5, 0.9, 1.0)
 TIERS = ("host", "hbm")
 PROMOTION_WAIT_S = 30.0
 DEFAULT_CONTEXTS = (1024, 4096, 8192)
-BUSY_POLL_US = 20_000  # a server reader's poll window: longer than the compute between one request's Pin and the next
+# A server reader's poll window: longer than the time between one store's calls here. A prefill worker calls its store once
+# a request (~10 ms apart at 8k / 90%); the round robin puts the other tier's run and the anchor's between one store's
+# calls, up to ~25 ms at 8k / 90%, and a reader woken from a blocked recv costs a Pin ~0.2-0.3 ms (docs/hbm.md).
+BUSY_POLL_US = 50_000
 QUICK_CONTEXTS = (1024, 4096)
 
 

@@ -178,7 +178,7 @@ class BlockView:
 
 class BlockTable:
     def __init__(self, limits: Limits = Limits(), counters: Counter | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.index = BlockIndex(pin_table.FlatIndex(secrets.randbits(64)) if pin_table is not None else None)
+        self.index = BlockIndex(pin_table.FlatIndex(secrets.randbits(64), (Slot, Record)) if pin_table is not None else None)
         if pin_table is not None:
             self.index.toucher = pin_table.touch
         self.limits = limits

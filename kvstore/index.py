@@ -76,7 +76,9 @@ class BlockMeta:
 class FlatRows(Protocol):
     """kvstore._native.FlatIndex: what a prefix Pin reads of each block (fingerprint, size, checksum, host and HBM
     offsets), in flat rows beside the dict, for its compiled walk (csrc/kvstore_native/flat_index.c). An offset or
-    size of -1: no copy on that tier."""
+    size of -1: no copy on that tier. It also takes the blocks it holds, their copies dicts and their Slot and Record
+    copies out of the cycle collector's sight (their fields are leaves): a full collection walked them all, ~350 ms a
+    million blocks, stalling every request."""
 
     def put(self, skey: bytes, meta: "BlockMeta", fingerprint_id: bytes, size: int, checksum: int, host_offset: int,
             host_size: int, hbm_offset: int) -> None: ...
@@ -100,15 +102,29 @@ def row_fields(meta: "BlockMeta") -> tuple:
 MAX_PENDING_TOUCH_BLOCKS = 1 << 16  # queued touches applied at once past this many blocks (touch_later)
 
 
+class _Blocks(dict):
+    """Storage key -> BlockMeta: a dict, of a subclass only because the collector never untracks one. An exact dict is
+    untracked while it holds no container (empty, at start), and its first block tracks it again in the youngest
+    generation, past the server's freeze at start; this one stays tracked, so the freeze takes it."""
+
+    __slots__ = ()
+
+
 class BlockIndex:
     def __init__(self, flat: FlatRows | None = None) -> None:
-        self._blocks: dict[bytes, BlockMeta] = {}
+        self._blocks: dict[bytes, BlockMeta] = _Blocks()
         # The prefix Pin's rows, kept in step with _blocks and each block's HOST and HBM copies (add, remove, attach,
         # detach: the only ways they change while a block is indexed); None where the compiled walk is not built.
         self.flat = flat
         self.get = self._blocks.get  # the dict's own: requests look up every key they name, without a Python frame each
         # tier -> storage keys of the blocks with a copy there, least recently used first
         self.lru: defaultdict[Tier, OrderedDict[bytes, None]] = defaultdict(OrderedDict)
+        # The dict and the orders hold every block, so they must exist, tracked, when the server moves what is alive
+        # at start out of the cycle collector's sight (server.settle_heap's gc.freeze): one tracked later, in the young
+        # generations, was walked whole by every full collection (~150 ms a million blocks) once the flat rows had
+        # taken the blocks themselves out of the collector's sight (_Blocks says why the dict is a subclass).
+        for tier in (Tier.HBM, Tier.HOST, Tier.SSD):
+            self.lru[tier]
         # Told of every block that enters (its meta) or leaves (None) the index, under the store lock, so it must
         # only take note: cluster mode announces them to the directory (kvstore/cluster/announcer.py).
         self.listener: Callable[[bytes, BlockMeta | None], None] | None = None
@@ -195,7 +211,7 @@ class BlockIndex:
         meta.copies[tier] = copy
         if self.holds(meta):
             self.lru[tier][meta.skey] = None
-            if self.flat is not None and tier in ROW_TIERS:
+            if self.flat is not None:  # any tier: the row's copies, and the new copy out of the collector's sight
                 self.flat.update(*row_fields(meta))
 
     def detach(self, meta: BlockMeta, tier: Tier) -> Copy:

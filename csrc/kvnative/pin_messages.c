@@ -61,8 +61,34 @@ static inline uint64_t as_u64(PyObject *value) {
 }
 
 /* A list or tuple of plain ints in [0, 2**64) as uint64s: 1 ok, 0 not ours, -1 error. */
+/* A one-dimensional buffer of native unsigned 64-bit ints (array('Q'), a numpy uint64 array): copied whole. */
+static int read_u64_buffer(PyObject *obj, uint64_t **out, Py_ssize_t *count) {
+    Py_buffer view;
+    if (PyBytes_Check(obj) || !PyObject_CheckBuffer(obj)) return 0;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    const char *f = view.format != NULL ? view.format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;  /* native or little-endian (this code runs little-endian) */
+    int ok = view.ndim == 1 && view.itemsize == 8 && (strcmp(f, "Q") == 0 || (strcmp(f, "L") == 0 && sizeof(unsigned long) == 8));
+    uint64_t *values = ok ? PyMem_Malloc(view.len ? (size_t)view.len : 1) : NULL;
+    if (ok && values == NULL) {
+        PyBuffer_Release(&view);
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (ok) {
+        memcpy(values, view.buf, (size_t)view.len);
+        *out = values;
+        *count = view.len / 8;
+    }
+    PyBuffer_Release(&view);
+    return ok;
+}
+
 static int read_u64s(PyObject *seq, uint64_t **out, Py_ssize_t *count) {
-    if (!(PyList_CheckExact(seq) || PyTuple_CheckExact(seq))) return 0;
+    if (!(PyList_CheckExact(seq) || PyTuple_CheckExact(seq))) return read_u64_buffer(seq, out, count);
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     uint64_t *values = PyMem_Malloc(sizeof(uint64_t) * (n ? (size_t)n : 1));
     if (values == NULL) {

@@ -7,7 +7,8 @@
  * caches the engine's forward pass has just cleared, that chain is most of the server's answer (430-480 us of it on
  * an H200 host, against 110-140 us on a development box whose caches are warmer). Here a block is one 128-byte row
  * (key, tenant tag, fingerprint, host and HBM offsets, sizes, checksum, the BlockMeta) found through an
- * open-addressing table of row numbers, and the walk runs in stages over all the keys at once (hash and prefetch
+ * open-addressing table of row numbers (rows in chunks that never move; a bucket keeps its row's hash bits, so the
+ * table grows without reading a row), and the walk runs in stages over all the keys at once (hash and prefetch
  * every bucket, then read them and prefetch every row, then read the rows and prefetch every BlockMeta, then count
  * the pins), so the misses of 512 blocks overlap instead of queueing: the way hash joins and Mooncake's and
  * Dynamo's block indices lay out their hot paths.
@@ -18,6 +19,12 @@
  * walk that meets one answers NotImplemented before changing anything, for the caller to run the Python
  * definition. The buckets are keyed by XXH3 with a seed the caller draws at random, so keys a tenant chooses cannot
  * aim at one bucket chain.
+ *
+ * It also takes the blocks it holds out of the cycle collector's sight (PyObject_GC_UnTrack: the BlockMeta, its copies
+ * dict, and the copies of the leaf types it was given). Their fields are leaves (bytes, str, ints, enum members), so
+ * they can be in no cycle; but tracked, each full collection walked them all: 346 ms for a million blocks on a 2-core
+ * box, a stall of every request, every time a quarter as many new objects again had survived. Untracked objects are
+ * still freed by reference counting.
  */
 #include "pin_table.h"
 #include <stdint.h>
@@ -37,6 +44,8 @@
 #define ROW_HBM 2u
 #define ROW_OPAQUE 4u
 #define MIN_BUCKETS 1024
+#define CHUNK_BITS 12  /* rows come in chunks of 4096 (512 KiB), never moved: the table grows without copying them */
+#define CHUNK_ROWS (1u << CHUNK_BITS)
 #define MAX_WALK 4096  /* keys a walk takes on the stack's side tables; more: NotImplemented (the store sends 1024 at most) */
 
 typedef struct {
@@ -56,18 +65,23 @@ _Static_assert(sizeof(Row) == 128, "a row is two cache lines");
 
 typedef struct {
     uint32_t row;  /* 0: empty; rows are numbered from 1 */
-    uint32_t hash_hi;
+    uint32_t hash;  /* the low 32 bits of the row's hash: its home bucket, so growing rehashes without reading rows */
 } Bucket;
 
 typedef struct {
     PyObject_HEAD
-    Row *rows;  /* rows[0] unused */
-    uint32_t rows_cap, rows_used, free_head;  /* free rows chained through their pad field */
+    Row **chunks;  /* row r is chunks[r >> CHUNK_BITS][r & (CHUNK_ROWS - 1)]; row 0 unused */
+    uint32_t chunks_cap, rows_cap, rows_used, free_head;  /* free rows chained through their pad field */
     Bucket *buckets;
     uint64_t mask;  /* buckets - 1 */
     Py_ssize_t count;
     uint64_t seed;
+    PyObject *leaf_types;  /* tuple of the copy types whose instances hold only leaves (Slot, Record) */
 } FlatIndex;
+
+static inline Row *row_at(const FlatIndex *self, uint32_t r) {
+    return &self->chunks[r >> CHUNK_BITS][r & (CHUNK_ROWS - 1)];
+}
 
 static inline uint64_t hash_skey(const FlatIndex *self, const unsigned char *tag, const unsigned char *key) {
     unsigned char skey[SKEY_BYTES];
@@ -86,12 +100,11 @@ static void *aligned_zeroed(size_t bytes) {
 /* The bucket of (tag, key) with hash h, or of an empty slot where it would go. */
 static inline uint64_t probe(const FlatIndex *self, uint64_t h, const unsigned char *tag, const unsigned char *key) {
     uint64_t at = h & self->mask;
-    uint32_t hi = (uint32_t)(h >> 32);
     for (;;) {
         const Bucket *b = &self->buckets[at];
         if (b->row == 0) return at;
-        if (b->hash_hi == hi) {
-            const Row *r = &self->rows[b->row];
+        if (b->hash == (uint32_t)h) {
+            const Row *r = row_at(self, b->row);
             if (memcmp(r->key, key, KEY_BYTES) == 0 && memcmp(r->tag, tag, TAG_BYTES) == 0) return at;
         }
         at = (at + 1) & self->mask;
@@ -111,7 +124,7 @@ static int grow_buckets(FlatIndex *self) {
     self->mask = n - 1;
     for (uint64_t i = 0; i < old_n; i++) {
         if (old[i].row == 0) continue;
-        uint64_t at = self->rows[old[i].row].hash & self->mask;
+        uint64_t at = old[i].hash & self->mask;
         while (fresh[at].row != 0) at = (at + 1) & self->mask;
         fresh[at] = old[i];
     }
@@ -122,7 +135,7 @@ static int grow_buckets(FlatIndex *self) {
 static uint32_t new_row(FlatIndex *self) {
     if (self->free_head != 0) {
         uint32_t r = self->free_head;
-        self->free_head = self->rows[r].pad;
+        self->free_head = row_at(self, r)->pad;
         return r;
     }
     if (self->rows_used + 1 >= self->rows_cap) {
@@ -130,16 +143,23 @@ static uint32_t new_row(FlatIndex *self) {
             PyErr_SetString(PyExc_OverflowError, "FlatIndex: too many blocks");
             return 0;
         }
-        uint32_t cap = self->rows_cap * 2;
-        Row *rows = aligned_zeroed((size_t)cap * sizeof(Row));
-        if (rows == NULL) {
+        uint32_t chunk = self->rows_cap >> CHUNK_BITS;
+        if (chunk == self->chunks_cap) {
+            uint32_t cap = self->chunks_cap * 2;
+            Row **chunks = realloc(self->chunks, sizeof(Row *) * cap);
+            if (chunks == NULL) {
+                PyErr_NoMemory();
+                return 0;
+            }
+            self->chunks = chunks;
+            self->chunks_cap = cap;
+        }
+        self->chunks[chunk] = aligned_zeroed(CHUNK_ROWS * sizeof(Row));
+        if (self->chunks[chunk] == NULL) {
             PyErr_NoMemory();
             return 0;
         }
-        memcpy(rows, self->rows, (size_t)self->rows_cap * sizeof(Row));
-        free(self->rows);
-        self->rows = rows;
-        self->rows_cap = cap;
+        self->rows_cap += CHUNK_ROWS;
     }
     return ++self->rows_used;
 }
@@ -148,7 +168,7 @@ static uint32_t new_row(FlatIndex *self) {
 static void drop_bucket(FlatIndex *self, uint64_t at) {
     uint64_t hole = at, next = (at + 1) & self->mask;
     while (self->buckets[next].row != 0) {
-        uint64_t home = self->rows[self->buckets[next].row].hash & self->mask;
+        uint64_t home = self->buckets[next].hash & self->mask;
         /* move next into hole unless its home lies cyclically in (hole, next] */
         int stays = hole <= next ? (home > hole && home <= next) : (home > hole || home <= next);
         if (!stays) {
@@ -158,7 +178,7 @@ static void drop_bucket(FlatIndex *self, uint64_t at) {
         next = (next + 1) & self->mask;
     }
     self->buckets[hole].row = 0;
-    self->buckets[hole].hash_hi = 0;
+    self->buckets[hole].hash = 0;
 }
 
 static int u64_of(PyObject *value, uint64_t *out) {
@@ -211,6 +231,24 @@ static int skey_ok(PyObject *skey) {
     return PyBytes_GET_SIZE(skey) == SKEY_BYTES;
 }
 
+/* Out of the cycle collector's sight: meta, its copies of a leaf type, and the copies dict once all its values are. */
+static void untrack_block(FlatIndex *self, PyObject *meta) {
+    PyObject *copies = kvs_meta_copies(meta), *tier, *copy;
+    if (copies == NULL) return;
+    if (PyDict_CheckExact(copies)) {
+        int leaves = 1;
+        Py_ssize_t pos = 0, n = PyTuple_GET_SIZE(self->leaf_types);
+        while (PyDict_Next(copies, &pos, &tier, &copy)) {
+            int leaf = 0;
+            for (Py_ssize_t t = 0; t < n && !leaf; t++) leaf = Py_IS_TYPE(copy, (PyTypeObject *)PyTuple_GET_ITEM(self->leaf_types, t));
+            if (leaf && PyObject_GC_IsTracked(copy)) PyObject_GC_UnTrack(copy);
+            leaves &= leaf || !PyObject_GC_IsTracked(copy);
+        }
+        if (leaves && PyObject_GC_IsTracked(copies)) PyObject_GC_UnTrack(copies);  /* a tracked copy added later re-tracks it */
+    }
+    if (PyObject_GC_IsTracked(meta)) PyObject_GC_UnTrack(meta);
+}
+
 #define ROW_ARGS "(skey, meta, fingerprint_id, size, checksum, host_offset, host_size, hbm_offset)"
 
 /* put(skey, meta, fingerprint_id, size, checksum, host_offset, host_size, hbm_offset): the row of skey is meta's
@@ -228,22 +266,23 @@ static PyObject *put(FlatIndex *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t at = probe(self, h, skey, skey + TAG_BYTES);
     Row *row;
     if (self->buckets[at].row != 0) {
-        row = &self->rows[self->buckets[at].row];
+        row = row_at(self, self->buckets[at].row);
         Py_SETREF(row->meta, Py_NewRef(args[1]));
     } else {
         uint32_t r = new_row(self);
         if (r == 0) return NULL;
-        row = &self->rows[r];
+        row = row_at(self, r);
         memset(row, 0, sizeof(Row));
         memcpy(row->tag, skey, TAG_BYTES);
         memcpy(row->key, skey + TAG_BYTES, KEY_BYTES);
         row->hash = h;
         row->meta = Py_NewRef(args[1]);
         self->buckets[at].row = r;
-        self->buckets[at].hash_hi = (uint32_t)(h >> 32);
+        self->buckets[at].hash = (uint32_t)h;
         self->count++;
     }
     fill(row, args);
+    untrack_block(self, args[1]);
     Py_RETURN_NONE;
 }
 
@@ -252,7 +291,7 @@ static Row *row_of(FlatIndex *self, PyObject *skey_obj, PyObject *meta, uint64_t
     const unsigned char *skey = (const unsigned char *)PyBytes_AS_STRING(skey_obj);
     uint64_t at = probe(self, hash_skey(self, skey, skey + TAG_BYTES), skey, skey + TAG_BYTES);
     if (self->buckets[at].row == 0) return NULL;
-    Row *row = &self->rows[self->buckets[at].row];
+    Row *row = row_at(self, self->buckets[at].row);
     if (row->meta != meta) return NULL;
     if (at_out != NULL) *at_out = at;
     return row;
@@ -267,7 +306,10 @@ static PyObject *update(FlatIndex *self, PyObject *const *args, Py_ssize_t nargs
     int ok = skey_ok(args[0]);
     if (ok <= 0) return ok < 0 ? NULL : Py_NewRef(Py_None);
     Row *row = row_of(self, args[0], args[1], NULL);
-    if (row != NULL) fill(row, args);
+    if (row != NULL) {
+        fill(row, args);
+        untrack_block(self, args[1]);
+    }
     Py_RETURN_NONE;
 }
 
@@ -301,7 +343,7 @@ static PyObject *row(FlatIndex *self, PyObject *skey) {
     const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(skey);
     uint64_t at = probe(self, hash_skey(self, s, s + TAG_BYTES), s, s + TAG_BYTES);
     if (self->buckets[at].row == 0) Py_RETURN_NONE;
-    const Row *r = &self->rows[self->buckets[at].row];
+    const Row *r = row_at(self, self->buckets[at].row);
     if (r->flags & ROW_OPAQUE) return Py_BuildValue("(Os)", r->meta, "opaque");
     return Py_BuildValue("(Oy#KKLLL)", r->meta, (const char *)r->fp, (Py_ssize_t)FP_BYTES, (unsigned long long)r->size,
                          (unsigned long long)r->checksum, r->host_offset == NONE ? -1LL : (long long)r->host_offset,
@@ -326,28 +368,39 @@ static PyObject *u64_list(const uint64_t *values, Py_ssize_t n) {
     return list;
 }
 
-/* pin_prefix(tag, keys, fingerprint_id, hbm_values) -> (metas, columns, placement) | NotImplemented
+/* values as bytes of native uint64s (packed columns: no int object a value; the Pin's encoder reads them whole). */
+static PyObject *u64_bytes(const uint64_t *values, Py_ssize_t n) {
+    return PyBytes_FromStringAndSize((const char *)values, n * (Py_ssize_t)sizeof(uint64_t));
+}
+
+/* pin_prefix(tag, keys, fingerprint_id, hbm_values, packed) -> (metas, columns, placement) | NotImplemented
  *
  * BlockTable.pin_leading_columns without its touch, and HbmPlacement.pin_placement's columns, from the rows: the
  * leading run of keys whose blocks are stored under fingerprint_id (tag: the tenant's), each pin-counted (pins += 1);
  * columns: (offsets, sizes, checksums, payload_bytes) of their host copies, None when one of the run has none;
  * placement, where hbm_values is (hbm, host) (Tier values) and columns are given: (tiers, hbm_offsets, in_hbm), None
- * when no block of the run has an HBM copy. NotImplemented, with nothing changed, for keys of another type and for a
- * run through an opaque row. */
+ * when no block of the run has an HBM copy. packed: each column as bytes of native uint64s instead of a list of ints.
+ * NotImplemented, with nothing changed, for keys of another type and for a run through an opaque row. */
 static PyObject *pin_prefix(FlatIndex *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "pin_prefix(tag, keys, fingerprint_id, hbm_values)");
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "pin_prefix(tag, keys, fingerprint_id, hbm_values, packed)");
         return NULL;
     }
     PyObject *tag_obj = args[0], *keys = args[1], *fp_obj = args[2], *hbm_values = args[3];
+    int packed = PyObject_IsTrue(args[4]);
+    if (packed < 0) return NULL;
+    PyObject *(*column)(const uint64_t *, Py_ssize_t) = packed ? u64_bytes : u64_list;
     if (!PyBytes_CheckExact(tag_obj) || PyBytes_GET_SIZE(tag_obj) != TAG_BYTES || !PyList_CheckExact(keys) ||
         !PyBytes_CheckExact(fp_obj) || PyList_GET_SIZE(keys) > MAX_WALK || !(hbm_values == Py_None || PyTuple_CheckExact(hbm_values)))
         Py_RETURN_NOTIMPLEMENTED;
     PyObject *hbm_value = NULL, *host_value = NULL;
+    uint64_t hbm_code = 0, host_code = 0;
     if (hbm_values != Py_None) {
         if (PyTuple_GET_SIZE(hbm_values) != 2) Py_RETURN_NOTIMPLEMENTED;
         hbm_value = PyTuple_GET_ITEM(hbm_values, 0);
         host_value = PyTuple_GET_ITEM(hbm_values, 1);
+        if (!u64_of(hbm_value, &hbm_code) || !u64_of(host_value, &host_code) || hbm_code == NONE || host_code == NONE)
+            Py_RETURN_NOTIMPLEMENTED;
     }
     const unsigned char *tag = (const unsigned char *)PyBytes_AS_STRING(tag_obj);
     const unsigned char *fp = (const unsigned char *)PyBytes_AS_STRING(fp_obj);
@@ -378,13 +431,12 @@ static PyObject *pin_prefix(FlatIndex *self, PyObject *const *args, Py_ssize_t n
     /* 2. Find each row's bucket by its hash alone and prefetch the row: the run ends at the first key with none. */
     for (Py_ssize_t i = 0; i < run; i++) {
         uint64_t at = hashes[i] & self->mask;
-        uint32_t hi = (uint32_t)(hashes[i] >> 32);
-        while (self->buckets[at].row != 0 && self->buckets[at].hash_hi != hi) at = (at + 1) & self->mask;
+        while (self->buckets[at].row != 0 && self->buckets[at].hash != (uint32_t)hashes[i]) at = (at + 1) & self->mask;
         if (self->buckets[at].row == 0) {
             run = i;
             break;
         }
-        rows[i] = &self->rows[self->buckets[at].row];
+        rows[i] = row_at(self, self->buckets[at].row);
         __builtin_prefetch(rows[i], 0, 1);
         __builtin_prefetch((char *)rows[i] + 64, 0, 1);
     }
@@ -400,7 +452,7 @@ static PyObject *pin_prefix(FlatIndex *self, PyObject *const *args, Py_ssize_t n
                 run = i;
                 break;
             }
-            rows[i] = &self->rows[self->buckets[at].row];
+            rows[i] = row_at(self, self->buckets[at].row);
         }
         const Row *r = rows[i];
         if (r->flags & ROW_OPAQUE) goto not_ours;
@@ -424,20 +476,26 @@ static PyObject *pin_prefix(FlatIndex *self, PyObject *const *args, Py_ssize_t n
     if (list == NULL) goto done;
     for (Py_ssize_t i = 0; i < run; i++) PyList_SET_ITEM(list, i, Py_NewRef(metas[i]));
     if (on_host) {
-        PyObject *o = u64_list(offsets, run), *s = o ? u64_list(sizes, run) : NULL, *c = s ? u64_list(checksums, run) : NULL;
+        PyObject *o = column(offsets, run), *s = o ? column(sizes, run) : NULL, *c = s ? column(checksums, run) : NULL;
         if (c != NULL) columns = Py_BuildValue("(OOOK)", o, s, c, (unsigned long long)payload);
         Py_XDECREF(o);
         Py_XDECREF(s);
         Py_XDECREF(c);
         if (columns == NULL) goto fail;
         if (hbm_value != NULL && in_hbm > 0) {
-            PyObject *tiers = PyList_New(run);
-            for (Py_ssize_t i = 0; tiers != NULL && i < run; i++) {
+            /* the tiers column into sizes, the HBM offsets into offsets: both read already */
+            for (Py_ssize_t i = 0; i < run; i++) {
                 int there = (rows[i]->flags & ROW_HBM) != 0;
-                PyList_SET_ITEM(tiers, i, Py_NewRef(there ? hbm_value : host_value));
+                sizes[i] = there ? hbm_code : host_code;
                 offsets[i] = there ? rows[i]->hbm_offset : 0;
             }
-            PyObject *at = tiers ? u64_list(offsets, run) : NULL;
+            PyObject *tiers = NULL;
+            if (packed) {
+                tiers = u64_bytes(sizes, run);
+            } else if ((tiers = PyList_New(run)) != NULL) {  /* the callers' own Tier values, shared */
+                for (Py_ssize_t i = 0; i < run; i++) PyList_SET_ITEM(tiers, i, Py_NewRef(sizes[i] == hbm_code ? hbm_value : host_value));
+            }
+            PyObject *at = tiers ? column(offsets, run) : NULL;
             if (at != NULL) placement = Py_BuildValue("(OOn)", tiers, at, in_hbm);
             Py_XDECREF(tiers);
             Py_XDECREF(at);
@@ -466,16 +524,23 @@ static Py_ssize_t flat_len(FlatIndex *self) {
 
 static PyObject *flat_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
     unsigned long long seed = 0;
-    static char *names[] = {"seed", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "K", names, &seed)) return NULL;
+    PyObject *leaf_types = NULL;
+    static char *names[] = {"seed", "leaf_types", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KO!", names, &seed, &PyTuple_Type, &leaf_types)) return NULL;
+    for (Py_ssize_t t = 0; t < PyTuple_GET_SIZE(leaf_types); t++)
+        if (!PyType_Check(PyTuple_GET_ITEM(leaf_types, t))) {
+            PyErr_SetString(PyExc_TypeError, "FlatIndex: leaf_types is a tuple of types");
+            return NULL;
+        }
     FlatIndex *self = (FlatIndex *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
     self->seed = seed;
-    self->rows_cap = MIN_BUCKETS;
-    self->rows = aligned_zeroed((size_t)self->rows_cap * sizeof(Row));
+    self->leaf_types = Py_NewRef(leaf_types);
+    self->chunks_cap = 16;
+    self->chunks = calloc(self->chunks_cap, sizeof(Row *));
     self->buckets = aligned_zeroed(MIN_BUCKETS * sizeof(Bucket));
     self->mask = MIN_BUCKETS - 1;
-    if (self->rows == NULL || self->buckets == NULL) {
+    if (self->chunks == NULL || self->buckets == NULL) {
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
@@ -483,10 +548,13 @@ static PyObject *flat_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
 }
 
 static void flat_dealloc(FlatIndex *self) {
-    if (self->rows != NULL)
-        for (uint32_t r = 1; r <= self->rows_used; r++) Py_XDECREF(self->rows[r].meta);
-    free(self->rows);
+    if (self->chunks != NULL) {
+        for (uint32_t r = 1; r <= self->rows_used; r++) Py_XDECREF(row_at(self, r)->meta);
+        for (uint32_t c = 0; c < (self->rows_cap >> CHUNK_BITS); c++) free(self->chunks[c]);
+    }
+    free(self->chunks);
     free(self->buckets);
+    Py_XDECREF(self->leaf_types);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -496,7 +564,7 @@ static PyMethodDef flat_methods[] = {
     {"drop", (PyCFunction)(void (*)(void))drop, METH_FASTCALL, "drop(skey, meta) -> None (only if skey's row is meta's)"},
     {"row", (PyCFunction)row, METH_O, "row(skey) -> (meta, fingerprint_id, size, checksum, host_offset, host_size, hbm_offset) | (meta, 'opaque') | None"},
     {"pin_prefix", (PyCFunction)(void (*)(void))pin_prefix, METH_FASTCALL,
-     "pin_prefix(tag, keys, fingerprint_id, hbm_values) -> (metas, columns | None, placement | None) | NotImplemented"},
+     "pin_prefix(tag, keys, fingerprint_id, hbm_values, packed) -> (metas, columns | None, placement | None) | NotImplemented"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -507,7 +575,7 @@ static PyTypeObject FlatIndexType = {
     .tp_name = "kvstore._native.FlatIndex",
     .tp_basicsize = sizeof(FlatIndex),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "FlatIndex(seed): what a prefix Pin reads of each block, in flat rows (csrc/kvstore_native/flat_index.c)",
+    .tp_doc = "FlatIndex(seed, leaf_types): what a prefix Pin reads of each block, in flat rows (csrc/kvstore_native/flat_index.c)",
     .tp_new = flat_new,
     .tp_dealloc = (destructor)flat_dealloc,
     .tp_methods = flat_methods,

@@ -147,6 +147,11 @@ static PyObject *add_one(PyObject *count, long step) {
     return sum;
 }
 
+PyObject *kvs_meta_copies(PyObject *meta) {
+    if (meta_type == NULL || !Py_IS_TYPE(meta, meta_type)) return NULL;
+    return *(PyObject **)((char *)meta + m_copies->offset);
+}
+
 int kvs_pinnable(PyObject *const *metas, Py_ssize_t n) {
     if (meta_type == NULL) return 0;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -246,7 +251,7 @@ static PyObject *pin_run(PyObject *const *args, Py_ssize_t nargs, PyObject *miss
         return NULL;
     }
     PyObject *blocks = args[0], *lru = args[1], *tag = args[2], *keys = args[3], *fingerprint_id = args[4], *now = args[5];
-    if (meta_type == NULL || !PyDict_CheckExact(blocks) || !PyDict_Check(lru) || !PyBytes_CheckExact(tag) ||
+    if (meta_type == NULL || !PyDict_Check(blocks) || !PyDict_Check(lru) || !PyBytes_CheckExact(tag) ||
         !(PyList_CheckExact(keys) || PyTuple_CheckExact(keys)) || !PyBytes_CheckExact(fingerprint_id) || !PyFloat_CheckExact(now))
         Py_RETURN_NOTIMPLEMENTED;
 
@@ -527,7 +532,7 @@ static PyObject *present(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     }
     PyObject *blocks = args[0], *tag = args[1], *keys = args[2], *fingerprint_id = args[3];
-    if (meta_type == NULL || !PyDict_CheckExact(blocks) || !PyBytes_CheckExact(tag) ||
+    if (meta_type == NULL || !PyDict_Check(blocks) || !PyBytes_CheckExact(tag) ||
         !(PyList_CheckExact(keys) || PyTuple_CheckExact(keys)) || !PyBytes_CheckExact(fingerprint_id))
         Py_RETURN_NOTIMPLEMENTED;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(keys), fp_len = PyBytes_GET_SIZE(fingerprint_id);

@@ -9,6 +9,8 @@
 int kvs_pinnable(PyObject *const *metas, Py_ssize_t n);
 /* pins += 1 for each of metas[0:n] (checked by kvs_pinnable): 0, or -1 with an error set. */
 int kvs_count_pins(PyObject *const *metas, Py_ssize_t n);
+/* meta's copies dict (borrowed), or NULL (no error set) if meta is not a bound BlockMeta. */
+PyObject *kvs_meta_copies(PyObject *meta);
 /* Adds the FlatIndex type to the module: 0, or -1 with an error set. */
 int kvs_add_flat_index(PyObject *module);
 
