@@ -213,13 +213,13 @@ class StoreAPI:
             blocks.close()  # the store's pins go when the caller closes this, not when it is garbage
 
     def pin(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0, prefix: bool = False,
-            release_pin_ids: Sequence[int] = ()) -> PinInfo:
+            release_pin_ids: Sequence[int] = (), packed: bool = False) -> PinInfo:
         """Pin the blocks in the host pool for the caller to copy out; with prefix, the leading present run.
         Blocks with an HBM copy are named there too (PinInfo.slots.tiers, hbm_offsets), for a device-to-device copy.
 
         release_pin_ids are dropped first, so the room they hold is free for this pin."""
         self._before_read(caller)
-        return self.store.pin(caller, fingerprint_id, keys, ttl_ms, prefix, release_pin_ids)
+        return self.store.pin(caller, fingerprint_id, keys, ttl_ms, prefix, release_pin_ids, packed)
 
     def unpin(self, caller: Caller, pin_ids: Sequence[int]) -> int:
         return self.store.unpin(caller, pin_ids)

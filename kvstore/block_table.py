@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from array import array
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
@@ -67,6 +68,21 @@ def host_columns(metas: list[BlockMeta]) -> HostColumns | None:
 
 
 HbmColumns = tuple[list[int], list[int], int]  # each block's fastest tier (HBM or HOST value), its HBM offset, how many in HBM
+
+
+def _u64s(column: bytes) -> array:
+    values = array("Q")
+    values.frombytes(column)
+    return values
+
+
+def _unpacked_columns(columns: tuple | None) -> HostColumns | None:
+    """The walk's packed host columns (bytes of uint64s) as array('Q')s: sequences of ints, made without an int a value."""
+    return None if columns is None else (_u64s(columns[0]), _u64s(columns[1]), _u64s(columns[2]), columns[3])
+
+
+def _unpacked_placement(placement: tuple | None) -> HbmColumns | None:
+    return None if placement is None else (_u64s(placement[0]), _u64s(placement[1]), placement[2])
 
 
 @dataclass(slots=True)
@@ -320,18 +336,22 @@ class BlockTable:
         return metas, host_columns(metas)
 
     def pin_prefix(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes],
-                   hbm_values: tuple[int, int] | None = None) -> PrefixRun:
+                   hbm_values: tuple[int, int] | None = None, packed: bool = False) -> PrefixRun:
         """A prefix Pin's walk: pin_leading_columns(defer_touch=True), its definition, and with hbm_values (the HBM
         and HOST tiers' values) the run's HBM placement, whose definition is hbm_placement.placement_columns. In C
         over the index's flat rows where built (csrc/kvstore_native/flat_index.c): the walk of 512 blocks was a
         chain of some ten dependent cache misses a block through the dict and the blocks' objects; the rows are
-        read in stages that overlap those misses."""
+        read in stages that overlap those misses. packed: the columns may come as array('Q')s (no int object a
+        value), for an answer encoded at once (the local socket's)."""
         flat = self.index.flat
         if flat is not None:
             now = time.monotonic()
-            answer = flat.pin_prefix(tenant_tag(tenant), keys if type(keys) is list else list(keys), fingerprint_id, hbm_values)
+            answer = flat.pin_prefix(tenant_tag(tenant), keys if type(keys) is list else list(keys), fingerprint_id, hbm_values,
+                                     packed)
             if answer is not NotImplemented:
                 metas, columns, placement = answer
+                if packed:
+                    columns, placement = _unpacked_columns(columns), _unpacked_placement(placement)
                 self.counters[Event.LOOKUP_BLOCKS_HIT] += len(metas)
                 self.counters[Event.LOOKUP_BLOCKS_MISS] += len(keys) - len(metas)
                 self.pin_count += len(metas)

@@ -98,8 +98,8 @@ def _put(api: StoreAPI, caller: Caller, r: pb.PutRequest | payload_codec.PutRequ
     return pb.PutResponse(outcomes=api.put(caller, r.fingerprint_id, [(b.key, b.data, b.checksum) for b in r.blocks], r.durable))
 
 
-def _pinned(api: StoreAPI, caller: Caller, r: pb.PinRequest | pin_codec.PinRequestFields) -> PinInfo:
-    return api.pin(caller, r.fingerprint_id, list(r.keys), r.ttl_ms, r.prefix_only, list(r.release_pin_ids))
+def _pinned(api: StoreAPI, caller: Caller, r: pb.PinRequest | pin_codec.PinRequestFields, packed: bool = False) -> PinInfo:
+    return api.pin(caller, r.fingerprint_id, list(r.keys), r.ttl_ms, r.prefix_only, list(r.release_pin_ids), packed)
 
 
 def _pin(api: StoreAPI, caller: Caller, r: pb.PinRequest, is_active: IsActive) -> pb.PinResponse:
@@ -110,8 +110,9 @@ def _pin(api: StoreAPI, caller: Caller, r: pb.PinRequest, is_active: IsActive) -
 
 
 def _pin_bytes(api: StoreAPI, caller: Caller, r: pin_codec.PinRequestFields, is_active: IsActive) -> bytes:
-    """Pin for the local socket: the request's fields and the answer's bytes without message objects (kvwire/pin_codec.py)."""
-    info = _pinned(api, caller, r)
+    """Pin for the local socket: the request's fields and the answer's bytes without message objects (kvwire/pin_codec.py),
+    the columns packed from the walk to the encoder (no int object a value)."""
+    info = _pinned(api, caller, r, packed=True)
     slots = info.slots
     return pin_codec.encode_response(info.pin_id, info.expires_unix_ms, slots.offsets, slots.sizes, slots.checksums,
                                      slots.tiers, slots.hbm_offsets, info.hbm_pool_id)

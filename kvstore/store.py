@@ -72,12 +72,12 @@ class PinnedSlots:
     and every consumer (the Pin RPC's packed arrays, the UCX data plane) wants columns.
     """
 
-    offsets: list[int]
-    sizes: list[int]
-    checksums: list[int]
+    offsets: Sequence[int]  # lists, or array('Q')s where the Pin asked for packed columns
+    sizes: Sequence[int]
+    checksums: Sequence[int]
     # Where some blocks also have an HBM copy: each block's fastest tier and its HBM offset (0 elsewhere); empty otherwise.
-    tiers: list[int] = field(default_factory=list)
-    hbm_offsets: list[int] = field(default_factory=list)
+    tiers: Sequence[int] = field(default_factory=list)
+    hbm_offsets: Sequence[int] = field(default_factory=list)
 
     @classmethod
     def of(cls, metas: Sequence[BlockMeta], slots: Sequence[Slot] | None = None, hbm: PinPlacement | None = None) -> "PinnedSlots":
@@ -723,7 +723,7 @@ class Store:
             self._unpin(metas)
 
     def pin(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], ttl_ms: int = 0, prefix: bool = False,
-            release_pin_ids: Sequence[int] = ()) -> PinInfo:
+            release_pin_ids: Sequence[int] = (), packed: bool = False) -> PinInfo:
         """Pin blocks in the host pool (promoting from SSD) so a client can copy them out directly.
 
         With prefix, the longest present leading run is pinned instead of all or
@@ -731,6 +731,7 @@ class Store:
         a block that cannot be staged (corrupt on SSD, pool full of pins) ends the run.
         A caller on an event loop asks needs_staging() first and pins elsewhere when it is true.
         release_pin_ids (the caller's earlier pins) are dropped first, so the room they held is free for this one.
+        packed: the answer's columns may be array('Q')s instead of lists (an answer encoded at once: the local socket's).
         """
         if release_pin_ids:
             self._check_ids(release_pin_ids, "pin ids")
@@ -743,7 +744,7 @@ class Store:
                 self.unpin(caller, release_pin_ids)
             raise
         if prefix and len(keys) <= LOCK_CHUNK_KEYS:
-            pinned = self._pin_prefix_in_host(caller, fingerprint_id, keys, ttl, release_pin_ids)
+            pinned = self._pin_prefix_in_host(caller, fingerprint_id, keys, ttl, release_pin_ids, packed)
             if isinstance(pinned, PinInfo):
                 return pinned
             if pinned is None:  # cluster mode, keys missing here: as _resolve_clustered after its first pass
@@ -768,7 +769,7 @@ class Store:
             return self._add_pin(table, caller, metas, columns, ttl, prefix, staged)
 
     def _pin_prefix_in_host(self, caller: Caller, fingerprint_id: bytes, keys: Sequence[bytes], ttl_s: float,
-                            release_pin_ids: Sequence[int]) -> PinInfo | list[BlockMeta] | None:
+                            release_pin_ids: Sequence[int], packed: bool = False) -> PinInfo | list[BlockMeta] | None:
         """A prefix Pin of up to LOCK_CHUNK_KEYS keys in one hold of the store lock: the releases, the walk
         (block_table.pin_leading_columns), the quota and the pin record. An engine's prefix loads of blocks in the
         host pool end here, without the general path's three holds of the lock and second pass over the blocks. Else the
@@ -778,7 +779,7 @@ class Store:
             if release_pin_ids:
                 table.unpin(caller, release_pin_ids)
             hbm_values = self.hbm.placement_values() if self.hbm is not None else None
-            run = table.pin_prefix(caller.tenant, fingerprint_id, keys, hbm_values)
+            run = table.pin_prefix(caller.tenant, fingerprint_id, keys, hbm_values, packed)
             metas, columns = run.metas, run.columns
             if self.remote is not None and len(metas) < len(keys):
                 table.unpin_blocks(metas)

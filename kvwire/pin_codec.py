@@ -78,7 +78,7 @@ def encode_response(pin_id: int, expires_unix_ms: int, offsets: Sequence[int], l
     if native is not None:
         # With the HBM columns too: a server with the tier answers an engine's whole prefix with them, and through
         # protobuf's messages they cost a 512-block Pin ~0.5 ms on an H200 host.
-        hbm = (tiers, hbm_offsets, hbm_pool_id) if tiers or hbm_pool_id else ()
+        hbm = (tiers, hbm_offsets, hbm_pool_id) if len(tiers) or hbm_pool_id else ()
         data = native.encode_pin_response(pin_id, expires_unix_ms, offsets, lengths, checksums, *hbm)
         if data is not NotImplemented:
             return data

@@ -362,13 +362,13 @@ def test_a_walk_through_a_row_the_table_cannot_hold_exactly_goes_to_python():
     assert table.index.flat.row(meta.skey)[1] == "opaque"
     tag = storage_key("alice", b"")
     keys = [key(i) for i in range(4)]
-    assert table.index.flat.pin_prefix(tag, keys, FP, None) is NotImplemented
+    assert table.index.flat.pin_prefix(tag, keys, FP, None, False) is NotImplemented
     assert [m.pins for m in metas] == [0] * 8
-    assert table.index.flat.pin_prefix(tag, keys[:2], FP, None)[0] == metas[:2]  # short of it: the compiled walk
+    assert table.index.flat.pin_prefix(tag, keys[:2], FP, None, False)[0] == metas[:2]  # short of it: the compiled walk
     run = table.pin_prefix("alice", FP, keys)
     assert run.metas == metas[:4] and [m.pins for m in metas[:4]] == [2, 2, 1, 1]
     assert run.columns is None or run.columns[0][2] == 1 << 20
-    assert table.index.flat.pin_prefix(tag, [bytearray(key(0))], FP, None) is NotImplemented  # a key of another type
+    assert table.index.flat.pin_prefix(tag, [bytearray(key(0))], FP, None, False) is NotImplemented  # a key of another type
 
 
 def test_the_flat_rows_follow_the_index_through_every_change():
@@ -410,7 +410,7 @@ def test_the_flat_rows_follow_the_index_through_every_change():
     some = rng.sample(sorted(live), 200)
     for i in some:  # each is found by a walk of one key, and what it answers is its row
         meta = live[i]
-        metas = index.flat.pin_prefix(meta.skey[:8], [key(i)], meta.fingerprint_id, None)[0]
+        metas = index.flat.pin_prefix(meta.skey[:8], [key(i)], meta.fingerprint_id, None, False)[0]
         assert metas == [meta]
 
 
@@ -465,3 +465,26 @@ def test_indexed_blocks_leave_the_cycle_collectors_sight_and_the_index_stays_in_
     table.index.remove(fresh)
     del fresh  # freed by its count, untracked as it is
     gc.collect()
+
+
+def test_a_packed_walk_answers_the_same_values_and_pins_the_same():
+    """packed (the local socket's answer, encoded at once): the columns as array('Q')s of the same values, the same
+    blocks pinned and the same placement, as the lists of an unpacked walk over a twin table."""
+    from array import array
+
+    tables = [BlockTable(Limits()), BlockTable(Limits())]
+    metas = [populate(t, 64, random.Random(3)) for t in tables]
+    for keys in ([key(i) for i in (5, 3, 9, 1)], [key(i) for i in (0, 3, 6, 9, 15, 18)], [key(i) for i in range(64)], [key(100)], []):
+        runs = [t.pin_prefix("alice", FP, keys, (Tier.HBM.value, Tier.HOST.value), packed) for t, packed in zip(tables, (False, True))]
+        assert [metas[0].index(m) for m in runs[0].metas] == [metas[1].index(m) for m in runs[1].metas]
+        assert runs[0].placed == runs[1].placed
+        if runs[1].columns is not None:
+            assert all(type(c) is array for c in runs[1].columns[:3])
+            assert [list(c) for c in runs[1].columns[:3]] + [runs[1].columns[3]] == list(runs[0].columns)
+        else:
+            assert runs[0].columns is None
+        if runs[1].placement is not None:
+            assert (list(runs[1].placement[0]), list(runs[1].placement[1]), runs[1].placement[2]) == runs[0].placement
+        else:
+            assert runs[0].placement is None
+    assert [m.pins for m in metas[0]] == [m.pins for m in metas[1]] and sum(m.pins for m in metas[1]) > 0

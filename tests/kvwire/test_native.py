@@ -258,6 +258,27 @@ def test_pin_responses_with_hbm_columns_equal_protobufs_bytes():
         assert as_values(got) == as_values(pin_codec.decode_response_columns_reference(data))
 
 
+def test_pin_response_columns_may_be_packed_uint64_arrays():
+    """The server's prefix walk hands the encoder its columns as array('Q')s (kvstore block_table.pin_prefix, packed):
+    the same bytes as from lists, natively; a numpy uint64 array too; signed or narrower arrays go to the reference,
+    which writes the same bytes or refuses alike."""
+    import array
+
+    import numpy as np
+
+    for fields in list(pin_responses(random.Random(5))) + list(hbm_pin_responses(random.Random(6))):
+        want = pin_codec.encode_response_reference(*fields)
+        packed = fields[:2] + tuple(array.array("Q", c) for c in fields[2:7]) + fields[7:]
+        assert native.encode_pin_response(*packed) == want
+        as_numpy = fields[:2] + tuple(np.asarray(c, dtype=np.uint64) for c in fields[2:7]) + fields[7:]
+        assert pin_codec.encode_response(*as_numpy) == want
+    fields = (1, 0, array.array("q", [1, 2]), array.array("I", [3, 4]), [5, 6])
+    assert native.encode_pin_response(*fields) is NotImplemented and pin_codec.encode_response(*fields) == \
+        pin_codec.encode_response_reference(1, 0, [1, 2], [3, 4], [5, 6])
+    with pytest.raises(ValueError):
+        pin_codec.encode_response(1, 0, array.array("q", [-1]), [0], [0])
+
+
 def as_values(columns: pin_codec.PinResponseColumns) -> tuple:
     return tuple(tuple(v) if not isinstance(v, int) else v for v in columns)
 
