@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from array import array
 import time
+from array import array
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from operator import attrgetter
