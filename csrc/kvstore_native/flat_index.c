@@ -56,9 +56,9 @@ typedef struct {
     uint64_t host_offset, hbm_offset, checksum;
     /* second line */
     PyObject *meta;  /* strong: the dict holds it too */
-    uint64_t size, host_size, hash;
+    uint64_t size, host_size;
     uint32_t flags, pad;
-    unsigned char spare[24];
+    unsigned char spare[32];
 } Row;
 
 _Static_assert(sizeof(Row) == 128, "a row is two cache lines");
@@ -275,7 +275,6 @@ static PyObject *put(FlatIndex *self, PyObject *const *args, Py_ssize_t nargs) {
         memset(row, 0, sizeof(Row));
         memcpy(row->tag, skey, TAG_BYTES);
         memcpy(row->key, skey + TAG_BYTES, KEY_BYTES);
-        row->hash = h;
         row->meta = Py_NewRef(args[1]);
         self->buckets[at].row = r;
         self->buckets[at].hash = (uint32_t)h;
