@@ -40,6 +40,13 @@ def selector(msg: apb.BlockSelector) -> Selector:
     return Selector(msg.tenant, msg.fingerprint_id, msg.tier, msg.min_age_ms / 1000, frozenset(msg.keys))
 
 
+def _reader_wait(context) -> float | None:
+    """How long a secure delete may wait for its blocks' readers: half of what is left of the caller's
+    deadline, so the scrub after it still answers in time; None (the pin TTL) for a call without one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else max(0.0, remaining / 2)
+
+
 def _described(sel: apb.BlockSelector) -> dict:
     """The selector as the audit log records it: hex for bytes, only what was set."""
     target = {"tenant": sel.tenant, "fingerprint": sel.fingerprint_id.hex(), "tier": pb.Tier.Name(sel.tier) if sel.tier else "", "min_age_ms": sel.min_age_ms}
@@ -88,10 +95,11 @@ class AdminServicer(apb_grpc.AdminServicer):
     @_admin
     def DeleteBlocks(self, request, context, caller: Caller):
         cluster_wide, late = False, []
+        reader_wait_s = _reader_wait(context)
         if self.cluster is not None:
-            report, cluster_wide, late = self.cluster.delete(selector(request.selector), request.secure)
+            report, cluster_wide, late = self.cluster.delete(selector(request.selector), request.secure, reader_wait_s)
         else:
-            report: DeleteReport = self.ops.delete(selector(request.selector), request.secure)
+            report: DeleteReport = self.ops.delete(selector(request.selector), request.secure, reader_wait_s)
         action = "delete_secure" if request.secure else "delete"
         self.audit.record(caller, action, _described(request.selector), deleted=report.deleted, bytes=report.bytes, pending_pinned=report.pending_pinned,
                           **({"cluster_wide": True, "unconfirmed_nodes": late} if cluster_wide else {}))

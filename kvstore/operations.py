@@ -113,12 +113,15 @@ class Operations:
             raise InvalidRequestError(f"cannot evict to a watermark on tier {_tier_name(tier)}")
         return self.store.evict_to_watermark(Tier.HOST if tier == Tier.UNSPECIFIED else Tier(tier), fraction)
 
-    def delete(self, sel: Selector, secure: bool = False) -> DeleteReport:
+    def delete(self, sel: Selector, secure: bool = False, reader_wait_s: float | None = None) -> DeleteReport:
         """Delete matching blocks, pinned or not: readers keep their copy until they unpin.
 
-        secure: wait (up to the pin TTL) for the deleted blocks' readers, then zero every
-        free byte of the host pool and the unused tails of live slots, and rewrite the
-        SSD tier so no freed LMDB page keeps a deleted payload (docs/security.md).
+        secure: wait for the deleted blocks' readers, then zero every free byte of the host
+        pool and the unused tails of live slots, and rewrite the SSD tier so no freed LMDB
+        page keeps a deleted payload (docs/security.md). The wait lasts up to the pin TTL
+        plus two seconds, or `reader_wait_s` when that is shorter (a caller's deadline): a
+        block still pinned then is counted in `pending_pinned`, and its slot is zeroed when
+        its last pin drops, like every freed slot.
         """
         if sel.empty:
             raise InvalidRequestError("delete needs a selector (fingerprint, tenant, keys, tier, age)")
@@ -126,7 +129,8 @@ class Operations:
         deletion = store.delete_blocks(sel.matches, sel.matches_lease)
         scrubbed = rewritten = 0
         if secure:
-            self._wait(lambda: store.readers_left(deletion) == 0, store.cfg.pin_ttl_s + 2)
+            wait_s = store.cfg.pin_ttl_s + 2
+            self._wait(lambda: store.readers_left(deletion) == 0, wait_s if reader_wait_s is None else min(wait_s, reader_wait_s))
             scrubbed, rewritten = store.scrub()
         return DeleteReport(deletion.deleted, deletion.bytes, store.readers_left(deletion), scrubbed, rewritten)
 

@@ -275,10 +275,12 @@ class ClusterNode:
 
     # ---- cluster-wide deletes -----------------------------------------------------------------------
 
-    def delete(self, sel: Selector, secure: bool) -> tuple[DeleteReport, bool, list[str]]:
-        """An operator's delete: (this node's report, whether it went cluster-wide, live nodes that had not applied it)."""
+    def delete(self, sel: Selector, secure: bool, reader_wait_s: float | None = None) -> tuple[DeleteReport, bool, list[str]]:
+        """An operator's delete: (this node's report, whether it went cluster-wide, live nodes that had not applied it).
+
+        reader_wait_s bounds this node's wait for readers of securely deleted blocks (Operations.delete)."""
         if sel.tier or sel.min_age_s:  # this node's copies by tier or age: nothing a tombstone can name
-            return self.ops.delete(sel, secure), False, []
+            return self.ops.delete(sel, secure, reader_wait_s), False, []
         if sel.empty:
             raise InvalidRequestError("delete needs a selector (fingerprint, tenant, keys, tier, age)")
         with self._deleting:  # the watch's apply of this tombstone waits, so the counts below are this node's
@@ -287,7 +289,7 @@ class ClusterNode:
                                                            keys=tuple(sorted(sel.keys)), secure=secure, issued_by=self.name))
             except EtcdError as err:
                 raise UnavailableError(f"the cluster-wide delete could not be recorded in etcd: {err}") from None
-            report = self.ops.delete(sel, secure)  # here at once; the watch applies it again (a no-op)
+            report = self.ops.delete(sel, secure, reader_wait_s)  # here at once; the watch applies it again (a no-op)
         self.announcer.flush(DELETE_ANNOUNCE_WAIT_S)
         try:
             late = self.tombstones.wait_acks(revision, self.cfg.cluster_lease_ttl_s + 1)

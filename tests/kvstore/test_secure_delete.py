@@ -7,6 +7,7 @@ it, and after shutdown, none can, while the blocks that were not deleted still c
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from kvclient import KVClient
 from kvclient.errors import BlockNotFoundError
 from kvwire.v1 import kvstore_pb2 as pb
 from tests.conftest import make_fingerprint
-from tests.kvstore.admin_util import admin_json, kv_stub, patterned_blocks, pin
+from tests.kvstore.admin_util import admin_json, kv_stub, patterned_blocks, pin, unpin
 
 WINDOW = 32
 
@@ -91,3 +92,35 @@ def test_secure_delete_leaves_no_recoverable_bytes(make_server, tmp_path):
         assert all(np.array_equal(a, b) for a, b in zip(keeper.get(kk_ssd + kk_host), keepers_ssd + keepers_host))
     with KVClient(srv.address, fp_victim, tenant="alice") as victim:
         assert victim.lookup(kv_ssd) == 0 and victim.lookup(kv_host) == 0
+
+
+def test_secure_delete_answers_within_the_callers_deadline_and_zeroes_a_pinned_slot_at_unpin(make_server):
+    """A reader pinned for the whole pin TTL (30 s) must not hold the operator's call past its deadline:
+    the delete answers in time, counts the block as pending, and the slot is zeroed when the pin drops."""
+    srv = make_server(host_memory="16MiB", max_block_bytes="1MiB")
+    fp = make_fingerprint(model="victim")
+    victim_block = patterned_blocks(1, 100_000, 5)
+    md = (("kvstore-tenant", "alice"),)
+    with KVClient(srv.address, fp, tenant="alice") as victim:
+        keys = victim.block_keys(range(16))
+        victim.put(keys, victim_block)
+        held = pin(srv, fp.id, [keys[0].digest], ttl_ms=30_000, metadata=md)
+        channel, stub = kv_stub(srv)
+        with channel:
+            shm_name = stub.DataPlane(pb.DataPlaneRequest()).shm_name
+        pool_fd = os.open(f"/dev/shm/{shm_name}", os.O_RDONLY)
+        try:
+            pool_size = os.fstat(pool_fd).st_size
+            assert all(found(victim_block, os.pread(pool_fd, pool_size, 0)))
+
+            started = time.monotonic()
+            report = admin_json(srv, "--timeout", "4s", "delete", "--secure", "--fingerprint", fp.id_hex, token=None)
+            assert time.monotonic() - started < 4
+            assert (report["deleted"], report["pending_pinned"]) == (1, 1)
+            assert victim.lookup(keys) == 0
+            assert all(found(victim_block, os.pread(pool_fd, pool_size, 0)))  # the reader's copy stays until it unpins
+
+            unpin(srv, [held.pin_id], metadata=md)
+            assert not any(found(victim_block, os.pread(pool_fd, pool_size, 0))), "the unpinned slot kept deleted bytes"
+        finally:
+            os.close(pool_fd)
