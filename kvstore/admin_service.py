@@ -41,8 +41,8 @@ def selector(msg: apb.BlockSelector) -> Selector:
 
 
 def _reader_wait(context) -> float | None:
-    """How long a secure delete may wait for its blocks' readers: half of what is left of the caller's
-    deadline, so the scrub after it still answers in time; None (the pin TTL) for a call without one."""
+    """How long a call may wait for readers (a secure delete's, a drain's): half of what is left of the caller's
+    deadline, so the work after the wait (a scrub, a flush) still answers in time; None for a call without one."""
     remaining = context.time_remaining()
     return None if remaining is None else max(0.0, remaining / 2)
 
@@ -141,7 +141,9 @@ class AdminServicer(apb_grpc.AdminServicer):
         self.audit.record(caller, "drain", {"timeout_ms": request.timeout_ms, **({"handoff": True} if request.handoff else {})})
         if request.handoff and self.cluster is None:
             raise InvalidRequestError("drain --handoff needs cluster mode (cluster_etcd): there is no peer to hand blocks to")
-        response = self.drain(request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_DRAIN_WAIT_S, request.handoff)
+        wait_s = request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_DRAIN_WAIT_S
+        within_deadline = _reader_wait(context)
+        response = self.drain(wait_s if within_deadline is None else min(wait_s, within_deadline), request.handoff)
         response.waited_ms = int((time.monotonic() - started) * 1000)
         self.audit.record(caller, "drained", {}, flushed_blocks=response.flushed_blocks, readers_left=response.readers_left)
         return response

@@ -187,3 +187,18 @@ def test_drain_refuses_writes_waits_for_readers_flushes_and_exits_zero(make_serv
     srv.start()  # persist_on_shutdown is off: only the drain's flush can have kept them
     with KVClient(srv.address, fingerprint, token="alice-secret") as alice:
         assert all(np.array_equal(a, b) for a, b in zip(alice.get(keys[:5]), blocks[:5]))
+
+
+def test_drain_answers_within_the_callers_deadline_while_a_reader_holds_on(make_server, tmp_path, fingerprint):
+    """A reader that never unpins must not hold the operator's drain past its RPC deadline (--timeout),
+    however long --reader-timeout allows: the drain answers in time, counts the reader, flushes and exits."""
+    srv = make_server(**auth_flags(tmp_path, host_memory="32MiB", ssd_capacity="128MiB", max_block_bytes="1MiB", persist_on_shutdown=False))
+    with KVClient(srv.address, fingerprint, token="alice-secret") as alice:
+        keys = alice.block_keys(tokens(2))
+        alice.put(keys, patterned_blocks(2, BLOCK, 7))
+        pin(srv, fingerprint.id, [keys[0].digest], metadata=ALICE)
+    started = time.monotonic()
+    report = admin_json(srv, "--timeout", "4s", "drain", "--reader-timeout", "60s")
+    assert time.monotonic() - started < 4
+    assert (report["readers_left"], report["flushed_blocks"]) == (1, 2)
+    assert srv.proc.wait(30) == 0
