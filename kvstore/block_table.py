@@ -27,6 +27,7 @@ from operator import attrgetter
 from typing import Callable, Sequence
 
 from kvwire.errors import CapacityExhaustedError, FingerprintMismatchError, LeaseError
+from kvwire.keys import native_keys
 from kvwire.native import load
 from kvwire.types import BlockState, KeyStatus, LeaseOutcome, Slot, Tier
 from kvstore.counters import Event
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 ID_BITS = 62  # random lease and pin ids: guessing a live one is hopeless, and ownership is checked anyway
 LANDING_TIER = Tier.HOST  # where a write lease reserves its slot: the memory clients write into
-PIN_TABLE_ABI = 6  # csrc/kvstore_native/pin_table.c PIN_TABLE_ABI
+PIN_TABLE_ABI = 7  # csrc/kvstore_native/pin_table.c PIN_TABLE_ABI
 _size = attrgetter("size")
 
 # The per-key Pin bookkeeping in C (kvwire/native.py says when), bound to BlockMeta's fields.
@@ -346,8 +347,7 @@ class BlockTable:
         flat = self.index.flat
         if flat is not None:
             now = time.monotonic()
-            answer = flat.pin_prefix(tenant_tag(tenant), keys if type(keys) is list else list(keys), fingerprint_id, hbm_values,
-                                     packed)
+            answer = flat.pin_prefix(tenant_tag(tenant), native_keys(keys), fingerprint_id, hbm_values, packed)
             if answer is not NotImplemented:
                 metas, columns, placement = answer
                 if packed:
@@ -358,7 +358,7 @@ class BlockTable:
                 if metas:
                     self.index.touch_later(metas, now)
                 return PrefixRun(metas, columns, placement, placed=hbm_values is not None and columns is not None)
-        metas, columns = self.pin_leading_columns(tenant, fingerprint_id, keys, defer_touch=True)
+        metas, columns = self.pin_leading_columns(tenant, fingerprint_id, keys if type(keys) is list else list(keys), defer_touch=True)
         return PrefixRun(metas, columns)
 
     def pin_found(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes], missing: list[bytes]) -> list[BlockMeta]:

@@ -99,7 +99,8 @@ def _put(api: StoreAPI, caller: Caller, r: pb.PutRequest | payload_codec.PutRequ
 
 
 def _pinned(api: StoreAPI, caller: Caller, r: pb.PinRequest | pin_codec.PinRequestFields, packed: bool = False) -> PinInfo:
-    return api.pin(caller, r.fingerprint_id, list(r.keys), r.ttl_ms, r.prefix_only, list(r.release_pin_ids), packed)
+    keys = r.keys if isinstance(r, pin_codec.PinRequestFields) else list(r.keys)  # a list or PackedKeys already
+    return api.pin(caller, r.fingerprint_id, keys, r.ttl_ms, r.prefix_only, list(r.release_pin_ids), packed)
 
 
 def _pin(api: StoreAPI, caller: Caller, r: pb.PinRequest, is_active: IsActive) -> pb.PinResponse:

@@ -21,7 +21,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 NATIVE_ENV = "KVSTORE_NATIVE"
-ABI = 5  # csrc/kvnative/kvnative.h KVNATIVE_ABI: a build of other arguments and answers is not used
+ABI = 6  # csrc/kvnative/kvnative.h KVNATIVE_ABI: a build of other arguments and answers is not used
 
 
 def disabled() -> bool:

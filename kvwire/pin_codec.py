@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
+from kvwire.keys import PackedKeys
 from kvwire.native import native
 from kvwire.v1 import kvstore_pb2 as pb
 
@@ -23,7 +24,7 @@ class PinRequestFields(NamedTuple):
     """A PinRequest's fields, by the message's own names (the server's Pin handler reads either)."""
 
     fingerprint_id: bytes
-    keys: list[bytes]
+    keys: Sequence[bytes]  # a list, or PackedKeys from the native decoder
     ttl_ms: int
     release_pin_ids: list[int]
     prefix_only: bool
@@ -69,7 +70,9 @@ def decode_request(payload: bytes | memoryview) -> PinRequestFields:
     if native is not None:
         fields = native.decode_pin_request(payload)
         if fields is not NotImplemented:
-            return PinRequestFields._make(fields)
+            fingerprint_id, keys, ttl_ms, release_pin_ids, prefix_only, key_width = fields
+            return PinRequestFields(fingerprint_id, PackedKeys(keys, key_width) if key_width else keys, ttl_ms, release_pin_ids,
+                                    prefix_only)
     return decode_request_reference(payload)
 
 

@@ -24,7 +24,7 @@
 #include <string.h>
 
 /* Bumped whenever a function's arguments or answers change: a stale build is then not used. */
-#define KVNATIVE_ABI 5
+#define KVNATIVE_ABI 6
 
 #define KVN_RETURN_NOT_IMPLEMENTED Py_RETURN_NOTIMPLEMENTED
 

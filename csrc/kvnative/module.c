@@ -13,7 +13,7 @@ static PyMethodDef methods[] = {
     FAST(encode_response, "encode_response(code, details, trailing, payload, max_frame_bytes) -> bytes | NotImplemented"),
     FAST(decode_response, "decode_response(body) -> (code, details, trailing, payload_at) | NotImplemented"),
     FAST(encode_pin_request, "encode_pin_request(fingerprint_id, keys, ttl_ms, release_pin_ids, prefix_only) -> bytes | NotImplemented"),
-    FAST(decode_pin_request, "decode_pin_request(payload) -> (fingerprint_id, keys, ttl_ms, release_pin_ids, prefix_only) | NotImplemented"),
+    FAST(decode_pin_request, "decode_pin_request(payload) -> (fingerprint_id, keys, ttl_ms, release_pin_ids, prefix_only, key_width) | NotImplemented"),
     FAST(encode_pin_response, "encode_pin_response(pin_id, expires_unix_ms, offsets, lengths, checksums[, tiers, hbm_offsets, hbm_pool_id]) -> bytes | NotImplemented"),
     FAST(decode_pin_response, "decode_pin_response(payload) -> (pin_id, expires_unix_ms, offsets, lengths, checksums) | NotImplemented"),
     FAST(decode_pin_columns, "decode_pin_columns(payload) -> (pin_id, expires_unix_ms, cells, n, payload_bytes, hbm_columns, hbm_pool_id) | NotImplemented"),

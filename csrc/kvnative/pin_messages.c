@@ -303,15 +303,44 @@ static const unsigned char *take_bytes(const unsigned char *p, const unsigned ch
     return *out ? p + len : NULL;
 }
 
-/* decode_pin_request(payload) -> (fingerprint_id, keys, ttl_ms, release_pin_ids, prefix_only) | NotImplemented */
+/* The keys of a Pin request as the wire carried them: where each starts, and whether all share one width. */
+typedef struct {
+    const unsigned char *at;
+    Py_ssize_t len;
+} KeySpan;
+
+typedef struct {
+    KeySpan *spans;
+    Py_ssize_t n, cap, width;  /* width: every key's length so far, or -1 once two differ */
+} KeySpans;
+
+static int add_key_span(KeySpans *spans, const unsigned char *at, Py_ssize_t len) {
+    if (spans->n == spans->cap) {
+        Py_ssize_t cap = spans->cap ? 2 * spans->cap : 64;
+        KeySpan *grown = PyMem_Realloc(spans->spans, sizeof(*grown) * (size_t)cap);
+        if (grown == NULL) return -1;
+        spans->spans = grown;
+        spans->cap = cap;
+    }
+    spans->spans[spans->n++] = (KeySpan){at, len};
+    if (spans->n == 1) spans->width = len;
+    else if (spans->width != len) spans->width = -1;
+    return 0;
+}
+
+/* decode_pin_request(payload) -> (fingerprint_id, keys, ttl_ms, release_pin_ids, prefix_only, key_width) | NotImplemented
+ *
+ * keys: with key_width > 0 (every key that long), all of them in one bytes object, key after key; else a list of
+ * bytes. A 512-key Pin's keys as one copy instead of 512 objects: ~25 us of the server's answer with cold caches. */
 PyObject *kvn_decode_pin_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     Py_buffer view;
     KVN_ONE_BUFFER("decode_pin_request(payload)", &view);
     const unsigned char *p = view.buf, *end = p + view.len;
-    PyObject *fingerprint_id = PyBytes_FromStringAndSize(NULL, 0), *keys = PyList_New(0), *ids = PyList_New(0), *result = NULL;
+    PyObject *fingerprint_id = PyBytes_FromStringAndSize(NULL, 0), *keys = NULL, *ids = PyList_New(0), *result = NULL;
+    KeySpans spans = {NULL, 0, 0, 0};
     uint64_t ttl_ms = 0, prefix_only = 0;
-    if (fingerprint_id == NULL || keys == NULL || ids == NULL) goto done;
+    if (fingerprint_id == NULL || ids == NULL) goto done;
     while (p < end) {
         uint64_t tag, v;
         PyObject *item = NULL;
@@ -324,13 +353,13 @@ PyObject *kvn_decode_pin_request(PyObject *self, PyObject *const *args, Py_ssize
                 Py_SETREF(fingerprint_id, item);  /* a singular field: the last one counts */
                 break;
             case 2 << 3 | 2:
-                p = take_bytes(p, end, &item);
-                if (p == NULL) goto not_ours;
-                if (PyList_Append(keys, item) < 0) {
-                    Py_DECREF(item);
+                p = get_varint(p, end, &v);
+                if (p == NULL || v > (uint64_t)(end - p)) goto not_ours;
+                if (add_key_span(&spans, p, (Py_ssize_t)v) < 0) {
+                    PyErr_NoMemory();
                     goto done;
                 }
-                Py_DECREF(item);
+                p += v;
                 break;
             case 3 << 3:
                 p = get_varint(p, end, &v);
@@ -351,12 +380,28 @@ PyObject *kvn_decode_pin_request(PyObject *self, PyObject *const *args, Py_ssize
                 goto not_ours;
         }
     }
-    result = Py_BuildValue("(OOKOO)", fingerprint_id, keys, (unsigned long long)ttl_ms, ids, prefix_only ? Py_True : Py_False);
+    Py_ssize_t width = spans.width > 0 ? spans.width : 0;
+    if (width) {
+        keys = PyBytes_FromStringAndSize(NULL, spans.n * width);
+        if (keys == NULL) goto done;
+        char *out = PyBytes_AS_STRING(keys);
+        for (Py_ssize_t i = 0; i < spans.n; i++) memcpy(out + i * width, spans.spans[i].at, (size_t)width);
+    } else {
+        keys = PyList_New(spans.n);
+        if (keys == NULL) goto done;
+        for (Py_ssize_t i = 0; i < spans.n; i++) {
+            PyObject *key = PyBytes_FromStringAndSize((const char *)spans.spans[i].at, spans.spans[i].len);
+            if (key == NULL) goto done;
+            PyList_SET_ITEM(keys, i, key);
+        }
+    }
+    result = Py_BuildValue("(OOKOOn)", fingerprint_id, keys, (unsigned long long)ttl_ms, ids, prefix_only ? Py_True : Py_False, width);
     goto done;
 not_ours:
     PyErr_Clear();
     result = Py_NewRef(Py_NotImplemented);
 done:
+    PyMem_Free(spans.spans);
     Py_XDECREF(fingerprint_id);
     Py_XDECREF(keys);
     Py_XDECREF(ids);

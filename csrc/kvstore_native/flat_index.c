@@ -379,7 +379,8 @@ static PyObject *u64_bytes(const uint64_t *values, Py_ssize_t n) {
  * columns: (offsets, sizes, checksums, payload_bytes) of their host copies, None when one of the run has none;
  * placement, where hbm_values is (hbm, host) (Tier values) and columns are given: (tiers, hbm_offsets, in_hbm), None
  * when no block of the run has an HBM copy. packed: each column as bytes of native uint64s instead of a list of ints.
- * NotImplemented, with nothing changed, for keys of another type and for a run through an opaque row. */
+ * keys: a list of bytes, or one bytes object of keys key after key. NotImplemented, with nothing changed, for keys of
+ * another type and for a run through an opaque row. */
 static PyObject *pin_prefix(FlatIndex *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "pin_prefix(tag, keys, fingerprint_id, hbm_values, packed)");
@@ -389,8 +390,13 @@ static PyObject *pin_prefix(FlatIndex *self, PyObject *const *args, Py_ssize_t n
     int packed = PyObject_IsTrue(args[4]);
     if (packed < 0) return NULL;
     PyObject *(*column)(const uint64_t *, Py_ssize_t) = packed ? u64_bytes : u64_list;
-    if (!PyBytes_CheckExact(tag_obj) || PyBytes_GET_SIZE(tag_obj) != TAG_BYTES || !PyList_CheckExact(keys) ||
-        !PyBytes_CheckExact(fp_obj) || PyList_GET_SIZE(keys) > MAX_WALK || !(hbm_values == Py_None || PyTuple_CheckExact(hbm_values)))
+    /* keys: a list of bytes, or one bytes object of KEY_BYTES keys key after key (kvwire's PackedKeys.packed) */
+    const char *packed_keys = PyBytes_CheckExact(keys) ? PyBytes_AS_STRING(keys) : NULL;
+    if (packed_keys != NULL ? PyBytes_GET_SIZE(keys) % KEY_BYTES != 0 : !PyList_CheckExact(keys))
+        Py_RETURN_NOTIMPLEMENTED;
+    Py_ssize_t n = packed_keys != NULL ? PyBytes_GET_SIZE(keys) / KEY_BYTES : PyList_GET_SIZE(keys), run = n;
+    if (!PyBytes_CheckExact(tag_obj) || PyBytes_GET_SIZE(tag_obj) != TAG_BYTES || !PyBytes_CheckExact(fp_obj) || n > MAX_WALK ||
+        !(hbm_values == Py_None || PyTuple_CheckExact(hbm_values)))
         Py_RETURN_NOTIMPLEMENTED;
     PyObject *hbm_value = NULL, *host_value = NULL;
     uint64_t hbm_code = 0, host_code = 0;
@@ -404,7 +410,6 @@ static PyObject *pin_prefix(FlatIndex *self, PyObject *const *args, Py_ssize_t n
     const unsigned char *tag = (const unsigned char *)PyBytes_AS_STRING(tag_obj);
     const unsigned char *fp = (const unsigned char *)PyBytes_AS_STRING(fp_obj);
     int fp_exact = PyBytes_GET_SIZE(fp_obj) == FP_BYTES;  /* else no row matches: an empty run */
-    Py_ssize_t n = PyList_GET_SIZE(keys), run = n;
     uint64_t *hashes = PyMem_Malloc(sizeof(uint64_t) * 4 * (size_t)(n ? n : 1));
     Row **rows = PyMem_Malloc(sizeof(Row *) * (size_t)(n ? n : 1));
     PyObject **metas = PyMem_Malloc(sizeof(PyObject *) * (size_t)(n ? n : 1));
@@ -416,14 +421,17 @@ static PyObject *pin_prefix(FlatIndex *self, PyObject *const *args, Py_ssize_t n
     uint64_t *offsets = hashes + n, *sizes = hashes + 2 * n, *checksums = hashes + 3 * n;
 
     /* 1. Hash every key and prefetch its bucket. A key of another length ends the run, as a miss does. */
+#define KEY_AT(i) ((const unsigned char *)(packed_keys != NULL ? packed_keys + (i) * KEY_BYTES : PyBytes_AS_STRING(PyList_GET_ITEM(keys, (i)))))
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *key = PyList_GET_ITEM(keys, i);
-        if (!PyBytes_CheckExact(key)) goto not_ours;
-        if (PyBytes_GET_SIZE(key) != KEY_BYTES) {
-            run = i;
-            break;
+        if (packed_keys == NULL) {
+            PyObject *key = PyList_GET_ITEM(keys, i);
+            if (!PyBytes_CheckExact(key)) goto not_ours;
+            if (PyBytes_GET_SIZE(key) != KEY_BYTES) {
+                run = i;
+                break;
+            }
         }
-        hashes[i] = hash_skey(self, tag, (const unsigned char *)PyBytes_AS_STRING(key));
+        hashes[i] = hash_skey(self, tag, KEY_AT(i));
         __builtin_prefetch(&self->buckets[hashes[i] & self->mask], 0, 1);
     }
     if (!fp_exact) run = 0;
@@ -444,7 +452,7 @@ static PyObject *pin_prefix(FlatIndex *self, PyObject *const *args, Py_ssize_t n
     Py_ssize_t in_hbm = 0;
     uint64_t payload = 0;
     for (Py_ssize_t i = 0; i < run; i++) {
-        const unsigned char *key = (const unsigned char *)PyBytes_AS_STRING(PyList_GET_ITEM(keys, i));
+        const unsigned char *key = KEY_AT(i);
         if (memcmp(rows[i]->key, key, KEY_BYTES) != 0 || memcmp(rows[i]->tag, tag, TAG_BYTES) != 0) {
             uint64_t at = probe(self, hashes[i], tag, key);  /* another key's 32 hash bits: look on (rare) */
             if (self->buckets[at].row == 0) {
@@ -468,6 +476,7 @@ static PyObject *pin_prefix(FlatIndex *self, PyObject *const *args, Py_ssize_t n
         payload += r->size;
         in_hbm += (r->flags & ROW_HBM) != 0;
     }
+#undef KEY_AT
     if (!kvs_pinnable(metas, run)) goto not_ours;
 
     /* 4. The answer, then the pins (nothing fails after them). */

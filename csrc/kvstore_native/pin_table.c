@@ -36,7 +36,7 @@ static uint64_t keys_seed;  /* distinct_keys's hash seed, drawn at import: keys 
 #define Py_READONLY READONLY
 #endif
 
-#define PIN_TABLE_ABI 6
+#define PIN_TABLE_ABI 7
 #define TIER_ORDERS 4  /* the tiers whose LRU orders one walk keeps at hand (HBM, host, SSD, and one more) */
 
 /* BlockMeta's fields, bound once (bind) to the class block_table passes. */
@@ -525,8 +525,8 @@ static PyObject *unpin_blocks(PyObject *self, PyObject *const *args, Py_ssize_t 
     return freed;
 }
 
-/* distinct_keys(keys, key_bytes) -> bool: whether keys (a list or tuple) are all bytes of key_bytes and no two
- * equal, store._check_keys's two rules. False for anything else, for the caller to find and name what is wrong.
+/* distinct_keys(keys, key_bytes) -> bool: whether keys (a list or tuple, or one bytes object of them key after key)
+ * are all bytes of key_bytes and no two equal, store._check_keys's two rules. False for anything else, for the caller to find and name what is wrong.
  * The lengths in one C loop (a Python loop over len() cost 11 us for 512 keys), the duplicates by a table of the keys'
  * hashes (keys of one length: equal bytes, equal keys, as Python's set(keys) finds them). */
 /* present(blocks, tag, keys, fingerprint_id) -> bytes | NotImplemented
@@ -607,12 +607,23 @@ static PyObject *distinct_keys(PyObject *self, PyObject *const *args, Py_ssize_t
     PyObject *keys = args[0];
     Py_ssize_t key_bytes = PyLong_AsSsize_t(args[1]);
     if (key_bytes == -1 && PyErr_Occurred()) return NULL;
-    if (!(PyList_CheckExact(keys) || PyTuple_CheckExact(keys))) Py_RETURN_FALSE;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *key = PySequence_Fast_GET_ITEM(keys, i);
-        if (!PyBytes_CheckExact(key) || PyBytes_GET_SIZE(key) != key_bytes) Py_RETURN_FALSE;
+    if (key_bytes <= 0) Py_RETURN_FALSE;
+    Py_ssize_t n;
+    const char *packed = NULL;  /* the keys key after key (kvwire's PackedKeys.packed), else a list or tuple of them */
+    if (PyBytes_CheckExact(keys)) {
+        if (PyBytes_GET_SIZE(keys) % key_bytes) Py_RETURN_FALSE;
+        n = PyBytes_GET_SIZE(keys) / key_bytes;
+        packed = PyBytes_AS_STRING(keys);
+    } else if (PyList_CheckExact(keys) || PyTuple_CheckExact(keys)) {
+        n = PySequence_Fast_GET_SIZE(keys);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *key = PySequence_Fast_GET_ITEM(keys, i);
+            if (!PyBytes_CheckExact(key) || PyBytes_GET_SIZE(key) != key_bytes) Py_RETURN_FALSE;
+        }
+    } else {
+        Py_RETURN_FALSE;
     }
+#define KEY_AT(i) (packed != NULL ? packed + (i) * key_bytes : PyBytes_AS_STRING(PySequence_Fast_GET_ITEM(keys, (i))))
     /* The duplicates by a table of seeded XXH3 hashes of the keys' bytes, probed linearly, comparing bytes on a hash match:
      * a set of 512 fresh bytes objects (a SipHash each, then the inserts) cost ~10-20 us of a prefix Pin. */
     size_t slots = 16;
@@ -627,11 +638,11 @@ static PyObject *distinct_keys(PyObject *self, PyObject *const *args, Py_ssize_t
     memset(table, 0xff, slots * sizeof(Py_ssize_t));  /* -1: empty */
     int distinct = 1;
     for (Py_ssize_t i = 0; i < n && distinct; i++) {
-        const char *bytes = PyBytes_AS_STRING(PySequence_Fast_GET_ITEM(keys, i));
+        const char *bytes = KEY_AT(i);
         uint64_t h = XXH3_64bits_withSeed(bytes, (size_t)key_bytes, keys_seed);
         size_t at = (size_t)h & (slots - 1);
         for (; table[at] >= 0; at = (at + 1) & (slots - 1)) {
-            if (hashes[at] == h && memcmp(PyBytes_AS_STRING(PySequence_Fast_GET_ITEM(keys, table[at])), bytes, (size_t)key_bytes) == 0) {
+            if (hashes[at] == h && memcmp(KEY_AT(table[at]), bytes, (size_t)key_bytes) == 0) {
                 distinct = 0;
                 break;
             }
@@ -639,6 +650,7 @@ static PyObject *distinct_keys(PyObject *self, PyObject *const *args, Py_ssize_t
         table[at] = i;
         hashes[at] = h;
     }
+#undef KEY_AT
     PyMem_Free(table);
     PyMem_Free(hashes);
     return PyBool_FromLong(distinct);

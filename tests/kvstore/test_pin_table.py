@@ -488,3 +488,35 @@ def test_a_packed_walk_answers_the_same_values_and_pins_the_same():
         else:
             assert runs[0].placement is None
     assert [m.pins for m in metas[0]] == [m.pins for m in metas[1]] and sum(m.pins for m in metas[1]) > 0
+
+
+def test_a_walk_over_packed_keys_is_the_walk_over_their_list():
+    """PackedKeys (the native Pin decoder's keys, one bytes object) walk, pin and answer as the list of the same keys does,
+    over a twin table; keys of another width than a block key's end the run at once, as in a list."""
+    from kvwire.keys import PackedKeys, native_keys
+
+    tables = [BlockTable(Limits()), BlockTable(Limits())]
+    metas = [populate(t, 64, random.Random(5)) for t in tables]
+    for keys in ([key(i) for i in (5, 3, 9, 1)], [key(i) for i in range(64)], [key(i) for i in range(60, 70)], [key(100)],
+                 [key(i) for i in (0, 3, 6, 9, 15, 18)]):
+        packed = PackedKeys(b"".join(keys), 16)
+        assert type(native_keys(packed)) is bytes
+        runs = [t.pin_prefix("alice", FP, k, (Tier.HBM.value, Tier.HOST.value)) for t, k in zip(tables, (keys, packed))]
+        assert [metas[0].index(m) for m in runs[0].metas] == [metas[1].index(m) for m in runs[1].metas]
+        assert (runs[0].columns, runs[0].placement, runs[0].placed) == (runs[1].columns, runs[1].placement, runs[1].placed)
+    assert [m.pins for m in metas[0]] == [m.pins for m in metas[1]] and sum(m.pins for m in metas[1]) > 0
+    walked = tables[1].index.flat.pin_prefix(storage_key("alice", b""), key(0) + key(1), FP, None, False)  # the compiled walk took them
+    assert walked is not NotImplemented and walked[0] == metas[1][:2]
+    assert tables[1].index.flat.pin_prefix(storage_key("alice", b""), key(0) + b"x", FP, None, False) is NotImplemented
+    halves = PackedKeys(key(1) + key(2), 8)  # four keys of 8 bytes: not block keys, an empty run
+    assert native_keys(halves) == [key(1)[:8], key(1)[8:], key(2)[:8], key(2)[8:]]
+    assert tables[1].pin_prefix("alice", FP, halves).metas == []
+
+
+def test_distinct_keys_reads_packed_keys_by_their_width():
+    distinct = block_table.pin_table.distinct_keys
+    keys = [key(i) for i in range(512)]
+    assert distinct(b"".join(keys), 16) is True and distinct(b"", 16) is True
+    assert distinct(b"".join(keys + [key(300)]), 16) is False  # named twice
+    assert distinct(b"".join(keys) + b"x", 16) is False  # not whole keys
+    assert distinct(b"".join(keys), 0) is False

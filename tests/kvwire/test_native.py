@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 
 from kvclient.transports.base import SlotRef, slot_refs
 from kvwire import local_wire, native as native_selection, pin_codec
-from kvwire.keys import BlockKey, Fingerprint, block_keys, block_keys_reference, chain_seed
+from kvwire.keys import BlockKey, Fingerprint, PackedKeys, block_keys, block_keys_reference, chain_seed, native_keys
 from kvwire.local_wire import FrameError
 from kvwire.types import Tier
 from kvwire.v1 import kvstore_pb2 as pb
@@ -222,6 +222,29 @@ def test_pin_requests_equal_protobufs_bytes_and_parse():
         assert data == pin_codec.encode_request_reference(*fields) == native.encode_pin_request(*fields)
         assert native.decode_pin_request(data) is not NotImplemented
         assert pin_codec.decode_request(data) == pin_codec.decode_request_reference(data) == fields[:3] + (list(fields[3]), fields[4])
+        keys = pin_codec.decode_request(data).keys  # keys of one width (not empty): one bytes object; else a list
+        uniform = len({len(k) for k in fields[1]}) == 1 and len(fields[1][0]) > 0
+        assert type(keys) is (PackedKeys if uniform else list) and list(keys) == fields[1]
+        if uniform:
+            assert keys.packed == b"".join(fields[1]) and keys.width == len(fields[1][0])
+
+
+def test_packed_keys_read_as_the_list_of_their_keys():
+    keys = [os.urandom(16) for _ in range(5)]
+    packed = PackedKeys(b"".join(keys), 16)
+    assert len(packed) == 5 and list(packed) == keys and packed == keys and keys == packed
+    assert [packed[i] for i in range(-5, 5)] == keys + keys and packed[1:4] == keys[1:4] and packed[::-2] == keys[::-2]
+    assert packed.index(keys[3]) == 3 and keys[2] in packed and os.urandom(16) not in packed
+    assert packed == PackedKeys(b"".join(keys), 16) and packed != keys[:4] and packed != PackedKeys(b"".join(keys[:4]), 16)
+    for i in (5, -6):
+        with pytest.raises(IndexError):
+            packed[i]
+    with pytest.raises(ValueError):
+        PackedKeys(b"x" * 17, 16)
+    with pytest.raises(ValueError):
+        PackedKeys(b"", 0)
+    assert native_keys(packed) == b"".join(keys) and native_keys(PackedKeys(b"".join(keys), 8)) == [k for key in keys for k in (key[:8], key[8:])]
+    assert native_keys(tuple(keys)) == keys and native_keys(keys) is keys
 
 
 def hbm_pin_responses(rng: random.Random):
