@@ -135,9 +135,10 @@ class Fingerprint:
         return cls(**doc)
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class BlockKey:
-    """A 16-byte chained hash; its position in a sequence is implied by the chain."""
+    """A 16-byte chained hash; its position in a sequence is implied by the chain. A slots class: an 8k-token
+    prompt makes 512 of them, ~10 us less without an instance dict each."""
 
     digest: bytes
 
