@@ -62,7 +62,6 @@ class PackedKeys(Sequence[bytes]):
         return f"PackedKeys({len(self)} keys of {self.width} bytes)"
 
 
-
 def native_keys(keys: Sequence[bytes]) -> bytes | list[bytes]:
     """keys as the server's native checks and walks take them: PackedKeys of KEY_BYTES keys as their one bytes object,
     anything else as a list."""
