@@ -27,7 +27,7 @@ from operator import attrgetter
 from typing import Callable, Sequence
 
 from kvwire.errors import CapacityExhaustedError, FingerprintMismatchError, LeaseError
-from kvwire.keys import native_keys
+from kvwire.keys import key_list, native_keys
 from kvwire.native import load
 from kvwire.types import BlockState, KeyStatus, LeaseOutcome, Slot, Tier
 from kvstore.counters import Event
@@ -358,7 +358,7 @@ class BlockTable:
                 if metas:
                     self.index.touch_later(metas, now)
                 return PrefixRun(metas, columns, placement, placed=hbm_values is not None and columns is not None)
-        metas, columns = self.pin_leading_columns(tenant, fingerprint_id, keys if type(keys) is list else list(keys), defer_touch=True)
+        metas, columns = self.pin_leading_columns(tenant, fingerprint_id, key_list(keys), defer_touch=True)
         return PrefixRun(metas, columns)
 
     def pin_found(self, tenant: str, fingerprint_id: bytes, keys: Sequence[bytes], missing: list[bytes]) -> list[BlockMeta]:

@@ -32,7 +32,7 @@ from kvwire.errors import (
     UnavailableError,
 )
 from kvwire.blockcopy import checksums
-from kvwire.keys import FINGERPRINT_ID_BYTES, KEY_BYTES, native_keys
+from kvwire.keys import FINGERPRINT_ID_BYTES, KEY_BYTES, key_list, native_keys
 from kvwire.types import BlockState, KeyStatus, LeaseInfo, LeaseOutcome, PutOutcome, Slot, Tier
 from kvstore.counters import Event
 from kvstore.block_table import BlockTable, BlockView, Caller, HostColumns, LeaseView, Limits, PrefixRun, WriteLease, host_columns, pin_table
@@ -748,14 +748,14 @@ class Store:
             if isinstance(pinned, PinInfo):
                 return pinned
             if pinned is None:  # cluster mode, keys missing here: as _resolve_clustered after its first pass
-                keys = keys if type(keys) is list else list(keys)  # PackedKeys: the lookups below take a list
+                keys = key_list(keys)  # PackedKeys: the lookups below take a list
                 self._fetch_missing(caller, fingerprint_id, keys, prefix)
                 pinned = self._resolve_for_read(caller, fingerprint_id, keys, prefix)
             metas = pinned
         else:
             if release_pin_ids:
                 self.unpin(caller, release_pin_ids)
-            keys = keys if type(keys) is list else list(keys)  # PackedKeys: the lookups below take a list
+            keys = key_list(keys)  # PackedKeys: the lookups below take a list
             if self.remote is not None:
                 metas = self._resolve_clustered(caller, fingerprint_id, keys, prefix)
             else:

@@ -62,12 +62,17 @@ class PackedKeys(Sequence[bytes]):
         return f"PackedKeys({len(self)} keys of {self.width} bytes)"
 
 
+def key_list(keys: Sequence[bytes]) -> list[bytes]:
+    """keys as a list (itself when it is one): what the server's per-key lookups take, PackedKeys included."""
+    return keys if type(keys) is list else list(keys)
+
+
 def native_keys(keys: Sequence[bytes]) -> bytes | list[bytes]:
     """keys as the server's native checks and walks take them: PackedKeys of KEY_BYTES keys as their one bytes object,
     anything else as a list."""
     if type(keys) is PackedKeys and keys.width == KEY_BYTES:
         return keys.packed
-    return keys if type(keys) is list else list(keys)
+    return key_list(keys)
 
 
 @dataclass(frozen=True)
